@@ -1,0 +1,23 @@
+-- release: give a reservation back whole, for an upstream call that failed.
+-- KEYS[1] user base B, KEYS[2] global base G.
+-- ARGV: 1 now (0 = Redis' clock), 2 reservation id, 3 ttl.
+-- Returns 1 if released, 0 if it was no longer pending (idempotent).
+-- The request itself stays counted in the request window: it was made.
+
+local B, G = KEYS[1], KEYS[2]
+local now = now_ms(ARGV[1])
+local rid, ttl = ARGV[2], tonumber(ARGV[3])
+
+-- Step 1: only a pending reservation holds anything to give back.
+local rec = redis.call('HGET', B .. ':rr', rid)
+if not rec then return 0 end
+local state, est, day, month, month_end, g, model = parse_record(rec)
+if state ~= 'p' then return 0 end
+
+-- Step 2: take the estimate out of every counter, the window and the leases.
+unreserve(B, G, rid, est, day, month, g, now)
+
+-- Step 3: tombstone, so a settle that races the release cannot charge it again.
+redis.call('HSET', B .. ':rr', rid, record('l', 0, day, month, month_end, g, model))
+redis.call('ZADD', B .. ':z', now + ttl, rid)
+return 1

@@ -1,0 +1,64 @@
+-- settle: replace a reservation's estimate by the real usage, once.
+-- KEYS[1] user base B, KEYS[2] global base G, KEYS[3] index base I.
+-- ARGV: 1 now (0 = Redis' clock), 2 reservation id, 3 ttl, 4 user id,
+--       5 actual base tokens, 6 input tokens, 7 output tokens,
+--       8 day, 9 month, 10 month end, 11 global (1/0), 12 model
+--       (8-12 are the caller's copy of the record, used only if Redis lost it).
+-- Returns {outcome, charged}: outcome 1 settled, 0 already settled or released
+-- (nothing changed), 2 settled late: the estimate had expired, so the whole
+-- actual usage was charged on top.
+
+local B, G, I = KEYS[1], KEYS[2], KEYS[3]
+local now = now_ms(ARGV[1])
+local rid, ttl, uid = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local actual, input, output = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+
+-- Step 1: find the record. Without one (Redis lost it, or the tombstone aged out)
+-- the usage is still real money: charge it from the caller's copy.
+local rec = redis.call('HGET', B .. ':rr', rid)
+local state, est, day, month, month_end, g, model
+if rec then
+  state, est, day, month, month_end, g, model = parse_record(rec)
+else
+  state, est, day, month, month_end, g, model =
+    'x', 0, ARGV[8], ARGV[9], tonumber(ARGV[10]), ARGV[11], ARGV[12]
+end
+
+-- Step 2: a second settle, or a settle after release, changes nothing.
+if state == 's' or state == 'l' then return {0, 0} end
+
+-- Step 3: counters move by the difference to what they already hold for it.
+local delta = actual
+if state == 'p' then delta = actual - est end
+adjust(B .. ':d:' .. day, delta, now)
+adjust(B .. ':m:' .. month, delta, now)
+if g == '1' then
+  adjust(G .. ':d:' .. day, delta, now)
+  adjust(G .. ':m:' .. month, delta, now)
+end
+
+-- Step 4: the reservation is no longer outstanding; its lease (concurrency) ends.
+if state == 'p' then
+  redis.call('HINCRBY', B .. ':s', 'reserved', -est)
+  redis.call('ZREM', B .. ':p', rid)
+  adjust_window(B, rid, actual)
+end
+
+-- Step 5: per-model usage of the reservation's month, for reports and snapshots.
+local u = B .. ':u:' .. month
+redis.call('HINCRBY', u, 'req|' .. model, 1)
+redis.call('HINCRBY', u, 'in|' .. model, input)
+redis.call('HINCRBY', u, 'out|' .. model, output)
+redis.call('HINCRBY', u, 'base|' .. model, actual)
+redis.call('PEXPIREAT', u, month_end + MONTH_GRACE)
+
+-- Step 6: the snapshot finds active users through this index, never through KEYS.
+local a = I .. ':a:' .. month
+redis.call('ZADD', a, now, uid)
+redis.call('PEXPIREAT', a, month_end + MONTH_GRACE)
+
+-- Step 7: keep a tombstone for one TTL so retried settles stay idempotent.
+redis.call('HSET', B .. ':rr', rid, record('s', actual, day, month, month_end, g, model))
+redis.call('ZADD', B .. ':z', now + ttl, rid)
+if state == 'p' then return {1, delta} end
+return {2, delta}
