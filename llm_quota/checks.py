@@ -1,0 +1,131 @@
+"""``manage.py check`` catches misconfiguration before the first request does.
+
+As django-ratelimit refuses caches that cannot count atomically, we refuse a cache
+alias that is not django-redis (the ledger needs Lua scripts), and settings values
+that would only fail at request time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from django.conf import settings
+from django.core.checks import Error, Tags, Warning, register
+
+from llm_quota.conf import DEFAULTS, quota_settings
+
+
+def _is_limit(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
+
+@register(Tags.compatibility)
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    errors: list[Any] = []
+    user = getattr(settings, "LLM_QUOTA", {}) or {}
+    if not isinstance(user, dict):
+        return [Error("LLM_QUOTA must be a dict.", id="llm_quota.E001")]
+    for name in user:
+        if name not in DEFAULTS:
+            errors.append(Warning(f"LLM_QUOTA has an unknown key {name!r}.", id="llm_quota.W001"))
+    alias = quota_settings.REDIS_CACHE_ALIAS
+    cache = settings.CACHES.get(alias)
+    if cache is None:
+        errors.append(
+            Error(
+                f"LLM_QUOTA['REDIS_CACHE_ALIAS'] is {alias!r}, but CACHES has no such alias.",
+                hint="Add a django_redis.cache.RedisCache entry under that alias.",
+                id="llm_quota.E002",
+            )
+        )
+    elif not str(cache.get("BACKEND", "")).startswith("django_redis."):
+        errors.append(
+            Error(
+                f"CACHES[{alias!r}] is {cache.get('BACKEND')}, not django-redis: the quota "
+                "ledger runs Lua scripts on Redis and cannot count atomically anywhere else.",
+                hint="Use BACKEND 'django_redis.cache.RedisCache'.",
+                id="llm_quota.E003",
+            )
+        )
+    if quota_settings.UNKNOWN_MODEL not in ("reject", "default"):
+        errors.append(
+            Error(
+                f"LLM_QUOTA['UNKNOWN_MODEL'] is {quota_settings.UNKNOWN_MODEL!r}; "
+                "use 'reject' or 'default'.",
+                id="llm_quota.E004",
+            )
+        )
+    try:
+        ZoneInfo(str(quota_settings.PERIOD_TIMEZONE))
+    except (ZoneInfoNotFoundError, ValueError):
+        errors.append(
+            Error(
+                f"LLM_QUOTA['PERIOD_TIMEZONE'] {quota_settings.PERIOD_TIMEZONE!r} is not a "
+                "known time zone.",
+                id="llm_quota.E005",
+            )
+        )
+    ttl = quota_settings.RESERVATION_TTL
+    if not isinstance(ttl, int | float) or isinstance(ttl, bool) or ttl < 60:
+        errors.append(
+            Error(
+                "LLM_QUOTA['RESERVATION_TTL'] must be at least 60 seconds: a shorter lease "
+                "expires under calls still running and lets them overspend.",
+                id="llm_quota.E006",
+            )
+        )
+    for name in ("GLOBAL_TOKENS_PER_DAY", "GLOBAL_TOKENS_PER_MONTH"):
+        if not _is_limit(getattr(quota_settings, name)):
+            errors.append(
+                Error(
+                    f"LLM_QUOTA[{name!r}] must be a positive integer or None.", id="llm_quota.E007"
+                )
+            )
+    interval = quota_settings.SNAPSHOT_INTERVAL
+    if not isinstance(interval, int | float) or isinstance(interval, bool) or interval <= 0:
+        errors.append(
+            Error(
+                "LLM_QUOTA['SNAPSHOT_INTERVAL'] must be a positive number of seconds.",
+                id="llm_quota.E008",
+            )
+        )
+    try:
+        from llm_quota.keys import prefix
+
+        prefix(str(quota_settings.KEY_PREFIX))
+    except ValueError:
+        errors.append(
+            Error(
+                "LLM_QUOTA['KEY_PREFIX'] may hold only letters, digits and ._- (1-32).",
+                id="llm_quota.E009",
+            )
+        )
+    return errors
+
+
+@register(Tags.database)
+def check_tiers(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[Any]:
+    """With ``--database``, warn when no tier would apply to a user without a quota."""
+    if not databases:
+        return []
+    from django.db import DatabaseError
+
+    from llm_quota.models import Tier
+
+    try:
+        defaults = Tier.objects.filter(is_default=True).count()
+        named = Tier.objects.filter(name=quota_settings.DEFAULT_TIER).exists()
+    except DatabaseError:
+        return []
+    if defaults > 1:
+        return [Error("More than one tier is marked default.", id="llm_quota.E010")]
+    if not defaults and not named:
+        return [
+            Warning(
+                f"No default tier (is_default, or named {quota_settings.DEFAULT_TIER!r}): "
+                "users without a UserQuota are refused.",
+                id="llm_quota.W002",
+            )
+        ]
+    return []

@@ -1,0 +1,73 @@
+"""The one reader of the ``LLM_QUOTA`` setting.
+
+Modelled on DRF's ``api_settings``: attribute access returns the user's value or the
+documented default, and the cache is dropped when a test overrides the setting.
+Validation lives in ``checks.py`` so that misconfiguration shows up in
+``manage.py check`` rather than on the first request.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+
+DEFAULTS: dict[str, Any] = {
+    "REDIS_CACHE_ALIAS": "default",
+    "KEY_PREFIX": "llmq",
+    "FAIL_OPEN": True,
+    "DEFAULT_TIER": "free",
+    "UNKNOWN_MODEL": "reject",
+    "CLAMP_MAX_TOKENS": True,
+    # Below this many output tokens a clamped request is not worth sending.
+    "MIN_OUTPUT_TOKENS": 16,
+    "RESERVATION_TTL": 600,
+    "SNAPSHOT_INTERVAL": 60,
+    "PERIOD_TIMEZONE": "UTC",
+    "SCOPE_CLAIM": "scope",
+    "CHAT_SCOPE": "llm:chat",
+    "USAGE_SCOPE": "usage:read",
+    "BASE_TOKEN_USD_PER_MILLION": Decimal("2.50"),
+    "GLOBAL_TOKENS_PER_DAY": None,
+    "GLOBAL_TOKENS_PER_MONTH": None,
+    # Seconds a process may serve tier and price rows from memory before reading
+    # them again; saves in the same process invalidate at once.
+    "CONFIG_CACHE_SECONDS": 1.0,
+}
+
+
+class QuotaSettings:
+    def __init__(self) -> None:
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def user_settings(self) -> dict[str, Any]:
+        return getattr(settings, "LLM_QUOTA", None) or {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"Invalid LLM_QUOTA setting: {name!r}")
+        if name not in self._cache:
+            self._cache[name] = self.user_settings.get(name, DEFAULTS[name])
+        return self._cache[name]
+
+    def reload(self) -> None:
+        self._cache.clear()
+
+
+quota_settings = QuotaSettings()
+
+
+def _reload(*, setting: str, **kwargs: Any) -> None:
+    if setting == "LLM_QUOTA":
+        quota_settings.reload()
+        # The ledger and the config cache are built from these settings.
+        from llm_quota import policy, redis_ledger
+
+        redis_ledger.reset_default_ledger()
+        policy.invalidate()
+
+
+setting_changed.connect(_reload)

@@ -1,0 +1,210 @@
+"""Tiers, model prices, per-user quotas and usage snapshots (contract section 4)."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+LIMIT_FIELDS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "tokens_per_day",
+    "tokens_per_month",
+    "max_concurrent_requests",
+    "max_tokens_per_request",
+)
+
+
+def _limit_field(verbose_name: str, help_text: str) -> models.PositiveBigIntegerField:
+    return models.PositiveBigIntegerField(
+        verbose_name,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text=help_text + " Empty means unlimited.",
+    )
+
+
+class Tier(models.Model):
+    name = models.SlugField(_("name"), max_length=64, unique=True)
+    requests_per_minute = _limit_field(_("requests per minute"), "Sliding 60-second window.")
+    tokens_per_minute = _limit_field(_("tokens per minute"), "Base tokens, sliding 60 s.")
+    tokens_per_day = _limit_field(_("tokens per day"), "Base tokens, calendar day.")
+    tokens_per_month = _limit_field(_("tokens per month"), "Base tokens, calendar month.")
+    max_concurrent_requests = _limit_field(_("max concurrent requests"), "Calls in flight.")
+    max_tokens_per_request = _limit_field(
+        _("max tokens per request"), "Base tokens one request may reserve."
+    )
+    allowed_models = models.TextField(
+        _("allowed models"),
+        blank=True,
+        help_text=_("One model name or fnmatch pattern per line; empty allows every model."),
+    )
+    scopes = models.CharField(
+        _("scopes"),
+        max_length=255,
+        default="llm:chat usage:read",
+        blank=True,
+        help_text=_("Space-separated scopes put into this tier's access tokens."),
+    )
+    soft_limit_percent = models.PositiveSmallIntegerField(
+        _("soft limit percent"), default=80, validators=[MinValueValidator(1)]
+    )
+    upgrade_to = models.ForeignKey(
+        "self",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("upgrade to"),
+    )
+    upgrade_url = models.URLField(_("upgrade URL"), blank=True)
+    is_default = models.BooleanField(_("default tier"), default=False)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = _("tier")
+        verbose_name_plural = _("tiers")
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def model_patterns(self) -> list[str]:
+        return [line.strip() for line in self.allowed_models.splitlines() if line.strip()]
+
+    def allows_model(self, model: str) -> bool:
+        patterns = self.model_patterns
+        return not patterns or any(fnmatch.fnmatchcase(model, p) for p in patterns)
+
+    @property
+    def scope_list(self) -> list[str]:
+        return self.scopes.split()
+
+    def clean(self) -> None:
+        for pattern in self.model_patterns:
+            try:
+                re.compile(fnmatch.translate(pattern))
+            except re.error as exc:
+                raise ValidationError({"allowed_models": f"{pattern!r}: {exc}"}) from exc
+        if self.upgrade_to_id is not None and self.upgrade_to_id == self.pk:
+            raise ValidationError({"upgrade_to": _("A tier cannot upgrade to itself.")})
+
+
+class ModelPrice(models.Model):
+    model = models.CharField(
+        _("model"),
+        max_length=128,
+        unique=True,
+        help_text=_("Exact model name or fnmatch pattern; '*' is the fallback."),
+    )
+    input_multiplier = models.DecimalField(
+        _("input multiplier"),
+        max_digits=12,
+        decimal_places=6,
+        default=Decimal("1"),
+        validators=[MinValueValidator(Decimal("0"))],
+        help_text=_("Base tokens per input token."),
+    )
+    output_multiplier = models.DecimalField(
+        _("output multiplier"),
+        max_digits=12,
+        decimal_places=6,
+        default=Decimal("1"),
+        validators=[MinValueValidator(Decimal("0"))],
+        help_text=_("Base tokens per output token."),
+    )
+    cached_input_multiplier = models.DecimalField(
+        _("cached input multiplier"),
+        max_digits=12,
+        decimal_places=6,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(Decimal("0"))],
+    )
+    encoding = models.CharField(
+        _("encoding"),
+        max_length=64,
+        blank=True,
+        help_text=_("tiktoken encoding; empty chooses one from the model name."),
+    )
+    default_max_output_tokens = models.PositiveIntegerField(
+        _("default max output tokens"), default=4096, validators=[MinValueValidator(1)]
+    )
+    context_window = models.PositiveIntegerField(
+        _("context window"), null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    enabled = models.BooleanField(_("enabled"), default=True)
+
+    class Meta:
+        ordering = ["model"]
+        verbose_name = _("model price")
+        verbose_name_plural = _("model prices")
+
+    def __str__(self) -> str:
+        return self.model
+
+    @property
+    def is_pattern(self) -> bool:
+        return any(ch in self.model for ch in "*?[")
+
+    def clean(self) -> None:
+        try:
+            re.compile(fnmatch.translate(self.model))
+        except re.error as exc:  # pragma: no cover - fnmatch escapes nearly everything
+            raise ValidationError({"model": str(exc)}) from exc
+
+
+class UserQuota(models.Model):
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="llm_quota"
+    )
+    tier = models.ForeignKey(Tier, on_delete=models.PROTECT, related_name="quotas")
+    requests_per_minute = _limit_field(_("requests per minute"), "Overrides the tier.")
+    tokens_per_minute = _limit_field(_("tokens per minute"), "Overrides the tier.")
+    tokens_per_day = _limit_field(_("tokens per day"), "Overrides the tier.")
+    tokens_per_month = _limit_field(_("tokens per month"), "Overrides the tier.")
+    max_concurrent_requests = _limit_field(_("max concurrent requests"), "Overrides the tier.")
+    max_tokens_per_request = _limit_field(_("max tokens per request"), "Overrides the tier.")
+    blocked = models.BooleanField(_("blocked"), default=False)
+
+    class Meta:
+        verbose_name = _("user quota")
+        verbose_name_plural = _("user quotas")
+
+    def __str__(self) -> str:
+        return f"{self.user} ({self.tier})"
+
+
+class UsageSnapshot(models.Model):
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="llm_usage_snapshots"
+    )
+    period = models.DateField(_("period"), help_text=_("First day of the month."))
+    model = models.CharField(_("model"), max_length=128)
+    requests = models.PositiveBigIntegerField(default=0)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    base_tokens = models.PositiveBigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-period", "user", "model"]
+        verbose_name = _("usage snapshot")
+        verbose_name_plural = _("usage snapshots")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "period", "model"], name="llm_quota_snapshot_unique"
+            )
+        ]
+        indexes = [models.Index(fields=["period", "user"])]
+
+    def __str__(self) -> str:
+        return f"{self.user} {self.period:%Y-%m} {self.model}"

@@ -1,0 +1,100 @@
+"""What applies to a user: their tier, effective limits, scopes and allowed models.
+
+A user without a ``UserQuota`` is on the default tier (``is_default``, else the tier
+named ``DEFAULT_TIER``). Per-user overrides replace the tier's value field by field.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_quota.accounting import Limits
+from llm_quota.conf import quota_settings
+from llm_quota.config_cache import config_cache
+
+
+@dataclass(frozen=True)
+class UserPolicy:
+    tier: str | None
+    limits: Limits
+    scopes: tuple[str, ...] = ()
+    allowed_models: tuple[str, ...] = ()
+    soft_limit_percent: int = 80
+    upgrade: dict[str, str] | None = None
+    blocked: bool = False
+    blocked_reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def allows_model(self, model: str) -> bool:
+        return not self.allowed_models or any(
+            fnmatch.fnmatchcase(model, pattern) for pattern in self.allowed_models
+        )
+
+
+def _global_limits() -> dict[str, int | None]:
+    return {
+        "global_tokens_per_day": quota_settings.GLOBAL_TOKENS_PER_DAY,
+        "global_tokens_per_month": quota_settings.GLOBAL_TOKENS_PER_MONTH,
+    }
+
+
+def _default_tier() -> Any:
+    from llm_quota.models import Tier
+
+    tier = Tier.objects.select_related("upgrade_to").filter(is_default=True).first()
+    if tier is None:
+        tier = (
+            Tier.objects.select_related("upgrade_to")
+            .filter(name=quota_settings.DEFAULT_TIER)
+            .first()
+        )
+    return tier
+
+
+def _load(user_pk: Any) -> UserPolicy:
+    from llm_quota.models import LIMIT_FIELDS, UserQuota
+
+    quota = (
+        UserQuota.objects.select_related("tier", "tier__upgrade_to").filter(user_id=user_pk).first()
+    )
+    tier = quota.tier if quota is not None else config_cache.get("default-tier", _default_tier)
+    if tier is None:
+        return UserPolicy(
+            tier=None,
+            limits=Limits(**_global_limits()),
+            blocked=True,
+            blocked_reason="No default tier is configured.",
+        )
+    values = {name: getattr(tier, name) for name in LIMIT_FIELDS}
+    if quota is not None:
+        for name in LIMIT_FIELDS:
+            override = getattr(quota, name)
+            if override is not None:
+                values[name] = override
+    upgrade = None
+    if tier.upgrade_to is not None:
+        upgrade = {"tier": tier.upgrade_to.name, "url": tier.upgrade_url}
+    blocked = bool(quota is not None and quota.blocked)
+    return UserPolicy(
+        tier=tier.name,
+        limits=Limits(**values, **_global_limits()),
+        scopes=() if blocked else tuple(tier.scope_list),
+        allowed_models=tuple(tier.model_patterns),
+        soft_limit_percent=tier.soft_limit_percent,
+        upgrade=upgrade,
+        blocked=blocked,
+        blocked_reason="LLM access is blocked for this account." if blocked else "",
+    )
+
+
+def policy_for(user: Any) -> UserPolicy:
+    """The policy of ``user`` (a user instance or a primary key)."""
+    pk = getattr(user, "pk", user)
+    return config_cache.get(("policy", pk), lambda: _load(pk))
+
+
+def invalidate(*args: Any, **kwargs: Any) -> None:
+    """Signal receiver: any tier, price or quota save drops every cached row."""
+    config_cache.invalidate()

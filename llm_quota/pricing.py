@@ -1,0 +1,82 @@
+"""Which ``ModelPrice`` row prices a model, as an ``accounting.Price``.
+
+Exact names win; then the most specific pattern (longest, so ``gpt-4o-mini*`` beats
+``gpt-4o*``); the ``*`` row only when ``UNKNOWN_MODEL = "default"``: a model missing
+from the table must never cost nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from llm_quota.accounting import Price, to_micro
+from llm_quota.conf import quota_settings
+from llm_quota.config_cache import config_cache
+from llm_quota.exceptions import ModelNotAllowed, UnknownModel
+
+
+def _price_rows() -> tuple[dict[str, Price], list[tuple[str, Price]], Price | None, set[str]]:
+    from llm_quota.models import ModelPrice
+
+    exact: dict[str, Price] = {}
+    patterns: list[tuple[str, Price]] = []
+    fallback: Price | None = None
+    disabled: set[str] = set()
+    for row in ModelPrice.objects.all():
+        if not row.enabled:
+            disabled.add(row.model)
+            continue
+        price = Price(
+            model=row.model,
+            input_micro=to_micro(row.input_multiplier),
+            output_micro=to_micro(row.output_multiplier),
+            cached_input_micro=(
+                None
+                if row.cached_input_multiplier is None
+                else to_micro(row.cached_input_multiplier)
+            ),
+            encoding=row.encoding,
+            default_max_output_tokens=row.default_max_output_tokens,
+            context_window=row.context_window,
+        )
+        if row.model == "*":
+            fallback = price
+        elif row.is_pattern:
+            patterns.append((row.model, price))
+        else:
+            exact[row.model] = price
+    patterns.sort(key=lambda item: len(item[0]), reverse=True)
+    return exact, patterns, fallback, disabled
+
+
+def price_for(model: str) -> Price:
+    """The price of ``model`` under its own name, or ``UnknownModel``/``ModelNotAllowed``."""
+    exact, patterns, fallback, disabled = config_cache.get("prices", _price_rows)
+    if model in disabled:
+        raise ModelNotAllowed(f"The model '{model}' is disabled.")
+    found = exact.get(model)
+    if found is None:
+        for pattern, price in patterns:
+            if fnmatch.fnmatchcase(model, pattern):
+                found = price
+                break
+    if found is None and fallback is not None and quota_settings.UNKNOWN_MODEL == "default":
+        found = fallback
+    if found is None:
+        raise UnknownModel(f"The model '{model}' does not exist or has no price.")
+    # Usage is accounted under the name the caller asked for, not the pattern.
+    return Price(
+        model=model,
+        input_micro=found.input_micro,
+        output_micro=found.output_micro,
+        cached_input_micro=found.cached_input_micro,
+        encoding=found.encoding,
+        default_max_output_tokens=found.default_max_output_tokens,
+        context_window=found.context_window,
+    )
+
+
+def priced_models() -> list[str]:
+    """Exact model names with a price (what ``/v1/models`` can list)."""
+    exact, _patterns, _fallback, _disabled = config_cache.get("prices", _price_rows)
+    return sorted(exact)
