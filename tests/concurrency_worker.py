@@ -1,0 +1,54 @@
+"""Runs in a spawned process: threads that reserve against one budget at once.
+
+Kept free of Django so a process starts fast and shares nothing with the parent but
+the Redis server.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import redis
+
+from llm_quota.accounting import ActualUsage, Estimate, Limits, Price
+from llm_quota.redis_ledger import Ledger
+
+
+def burst(url, prefix, limit, prompt, output, threads, start, settle_now, results, settle_at_once):
+    client = redis.Redis.from_url(url, max_connections=threads + 4)
+    ledger = Ledger(client, prefix=prefix)
+    limits = Limits(tokens_per_month=limit)
+    price = Price("gpt-4o", 1_000_000, 1_000_000)
+    admitted, charged = [], []
+    lock = threading.Lock()
+    rng = random.Random()
+
+    def one():
+        start.wait()
+        decision = ledger.reserve(7, limits, Estimate(price, prompt, output), clamp=False)
+        if not decision.allowed:
+            return
+        if not settle_at_once:
+            with lock:
+                admitted.append(decision.reservation)
+            return
+        used = rng.randint(0, output)
+        ledger.settle(decision.reservation, ActualUsage(prompt, used))
+        with lock:
+            admitted.append(decision.reservation)
+            charged.append(prompt + used)
+
+    pool = [threading.Thread(target=one) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    results.put(("reserved", len(admitted)))
+    if not settle_at_once:
+        settle_now.wait()
+        for reservation in admitted:
+            used = rng.randint(0, output)
+            ledger.settle(reservation, ActualUsage(prompt, used))
+            charged.append(prompt + used)
+    results.put(("charged", sum(charged)))

@@ -1,0 +1,54 @@
+"""Prompt counting: exact where an encoding loads, an upper bound where none does."""
+
+from __future__ import annotations
+
+from llm_quota import estimation
+from llm_quota.estimation import byte_bound, count_messages, count_text, load_encoding
+
+
+def test_counts_chat_messages_with_openai_overhead():
+    enc = load_encoding("cl100k_base")
+    msgs = [{"role": "user", "content": "hello world"}]
+    expected = 3 + len(enc.encode("user")) + len(enc.encode("hello world")) + 3
+    assert count_messages(msgs, "gpt-4", encoding_name="cl100k_base") == expected
+
+
+def test_offline_fallback_loads_when_the_download_is_impossible():
+    # This machine has no route to the encodings' host: o200k falls back to the bundled copy.
+    assert load_encoding("o200k_base") is not None
+    assert count_messages([{"role": "user", "content": "hi"}], "gpt-4o") > 0
+
+
+def test_list_of_parts_and_images_are_counted():
+    text_only = count_messages(
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "gpt-4"
+    )
+    with_image = count_messages(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "hi"},
+                    {"type": "image_url", "image_url": {"url": "data:..."}},
+                ],
+            }
+        ],
+        "gpt-4",
+    )
+    assert with_image == text_only + estimation.IMAGE_TOKENS
+
+
+def test_odd_text_never_raises():
+    odd = ["<|endoftext|>", "\ud800 lone surrogate", "\x00\x01", "🦄" * 100, "a" * 100_000]
+    for text in odd:
+        n = count_messages([{"role": "user", "content": text}], "gpt-4o")
+        assert 0 < n
+    assert count_messages([{"role": "user", "content": {"weird": [1, 2]}}], "gpt-4o") > 0
+    assert count_messages(None, "gpt-4o") == 3
+    assert count_messages([None, 5, "x"], "gpt-4o") > 0
+
+
+def test_byte_count_is_an_upper_bound_when_no_encoding_loads():
+    text = "naïve café — 漢字 🦄 " * 50
+    assert count_text(text, None) == byte_bound(text)
+    assert count_text(text, load_encoding("cl100k_base")) <= byte_bound(text)

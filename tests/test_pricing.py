@@ -1,0 +1,72 @@
+"""Base tokens (contract section 5) and which price row applies."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from llm_quota.accounting import ActualUsage, Price, to_micro
+from llm_quota.exceptions import ModelNotAllowed, UnknownModel
+from llm_quota.pricing import price_for
+from tests import factories
+
+
+def test_base_tokens_round_up_with_decimal_multipliers():
+    p = Price("m", to_micro(Decimal("0.15")), to_micro(Decimal("0.6")))
+    assert p.base_tokens(1, 0) == 1  # 0.15 -> 1
+    assert p.base_tokens(10, 1) == 3  # 1.5 + 0.6 = 2.1 -> 3
+    assert p.base_tokens(20, 0) == 3  # exactly 3.0 stays 3
+    assert p.base_tokens(0, 0) == 0
+
+
+def test_cached_input_has_its_own_rate():
+    p = Price("m", to_micro("1"), to_micro("4"), cached_input_micro=to_micro("0.25"))
+    assert p.base_tokens(1000, 10, cached_input_tokens=800) == 200 + 200 + 40
+
+
+def test_micro_conversion_rounds_up_extra_decimals():
+    assert to_micro(Decimal("0.0000001")) == 1
+    with pytest.raises(ValueError):
+        to_micro(Decimal("-1"))
+
+
+def test_openai_usage_shapes():
+    assert ActualUsage.from_openai({"prompt_tokens": 5, "completion_tokens": 7}) == ActualUsage(
+        5, 7
+    )
+    assert ActualUsage.from_openai(
+        {"input_tokens": 5, "output_tokens": 7, "input_tokens_details": {"cached_tokens": 2}}
+    ) == ActualUsage(5, 7, 2)
+    assert ActualUsage.from_openai(None) == ActualUsage(0, 0)
+    assert ActualUsage.from_openai({"prompt_tokens": -3, "completion_tokens": "x"}) == ActualUsage(
+        0, 0
+    )
+
+
+@pytest.mark.django_db
+def test_exact_name_beats_patterns_and_specific_pattern_beats_general(settings):
+    factories.price("gpt-4o", "1", "4")
+    factories.price("gpt-4o*", "2", "8")
+    factories.price("gpt-4o-mini*", "0.06", "0.24")
+    factories.price("*", "9", "9")
+    assert price_for("gpt-4o").input_micro == 1_000_000
+    assert price_for("gpt-4o-2024-08-06").input_micro == 2_000_000
+    assert price_for("gpt-4o-mini-2024").input_micro == 60_000
+    assert price_for("gpt-4o-2024-08-06").model == "gpt-4o-2024-08-06"
+
+
+@pytest.mark.django_db
+def test_unknown_model_policy(settings):
+    factories.price("*", "9", "9")
+    with pytest.raises(UnknownModel):
+        price_for("mystery")
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "UNKNOWN_MODEL": "default"}
+    assert price_for("mystery").input_micro == 9_000_000
+
+
+@pytest.mark.django_db
+def test_disabled_model_is_not_allowed():
+    factories.price("old-model", "1", "1", enabled=False)
+    with pytest.raises(ModelNotAllowed):
+        price_for("old-model")
