@@ -1,0 +1,10 @@
+"""The app's URLs; the demo project mounts them at the root (contract section 6)."""
+
+from django.urls import path
+
+from llm_quota.tokens import ScopedTokenObtainPairView, ScopedTokenRefreshView
+
+urlpatterns = [
+    path("api/token/", ScopedTokenObtainPairView.as_view(), name="token_obtain_pair"),
+    path("api/token/refresh/", ScopedTokenRefreshView.as_view(), name="token_refresh"),
+]
