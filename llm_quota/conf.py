@@ -35,6 +35,10 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a process may serve tier and price rows from memory before reading
     # them again; saves in the same process invalidate at once.
     "CONFIG_CACHE_SECONDS": 1.0,
+    # Redis Cluster: "redis+cluster://host:port[,host:port...]" makes the ledger use
+    # redis-py's RedisCluster instead of the REDIS_CACHE_ALIAS client (django-redis
+    # has no cluster client).
+    "REDIS_CLUSTER_URL": None,
 }
 
 
@@ -64,8 +68,9 @@ def _reload(*, setting: str, **kwargs: Any) -> None:
     if setting == "LLM_QUOTA":
         quota_settings.reload()
         # The ledger and the config cache are built from these settings.
-        from llm_quota import policy, redis_ledger
+        from llm_quota import connections, policy, redis_ledger
 
+        connections.reset()
         redis_ledger.reset_default_ledger()
         policy.invalidate()
 
