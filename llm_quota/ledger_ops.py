@@ -303,10 +303,11 @@ class LedgerOps:
         uid = keys.user_id(reservation.user_id)
         rid = keys.reservation_id(reservation.id)
         now_arg, _ = self.now_arg()
-        released = int((yield ScriptCall("release", self._user_keys(uid), (now_arg, rid, self.ttl_ms))))
-        if released == 1 and self.cluster and reservation.uses_global:
-            yield ScriptCall("global_release", (self.keyspace.global_(),), (now_arg, rid, self.ttl_ms))
-        return released == 1
+        args = (now_arg, rid, self.ttl_ms)
+        released = int((yield ScriptCall("release", self._user_keys(uid), args))) == 1
+        if released and self.cluster and reservation.uses_global:
+            yield ScriptCall("global_release", (self.keyspace.global_(),), args)
+        return released
 
     # -- reading -----------------------------------------------------------------------
 
