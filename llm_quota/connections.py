@@ -16,6 +16,12 @@ import threading
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from redis.exceptions import RedisClusterException, RedisError
+
+#: What "Redis is unavailable" looks like: a cluster missing a slot's node raises
+#: RedisClusterException, which is not a RedisError.
+REDIS_ERRORS = (RedisError, RedisClusterException)
+
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 #: Connection settings that mean the same to redis-py's sync and asyncio connections.
@@ -29,6 +35,11 @@ _PORTABLE = frozenset(
         "ssl_ca_path", "ssl_check_hostname", "ssl_password",
     }
 )  # fmt: skip
+
+#: Connections per event loop to one Redis. Callers beyond it wait for a free one
+#: (a blocking pool): refusing them would count as an outage and admit unmetered.
+ASYNC_POOL_SIZE = 64
+ASYNC_POOL_WAIT = 10.0
 
 _cluster: Any = None
 _cluster_lock = threading.Lock()
@@ -122,7 +133,11 @@ def async_client_like(client: Any) -> Any:
         kwargs["connection_class"] = aio.UnixDomainSocketConnection
     elif issubclass(pool.connection_class, SSLConnection):
         kwargs["connection_class"] = aio.SSLConnection
-    return aioredis.Redis(connection_pool=aio.ConnectionPool(**kwargs))
+    size = getattr(pool, "max_connections", None)
+    if not size or size > 10_000:
+        size = ASYNC_POOL_SIZE
+    blocking = aio.BlockingConnectionPool(max_connections=size, timeout=ASYNC_POOL_WAIT, **kwargs)
+    return aioredis.Redis(connection_pool=blocking)
 
 
 def _async_cluster_like(client: Any) -> Any:

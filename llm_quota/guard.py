@@ -8,7 +8,10 @@ For views, Celery tasks and scripts that call an LLM themselves::
         quota.settle(reply.usage)
 
 ``quota.max_tokens`` may be lower than asked (``CLAMP_MAX_TOKENS``): send it, so the
-output can never exceed what was reserved. ``async with`` works the same way.
+output can never exceed what was reserved. ``async with`` works the same way
+(``await quota.asettle(usage)``), on the ``AsyncLedger``: no thread is held while
+Redis answers, and the ORM is read in a thread only when the tier or price is not
+cached.
 """
 
 from __future__ import annotations
@@ -17,9 +20,8 @@ import logging
 from types import TracebackType
 from typing import Any
 
-from asgiref.sync import sync_to_async
-
 from llm_quota import gate
+from llm_quota.async_ledger import AsyncLedger
 from llm_quota.redis_ledger import Decision, Ledger, Reservation, Settlement
 
 logger = logging.getLogger("llm_quota")
@@ -36,6 +38,7 @@ class QuotaGuard:
         max_tokens: int | None = None,
         tools: Any = None,
         ledger: Ledger | None = None,
+        aledger: AsyncLedger | None = None,
     ) -> None:
         self.user = user
         self.model = model
@@ -44,6 +47,8 @@ class QuotaGuard:
         self.requested_max_tokens = max_tokens
         self.tools = tools
         self.ledger = ledger
+        # Given a sync ledger only, ``async with`` uses its twin (same Redis and clock).
+        self.aledger = aledger
         self.decision: Decision | None = None
         self.settlement: Settlement | None = None
         self._finished = False
@@ -94,27 +99,45 @@ class QuotaGuard:
         if exc_type is not None:
             self.release()
             return
-        # No usage reported: charge the estimate rather than lose a call that ran.
+        self.settle(self._estimate_as_usage())
+
+    def _estimate_as_usage(self) -> dict[str, int]:
+        """No usage reported: charge the estimate rather than lose a call that ran."""
         logger.warning(
             "quota_guard for %s left without settle(); charging the estimate", self.model
         )
         estimate = self.reservation.estimate
-        self.settle(
-            {"prompt_tokens": estimate.prompt_tokens if estimate else 0,
-             "completion_tokens": self.max_tokens}
-        )  # fmt: skip
+        return {
+            "prompt_tokens": estimate.prompt_tokens if estimate else 0,
+            "completion_tokens": self.max_tokens,
+        }
 
     # -- async ---------------------------------------------------------------------
 
+    def _async_ledger(self) -> AsyncLedger | None:
+        if self.aledger is None and self.ledger is not None:
+            self.aledger = AsyncLedger.mirroring(self.ledger)
+        return self.aledger
+
     async def __aenter__(self) -> QuotaGuard:
-        # The ORM (tier, prices) is sync-only; one thread hop for the whole admission.
-        return await sync_to_async(self.__enter__, thread_sensitive=False)()
+        estimate = await gate.aestimate_request(
+            self.model,
+            messages=self.messages,
+            prompt_tokens=self.prompt_tokens,
+            max_tokens=self.requested_max_tokens,
+            tools=self.tools,
+        )
+        self.decision = await gate.aadmit(self.user, estimate, ledger=self._async_ledger())
+        return self
 
     async def asettle(self, usage: Any) -> Settlement:
-        return await sync_to_async(self.settle, thread_sensitive=False)(usage)
+        self.settlement = await gate.asettle(self.reservation, usage, ledger=self._async_ledger())
+        self._finished = True
+        return self.settlement
 
     async def arelease(self) -> bool:
-        return await sync_to_async(self.release, thread_sensitive=False)()
+        self._finished = True
+        return await gate.arelease(self.reservation, ledger=self._async_ledger())
 
     async def __aexit__(
         self,
@@ -122,7 +145,12 @@ class QuotaGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await sync_to_async(self.__exit__, thread_sensitive=False)(exc_type, exc, tb)
+        if self._finished or self.decision is None:
+            return
+        if exc_type is not None:
+            await self.arelease()
+            return
+        await self.asettle(self._estimate_as_usage())
 
 
 def quota_guard(user: Any, *, model: str, **kwargs: Any) -> QuotaGuard:
