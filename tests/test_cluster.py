@@ -251,3 +251,42 @@ def test_global_cap_across_slots_admits_exactly_under_many_processes(
     # Every refused user's first step was withdrawn: nothing left reserved anywhere.
     for n in range(processes * threads):
         assert cluster_ledger.usage(1000 + n).reserved == 0
+
+
+# -- settings ----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_cluster_url_setting_builds_a_cluster_ledger_sync_and_async(settings, redis_cluster):
+    import asyncio
+
+    from llm_quota.async_ledger import get_async_ledger
+    from llm_quota.checks import check_settings
+    from llm_quota.redis_ledger import get_ledger, set_default_ledger
+
+    set_default_ledger(None)
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "REDIS_CLUSTER_URL": redis_cluster.url}
+    assert check_settings() == []  # no django-redis cache needed on a cluster
+    ledger = get_ledger()
+    assert ledger.cluster
+    d = ledger.reserve(3, Limits(global_tokens_per_day=1000), estimate(10, 10))
+    assert d.allowed and d.reservation.uses_global
+
+    async def twin_settles():
+        twin = await get_async_ledger()
+        assert twin.cluster and twin.mirrors is ledger
+        settled = await twin.settle(d.reservation, ActualUsage(10, 5))
+        await twin.aclose()
+        return settled
+
+    assert asyncio.run(twin_settles()).settled
+    assert ledger.global_usage().tokens_today == 15
+
+
+def test_malformed_cluster_url_is_a_system_check_error(settings):
+    from llm_quota.checks import check_settings
+
+    for bad in ("redis+cluster://", "http://127.0.0.1:7000", "redis+cluster://host"):
+        settings.LLM_QUOTA = {**settings.LLM_QUOTA, "REDIS_CLUSTER_URL": bad}
+        assert "llm_quota.E011" in {e.id for e in check_settings()}, bad
