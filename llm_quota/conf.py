@@ -32,9 +32,10 @@ DEFAULTS: dict[str, Any] = {
     "BASE_TOKEN_USD_PER_MILLION": Decimal("2.50"),
     "GLOBAL_TOKENS_PER_DAY": None,
     "GLOBAL_TOKENS_PER_MONTH": None,
-    # Seconds a process may serve tier and price rows from memory before reading
-    # them again; saves in the same process invalidate at once.
-    "CONFIG_CACHE_SECONDS": 1.0,
+    # Seconds a process may serve tier, quota and price rows from memory before
+    # reading them again. Saves reach every process at once (config_broadcast.py):
+    # this only bounds how stale a process cut off from Redis pub/sub can get.
+    "CONFIG_CACHE_SECONDS": 30.0,
     # Redis Cluster: "redis+cluster://host:port[,host:port...]" makes the ledger use
     # redis-py's RedisCluster instead of the REDIS_CACHE_ALIAS client (django-redis
     # has no cluster client).

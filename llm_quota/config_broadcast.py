@@ -24,11 +24,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from django.db import transaction
 
-from llm_quota.config_cache import config_cache
+from llm_quota.config_cache import ConfigCache, config_cache
 from llm_quota.connections import REDIS_ERRORS
 
 logger = logging.getLogger("llm_quota")
@@ -71,9 +72,17 @@ def config_changed(*args: Any, using: str | None = None, **kwargs: Any) -> None:
 
 
 class ConfigListener:
-    """This process' subscription; ``ensure_running`` is cheap enough for every read."""
+    """This process' subscription; ``ensure_running`` is cheap enough for every read.
 
-    def __init__(self) -> None:
+    ``connect`` returns the redis-py client to subscribe with (default: the ledger's);
+    ``cache`` is what an announcement drops (default: the process' ``config_cache``).
+    """
+
+    def __init__(
+        self, connect: Callable[[], Any] | None = None, cache: ConfigCache | None = None
+    ) -> None:
+        self._connect = connect or _client
+        self._cache = cache or config_cache
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._channel: str | None = None
@@ -119,9 +128,9 @@ class ConfigListener:
         while not stop.is_set():
             pubsub = None
             try:
-                pubsub = _client().pubsub()
+                pubsub = self._connect().pubsub()
                 pubsub.subscribe(channel)
-                self._relay(pubsub, stop, subscribed)
+                self._relay(pubsub, self._cache, stop, subscribed)
                 failures = 0
             except (*REDIS_ERRORS, OSError) as exc:
                 subscribed.clear()
@@ -137,7 +146,9 @@ class ConfigListener:
                         pass
 
     @staticmethod
-    def _relay(pubsub: Any, stop: threading.Event, subscribed: threading.Event) -> None:
+    def _relay(
+        pubsub: Any, cache: ConfigCache, stop: threading.Event, subscribed: threading.Event
+    ) -> None:
         idle = 0.0
         while not stop.is_set():
             message = pubsub.get_message(timeout=1.0)
@@ -150,10 +161,10 @@ class ConfigListener:
             idle = 0.0
             if message["type"] == "subscribe":
                 # Announcements sent while we were not subscribed are lost: start afresh.
-                config_cache.invalidate()
+                cache.invalidate()
                 subscribed.set()
             elif message["type"] == "message":
-                config_cache.invalidate()
+                cache.invalidate()
 
 
 listener = ConfigListener()

