@@ -21,6 +21,21 @@ from tests.factories import estimate
 MSGS = [{"role": "user", "content": "Say hello in five words."}]
 
 
+def run_with_orm(main):
+    """``asyncio.run``, then close the connections the ORM opened in asgiref's
+    thread-sensitive thread (an ASGI request's end does this in production)."""
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    async def wrapped():
+        try:
+            return await main()
+        finally:
+            await sync_to_async(connections.close_all)()
+
+    return asyncio.run(wrapped())
+
+
 class Heartbeat:
     """Ticks every ``every`` seconds on the loop; the largest gap shows any blocking."""
 
@@ -143,7 +158,7 @@ def test_async_guard_never_blocks_the_loop_and_never_overspends(ledger, sync_io_
             await asyncio.gather(*(one(n) for n in range(callers)))
         return outcomes, beat
 
-    outcomes, beat = asyncio.run(run())
+    outcomes, beat = run_with_orm(run)
     usage = ledger.usage(user.pk)
     assert outcomes["admitted"] + outcomes["refused"] == callers
     assert outcomes["admitted"] >= 3000 // (20 + 4 + 50 * 4)  # each estimate fits ~13 times
@@ -164,11 +179,11 @@ def test_async_gate_fails_open_and_closed_like_the_sync_one(settings):
         est = await gate.aestimate_request("gpt-4o", messages=MSGS, max_tokens=20)
         return await gate.aadmit(user, est, ledger=AsyncLedger(dead, prefix="dead"))
 
-    decision = asyncio.run(admit())
+    decision = run_with_orm(admit)
     assert decision.allowed and decision.reservation.unmetered
     settings.LLM_QUOTA = {**settings.LLM_QUOTA, "FAIL_OPEN": False}
     with pytest.raises(QuotaUnavailable):
-        asyncio.run(admit())
+        run_with_orm(admit)
 
 
 def test_long_prompts_are_counted_off_the_loop_short_ones_on_it():

@@ -143,7 +143,9 @@ def test_async_guard(setup, ledger, transactional_db):
             await q.asettle({"prompt_tokens": 5, "completion_tokens": 5})
         return q
 
-    asyncio.run(call())
+    from tests.test_async_ledger import run_with_orm
+
+    run_with_orm(call)
     assert ledger.usage(user.pk).tokens_this_month == 25
 
 

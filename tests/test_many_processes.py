@@ -104,9 +104,10 @@ def serving(command: list[str], env: dict, port: int, probe: str):
 
 
 def gunicorn(env: dict, workers: int, port: int) -> list[str]:
+    """Sync workers: each takes one request at a time, so concurrent calls spread."""
     return [
         sys.executable, "-m", "gunicorn", "tests.scale_site.wsgi:application",
-        "--workers", str(workers), "--worker-class", "gthread", "--threads", "4",
+        "--workers", str(workers), "--worker-class", "sync",
         "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "5", "--log-level", "warning",
     ]  # fmt: skip
 
