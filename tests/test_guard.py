@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from rest_framework.exceptions import NotAuthenticated, Throttled
 
