@@ -60,7 +60,7 @@ class AsyncLedger:
         )
         self.keyspace = self.ops.keyspace
         self.restore_source = restore
-        self.mirrors: Ledger | None = None
+        self._mirrors: weakref.ref[Ledger] | None = None
         self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
         # redis.asyncio's cluster client raises MaxConnectionsError past 100 commands in
         # flight per node (it cannot wait for a free connection), which the gate would
@@ -92,8 +92,13 @@ class AsyncLedger:
             restore=ledger.restore_source,
             cluster=ledger.cluster,
         )
-        twin.mirrors = ledger
+        twin._mirrors = weakref.ref(ledger)  # weak: twins are cached by their ledger
         return twin
+
+    @property
+    def mirrors(self) -> Ledger | None:
+        """The sync ledger this one was built from, if any."""
+        return self._mirrors() if self._mirrors is not None else None
 
     # -- the executor ------------------------------------------------------------------
 
@@ -166,16 +171,26 @@ class AsyncLedger:
 
 # -- the project's async ledger ------------------------------------------------------
 
-_per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncLedger] = (
-    weakref.WeakKeyDictionary()
-)
+#: Per event loop, the twin of each sync ledger (weakly held on both sides).
+_twins: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, weakref.WeakKeyDictionary[Ledger, AsyncLedger]
+] = weakref.WeakKeyDictionary()
+
+
+def twin_of(ledger: Ledger) -> AsyncLedger:
+    """The running loop's async twin of ``ledger``, built once per loop and ledger."""
+    per_ledger = _twins.setdefault(asyncio.get_running_loop(), weakref.WeakKeyDictionary())
+    twin = per_ledger.get(ledger)
+    if twin is None:
+        twin = per_ledger[ledger] = AsyncLedger.mirroring(ledger)
+    return twin
 
 
 async def get_async_ledger() -> AsyncLedger:
     """The async twin of ``get_ledger()`` for the running event loop.
 
-    Follows ``set_default_ledger``: a swapped sync ledger gets a new twin. Building the
-    sync ledger the first time may connect (a cluster reads its slot map), so that
+    Follows ``set_default_ledger``: a swapped sync ledger gets its own twin. Building
+    the sync ledger the first time may connect (a cluster reads its slot map), so that
     happens in a thread, not on the loop.
     """
     from llm_quota import redis_ledger
@@ -183,9 +198,4 @@ async def get_async_ledger() -> AsyncLedger:
     sync = redis_ledger._default
     if sync is None:
         sync = await sync_to_async(get_ledger, thread_sensitive=False)()
-    loop = asyncio.get_running_loop()
-    twin = _per_loop.get(loop)
-    if twin is None or twin.mirrors is not sync:
-        twin = AsyncLedger.mirroring(sync)
-        _per_loop[loop] = twin
-    return twin
+    return twin_of(sync)

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from llm_quota import gate
-from llm_quota.async_ledger import AsyncLedger
+from llm_quota.async_ledger import AsyncLedger, twin_of
 from llm_quota.redis_ledger import Decision, Ledger, Reservation, Settlement
 
 logger = logging.getLogger("llm_quota")
@@ -116,7 +116,7 @@ class QuotaGuard:
 
     def _async_ledger(self) -> AsyncLedger | None:
         if self.aledger is None and self.ledger is not None:
-            self.aledger = AsyncLedger.mirroring(self.ledger)
+            self.aledger = twin_of(self.ledger)
         return self.aledger
 
     async def __aenter__(self) -> QuotaGuard:

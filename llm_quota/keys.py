@@ -1,7 +1,8 @@
 """Every Redis key this app touches is built here, from validated parts only.
 
 A user's keys all start with ``<prefix>:{u:<id>}`` so that Redis Cluster puts them in
-one slot and the per-user Lua scripts stay single-slot. The scripts receive these
+one slot and the per-user Lua scripts stay single-slot; the global caps have their own
+slot (``{g}``), and on a cluster the active-user index is split by slot. The scripts receive these
 bases and append the suffixes listed in ``lua/common.lua``; nothing user-controlled
 (a model name, a reservation id from a client) ever becomes part of a key name.
 """
@@ -118,7 +119,8 @@ class KeySpace:
         return f"{self.prefix}:{{g}}"
 
     def index(self) -> str:
-        """Base of the active-user index the snapshot walks instead of ``KEYS``."""
+        """Base of the active-user index on one Redis (the snapshot walks it instead of
+        ``KEYS``, through ``Ledger.active_user_ids``, which also knows the cluster's)."""
         return f"{self.prefix}:{{idx}}"
 
     def index_shard(self, uid: Any) -> str:

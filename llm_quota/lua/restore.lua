@@ -1,5 +1,5 @@
 -- restore: bring back a user's month from the database after Redis lost it, once.
--- KEYS[1] user base B, KEYS[2] index base I.
+-- KEYS[1] user base B, KEYS[2] index base I (the user's shard on a cluster).
 -- ARGV: 1 user id, 2 month, 3 month end, 4 base tokens of the month,
 --       5.. per-model field/value pairs ("req|<model>", n, ...).
 -- Returns 1 if restored, 0 if another request restored first.
