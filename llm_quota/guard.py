@@ -107,14 +107,15 @@ class QuotaGuard:
     # -- async ---------------------------------------------------------------------
 
     async def __aenter__(self) -> QuotaGuard:
-        # The ORM (tier, prices) is sync-only; one thread hop for the whole admission.
-        return await sync_to_async(self.__enter__, thread_sensitive=False)()
+        # The ORM (tier, prices) is sync-only; one hop to the thread Django keeps for
+        # sync work, whose connection ASGI closes at the end of the request.
+        return await sync_to_async(self.__enter__)()
 
     async def asettle(self, usage: Any) -> Settlement:
-        return await sync_to_async(self.settle, thread_sensitive=False)(usage)
+        return await sync_to_async(self.settle)(usage)
 
     async def arelease(self) -> bool:
-        return await sync_to_async(self.release, thread_sensitive=False)()
+        return await sync_to_async(self.release)()
 
     async def __aexit__(
         self,
@@ -122,7 +123,7 @@ class QuotaGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await sync_to_async(self.__exit__, thread_sensitive=False)(exc_type, exc, tb)
+        await sync_to_async(self.__exit__)(exc_type, exc, tb)
 
 
 def quota_guard(user: Any, *, model: str, **kwargs: Any) -> QuotaGuard:

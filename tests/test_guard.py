@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
 from rest_framework.exceptions import NotAuthenticated, Throttled
 
 from llm_quota import quota_guard
@@ -141,6 +143,8 @@ def test_async_guard(setup, ledger, transactional_db):
     async def call():
         async with quota_guard(user, model="gpt-4o", messages=MSGS, max_tokens=20) as q:
             await q.asettle({"prompt_tokens": 5, "completion_tokens": 5})
+        # The ORM ran in Django's sync thread: close its connection as ASGI would.
+        await sync_to_async(connections.close_all)()
         return q
 
     asyncio.run(call())
