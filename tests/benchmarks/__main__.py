@@ -29,9 +29,11 @@ def main(argv: list[str]) -> int:
     chosen = argv or list(sections)
     info = get_redis_connection("default").info("server")
     print(f"django-llm-quota benchmarks, {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}, Redis {info['redis_version']} at "
-          f"{settings.REDIS_URL.split('@')[-1]}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, Redis {info['redis_version']} at "
+        f"{settings.REDIS_URL.split('@')[-1]}"
+    )
     table = Table()
     started = time.perf_counter()
     for name in chosen:

@@ -43,7 +43,9 @@ def _worker(kind: str, key: str, start, results) -> None:
         if kind == "drf":
             ok = Throttle().allow_request(request, None)
         else:
-            ok = ledger.reserve(1, Limits(tokens_per_month=LIMIT * 100), estimate, clamp=False).allowed
+            ok = ledger.reserve(
+                1, Limits(tokens_per_month=LIMIT * 100), estimate, clamp=False
+            ).allowed
         if ok:
             admitted.append(1)
 
@@ -62,7 +64,9 @@ def burst(kind: str) -> int:
     ctx = multiprocessing.get_context("spawn")
     start, results = ctx.Event(), ctx.Queue()
     key = f"bench{uuid.uuid4().hex[:8]}"
-    procs = [ctx.Process(target=_worker, args=(kind, key, start, results)) for _ in range(PROCESSES)]
+    procs = [
+        ctx.Process(target=_worker, args=(kind, key, start, results)) for _ in range(PROCESSES)
+    ]
     for p in procs:
         p.start()
     import time
@@ -89,8 +93,15 @@ def _cleanup(key: str) -> None:
 def run(table) -> None:
     drf = [burst("drf") for _ in range(RUNS)]
     ours = [burst("ours") for _ in range(RUNS)]
-    table.add("3 burst accuracy", f"DRF throttle: admitted over {LIMIT}/min, 64 at once",
-              f"+{statistics.median(drf):.0f} (+{statistics.median(drf) / LIMIT:.0%})",
-              f"runs: {drf}")
-    table.add("3 burst accuracy", f"ours: admitted over a budget of {LIMIT}, 64 at once",
-              f"+{statistics.median(ours):.0f}", f"goal 0 (runs: {ours})")
+    table.add(
+        "3 burst accuracy",
+        f"DRF throttle: admitted over {LIMIT}/min, 64 at once",
+        f"+{statistics.median(drf):.0f} (+{statistics.median(drf) / LIMIT:.0%})",
+        f"runs: {drf}",
+    )
+    table.add(
+        "3 burst accuracy",
+        f"ours: admitted over a budget of {LIMIT}, 64 at once",
+        f"+{statistics.median(ours):.0f}",
+        f"goal 0 (runs: {ours})",
+    )

@@ -35,5 +35,9 @@ def run(table) -> None:
         counted = count_messages(messages, "gpt-4o")
         exact = timed(lambda m=messages: count_messages(m, "gpt-4o"))
         bound = timed(lambda m=messages: byte_bound(m[0]["content"]))
-        table.add("6 estimation", f"count a {counted:,}-token prompt (gpt-4o)",
-                  f"{exact * 1e3:.2f} ms", f"byte bound: {bound * 1e3:.3f} ms")
+        table.add(
+            "6 estimation",
+            f"count a {counted:,}-token prompt (gpt-4o)",
+            f"{exact * 1e3:.2f} ms",
+            f"byte bound: {bound * 1e3:.3f} ms",
+        )

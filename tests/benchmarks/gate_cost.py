@@ -123,16 +123,40 @@ def run(table: Table) -> None:
         reserve = ours(client, rate, settle=False)
         pair = ours(client, rate, settle=True)
         throttle = drf(rate)
-        table.add("1 gate cost", f"DRF UserRateThrottle at {rate}/min", ratio(throttle, ping),
-                  us(throttle))
-        table.add("1 gate cost", f"ours: reserve, 5 limits, at {rate}/min", ratio(reserve, ping),
-                  f"<= 2x PING: {verdict(reserve <= 2 * ping)}")
-        table.add("1 gate cost", f"ours: reserve + settle at {rate}/min", ratio(pair, ping),
-                  f"<= 4x PING: {verdict(pair <= 4 * ping)}")
-        table.add("1 gate cost", f"ours reserve+settle vs DRF at {rate}/min",
-                  ratio(pair, throttle), "cheaper at high rates" if rate > 60 else "")
+        table.add(
+            "1 gate cost",
+            f"DRF UserRateThrottle at {rate}/min",
+            ratio(throttle, ping),
+            us(throttle),
+        )
+        table.add(
+            "1 gate cost",
+            f"ours: reserve, 5 limits, at {rate}/min",
+            ratio(reserve, ping),
+            f"<= 2x PING: {verdict(reserve <= 2 * ping)}",
+        )
+        table.add(
+            "1 gate cost",
+            f"ours: reserve + settle at {rate}/min",
+            ratio(pair, ping),
+            f"<= 4x PING: {verdict(pair <= 4 * ping)}",
+        )
+        table.add(
+            "1 gate cost",
+            f"ours reserve+settle vs DRF at {rate}/min",
+            ratio(pair, throttle),
+            "cheaper at high rates" if rate > 60 else "",
+        )
     evalsha, top = commands_per_request(client)
-    table.add("2 commands", "EVALSHA per gated request (reserve + settle)", f"{evalsha:.2f}",
-              f"exactly 2: {verdict(evalsha == 2)}")
-    table.add("2 commands", "commands sent by the client per gated request", f"{top:.2f}",
-              f"exactly 2: {verdict(top == 2)}")
+    table.add(
+        "2 commands",
+        "EVALSHA per gated request (reserve + settle)",
+        f"{evalsha:.2f}",
+        f"exactly 2: {verdict(evalsha == 2)}",
+    )
+    table.add(
+        "2 commands",
+        "commands sent by the client per gated request",
+        f"{top:.2f}",
+        f"exactly 2: {verdict(top == 2)}",
+    )

@@ -30,8 +30,13 @@ def run(table) -> None:
     client = get_redis_connection("default")
     clock = Clock()
     ledger = Ledger(client, prefix=f"bench{uuid.uuid4().hex[:8]}", clock=clock)
-    limits = Limits(requests_per_minute=1000, tokens_per_minute=10**7, tokens_per_day=10**8,
-                    tokens_per_month=10**9, max_concurrent_requests=100)
+    limits = Limits(
+        requests_per_minute=1000,
+        tokens_per_minute=10**7,
+        tokens_per_day=10**8,
+        tokens_per_month=10**9,
+        max_concurrent_requests=100,
+    )
     users = 200
     for uid in range(users):
         for n in range(30):  # a month's worth of a light user: 30 calls on 3 models
@@ -46,7 +51,15 @@ def run(table) -> None:
     idle = sum(user_bytes(client, ledger, uid) for uid in range(users)) / users
     for k in client.scan_iter(match=f"{ledger.keyspace.prefix}:*", count=1000):
         client.delete(k)
-    table.add("8 memory", "bytes per active user-month, within the hour of activity",
-              f"{busy:,.0f} B", "incl. idempotency tombstones")
-    table.add("8 memory", "bytes per active user-month, steady state", f"{idle:,.0f} B",
-              f"< 2 KB: {'met' if idle < 2048 else 'NOT met'}")
+    table.add(
+        "8 memory",
+        "bytes per active user-month, within the hour of activity",
+        f"{busy:,.0f} B",
+        "incl. idempotency tombstones",
+    )
+    table.add(
+        "8 memory",
+        "bytes per active user-month, steady state",
+        f"{idle:,.0f} B",
+        f"< 2 KB: {'met' if idle < 2048 else 'NOT met'}",
+    )

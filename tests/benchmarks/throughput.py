@@ -21,8 +21,13 @@ def _worker(key: str, user: int, start, results) -> None:
     from llm_quota.redis_ledger import Ledger
 
     ledger = Ledger(get_redis_connection("default"), prefix=key)
-    limits = Limits(requests_per_minute=10**7, tokens_per_minute=10**12, tokens_per_day=10**13,
-                    tokens_per_month=10**14, max_concurrent_requests=10**6)
+    limits = Limits(
+        requests_per_minute=10**7,
+        tokens_per_minute=10**12,
+        tokens_per_day=10**13,
+        tokens_per_month=10**14,
+        max_concurrent_requests=10**6,
+    )
     estimate = Estimate(Price("gpt-4o", 1_000_000, 4_000_000), 500, 200)
     ledger.client.ping()
     start.wait()
@@ -61,5 +66,9 @@ def run(table) -> None:
     one = median_of(lambda: pairs_per_second(1), runs=3)
     four = median_of(lambda: pairs_per_second(4), runs=3)
     table.add("5 throughput", "reserve+settle pairs/s, 1 process", f"{one:,.0f}/s")
-    table.add("5 throughput", "reserve+settle pairs/s, 4 processes", f"{four:,.0f}/s",
-              f"{four / one:.2f}x of 1 process ({os.cpu_count()} cores)")
+    table.add(
+        "5 throughput",
+        "reserve+settle pairs/s, 4 processes",
+        f"{four:,.0f}/s",
+        f"{four / one:.2f}x of 1 process ({os.cpu_count()} cores)",
+    )
