@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
 from rest_framework.exceptions import NotAuthenticated, Throttled
 
 from llm_quota import quota_guard
@@ -139,11 +143,11 @@ def test_async_guard(setup, ledger, transactional_db):
     async def call():
         async with quota_guard(user, model="gpt-4o", messages=MSGS, max_tokens=20) as q:
             await q.asettle({"prompt_tokens": 5, "completion_tokens": 5})
+        # The ORM ran in Django's sync thread: close its connection as ASGI would.
+        await sync_to_async(connections.close_all)()
         return q
 
-    from tests.test_async_ledger import run_with_orm
-
-    run_with_orm(call)
+    asyncio.run(call())
     assert ledger.usage(user.pk).tokens_this_month == 25
 
 
