@@ -292,6 +292,16 @@ def admit(
         raise _refuse(user, policy, refusal.limit, refusal.retry_after, refusal.decision) from None
 
 
+async def _apk(user: Any) -> Any:
+    """The user's pk without blocking the loop: an async view's ``request.user`` is a
+    lazy object whose first touch reads the session and the user from the database."""
+    from django.utils.functional import LazyObject, empty
+
+    if isinstance(user, LazyObject) and user._wrapped is empty:
+        return await sync_to_async(lambda: getattr(user, "pk", None))()
+    return getattr(user, "pk", user)
+
+
 async def aadmit(
     user: Any,
     estimate: Estimate,
@@ -300,7 +310,7 @@ async def aadmit(
     ledger: AsyncLedger | None = None,
 ) -> Decision:
     """``admit`` for async code, on the ``AsyncLedger``."""
-    pk = getattr(user, "pk", user)
+    pk = await _apk(user)
     if pk is None:
         raise NotAuthenticated()
     policy = policy or await apolicy_for(pk)

@@ -175,6 +175,23 @@ def test_async_guard_never_blocks_the_loop_and_never_overspends(ledger, sync_io_
 
 
 @pytest.mark.django_db(transaction=True)
+def test_async_guard_accepts_an_async_views_lazy_request_user(ledger):
+    from django.utils.functional import SimpleLazyObject
+
+    factories.price("gpt-4o", "1", "4", default_max_output_tokens=100)
+    factories.tier("free", tokens_per_month=3000, is_default=True)
+    user = factories.user()
+    lazy = SimpleLazyObject(lambda: type(user).objects.get(pk=user.pk))  # reads the ORM
+
+    async def call():
+        async with quota_guard(lazy, model="gpt-4o", messages=MSGS, max_tokens=20) as q:
+            await q.asettle({"prompt_tokens": 5, "completion_tokens": 5})
+
+    run_with_orm(call)
+    assert ledger.usage(user.pk).tokens_this_month == 25
+
+
+@pytest.mark.django_db(transaction=True)
 def test_async_gate_fails_open_and_closed_like_the_sync_one(settings):
     factories.price("gpt-4o", "1", "4", default_max_output_tokens=100)
     factories.tier("free", tokens_per_month=3000, is_default=True)
