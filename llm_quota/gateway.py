@@ -99,7 +99,7 @@ class ChatCompletionsView(OpenAIView):
             return upstream_error_response(exc)
         if chat.stream:
             response = StreamingHttpResponse(
-                stream_relay.relay(stream, guard, include_usage=chat.include_usage),
+                stream_relay.Relay(stream, guard, include_usage=chat.include_usage),
                 content_type="text/event-stream",
             )
             response["Cache-Control"] = "no-cache"

@@ -67,12 +67,24 @@ def usage_of(response: HttpResponseBase) -> Any:
     return usage if isinstance(usage, dict) else None
 
 
-def _finish_after(content: Iterable[bytes], guard: QuotaGuard) -> Iterator[bytes]:
-    try:
-        yield from content
-    finally:
-        if not guard.finished:
-            guard.charge_estimate()
+class FinishedWithStream:
+    """A streamed body that ends ``guard`` when Django closes the response.
+
+    Django calls ``close()`` once the body is sent, or the client has gone, or even
+    when the body was never read; a view that streams should settle inside its
+    generator, and whatever it left unsettled is charged at the estimate here.
+    """
+
+    def __init__(self, content: Iterable[bytes], guard: QuotaGuard) -> None:
+        self.content = content
+        self.guard = guard
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.content)
+
+    def close(self) -> None:
+        if not self.guard.finished:
+            self.guard.charge_estimate()
 
 
 def finish(guard: QuotaGuard, response: HttpResponseBase) -> None:
@@ -82,7 +94,7 @@ def finish(guard: QuotaGuard, response: HttpResponseBase) -> None:
     if response.status_code >= 400:
         guard.release()
     elif response.streaming:
-        response.streaming_content = _finish_after(response.streaming_content, guard)
+        response.streaming_content = FinishedWithStream(response.streaming_content, guard)
     else:
         usage = usage_of(response)
         if usage is not None:

@@ -31,15 +31,6 @@ from llm_quota.upstream import UpstreamError, UpstreamStream
 logger = logging.getLogger("llm_quota")
 
 
-def _settle(guard: QuotaGuard, usage: Any, output: StreamedOutput) -> None:
-    if guard.finished:
-        return
-    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-        guard.settle(usage)
-    else:
-        guard.settle_output(output.text)
-
-
 def _for_client(data: str, chunk: dict[str, Any], include_usage: bool) -> str | None:
     """The event's data as the client should see it, or None to drop it."""
     if include_usage or "usage" not in chunk:
@@ -50,44 +41,76 @@ def _for_client(data: str, chunk: dict[str, Any], include_usage: bool) -> str | 
     return json.dumps(trimmed, separators=(",", ":"))
 
 
-def relay(stream: UpstreamStream, guard: QuotaGuard, *, include_usage: bool) -> Iterator[bytes]:
-    """Server-sent events for the client; settles ``guard`` however the stream ends."""
-    usage: Any = None
-    output = StreamedOutput()
-    try:
-        for data in stream:
-            if data.strip() == sse.DONE:
-                break
-            try:
-                chunk = json.loads(data)
-            except ValueError:
-                chunk = None
-            if not isinstance(chunk, dict):
-                yield sse.event(data)  # not ours to judge: pass it on untouched
-                continue
-            if chunk.get("error"):
-                # The upstream reported a failure inside the stream; it ends here.
-                yield sse.event(data)
-                break
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            output.add(chunk)
-            shown = _for_client(data, chunk, include_usage)
-            if shown is not None:
-                yield sse.event(shown)
-    except GeneratorExit:
-        # The client went away: charge what was generated, give back the rest.
-        _settle(guard, usage, output)
-        raise
-    except UpstreamError as exc:
-        _settle(guard, usage, output)
-        logger.warning("upstream stream for %s failed: %s", guard.model, exc)
-        yield sse.event(error_body(exc.message, type="upstream_error", code=exc.code))
-        return
-    except BaseException:
-        _settle(guard, usage, output)
-        raise
-    finally:
-        stream.close()
-    _settle(guard, usage, output)
-    yield sse.event(sse.DONE)
+class Relay:
+    """The response body of a streamed completion: iterate it, and ``close()`` it.
+
+    Django calls ``close()`` when the response ends, however it ends, even when the
+    body was never iterated (the client left before the first byte): so the
+    reservation is settled and the upstream connection closed in every case.
+    """
+
+    def __init__(self, stream: UpstreamStream, guard: QuotaGuard, *, include_usage: bool):
+        self.stream = stream
+        self.guard = guard
+        self.include_usage = include_usage
+        self.usage: Any = None
+        self.output = StreamedOutput()
+        self._events = self._relay()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._events
+
+    def close(self) -> None:
+        try:
+            self._events.close()  # GeneratorExit inside, if it was suspended mid-stream
+        finally:
+            self.stream.close()
+            self._settle()
+
+    def _settle(self) -> None:
+        if self.guard.finished:
+            return
+        usage = self.usage
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            self.guard.settle(usage)
+        else:
+            self.guard.settle_output(self.output.text)
+
+    def _relay(self) -> Iterator[bytes]:
+        try:
+            for data in self.stream:
+                if data.strip() == sse.DONE:
+                    break
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    chunk = None
+                if not isinstance(chunk, dict):
+                    yield sse.event(data)  # not ours to judge: pass it on untouched
+                    continue
+                if chunk.get("error"):
+                    # The upstream reported a failure inside the stream; it ends here.
+                    yield sse.event(data)
+                    break
+                if chunk.get("usage"):
+                    self.usage = chunk["usage"]
+                self.output.add(chunk)
+                shown = _for_client(data, chunk, self.include_usage)
+                if shown is not None:
+                    yield sse.event(shown)
+        except GeneratorExit:
+            # The client went away: charge what was generated, give back the rest.
+            self._settle()
+            raise
+        except UpstreamError as exc:
+            self._settle()
+            logger.warning("upstream stream for %s failed: %s", self.guard.model, exc)
+            yield sse.event(error_body(exc.message, type="upstream_error", code=exc.code))
+            return
+        except BaseException:
+            self._settle()
+            raise
+        finally:
+            self.stream.close()
+        self._settle()
+        yield sse.event(sse.DONE)

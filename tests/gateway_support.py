@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import openai
@@ -20,10 +20,19 @@ def access_token(user: Any) -> str:
 @dataclass
 class Gateway:
     base_url: str
+    clients: list[openai.OpenAI] = field(default_factory=list)
 
     def client(self, user: Any, **kwargs: Any) -> openai.OpenAI:
         kwargs.setdefault("max_retries", 0)
-        return openai.OpenAI(base_url=self.base_url, api_key=access_token(user), **kwargs)
+        client = openai.OpenAI(base_url=self.base_url, api_key=access_token(user), **kwargs)
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        """Close the SDK's kept-alive connections, so the server threads (and their
+        database connections) end with the test."""
+        for client in self.clients:
+            client.close()
 
     @staticmethod
     def usage(user: Any):

@@ -13,7 +13,7 @@ from llm_quota.exceptions import InvalidRequest
 from llm_quota.fake_provider import FakeProvider
 from llm_quota.ratelimit_headers import go_duration, headers_for
 from llm_quota.redis_ledger import Decision
-from llm_quota.stream_relay import relay
+from llm_quota.stream_relay import Relay
 from tests import factories
 
 MSGS = [{"role": "user", "content": "Tell me a long story about quotas."}]
@@ -104,10 +104,11 @@ def test_closing_the_relay_mid_stream_charges_what_was_generated(ledger):
     guard = quota_guard(user, model="gpt-4o", messages=MSGS, max_tokens=60).admit()
     body = {"model": "gpt-4o", "messages": MSGS, "max_tokens": 60, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
-    events = relay(FakeProvider().stream(body), guard, include_usage=False)
+    relay = Relay(FakeProvider().stream(body), guard, include_usage=False)
+    events = iter(relay)
     received = [next(events) for _ in range(6)]  # role chunk + 5 words
     assert ledger.usage(user.pk).reserved == guard.reservation.reserved
-    events.close()  # what the server does when the client disconnects
+    relay.close()  # what the server does when the client disconnects
     text = "".join(
         json.loads(e[6:])["choices"][0]["delta"].get("content", "")
         for e in received
@@ -125,3 +126,16 @@ def test_checks_warn_without_the_middleware_and_refuse_a_bad_upstream_url(settin
     settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if not m.startswith("llm_quota")]
     settings.LLM_QUOTA = {**settings.LLM_QUOTA, "OPENAI_BASE_URL": "ftp://example.com"}
     assert {error.id for error in check_gateway()} == {"llm_quota.W003", "llm_quota.E011"}
+
+
+@pytest.mark.django_db
+def test_a_stream_closed_before_its_first_byte_still_ends_its_reservation(ledger):
+    factories.price("gpt-4o", "1", "4")
+    factories.tier("free", is_default=True)
+    user = factories.user()
+    guard = quota_guard(user, model="gpt-4o", messages=MSGS, max_tokens=60).admit()
+    stream = FakeProvider().stream({"model": "gpt-4o", "messages": MSGS, "max_tokens": 60})
+    Relay(stream, guard, include_usage=False).close()
+    used = ledger.usage(user.pk)
+    assert used.reserved == 0 and used.in_flight == 0
+    assert used.by_model[0].output_tokens == 0  # nothing was read, nothing is charged for it

@@ -10,12 +10,14 @@ from tests.gateway_support import Gateway
 
 
 @pytest.fixture
-def gateway(live_server, quota_prefix) -> Gateway:
+def gateway(live_server, quota_prefix):
     """The live server's ``/v1``; prices for the fake provider's and the upstream's models."""
     factories.price("gpt-4o", "1", "4", default_max_output_tokens=200)
     factories.price("gpt-4o-mini", "0.06", "0.24", default_max_output_tokens=200)
     factories.price("up-*", "1", "2", default_max_output_tokens=100)
-    return Gateway(live_server.url + "/v1")
+    gateway = Gateway(live_server.url + "/v1")
+    yield gateway
+    gateway.close()
 
 
 @pytest.fixture

@@ -261,3 +261,27 @@ def test_n_choices_reserve_and_cap_each_choice(gateway):
     assert len(reply.choices) == 3
     assert reply.usage.completion_tokens <= 3 * 8
     assert gateway.model_usage(user, "gpt-4o").output_tokens == reply.usage.completion_tokens
+
+
+def test_redis_down_is_503_with_fail_open_off_and_unmetered_with_it_on(gateway, settings):
+    import redis
+
+    from llm_quota.redis_ledger import Ledger, set_default_ledger
+
+    factories.tier("free", is_default=True)
+    user = factories.user()
+
+    def dead_redis():
+        client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+        set_default_ledger(Ledger(client, prefix="dead"))
+
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "FAIL_OPEN": False}
+    dead_redis()
+    with pytest.raises(openai.InternalServerError) as info:
+        gateway.client(user).chat.completions.create(model="gpt-4o", messages=MSGS)
+    assert info.value.status_code == 503 and info.value.code == "quota_unavailable"
+    assert info.value.response.headers["retry-after"] == "5"
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "FAIL_OPEN": True}
+    dead_redis()
+    reply = gateway.client(user).chat.completions.create(model="gpt-4o", messages=MSGS)
+    assert reply.usage.completion_tokens > 0

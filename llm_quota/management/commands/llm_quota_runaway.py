@@ -154,7 +154,7 @@ class Command(BaseCommand):
                     f"x-should-retry: {headers.get('x-should-retry')}."
                 )
             )
-            out(f"  \"{error.get('message')}\"")
+            out(f'  "{error.get("message")}"')
         out(
             f"Spent {spent:,} of a {budget:,} base-token budget ({100 * spent / budget:.1f}%), "
             f"${spent * usd:.4f} of ${budget * usd:.4f}; still reserved: {usage.reserved}."
