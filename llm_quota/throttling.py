@@ -29,7 +29,7 @@ from rest_framework.throttling import BaseThrottle
 
 from llm_quota.chat_request import ChatRequest
 from llm_quota.conf import quota_settings
-from llm_quota.exceptions import InsufficientScope, QuotaExceeded
+from llm_quota.exceptions import BudgetExceeded, InsufficientScope, QuotaExceeded
 from llm_quota.guard import QuotaGuard
 from llm_quota.permissions import granted_scopes
 from llm_quota.ratelimit_headers import headers_for
@@ -71,6 +71,9 @@ class LLMQuotaThrottle(BaseThrottle):
             guard.admit()
         except QuotaExceeded as exc:
             view.headers.update(headers_for(exc.decision))
+            if isinstance(exc, BudgetExceeded):
+                # The OpenAI SDKs (and polite clients) read this: waiting won't help.
+                view.headers["x-should-retry"] = "false"
             raise
         setattr(getattr(request, "_request", request), REQUEST_ATTRIBUTE, guard)
         view.headers.update(headers_for(guard.decision, max_tokens=guard.max_tokens))

@@ -69,6 +69,11 @@ def test_throttle_refusal_is_429_with_retry_after_and_headers(user, ledger):
     assert refused["Retry-After"] == "60"
     assert refused["x-ratelimit-remaining-requests"] == "0"
     assert refused.json()["detail"].startswith("Limit 'requests_per_minute' reached")
+    assert "x-should-retry" not in refused
+    broke = factories.user(factories.tier("broke", tokens_per_month=10))
+    refused = post("/drf/settle", broke)
+    assert refused.status_code == 429 and refused["x-should-retry"] == "false"
+    assert "tokens_per_month" in refused.json()["detail"]
 
 
 def test_anonymous_and_out_of_scope_callers_never_reach_redis(user, ledger, redis_client):
