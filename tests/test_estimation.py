@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from llm_quota import estimation
-from llm_quota.estimation import byte_bound, count_messages, count_text, load_encoding
+from llm_quota.estimation import (
+    byte_bound,
+    count_messages,
+    count_text,
+    load_encoding,
+    prompt_bounds,
+)
 
 
 def test_counts_chat_messages_with_openai_overhead():
@@ -52,3 +58,36 @@ def test_byte_count_is_an_upper_bound_when_no_encoding_loads():
     text = "naïve café — 漢字 🦄 " * 50
     assert count_text(text, None) == byte_bound(text)
     assert count_text(text, load_encoding("cl100k_base")) <= byte_bound(text)
+
+
+def test_bounds_bracket_the_exact_count_for_any_text():
+    samples = [
+        [{"role": "user", "content": "hello " * 5000}],
+        [
+            {"role": "system", "content": "漢字かな交じり文 " * 3000},
+            {"role": "user", "content": "🦄" * 500},
+        ],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "x" * 40_000},
+                    {"type": "image_url", "image_url": {"url": "u"}},
+                ],
+            }
+        ],
+        "a plain string prompt",
+    ]
+    for messages in samples:
+        lower, upper = prompt_bounds(messages)
+        for model in ("gpt-4o", "gpt-4"):
+            exact = count_messages(messages, model)
+            assert lower <= exact <= upper, (model, lower, exact, upper)
+
+
+def test_chunked_counting_is_exact_and_stops_early():
+    text = "The quick brown fox jumps over the lazy dog. " * 20_000  # ~900 KB
+    enc = load_encoding("cl100k_base")
+    assert count_text(text, enc) == len(enc.encode(text))
+    partial = count_messages([{"role": "user", "content": text}], "gpt-4", stop_above=1000)
+    assert 1000 < partial < 100_000

@@ -1,0 +1,47 @@
+"""``python -m tests.benchmarks [section ...]``: run the benchmark table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+
+def main(argv: list[str]) -> int:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django_redis import get_redis_connection
+
+    from tests.benchmarks import burst, estimation_cost, gate_cost, memory, throughput
+    from tests.benchmarks.measure import Table
+
+    sections = {
+        "cost": gate_cost.run,
+        "burst": burst.run,
+        "throughput": throughput.run,
+        "estimation": estimation_cost.run,
+        "memory": memory.run,
+    }
+    chosen = argv or list(sections)
+    info = get_redis_connection("default").info("server")
+    print(f"django-llm-quota benchmarks, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, Redis {info['redis_version']} at "
+        f"{settings.REDIS_URL.split('@')[-1]}"
+    )
+    table = Table()
+    started = time.perf_counter()
+    for name in chosen:
+        print(f"\n[{name}]", flush=True)
+        sections[name](table)
+    print(f"\n{table.markdown()}\n\nfinished in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
