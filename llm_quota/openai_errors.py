@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 
@@ -91,6 +92,13 @@ def _quota_exceeded(exc: QuotaExceeded) -> JsonResponse:
 
 def response_for_exception(exc: BaseException) -> JsonResponse | None:
     """The OpenAI-shaped response for an API exception, or None for a real bug."""
+    if isinstance(exc, RequestDataTooBig):
+        return error_response(
+            status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            "The request body is larger than this server accepts (DATA_UPLOAD_MAX_MEMORY_SIZE).",
+            type="invalid_request_error",
+            code="request_too_large",
+        )
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):

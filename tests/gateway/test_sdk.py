@@ -285,3 +285,15 @@ def test_redis_down_is_503_with_fail_open_off_and_unmetered_with_it_on(gateway, 
     dead_redis()
     reply = gateway.client(user).chat.completions.create(model="gpt-4o", messages=MSGS)
     assert reply.usage.completion_tokens > 0
+
+
+def test_a_body_over_the_upload_limit_is_413_in_openai_shape(gateway, settings):
+    factories.tier("free", is_default=True)
+    user = factories.user()
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1_000
+    with pytest.raises(openai.APIStatusError) as info:
+        gateway.client(user).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "x" * 5_000}]
+        )
+    assert info.value.status_code == 413 and info.value.code == "request_too_large"
+    assert gateway.usage(user).reserved == 0
