@@ -265,6 +265,8 @@ def test_n_choices_reserve_and_cap_each_choice(gateway):
 
 def test_redis_down_is_503_with_fail_open_off_and_unmetered_with_it_on(gateway, settings):
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     from llm_quota.redis_ledger import Ledger, set_default_ledger
 
@@ -272,7 +274,8 @@ def test_redis_down_is_503_with_fail_open_off_and_unmetered_with_it_on(gateway, 
     user = factories.user()
 
     def dead_redis():
-        client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+        client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2,
+                             retry=Retry(NoBackoff(), 0))  # fmt: skip
         set_default_ledger(Ledger(client, prefix="dead"))
 
     settings.LLM_QUOTA = {**settings.LLM_QUOTA, "FAIL_OPEN": False}
