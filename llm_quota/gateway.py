@@ -52,15 +52,16 @@ class IgnoreAccept(BaseContentNegotiation):
 def upstream_error_response(exc: UpstreamError) -> JsonResponse:
     """The upstream's status and its own OpenAI-shaped error where it sent one."""
     error = dict(exc.error or {})
-    message = str(error.pop("message", None) or exc.message)
-    kind = str(
-        error.pop("type", None) or ("server_error" if exc.status >= 500 else "upstream_error")
+    error["message"] = str(error.get("message") or exc.message)
+    error["type"] = str(
+        error.get("type") or ("server_error" if exc.status >= 500 else "upstream_error")
     )
-    code = error.pop("code", None) or exc.code
-    param = error.pop("param", None)
-    return error_response(
-        exc.status, message, type=kind, code=code, param=param, headers=exc.headers, **error
-    )
+    error["code"] = error.get("code") or exc.code
+    error.setdefault("param", None)
+    response = JsonResponse({"error": error}, status=exc.status)
+    for name, value in exc.headers.items():
+        response[name] = value
+    return response
 
 
 class OpenAIView(APIView):

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponseBase
 from django.utils.deprecation import MiddlewareMixin
 from rest_framework.authentication import SessionAuthentication
@@ -154,7 +155,7 @@ class LLMQuotaMiddleware(MiddlewareMixin):
             return None
         try:
             guard = self.admit(request, view_func)
-        except APIException as exc:
+        except (APIException, RequestDataTooBig) as exc:
             return response_for_exception(exc)
         setattr(request, REQUEST_ATTRIBUTE, guard)
         return None
