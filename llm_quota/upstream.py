@@ -59,6 +59,8 @@ class UpstreamError(Exception):
         except ValueError:
             pass
         passed = {name: headers[name] for name in PASSED_HEADERS if name in headers}
+        if status in (429, 503) and "retry-after" not in passed:
+            passed["retry-after"] = "1"  # every 429 and 503 says when to come back
         if status in GATEWAY_FAULTS:
             return cls(
                 502,
