@@ -6,6 +6,7 @@ The model name picks the behaviour, so one server serves every case:
   ``max_tokens`` it was sent, with a ``usage`` block (prompt tokens: ``PROMPT``);
 - ``up-slow``: the same after ``LATENCY`` seconds (and ``LATENCY`` between stream chunks);
 - ``up-500``: HTTP 500 with an OpenAI error body;
+- ``up-429``: HTTP 429 (the upstream's own rate limit) with ``Retry-After: 2``;
 - ``up-no-usage``: no ``usage`` block, in completions and in streams;
 - ``up-ignores-cap``: ``EXTRA`` more tokens than the ``max_tokens`` it was sent;
 - ``up-drop``: streams ``DROP_AFTER`` chunks, then resets the connection;
@@ -54,6 +55,11 @@ class Handler(BaseHTTPRequestHandler):
             self._json(500, {"error": {"message": "upstream exploded", "type": "server_error",
                                        "code": None, "param": None}})  # fmt: skip
             return
+        if model == "up-429":
+            self._json(429, {"error": {"message": "upstream rate limit", "type": "requests",
+                                       "code": "rate_limit_exceeded", "param": None}},
+                       headers={"Retry-After": "2"})  # fmt: skip
+            return
         if model == "up-slow":
             time.sleep(LATENCY)
         cap = body.get("max_completion_tokens") or body.get("max_tokens") or WORDS
@@ -74,9 +80,11 @@ class Handler(BaseHTTPRequestHandler):
             reply["usage"] = usage(count)
         self._json(200, reply)
 
-    def _json(self, status: int, data: Any) -> None:
+    def _json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
         payload = json.dumps(data).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()

@@ -99,6 +99,14 @@ def test_upstream_500_releases_and_is_returned_in_openai_shape(gateway, upstream
     assert_nothing_charged(gateway, user)
 
 
+def test_upstream_rate_limit_is_passed_on_with_its_retry_after(gateway, upstream, user):
+    with pytest.raises(openai.RateLimitError) as info:
+        gateway.client(user).chat.completions.create(model="up-429", messages=MSGS)
+    assert info.value.response.headers["retry-after"] == "2"
+    assert info.value.body["message"] == "upstream rate limit"
+    assert_nothing_charged(gateway, user)
+
+
 def test_missing_usage_is_settled_from_the_counted_output(gateway, upstream, user):
     reply = gateway.client(user).chat.completions.create(
         model="up-no-usage", messages=MSGS, max_tokens=15
