@@ -35,6 +35,13 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a process may serve tier and price rows from memory before reading
     # them again; saves in the same process invalidate at once.
     "CONFIG_CACHE_SECONDS": 1.0,
+    # The gateway's upstream (contract section 2): an OpenAI-compatible base URL such
+    # as "https://api.openai.com/v1" and its key. No URL: the built-in fake provider.
+    "OPENAI_BASE_URL": None,
+    "OPENAI_API_KEY": None,
+    # Seconds the gateway waits for the upstream to connect, and between two reads.
+    "UPSTREAM_CONNECT_TIMEOUT": 10.0,
+    "UPSTREAM_READ_TIMEOUT": 600.0,
 }
 
 

@@ -9,6 +9,10 @@ For views, Celery tasks and scripts that call an LLM themselves::
 
 ``quota.max_tokens`` may be lower than asked (``CLAMP_MAX_TOKENS``): send it, so the
 output can never exceed what was reserved. ``async with`` works the same way.
+
+The guard is also the ticket the DRF throttle and the middleware hang on a request
+(``request.llm_quota``): ``admit()`` reserves, and exactly one of ``settle()``,
+``settle_output()``, ``release()`` or ``charge_estimate()`` finishes it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from typing import Any
 from asgiref.sync import sync_to_async
 
 from llm_quota import gate
+from llm_quota.accounting import ActualUsage, Estimate
+from llm_quota.estimation import count_output
+from llm_quota.exceptions import InvalidRequest
 from llm_quota.redis_ledger import Decision, Ledger, Reservation, Settlement
 
 logger = logging.getLogger("llm_quota")
@@ -35,6 +42,7 @@ class QuotaGuard:
         prompt_tokens: int | None = None,
         max_tokens: int | None = None,
         tools: Any = None,
+        choices: int = 1,
         ledger: Ledger | None = None,
     ) -> None:
         self.user = user
@@ -43,6 +51,8 @@ class QuotaGuard:
         self.prompt_tokens = prompt_tokens
         self.requested_max_tokens = max_tokens
         self.tools = tools
+        # ``n`` completions of one prompt: the output cap is reserved once per choice.
+        self.choices = max(1, int(choices))
         self.ledger = ledger
         self.decision: Decision | None = None
         self.settlement: Settlement | None = None
@@ -56,12 +66,25 @@ class QuotaGuard:
 
     @property
     def max_tokens(self) -> int:
-        """The output cap to send upstream: what was reserved, perhaps clamped."""
-        return self.reservation.max_tokens
+        """The output cap to send upstream (per choice): what was reserved, perhaps clamped."""
+        return self.reservation.max_tokens // self.choices
+
+    @property
+    def estimate(self) -> Estimate:
+        estimate = self.reservation.estimate
+        if estimate is None:  # pragma: no cover - reservations are built by reserve()
+            raise RuntimeError("the reservation carries no estimate")
+        return estimate
+
+    @property
+    def finished(self) -> bool:
+        """Settled, released or charged: nothing of it is reserved any more."""
+        return self._finished
 
     # -- sync ----------------------------------------------------------------------
 
-    def __enter__(self) -> QuotaGuard:
+    def admit(self) -> QuotaGuard:
+        """Price the call and reserve it, or raise the refusal (``gate.admit``)."""
         estimate = gate.estimate_request(
             self.model,
             messages=self.messages,
@@ -69,19 +92,53 @@ class QuotaGuard:
             max_tokens=self.requested_max_tokens,
             tools=self.tools,
         )
+        if self.choices > 1:
+            estimate = Estimate(
+                estimate.price, estimate.prompt_tokens, estimate.max_output_tokens * self.choices
+            )
         self.decision = gate.admit(self.user, estimate, ledger=self.ledger)
+        if self.max_tokens < 1:
+            # Clamped below one token per choice: nothing useful could be sent.
+            self.release()
+            raise InvalidRequest(
+                f"{self.choices} completions do not fit in the remaining quota; ask for fewer.",
+                param="n",
+            )
         return self
+
+    def __enter__(self) -> QuotaGuard:
+        return self.admit()
 
     def settle(self, usage: Any) -> Settlement:
         """Charge what the call really used (an OpenAI ``usage``, dict or ActualUsage)."""
+        if self._finished and self.settlement is not None:
+            return self.settlement
         self.settlement = gate.settle(self.reservation, usage, ledger=self.ledger)
         self._finished = True
         return self.settlement
 
+    def settle_output(self, text: str, *, prompt_tokens: int | None = None) -> Settlement:
+        """Settle a call whose upstream reported no usage: count the text it generated.
+
+        The prompt is charged as counted for the estimate (the same encoding), the
+        output as ``estimation.count_output`` counts ``text``.
+        """
+        estimate = self.estimate
+        output = count_output(text, self.model, encoding_name=estimate.price.encoding)
+        prompt = estimate.prompt_tokens if prompt_tokens is None else prompt_tokens
+        return self.settle(ActualUsage(prompt, output))
+
     def release(self) -> bool:
         """Give everything back: the call failed before using tokens."""
+        if self._finished:
+            return False
         self._finished = True
         return gate.release(self.reservation, ledger=self.ledger)
+
+    def charge_estimate(self) -> Settlement:
+        """A call ran but reported nothing: charge what was reserved rather than lose it."""
+        logger.warning("LLM call to %s finished without usage; charging the estimate", self.model)
+        return self.settle(ActualUsage(self.estimate.prompt_tokens, self.reservation.max_tokens))
 
     def __exit__(
         self,
@@ -95,14 +152,7 @@ class QuotaGuard:
             self.release()
             return
         # No usage reported: charge the estimate rather than lose a call that ran.
-        logger.warning(
-            "quota_guard for %s left without settle(); charging the estimate", self.model
-        )
-        estimate = self.reservation.estimate
-        self.settle(
-            {"prompt_tokens": estimate.prompt_tokens if estimate else 0,
-             "completion_tokens": self.max_tokens}
-        )  # fmt: skip
+        self.charge_estimate()
 
     # -- async ---------------------------------------------------------------------
 

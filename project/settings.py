@@ -116,3 +116,12 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "loggers": {"llm_quota": {"handlers": ["console"], "level": "INFO"}},
 }
+
+# -- the OpenAI-compatible gateway ---------------------------------------------------
+# The middleware gates plain views and finishes reservations the DRF throttle admitted.
+MIDDLEWARE += ["llm_quota.middleware.LLMQuotaMiddleware"]
+# Unset: the built-in fake provider (offline, deterministic).
+LLM_QUOTA.update(
+    OPENAI_BASE_URL=os.environ.get("OPENAI_BASE_URL") or None,
+    OPENAI_API_KEY=os.environ.get("OPENAI_API_KEY") or None,
+)
