@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import lru_cache
+import threading
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -53,9 +53,29 @@ class _Budget:
         return self.stop_above is not None and self.total > self.stop_above
 
 
-@lru_cache(maxsize=32)
+_load_lock = threading.Lock()
+
+
 def load_encoding(name: str) -> Any | None:
-    """The tiktoken encoding ``name``, its offline stand-in, or None (count bytes)."""
+    """The tiktoken encoding ``name``, its offline stand-in, or None (count bytes).
+
+    Loading may try a download; the lock makes concurrent first requests wait for one
+    attempt instead of each making its own.
+    """
+    try:
+        return _loaded[name]
+    except KeyError:
+        pass
+    with _load_lock:
+        if name not in _loaded:
+            _loaded[name] = _load(name)
+    return _loaded[name]
+
+
+_loaded: dict[str, Any | None] = {}
+
+
+def _load(name: str) -> Any | None:
     try:
         import tiktoken
     except ImportError:  # pragma: no cover - tiktoken is a hard dependency
