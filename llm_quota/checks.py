@@ -131,7 +131,7 @@ def _check_cluster_url(url: str) -> list[Any]:
         Error(
             f"LLM_QUOTA['REDIS_CLUSTER_URL'] {url[:80]!r} is not a cluster URL.",
             hint="Use redis+cluster://host:port[,host:port...] (rediss+cluster:// for TLS).",
-            id="llm_quota.E011",
+            id="llm_quota.E014",
         )
     ]
 
@@ -161,3 +161,57 @@ def check_tiers(app_configs: Any = None, databases: Any = None, **kwargs: Any) -
             )
         ]
     return []
+
+
+@register(Tags.compatibility)
+def check_gateway(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """The middleware that ends throttled reservations, and a reachable upstream setting."""
+    from django.utils.module_loading import import_string
+
+    from llm_quota.middleware import LLMQuotaMiddleware
+
+    errors: list[Any] = []
+    installed = False
+    for dotted in getattr(settings, "MIDDLEWARE", None) or []:
+        try:
+            installed = installed or issubclass(import_string(dotted), LLMQuotaMiddleware)
+        except (ImportError, TypeError):
+            continue
+    if not installed:
+        errors.append(
+            Warning(
+                "llm_quota.middleware.LLMQuotaMiddleware is not in MIDDLEWARE: reservations "
+                "made by LLMQuotaThrottle in views that do not settle them stay reserved "
+                "until RESERVATION_TTL, and @quota_gated views are not gated.",
+                hint="Add 'llm_quota.middleware.LLMQuotaMiddleware' to MIDDLEWARE.",
+                id="llm_quota.W003",
+            )
+        )
+    base_url = quota_settings.OPENAI_BASE_URL
+    if base_url:
+        if not str(base_url).startswith(("http://", "https://")):
+            errors.append(
+                Error(
+                    f"LLM_QUOTA['OPENAI_BASE_URL'] {base_url!r} is not an http(s) URL.",
+                    hint="For example https://api.openai.com/v1",
+                    id="llm_quota.E011",
+                )
+            )
+        try:
+            import httpx  # noqa: F401
+        except ImportError:
+            errors.append(
+                Error(
+                    "LLM_QUOTA['OPENAI_BASE_URL'] is set but httpx is not installed.",
+                    hint='pip install "django-llm-quota[gateway]"',
+                    id="llm_quota.E012",
+                )
+            )
+    for name in ("UPSTREAM_CONNECT_TIMEOUT", "UPSTREAM_READ_TIMEOUT"):
+        value = getattr(quota_settings, name)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            errors.append(
+                Error(f"LLM_QUOTA[{name!r}] must be a positive number of seconds.",
+                      id="llm_quota.E013")
+            )  # fmt: skip
+    return errors

@@ -40,6 +40,13 @@ DEFAULTS: dict[str, Any] = {
     # redis-py's RedisCluster instead of the REDIS_CACHE_ALIAS client (django-redis
     # has no cluster client).
     "REDIS_CLUSTER_URL": None,
+    # The gateway's upstream (contract section 2): an OpenAI-compatible base URL such
+    # as "https://api.openai.com/v1" and its key. No URL: the built-in fake provider.
+    "OPENAI_BASE_URL": None,
+    "OPENAI_API_KEY": None,
+    # Seconds the gateway waits for the upstream to connect, and between two reads.
+    "UPSTREAM_CONNECT_TIMEOUT": 10.0,
+    "UPSTREAM_READ_TIMEOUT": 600.0,
 }
 
 

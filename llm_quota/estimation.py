@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import lru_cache
+import threading
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -53,24 +53,33 @@ class _Budget:
         return self.stop_above is not None and self.total > self.stop_above
 
 
-#: Encodings loaded in this process: counting with them needs no file or network.
-_loaded: set[str] = set()
-
 #: Async callers count prompts up to this many characters on the event loop
 #: (tiktoken: well under a millisecond); longer ones in a thread.
 INLINE_COUNT_CHARS = 16_000
 
+_load_lock = threading.Lock()
 
-@lru_cache(maxsize=32)
+
 def load_encoding(name: str) -> Any | None:
-    """The tiktoken encoding ``name``, its offline stand-in, or None (count bytes)."""
+    """The tiktoken encoding ``name``, its offline stand-in, or None (count bytes).
+
+    Loading may try a download; the lock makes concurrent first requests wait for one
+    attempt instead of each making its own.
+    """
     try:
-        return _load_encoding(name)
-    finally:
-        _loaded.add(name)
+        return _loaded[name]
+    except KeyError:
+        pass
+    with _load_lock:
+        if name not in _loaded:
+            _loaded[name] = _load(name)
+    return _loaded[name]
 
 
-def _load_encoding(name: str) -> Any | None:
+_loaded: dict[str, Any | None] = {}
+
+
+def _load(name: str) -> Any | None:
     try:
         import tiktoken
     except ImportError:  # pragma: no cover - tiktoken is a hard dependency

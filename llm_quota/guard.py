@@ -9,9 +9,13 @@ For views, Celery tasks and scripts that call an LLM themselves::
 
 ``quota.max_tokens`` may be lower than asked (``CLAMP_MAX_TOKENS``): send it, so the
 output can never exceed what was reserved. ``async with`` works the same way
-(``await quota.asettle(usage)``), on the ``AsyncLedger``: no thread is held while
-Redis answers, and the ORM is read in a thread only when the tier or price is not
-cached.
+(``await quota.asettle(usage)``, ``arelease()``, ``asettle_output()``,
+``acharge_estimate()``), on the ``AsyncLedger``: no thread is held while Redis
+answers, and the ORM is read in a thread only when the tier or price is not cached.
+
+The guard is also the ticket the DRF throttle and the middleware hang on a request
+(``request.llm_quota``): ``admit()`` reserves, and exactly one of ``settle()``,
+``settle_output()``, ``release()`` or ``charge_estimate()`` finishes it.
 """
 
 from __future__ import annotations
@@ -20,8 +24,13 @@ import logging
 from types import TracebackType
 from typing import Any
 
+from asgiref.sync import sync_to_async
+
 from llm_quota import gate
+from llm_quota.accounting import ActualUsage, Estimate
 from llm_quota.async_ledger import AsyncLedger, twin_of
+from llm_quota.estimation import count_output, counts_quickly
+from llm_quota.exceptions import InvalidRequest
 from llm_quota.redis_ledger import Decision, Ledger, Reservation, Settlement
 
 logger = logging.getLogger("llm_quota")
@@ -37,6 +46,7 @@ class QuotaGuard:
         prompt_tokens: int | None = None,
         max_tokens: int | None = None,
         tools: Any = None,
+        choices: int = 1,
         ledger: Ledger | None = None,
         aledger: AsyncLedger | None = None,
     ) -> None:
@@ -46,6 +56,8 @@ class QuotaGuard:
         self.prompt_tokens = prompt_tokens
         self.requested_max_tokens = max_tokens
         self.tools = tools
+        # ``n`` completions of one prompt: the output cap is reserved once per choice.
+        self.choices = max(1, int(choices))
         self.ledger = ledger
         # Given a sync ledger only, ``async with`` uses its twin (same Redis and clock).
         self.aledger = aledger
@@ -61,32 +73,96 @@ class QuotaGuard:
 
     @property
     def max_tokens(self) -> int:
-        """The output cap to send upstream: what was reserved, perhaps clamped."""
-        return self.reservation.max_tokens
+        """The output cap to send upstream (per choice): what was reserved, perhaps clamped."""
+        return self.reservation.max_tokens // self.choices
+
+    @property
+    def estimate(self) -> Estimate:
+        estimate = self.reservation.estimate
+        if estimate is None:  # pragma: no cover - reservations are built by reserve()
+            raise RuntimeError("the reservation carries no estimate")
+        return estimate
+
+    @property
+    def finished(self) -> bool:
+        """Settled, released or charged: nothing of it is reserved any more."""
+        return self._finished
 
     # -- sync ----------------------------------------------------------------------
 
-    def __enter__(self) -> QuotaGuard:
-        estimate = gate.estimate_request(
-            self.model,
-            messages=self.messages,
-            prompt_tokens=self.prompt_tokens,
-            max_tokens=self.requested_max_tokens,
-            tools=self.tools,
+    def _estimate_args(self) -> dict[str, Any]:
+        return {
+            "messages": self.messages,
+            "prompt_tokens": self.prompt_tokens,
+            "max_tokens": self.requested_max_tokens,
+            "tools": self.tools,
+        }
+
+    def _per_choice(self, estimate: Estimate) -> Estimate:
+        """``n`` completions: the output cap is reserved once per choice."""
+        if self.choices == 1:
+            return estimate
+        return Estimate(
+            estimate.price, estimate.prompt_tokens, estimate.max_output_tokens * self.choices
         )
-        self.decision = gate.admit(self.user, estimate, ledger=self.ledger)
+
+    def _too_many_choices(self) -> InvalidRequest | None:
+        """Clamped below one token per choice: nothing useful could be sent."""
+        if self.max_tokens >= 1:
+            return None
+        return InvalidRequest(
+            f"{self.choices} completions do not fit in the remaining quota; ask for fewer.",
+            param="n",
+        )
+
+    def admit(self) -> QuotaGuard:
+        """Price the call and reserve it, or raise the refusal (``gate.admit``)."""
+        estimate = gate.estimate_request(self.model, **self._estimate_args())
+        self.decision = gate.admit(self.user, self._per_choice(estimate), ledger=self.ledger)
+        refusal = self._too_many_choices()
+        if refusal is not None:
+            self.release()
+            raise refusal
         return self
+
+    def __enter__(self) -> QuotaGuard:
+        return self.admit()
 
     def settle(self, usage: Any) -> Settlement:
         """Charge what the call really used (an OpenAI ``usage``, dict or ActualUsage)."""
+        if self._finished and self.settlement is not None:
+            return self.settlement
         self.settlement = gate.settle(self.reservation, usage, ledger=self.ledger)
         self._finished = True
         return self.settlement
 
+    def settle_output(self, text: str, *, prompt_tokens: int | None = None) -> Settlement:
+        """Settle a call whose upstream reported no usage: count the text it generated.
+
+        The prompt is charged as counted for the estimate (the same encoding), the
+        output as ``estimation.count_output`` counts ``text``.
+        """
+        output = count_output(text, self.model, encoding_name=self.estimate.price.encoding)
+        return self.settle(self._counted_usage(output, prompt_tokens))
+
+    def _counted_usage(self, output: int, prompt_tokens: int | None) -> ActualUsage:
+        prompt = self.estimate.prompt_tokens if prompt_tokens is None else prompt_tokens
+        return ActualUsage(prompt, output)
+
     def release(self) -> bool:
         """Give everything back: the call failed before using tokens."""
+        if self._finished:
+            return False
         self._finished = True
         return gate.release(self.reservation, ledger=self.ledger)
+
+    def charge_estimate(self) -> Settlement:
+        """A call ran but reported nothing: charge what was reserved rather than lose it."""
+        return self.settle(self._estimate_as_usage())
+
+    def _estimate_as_usage(self) -> ActualUsage:
+        logger.warning("LLM call to %s finished without usage; charging the estimate", self.model)
+        return ActualUsage(self.estimate.prompt_tokens, self.reservation.max_tokens)
 
     def __exit__(
         self,
@@ -99,18 +175,8 @@ class QuotaGuard:
         if exc_type is not None:
             self.release()
             return
-        self.settle(self._estimate_as_usage())
-
-    def _estimate_as_usage(self) -> dict[str, int]:
-        """No usage reported: charge the estimate rather than lose a call that ran."""
-        logger.warning(
-            "quota_guard for %s left without settle(); charging the estimate", self.model
-        )
-        estimate = self.reservation.estimate
-        return {
-            "prompt_tokens": estimate.prompt_tokens if estimate else 0,
-            "completion_tokens": self.max_tokens,
-        }
+        # No usage reported: charge the estimate rather than lose a call that ran.
+        self.charge_estimate()
 
     # -- async ---------------------------------------------------------------------
 
@@ -119,25 +185,47 @@ class QuotaGuard:
             self.aledger = twin_of(self.ledger)
         return self.aledger
 
-    async def __aenter__(self) -> QuotaGuard:
-        estimate = await gate.aestimate_request(
-            self.model,
-            messages=self.messages,
-            prompt_tokens=self.prompt_tokens,
-            max_tokens=self.requested_max_tokens,
-            tools=self.tools,
+    async def aadmit(self) -> QuotaGuard:
+        """``admit`` for async code (``gate.aestimate_request`` and ``gate.aadmit``)."""
+        estimate = await gate.aestimate_request(self.model, **self._estimate_args())
+        self.decision = await gate.aadmit(
+            self.user, self._per_choice(estimate), ledger=self._async_ledger()
         )
-        self.decision = await gate.aadmit(self.user, estimate, ledger=self._async_ledger())
+        refusal = self._too_many_choices()
+        if refusal is not None:
+            await self.arelease()
+            raise refusal
         return self
 
+    async def __aenter__(self) -> QuotaGuard:
+        return await self.aadmit()
+
     async def asettle(self, usage: Any) -> Settlement:
+        if self._finished and self.settlement is not None:
+            return self.settlement
         self.settlement = await gate.asettle(self.reservation, usage, ledger=self._async_ledger())
         self._finished = True
         return self.settlement
 
+    async def asettle_output(self, text: str, *, prompt_tokens: int | None = None) -> Settlement:
+        """``settle_output`` for async code: a long text is counted in a thread."""
+        encoding = self.estimate.price.encoding
+        if counts_quickly(text, self.model, encoding_name=encoding):
+            output = count_output(text, self.model, encoding_name=encoding)
+        else:
+            output = await sync_to_async(count_output, thread_sensitive=False)(
+                text, self.model, encoding_name=encoding
+            )
+        return await self.asettle(self._counted_usage(output, prompt_tokens))
+
     async def arelease(self) -> bool:
+        if self._finished:
+            return False
         self._finished = True
         return await gate.arelease(self.reservation, ledger=self._async_ledger())
+
+    async def acharge_estimate(self) -> Settlement:
+        return await self.asettle(self._estimate_as_usage())
 
     async def __aexit__(
         self,
@@ -150,7 +238,7 @@ class QuotaGuard:
         if exc_type is not None:
             await self.arelease()
             return
-        await self.asettle(self._estimate_as_usage())
+        await self.acharge_estimate()
 
 
 def quota_guard(user: Any, *, model: str, **kwargs: Any) -> QuotaGuard:

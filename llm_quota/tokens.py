@@ -35,9 +35,7 @@ class ScopedTokenRefreshSerializer(TokenRefreshSerializer):
         data = super().validate(attrs)
         refresh = RefreshToken(attrs["refresh"], verify=False)
         user_id = refresh.payload.get(jwt_settings.USER_ID_CLAIM)
-        user = get_user_model().objects.filter(
-            **{jwt_settings.USER_ID_FIELD: user_id}
-        ).first()
+        user = get_user_model().objects.filter(**{jwt_settings.USER_ID_FIELD: user_id}).first()
         access = refresh.access_token
         access[quota_settings.SCOPE_CLAIM] = scope_claim(user) if user is not None else ""
         data["access"] = str(access)

@@ -117,6 +117,15 @@ LOGGING = {
     "loggers": {"llm_quota": {"handlers": ["console"], "level": "INFO"}},
 }
 
+# -- the OpenAI-compatible gateway ---------------------------------------------------
+# The middleware gates plain views and finishes reservations the DRF throttle admitted.
+MIDDLEWARE += ["llm_quota.middleware.LLMQuotaMiddleware"]
+# Unset: the built-in fake provider (offline, deterministic).
+LLM_QUOTA.update(
+    OPENAI_BASE_URL=os.environ.get("OPENAI_BASE_URL") or None,
+    OPENAI_API_KEY=os.environ.get("OPENAI_API_KEY") or None,
+)
+
 # Redis Cluster (REDIS_URL=redis+cluster://host:port[,host:port...]): django-redis has no
 # cluster client, so the quota ledger builds redis-py's RedisCluster itself, and
 # Django's own cache stays in process memory. Set CELERY_BROKER_URL to a plain Redis or

@@ -289,4 +289,4 @@ def test_malformed_cluster_url_is_a_system_check_error(settings):
 
     for bad in ("redis+cluster://", "http://127.0.0.1:7000", "redis+cluster://host"):
         settings.LLM_QUOTA = {**settings.LLM_QUOTA, "REDIS_CLUSTER_URL": bad}
-        assert "llm_quota.E011" in {e.id for e in check_settings()}, bad
+        assert "llm_quota.E014" in {e.id for e in check_settings()}, bad

@@ -1,25 +1,23 @@
-"""Seed the demo: two tiers, a few model prices and a superuser, idempotently."""
-
-from decimal import Decimal
+"""Seed the demo, idempotently: tiers, model prices, a superuser and two demo users."""
 
 from django.contrib.auth import get_user_model
+from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
-from llm_quota.models import ModelPrice, Tier
+from llm_quota.models import Tier, UserQuota
 
-# Multipliers: base tokens per token, with 1 base token = $2.50 per million
-# (gpt-4o input). Derived from public per-million prices in USD.
-PRICES = [
-    ("gpt-4o", "1", "4", "0.5", "o200k_base", 4096, 128000),
-    ("gpt-4o-mini", "0.06", "0.24", "0.03", "o200k_base", 4096, 128000),
-    ("gpt-4.1", "0.8", "3.2", "0.2", "o200k_base", 4096, 1047576),
-    ("claude-sonnet-4-5", "1.2", "6", "0.12", "", 4096, 200000),
-    ("*", "1", "4", None, "", 1024, None),
-]
+#: The free tier may use the cheap models only; pro may use every priced model.
+FREE_MODELS = "gpt-4o-mini\ngpt-4.1-mini\ngpt-4.1-nano\ngpt-5-mini\ngpt-5-nano\nclaude-haiku-4-5*"
+
+#: username, password, tier. Passwords are for the demo on 127.0.0.1 only.
+USERS = [("alice", "alice", "free"), ("bob", "bob", "pro")]
 
 
 class Command(BaseCommand):
-    help = "Create the demo tiers (free, pro), model prices and the admin/admin superuser."
+    help = (
+        "Create the demo tiers (free, pro), load the bundled OpenAI/Anthropic prices, "
+        "and the users admin/admin (superuser), alice/alice (free) and bob/bob (pro)."
+    )
 
     def handle(self, *args, **options):
         pro, _ = Tier.objects.update_or_create(
@@ -34,7 +32,7 @@ class Command(BaseCommand):
                 is_default=False,
             ),
         )
-        Tier.objects.update_or_create(
+        free, _ = Tier.objects.update_or_create(
             name="free",
             defaults=dict(
                 requests_per_minute=10,
@@ -43,30 +41,25 @@ class Command(BaseCommand):
                 tokens_per_month=500_000,
                 max_concurrent_requests=2,
                 max_tokens_per_request=8_000,
-                allowed_models="gpt-4o-mini\ngpt-4o",
+                allowed_models=FREE_MODELS,
                 upgrade_to=pro,
                 upgrade_url="http://127.0.0.1:8000/upgrade/",
                 is_default=True,
             ),
         )
-        for model, inp, out, cached, encoding, max_out, window in PRICES:
-            ModelPrice.objects.update_or_create(
-                model=model,
-                defaults=dict(
-                    input_multiplier=Decimal(inp),
-                    output_multiplier=Decimal(out),
-                    cached_input_multiplier=Decimal(cached) if cached else None,
-                    encoding=encoding,
-                    default_max_output_tokens=max_out,
-                    context_window=window,
-                ),
-            )
+        call_command("llm_quota_load_prices", bundled=True, stdout=self.stdout, stderr=self.stderr)
         User = get_user_model()
         if not User.objects.filter(username="admin").exists():
             User.objects.create_superuser("admin", "admin@example.com", "admin")
+        tiers = {"free": free, "pro": pro}
+        for username, password, tier in USERS:
+            user = User.objects.filter(username=username).first()
+            if user is None:
+                user = User.objects.create_user(username, f"{username}@example.com", password)
+            UserQuota.objects.update_or_create(user=user, defaults={"tier": tiers[tier]})
         self.stdout.write(
             self.style.SUCCESS(
-                f"Seeded tiers free (default) and pro, {len(PRICES)} model prices, "
-                "superuser admin/admin."
+                "Seeded tiers free (default) and pro, model prices, superuser admin/admin, "
+                "users alice/alice (free) and bob/bob (pro)."
             )
         )

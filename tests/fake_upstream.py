@@ -1,0 +1,170 @@
+"""The tests' own OpenAI-compatible upstream: a real HTTP server on a free loopback port.
+
+The model name picks the behaviour, so one server serves every case:
+
+- ``up-normal``: a completion of ``WORDS`` words (one token each), cut at the
+  ``max_tokens`` it was sent, with a ``usage`` block (prompt tokens: ``PROMPT``);
+- ``up-slow``: the same after ``LATENCY`` seconds (and ``LATENCY`` between stream chunks);
+- ``up-500``: HTTP 500 with an OpenAI error body;
+- ``up-429``: HTTP 429 (the upstream's own rate limit) with ``Retry-After: 2``;
+- ``up-no-usage``: no ``usage`` block, in completions and in streams;
+- ``up-ignores-cap``: ``EXTRA`` more tokens than the ``max_tokens`` it was sent;
+- ``up-drop``: streams ``DROP_AFTER`` chunks, then resets the connection;
+- ``up-trickle``: streams up to ``WORDS`` chunks ``TRICKLE`` seconds apart (for clients
+  that disconnect), recording how many it managed to send.
+
+Every request body is recorded in ``requests``; streams are sent with chunked transfer
+encoding, as OpenAI does, so a dropped connection is an error and not an early end.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+WORDS = 40
+PROMPT = 11
+EXTRA = 25
+LATENCY = 0.3
+TRICKLE = 0.05
+DROP_AFTER = 3
+
+
+def word(i: int) -> str:
+    return " tok" if i else "tok"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: UpstreamServer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length))
+        self.server.record(body, self.headers.get("Authorization"))
+        model = body.get("model", "")
+        if model == "up-500":
+            self._json(500, {"error": {"message": "upstream exploded", "type": "server_error",
+                                       "code": None, "param": None}})  # fmt: skip
+            return
+        if model == "up-429":
+            self._json(429, {"error": {"message": "upstream rate limit", "type": "requests",
+                                       "code": "rate_limit_exceeded", "param": None}},
+                       headers={"Retry-After": "2"})  # fmt: skip
+            return
+        if model == "up-slow":
+            time.sleep(LATENCY)
+        cap = body.get("max_completion_tokens") or body.get("max_tokens") or WORDS
+        count = min(WORDS, cap) + (EXTRA if model == "up-ignores-cap" else 0)
+        if body.get("stream"):
+            self._stream(body, model, count)
+            return
+        text = "".join(word(i) for i in range(count))
+        reply: dict[str, Any] = {
+            "id": "chatcmpl-up",
+            "object": "chat.completion",
+            "created": 1,
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": "length" if count >= cap else "stop"}],
+        }  # fmt: skip
+        if model != "up-no-usage":
+            reply["usage"] = usage(count)
+        self._json(200, reply)
+
+    def _json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
+        payload = json.dumps(data).encode()
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _chunk(self, data: str) -> None:
+        payload = f"data: {data}\n\n".encode()
+        self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+        self.wfile.flush()
+
+    def _stream(self, body: dict[str, Any], model: str, count: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        base = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1,
+                "model": model}  # fmt: skip
+        sent = 0
+        try:
+            for i in range(count):
+                if model == "up-drop" and i == DROP_AFTER:
+                    # An abortive close (RST): the upstream died mid-answer.
+                    self.connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    self.server.sent[model] = sent
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if model in ("up-slow", "up-trickle") and i:
+                    time.sleep(TRICKLE if model == "up-trickle" else LATENCY / 10)
+                delta = {"content": word(i)}
+                self._chunk(json.dumps({**base, "choices": [{"index": 0, "delta": delta,
+                                                             "finish_reason": None}]}))  # fmt: skip
+                sent += 1
+                self.server.sent[model] = sent
+            include = (body.get("stream_options") or {}).get("include_usage")
+            self._chunk(json.dumps({**base, "choices": [{"index": 0, "delta": {},
+                                                         "finish_reason": "length"}]}))  # fmt: skip
+            if include and model != "up-no-usage":
+                self._chunk(json.dumps({**base, "choices": [], "usage": usage(count)}))
+            self._chunk("[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.server.sent[model] = sent  # the gateway hung up on us
+            self.close_connection = True
+
+
+def usage(completion: int) -> dict[str, int]:
+    return {"prompt_tokens": PROMPT, "completion_tokens": completion,
+            "total_tokens": PROMPT + completion}  # fmt: skip
+
+
+class UpstreamServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.requests: list[dict[str, Any]] = []
+        self.authorizations: list[str | None] = []
+        self.sent: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a connection the gateway (or the test) cut: expected here, not news
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def record(self, body: dict[str, Any], authorization: str | None) -> None:
+        with self._lock:
+            self.requests.append(body)
+            self.authorizations.append(authorization)
+
+    def start(self) -> UpstreamServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()

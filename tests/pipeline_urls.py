@@ -1,0 +1,75 @@
+"""Views for the throttle and middleware tests: a DRF view per way of ending a call."""
+
+from django.http import JsonResponse, StreamingHttpResponse
+from django.urls import path
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.views import APIView
+from rest_framework_simplejwt.authentication import JWTAuthentication
+
+from llm_quota.middleware import quota_gated
+from llm_quota.throttling import LLMQuotaThrottle
+
+USAGE = {"prompt_tokens": 5, "completion_tokens": 3}
+
+
+class Gated(APIView):
+    authentication_classes = [JWTAuthentication]
+    permission_classes = [IsAuthenticated]
+    throttle_classes = [LLMQuotaThrottle]
+    outcome = "settle"
+
+    def post(self, request):
+        if self.outcome == "settle":
+            request.llm_quota.settle(USAGE)
+            return Response({"max_tokens": request.llm_quota.max_tokens})
+        if self.outcome == "usage":
+            return Response({"usage": USAGE})
+        if self.outcome == "nothing":
+            return Response({"ok": True})
+        if self.outcome == "fail":
+            return Response({"error": "upstream down"}, status=502)
+        raise RuntimeError("a bug in the view")
+
+
+class Anonymous(Gated):
+    permission_classes = [AllowAny]
+
+
+@csrf_exempt
+@quota_gated
+def plain(request):
+    return JsonResponse({"usage": USAGE, "max_tokens": request.llm_quota.max_tokens})
+
+
+@csrf_exempt
+@quota_gated
+def plain_stream(request):
+    guard = request.llm_quota
+
+    def tokens():
+        yield b"one "
+        yield b"two"
+        guard.settle_output("one two")
+
+    return StreamingHttpResponse(tokens())
+
+
+@csrf_exempt
+@quota_gated
+def plain_stream_unsettled(request):
+    return StreamingHttpResponse(iter([b"a", b"b"]))
+
+
+urlpatterns = [
+    path("drf/settle", Gated.as_view(outcome="settle")),
+    path("drf/usage", Gated.as_view(outcome="usage")),
+    path("drf/nothing", Gated.as_view(outcome="nothing")),
+    path("drf/fail", Gated.as_view(outcome="fail")),
+    path("drf/raise", Gated.as_view(outcome="raise")),
+    path("drf/anonymous", Anonymous.as_view()),
+    path("plain", plain),
+    path("plain/stream", plain_stream),
+    path("plain/stream-unsettled", plain_stream_unsettled),
+]
