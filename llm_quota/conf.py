@@ -35,6 +35,11 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a process may serve tier and price rows from memory before reading
     # them again; saves in the same process invalidate at once.
     "CONFIG_CACHE_SECONDS": 1.0,
+    # Alerts (soft limit crossed, budget exhausted) are also POSTed here as JSON, by
+    # a Celery task so the request never waits on it; None sends only the signals.
+    "ALERT_WEBHOOK_URL": None,
+    # Seconds the webhook task waits for the receiver before retrying.
+    "ALERT_WEBHOOK_TIMEOUT": 5.0,
 }
 
 

@@ -136,3 +136,15 @@ def private_redis(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def celery_queue():
+    """This run's own Celery queue: the shared broker may carry other people's workers,
+    and they must not take our tasks (nor we theirs). Set before Celery builds its
+    queue table, which it then keeps for the whole process."""
+    from project.celery import app
+
+    name = f"llmq-test-{uuid.uuid4().hex[:10]}"
+    app.conf.task_default_queue = name
+    return name

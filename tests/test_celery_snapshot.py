@@ -1,7 +1,6 @@
 """The snapshot task on real Celery workers, through the real broker (Redis).
 
-Every test uses a queue of its own: the shared Redis may carry other people's
-workers, and they must not take our tasks (nor we theirs).
+Tasks go to this test run's own queue (``celery_queue`` in conftest).
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from datetime import date
 from pathlib import Path
 
@@ -27,16 +25,6 @@ from project.celery import app
 from tests import factories
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def queue():
-    """Route this test's tasks to a queue no other worker listens on."""
-    name = f"llmq-test-{uuid.uuid4().hex[:10]}"
-    previous = app.conf.task_default_queue
-    app.conf.task_default_queue = name
-    yield name
-    app.conf.task_default_queue = previous
 
 
 def settle_some(ledger, users):
@@ -72,7 +60,7 @@ def test_beat_runs_the_snapshot_every_snapshot_interval(settings):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_celery_worker_runs_the_snapshot_and_two_concurrent_runs_equal_one(ledger, queue):
+def test_celery_worker_runs_the_snapshot_and_two_concurrent_runs_equal_one(ledger):
     users = [factories.user() for _ in range(25)]
     settle_some(ledger, users)
     with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
@@ -101,7 +89,7 @@ def _celery(args, env):
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="worker processes need PostgreSQL")
 @pytest.mark.django_db(transaction=True)
 def test_worker_processes_and_beat_snapshot_into_postgresql(
-    redis_client, quota_prefix, queue, tmp_path
+    redis_client, quota_prefix, celery_queue, tmp_path
 ):
     """Two worker processes and a beat, as deployed: runs overlap, rows stay exact."""
     ledger = Ledger(redis_client, prefix=quota_prefix)  # Redis' clock, as the workers use
@@ -113,13 +101,13 @@ def test_worker_processes_and_beat_snapshot_into_postgresql(
         "DATABASE_URL": _postgres_url(),
         "REDIS_URL": settings.REDIS_URL,
         "LLM_QUOTA_KEY_PREFIX": quota_prefix,
-        "CELERY_TASK_DEFAULT_QUEUE": queue,
+        "CELERY_TASK_DEFAULT_QUEUE": celery_queue,
         "LLM_QUOTA_SNAPSHOT_INTERVAL": "1",
     }
     # One task at a time per process, so the second run goes to the other worker.
     common = ["--pool", "solo", "--prefetch-multiplier", "1", "--without-gossip"]
     workers = [
-        _celery(["worker", "-Q", queue, "-n", f"{queue}-{n}@%h", "-l", "warning", *common], env)
+        _celery(["worker", "-n", f"{celery_queue}-{n}@%h", "-l", "warning", *common], env)
         for n in (1, 2)
     ]
     beat = None
@@ -145,3 +133,5 @@ def test_worker_processes_and_beat_snapshot_into_postgresql(
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        with app.connection_for_write() as conn:  # ticks beat sent that no one took
+            conn.default_channel.queue_purge(celery_queue)
