@@ -378,14 +378,13 @@ class Ledger:
     def usage_many(self, user_ids: Iterable[Any]) -> dict[str, UserUsage]:
         """Live counters of many users in one round trip (the admin's change list)."""
         uids = list(dict.fromkeys(keys.user_id(u) for u in user_ids))
-        results = self._usage_round_trip(uids)
-        lost = [uid for uid, r in zip(uids, results, strict=True) if not int(r[12])]
+        results = dict(zip(uids, self._usage_round_trip(uids), strict=True))
+        lost = [uid for uid, r in results.items() if not int(r[12])]
         if lost and self.restore_source is not None:
             for uid in lost:
-                self.restore(uid, _text(results[uids.index(uid)][2]))
-            for uid, r in zip(lost, self._usage_round_trip(lost), strict=True):
-                results[uids.index(uid)] = r
-        return {uid: self._user_usage(r) for uid, r in zip(uids, results, strict=True)}
+                self.restore(uid, _text(results[uid][2]))
+            results.update(zip(lost, self._usage_round_trip(lost), strict=True))
+        return {uid: self._user_usage(r) for uid, r in results.items()}
 
     def _usage_round_trip(self, uids: list[str]) -> list[Any]:
         now_arg, local_now = self._now_arg()

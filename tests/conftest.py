@@ -148,3 +148,9 @@ def celery_queue():
     name = f"llmq-test-{uuid.uuid4().hex[:10]}"
     app.conf.task_default_queue = name
     return name
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    """Tests create many users; PBKDF2's deliberate slowness buys nothing here."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

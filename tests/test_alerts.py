@@ -208,3 +208,15 @@ def test_the_request_never_waits_for_the_broker_nor_fails_with_it(
     alerts.flush_webhooks(timeout=30)
     assert settlement.settled and len(received["soft"]) == 1
     assert "could not queue the alert webhook" in caplog.text
+
+
+def test_alert_settings_are_checked(settings):
+    from llm_quota.checks import check_settings
+
+    settings.LLM_QUOTA = {
+        **settings.LLM_QUOTA, "ALERT_WEBHOOK_URL": "ftp://x", "ALERT_WEBHOOK_TIMEOUT": 0,
+    }  # fmt: skip
+    assert {e.id for e in check_settings()} >= {"llm_quota.E020", "llm_quota.E021"}
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "ALERT_WEBHOOK_URL": "https://hooks.example/x",
+                          "ALERT_WEBHOOK_TIMEOUT": 2.5}  # fmt: skip
+    assert not {e.id for e in check_settings()} & {"llm_quota.E020", "llm_quota.E021"}

@@ -8,6 +8,7 @@ from datetime import UTC, date, datetime
 
 import pytest
 from django.core.management import call_command
+from django.db import connections
 
 from llm_quota.accounting import ActualUsage, Estimate, Limits, Price
 from llm_quota.models import UsageSnapshot
@@ -100,6 +101,8 @@ def test_concurrent_runs_give_the_same_rows_as_one(ledger):
             snapshot_usage(ledger=ledger, batch_size=7)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
+        finally:
+            connections.close_all()  # this thread's own connection
 
     threads = [threading.Thread(target=run) for _ in range(4)]
     for t in threads:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from rest_framework.test import APIClient
 
 from llm_quota import quota_guard
@@ -175,7 +177,8 @@ def test_tiers_are_listed_for_any_signed_in_user(tiers):
 def test_redis_down_is_a_503_not_a_500(tiers, quota_prefix):
     user = factories.user()
     client = client_for(user)
-    set_default_ledger(Ledger(redis.Redis(port=9, socket_connect_timeout=0.2), prefix=quota_prefix))
+    down = redis.Redis(port=9, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    set_default_ledger(Ledger(down, prefix=quota_prefix))
     response = client.get("/api/llm-quota/usage/")
     assert response.status_code == 503 and "detail" in response.json()
 
