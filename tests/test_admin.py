@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import date
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -14,11 +13,9 @@ from django.urls import reverse
 from llm_quota import quota_guard
 from llm_quota.models import ModelPrice, Tier, UsageSnapshot, UserQuota
 from llm_quota.snapshot import snapshot_usage
-from tests import factories
+from tests import factories, periods
 
 pytestmark = pytest.mark.django_db
-
-NOV = date(2026, 11, 1)
 
 
 @pytest.fixture
@@ -196,7 +193,7 @@ def test_snapshots_are_read_only(admin_client, setup, ledger):
     assert listing.status_code == 200 and "Usage charts" in listing.content.decode()
 
 
-def test_csv_export_of_selected_and_of_all_rows(admin_client, setup, ledger):
+def test_csv_export_of_selected_and_of_all_rows(admin_client, setup, ledger, clock):
     alice, bob = factories.user(), factories.user()
     spend(alice, 100, 100)
     spend(bob, 10, 10)
@@ -208,15 +205,15 @@ def test_csv_export_of_selected_and_of_all_rows(admin_client, setup, ledger):
     assert response["Content-Type"] == "text/csv"
     assert rows[0][:4] == ["user_id", "username", "period", "model"]
     assert rows[1][:9] == [
-        str(alice.pk), alice.username, "2026-11-01", "gpt-4o", "1", "100", "100", "500",
-        "0.001250",
+        str(alice.pk), alice.username, str(periods.month_start(clock)), "gpt-4o",
+        "1", "100", "100", "500", "0.001250",
     ]  # fmt: skip
     assert len(rows) == 2
     everything = admin_client.get(reverse("admin:llm_quota_usage_csv") + "?months=12")
     assert len(list(csv.reader(io.StringIO(b"".join(everything.streaming_content).decode())))) == 3
 
 
-def test_usage_page_draws_spend_per_model_and_top_users(admin_client, setup, ledger):
+def test_usage_page_draws_spend_per_model_and_top_users(admin_client, setup, ledger, clock):
     free, _ = setup
     factories.price("gpt-4o-mini", "0.06", "0.24", default_max_output_tokens=100)
     alice, bob = factories.user(free), factories.user()
@@ -224,7 +221,11 @@ def test_usage_page_draws_spend_per_model_and_top_users(admin_client, setup, led
     spend(bob, 1000, 100, model="gpt-4o-mini")
     snapshot_usage(ledger=ledger)
     UsageSnapshot.objects.create(
-        user=alice, period=date(2026, 9, 1), model="gpt-4o", requests=3, base_tokens=700
+        user=alice,
+        period=periods.month_start(clock, back=2),
+        model="gpt-4o",
+        requests=3,
+        base_tokens=700,
     )
 
     page = admin_client.get(reverse("admin:llm_quota_usage_report"))
@@ -232,7 +233,8 @@ def test_usage_page_draws_spend_per_model_and_top_users(admin_client, setup, led
     text = page.content.decode()
     assert page.status_code == 200
     assert text.count('<svg class="llmq-chart"') == 3
-    assert "Sep 2026 · gpt-4o" in text and "Nov 2026 · gpt-4o-mini" in text  # bar tooltips
+    earlier, now = periods.month_start(clock, back=2), periods.month_start(clock)
+    assert f"{earlier:%b %Y} · gpt-4o" in text and f"{now:%b %Y} · gpt-4o-mini" in text
     assert alice.username in text and "(50%)" in text  # 500 of her 1000 budget
     assert "Durability window" in text and "2 users read" in text
 

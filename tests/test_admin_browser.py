@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from datetime import date
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from django.contrib.auth import get_user_model
 from llm_quota import quota_guard
 from llm_quota.models import Tier, UsageSnapshot
 from llm_quota.snapshot import snapshot_usage
-from tests import factories
+from tests import factories, periods
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -54,7 +53,7 @@ def chromium() -> str:
 
 
 @pytest.fixture
-def usage_data(ledger):
+def usage_data(ledger, clock):
     """Tiers, prices, a superuser and a few months of usage to chart."""
     factories.price("gpt-4o", "1", "4", default_max_output_tokens=500)
     factories.price("gpt-4o-mini", "0.06", "0.24", default_max_output_tokens=500)
@@ -69,11 +68,11 @@ def usage_data(ledger):
                     q.settle({"prompt_tokens": prompt, "completion_tokens": out})
     snapshot_usage(ledger=ledger)
     # Earlier months, as the snapshots of those months left them.
-    for n, month in enumerate((5, 6, 7, 8, 9, 10)):
+    for n, back in enumerate(range(6, 0, -1)):
         for i, user in enumerate(users):
             for model, base in (("gpt-4o", 9000 * (n + 2) * (i + 1)), ("gpt-4o-mini", 4000 * n)):
                 UsageSnapshot.objects.create(
-                    user=user, period=date(2026, month, 1), model=model,
+                    user=user, period=periods.month_start(clock, back), model=model,
                     requests=10 + n, input_tokens=base // 2, output_tokens=base // 8,
                     base_tokens=base,
                 )  # fmt: skip
@@ -81,7 +80,9 @@ def usage_data(ledger):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_admin_logs_in_edits_a_budget_and_sees_the_usage_chart(chromium, live_server, usage_data):
+def test_admin_logs_in_edits_a_budget_and_sees_the_usage_chart(
+    chromium, live_server, usage_data, clock
+):
     sync_api = pytest.importorskip("playwright.sync_api")
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "admin-usage-report.png"
@@ -128,7 +129,7 @@ def test_admin_logs_in_edits_a_budget_and_sees_the_usage_chart(chromium, live_se
     assert chart_count == 3
     assert spend_box["width"] > 400 and spend_box["height"] > 150  # drawn, not collapsed
     assert bars >= 12  # seven months of stacked bars, plus the legend swatches
-    assert heading.startswith("November 2026 by model")
+    assert heading.startswith(f"{periods.month_start(clock):%B %Y} by model")
     assert shot.stat().st_size > 20_000
     assert "USED THIS MONTH" in live_columns.upper() and "% OF BUDGET" in live_columns.upper()
     assert "Not yet snapshotted" in live_detail

@@ -14,7 +14,7 @@ from llm_quota.alerts import sent
 from llm_quota.exceptions import BudgetExceeded
 from llm_quota.signals import budget_exhausted, quota_refused, soft_limit_crossed
 from project.celery import app
-from tests import factories
+from tests import factories, periods
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -54,6 +54,7 @@ def use(user, prompt, completion, max_tokens=50):
 
 
 def test_soft_limit_signal_fires_once_when_the_month_crosses_it(setup, received, clock):
+    periods.keep_room(clock, days=3)
     user = factories.user()
     use(user, 300, 50)  # 500
     clock.advance(86400)  # one request a day: the day budget is not what we test here
@@ -65,7 +66,7 @@ def test_soft_limit_signal_fires_once_when_the_month_crosses_it(setup, received,
     use(user, 50, 0)  # 900: still above, no repeat
     assert len(received["soft"]) == 1
     alert = received["soft"][0]
-    assert alert["user_id"] == str(user.pk) and alert["period"] == "202611"
+    assert alert["user_id"] == str(user.pk) and alert["period"] == periods.month_id(clock)
     assert (alert["limit"], alert["percent"], alert["threshold"], alert["used"]) == (
         "tokens_per_month", 80, 800, 850,
     )  # fmt: skip
@@ -75,6 +76,8 @@ def test_soft_limit_signal_fires_once_when_the_month_crosses_it(setup, received,
 def test_budget_alert_fires_once_per_period_while_every_refusal_is_signalled(
     setup, received, clock
 ):
+    periods.keep_room(clock, days=1)
+    first_day, month = periods.day_id(clock), periods.month_id(clock)
     user = factories.user()
     use(user, 400, 50)  # 600: today's budget is spent
     for _ in range(3):
@@ -82,7 +85,7 @@ def test_budget_alert_fires_once_per_period_while_every_refusal_is_signalled(
             use(user, 10, 0)
     assert len(received["refused"]) == 3
     assert [(a["limit"], a["period"]) for a in received["budget"]] == [
-        ("tokens_per_day", "20261127")
+        ("tokens_per_day", first_day)
     ]
     clock.advance(86400)
     use(user, 300, 0)  # 900 this month; the month budget refuses next
@@ -91,8 +94,8 @@ def test_budget_alert_fires_once_per_period_while_every_refusal_is_signalled(
     with pytest.raises(BudgetExceeded):
         use(user, 100, 0)
     assert [(a["limit"], a["period"]) for a in received["budget"]] == [
-        ("tokens_per_day", "20261127"),
-        ("tokens_per_month", "202611"),
+        ("tokens_per_day", first_day),
+        ("tokens_per_month", month),
     ]
 
 

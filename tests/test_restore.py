@@ -18,7 +18,7 @@ from llm_quota.models import UsageSnapshot
 from llm_quota.redis_ledger import Ledger, ModelUsage, set_default_ledger
 from llm_quota.restore import month_from_snapshots
 from llm_quota.snapshot import snapshot_usage
-from tests import factories
+from tests import factories, periods
 
 pytestmark = pytest.mark.django_db
 
@@ -80,7 +80,7 @@ def test_without_a_snapshot_the_same_loss_would_hand_out_a_fresh_budget(durable)
     assert ask(user).decision.allowed
 
 
-def test_restore_happens_once_and_later_snapshots_keep_the_database_whole(durable):
+def test_restore_happens_once_and_later_snapshots_keep_the_database_whole(durable, clock):
     ledger, _ = durable
     user = factories.user()
     use(user, 100, 100)  # 500
@@ -92,7 +92,8 @@ def test_restore_happens_once_and_later_snapshots_keep_the_database_whole(durabl
     assert ledger.usage(user.pk).tokens_this_month == 600
     # The index came back with the counters, so the snapshot still covers the user
     # and writes the sum, not the post-loss part alone.
-    assert ledger.client.zscore(ledger.keyspace.active_users("202611"), str(user.pk)) is not None
+    index = ledger.keyspace.active_users(periods.month_id(clock))
+    assert ledger.client.zscore(index, str(user.pk)) is not None
     snapshot_usage(ledger=ledger)
     row = UsageSnapshot.objects.get(user=user)
     assert (row.requests, row.base_tokens) == (3, 600)
@@ -142,7 +143,9 @@ def test_concurrent_first_requests_restore_once(private_redis, quota_prefix, clo
 
     def source(uid, month):
         calls.append(month)
-        return (700, [ModelUsage("gpt-4o", 7, 300, 100, 700)]) if month == "202611" else (0, [])
+        if month != periods.month_id(clock):
+            return (0, [])
+        return (700, [ModelUsage("gpt-4o", 7, 300, 100, 700)])
 
     ledger = Ledger(private_redis.client(), prefix=quota_prefix, clock=clock, restore=source)
     results = []

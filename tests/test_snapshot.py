@@ -14,9 +14,7 @@ from llm_quota.accounting import ActualUsage, Estimate, Limits, Price
 from llm_quota.models import UsageSnapshot
 from llm_quota.redis_ledger import Ledger, set_default_ledger
 from llm_quota.snapshot import SnapshotBusy, last_run, snapshot_usage
-from tests import factories
-
-NOV = date(2026, 11, 1)
+from tests import factories, periods
 
 
 def spend(ledger, user, model="gpt-4o", inp=100, out=50, mult=(1, 4)):
@@ -78,14 +76,14 @@ def test_a_repeated_run_writes_nothing_and_changes_no_row(ledger):
 
 
 @pytest.mark.django_db
-def test_later_runs_write_absolute_values_never_increments(ledger):
+def test_later_runs_write_absolute_values_never_increments(ledger, clock):
     alice = factories.user()
     spend(ledger, alice)
     snapshot_usage(ledger=ledger)
     spend(ledger, alice)
     snapshot_usage(ledger=ledger)
     snapshot_usage(ledger=ledger)  # a duplicate beat tick
-    assert rows() == {(alice.pk, NOV, "gpt-4o"): (2, 200, 100, 600)}
+    assert rows() == {(alice.pk, periods.month_start(clock), "gpt-4o"): (2, 200, 100, 600)}
     assert ledger.usage(alice.pk).settled_this_month == 600
 
 
@@ -128,7 +126,7 @@ def test_a_run_waiting_too_long_for_the_lock_is_refused(ledger):
 
 
 @pytest.mark.django_db
-def test_a_reset_period_zeroes_the_months_rows(ledger):
+def test_a_reset_period_zeroes_the_months_rows(ledger, clock):
     alice = factories.user()
     spend(ledger, alice)
     spend(ledger, alice, model="gpt-4o-mini")
@@ -139,13 +137,15 @@ def test_a_reset_period_zeroes_the_months_rows(ledger):
     snapshot_usage(ledger=ledger)
 
     assert rows() == {
-        (alice.pk, NOV, "gpt-4o"): (1, 1, 1, 5),
-        (alice.pk, NOV, "gpt-4o-mini"): (0, 0, 0, 0),
+        (alice.pk, periods.month_start(clock), "gpt-4o"): (1, 1, 1, 5),
+        (alice.pk, periods.month_start(clock), "gpt-4o-mini"): (0, 0, 0, 0),
     }
 
 
 @pytest.mark.django_db
-def test_a_user_whose_counters_were_lost_is_not_copied_over_the_database(ledger, redis_client):
+def test_a_user_whose_counters_were_lost_is_not_copied_over_the_database(
+    ledger, redis_client, clock
+):
     alice = factories.user()
     in_flight = ledger.reserve(alice.pk, Limits(), factories.estimate(100, 50))
     spend(ledger, alice)  # 300
@@ -159,7 +159,7 @@ def test_a_user_whose_counters_were_lost_is_not_copied_over_the_database(ledger,
     run = snapshot_usage(ledger=ledger)
 
     assert run.lost == 1
-    assert rows() == {(alice.pk, NOV, "gpt-4o"): (1, 100, 50, 300)}
+    assert rows() == {(alice.pk, periods.month_start(clock), "gpt-4o"): (1, 100, 50, 300)}
 
 
 @pytest.mark.django_db
@@ -181,7 +181,7 @@ def test_snapshot_reads_without_keys_and_changes_no_counter(private_redis, quota
 
     def counters():  # every user's keys and the index
         found = [*client.scan_iter(match=f"{quota_prefix}:{{u:*")]
-        found.append(ledger.keyspace.active_users("202611"))
+        found.append(ledger.keyspace.active_users(periods.month_id(clock)))
         return {key: client.dump(key) for key in found}
 
     before = counters()
@@ -199,16 +199,20 @@ def test_snapshot_reads_without_keys_and_changes_no_counter(private_redis, quota
 
 
 @pytest.mark.django_db
-def test_last_run_is_recorded_for_the_admin(ledger):
+def test_last_run_is_recorded_for_the_admin(ledger, clock):
     assert last_run(ledger) is None
     spend(ledger, factories.user())
     snapshot_usage(ledger=ledger)
     run = last_run(ledger)
-    assert run["users"] == 1 and run["rows_written"] == 1 and run["months"] == "202611,202610"
+    assert (
+        run["users"] == 1
+        and run["rows_written"] == 1
+        and run["months"] == (f"{periods.month_id(clock)},{periods.month_id(clock, back=1)}")
+    )
 
 
 @pytest.mark.django_db
-def test_management_command_runs_the_snapshot_with_a_progress_bar(ledger):
+def test_management_command_runs_the_snapshot_with_a_progress_bar(ledger, clock):
     alice = factories.user()
     spend(ledger, alice)
     set_default_ledger(ledger)
@@ -216,4 +220,4 @@ def test_management_command_runs_the_snapshot_with_a_progress_bar(ledger):
     call_command("llm_quota_snapshot", stdout=out, stderr=err)
     assert "1 users read, 1 rows written" in out.getvalue()
     assert "snapshot: 100%" in err.getvalue() and "1/1" in err.getvalue()
-    assert rows() == {(alice.pk, NOV, "gpt-4o"): (1, 100, 50, 300)}
+    assert rows() == {(alice.pk, periods.month_start(clock), "gpt-4o"): (1, 100, 50, 300)}

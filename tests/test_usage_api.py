@@ -11,7 +11,7 @@ from rest_framework.test import APIClient
 from llm_quota import quota_guard
 from llm_quota.redis_ledger import Ledger, set_default_ledger
 from llm_quota.snapshot import snapshot_usage
-from tests import factories
+from tests import factories, periods
 
 pytestmark = pytest.mark.django_db
 
@@ -47,7 +47,7 @@ def client_for(user):
     return client
 
 
-def test_usage_reports_the_contract_shape_with_the_settled_numbers(tiers, ledger):
+def test_usage_reports_the_contract_shape_with_the_settled_numbers(tiers, ledger, clock):
     user = factories.user()
     spend(user, "gpt-4o", 100, 50)  # 100 + 200 = 300
     spend(user, "gpt-4o", 20, 10)  # 20 + 40 = 60
@@ -58,7 +58,10 @@ def test_usage_reports_the_contract_shape_with_the_settled_numbers(tiers, ledger
 
     assert body == {
         "tier": "free",
-        "period": {"start": "2026-11-01T00:00:00Z", "end": "2026-12-01T00:00:00Z"},
+        "period": {
+            "start": f"{periods.month_start(clock)}T00:00:00Z",
+            "end": f"{periods.next_month_start(clock)}T00:00:00Z",
+        },
         "limits": {
             "requests_per_minute": 10,
             "tokens_per_minute": 20_000,
@@ -128,7 +131,7 @@ def test_history_lists_only_the_callers_snapshots_paginated(tiers, ledger, clock
         ("gpt-4o", 300),
         ("gpt-4o-mini", 84),
     ]
-    assert everything[0]["period"] == "2026-11-01"
+    assert everything[0]["period"] == str(periods.month_start(clock))
     assert everything[0]["cost_usd"] == "0.000750"
     assert set(everything[0]) == {
         "period", "model", "requests", "input_tokens", "output_tokens", "base_tokens",
