@@ -17,7 +17,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from rest_framework.exceptions import NotAuthenticated
 
-from llm_quota import keys, signals
+from llm_quota import alerts, keys, signals
 from llm_quota.accounting import ActualUsage, Estimate, Price
 from llm_quota.conf import quota_settings
 from llm_quota.estimation import count_messages
@@ -210,11 +210,14 @@ def settle(reservation: Reservation, usage: Any, *, ledger: Ledger | None = None
     actual = usage if isinstance(usage, ActualUsage) else ActualUsage.from_openai(usage)
     if reservation.unmetered:
         return Settlement(False, False, 0)
+    ledger = ledger or get_ledger()
     try:
-        return (ledger or get_ledger()).settle(reservation, actual)
+        settlement = ledger.settle(reservation, actual)
     except RedisError:
         logger.exception("could not settle reservation %s", reservation.id)
         return Settlement(False, False, 0)
+    alerts.after_settle(reservation, settlement, ledger)  # soft limit: no extra round trip
+    return settlement
 
 
 def release(reservation: Reservation, *, ledger: Ledger | None = None) -> bool:

@@ -150,6 +150,12 @@ class Settlement:
     settled: bool
     late: bool
     charged_delta: int
+    #: The reservation's month and its settled base tokens after this settle (None
+    #: when nothing was settled): what the soft-limit alert compares, at no extra cost.
+    month: str = ""
+    month_used: int | None = None
+    #: Base tokens this settle charged for the request.
+    base_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,21 @@ class UserUsage:
     tokens_this_minute: int
     in_flight: int
     by_model: list[ModelUsage] = field(default_factory=list)
+
+    @property
+    def settled_this_month(self) -> int:
+        """Base tokens settled this month (``tokens_this_month`` less what is reserved)."""
+        return sum(row.base_tokens for row in self.by_model)
+
+
+@dataclass(frozen=True)
+class PeriodReset:
+    """What ``reset_period`` did: the month counter before and what stays in flight."""
+
+    day: str
+    month: str
+    tokens_before: int
+    tokens_after: int
 
 
 def parse_model_fields(pairs: Iterable[Any]) -> list[ModelUsage]:
@@ -223,7 +244,7 @@ class Ledger:
         self.restore_source = restore
         self._scripts = {
             name: client.register_script(script_source(name))
-            for name in ("reserve", "settle", "release", "usage", "restore")
+            for name in ("reserve", "settle", "release", "usage", "restore", "reset")
         }
 
     # Time: 0 tells a script to use Redis' clock; periods still need a local guess,
@@ -328,8 +349,15 @@ class Ledger:
             ],
         )  # fmt: skip
         outcome = int(result[0])
+        if outcome not in (1, 2):
+            return Settlement(False, False, 0)
         return Settlement(
-            settled=outcome in (1, 2), late=outcome == 2, charged_delta=int(result[1])
+            settled=True,
+            late=outcome == 2,
+            charged_delta=int(result[1]),
+            month=reservation.month,
+            month_used=int(result[2]),
+            base_tokens=actual,
         )
 
     def release(self, reservation: Reservation) -> bool:
@@ -344,13 +372,34 @@ class Ledger:
         return int(result) == 1
 
     def usage(self, user_id: Any) -> UserUsage:
-        uid = keys.user_id(user_id)
+        """The user's live counters; lost ones are restored first, as reserve would."""
+        return self.usage_many([user_id])[keys.user_id(user_id)]
+
+    def usage_many(self, user_ids: Iterable[Any]) -> dict[str, UserUsage]:
+        """Live counters of many users in one round trip (the admin's change list)."""
+        uids = list(dict.fromkeys(keys.user_id(u) for u in user_ids))
+        results = dict(zip(uids, self._usage_round_trip(uids), strict=True))
+        lost = [uid for uid, r in results.items() if not int(r[12])]
+        if lost and self.restore_source is not None:
+            for uid in lost:
+                self.restore(uid, _text(results[uid][2]))
+            results.update(zip(lost, self._usage_round_trip(lost), strict=True))
+        return {uid: self._user_usage(r) for uid, r in results.items()}
+
+    def _usage_round_trip(self, uids: list[str]) -> list[Any]:
         now_arg, local_now = self._now_arg()
         days, day_starts, months, month_starts = period_args(local_now, self.timezone)
-        r = self._scripts["usage"](
-            keys=[self.keyspace.user(uid), self.keyspace.global_()],
-            args=[now_arg, self.ttl_ms, days, day_starts, months, month_starts],
-        )
+        args = [now_arg, self.ttl_ms, days, day_starts, months, month_starts]
+        script = self._scripts["usage"]
+        if len(uids) == 1:  # a plain EVALSHA; a pipeline would first ask SCRIPT EXISTS
+            return [script(keys=[self.keyspace.user(uids[0]), self.keyspace.global_()], args=args)]
+        pipe = self.client.pipeline(transaction=False)
+        for uid in uids:
+            script(keys=[self.keyspace.user(uid), self.keyspace.global_()], args=args, client=pipe)
+        return list(pipe.execute()) if uids else []
+
+    @staticmethod
+    def _user_usage(r: list[Any]) -> UserUsage:
         return UserUsage(
             day=_text(r[1]),
             month=_text(r[2]),
@@ -366,24 +415,64 @@ class Ledger:
         )
 
     def restore(self, user_id: Any, month: str) -> bool:
-        """Add the database's record of ``month`` back into Redis, once per loss."""
+        """Add the database's record of ``month`` (and the month before) back, once per loss."""
         uid = keys.user_id(user_id)
-        total, rows = (0, [])
-        if self.restore_source is not None:
-            total, rows = self.restore_source(uid, month)
-        pairs: list[Any] = []
-        for row in rows:
-            model = keys.model_name(row.model)
-            pairs += [
-                f"req|{model}", row.requests, f"in|{model}", row.input_tokens,
-                f"out|{model}", row.output_tokens, f"base|{model}", row.base_tokens,
-            ]  # fmt: skip
-        month_end = _month_end_ms(month, self.timezone)
+        args: list[Any] = [uid, self._now_arg()[0]]
+        for period in (month, _previous_month(month)):
+            total, rows = (0, [])
+            if self.restore_source is not None:
+                total, rows = self.restore_source(uid, period)
+            pairs: list[Any] = []
+            for row in rows:
+                model = keys.model_name(row.model)
+                pairs += [
+                    f"req|{model}", row.requests, f"in|{model}", row.input_tokens,
+                    f"out|{model}", row.output_tokens, f"base|{model}", row.base_tokens,
+                ]  # fmt: skip
+            month_end = _month_end_ms(period, self.timezone)
+            args += [period, month_end, int(total), len(pairs), *pairs]
         result = self._scripts["restore"](
-            keys=[self.keyspace.user(uid), self.keyspace.index()],
-            args=[uid, month, month_end, int(total), *pairs],
+            keys=[self.keyspace.user(uid), self.keyspace.index()], args=args
         )
         return int(result) == 1
+
+    def reset_period(self, user_id: Any) -> PeriodReset:
+        """Forgive the user's usage of the current day and month, atomically.
+
+        Requests in flight keep their reservations (they settle against the reset
+        counters); settled usage and the month's per-model figures go.
+        """
+        uid = keys.user_id(user_id)
+        now_arg, local_now = self._now_arg()
+        days, day_starts, months, month_starts = period_args(local_now, self.timezone)
+        r = self._scripts["reset"](
+            keys=[self.keyspace.user(uid), self.keyspace.global_(), self.keyspace.index()],
+            args=[now_arg, self.ttl_ms, uid, days, day_starts, months, month_starts],
+        )
+        return PeriodReset(_text(r[0]), _text(r[1]), int(r[2]), int(r[3]))
+
+    def now_ms(self) -> int:
+        """The ledger's time: the pinned clock, else Redis' own (as the scripts use)."""
+        if self.clock is not None:
+            return int(self.clock() * 1000)
+        seconds, micros = self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def periods(self, now_ms: int | None = None) -> tuple[str, str]:
+        """The current day and month ids (``YYYYMMDD``, ``YYYYMM``) in the period zone."""
+        moment = datetime.fromtimestamp(
+            (self.now_ms() if now_ms is None else now_ms) / 1000, ZoneInfo(self.timezone)
+        )
+        return moment.strftime("%Y%m%d"), moment.strftime("%Y%m")
+
+
+def _previous_month(month: str) -> str:
+    first = _add_months(date(int(month[:4]), int(month[4:6]), 1), -1)
+    return first.strftime("%Y%m")
+
+
+def month_start(month: str, tz_name: str) -> datetime:
+    return datetime(int(month[:4]), int(month[4:6]), 1, tzinfo=ZoneInfo(tz_name))
 
 
 def _month_end_ms(month: str, tz_name: str) -> int:

