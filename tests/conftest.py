@@ -49,7 +49,9 @@ def quota_prefix(settings, redis_client):
 
 @pytest.fixture
 def clock():
-    return Clock(datetime(2026, 11, 27, 12, 0, tzinfo=UTC))
+    """Pinned far in the future: Redis expires keys by its own real clock, so a
+    counter written under a past date would vanish the moment it is created."""
+    return Clock(datetime(2099, 11, 27, 12, 0, tzinfo=UTC))
 
 
 @pytest.fixture

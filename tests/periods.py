@@ -1,7 +1,7 @@
 """Calendar periods of the pinned test clock, so that no test hard-codes a date.
 
-Redis expires keys by its own (real) clock, so the pinned clock has to stay near
-the real date; tests that derive their periods from it keep working when it moves.
+The pinned clock sits far in the future (Redis expires keys by its real clock);
+tests that derive their periods from it keep working wherever it is set.
 """
 
 from __future__ import annotations
