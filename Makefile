@@ -12,10 +12,19 @@ $(STAMP): requirements.txt setup.cfg
 	$(BIN)/pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+DEMO_ADDR ?= 127.0.0.1:8000
+
+# The Celery worker and beat (usage snapshots, alert webhooks) run beside the
+# server and are stopped with it (Ctrl-C).
 demo: $(STAMP)
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py demo_seed
-	$(BIN)/python manage.py runserver 127.0.0.1:8000
+	@trap 'kill $$worker $$beat 2>/dev/null; wait; \
+	       [ -n "$$REDIS_URL" ] || $(BIN)/python -m project.embedded_redis' EXIT; \
+	trap 'exit 130' INT TERM; \
+	$(BIN)/celery -A project worker --loglevel=info --concurrency=1 & worker=$$!; \
+	$(BIN)/celery -A project beat --loglevel=info & beat=$$!; \
+	$(BIN)/python manage.py runserver $(DEMO_ADDR)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

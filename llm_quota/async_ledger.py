@@ -24,6 +24,7 @@ from llm_quota.ledger_ops import SCRIPTS, LedgerOps, LoadMonth, Plan, ScriptCall
 from llm_quota.ledger_results import (
     Decision,
     GlobalUsage,
+    PeriodReset,
     Reservation,
     RestoreSource,
     Settlement,
@@ -157,13 +158,18 @@ class AsyncLedger:
         return await self._run(self.ops.release(reservation))
 
     async def usage(self, user_id: Any) -> UserUsage:
-        return await self._run(self.ops.usage(user_id))
+        return await self._run(
+            self.ops.usage(user_id, restore_lost=self.restore_source is not None)
+        )
 
     async def global_usage(self) -> GlobalUsage:
         return await self._run(self.ops.global_usage())
 
     async def restore(self, user_id: Any, month: str) -> bool:
         return await self._run(self.ops.restore(user_id, month))
+
+    async def reset_period(self, user_id: Any) -> PeriodReset:
+        return await self._run(self.ops.reset_period(user_id))
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -83,6 +83,28 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 id="llm_quota.E009",
             )
         )
+    errors += _check_alert_settings()
+    return errors
+
+
+def _check_alert_settings() -> list[Any]:
+    errors: list[Any] = []
+    url = quota_settings.ALERT_WEBHOOK_URL
+    if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+        errors.append(
+            Error(
+                "LLM_QUOTA['ALERT_WEBHOOK_URL'] must be an http(s) URL or None.",
+                id="llm_quota.E020",
+            )
+        )
+    timeout = quota_settings.ALERT_WEBHOOK_TIMEOUT
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        errors.append(
+            Error(
+                "LLM_QUOTA['ALERT_WEBHOOK_TIMEOUT'] must be a positive number of seconds.",
+                id="llm_quota.E021",
+            )
+        )
     return errors
 
 

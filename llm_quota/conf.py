@@ -47,6 +47,11 @@ DEFAULTS: dict[str, Any] = {
     # Seconds the gateway waits for the upstream to connect, and between two reads.
     "UPSTREAM_CONNECT_TIMEOUT": 10.0,
     "UPSTREAM_READ_TIMEOUT": 600.0,
+    # Alerts (soft limit crossed, budget exhausted) are also POSTed here as JSON, by
+    # a Celery task so the request never waits on it; None sends only the signals.
+    "ALERT_WEBHOOK_URL": None,
+    # Seconds the webhook task waits for the receiver before retrying.
+    "ALERT_WEBHOOK_TIMEOUT": 5.0,
 }
 
 

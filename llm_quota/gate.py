@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 from asgiref.sync import sync_to_async
 from rest_framework.exceptions import NotAuthenticated
 
-from llm_quota import keys, signals
+from llm_quota import alerts, keys, signals
 from llm_quota.accounting import ActualUsage, Estimate, Price
 from llm_quota.async_ledger import AsyncLedger, get_async_ledger
 from llm_quota.conf import quota_settings
@@ -337,10 +337,13 @@ def settle(reservation: Reservation, usage: Any, *, ledger: Ledger | None = None
     if reservation.unmetered:
         return Settlement(False, False, 0)
     try:
-        return (ledger or get_ledger()).settle(reservation, actual)
+        ledger = ledger or get_ledger()
+        settlement = ledger.settle(reservation, actual)
     except REDIS_ERRORS:
         logger.exception("could not settle reservation %s", reservation.id)
         return Settlement(False, False, 0)
+    alerts.after_settle(reservation, settlement, ledger)  # soft limit: no extra round trip
+    return settlement
 
 
 async def asettle(
@@ -351,10 +354,32 @@ async def asettle(
     if reservation.unmetered:
         return Settlement(False, False, 0)
     try:
-        return await (ledger or await get_async_ledger()).settle(reservation, actual)
+        ledger = ledger or await get_async_ledger()
+        settlement = await ledger.settle(reservation, actual)
     except REDIS_ERRORS:
         logger.exception("could not settle reservation %s", reservation.id)
         return Settlement(False, False, 0)
+    await _asoft_limit_alert(reservation, settlement, ledger)
+    return settlement
+
+
+async def _asoft_limit_alert(
+    reservation: Reservation, settlement: Settlement, ledger: AsyncLedger
+) -> None:
+    """``alerts.after_settle`` off the loop, only for the settle that crosses the line."""
+    if not settlement.settled or settlement.month_used is None:
+        return
+    try:
+        policy = await apolicy_for(alerts.user_pk(reservation.user_id))
+        if alerts.soft_limit_crossing(policy, settlement) is None:
+            return
+    except Exception:  # an alert may never fail a request
+        logger.exception("soft-limit alert failed for user %s", reservation.user_id)
+        return
+    await sync_to_async(
+        lambda: alerts.after_settle(reservation, settlement, ledger.mirrors or get_ledger()),
+        thread_sensitive=False,
+    )()
 
 
 def release(reservation: Reservation, *, ledger: Ledger | None = None) -> bool:

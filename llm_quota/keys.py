@@ -19,6 +19,8 @@ from typing import Any
 _USER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 _RESERVATION_ID = re.compile(r"^[0-9a-f]{32}$")
+# Alert markers name a limit (a fixed vocabulary) and a period id (digits).
+_ALERT_PART = re.compile(r"^[a-z0-9_]{1,64}$")
 # Model names become hash *fields* (never key names); still refuse anything that
 # could confuse the ``kind|model`` field layout or flood memory.
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
@@ -151,3 +153,21 @@ class KeySpace:
 
     def active_users(self, month: str) -> str:
         return f"{self.index()}:a:{month}"
+
+    def user_state(self, uid: Any) -> str:
+        """HASH with ``reserved`` and the ``seen`` marker (counters are trusted)."""
+        return f"{self.user(uid)}:s"
+
+    def alert_sent(self, uid: Any, limit: str, threshold: int, period: str) -> str:
+        """Dedupe marker: one alert per user, limit, threshold and period."""
+        if not _ALERT_PART.match(limit) or not _ALERT_PART.match(period):
+            raise InvalidKeyPart("unsafe alert limit or period")
+        return f"{self.user(uid)}:al:{limit}:{int(threshold)}:{period}"
+
+    def snapshot_lock(self) -> str:
+        """Serialises snapshot runs (and period resets) of this deployment."""
+        return f"{self.index()}:snap:lock"
+
+    def snapshot_status(self) -> str:
+        """HASH describing the last finished snapshot run, for the admin."""
+        return f"{self.index()}:snap:last"

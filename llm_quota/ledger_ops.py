@@ -31,13 +31,14 @@ from llm_quota.ledger_results import (
     Decision,
     GlobalUsage,
     ModelUsage,
+    PeriodReset,
     Reservation,
     Settlement,
     UserUsage,
     parse_model_fields,
     text,
 )
-from llm_quota.periods import month_end_ms, period_args
+from llm_quota.periods import month_end_ms, period_args, previous_month
 
 LUA_DIR = Path(__file__).with_name("lua")
 
@@ -52,6 +53,7 @@ SCRIPTS = (
     "global_settle",
     "global_release",
     "global_usage",
+    "reset",
 )
 
 T = TypeVar("T")
@@ -272,10 +274,21 @@ class LedgerOps:
                 1 if reservation.uses_global else 0, keys.model_name(reservation.model),
             ),
         )  # fmt: skip
-        outcome, delta, prior = int(reply[0]), int(reply[1]), text(reply[2])
+        outcome, delta, month_used, prior = (
+            int(reply[0]), int(reply[1]), int(reply[2]), text(reply[3]),
+        )  # fmt: skip
         if self.cluster and reservation.uses_global:
             yield self._settle_global(reservation, rid, actual, prior)
-        return Settlement(settled=outcome in (1, 2), late=outcome == 2, charged_delta=delta)
+        if outcome not in (1, 2):
+            return Settlement(False, False, 0)
+        return Settlement(
+            settled=True,
+            late=outcome == 2,
+            charged_delta=delta,
+            month=reservation.month,
+            month_used=month_used,
+            base_tokens=actual,
+        )
 
     def _settle_global(
         self, reservation: Reservation, rid: str, actual: int, prior: str
@@ -311,27 +324,23 @@ class LedgerOps:
 
     # -- reading -----------------------------------------------------------------------
 
-    def usage(self, user_id: Any) -> Plan[UserUsage]:
-        uid = keys.user_id(user_id)
+    def usage_call(self, uid: str) -> ScriptCall:
         now_arg, local_now = self.now_arg()
-        r = yield ScriptCall(
+        return ScriptCall(
             "usage",
             (self.keyspace.user(uid),),
             (now_arg, self.ttl_ms, *period_args(local_now, self.timezone)),
         )
-        return UserUsage(
-            day=text(r[1]),
-            month=text(r[2]),
-            day_end_ms=int(r[3]),
-            month_end_ms=int(r[4]),
-            tokens_today=int(r[5]),
-            tokens_this_month=int(r[6]),
-            reserved=int(r[7]),
-            requests_this_minute=int(r[8]),
-            tokens_this_minute=int(r[9]),
-            in_flight=int(r[10]),
-            by_model=parse_model_fields(r[11]),
-        )
+
+    def usage(self, user_id: Any, *, restore_lost: bool = False) -> Plan[UserUsage]:
+        """The user's live counters; with ``restore_lost``, counters Redis lost are
+        restored from the database first, as the next reserve would."""
+        uid = keys.user_id(user_id)
+        r = yield self.usage_call(uid)
+        if restore_lost and not usage_is_trusted(r):
+            yield from self.restore(uid, text(r[2]))
+            r = yield self.usage_call(uid)
+        return parse_usage(r)
 
     def global_usage(self) -> Plan[GlobalUsage]:
         now_arg, local_now = self.now_arg()
@@ -353,26 +362,68 @@ class LedgerOps:
     # -- restore -----------------------------------------------------------------------
 
     def restore(self, user_id: Any, month: str) -> Plan[bool]:
-        """Add the database's record of ``month`` back into Redis, once per loss."""
+        """Add the database's record of ``month`` (and the month before) back, once per
+        loss: a late settle into the closed month must not leave it partial."""
         uid = keys.user_id(user_id)
-        total, rows = yield LoadMonth(uid, month)
-        pairs: list[Any] = []
-        for row in rows:
-            model = keys.model_name(row.model)
-            pairs += [
-                f"req|{model}", row.requests, f"in|{model}", row.input_tokens,
-                f"out|{model}", row.output_tokens, f"base|{model}", row.base_tokens,
-            ]  # fmt: skip
+        args: list[Any] = [uid, self.now_arg()[0]]
+        for period in (month, previous_month(month)):
+            total, rows = yield LoadMonth(uid, period)
+            pairs: list[Any] = []
+            for row in rows:
+                model = keys.model_name(row.model)
+                pairs += [
+                    f"req|{model}", row.requests, f"in|{model}", row.input_tokens,
+                    f"out|{model}", row.output_tokens, f"base|{model}", row.base_tokens,
+                ]  # fmt: skip
+            args += [period, month_end_ms(period, self.timezone), int(total), len(pairs), *pairs]
         result = yield ScriptCall(
-            "restore",
-            (self.keyspace.user(uid), self.index_base(uid)),
-            (uid, month, month_end_ms(month, self.timezone), int(total), *pairs),
+            "restore", (self.keyspace.user(uid), self.index_base(uid)), tuple(args)
         )
         return int(result) == 1
+
+    # -- admin -------------------------------------------------------------------------
+
+    def reset_period(self, user_id: Any) -> Plan[PeriodReset]:
+        """Forgive the user's usage of the current day and month, atomically.
+
+        Requests in flight keep their reservations (they settle against the reset
+        counters); settled usage and the month's per-model figures go. Global counters
+        keep the usage: the money was spent.
+        """
+        uid = keys.user_id(user_id)
+        now_arg, local_now = self.now_arg()
+        r = yield ScriptCall(
+            "reset",
+            (self.keyspace.user(uid), self.index_base(uid)),
+            (now_arg, self.ttl_ms, uid, *period_args(local_now, self.timezone)),
+        )
+        return PeriodReset(text(r[0]), text(r[1]), int(r[2]), int(r[3]))
 
 
 def _plus(value: int | None, amount: int) -> int | None:
     return None if value is None else value + amount
+
+
+def usage_is_trusted(r: list[Any]) -> bool:
+    """``usage.lua``'s reply says the counters were not lost (or were restored)."""
+    return bool(int(r[12]))
+
+
+def parse_usage(r: list[Any]) -> UserUsage:
+    """``usage.lua``'s reply as a ``UserUsage``."""
+    return UserUsage(
+        day=text(r[1]),
+        month=text(r[2]),
+        day_end_ms=int(r[3]),
+        month_end_ms=int(r[4]),
+        tokens_today=int(r[5]),
+        tokens_this_month=int(r[6]),
+        reserved=int(r[7]),
+        requests_this_minute=int(r[8]),
+        tokens_this_minute=int(r[9]),
+        in_flight=int(r[10]),
+        by_model=parse_model_fields(r[11]),
+    )
 
 
 def parse_decision(

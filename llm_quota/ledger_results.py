@@ -81,6 +81,12 @@ class Settlement:
     settled: bool
     late: bool
     charged_delta: int
+    #: The reservation's month and its settled base tokens after this settle (None
+    #: when nothing was settled): what the soft-limit alert compares, at no extra cost.
+    month: str = ""
+    month_used: int | None = None
+    #: Base tokens this settle charged for the request.
+    base_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,21 @@ class UserUsage:
     tokens_this_minute: int
     in_flight: int
     by_model: list[ModelUsage] = field(default_factory=list)
+
+    @property
+    def settled_this_month(self) -> int:
+        """Base tokens settled this month (``tokens_this_month`` less what is reserved)."""
+        return sum(row.base_tokens for row in self.by_model)
+
+
+@dataclass(frozen=True)
+class PeriodReset:
+    """What ``reset_period`` did: the month counter before and what stays in flight."""
+
+    day: str
+    month: str
+    tokens_before: int
+    tokens_after: int
 
 
 @dataclass(frozen=True)

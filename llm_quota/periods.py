@@ -53,3 +53,17 @@ def month_end_ms(month: str, tz_name: str) -> int:
     first = date(int(month[:4]), int(month[4:6]), 1)
     nxt = add_months(first, 1)
     return int(datetime(nxt.year, nxt.month, 1, tzinfo=ZoneInfo(tz_name)).timestamp() * 1000)
+
+
+def previous_month(month: str) -> str:
+    return add_months(date(int(month[:4]), int(month[4:6]), 1), -1).strftime("%Y%m")
+
+
+def month_start(month: str, tz_name: str) -> datetime:
+    return datetime(int(month[:4]), int(month[4:6]), 1, tzinfo=ZoneInfo(tz_name))
+
+
+def day_and_month(now_ms: float, tz_name: str) -> tuple[str, str]:
+    """The day and month ids (``YYYYMMDD``, ``YYYYMM``) of ``now_ms`` in ``tz_name``."""
+    moment = datetime.fromtimestamp(now_ms / 1000, ZoneInfo(tz_name))
+    return moment.strftime("%Y%m%d"), moment.strftime("%Y%m")

@@ -55,6 +55,11 @@ def _default_tier() -> Any:
     return tier
 
 
+def default_tier() -> Any:
+    """The tier of users without a ``UserQuota`` (or None), from the config cache."""
+    return config_cache.get("default-tier", _default_tier)
+
+
 def _load(user_pk: Any) -> UserPolicy:
     from llm_quota.models import LIMIT_FIELDS, UserQuota
 

@@ -14,16 +14,27 @@ settings.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from llm_quota import keys
 from llm_quota.accounting import ActualUsage, Estimate, Limits
-from llm_quota.ledger_ops import SCRIPTS, LedgerOps, LoadMonth, Plan, ScriptCall, script_source
+from llm_quota.ledger_ops import (
+    SCRIPTS,
+    LedgerOps,
+    LoadMonth,
+    Plan,
+    ScriptCall,
+    parse_usage,
+    script_source,
+    usage_is_trusted,
+)
 from llm_quota.ledger_results import (
     BUDGET_LIMITS,
     Decision,
     GlobalUsage,
     ModelUsage,
+    PeriodReset,
     Reservation,
     RestoreSource,
     Settlement,
@@ -31,7 +42,7 @@ from llm_quota.ledger_results import (
     parse_model_fields,
     text,
 )
-from llm_quota.periods import current_month, period_args
+from llm_quota.periods import current_month, day_and_month, month_start, period_args
 
 #: Index keys read per round trip when walking a cluster's sharded active-user index.
 INDEX_BATCH = 512
@@ -133,17 +144,72 @@ class Ledger:
         return self._run(self.ops.release(reservation))
 
     def usage(self, user_id: Any) -> UserUsage:
-        return self._run(self.ops.usage(user_id))
+        """The user's live counters; lost ones are restored first, as reserve would."""
+        return self._run(
+            self.ops.usage(user_id, restore_lost=self.restore_source is not None)
+        )
+
+    def usage_many(self, user_ids: Iterable[Any]) -> dict[str, UserUsage]:
+        """Live counters of many users at once (the admin's change list): one pipelined
+        round trip on one Redis; on a cluster one script per user (redis-py's cluster
+        pipeline cannot load a missing script)."""
+        uids = list(dict.fromkeys(keys.user_id(u) for u in user_ids))
+        replies = dict(zip(uids, self._usage_replies(uids), strict=True))
+        lost = [uid for uid, r in replies.items() if not usage_is_trusted(r)]
+        if lost and self.restore_source is not None:
+            for uid in lost:
+                self.restore(uid, text(replies[uid][2]))
+            replies.update(zip(lost, self._usage_replies(lost), strict=True))
+        return {uid: parse_usage(r) for uid, r in replies.items()}
+
+    def _usage_replies(self, uids: list[str]) -> list[Any]:
+        calls = [self.ops.usage_call(uid) for uid in uids]
+        if len(calls) <= 1 or self.cluster:
+            # One plain EVALSHA each: a pipeline would first ask SCRIPT EXISTS.
+            return [self._perform(call) for call in calls]
+        script = self._scripts["usage"]
+        pipe = self.client.pipeline(transaction=False)
+        for call in calls:
+            script(keys=list(call.keys), args=list(call.args), client=pipe)
+        return list(pipe.execute())
 
     def global_usage(self) -> GlobalUsage:
         """Everyone's tokens against the global caps, expired shares given back."""
         return self._run(self.ops.global_usage())
 
     def restore(self, user_id: Any, month: str) -> bool:
-        """Add the database's record of ``month`` back into Redis, once per loss."""
+        """Add the database's record of ``month`` (and the month before) back, once."""
         return self._run(self.ops.restore(user_id, month))
 
+    def reset_period(self, user_id: Any) -> PeriodReset:
+        """Forgive the user's usage of the current day and month (see ``LedgerOps``)."""
+        return self._run(self.ops.reset_period(user_id))
+
+    def now_ms(self) -> int:
+        """The ledger's time: the pinned clock, else Redis' own (as the scripts use)."""
+        if self.clock is not None:
+            return int(self.clock() * 1000)
+        seconds, micros = self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def periods(self, now_ms: int | None = None) -> tuple[str, str]:
+        """The current day and month ids (``YYYYMMDD``, ``YYYYMM``) in the period zone."""
+        return day_and_month(self.now_ms() if now_ms is None else now_ms, self.timezone)
+
     # -- walking the active users (the snapshot) -----------------------------------------
+
+    def count_active_users(self, month: str) -> int:
+        """How many users the month's index lists (a progress bar's total)."""
+        if not self.cluster:
+            return int(self.client.zcard(self.keyspace.active_users(month)))
+        total = 0
+        shards = self.keyspace.index_shards()
+        for start in range(0, len(shards), INDEX_BATCH):
+            pipe = self.client.pipeline(transaction=False)
+            for base in shards[start : start + INDEX_BATCH]:
+                pipe.zcard(f"{base}:a:{month}")
+            total += sum(int(n) for n in pipe.execute())
+        return total
 
     def active_user_ids(self, month: str, *, since_ms: int | None = None) -> Iterator[str]:
         """Every user who settled in ``month`` (``YYYYMM``), at or after ``since_ms``.
@@ -213,12 +279,14 @@ __all__ = [
     "GlobalUsage",
     "Ledger",
     "ModelUsage",
+    "PeriodReset",
     "Reservation",
     "RestoreSource",
     "Settlement",
     "UserUsage",
     "current_month",
     "get_ledger",
+    "month_start",
     "parse_model_fields",
     "period_args",
     "reset_default_ledger",

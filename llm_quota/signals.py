@@ -5,6 +5,13 @@ from django.dispatch import Signal
 #: Sent when a request is refused. kwargs: user, limit, retry_after, error_type.
 quota_refused = Signal()
 
-#: Sent once per user, period and threshold when usage crosses the tier's soft
-#: limit. kwargs: user_id, limit, used, threshold, period.
+#: Sent once per user, period and threshold when the month's settled usage crosses
+#: the tier's soft limit (``soft_limit_percent`` of ``tokens_per_month``).
+#: kwargs: user_id, limit, used, threshold (base tokens), percent, budget, period,
+#: event (the same fields as the webhook's JSON body).
 soft_limit_crossed = Signal()
+
+#: Sent once per user, limit and period when a day, month or global budget first
+#: refuses a request (``quota_refused`` fires on every refusal).
+#: kwargs: user_id, limit, percent (100), period, retry_after, event.
+budget_exhausted = Signal()

@@ -8,4 +8,5 @@ urlpatterns = [
     path("api/token/", ScopedTokenObtainPairView.as_view(), name="token_obtain_pair"),
     path("api/token/refresh/", ScopedTokenRefreshView.as_view(), name="token_refresh"),
     path("v1/", include("llm_quota.gateway_urls")),
+    path("api/llm-quota/", include("llm_quota.usage_urls")),
 ]

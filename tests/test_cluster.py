@@ -16,7 +16,7 @@ from llm_quota import keys
 from llm_quota.accounting import ActualUsage, Limits
 from llm_quota.ledger_ops import ScriptCall
 from llm_quota.redis_ledger import Ledger
-from tests import test_ledger
+from tests import periods, test_ledger
 from tests.concurrency_worker import global_burst
 from tests.factories import estimate
 from tests.test_concurrency import run_burst
@@ -177,15 +177,17 @@ def test_restore_on_the_cluster_lists_the_user_in_its_shard(cluster_client, quot
 
     ledger = Ledger(cluster_client, prefix=quota_prefix, clock=clock, restore=source)
     refused = ledger.reserve(5, Limits(tokens_per_month=1000), estimate(200, 0), clamp=False)
-    assert calls == [("5", "202611")]
+    month, last_month = periods.month_id(clock), periods.month_id(clock, back=1)
+    assert calls == [("5", month), ("5", last_month)]  # the month, and the one just closed
     assert not refused.allowed and refused.limit == "tokens_per_month"
     assert ledger.usage(5).tokens_this_month == 900
-    assert list(ledger.active_user_ids("202611")) == ["5"]
+    assert list(ledger.active_user_ids(month)) == ["5"]
 
 
-def test_reserve_is_one_script_without_global_caps_and_two_with(cluster_ledger, monkeypatch):
-    cluster_ledger.usage(1)
-    cluster_ledger.restore(1, "202611")  # a known user: no restore step below
+def test_reserve_is_one_script_without_global_caps_and_two_with(
+    cluster_ledger, monkeypatch, clock
+):
+    cluster_ledger.restore(1, periods.month_id(clock))  # a known user: no restore step below
     sent = []
     original = cluster_ledger._perform
 
@@ -208,22 +210,24 @@ def test_reserve_is_one_script_without_global_caps_and_two_with(cluster_ledger, 
 
 @pytest.mark.slow
 def test_parallel_requests_on_the_cluster_admit_exactly_and_never_overspend(
-    redis_cluster, cluster_ledger, quota_prefix
+    redis_cluster, cluster_client, quota_prefix
 ):
     limit, prompt, output = 10_000, 100, 137  # floor(10000 / 237) = 42 of 128
     reserved, charged = run_burst(
         quota_prefix, limit, prompt, output, settle_at_once=False, url=redis_cluster.url
     )
     assert reserved == limit // (prompt + output)
-    usage = cluster_ledger.usage(7)
+    # The workers count on Redis' clock, so read on it too (not the pinned one).
+    usage = Ledger(cluster_client, prefix=quota_prefix).usage(7)
     assert usage.reserved == 0 and usage.in_flight == 0
     assert usage.tokens_this_month == charged <= limit
 
 
 @pytest.mark.slow
 def test_global_cap_across_slots_admits_exactly_under_many_processes(
-    redis_cluster, cluster_ledger, quota_prefix
+    redis_cluster, cluster_client, quota_prefix
 ):
+    cluster_ledger = Ledger(cluster_client, prefix=quota_prefix)  # Redis' clock, as the workers
     processes, threads, cap, cost = 6, 12, 5_000, 150  # floor = 33 of 72 users
     ctx = multiprocessing.get_context("spawn")
     start, results = ctx.Event(), ctx.Queue()
@@ -290,3 +294,23 @@ def test_malformed_cluster_url_is_a_system_check_error(settings):
     for bad in ("redis+cluster://", "http://127.0.0.1:7000", "redis+cluster://host"):
         settings.LLM_QUOTA = {**settings.LLM_QUOTA, "REDIS_CLUSTER_URL": bad}
         assert "llm_quota.E014" in {e.id for e in check_settings()}, bad
+
+
+@pytest.mark.django_db
+def test_snapshot_copies_users_from_every_primary(cluster_ledger):
+    from llm_quota.models import UsageSnapshot
+    from llm_quota.snapshot import count_active, snapshot_usage
+    from tests import factories
+
+    users = [factories.user() for _ in range(12)]
+    for user in users:
+        d = cluster_ledger.reserve(user.pk, Limits(), estimate(100, 50))
+        cluster_ledger.settle(d.reservation, ActualUsage(100, 20))
+    bases = [cluster_ledger.keyspace.user(user.pk) for user in users]
+    assert len(nodes_of(cluster_ledger.client, bases)) == 3
+    assert count_active(cluster_ledger) == 12
+    run = snapshot_usage(ledger=cluster_ledger)
+    assert (run.users, run.rows_written, run.lost) == (12, 12, 0)
+    rows = UsageSnapshot.objects.filter(user__in=users)
+    assert sorted(row.base_tokens for row in rows) == [120] * 12
+    assert snapshot_usage(ledger=cluster_ledger).rows_written == 0  # idempotent

@@ -10,6 +10,7 @@ import pytest
 from llm_quota.accounting import ActualUsage, Limits
 from llm_quota.keys import InvalidKeyPart
 from llm_quota.redis_ledger import Ledger
+from tests import periods
 from tests.factories import estimate
 
 
@@ -54,7 +55,7 @@ def test_monthly_budget_admits_until_full_and_names_the_limit(ledger, clock):
     assert [d.allowed for d in admitted] == [True, True, True, True, False]
     refused = admitted[-1]
     assert refused.limit == "tokens_per_month" and refused.is_budget
-    month_end = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
+    month_end = datetime(2099, 12, 1, tzinfo=UTC).timestamp()
     assert refused.retry_after_seconds == int(month_end - clock())
 
 
@@ -93,7 +94,7 @@ def test_sliding_window_admits_exactly_the_rate(ledger, clock):
 def test_sliding_window_has_no_edge_burst(ledger, clock):
     """A fixed window would let 2x through around its edge; a sliding one never does."""
     limits = Limits(requests_per_minute=10)
-    clock.set(datetime(2026, 11, 27, 12, 0, 59, tzinfo=UTC))
+    clock.set(datetime(2099, 11, 27, 12, 0, 59, tzinfo=UTC))
     first = sum(ledger.reserve(1, limits, estimate(1, 1)).allowed for _ in range(10))
     clock.advance(2)  # across the minute boundary
     second = sum(ledger.reserve(1, limits, estimate(1, 1)).allowed for _ in range(10))
@@ -118,28 +119,28 @@ def test_day_boundary_rolls_over_in_the_period_timezone(redis_client, quota_pref
     tz = ZoneInfo("America/New_York")
     ledger = Ledger(redis_client, prefix=quota_prefix, timezone="America/New_York", clock=clock)
     limits = Limits(tokens_per_day=100)
-    clock.set(datetime(2026, 11, 27, 23, 59, 50, tzinfo=tz))
+    clock.set(datetime(2099, 11, 27, 23, 59, 50, tzinfo=tz))
     assert ledger.reserve(1, limits, estimate(100, 0)).allowed
     refused = ledger.reserve(1, limits, estimate(1, 0))
     assert refused.limit == "tokens_per_day" and refused.retry_after_seconds == 10
     clock.advance(10)  # midnight in New York (05:00 UTC)
     fresh = ledger.reserve(1, limits, estimate(100, 0))
-    assert fresh.allowed and fresh.reservation.day == "20261128"
+    assert fresh.allowed and fresh.reservation.day == "20991128"
 
 
 def test_month_boundary_rolls_over_and_keeps_last_month(ledger, clock):
     limits = Limits(tokens_per_month=100)
-    clock.set(datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC))
+    clock.set(datetime(2099, 11, 30, 23, 59, 59, tzinfo=UTC))
     d = ledger.reserve(1, limits, estimate(100, 0))
-    assert d.allowed and d.reservation.month == "202611"
+    assert d.allowed and d.reservation.month == "209911"
     assert not ledger.reserve(1, limits, estimate(1, 0)).allowed
     clock.advance(1)
     d2 = ledger.reserve(1, limits, estimate(100, 0))
-    assert d2.allowed and d2.reservation.month == "202612"
+    assert d2.allowed and d2.reservation.month == "209912"
     # A settle after the boundary lands in the month the reservation was made in.
     ledger.settle(d.reservation, ActualUsage(60, 0))
     assert ledger.usage(1).tokens_this_month == 100
-    assert int(redis_client_get(ledger, "202611")) == 60
+    assert int(redis_client_get(ledger, "209911")) == 60
 
 
 def redis_client_get(ledger: Ledger, month: str) -> bytes:
@@ -196,10 +197,12 @@ def test_active_users_are_listed_for_the_snapshot_without_keys(ledger, clock):
         d = ledger.reserve(uid, Limits(), estimate(1, 1))
         ledger.settle(d.reservation, ActualUsage(1, 1))
         clock.advance(10)
-    assert sorted(ledger.active_user_ids("202611")) == ["1", "2", "3"]
+    month = periods.month_id(clock)
+    assert sorted(ledger.active_user_ids(month)) == ["1", "2", "3"]
+    assert ledger.count_active_users(month) == 3
     since = int((clock() - 15) * 1000)  # after user 1 settled, before user 2 did
-    assert list(ledger.active_user_ids("202611", since_ms=since)) == ["2"]
-    assert list(ledger.active_user_ids("202610")) == []
+    assert list(ledger.active_user_ids(month, since_ms=since)) == ["2"]
+    assert list(ledger.active_user_ids(periods.month_id(clock, back=1))) == []
 
 
 def test_binding_limit_is_the_one_that_clears_last(ledger):

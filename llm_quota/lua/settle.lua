@@ -5,10 +5,12 @@
 --       5 actual base tokens, 6 input tokens, 7 output tokens,
 --       8 day, 9 month, 10 month end, 11 global (1/0), 12 model
 --       (8-12 are the caller's copy of the record, used only if Redis lost it).
--- Returns {outcome, charged, prior state}: outcome 1 settled, 0 already settled or
--- released (nothing changed), 2 settled late: the estimate had expired, so the whole
--- actual usage was charged on top. The prior state (p, x, s, l) tells a cluster's
--- second step what to do with the global share.
+-- Returns {outcome, charged, month_used, prior state}: outcome 1 settled, 0 already
+-- settled or released (nothing changed), 2 settled late: the estimate had expired, so
+-- the whole actual usage was charged on top. month_used is the settled base tokens of
+-- the reservation's month after this settle (-1 if nothing changed), so the caller can
+-- see a soft limit being crossed without another round trip. The prior state
+-- (p, x, s, l) tells a cluster's second step what to do with the global share.
 
 local B, I, G = KEYS[1], KEYS[2], KEYS[3]
 local now = now_ms(ARGV[1])
@@ -27,7 +29,7 @@ else
 end
 
 -- Step 2: a second settle, or a settle after release, changes nothing.
-if state == 's' or state == 'l' then return {0, 0, state} end
+if state == 's' or state == 'l' then return {0, 0, -1, state} end
 
 -- Step 3: counters move by the difference to what they already hold for it. The
 -- global share keeps its own record (it may have expired on its own), so it works
@@ -54,6 +56,13 @@ redis.call('HINCRBY', u, 'in|' .. model, input)
 redis.call('HINCRBY', u, 'out|' .. model, output)
 redis.call('HINCRBY', u, 'base|' .. model, actual)
 redis.call('PEXPIREAT', u, month_end + MONTH_GRACE)
+-- The month's settled total is the sum over models (a few fields): summing here
+-- keeps it exact after restores and resets, which rewrite this hash.
+local month_used = 0
+local fields = redis.call('HGETALL', u)
+for i = 1, #fields, 2 do
+  if string.sub(fields[i], 1, 5) == 'base|' then month_used = month_used + tonumber(fields[i + 1]) end
+end
 
 -- Step 6: the snapshot finds active users through this index, never through KEYS.
 local a = I .. ':a:' .. month
@@ -63,5 +72,5 @@ redis.call('PEXPIREAT', a, month_end + MONTH_GRACE)
 -- Step 7: keep a tombstone for one TTL so retried settles stay idempotent.
 redis.call('HSET', B .. ':rr', rid, record('s', actual, day, month, month_end, g, model))
 redis.call('ZADD', B .. ':z', now + ttl, rid)
-if state == 'p' then return {1, delta, state} end
-return {2, delta, state}
+if state == 'p' then return {1, delta, month_used, state} end
+return {2, delta, month_used, state}

@@ -4,7 +4,8 @@
 --       6 month starts.
 -- Returns {now, day, month, day_end, month_end, tokens_today, tokens_this_month,
 --          reserved, requests_this_minute, tokens_this_minute, in_flight,
---          {per-model fields and values of the month}}
+--          {per-model fields and values of the month}, seen (1/0)}
+-- seen 0 means Redis lost this user's counters and they have not been restored yet.
 
 local B = KEYS[1]
 local now = now_ms(ARGV[1])
@@ -25,4 +26,5 @@ return {
   num(redis.call('HGET', B .. ':wt', '_sum')),
   redis.call('ZCARD', B .. ':p'),
   redis.call('HGETALL', B .. ':u:' .. month),
+  redis.call('HEXISTS', B .. ':s', 'seen'),
 }

@@ -131,7 +131,7 @@ def test_rate_limit_is_rate_limit_error_and_the_sdk_retries_after_retry_after(ga
 def test_budget_refusal_is_insufficient_quota_and_never_retried(gateway, refusals, clock, ledger):
     # 30 s before midnight: Retry-After is short enough that the SDK *would* retry it,
     # so only x-should-retry: false keeps it from hammering.
-    clock.set(datetime(2026, 11, 27, 23, 59, 30, tzinfo=UTC))
+    clock.set(datetime(2099, 11, 27, 23, 59, 30, tzinfo=UTC))
     pro = factories.tier("pro")
     factories.tier(
         "free", is_default=True, tokens_per_day=50, upgrade_to=pro,

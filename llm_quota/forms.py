@@ -1,0 +1,108 @@
+"""Admin forms: validation the models cannot express alone.
+
+The model fields already refuse negative or zero limits and multipliers, and the
+models' ``clean`` refuses patterns that do not compile; these forms add what needs
+the other rows (exactly one default tier) or other libraries (model names the
+ledger accepts, tiktoken encodings that exist).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Any
+
+from django import forms
+from django.utils.translation import gettext_lazy as _
+
+from llm_quota.keys import is_valid_model_name
+from llm_quota.models import ModelPrice, Tier
+
+# What may appear in a model name (keys.py), plus fnmatch's own syntax.
+_PATTERN_CHARS = re.compile(r"^[A-Za-z0-9._:/@+*?\[\]!-]+$")
+
+
+def validate_model_pattern(pattern: str) -> None:
+    """A model name or fnmatch pattern that compiles and can match some model name.
+
+    Python's fnmatch escapes almost anything into a valid regex, so "compiles" alone
+    catches little: an empty range (``[z-a]``) compiles to a never-matching regex, and
+    a space can never occur in a model name. Both are typos worth refusing.
+    """
+    try:
+        regex = fnmatch.translate(pattern)
+        re.compile(regex)
+    except re.error as exc:  # pragma: no cover - kept for other Python versions
+        raise forms.ValidationError(f"{pattern!r}: {exc}") from exc
+    if not _PATTERN_CHARS.match(pattern):
+        raise forms.ValidationError(
+            _("%(p)r can never match: model names use letters, digits and ._:/@+-") % {"p": pattern}
+        )
+    if "(?!)" in regex:
+        raise forms.ValidationError(
+            _("%(p)r can never match: it has an empty character range") % {"p": pattern}
+        )
+
+
+class TierForm(forms.ModelForm):
+    upgrade_url = forms.URLField(
+        label=_("upgrade URL"), required=False, assume_scheme="https", max_length=200
+    )
+
+    class Meta:
+        model = Tier
+        fields = "__all__"
+
+    def clean_allowed_models(self) -> str:
+        text = self.cleaned_data.get("allowed_models", "")
+        errors = []
+        for line in text.splitlines():
+            if line.strip():
+                try:
+                    validate_model_pattern(line.strip())
+                except forms.ValidationError as exc:
+                    errors.extend(exc.messages)
+        if errors:
+            raise forms.ValidationError(errors)
+        return text
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        others = Tier.objects.filter(is_default=True).exclude(pk=self.instance.pk)
+        if not cleaned.get("is_default") and not others.exists():
+            # Unticking the only default would leave new users with no tier at all.
+            self.add_error(
+                "is_default",
+                _("Exactly one tier must be the default; make another tier the default first."),
+            )
+        return cleaned
+
+
+class ModelPriceForm(forms.ModelForm):
+    class Meta:
+        model = ModelPrice
+        fields = "__all__"
+
+    def clean_model(self) -> str:
+        model = self.cleaned_data["model"].strip()
+        patterned = any(ch in model for ch in "*?[")
+        if patterned:
+            validate_model_pattern(model)
+        elif not is_valid_model_name(model):
+            raise forms.ValidationError(
+                _("A model name is 1-128 letters, digits and ._:/@+- (or an fnmatch pattern).")
+            )
+        return model
+
+    def clean_encoding(self) -> str:
+        encoding = self.cleaned_data.get("encoding", "").strip()
+        if encoding:
+            import tiktoken
+
+            known = set(tiktoken.list_encoding_names())
+            if encoding not in known:
+                raise forms.ValidationError(
+                    _("Unknown tiktoken encoding; one of: %(names)s")
+                    % {"names": ", ".join(sorted(known))}
+                )
+        return encoding
