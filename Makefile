@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench loadtest clean
 
 $(STAMP): requirements.txt setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(STAMP)
 # Benchmarks against REDIS_URL (else the embedded Redis); not part of `make test`.
 bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks $(BENCH_ARGS)
+
+# Bounded load (5,000 requests, 64 at once) through gunicorn; not part of `make test`.
+loadtest: $(STAMP)
+	$(BIN)/python -m tests.loadtest $(LOADTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

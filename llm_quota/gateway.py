@@ -24,7 +24,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.views import APIView
 from rest_framework_simplejwt.authentication import JWTAuthentication
 
-from llm_quota import stream_relay
+from llm_quota import gateway_schema, stream_relay
 from llm_quota.chat_request import ChatRequest
 from llm_quota.conf import quota_settings
 from llm_quota.guard import QuotaGuard
@@ -84,6 +84,7 @@ class OpenAIView(APIView):
 class ChatCompletionsView(OpenAIView):
     throttle_classes = [LLMQuotaThrottle]
 
+    @gateway_schema.chat_completions
     def post(self, request: Any, *args: Any, **kwargs: Any) -> HttpResponseBase:
         chat = ChatRequest.from_body(request.data)
         guard: QuotaGuard = getattr(request, REQUEST_ATTRIBUTE)
@@ -129,6 +130,7 @@ def _model(name: str) -> dict[str, Any]:
 class ModelsView(OpenAIView):
     """The models the caller's tier allows (priced, exact names)."""
 
+    @gateway_schema.list_models
     def get(self, request: Any, *args: Any, **kwargs: Any) -> JsonResponse:
         policy = policy_for(request.user)
         models = [_model(name) for name in priced_models() if policy.allows_model(name)]
@@ -136,6 +138,7 @@ class ModelsView(OpenAIView):
 
 
 class ModelView(OpenAIView):
+    @gateway_schema.retrieve_model
     def get(self, request: Any, model: str, *args: Any, **kwargs: Any) -> JsonResponse:
         if model not in priced_models() or not policy_for(request.user).allows_model(model):
             return error_response(
