@@ -35,6 +35,9 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a process may serve tier and price rows from memory before reading
     # them again; saves in the same process invalidate at once.
     "CONFIG_CACHE_SECONDS": 1.0,
+    # Requests per minute per client address to the token endpoint (password
+    # guessing); None or 0 turns the limit off.
+    "TOKEN_REQUESTS_PER_MINUTE": 20,
     # The gateway's upstream (contract section 2): an OpenAI-compatible base URL such
     # as "https://api.openai.com/v1" and its key. No URL: the built-in fake provider.
     "OPENAI_BASE_URL": None,
