@@ -40,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
     # redis-py's RedisCluster instead of the REDIS_CACHE_ALIAS client (django-redis
     # has no cluster client).
     "REDIS_CLUSTER_URL": None,
+    # Requests per minute per client address to the token endpoint (password
+    # guessing); None or 0 turns the limit off.
+    "TOKEN_REQUESTS_PER_MINUTE": 20,
     # The gateway's upstream (contract section 2): an OpenAI-compatible base URL such
     # as "https://api.openai.com/v1" and its key. No URL: the built-in fake provider.
     "OPENAI_BASE_URL": None,

@@ -51,6 +51,9 @@ logger = logging.getLogger("llm_quota")
 #: Retry-After for a request bigger than the tier allows at all: waiting won't help,
 #: but every 429 carries the header and a minute is an honest "not soon".
 PER_REQUEST_RETRY = 60
+#: No model writes a million tokens in one answer; a larger cap is a bug or an attack,
+#: refused even where the price row gives no context window to check against.
+MAX_OUTPUT_TOKENS = 1_000_000
 
 
 def estimate_request(
@@ -102,6 +105,10 @@ def _estimate(price: Price, prompt_tokens: int, max_tokens: int | None) -> Estim
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
     ):
         raise InvalidRequest("'max_tokens' must be a positive integer.", param="max_tokens")
+    if max_tokens is not None and max_tokens > MAX_OUTPUT_TOKENS:
+        raise InvalidRequest(
+            f"'max_tokens' may be at most {MAX_OUTPUT_TOKENS}.", param="max_tokens"
+        )
     window = price.context_window
     if window is not None and prompt_tokens >= window:
         raise InvalidRequest(

@@ -81,3 +81,67 @@ class LLMQuotaThrottle(BaseThrottle):
 
     def wait(self) -> float | None:
         return None  # refusals are raised with their own Retry-After
+
+
+class TokenEndpointThrottle(BaseThrottle):
+    """Per-IP request limit for ``/api/token/`` (password guessing), atomic in Redis.
+
+    It reuses the ledger's sliding request window rather than DRF's cached list,
+    whose read-modify-write lets bursts through: each client address is a pseudo
+    user in a key space of its own (``<KEY_PREFIX>-ip``), never mixed with real
+    users' counters, snapshots or restores, and the reservation is released at once,
+    so only the request is counted. Behind proxies, set DRF's ``NUM_PROXIES``;
+    without it ``X-Forwarded-For`` is ignored, since any client can write it.
+    """
+
+    _ledgers: dict[tuple[str, str], Any] = {}
+
+    def get_ident(self, request: Any) -> str:
+        from rest_framework.settings import api_settings
+
+        if api_settings.NUM_PROXIES is None:
+            return request.META.get("REMOTE_ADDR") or ""
+        return super().get_ident(request)
+
+    def ledger(self) -> Any:
+        from django_redis import get_redis_connection
+
+        from llm_quota.redis_ledger import Ledger
+
+        key = (quota_settings.REDIS_CACHE_ALIAS, quota_settings.KEY_PREFIX)
+        if key not in self._ledgers:
+            self._ledgers[key] = Ledger(
+                get_redis_connection(quota_settings.REDIS_CACHE_ALIAS),
+                prefix=f"{quota_settings.KEY_PREFIX}-ip"[:32],
+                reservation_ttl=60,
+            )
+        return self._ledgers[key]
+
+    def allow_request(self, request: Any, view: Any) -> bool:
+        import hashlib
+        import logging
+
+        from redis.exceptions import RedisError
+
+        from llm_quota.accounting import Estimate, Limits, Price
+        from llm_quota.exceptions import QuotaUnavailable, RateLimited
+
+        rate = quota_settings.TOKEN_REQUESTS_PER_MINUTE
+        if not rate:
+            return True
+        # A digest: an address (v6, or whatever a proxy wrote) never shapes a key.
+        pseudo_user = "ip-" + hashlib.sha256(self.get_ident(request).encode()).hexdigest()[:40]
+        nothing = Estimate(Price("token-endpoint", 0, 0), 0, 0)
+        try:
+            ledger = self.ledger()
+            decision = ledger.reserve(pseudo_user, Limits(requests_per_minute=rate), nothing)
+            if decision.reservation is not None:
+                ledger.release(decision.reservation)
+        except RedisError as exc:
+            if quota_settings.FAIL_OPEN:
+                logging.getLogger("llm_quota").critical("token throttle without Redis: %s", exc)
+                return True
+            raise QuotaUnavailable() from exc
+        if not decision.allowed:
+            raise RateLimited(decision.limit or "requests_per_minute", decision.retry_after_seconds)
+        return True

@@ -16,6 +16,7 @@ from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
 from llm_quota.conf import quota_settings
 from llm_quota.policy import policy_for
+from llm_quota.throttling import TokenEndpointThrottle
 
 
 def scope_claim(user: Any) -> str:
@@ -44,7 +45,9 @@ class ScopedTokenRefreshSerializer(TokenRefreshSerializer):
 
 class ScopedTokenObtainPairView(TokenObtainPairView):
     serializer_class = ScopedTokenObtainPairSerializer
+    throttle_classes = [TokenEndpointThrottle]
 
 
 class ScopedTokenRefreshView(TokenRefreshView):
     serializer_class = ScopedTokenRefreshSerializer
+    throttle_classes = [TokenEndpointThrottle]
