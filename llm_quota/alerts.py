@@ -125,6 +125,27 @@ def _now_iso(ledger: Ledger) -> str:
     return datetime.fromtimestamp(moment, UTC).isoformat()
 
 
+def soft_limit_crossing(policy: Any, settlement: Settlement) -> tuple[int, int, int] | None:
+    """``(budget, percent, threshold)`` if this settle took the month over the soft
+    limit, else None. Pure: async callers check it on the loop, and leave it only for
+    the rare settle that must send an alert."""
+    if not settlement.settled or settlement.month_used is None:
+        return None
+    budget = policy.limits.tokens_per_month
+    if budget is None:
+        return None
+    percent = int(policy.soft_limit_percent)
+    threshold = math.ceil(budget * percent / 100)
+    used = settlement.month_used
+    if not used - settlement.base_tokens < threshold <= used:
+        return None
+    return budget, percent, threshold
+
+
+def user_pk(uid: str) -> Any:
+    return _user_pk(uid)
+
+
 def after_settle(reservation: Reservation, settlement: Settlement, ledger: Ledger) -> None:
     """Send ``soft_limit_crossed`` if this settle took the month over the soft limit."""
     if not settlement.settled or settlement.month_used is None:
@@ -133,14 +154,11 @@ def after_settle(reservation: Reservation, settlement: Settlement, ledger: Ledge
         from llm_quota.policy import policy_for
 
         policy = policy_for(_user_pk(reservation.user_id))
-        budget = policy.limits.tokens_per_month
-        if budget is None:
+        crossing = soft_limit_crossing(policy, settlement)
+        if crossing is None:
             return
-        percent = int(policy.soft_limit_percent)
-        threshold = math.ceil(budget * percent / 100)
+        budget, percent, threshold = crossing
         used = settlement.month_used
-        if not used - settlement.base_tokens < threshold <= used:
-            return
         event = {
             "event": "soft_limit_crossed",
             "user_id": reservation.user_id,

@@ -10,11 +10,19 @@ class LLMQuotaConfig(AppConfig):
     def ready(self) -> None:
         from llm_quota import checks  # noqa: F401  (registers the system checks)
         from llm_quota.alerts import on_quota_refused
+        from llm_quota.config_broadcast import config_changed, listener
+        from llm_quota.config_cache import config_cache
         from llm_quota.models import ModelPrice, Tier, UserQuota
-        from llm_quota.policy import invalidate
         from llm_quota.signals import quota_refused
 
         quota_refused.connect(on_quota_refused, dispatch_uid="llmq-budget-alert")
         for model in (Tier, ModelPrice, UserQuota):
-            post_save.connect(invalidate, sender=model, dispatch_uid=f"llmq-save-{model.__name__}")
-            post_delete.connect(invalidate, sender=model, dispatch_uid=f"llmq-del-{model.__name__}")
+            post_save.connect(
+                config_changed, sender=model, dispatch_uid=f"llmq-save-{model.__name__}"
+            )
+            post_delete.connect(
+                config_changed, sender=model, dispatch_uid=f"llmq-del-{model.__name__}"
+            )
+        # Started lazily on the first read, in each process: threads don't survive the
+        # fork of a preloading gunicorn or a prefork Celery pool.
+        config_cache.before_read = listener.ensure_running

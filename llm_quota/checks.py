@@ -29,25 +29,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     for name in user:
         if name not in DEFAULTS:
             errors.append(Warning(f"LLM_QUOTA has an unknown key {name!r}.", id="llm_quota.W001"))
-    alias = quota_settings.REDIS_CACHE_ALIAS
-    cache = settings.CACHES.get(alias)
-    if cache is None:
-        errors.append(
-            Error(
-                f"LLM_QUOTA['REDIS_CACHE_ALIAS'] is {alias!r}, but CACHES has no such alias.",
-                hint="Add a django_redis.cache.RedisCache entry under that alias.",
-                id="llm_quota.E002",
-            )
-        )
-    elif not str(cache.get("BACKEND", "")).startswith("django_redis."):
-        errors.append(
-            Error(
-                f"CACHES[{alias!r}] is {cache.get('BACKEND')}, not django-redis: the quota "
-                "ledger runs Lua scripts on Redis and cannot count atomically anywhere else.",
-                hint="Use BACKEND 'django_redis.cache.RedisCache'.",
-                id="llm_quota.E003",
-            )
-        )
+    errors += _check_redis()
     if quota_settings.UNKNOWN_MODEL not in ("reject", "default"):
         errors.append(
             Error(
@@ -124,6 +106,56 @@ def _check_alert_settings() -> list[Any]:
             )
         )
     return errors
+
+
+def _check_redis() -> list[Any]:
+    """The ledger needs Lua scripts on a real Redis: a django-redis cache, or a cluster."""
+    url = quota_settings.REDIS_CLUSTER_URL
+    if url:
+        return _check_cluster_url(str(url))
+    errors: list[Any] = []
+    alias = quota_settings.REDIS_CACHE_ALIAS
+    cache = settings.CACHES.get(alias)
+    if cache is None:
+        errors.append(
+            Error(
+                f"LLM_QUOTA['REDIS_CACHE_ALIAS'] is {alias!r}, but CACHES has no such alias.",
+                hint="Add a django_redis.cache.RedisCache entry under that alias.",
+                id="llm_quota.E002",
+            )
+        )
+    elif not str(cache.get("BACKEND", "")).startswith("django_redis."):
+        errors.append(
+            Error(
+                f"CACHES[{alias!r}] is {cache.get('BACKEND')}, not django-redis: the quota "
+                "ledger runs Lua scripts on Redis and cannot count atomically anywhere else.",
+                hint="Use BACKEND 'django_redis.cache.RedisCache'.",
+                id="llm_quota.E003",
+            )
+        )
+    return errors
+
+
+def _check_cluster_url(url: str) -> list[Any]:
+    from urllib.parse import urlsplit
+
+    from llm_quota.connections import CLUSTER_SCHEMES, cluster_nodes
+
+    try:
+        first, _ = cluster_nodes(url)
+        ok = urlsplit(url).scheme in (*CLUSTER_SCHEMES, "redis", "rediss")
+        ok = ok and bool(urlsplit(first).hostname) and urlsplit(first).port is not None
+    except ValueError:
+        ok = False
+    if ok:
+        return []
+    return [
+        Error(
+            f"LLM_QUOTA['REDIS_CLUSTER_URL'] {url[:80]!r} is not a cluster URL.",
+            hint="Use redis+cluster://host:port[,host:port...] (rediss+cluster:// for TLS).",
+            id="llm_quota.E014",
+        )
+    ]
 
 
 @register(Tags.database)

@@ -32,9 +32,14 @@ DEFAULTS: dict[str, Any] = {
     "BASE_TOKEN_USD_PER_MILLION": Decimal("2.50"),
     "GLOBAL_TOKENS_PER_DAY": None,
     "GLOBAL_TOKENS_PER_MONTH": None,
-    # Seconds a process may serve tier and price rows from memory before reading
-    # them again; saves in the same process invalidate at once.
-    "CONFIG_CACHE_SECONDS": 1.0,
+    # Seconds a process may serve tier, quota and price rows from memory before
+    # reading them again. Saves reach every process at once (config_broadcast.py):
+    # this only bounds how stale a process cut off from Redis pub/sub can get.
+    "CONFIG_CACHE_SECONDS": 30.0,
+    # Redis Cluster: "redis+cluster://host:port[,host:port...]" makes the ledger use
+    # redis-py's RedisCluster instead of the REDIS_CACHE_ALIAS client (django-redis
+    # has no cluster client).
+    "REDIS_CLUSTER_URL": None,
     # Requests per minute per client address to the token endpoint (password
     # guessing); None or 0 turns the limit off.
     "TOKEN_REQUESTS_PER_MINUTE": 20,
@@ -79,8 +84,9 @@ def _reload(*, setting: str, **kwargs: Any) -> None:
     if setting == "LLM_QUOTA":
         quota_settings.reload()
         # The ledger and the config cache are built from these settings.
-        from llm_quota import policy, redis_ledger
+        from llm_quota import connections, policy, redis_ledger
 
+        connections.reset()
         redis_ledger.reset_default_ledger()
         policy.invalidate()
 

@@ -53,6 +53,10 @@ class _Budget:
         return self.stop_above is not None and self.total > self.stop_above
 
 
+#: Async callers count prompts up to this many characters on the event loop
+#: (tiktoken: well under a millisecond); longer ones in a thread.
+INLINE_COUNT_CHARS = 16_000
+
 _load_lock = threading.Lock()
 
 
@@ -275,3 +279,35 @@ def prompt_bounds(messages: Any, *, tools: Any = None) -> tuple[int, int]:
 def count_output(text: str, model: str, *, encoding_name: str = "") -> int:
     """Tokens of generated text, for settling a call whose upstream reported no usage."""
     return count_text(text, load_encoding(encoding_name_for(model, encoding_name)))
+
+
+def counts_quickly(
+    messages: Any, model: str, *, encoding_name: str = "", tools: Any = None
+) -> bool:
+    """Whether ``count_messages`` may run on an event loop: the encoding is loaded
+    already (no file or network), and the text to encode is short. Anything unusual
+    (tools, audio or file parts) says no: a thread is always safe."""
+    if tools or encoding_name_for(model, encoding_name) not in _loaded:
+        return False
+    if isinstance(messages, str):
+        return len(messages) <= INLINE_COUNT_CHARS
+    budget = INLINE_COUNT_CHARS
+    for message in messages or []:
+        if not isinstance(message, dict):
+            return False
+        for value in message.values():
+            if isinstance(value, str):
+                budget -= len(value)
+            elif isinstance(value, list):
+                for part in value:
+                    if not isinstance(part, dict):
+                        return False
+                    if isinstance(part.get("text"), str):
+                        budget -= len(part["text"])
+                    elif part.get("type") not in ("image_url", "input_image", "image"):
+                        return False
+            elif value is not None:
+                return False
+            if budget < 0:
+                return False
+    return True

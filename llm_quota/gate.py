@@ -5,6 +5,10 @@ manager and the gateway are thin wrappers over it. It prices the request, applie
 the static checks that need no Redis (blocked user, allowed model, per-request
 budget, context window), then asks the ledger once. A refusal is raised as an
 exception that DRF renders; an admission returns the ``Reservation`` to settle.
+
+``aestimate_request``/``aadmit``/``asettle``/``arelease`` are the same steps for async
+code: the checks and the reading of the decision are shared, the ledger is the
+``AsyncLedger`` (no thread), and the ORM is read in a thread only on a cache miss.
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
-from redis.exceptions import RedisError
+from asgiref.sync import sync_to_async
 from rest_framework.exceptions import NotAuthenticated
 
 from llm_quota import alerts, keys, signals
 from llm_quota.accounting import ActualUsage, Estimate, Price
+from llm_quota.async_ledger import AsyncLedger, get_async_ledger
 from llm_quota.conf import quota_settings
-from llm_quota.estimation import count_messages
+from llm_quota.connections import REDIS_ERRORS
+from llm_quota.estimation import count_messages, counts_quickly
 from llm_quota.exceptions import (
     BudgetExceeded,
     InvalidRequest,
@@ -29,8 +35,8 @@ from llm_quota.exceptions import (
     QuotaUnavailable,
     RateLimited,
 )
-from llm_quota.policy import UserPolicy, policy_for
-from llm_quota.pricing import price_for
+from llm_quota.policy import UserPolicy, apolicy_for, policy_for
+from llm_quota.pricing import aprice_for, price_for
 from llm_quota.redis_ledger import (
     BUDGET_LIMITS,
     Decision,
@@ -59,11 +65,42 @@ def estimate_request(
     tools: Any = None,
 ) -> Estimate:
     """Price a request before the call: counted prompt plus the output cap."""
-    if not keys.is_valid_model_name(model):
-        raise InvalidRequest("'model' must be a model name.", param="model")
+    _check_model_name(model)
     price = price_for(model)
     if prompt_tokens is None:
         prompt_tokens = count_messages(messages, model, encoding_name=price.encoding, tools=tools)
+    return _estimate(price, prompt_tokens, max_tokens)
+
+
+async def aestimate_request(
+    model: str,
+    *,
+    messages: Any = None,
+    prompt_tokens: int | None = None,
+    max_tokens: int | None = None,
+    tools: Any = None,
+) -> Estimate:
+    """``estimate_request`` for async code: a long prompt is counted in a thread."""
+    _check_model_name(model)
+    price = await aprice_for(model)
+    if prompt_tokens is None:
+        count_args = (messages, model)
+        count_kwargs = {"encoding_name": price.encoding, "tools": tools}
+        if counts_quickly(*count_args, **count_kwargs):
+            prompt_tokens = count_messages(*count_args, **count_kwargs)
+        else:
+            prompt_tokens = await sync_to_async(count_messages, thread_sensitive=False)(
+                *count_args, **count_kwargs
+            )
+    return _estimate(price, prompt_tokens, max_tokens)
+
+
+def _check_model_name(model: Any) -> None:
+    if not keys.is_valid_model_name(model):
+        raise InvalidRequest("'model' must be a model name.", param="model")
+
+
+def _estimate(price: Price, prompt_tokens: int, max_tokens: int | None) -> Estimate:
     if max_tokens is not None and (
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
     ):
@@ -96,13 +133,30 @@ def estimate_request(
     return Estimate(price=price, prompt_tokens=prompt_tokens, max_output_tokens=output)
 
 
-def _refuse(user: Any, policy: UserPolicy, limit: str, retry_after: int, decision: Any = None):
+def _refusal(policy: UserPolicy, limit: str, retry_after: int, decision: Any = None):
     error = BudgetExceeded if limit in BUDGET_LIMITS else RateLimited
-    exc = error(limit, retry_after, upgrade=policy.upgrade, decision=decision)
-    signals.quota_refused.send(
-        sender=error, user=user, limit=limit, retry_after=exc.retry_after,
-        error_type=exc.error_type,
-    )  # fmt: skip
+    return error(limit, retry_after, upgrade=policy.upgrade, decision=decision)
+
+
+def _refused_signal(user: Any, exc: Any) -> dict[str, Any]:
+    return {
+        "sender": type(exc), "user": user, "limit": exc.limit,
+        "retry_after": exc.retry_after, "error_type": exc.error_type,
+    }  # fmt: skip
+
+
+def _refuse(user: Any, policy: UserPolicy, limit: str, retry_after: int, decision: Any = None):
+    exc = _refusal(policy, limit, retry_after, decision)
+    signals.quota_refused.send(**_refused_signal(user, exc))
+    return exc
+
+
+async def _arefuse(
+    user: Any, policy: UserPolicy, limit: str, retry_after: int, decision: Any = None
+):
+    exc = _refusal(policy, limit, retry_after, decision)
+    # Receivers may do I/O; asend runs sync ones in a thread, off the loop.
+    await signals.quota_refused.asend(**_refused_signal(user, exc))
     return exc
 
 
@@ -160,6 +214,64 @@ def _unmetered(user: Any, estimate: Estimate) -> Reservation:
     )
 
 
+class _Admission(NamedTuple):
+    """A request that passed the checks needing no Redis, ready for the ledger."""
+
+    pk: Any
+    policy: UserPolicy
+    estimate: Estimate
+    requested: int
+    clamp: bool
+    minimum: int
+
+
+class _Refusal(Exception):
+    """Internal: a limit refused; the caller raises it with the signal sent its way."""
+
+    def __init__(self, limit: str, retry_after: int, decision: Any = None) -> None:
+        self.limit, self.retry_after, self.decision = limit, retry_after, decision
+
+
+def _prepare(pk: Any, policy: UserPolicy, estimate: Estimate) -> _Admission:
+    """The static checks: blocked user, allowed model, per-request budget."""
+    if policy.blocked:
+        raise QuotaBlocked(policy.blocked_reason or None)
+    if not policy.allows_model(estimate.model):
+        raise ModelNotAllowed(
+            f"Your tier '{policy.tier}' does not allow the model '{estimate.model}'."
+        )
+    clamp = bool(quota_settings.CLAMP_MAX_TOKENS)
+    minimum = int(quota_settings.MIN_OUTPUT_TOKENS)
+    requested = estimate.max_output_tokens
+    cap = policy.limits.max_tokens_per_request
+    if cap is not None:
+        fitted = _fit_per_request(estimate, cap, clamp, minimum)
+        if fitted is None:
+            raise _Refusal("max_tokens_per_request", PER_REQUEST_RETRY)
+        estimate = fitted
+    return _Admission(pk, policy, estimate, requested, clamp, minimum)
+
+
+def _unavailable(admission: _Admission, exc: BaseException) -> Decision:
+    """Redis failed: admit unmetered (FAIL_OPEN) or refuse with 503."""
+    if quota_settings.FAIL_OPEN:
+        outage.admitted(exc)
+        reservation = _unmetered(admission.pk, admission.estimate)
+        return Decision(True, None, 0.0, reservation, admission.requested)
+    logger.error("Redis unavailable (%s): FAIL_OPEN is off, refusing", exc)
+    raise QuotaUnavailable() from exc
+
+
+def _conclude(admission: _Admission, decision: Decision) -> Decision:
+    outage.recovered()
+    if not decision.allowed:
+        raise _Refusal(decision.limit or "unknown", decision.retry_after_seconds, decision)
+    if admission.requested != decision.requested_max_tokens:
+        # Report the clamp against what the caller asked for, not the fitted estimate.
+        decision = dataclasses.replace(decision, requested_max_tokens=admission.requested)
+    return decision
+
+
 def admit(
     user: Any,
     estimate: Estimate,
@@ -172,44 +284,58 @@ def admit(
     if pk is None:
         raise NotAuthenticated()
     policy = policy or policy_for(pk)
-    if policy.blocked:
-        raise QuotaBlocked(policy.blocked_reason or None)
-    if not policy.allows_model(estimate.model):
-        raise ModelNotAllowed(
-            f"Your tier '{policy.tier}' does not allow the model '{estimate.model}'."
-        )
-    clamp = bool(quota_settings.CLAMP_MAX_TOKENS)
-    minimum = int(quota_settings.MIN_OUTPUT_TOKENS)
-    cap = policy.limits.max_tokens_per_request
-    if cap is not None:
-        fitted = _fit_per_request(estimate, cap, clamp, minimum)
-        if fitted is None:
-            raise _refuse(user, policy, "max_tokens_per_request", PER_REQUEST_RETRY)
-        requested = estimate.max_output_tokens
-        estimate = fitted
-    else:
-        requested = estimate.max_output_tokens
-    ledger = ledger or get_ledger()
     try:
-        decision = ledger.reserve(
-            pk, policy.limits, estimate, clamp=clamp, min_output_tokens=minimum
-        )
-    except RedisError as exc:
-        if quota_settings.FAIL_OPEN:
-            outage.admitted(exc)
-            reservation = _unmetered(pk, estimate)
-            return Decision(True, None, 0.0, reservation, requested)
-        logger.error("Redis unavailable (%s): FAIL_OPEN is off, refusing", exc)
-        raise QuotaUnavailable() from exc
-    outage.recovered()
-    if not decision.allowed:
-        raise _refuse(
-            user, policy, decision.limit or "unknown", decision.retry_after_seconds, decision
-        )
-    if requested != decision.requested_max_tokens:
-        # Report the clamp against what the caller asked for, not the fitted estimate.
-        decision = dataclasses.replace(decision, requested_max_tokens=requested)
-    return decision
+        admission = _prepare(pk, policy, estimate)
+        try:
+            ledger = ledger or get_ledger()
+            decision = ledger.reserve(
+                pk, policy.limits, admission.estimate,
+                clamp=admission.clamp, min_output_tokens=admission.minimum,
+            )  # fmt: skip
+        except REDIS_ERRORS as exc:
+            return _unavailable(admission, exc)
+        return _conclude(admission, decision)
+    except _Refusal as refusal:
+        raise _refuse(user, policy, refusal.limit, refusal.retry_after, refusal.decision) from None
+
+
+async def _apk(user: Any) -> Any:
+    """The user's pk without blocking the loop: an async view's ``request.user`` is a
+    lazy object whose first touch reads the session and the user from the database."""
+    from django.utils.functional import LazyObject, empty
+
+    if isinstance(user, LazyObject) and user._wrapped is empty:
+        return await sync_to_async(lambda: getattr(user, "pk", None))()
+    return getattr(user, "pk", user)
+
+
+async def aadmit(
+    user: Any,
+    estimate: Estimate,
+    *,
+    policy: UserPolicy | None = None,
+    ledger: AsyncLedger | None = None,
+) -> Decision:
+    """``admit`` for async code, on the ``AsyncLedger``."""
+    pk = await _apk(user)
+    if pk is None:
+        raise NotAuthenticated()
+    policy = policy or await apolicy_for(pk)
+    try:
+        admission = _prepare(pk, policy, estimate)
+        try:
+            ledger = ledger or await get_async_ledger()
+            decision = await ledger.reserve(
+                pk, policy.limits, admission.estimate,
+                clamp=admission.clamp, min_output_tokens=admission.minimum,
+            )  # fmt: skip
+        except REDIS_ERRORS as exc:
+            return _unavailable(admission, exc)
+        return _conclude(admission, decision)
+    except _Refusal as refusal:
+        raise (
+            await _arefuse(user, policy, refusal.limit, refusal.retry_after, refusal.decision)
+        ) from None
 
 
 def settle(reservation: Reservation, usage: Any, *, ledger: Ledger | None = None) -> Settlement:
@@ -217,14 +343,50 @@ def settle(reservation: Reservation, usage: Any, *, ledger: Ledger | None = None
     actual = usage if isinstance(usage, ActualUsage) else ActualUsage.from_openai(usage)
     if reservation.unmetered:
         return Settlement(False, False, 0)
-    ledger = ledger or get_ledger()
     try:
+        ledger = ledger or get_ledger()
         settlement = ledger.settle(reservation, actual)
-    except RedisError:
+    except REDIS_ERRORS:
         logger.exception("could not settle reservation %s", reservation.id)
         return Settlement(False, False, 0)
     alerts.after_settle(reservation, settlement, ledger)  # soft limit: no extra round trip
     return settlement
+
+
+async def asettle(
+    reservation: Reservation, usage: Any, *, ledger: AsyncLedger | None = None
+) -> Settlement:
+    """``settle`` for async code, on the ``AsyncLedger``."""
+    actual = usage if isinstance(usage, ActualUsage) else ActualUsage.from_openai(usage)
+    if reservation.unmetered:
+        return Settlement(False, False, 0)
+    try:
+        ledger = ledger or await get_async_ledger()
+        settlement = await ledger.settle(reservation, actual)
+    except REDIS_ERRORS:
+        logger.exception("could not settle reservation %s", reservation.id)
+        return Settlement(False, False, 0)
+    await _asoft_limit_alert(reservation, settlement, ledger)
+    return settlement
+
+
+async def _asoft_limit_alert(
+    reservation: Reservation, settlement: Settlement, ledger: AsyncLedger
+) -> None:
+    """``alerts.after_settle`` off the loop, only for the settle that crosses the line."""
+    if not settlement.settled or settlement.month_used is None:
+        return
+    try:
+        policy = await apolicy_for(alerts.user_pk(reservation.user_id))
+        if alerts.soft_limit_crossing(policy, settlement) is None:
+            return
+    except Exception:  # an alert may never fail a request
+        logger.exception("soft-limit alert failed for user %s", reservation.user_id)
+        return
+    await sync_to_async(
+        lambda: alerts.after_settle(reservation, settlement, ledger.mirrors or get_ledger()),
+        thread_sensitive=False,
+    )()
 
 
 def release(reservation: Reservation, *, ledger: Ledger | None = None) -> bool:
@@ -232,10 +394,31 @@ def release(reservation: Reservation, *, ledger: Ledger | None = None) -> bool:
         return False
     try:
         return (ledger or get_ledger()).release(reservation)
-    except RedisError:
+    except REDIS_ERRORS:
         # Not lost: the reservation expires after RESERVATION_TTL and gives its tokens back.
         logger.exception("could not release reservation %s", reservation.id)
         return False
 
 
-__all__ = ["Price", "admit", "estimate_request", "release", "settle"]
+async def arelease(reservation: Reservation, *, ledger: AsyncLedger | None = None) -> bool:
+    """``release`` for async code, on the ``AsyncLedger``."""
+    if reservation.unmetered:
+        return False
+    try:
+        return await (ledger or await get_async_ledger()).release(reservation)
+    except REDIS_ERRORS:
+        logger.exception("could not release reservation %s", reservation.id)
+        return False
+
+
+__all__ = [
+    "Price",
+    "aadmit",
+    "admit",
+    "aestimate_request",
+    "arelease",
+    "asettle",
+    "estimate_request",
+    "release",
+    "settle",
+]

@@ -8,7 +8,10 @@ For views, Celery tasks and scripts that call an LLM themselves::
         quota.settle(reply.usage)
 
 ``quota.max_tokens`` may be lower than asked (``CLAMP_MAX_TOKENS``): send it, so the
-output can never exceed what was reserved. ``async with`` works the same way.
+output can never exceed what was reserved. ``async with`` works the same way
+(``await quota.asettle(usage)``, ``arelease()``, ``asettle_output()``,
+``acharge_estimate()``), on the ``AsyncLedger``: no thread is held while Redis
+answers, and the ORM is read in a thread only when the tier or price is not cached.
 
 The guard is also the ticket the DRF throttle and the middleware hang on a request
 (``request.llm_quota``): ``admit()`` reserves, and exactly one of ``settle()``,
@@ -25,7 +28,8 @@ from asgiref.sync import sync_to_async
 
 from llm_quota import gate
 from llm_quota.accounting import ActualUsage, Estimate
-from llm_quota.estimation import count_output
+from llm_quota.async_ledger import AsyncLedger, twin_of
+from llm_quota.estimation import count_output, counts_quickly
 from llm_quota.exceptions import InvalidRequest
 from llm_quota.redis_ledger import Decision, Ledger, Reservation, Settlement
 
@@ -44,6 +48,7 @@ class QuotaGuard:
         tools: Any = None,
         choices: int = 1,
         ledger: Ledger | None = None,
+        aledger: AsyncLedger | None = None,
     ) -> None:
         self.user = user
         self.model = model
@@ -54,6 +59,8 @@ class QuotaGuard:
         # ``n`` completions of one prompt: the output cap is reserved once per choice.
         self.choices = max(1, int(choices))
         self.ledger = ledger
+        # Given a sync ledger only, ``async with`` uses its twin (same Redis and clock).
+        self.aledger = aledger
         self.decision: Decision | None = None
         self.settlement: Settlement | None = None
         self._finished = False
@@ -83,27 +90,39 @@ class QuotaGuard:
 
     # -- sync ----------------------------------------------------------------------
 
+    def _estimate_args(self) -> dict[str, Any]:
+        return {
+            "messages": self.messages,
+            "prompt_tokens": self.prompt_tokens,
+            "max_tokens": self.requested_max_tokens,
+            "tools": self.tools,
+        }
+
+    def _per_choice(self, estimate: Estimate) -> Estimate:
+        """``n`` completions: the output cap is reserved once per choice."""
+        if self.choices == 1:
+            return estimate
+        return Estimate(
+            estimate.price, estimate.prompt_tokens, estimate.max_output_tokens * self.choices
+        )
+
+    def _too_many_choices(self) -> InvalidRequest | None:
+        """Clamped below one token per choice: nothing useful could be sent."""
+        if self.max_tokens >= 1:
+            return None
+        return InvalidRequest(
+            f"{self.choices} completions do not fit in the remaining quota; ask for fewer.",
+            param="n",
+        )
+
     def admit(self) -> QuotaGuard:
         """Price the call and reserve it, or raise the refusal (``gate.admit``)."""
-        estimate = gate.estimate_request(
-            self.model,
-            messages=self.messages,
-            prompt_tokens=self.prompt_tokens,
-            max_tokens=self.requested_max_tokens,
-            tools=self.tools,
-        )
-        if self.choices > 1:
-            estimate = Estimate(
-                estimate.price, estimate.prompt_tokens, estimate.max_output_tokens * self.choices
-            )
-        self.decision = gate.admit(self.user, estimate, ledger=self.ledger)
-        if self.max_tokens < 1:
-            # Clamped below one token per choice: nothing useful could be sent.
+        estimate = gate.estimate_request(self.model, **self._estimate_args())
+        self.decision = gate.admit(self.user, self._per_choice(estimate), ledger=self.ledger)
+        refusal = self._too_many_choices()
+        if refusal is not None:
             self.release()
-            raise InvalidRequest(
-                f"{self.choices} completions do not fit in the remaining quota; ask for fewer.",
-                param="n",
-            )
+            raise refusal
         return self
 
     def __enter__(self) -> QuotaGuard:
@@ -123,10 +142,12 @@ class QuotaGuard:
         The prompt is charged as counted for the estimate (the same encoding), the
         output as ``estimation.count_output`` counts ``text``.
         """
-        estimate = self.estimate
-        output = count_output(text, self.model, encoding_name=estimate.price.encoding)
-        prompt = estimate.prompt_tokens if prompt_tokens is None else prompt_tokens
-        return self.settle(ActualUsage(prompt, output))
+        output = count_output(text, self.model, encoding_name=self.estimate.price.encoding)
+        return self.settle(self._counted_usage(output, prompt_tokens))
+
+    def _counted_usage(self, output: int, prompt_tokens: int | None) -> ActualUsage:
+        prompt = self.estimate.prompt_tokens if prompt_tokens is None else prompt_tokens
+        return ActualUsage(prompt, output)
 
     def release(self) -> bool:
         """Give everything back: the call failed before using tokens."""
@@ -137,8 +158,11 @@ class QuotaGuard:
 
     def charge_estimate(self) -> Settlement:
         """A call ran but reported nothing: charge what was reserved rather than lose it."""
+        return self.settle(self._estimate_as_usage())
+
+    def _estimate_as_usage(self) -> ActualUsage:
         logger.warning("LLM call to %s finished without usage; charging the estimate", self.model)
-        return self.settle(ActualUsage(self.estimate.prompt_tokens, self.reservation.max_tokens))
+        return ActualUsage(self.estimate.prompt_tokens, self.reservation.max_tokens)
 
     def __exit__(
         self,
@@ -156,16 +180,52 @@ class QuotaGuard:
 
     # -- async ---------------------------------------------------------------------
 
+    def _async_ledger(self) -> AsyncLedger | None:
+        if self.aledger is None and self.ledger is not None:
+            self.aledger = twin_of(self.ledger)
+        return self.aledger
+
+    async def aadmit(self) -> QuotaGuard:
+        """``admit`` for async code (``gate.aestimate_request`` and ``gate.aadmit``)."""
+        estimate = await gate.aestimate_request(self.model, **self._estimate_args())
+        self.decision = await gate.aadmit(
+            self.user, self._per_choice(estimate), ledger=self._async_ledger()
+        )
+        refusal = self._too_many_choices()
+        if refusal is not None:
+            await self.arelease()
+            raise refusal
+        return self
+
     async def __aenter__(self) -> QuotaGuard:
-        # The ORM (tier, prices) is sync-only; one hop to the thread Django keeps for
-        # sync work, whose connection ASGI closes at the end of the request.
-        return await sync_to_async(self.__enter__)()
+        return await self.aadmit()
 
     async def asettle(self, usage: Any) -> Settlement:
-        return await sync_to_async(self.settle)(usage)
+        if self._finished and self.settlement is not None:
+            return self.settlement
+        self.settlement = await gate.asettle(self.reservation, usage, ledger=self._async_ledger())
+        self._finished = True
+        return self.settlement
+
+    async def asettle_output(self, text: str, *, prompt_tokens: int | None = None) -> Settlement:
+        """``settle_output`` for async code: a long text is counted in a thread."""
+        encoding = self.estimate.price.encoding
+        if counts_quickly(text, self.model, encoding_name=encoding):
+            output = count_output(text, self.model, encoding_name=encoding)
+        else:
+            output = await sync_to_async(count_output, thread_sensitive=False)(
+                text, self.model, encoding_name=encoding
+            )
+        return await self.asettle(self._counted_usage(output, prompt_tokens))
 
     async def arelease(self) -> bool:
-        return await sync_to_async(self.release)()
+        if self._finished:
+            return False
+        self._finished = True
+        return await gate.arelease(self.reservation, ledger=self._async_ledger())
+
+    async def acharge_estimate(self) -> Settlement:
+        return await self.asettle(self._estimate_as_usage())
 
     async def __aexit__(
         self,
@@ -173,7 +233,12 @@ class QuotaGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await sync_to_async(self.__exit__)(exc_type, exc, tb)
+        if self._finished or self.decision is None:
+            return
+        if exc_type is not None:
+            await self.arelease()
+            return
+        await self.acharge_estimate()
 
 
 def quota_guard(user: Any, *, model: str, **kwargs: Any) -> QuotaGuard:

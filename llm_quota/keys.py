@@ -1,7 +1,8 @@
 """Every Redis key this app touches is built here, from validated parts only.
 
 A user's keys all start with ``<prefix>:{u:<id>}`` so that Redis Cluster puts them in
-one slot and the per-user Lua scripts stay single-slot. The scripts receive these
+one slot and the per-user Lua scripts stay single-slot; the global caps have their own
+slot (``{g}``), and on a cluster the active-user index is split by slot. The scripts receive these
 bases and append the suffixes listed in ``lua/common.lua``; nothing user-controlled
 (a model name, a reservation id from a client) ever becomes part of a key name.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from binascii import crc_hqx
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 _USER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -68,6 +71,40 @@ def is_valid_model_name(value: Any) -> bool:
     return isinstance(value, str) and bool(_MODEL.match(value))
 
 
+# -- Redis Cluster slots ---------------------------------------------------------------
+
+CLUSTER_SLOTS = 16384
+
+
+def cluster_slot(key: str) -> int:
+    """The slot Redis Cluster puts ``key`` in: CRC16 of its hash tag (the cluster spec)."""
+    raw = key.encode()
+    start = raw.find(b"{")
+    if start > -1:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1 : end]
+    return crc_hqx(raw, 0) % CLUSTER_SLOTS
+
+
+@cache
+def _index_tags() -> tuple[int, ...]:
+    """For each slot, the least n whose hash tag ``idx:<n>`` lands in that slot.
+
+    About 150,000 CRC16s, once per process and only on a cluster: what lets settle
+    write the active-user index in the user's own slot (no cross-slot step, no hot key).
+    """
+    tags = [-1] * CLUSTER_SLOTS
+    missing, n = CLUSTER_SLOTS, 0
+    while missing:
+        slot = crc_hqx(b"idx:%d" % n, 0) % CLUSTER_SLOTS
+        if tags[slot] < 0:
+            tags[slot] = n
+            missing -= 1
+        n += 1
+    return tuple(tags)
+
+
 @dataclass(frozen=True)
 class KeySpace:
     """The key bases of one deployment (one ``KEY_PREFIX``)."""
@@ -84,8 +121,25 @@ class KeySpace:
         return f"{self.prefix}:{{g}}"
 
     def index(self) -> str:
-        """Base of the active-user index the snapshot walks instead of ``KEYS``."""
+        """Base of the active-user index on one Redis (the snapshot walks it instead of
+        ``KEYS``, through ``Ledger.active_user_ids``, which also knows the cluster's)."""
         return f"{self.prefix}:{{idx}}"
+
+    def index_shard(self, uid: Any) -> str:
+        """On a cluster: the index base in ``uid``'s own slot (see ``index_shards``)."""
+        return self.index_shard_of_slot(cluster_slot(self.user(uid)))
+
+    def index_shard_of_slot(self, slot: int) -> str:
+        return f"{self.prefix}:{{idx:{_index_tags()[slot]}}}"
+
+    def index_shards(self) -> list[str]:
+        """Every slot's index base: on a cluster the index is split by slot, so that
+        settle writes it in the user's slot; together they hold every active user."""
+        return [self.index_shard_of_slot(slot) for slot in range(CLUSTER_SLOTS)]
+
+    def config_channel(self) -> str:
+        """Pub/sub channel announcing tier, quota and price edits to every process."""
+        return f"{self.prefix}:config"
 
     # Concrete keys, for readers outside the scripts (usage views, snapshot, tests).
     def month_counter(self, uid: Any, month: str) -> str:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import fnmatch
 
+from asgiref.sync import sync_to_async
+
 from llm_quota.accounting import Price, to_micro
 from llm_quota.conf import quota_settings
-from llm_quota.config_cache import config_cache
+from llm_quota.config_cache import MISSING, config_cache
 from llm_quota.exceptions import ModelNotAllowed, UnknownModel
 
 
@@ -51,7 +53,19 @@ def _price_rows() -> tuple[dict[str, Price], list[tuple[str, Price]], Price | No
 
 def price_for(model: str) -> Price:
     """The price of ``model`` under its own name, or ``UnknownModel``/``ModelNotAllowed``."""
-    exact, patterns, fallback, disabled = config_cache.get("prices", _price_rows)
+    return _price_in(config_cache.get("prices", _price_rows), model)
+
+
+async def aprice_for(model: str) -> Price:
+    """``price_for`` for async code: from memory when cached, else the ORM in a thread."""
+    rows = config_cache.peek("prices")
+    if rows is MISSING:
+        return await sync_to_async(price_for)(model)
+    return _price_in(rows, model)
+
+
+def _price_in(rows: tuple, model: str) -> Price:
+    exact, patterns, fallback, disabled = rows
     if model in disabled:
         raise ModelNotAllowed(f"The model '{model}' is disabled.")
     found = exact.get(model)

@@ -81,10 +81,7 @@ def count_active(ledger: Ledger | None = None) -> int:
     """Index entries a run will read (for a progress bar)."""
     ledger = ledger or get_ledger()
     months = months_to_copy(ledger, ledger.now_ms())
-    pipe = ledger.client.pipeline(transaction=False)
-    for month in months:
-        pipe.zcard(ledger.keyspace.active_users(month))
-    return sum(int(n) for n in pipe.execute())
+    return sum(ledger.count_active_users(month) for month in months)
 
 
 def snapshot_usage(
@@ -143,12 +140,13 @@ def last_run(ledger: Ledger | None = None) -> dict[str, Any] | None:
 
 
 def _scan_index(ledger: Ledger, month: str, batch_size: int) -> Iterator[list[str]]:
-    """User ids of the month's index in batches. ZSCAN returns every member present
-    for the whole walk at least once; a repeat is harmless (its rows already match)."""
-    key = ledger.keyspace.active_users(month)
+    """User ids of the month's index in batches, through ``Ledger.active_user_ids``: one
+    sorted set on one Redis, every slot's shard (every primary) on a cluster. ZSCAN
+    returns every member present for the whole walk at least once; a repeat is
+    harmless (its rows already match)."""
     batch: list[str] = []
-    for member, _score in ledger.client.zscan_iter(key, count=batch_size):
-        batch.append(_text(member))
+    for uid in ledger.active_user_ids(month):
+        batch.append(uid)
         if len(batch) >= batch_size:
             yield batch
             batch = []

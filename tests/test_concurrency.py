@@ -13,14 +13,14 @@ from tests.concurrency_worker import burst
 PROCESSES, THREADS = 8, 16
 
 
-def run_burst(prefix, limit, prompt, output, settle_at_once):
+def run_burst(prefix, limit, prompt, output, settle_at_once, url=None):
     ctx = multiprocessing.get_context("spawn")
     start, settle_now, results = ctx.Event(), ctx.Event(), ctx.Queue()
     procs = [
         ctx.Process(
             target=burst,
             args=(
-                settings.REDIS_URL,
+                url or settings.REDIS_URL,
                 prefix,
                 limit,
                 prompt,

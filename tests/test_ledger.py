@@ -10,6 +10,7 @@ import pytest
 from llm_quota.accounting import ActualUsage, Limits
 from llm_quota.keys import InvalidKeyPart
 from llm_quota.redis_ledger import Ledger
+from tests import periods
 from tests.factories import estimate
 
 
@@ -168,6 +169,40 @@ def test_global_cap_is_shared_by_all_users(ledger):
     refused = ledger.reserve(2, limits, estimate(600, 0), clamp=False)
     assert not refused.allowed and refused.limit == "global_tokens_per_day"
     assert refused.is_budget
+
+
+def test_abandoned_global_share_expires_even_if_its_user_never_returns(ledger, clock):
+    limits = Limits(global_tokens_per_day=1000)
+    assert ledger.reserve(1, limits, estimate(1000, 0)).allowed  # user 1 crashes, never back
+    assert not ledger.reserve(2, limits, estimate(10, 0), clamp=False).allowed
+    clock.advance(601)  # RESERVATION_TTL
+    assert ledger.global_usage().tokens_today == 0
+    assert ledger.reserve(2, limits, estimate(1000, 0)).allowed
+
+
+def test_settle_and_release_correct_the_global_counters(ledger):
+    limits = Limits(global_tokens_per_month=10_000)
+    a = ledger.reserve(1, limits, estimate(100, 400))
+    b = ledger.reserve(2, limits, estimate(100, 400))
+    assert ledger.global_usage().tokens_this_month == 1000
+    ledger.settle(a.reservation, ActualUsage(100, 50))
+    ledger.settle(a.reservation, ActualUsage(100, 50))
+    ledger.release(b.reservation)
+    figures = ledger.global_usage()
+    assert (figures.tokens_this_month, figures.in_flight) == (150, 0)
+
+
+def test_active_users_are_listed_for_the_snapshot_without_keys(ledger, clock):
+    for uid in (3, 1, 2):
+        d = ledger.reserve(uid, Limits(), estimate(1, 1))
+        ledger.settle(d.reservation, ActualUsage(1, 1))
+        clock.advance(10)
+    month = periods.month_id(clock)
+    assert sorted(ledger.active_user_ids(month)) == ["1", "2", "3"]
+    assert ledger.count_active_users(month) == 3
+    since = int((clock() - 15) * 1000)  # after user 1 settled, before user 2 did
+    assert list(ledger.active_user_ids(month, since_ms=since)) == ["2"]
+    assert list(ledger.active_user_ids(periods.month_id(clock, back=1))) == []
 
 
 def test_binding_limit_is_the_one_that_clears_last(ledger):

@@ -1,5 +1,5 @@
 -- Time is in milliseconds in every script; amounts are integer base tokens.
--- redis_ledger.py prepends this file to each script, so helpers are shared, not copied.
+-- The ledger prepends this file to each script, so helpers are shared, not copied.
 --
 -- Keys under a user's base B = "<prefix>:{u:<id>}" (one hash tag, one cluster slot):
 --   B:w          ZSET reservation id -> admission time   (sliding request window)
@@ -8,13 +8,23 @@
 --                                                         count is the concurrency in use)
 --   B:rr         HASH reservation id -> record "state|amount|day|month|month_end|global|model"
 --                     state: p pending, x expired (estimate given back), s settled, l released
+--                     global: 1 if the same script also holds a share in G (one Redis)
 --   B:z          ZSET reservation id -> when its finished record may be forgotten
 --   B:s          HASH "reserved" (sum of pending estimates), "seen" (counters are trusted)
 --   B:d:<day>    STRING base tokens used + reserved that calendar day
 --   B:m:<month>  STRING base tokens used + reserved that calendar month
 --   B:u:<month>  HASH "req|<model>", "in|<model>", "out|<model>", "base|<model>" (settled)
--- Global base G = "<prefix>:{g}": G:d:<day>, G:m:<month> (only while a global cap is set).
--- Index base I = "<prefix>:{idx}": I:a:<month> ZSET user id -> last settle time.
+-- Global base G = "<prefix>:{g}" (its own slot; used only while a global cap is set):
+--   G:d:<day>, G:m:<month>  base tokens used + reserved by everyone
+--   G:p, G:rr, G:z          the global shares' own leases, records and tombstones, so a
+--                           share expires with its lease even where no user script can
+--                           reach G (Redis Cluster) and no user returns to reclaim it
+-- On one Redis the user scripts take G as a second key and do both in one round trip.
+-- On a cluster B and G are on different slots: the user's script runs first, then
+-- global_*.lua on G (global_reserve refusing means amend.lua withdraws the first step).
+-- Index base I: "<prefix>:{idx}" on one Redis; on a cluster one base per slot,
+-- "<prefix>:{idx:<n>}", whose tag hashes to the user's own slot, so settle stays
+-- single-slot. I:a:<month> ZSET user id -> last settle time.
 
 local WINDOW = 60000
 local DAY_GRACE = 86400000           -- a day counter outlives its day by one day
@@ -96,14 +106,10 @@ local function adjust_window(B, rid, amount)
   end
 end
 
--- Give a pending reservation's estimate back to every counter it was taken from.
-local function unreserve(B, G, rid, est, day, month, g, now)
+-- Give a pending reservation's estimate back to every user counter it was taken from.
+local function unreserve(B, rid, est, day, month, now)
   adjust(B .. ':d:' .. day, -est, now)
   adjust(B .. ':m:' .. month, -est, now)
-  if g == '1' then
-    adjust(G .. ':d:' .. day, -est, now)
-    adjust(G .. ':m:' .. month, -est, now)
-  end
   redis.call('HINCRBY', B .. ':s', 'reserved', -est)
   redis.call('ZREM', B .. ':p', rid)
   adjust_window(B, rid, 0)
@@ -126,38 +132,40 @@ end
 -- Reservations whose lease ran out (a crashed worker, a forgotten settle) give their
 -- tokens and their concurrency slot back, so nobody is refused for phantom usage.
 -- Their record stays for one more TTL so a late settle still charges the real usage.
-local function reclaim(B, G, now, ttl)
+-- P is any base with :p, :rr and :z (a user's B or the global G); give_back undoes the
+-- reservation in P's counters.
+local function reclaim(P, now, ttl, give_back)
   while true do
-    local rids = redis.call('ZRANGEBYSCORE', B .. ':p', '-inf', now, 'LIMIT', 0, BATCH)
+    local rids = redis.call('ZRANGEBYSCORE', P .. ':p', '-inf', now, 'LIMIT', 0, BATCH)
     if #rids == 0 then return end
     for i = 1, #rids do
       local rid = rids[i]
-      local rec = redis.call('HGET', B .. ':rr', rid)
+      local rec = redis.call('HGET', P .. ':rr', rid)
       if rec then
         local state, est, day, month, month_end, g, model = parse_record(rec)
         if state == 'p' then
-          unreserve(B, G, rid, est, day, month, g, now)
-          redis.call('HSET', B .. ':rr', rid, record('x', est, day, month, month_end, g, model))
-          redis.call('ZADD', B .. ':z', now + ttl, rid)
+          give_back(rid, est, day, month)
+          redis.call('HSET', P .. ':rr', rid, record('x', est, day, month, month_end, g, model))
+          redis.call('ZADD', P .. ':z', now + ttl, rid)
         end
       end
     end
-    redis.call('ZREM', B .. ':p', unpack(rids))
+    redis.call('ZREM', P .. ':p', unpack(rids))
   end
 end
 
 -- Finished records are kept for one TTL (idempotent settle), then dropped.
-local function forget(B, now)
-  local rids = redis.call('ZRANGEBYSCORE', B .. ':z', '-inf', now, 'LIMIT', 0, BATCH)
+local function forget(P, now)
+  local rids = redis.call('ZRANGEBYSCORE', P .. ':z', '-inf', now, 'LIMIT', 0, BATCH)
   if #rids > 0 then
-    redis.call('HDEL', B .. ':rr', unpack(rids))
-    redis.call('ZREM', B .. ':z', unpack(rids))
+    redis.call('HDEL', P .. ':rr', unpack(rids))
+    redis.call('ZREM', P .. ':z', unpack(rids))
   end
 end
 
-local function housekeeping(B, G, now, ttl)
+local function housekeeping(B, now, ttl)
   trim_window(B, now)
-  reclaim(B, G, now, ttl)
+  reclaim(B, now, ttl, function(rid, est, day, month) unreserve(B, rid, est, day, month, now) end)
   forget(B, now)
 end
 
@@ -171,4 +179,128 @@ end
 
 local function num(v)
   return tonumber(v) or 0
+end
+
+-- Deciding on token limits. A limit is {name, limit (-1 = none), used, ends}, where
+-- ends is the period's end instant, or 0 for the sliding minute.
+
+-- The refusal is named by the limit that takes longest to clear, because a retry
+-- before then would be refused again.
+local function refusal()
+  local r = {name = nil, wait = -1}
+  function r.block(name, wait)
+    if wait < 1 then wait = 1 end
+    if wait > r.wait then r.name, r.wait = name, wait end
+  end
+  return r
+end
+
+local function least_headroom(limits)
+  local headroom = nil
+  for _, l in ipairs(limits) do
+    if l[2] >= 0 and (headroom == nil or l[2] - l[3] < headroom) then headroom = l[2] - l[3] end
+  end
+  return headroom
+end
+
+-- The largest output cap whose cost fits `headroom`, and that cost.
+local function clamp_output(prompt_micro, out_micro, headroom, max_out)
+  local granted = max_out
+  if out_micro > 0 then
+    granted = math.floor((headroom * 1000000 - prompt_micro) / out_micro)
+    while granted > 0 and ceil_div(prompt_micro + granted * out_micro, 1000000) > headroom do
+      granted = granted - 1
+    end
+    if granted > max_out then granted = max_out end
+  end
+  return granted, ceil_div(prompt_micro + granted * out_micro, 1000000)
+end
+
+-- Fit a request into `limits`: returns the output cap it may have and what it costs,
+-- clamped when allowed and worth it; otherwise reports each refusing limit to
+-- `r.block` with `wait_for(limit, tokens_short)` and returns the full cost.
+local function fit_tokens(limits, prompt_micro, out_micro, max_out, min_out, clamp, r, wait_for)
+  local est_full = ceil_div(prompt_micro + max_out * out_micro, 1000000)
+  local est_min = ceil_div(prompt_micro + math.min(min_out, max_out) * out_micro, 1000000)
+  local headroom = least_headroom(limits)
+  if headroom == nil or est_full <= headroom then return max_out, est_full end
+  if clamp and est_min <= headroom then
+    return clamp_output(prompt_micro, out_micro, headroom, max_out)
+  end
+  local need = est_full
+  if clamp then need = est_min end
+  for _, l in ipairs(limits) do
+    if l[2] >= 0 and l[2] - l[3] < need then r.block(l[1], wait_for(l, need - (l[2] - l[3]))) end
+  end
+  return max_out, est_full
+end
+
+-- Global shares: the same lifecycle as a user's reservation, in G's own slot.
+
+local function global_used(G, day, month)
+  return num(redis.call('GET', G .. ':d:' .. day)), num(redis.call('GET', G .. ':m:' .. month))
+end
+
+local function global_give_back(G, est, day, month, now)
+  adjust(G .. ':d:' .. day, -est, now)
+  adjust(G .. ':m:' .. month, -est, now)
+end
+
+local function global_housekeeping(G, now, ttl)
+  reclaim(G, now, ttl, function(_, est, day, month) global_give_back(G, est, day, month, now) end)
+  forget(G, now)
+end
+
+local function global_touch(G, now)
+  local at = now + STRUCT_TTL
+  for _, suffix in ipairs({':p', ':rr', ':z'}) do
+    redis.call('PEXPIREAT', G .. suffix, at)
+  end
+end
+
+local function global_take(G, rid, est, day, day_end, month, month_end, now, ttl)
+  add_period(G .. ':d:' .. day, est, day_end + DAY_GRACE)
+  add_period(G .. ':m:' .. month, est, month_end + MONTH_GRACE)
+  redis.call('ZADD', G .. ':p', now + ttl, rid)
+  redis.call('HSET', G .. ':rr', rid, record('p', est, day, month, month_end, '1', ''))
+  global_touch(G, now)
+end
+
+-- Replace a global share's estimate by the actual usage, once. Without a record (lost,
+-- or long forgotten) the usage is charged whole only if the caller says the user's
+-- side was charged now (charge_missing); otherwise this only completes a share left
+-- pending by a settle that died between its two steps. Returns the delta applied.
+local function global_settle(G, rid, actual, day, month, month_end, charge_missing, now, ttl)
+  local state, est = 'x', 0
+  local rec = redis.call('HGET', G .. ':rr', rid)
+  if rec then
+    state, est, day, month, month_end = parse_record(rec)
+  elseif not charge_missing then
+    return 0
+  end
+  if state == 's' or state == 'l' then return 0 end
+  local delta = actual
+  if state == 'p' then
+    delta = actual - est
+    redis.call('ZREM', G .. ':p', rid)
+  end
+  adjust(G .. ':d:' .. day, delta, now)
+  adjust(G .. ':m:' .. month, delta, now)
+  redis.call('HSET', G .. ':rr', rid, record('s', actual, day, month, month_end, '1', ''))
+  redis.call('ZADD', G .. ':z', now + ttl, rid)
+  global_touch(G, now)
+  return delta
+end
+
+-- Give a pending global share back whole. Returns 1 if it was pending.
+local function global_release(G, rid, now, ttl)
+  local rec = redis.call('HGET', G .. ':rr', rid)
+  if not rec then return 0 end
+  local state, est, day, month, month_end = parse_record(rec)
+  if state ~= 'p' then return 0 end
+  global_give_back(G, est, day, month, now)
+  redis.call('ZREM', G .. ':p', rid)
+  redis.call('HSET', G .. ':rr', rid, record('l', 0, day, month, month_end, '1', ''))
+  redis.call('ZADD', G .. ':z', now + ttl, rid)
+  return 1
 end

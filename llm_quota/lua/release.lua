@@ -1,5 +1,6 @@
 -- release: give a reservation back whole, for an upstream call that failed.
--- KEYS[1] user base B, KEYS[2] global base G.
+-- KEYS[1] user base B, KEYS[2] global base G, on one Redis only (a cluster releases
+-- G in global_release.lua).
 -- ARGV: 1 now (0 = Redis' clock), 2 reservation id, 3 ttl.
 -- Returns 1 if released, 0 if it was no longer pending (idempotent).
 -- The request itself stays counted in the request window: it was made.
@@ -15,7 +16,8 @@ local state, est, day, month, month_end, g, model = parse_record(rec)
 if state ~= 'p' then return 0 end
 
 -- Step 2: take the estimate out of every counter, the window and the leases.
-unreserve(B, G, rid, est, day, month, g, now)
+unreserve(B, rid, est, day, month, now)
+if G ~= nil and g == '1' then global_release(G, rid, now, ttl) end
 
 -- Step 3: tombstone, so a settle that races the release cannot charge it again.
 redis.call('HSET', B .. ':rr', rid, record('l', 0, day, month, month_end, g, model))

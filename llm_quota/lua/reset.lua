@@ -1,18 +1,18 @@
 -- reset: forgive a user's usage of the current day and month (an admin action).
--- KEYS[1] user base B, KEYS[2] global base G, KEYS[3] index base I.
+-- KEYS[1] user base B, KEYS[2] index base I (the user's shard on a cluster).
 -- ARGV: 1 now (0 = Redis' clock), 2 ttl, 3 user id, 4 day ids, 5 day starts,
 --       6 month ids, 7 month starts.
 -- Returns {day, month, month counter before, month counter after}.
 -- Global counters keep the usage: the money was spent, only this user is forgiven.
 
-local B, G, I = KEYS[1], KEYS[2], KEYS[3]
+local B, I = KEYS[1], KEYS[2]
 local now = now_ms(ARGV[1])
 local ttl, uid = tonumber(ARGV[2]), ARGV[3]
 local day, day_end = pick_period(ARGV[4], ARGV[5], now)
 local month, month_end = pick_period(ARGV[6], ARGV[7], now)
 
 -- Step 1: abandoned reservations give their estimates back first.
-housekeeping(B, G, now, ttl)
+housekeeping(B, now, ttl)
 
 -- Step 2: what requests still in flight hold in these periods stays: they settle or
 -- release against these counters later, which must never go below zero.

@@ -1,5 +1,5 @@
 -- restore: bring back a user's months from the database after Redis lost them, once.
--- KEYS[1] user base B, KEYS[2] index base I.
+-- KEYS[1] user base B, KEYS[2] index base I (the user's shard on a cluster).
 -- ARGV: 1 user id, 2 now (0 = Redis' clock), then one group per month, the month
 --       the next decision needs first:
 --       month, month end, base tokens of the month, n, then n field/value items

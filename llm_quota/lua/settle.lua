@@ -1,16 +1,18 @@
 -- settle: replace a reservation's estimate by the real usage, once.
--- KEYS[1] user base B, KEYS[2] global base G, KEYS[3] index base I.
+-- KEYS[1] user base B, KEYS[2] index base I (the user's shard on a cluster),
+-- KEYS[3] global base G, on one Redis only (a cluster settles G in global_settle.lua).
 -- ARGV: 1 now (0 = Redis' clock), 2 reservation id, 3 ttl, 4 user id,
 --       5 actual base tokens, 6 input tokens, 7 output tokens,
 --       8 day, 9 month, 10 month end, 11 global (1/0), 12 model
 --       (8-12 are the caller's copy of the record, used only if Redis lost it).
--- Returns {outcome, charged, month_used}: outcome 1 settled, 0 already settled or
--- released (nothing changed), 2 settled late: the estimate had expired, so the whole
--- actual usage was charged on top. month_used is the settled base tokens of the
--- reservation's month after this settle, so the caller can see a soft limit being
--- crossed without another round trip.
+-- Returns {outcome, charged, month_used, prior state}: outcome 1 settled, 0 already
+-- settled or released (nothing changed), 2 settled late: the estimate had expired, so
+-- the whole actual usage was charged on top. month_used is the settled base tokens of
+-- the reservation's month after this settle (-1 if nothing changed), so the caller can
+-- see a soft limit being crossed without another round trip. The prior state
+-- (p, x, s, l) tells a cluster's second step what to do with the global share.
 
-local B, G, I = KEYS[1], KEYS[2], KEYS[3]
+local B, I, G = KEYS[1], KEYS[2], KEYS[3]
 local now = now_ms(ARGV[1])
 local rid, ttl, uid = ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local actual, input, output = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -27,16 +29,17 @@ else
 end
 
 -- Step 2: a second settle, or a settle after release, changes nothing.
-if state == 's' or state == 'l' then return {0, 0, -1} end
+if state == 's' or state == 'l' then return {0, 0, -1, state} end
 
--- Step 3: counters move by the difference to what they already hold for it.
+-- Step 3: counters move by the difference to what they already hold for it. The
+-- global share keeps its own record (it may have expired on its own), so it works
+-- out its own difference.
 local delta = actual
 if state == 'p' then delta = actual - est end
 adjust(B .. ':d:' .. day, delta, now)
 adjust(B .. ':m:' .. month, delta, now)
-if g == '1' then
-  adjust(G .. ':d:' .. day, delta, now)
-  adjust(G .. ':m:' .. month, delta, now)
+if G ~= nil and g == '1' then
+  global_settle(G, rid, actual, day, month, month_end, true, now, ttl)
 end
 
 -- Step 4: the reservation is no longer outstanding; its lease (concurrency) ends.
@@ -69,5 +72,5 @@ redis.call('PEXPIREAT', a, month_end + MONTH_GRACE)
 -- Step 7: keep a tombstone for one TTL so retried settles stay idempotent.
 redis.call('HSET', B .. ':rr', rid, record('s', actual, day, month, month_end, g, model))
 redis.call('ZADD', B .. ':z', now + ttl, rid)
-if state == 'p' then return {1, delta, month_used} end
-return {2, delta, month_used}
+if state == 'p' then return {1, delta, month_used, state} end
+return {2, delta, month_used, state}

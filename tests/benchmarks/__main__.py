@@ -16,7 +16,14 @@ def main(argv: list[str]) -> int:
     from django.conf import settings
     from django_redis import get_redis_connection
 
-    from tests.benchmarks import burst, estimation_cost, gate_cost, memory, throughput
+    from tests.benchmarks import (
+        burst,
+        estimation_cost,
+        gate_cost,
+        memory,
+        scale_out,
+        throughput,
+    )
     from tests.benchmarks.measure import Table
 
     sections = {
@@ -25,6 +32,7 @@ def main(argv: list[str]) -> int:
         "throughput": throughput.run,
         "estimation": estimation_cost.run,
         "memory": memory.run,
+        "scale": scale_out.run,
     }
     chosen = argv or list(sections)
     info = get_redis_connection("default").info("server")

@@ -1,0 +1,52 @@
+"""What an admin does, from another process: ``python -m tests.scale_site.admin``.
+
+    seed <tier> key=value...   a tier (limits), gpt-4o's price, a user on it: prints its pk
+    edit <tier> key=value...   change a tier through the model, as the admin's save does
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import django
+
+
+def _limits(pairs: list[str]) -> dict[str, int | None]:
+    values: dict[str, int | None] = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        values[name] = None if value in ("", "none") else int(value)
+    return values
+
+
+def main(argv: list[str]) -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.scale_site.settings")
+    django.setup()
+    from decimal import Decimal
+
+    from django.contrib.auth import get_user_model
+
+    from llm_quota.models import ModelPrice, Tier, UserQuota
+
+    command, name, *pairs = argv
+    if command == "seed":
+        ModelPrice.objects.get_or_create(
+            model="gpt-4o",
+            defaults={"input_multiplier": Decimal(1), "output_multiplier": Decimal(4)},
+        )
+        tier = Tier.objects.create(name=name, **_limits(pairs))
+        user = get_user_model().objects.create_user(f"user-{name}")
+        UserQuota.objects.create(user=user, tier=tier)
+        print(user.pk)
+    elif command == "edit":
+        tier = Tier.objects.get(name=name)
+        for field, value in _limits(pairs).items():
+            setattr(tier, field, value)
+        tier.save()
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,84 @@
+"""Views the many-processes tests call: a tier read, a gated call (sync and async)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from django.http import JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from llm_quota import quota_guard
+from llm_quota.config_cache import config_cache
+from llm_quota.exceptions import QuotaExceeded
+from llm_quota.policy import policy_for
+
+#: Every gated call: a 100-token prompt, 50 output tokens at 4 base tokens each = 300.
+PROMPT, OUTPUT = 100, 50
+
+
+def policy(request, pk):
+    time.sleep(float(request.GET.get("hold", 0)))  # keep this worker busy: spread the load
+    limits = policy_for(pk).limits
+    return JsonResponse(
+        {
+            "pid": os.getpid(),
+            "requests_per_minute": limits.requests_per_minute,
+            "generation": config_cache.generation,
+        }
+    )
+
+
+@csrf_exempt
+def call(request, pk):
+    try:
+        with quota_guard(pk, model="gpt-4o", prompt_tokens=PROMPT, max_tokens=OUTPUT) as q:
+            time.sleep(0.02)  # the upstream call
+            q.settle({"prompt_tokens": PROMPT, "completion_tokens": q.max_tokens})
+    except QuotaExceeded as exc:
+        return JsonResponse({"pid": os.getpid(), "limit": exc.limit}, status=429)
+    return JsonResponse({"pid": os.getpid(), "reserved": q.reservation.reserved})
+
+
+class _Heartbeat:
+    """Ticks on this worker's event loop; its largest gap shows any blocking."""
+
+    every = 0.002
+
+    def __init__(self) -> None:
+        self.max_gap = 0.0
+        self.task = None
+
+    async def beat(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(self.every)
+            now = time.perf_counter()
+            self.max_gap = max(self.max_gap, now - last - self.every)
+            last = now
+
+    def ensure(self) -> None:
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self.beat())
+
+
+heartbeat = _Heartbeat()
+
+
+@csrf_exempt
+async def acall(request, pk):
+    heartbeat.ensure()
+    try:
+        async with quota_guard(pk, model="gpt-4o", prompt_tokens=PROMPT, max_tokens=OUTPUT) as q:
+            await asyncio.sleep(0.05)  # the upstream call
+            await q.asettle({"prompt_tokens": PROMPT, "completion_tokens": q.max_tokens})
+    except QuotaExceeded as exc:
+        return JsonResponse({"pid": os.getpid(), "limit": exc.limit}, status=429)
+    return JsonResponse({"pid": os.getpid(), "reserved": q.reservation.reserved})
+
+
+async def beat(request):
+    heartbeat.ensure()
+    await asyncio.sleep(0.01)
+    return JsonResponse({"pid": os.getpid(), "max_gap": heartbeat.max_gap})
