@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+from django.core.signals import request_finished, request_started
 from django.core.wsgi import get_wsgi_application
+from django.db import close_old_connections
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -16,6 +18,17 @@ from schemathesis import GenerationMode
 from llm_quota.redis_ledger import get_ledger
 from llm_quota.tokens import ScopedTokenObtainPairSerializer
 from tests import factories
+
+
+@pytest.fixture(autouse=True)
+def keep_test_connection():
+    """The real WSGIHandler closes the database connection when a request ends, which
+    would end the test's transaction; Django's test Client detaches the same receiver."""
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    yield
+    request_started.connect(close_old_connections)
+    request_finished.connect(close_old_connections)
 
 
 @pytest.fixture
