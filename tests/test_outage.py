@@ -10,6 +10,7 @@ requests run, then brought back.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -24,7 +25,8 @@ import pytest
 from django.test import Client
 
 from llm_quota import gate, outage
-from llm_quota.accounting import ActualUsage
+from llm_quota.accounting import ActualUsage, Limits
+from llm_quota.exceptions import RateLimited
 from llm_quota.policy import policy_for
 from llm_quota.redis_ledger import Ledger, set_default_ledger
 from tests import factories
@@ -262,3 +264,49 @@ def test_async_gate_rides_out_a_frozen_redis_and_charges_every_call_once_back(
     assert counted.reserved == 0
     assert counted.tokens_this_month == admitted * per_call
     assert counted.by_model[0].requests == admitted
+
+
+@pytest.mark.django_db
+def test_fail_open_is_not_unlimited_each_process_admits_its_share_of_the_tier(
+    outage_ledger, durable_redis, settings
+):
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "FAIL_OPEN_DIVISOR": 2}
+    set_default_ledger(outage_ledger)
+    factories.price("gpt-4o", "1", "4", default_max_output_tokens=200)
+    factories.tier("free", is_default=True, requests_per_minute=4)
+    user = factories.user()
+    token = access_token(user)
+    client = Client()
+    durable_redis.kill()
+    first, second, third = (chat(client, token)[0] for _ in range(3))
+    assert first.status_code == second.status_code == 200
+    assert third.status_code == 429
+    assert third.json()["error"]["type"] == "rate_limit_exceeded"
+    assert "requests_per_minute" in third.json()["error"]["message"]
+    assert int(third["Retry-After"]) >= 1
+    other = access_token(factories.user())
+    assert chat(client, other)[0].status_code == 200, "the share is per user"
+
+
+@pytest.mark.django_db
+def test_a_blind_call_that_ends_after_redis_is_back_is_charged_at_once_and_frees_its_slot(
+    outage_ledger, durable_redis, chat_user
+):
+    policy = dataclasses.replace(policy_for(chat_user.pk), limits=Limits(max_concurrent_requests=1))
+    estimate = gate.estimate_request("gpt-4o", prompt_tokens=10, max_tokens=20)
+    durable_redis.kill()
+    held = gate.admit(chat_user.pk, estimate, policy=policy).reservation
+    assert held.unmetered and held.day and held.month and held.month_end_ms > 0
+    with pytest.raises(RateLimited):  # the fallback limiter's concurrency share is taken
+        gate.admit(chat_user.pk, estimate, policy=policy)
+    durable_redis.start()
+    time.sleep(COOLDOWN)
+    settlement = gate.settle(held, ActualUsage(10, 5))
+    assert settlement.settled and settlement.late  # Redis never saw its reservation
+    assert outage_ledger.usage(chat_user.pk).tokens_this_month == 10 + 4 * 5
+    assert len(outage.outage().journal) == 0
+    durable_redis.kill()
+    again = gate.admit(chat_user.pk, estimate, policy=policy).reservation
+    assert again.unmetered, "the settle gave the blind slot back"
+    gate.release(again)
+    assert gate.admit(chat_user.pk, estimate, policy=policy).reservation.unmetered
