@@ -36,9 +36,11 @@ from tests.gateway_support import MSGS, access_token
 #: The django-redis OPTIONS these tests run with: the longest a call may wait on Redis.
 SOCKET_TIMEOUT = 0.5
 COOLDOWN = 0.5
-#: A shared 2-core machine schedules threads late; the bound is about behaviour
-#: (nobody waits a timeout twice, nor a retry back-off), not speed.
-MARGIN = 1.0
+#: A shared 2-core machine schedules threads late (stalls near a second were seen
+#: with other suites running); the bound is about behaviour, not speed: no request
+#: waits on Redis again once the breaker is open, nor sits through redis-py's retry
+#: back-off (up to ~4 s with its defaults).
+MARGIN = 1.5
 
 
 class DurableRedis(PrivateRedis):
