@@ -36,10 +36,10 @@ from tests.gateway_support import MSGS, access_token
 #: The django-redis OPTIONS these tests run with: the longest a call may wait on Redis.
 SOCKET_TIMEOUT = 0.5
 COOLDOWN = 0.5
-#: A shared 2-core machine schedules threads late (stalls near a second were seen
-#: with other suites running); the bound is about behaviour, not speed: no request
-#: waits on Redis again once the breaker is open, nor sits through redis-py's retry
-#: back-off (up to ~4 s with its defaults).
+#: The bound is about behaviour, not speed: no request waits on Redis again once the
+#: breaker is open, nor sits through redis-py's retry back-off (up to ~4 s with its
+#: defaults). A shared 2-core machine schedules threads late: once, with two other
+#: test suites running on it, one request here took 3 s (not reproduced in 30 runs).
 MARGIN = 1.5
 
 
