@@ -25,7 +25,7 @@ from llm_quota.accounting import ActualUsage, Estimate, Price
 from llm_quota.async_ledger import AsyncLedger, get_async_ledger
 from llm_quota.conf import quota_settings
 from llm_quota.connections import REDIS_ERRORS
-from llm_quota.estimation import count_messages, counts_quickly
+from llm_quota.estimation import count_messages, counts_quickly, prompt_bounds
 from llm_quota.exceptions import (
     BudgetExceeded,
     InvalidRequest,
@@ -67,7 +67,11 @@ def estimate_request(
     _check_model_name(model)
     price = price_for(model)
     if prompt_tokens is None:
-        prompt_tokens = count_messages(messages, model, encoding_name=price.encoding, tools=tools)
+        _refuse_if_surely_too_long(price, messages, tools)
+        prompt_tokens = count_messages(
+            messages, model, encoding_name=price.encoding, tools=tools,
+            stop_above=price.context_window,
+        )  # fmt: skip
     return _estimate(price, prompt_tokens, max_tokens)
 
 
@@ -83,15 +87,37 @@ async def aestimate_request(
     _check_model_name(model)
     price = await aprice_for(model)
     if prompt_tokens is None:
+        _refuse_if_surely_too_long(price, messages, tools)
         count_args = (messages, model)
         count_kwargs = {"encoding_name": price.encoding, "tools": tools}
+        stop = {"stop_above": price.context_window}
         if counts_quickly(*count_args, **count_kwargs):
-            prompt_tokens = count_messages(*count_args, **count_kwargs)
+            prompt_tokens = count_messages(*count_args, **count_kwargs, **stop)
         else:
             prompt_tokens = await sync_to_async(count_messages, thread_sensitive=False)(
-                *count_args, **count_kwargs
+                *count_args, **count_kwargs, **stop
             )
     return _estimate(price, prompt_tokens, max_tokens)
+
+
+def _refuse_if_surely_too_long(price: Price, messages: Any, tools: Any) -> None:
+    """A prompt whose tokenizer-free lower bound already exceeds the context window is
+    refused without tokenizing it; below that, counting stops at the window anyway
+    (``stop_above``), so a huge prompt never costs more than the window's worth."""
+    window = price.context_window
+    if window is None:
+        return
+    lower, _upper = prompt_bounds(messages, tools=tools)
+    if lower >= window:
+        raise _too_long(window, lower)
+
+
+def _too_long(window: int, counted: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"This model's maximum context length is {window} tokens; the prompt has more.",
+        code="context_length_exceeded",
+        param="messages",
+    )
 
 
 def _check_model_name(model: Any) -> None:
@@ -110,12 +136,8 @@ def _estimate(price: Price, prompt_tokens: int, max_tokens: int | None) -> Estim
         )
     window = price.context_window
     if window is not None and prompt_tokens >= window:
-        raise InvalidRequest(
-            f"This model's maximum context length is {window} tokens; the prompt has "
-            f"{prompt_tokens}.",
-            code="context_length_exceeded",
-            param="messages",
-        )
+        # The count may have stopped early (stop_above): say "more", not a figure.
+        raise _too_long(window, prompt_tokens)
     if max_tokens is None:
         output = price.default_max_output_tokens
         if window is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from llm_quota import estimation
 from llm_quota.estimation import (
     byte_bound,
@@ -91,3 +93,34 @@ def test_chunked_counting_is_exact_and_stops_early():
     assert count_text(text, enc) == len(enc.encode(text))
     partial = count_messages([{"role": "user", "content": text}], "gpt-4", stop_above=1000)
     assert 1000 < partial < 100_000
+
+
+@pytest.mark.django_db
+def test_a_prompt_over_the_context_window_is_refused_without_counting_it_all(monkeypatch):
+    from llm_quota import estimation, gate
+    from llm_quota.exceptions import InvalidRequest
+    from tests import factories
+
+    factories.price("small-ctx", "1", "1", context_window=3000)
+    encoded = []
+    real = estimation._encode_len
+
+    def counting(text, encoding):
+        encoded.append(len(text))
+        return real(text, encoding)
+
+    monkeypatch.setattr(estimation, "_encode_len", counting)
+
+    def ask(text):
+        with pytest.raises(InvalidRequest) as info:
+            gate.estimate_request("small-ctx", messages=[{"role": "user", "content": text}])
+        assert info.value.error_code == "context_length_exceeded"
+
+    # ~45k tokens, but a lower bound (bytes / 128) under the window: counting starts,
+    # and stops once past 3,000 tokens, a chunk in.
+    ask("The quick brown fox jumps over the lazy dog. " * 4500)
+    assert 0 < sum(encoded) <= 2 * estimation.CHUNK_CHARS
+    # 2 MB: the lower bound alone exceeds the window, so nothing is tokenized.
+    encoded.clear()
+    ask("x" * 2_000_000)
+    assert encoded == []

@@ -21,7 +21,6 @@ if amount <= 0 then
   -- refused request is not counted as made.
   unreserve(B, rid, est, day, month, now)
   redis.call('ZREM', B .. ':w', rid)
-  redis.call('HDEL', B .. ':wt', rid)
   redis.call('HSET', B .. ':rr', rid, record('l', 0, day, month, month_end, g, model))
   redis.call('ZADD', B .. ':z', now + ttl, rid)
   return 1
@@ -33,6 +32,6 @@ if diff <= 0 then return 1 end
 adjust(B .. ':d:' .. day, -diff, now)
 adjust(B .. ':m:' .. month, -diff, now)
 redis.call('HINCRBY', B .. ':s', 'reserved', -diff)
-adjust_window(B, rid, amount)
+adjust_window(B, rid, est, amount)
 redis.call('HSET', B .. ':rr', rid, record('p', amount, day, month, month_end, g, model))
 return 1

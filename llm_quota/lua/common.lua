@@ -3,14 +3,16 @@
 --
 -- Keys under a user's base B = "<prefix>:{u:<id>}" (one hash tag, one cluster slot):
 --   B:w          ZSET reservation id -> admission time   (sliding request window)
---   B:wt         HASH reservation id -> tokens in the sliding token window, "_sum" = total
 --   B:p          ZSET reservation id -> lease expiry      (unsettled reservations; their
 --                                                         count is the concurrency in use)
 --   B:rr         HASH reservation id -> record "state|amount|day|month|month_end|global|model"
 --                     state: p pending, x expired (estimate given back), s settled, l released
+--                     amount: what the reservation holds in the token window now (the
+--                     estimate while pending, the actual once settled, 0 once given back)
 --                     global: 1 if the same script also holds a share in G (one Redis)
 --   B:z          ZSET reservation id -> when its finished record may be forgotten
---   B:s          HASH "reserved" (sum of pending estimates), "seen" (counters are trusted)
+--   B:s          HASH "reserved" (sum of pending estimates), "seen" (counters are trusted),
+--                     "wsum" (tokens of the entries in B:w), "t" (day the TTLs were refreshed)
 --   B:d:<day>    STRING base tokens used + reserved that calendar day
 --   B:m:<month>  STRING base tokens used + reserved that calendar month
 --   B:u:<month>  HASH "req|<model>", "in|<model>", "out|<model>", "base|<model>" (settled)
@@ -84,25 +86,23 @@ local function add_period(key, amount, expire_at)
   end
 end
 
--- Correct a counter that a reservation already touched. A counter that has expired
--- belongs to a long-closed period: giving back to it would create a key with no
--- expiry, so only a late charge recreates it.
+-- Correct a counter that a reservation already touched: one INCRBY. Only when the
+-- result shows the key was absent (a long-closed period, or a reset) is it looked at
+-- again: a give-back must not leave a negative key with no expiry behind, and a late
+-- charge gets a day to be read.
 local function adjust(key, delta, now)
   if delta == 0 then return end
-  if redis.call('EXISTS', key) == 1 then
-    redis.call('INCRBY', key, delta)
-  elseif delta > 0 then
-    redis.call('INCRBY', key, delta)
-    redis.call('PEXPIRE', key, DAY_GRACE)
+  local after = redis.call('INCRBY', key, delta)
+  if after == delta and redis.call('PTTL', key) == -1 then
+    if delta < 0 then redis.call('DEL', key) else redis.call('PEXPIRE', key, DAY_GRACE) end
   end
 end
 
--- Move a reservation's amount in the sliding token window, if it is still in it.
-local function adjust_window(B, rid, amount)
-  local held = redis.call('HGET', B .. ':wt', rid)
-  if held then
-    redis.call('HSET', B .. ':wt', rid, amount)
-    redis.call('HINCRBY', B .. ':wt', '_sum', amount - tonumber(held))
+-- Move a reservation's tokens in the sliding window from `old` to `new`, if its entry
+-- is still in the window; the record, rewritten by the caller, then holds `new`.
+local function adjust_window(B, rid, old, new)
+  if old ~= new and redis.call('ZSCORE', B .. ':w', rid) then
+    redis.call('HINCRBY', B .. ':s', 'wsum', new - old)
   end
 end
 
@@ -112,19 +112,26 @@ local function unreserve(B, rid, est, day, month, now)
   adjust(B .. ':m:' .. month, -est, now)
   redis.call('HINCRBY', B .. ':s', 'reserved', -est)
   redis.call('ZREM', B .. ':p', rid)
-  adjust_window(B, rid, 0)
+  adjust_window(B, rid, est, 0)
+end
+
+-- The tokens a record holds in the window (0 for a missing record: data lost).
+local function window_amount(rec)
+  if not rec then return 0 end
+  return tonumber(string.match(rec, '^%a|(%-?%d+)|')) or 0
 end
 
 -- Entries older than the window leave it, and their tokens leave the running sum.
+-- A record outlives its window entry (its tombstone lasts a TTL of at least 60 s),
+-- so the amount is read from it rather than kept twice.
 local function trim_window(B, now)
   while true do
     local old = redis.call('ZRANGEBYSCORE', B .. ':w', '-inf', now - WINDOW, 'LIMIT', 0, BATCH)
     if #old == 0 then return end
-    local amounts = redis.call('HMGET', B .. ':wt', unpack(old))
+    local recs = redis.call('HMGET', B .. ':rr', unpack(old))
     local freed = 0
-    for i = 1, #old do freed = freed + (tonumber(amounts[i]) or 0) end
-    redis.call('HDEL', B .. ':wt', unpack(old))
-    if freed ~= 0 then redis.call('HINCRBY', B .. ':wt', '_sum', -freed) end
+    for i = 1, #old do freed = freed + window_amount(recs[i]) end
+    if freed ~= 0 then redis.call('HINCRBY', B .. ':s', 'wsum', -freed) end
     redis.call('ZREM', B .. ':w', unpack(old))
   end
 end
@@ -145,7 +152,7 @@ local function reclaim(P, now, ttl, give_back)
         local state, est, day, month, month_end, g, model = parse_record(rec)
         if state == 'p' then
           give_back(rid, est, day, month)
-          redis.call('HSET', P .. ':rr', rid, record('x', est, day, month, month_end, g, model))
+          redis.call('HSET', P .. ':rr', rid, record('x', 0, day, month, month_end, g, model))
           redis.call('ZADD', P .. ':z', now + ttl, rid)
         end
       end
@@ -170,11 +177,14 @@ local function housekeeping(B, now, ttl)
 end
 
 -- The per-user structures live as long as any counter that may depend on them.
+-- Refreshed once a day (the caller compares "t"), not on every request: STRUCT_TTL
+-- has weeks to spare, and six PEXPIREATs were a fifth of a reserve's work.
 local function touch(B, now)
   local at = now + STRUCT_TTL
-  for _, suffix in ipairs({':w', ':wt', ':p', ':rr', ':z', ':s'}) do
+  for _, suffix in ipairs({':w', ':p', ':rr', ':z', ':s'}) do
     redis.call('PEXPIREAT', B .. suffix, at)
   end
+  redis.call('HSET', B .. ':s', 't', math.floor(now / 86400000))
 end
 
 local function num(v)

@@ -33,16 +33,17 @@ if use_global then global_housekeeping(G, now, ttl) end
 
 -- Step 2: counters lost with Redis' data must be restored from the database before
 -- they are trusted; the caller restores once and asks again.
-if redis.call('HEXISTS', B .. ':s', 'seen') == 0 then
+local state = redis.call('HMGET', B .. ':s', 'seen', 't', 'wsum')
+if not state[1] then
   return {2, '', 0, 0, 0, now, day, month, 0, 0, 0, 0, 0, 0, month_end, day_end}
 end
 
 -- Step 3: read every counter the decision depends on.
 local requests = redis.call('ZCARD', B .. ':w')
 local inflight = redis.call('ZCARD', B .. ':p')
-local used_min = num(redis.call('HGET', B .. ':wt', '_sum'))
-local used_day = num(redis.call('GET', B .. ':d:' .. day))
-local used_month = num(redis.call('GET', B .. ':m:' .. month))
+local used_min = num(state[3])
+local periods = redis.call('MGET', B .. ':d:' .. day, B .. ':m:' .. month)
+local used_day, used_month = num(periods[1]), num(periods[2])
 local g_day, g_month = 0, 0
 if use_global then g_day, g_month = global_used(G, day, month) end
 local oldest = redis.call('ZRANGE', B .. ':w', 0, 0, 'WITHSCORES')
@@ -58,10 +59,18 @@ if conc >= 0 and inflight + 1 > conc then r.block('max_concurrent_requests', 100
 -- Seconds until the sliding window has let go of `short` tokens.
 local function window_wait(short)
   local entries = redis.call('ZRANGE', B .. ':w', 0, -1, 'WITHSCORES')
+  if #entries == 0 then return WINDOW end
+  local rids = {}
+  for i = 1, #entries, 2 do rids[#rids + 1] = entries[i] end
+  local recs = {}
+  for start = 1, #rids, BATCH do  -- unpack() has a stack limit
+    local part = redis.call('HMGET', B .. ':rr', unpack(rids, start, math.min(start + BATCH - 1, #rids)))
+    for j = 1, #part do recs[#recs + 1] = part[j] end
+  end
   local freed = 0
-  for i = 1, #entries, 2 do
-    freed = freed + num(redis.call('HGET', B .. ':wt', entries[i]))
-    if freed >= short then return tonumber(entries[i + 1]) + WINDOW - now end
+  for i = 1, #rids do
+    freed = freed + window_amount(recs[i])
+    if freed >= short then return tonumber(entries[2 * i]) + WINDOW - now end
   end
   return WINDOW
 end
@@ -95,8 +104,7 @@ end
 -- Step 6: reserve in every window and period at once. The record remembers where
 -- the estimate went, so settle and expiry can take back exactly that.
 redis.call('ZADD', B .. ':w', now, rid)
-redis.call('HSET', B .. ':wt', rid, est)
-redis.call('HINCRBY', B .. ':wt', '_sum', est)
+redis.call('HINCRBY', B .. ':s', 'wsum', est)
 redis.call('ZADD', B .. ':p', now + ttl, rid)
 add_period(B .. ':d:' .. day, est, day_end + DAY_GRACE)
 add_period(B .. ':m:' .. month, est, month_end + MONTH_GRACE)
@@ -107,7 +115,7 @@ if use_global then
 end
 redis.call('HINCRBY', B .. ':s', 'reserved', est)
 redis.call('HSET', B .. ':rr', rid, record('p', est, day, month, month_end, g, model))
-touch(B, now)
+if tonumber(state[2]) ~= math.floor(now / 86400000) then touch(B, now) end
 
 local requests_left = -1
 if rpm >= 0 then requests_left = rpm - requests - 1 end

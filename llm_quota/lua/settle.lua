@@ -46,16 +46,17 @@ end
 if state == 'p' then
   redis.call('HINCRBY', B .. ':s', 'reserved', -est)
   redis.call('ZREM', B .. ':p', rid)
-  adjust_window(B, rid, actual)
+  adjust_window(B, rid, est, actual)
 end
 
 -- Step 5: per-model usage of the reservation's month, for reports and snapshots.
 local u = B .. ':u:' .. month
-redis.call('HINCRBY', u, 'req|' .. model, 1)
+if redis.call('HINCRBY', u, 'req|' .. model, 1) == 1 then
+  redis.call('PEXPIREAT', u, month_end + MONTH_GRACE)  -- a new model: perhaps a new hash
+end
 redis.call('HINCRBY', u, 'in|' .. model, input)
 redis.call('HINCRBY', u, 'out|' .. model, output)
 redis.call('HINCRBY', u, 'base|' .. model, actual)
-redis.call('PEXPIREAT', u, month_end + MONTH_GRACE)
 -- The month's settled total is the sum over models (a few fields): summing here
 -- keeps it exact after restores and resets, which rewrite this hash.
 local month_used = 0
@@ -66,11 +67,15 @@ end
 
 -- Step 6: the snapshot finds active users through this index, never through KEYS.
 local a = I .. ':a:' .. month
-redis.call('ZADD', a, now, uid)
-redis.call('PEXPIREAT', a, month_end + MONTH_GRACE)
+if redis.call('ZADD', a, now, uid) == 1 then
+  redis.call('PEXPIREAT', a, month_end + MONTH_GRACE)  -- a new member: perhaps a new key
+end
 
 -- Step 7: keep a tombstone for one TTL so retried settles stay idempotent.
 redis.call('HSET', B .. ':rr', rid, record('s', actual, day, month, month_end, g, model))
 redis.call('ZADD', B .. ':z', now + ttl, rid)
+-- A user who never comes back never runs reserve's daily refresh: the tombstones
+-- must expire on their own.
+redis.call('PEXPIREAT', B .. ':z', now + STRUCT_TTL)
 if state == 'p' then return {1, delta, month_used, state} end
 return {2, delta, month_used, state}

@@ -23,7 +23,7 @@ return {
   num(redis.call('GET', B .. ':m:' .. month)),
   num(redis.call('HGET', B .. ':s', 'reserved')),
   redis.call('ZCARD', B .. ':w'),
-  num(redis.call('HGET', B .. ':wt', '_sum')),
+  num(redis.call('HGET', B .. ':s', 'wsum')),
   redis.call('ZCARD', B .. ':p'),
   redis.call('HGETALL', B .. ':u:' .. month),
   redis.call('HEXISTS', B .. ':s', 'seen'),
