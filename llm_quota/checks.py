@@ -84,6 +84,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             )
         )
     errors += _check_alert_settings()
+    errors += _check_outage_settings()
     return errors
 
 
@@ -103,6 +104,45 @@ def _check_alert_settings() -> list[Any]:
             Error(
                 "LLM_QUOTA['ALERT_WEBHOOK_TIMEOUT'] must be a positive number of seconds.",
                 id="llm_quota.E021",
+            )
+        )
+    return errors
+
+
+def _check_outage_settings() -> list[Any]:
+    """What a Redis outage costs each request rests on these (see ``outage.py``)."""
+    errors: list[Any] = []
+    cooldown = quota_settings.BREAKER_COOLDOWN
+    if not isinstance(cooldown, int | float) or isinstance(cooldown, bool) or cooldown <= 0:
+        errors.append(
+            Error(
+                "LLM_QUOTA['BREAKER_COOLDOWN'] must be a positive number of seconds.",
+                id="llm_quota.E030",
+            )
+        )
+    divisor = quota_settings.FAIL_OPEN_DIVISOR
+    if not isinstance(divisor, int) or isinstance(divisor, bool) or divisor < 1:
+        errors.append(
+            Error(
+                "LLM_QUOTA['FAIL_OPEN_DIVISOR'] must be a positive integer (the number of "
+                "processes serving requests).",
+                id="llm_quota.E031",
+            )
+        )
+    cache = settings.CACHES.get(quota_settings.REDIS_CACHE_ALIAS) or {}
+    options = cache.get("OPTIONS") or {}
+    if (
+        not quota_settings.REDIS_CLUSTER_URL
+        and str(cache.get("BACKEND", "")).startswith("django_redis.")
+        and not (options.get("SOCKET_TIMEOUT") and options.get("SOCKET_CONNECT_TIMEOUT"))
+    ):
+        errors.append(
+            Warning(
+                "The quota cache has no SOCKET_TIMEOUT/SOCKET_CONNECT_TIMEOUT: a Redis that "
+                "stops answering holds requests until the OS gives up, before the circuit "
+                "breaker can open.",
+                hint="Set OPTIONS {'SOCKET_CONNECT_TIMEOUT': 1, 'SOCKET_TIMEOUT': 1}.",
+                id="llm_quota.W030",
             )
         )
     return errors

@@ -55,6 +55,12 @@ DEFAULTS: dict[str, Any] = {
     "ALERT_WEBHOOK_URL": None,
     # Seconds the webhook task waits for the receiver before retrying.
     "ALERT_WEBHOOK_TIMEOUT": 5.0,
+    # Redis outage (outage.py): seconds the circuit breaker keeps requests off Redis
+    # after a connection error or timeout, before one request per process probes it.
+    "BREAKER_COOLDOWN": 2.0,
+    # FAIL_OPEN admits each process a 1/FAIL_OPEN_DIVISOR share of the tier's
+    # per-minute limits: set it to the number of processes serving requests.
+    "FAIL_OPEN_DIVISOR": 4,
 }
 
 
@@ -84,9 +90,10 @@ def _reload(*, setting: str, **kwargs: Any) -> None:
     if setting == "LLM_QUOTA":
         quota_settings.reload()
         # The ledger and the config cache are built from these settings.
-        from llm_quota import connections, policy, redis_ledger
+        from llm_quota import connections, outage, policy, redis_ledger
 
         connections.reset()
+        outage.reset()
         redis_ledger.reset_default_ledger()
         policy.invalidate()
 

@@ -71,37 +71,68 @@ class FallbackLimiter:
 
 
 class OutageJournal:
-    """Settles that could not reach Redis, replayed in order once it answers again."""
+    """Settles (and releases: usage ``None``) that could not reach Redis, replayed in
+    order once it answers again."""
 
     def __init__(self, max_entries: int = 100_000) -> None:
         self.max_entries = max_entries
-        self._entries: deque[tuple[Any, ActualUsage]] = deque()
+        self._entries: deque[tuple[Any, ActualUsage | None]] = deque()
         self._lock = threading.Lock()
         self.dropped = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def record(self, reservation: Any, usage: ActualUsage) -> None:
+    def record(self, reservation: Any, usage: ActualUsage | None) -> None:
         with self._lock:
             if len(self._entries) >= self.max_entries:
                 self._entries.popleft()
                 self.dropped += 1
+                if self.dropped == 1:
+                    logger.critical("outage journal full: the oldest settles are dropped")
             self._entries.append((reservation, usage))
 
-    def replay(self, settle: Callable[[Any, ActualUsage], Any]) -> int:
-        """Charge every entry through ``settle``; stops (keeping the rest) if it fails."""
+    def _peek(self) -> tuple[Any, ActualUsage | None] | None:
+        with self._lock:
+            return self._entries[0] if self._entries else None
+
+    def _done(self, reservation: Any) -> None:
+        with self._lock:
+            if self._entries and self._entries[0][0] is reservation:
+                self._entries.popleft()
+
+    def replay(
+        self, settle: Callable[[Any, ActualUsage | None], Any], limit: int | None = None
+    ) -> int:
+        """Charge entries through ``settle`` (at most ``limit``); stops, keeping the
+        rest, if it raises."""
         replayed = 0
-        while True:
-            with self._lock:
-                if not self._entries:
-                    break
-                reservation, usage = self._entries[0]
-            settle(reservation, usage)  # raises if Redis is gone again: keep the entry
-            with self._lock:
-                if self._entries and self._entries[0][0] is reservation:
-                    self._entries.popleft()
+        while limit is None or replayed < limit:
+            entry = self._peek()
+            if entry is None:
+                break
+            settle(*entry)  # raises if Redis is gone again: keep the entry
+            self._done(entry[0])
             replayed += 1
-        if replayed:
-            logger.critical("charged %d calls' usage recorded while Redis was away", replayed)
+        _log_replayed(replayed)
         return replayed
+
+    async def areplay(
+        self, settle: Callable[[Any, ActualUsage | None], Any], limit: int | None = None
+    ) -> int:
+        """``replay`` with an async ``settle``."""
+        replayed = 0
+        while limit is None or replayed < limit:
+            entry = self._peek()
+            if entry is None:
+                break
+            await settle(*entry)
+            self._done(entry[0])
+            replayed += 1
+        _log_replayed(replayed)
+        return replayed
+
+
+def _log_replayed(replayed: int) -> None:
+    if replayed:
+        logger.warning("charged %d calls' usage recorded while Redis was away", replayed)

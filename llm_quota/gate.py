@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from typing import Any, NamedTuple
 
 from asgiref.sync import sync_to_async
@@ -32,9 +31,9 @@ from llm_quota.exceptions import (
     InvalidRequest,
     ModelNotAllowed,
     QuotaBlocked,
-    QuotaUnavailable,
     RateLimited,
 )
+from llm_quota.outage import BlindRefusal, metered, outage
 from llm_quota.policy import UserPolicy, apolicy_for, policy_for
 from llm_quota.pricing import aprice_for, price_for
 from llm_quota.redis_ledger import (
@@ -196,46 +195,6 @@ def _fit_per_request(estimate: Estimate, cap: int, clamp: bool, minimum: int) ->
     return Estimate(price, estimate.prompt_tokens, output)
 
 
-class _Outage:
-    """Logs CRITICAL once per Redis outage, with how many requests went through blind."""
-
-    def __init__(self) -> None:
-        self.admitted_blind = 0
-        self.lock = threading.Lock()
-
-    def admitted(self, exc: Exception) -> None:
-        with self.lock:
-            self.admitted_blind += 1
-            first = self.admitted_blind == 1
-        if first:
-            logger.critical("Redis unavailable (%s): FAIL_OPEN admits requests unmetered", exc)
-
-    def recovered(self) -> None:
-        if self.admitted_blind:
-            with self.lock:
-                count, self.admitted_blind = self.admitted_blind, 0
-            logger.critical("Redis is back; %d requests were admitted unmetered", count)
-
-
-outage = _Outage()
-
-
-def _unmetered(user: Any, estimate: Estimate) -> Reservation:
-    return Reservation(
-        id=keys.reservation_id(),
-        user_id=keys.user_id(getattr(user, "pk", user)),
-        model=estimate.model,
-        reserved=0,
-        max_tokens=estimate.max_output_tokens,
-        estimate=estimate,
-        day="",
-        month="",
-        month_end_ms=0,
-        uses_global=False,
-        unmetered=True,
-    )
-
-
 class _Admission(NamedTuple):
     """A request that passed the checks needing no Redis, ready for the ledger."""
 
@@ -274,18 +233,15 @@ def _prepare(pk: Any, policy: UserPolicy, estimate: Estimate) -> _Admission:
     return _Admission(pk, policy, estimate, requested, clamp, minimum)
 
 
-def _unavailable(admission: _Admission, exc: BaseException) -> Decision:
-    """Redis failed: admit unmetered (FAIL_OPEN) or refuse with 503."""
-    if quota_settings.FAIL_OPEN:
-        outage.admitted(exc)
-        reservation = _unmetered(admission.pk, admission.estimate)
-        return Decision(True, None, 0.0, reservation, admission.requested)
-    logger.error("Redis unavailable (%s): FAIL_OPEN is off, refusing", exc)
-    raise QuotaUnavailable() from exc
+def _unavailable(admission: _Admission, ledger: Any) -> Decision:
+    """Redis is away: admit blind within the fallback limiter (``FAIL_OPEN``), or 503."""
+    blind = outage().admit_blind(admission.pk, admission.policy.limits, admission.estimate, ledger)
+    if isinstance(blind, BlindRefusal):
+        raise _Refusal(blind.limit, blind.retry_after)
+    return Decision(True, None, 0.0, blind, admission.requested)
 
 
 def _conclude(admission: _Admission, decision: Decision) -> Decision:
-    outage.recovered()
     if not decision.allowed:
         raise _Refusal(decision.limit or "unknown", decision.retry_after_seconds, decision)
     if admission.requested != decision.requested_max_tokens:
@@ -308,6 +264,9 @@ def admit(
     policy = policy or policy_for(pk)
     try:
         admission = _prepare(pk, policy, estimate)
+        state = outage()
+        if not state.may_call():
+            return _unavailable(admission, ledger)
         try:
             ledger = ledger or get_ledger()
             decision = ledger.reserve(
@@ -315,7 +274,13 @@ def admit(
                 clamp=admission.clamp, min_output_tokens=admission.minimum,
             )  # fmt: skip
         except REDIS_ERRORS as exc:
-            return _unavailable(admission, exc)
+            state.failed(exc)
+            return _unavailable(admission, ledger)
+        except BaseException:
+            state.abandon()
+            raise
+        if state.answered():
+            state.replay(ledger)
         return _conclude(admission, decision)
     except _Refusal as refusal:
         raise _refuse(user, policy, refusal.limit, refusal.retry_after, refusal.decision) from None
@@ -345,6 +310,9 @@ async def aadmit(
     policy = policy or await apolicy_for(pk)
     try:
         admission = _prepare(pk, policy, estimate)
+        state = outage()
+        if not state.may_call():
+            return _unavailable(admission, ledger)
         try:
             ledger = ledger or await get_async_ledger()
             decision = await ledger.reserve(
@@ -352,7 +320,13 @@ async def aadmit(
                 clamp=admission.clamp, min_output_tokens=admission.minimum,
             )  # fmt: skip
         except REDIS_ERRORS as exc:
-            return _unavailable(admission, exc)
+            state.failed(exc)
+            return _unavailable(admission, ledger)
+        except BaseException:
+            state.abandon()
+            raise
+        if state.answered():
+            await state.areplay(ledger)
         return _conclude(admission, decision)
     except _Refusal as refusal:
         raise (
@@ -361,16 +335,30 @@ async def aadmit(
 
 
 def settle(reservation: Reservation, usage: Any, *, ledger: Ledger | None = None) -> Settlement:
-    """Settle with an OpenAI ``usage`` (object or dict) or an ``ActualUsage``."""
+    """Settle with an OpenAI ``usage`` (object or dict) or an ``ActualUsage``.
+
+    While Redis is away the usage goes into the outage journal and is charged once it
+    is back; so does the usage of a call admitted blind (``FAIL_OPEN``).
+    """
     actual = usage if isinstance(usage, ActualUsage) else ActualUsage.from_openai(usage)
-    if reservation.unmetered:
+    state = outage()
+    state.blind_call_ended(reservation)
+    if not state.may_call():
+        state.defer(reservation, actual)
         return Settlement(False, False, 0)
     try:
         ledger = ledger or get_ledger()
-        settlement = ledger.settle(reservation, actual)
-    except REDIS_ERRORS:
-        logger.exception("could not settle reservation %s", reservation.id)
+        settlement = ledger.settle(metered(reservation), actual)
+    except REDIS_ERRORS as exc:
+        state.failed(exc)
+        logger.warning("could not settle reservation %s (%s): journaled", reservation.id, exc)
+        state.defer(reservation, actual)
         return Settlement(False, False, 0)
+    except BaseException:
+        state.abandon()
+        raise
+    if state.answered():
+        state.replay(ledger)
     alerts.after_settle(reservation, settlement, ledger)  # soft limit: no extra round trip
     return settlement
 
@@ -380,14 +368,24 @@ async def asettle(
 ) -> Settlement:
     """``settle`` for async code, on the ``AsyncLedger``."""
     actual = usage if isinstance(usage, ActualUsage) else ActualUsage.from_openai(usage)
-    if reservation.unmetered:
+    state = outage()
+    state.blind_call_ended(reservation)
+    if not state.may_call():
+        state.defer(reservation, actual)
         return Settlement(False, False, 0)
     try:
         ledger = ledger or await get_async_ledger()
-        settlement = await ledger.settle(reservation, actual)
-    except REDIS_ERRORS:
-        logger.exception("could not settle reservation %s", reservation.id)
+        settlement = await ledger.settle(metered(reservation), actual)
+    except REDIS_ERRORS as exc:
+        state.failed(exc)
+        logger.warning("could not settle reservation %s (%s): journaled", reservation.id, exc)
+        state.defer(reservation, actual)
         return Settlement(False, False, 0)
+    except BaseException:
+        state.abandon()
+        raise
+    if state.answered():
+        await state.areplay(ledger)
     await _asoft_limit_alert(reservation, settlement, ledger)
     return settlement
 
@@ -412,25 +410,54 @@ async def _asoft_limit_alert(
 
 
 def release(reservation: Reservation, *, ledger: Ledger | None = None) -> bool:
+    """Give the reservation back (the call failed). While Redis is away the release is
+    journaled; were it lost, the reservation would still expire after RESERVATION_TTL."""
+    state = outage()
     if reservation.unmetered:
+        state.blind_call_ended(reservation)
+        return False
+    if not state.may_call():
+        state.defer(reservation, None)
         return False
     try:
-        return (ledger or get_ledger()).release(reservation)
-    except REDIS_ERRORS:
-        # Not lost: the reservation expires after RESERVATION_TTL and gives its tokens back.
-        logger.exception("could not release reservation %s", reservation.id)
+        ledger = ledger or get_ledger()
+        released = ledger.release(reservation)
+    except REDIS_ERRORS as exc:
+        state.failed(exc)
+        logger.warning("could not release reservation %s (%s): journaled", reservation.id, exc)
+        state.defer(reservation, None)
         return False
+    except BaseException:
+        state.abandon()
+        raise
+    if state.answered():
+        state.replay(ledger)
+    return released
 
 
 async def arelease(reservation: Reservation, *, ledger: AsyncLedger | None = None) -> bool:
     """``release`` for async code, on the ``AsyncLedger``."""
+    state = outage()
     if reservation.unmetered:
+        state.blind_call_ended(reservation)
+        return False
+    if not state.may_call():
+        state.defer(reservation, None)
         return False
     try:
-        return await (ledger or await get_async_ledger()).release(reservation)
-    except REDIS_ERRORS:
-        logger.exception("could not release reservation %s", reservation.id)
+        ledger = ledger or await get_async_ledger()
+        released = await ledger.release(reservation)
+    except REDIS_ERRORS as exc:
+        state.failed(exc)
+        logger.warning("could not release reservation %s (%s): journaled", reservation.id, exc)
+        state.defer(reservation, None)
         return False
+    except BaseException:
+        state.abandon()
+        raise
+    if state.answered():
+        await state.areplay(ledger)
+    return released
 
 
 __all__ = [

@@ -264,9 +264,13 @@ def get_ledger() -> Ledger:
 
 
 def set_default_ledger(ledger: Ledger | None) -> None:
-    """Swap the project's ledger (tests pin a clock or a prefix this way)."""
+    """Swap the project's ledger (tests pin a clock or a prefix this way). A new
+    ledger starts with a closed circuit breaker and an empty outage journal."""
     global _default
     _default = ledger
+    from llm_quota import outage
+
+    outage.reset()
 
 
 def reset_default_ledger() -> None:

@@ -49,3 +49,17 @@ def test_tiers_check(settings):
     assert check_tiers(databases=["default"]) == []
     factories.tier("b", is_default=True)
     assert ids(check_tiers(databases=["default"])) == {"llm_quota.E010"}
+
+
+def test_outage_settings_are_checked(settings):
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "BREAKER_COOLDOWN": 0, "FAIL_OPEN_DIVISOR": 0}
+    assert {"llm_quota.E030", "llm_quota.E031"} <= ids(check_settings())
+
+
+def test_a_quota_cache_without_socket_timeouts_is_warned_about(settings):
+    cache = dict(settings.CACHES["default"])
+    cache["OPTIONS"] = {
+        k: v for k, v in (cache.get("OPTIONS") or {}).items() if not k.startswith("SOCKET_")
+    }
+    settings.CACHES = {**settings.CACHES, "default": cache}
+    assert "llm_quota.W030" in ids(check_settings())
