@@ -219,8 +219,12 @@ def test_unsafe_ids_never_become_keys(ledger):
             ledger.reserve(bad, Limits(), estimate(1, 1))
 
 
-def test_one_round_trip_to_reserve_and_one_to_settle(ledger, redis_client):
-    """INFO commandstats: a gated request is one EVALSHA in, one EVALSHA out."""
+def test_one_round_trip_to_reserve_and_one_to_settle(private_redis, clock, monkeypatch):
+    """INFO commandstats: a gated request is one EVALSHA in, one EVALSHA out.
+
+    On a private server, so that no other test run's commands blur the count."""
+    client = private_redis.client()
+    ledger = Ledger(client, prefix="rt", clock=clock)
     limits = Limits(
         requests_per_minute=100,
         tokens_per_minute=10**6,
@@ -231,24 +235,21 @@ def test_one_round_trip_to_reserve_and_one_to_settle(ledger, redis_client):
     warm = ledger.reserve(1, limits, estimate(10, 10))  # loads the scripts
     ledger.settle(warm.reservation, ActualUsage(10, 5))
     sent = []
-    conn = redis_client.connection_pool.get_connection()
-    redis_client.connection_pool.release(conn)
+    conn = client.connection_pool.get_connection()
+    client.connection_pool.release(conn)
     original = type(conn).send_packed_command
 
     def counting(self, command, check_health=True):
         sent.append(command)
         return original(self, command, check_health)
 
-    type(conn).send_packed_command = counting
-    try:
-        before = redis_client.info("commandstats")
-        sent.clear()
-        d = ledger.reserve(1, limits, estimate(10, 10))
-        ledger.settle(d.reservation, ActualUsage(10, 5))
-        round_trips = len(sent)
-        after = redis_client.info("commandstats")
-    finally:
-        type(conn).send_packed_command = original
+    before = client.info("commandstats")
+    monkeypatch.setattr(type(conn), "send_packed_command", counting)
+    d = ledger.reserve(1, limits, estimate(10, 10))
+    ledger.settle(d.reservation, ActualUsage(10, 5))
+    round_trips = len(sent)
+    monkeypatch.undo()
+    after = client.info("commandstats")
 
     def calls(stats, name):
         return stats.get(f"cmdstat_{name}", {}).get("calls", 0)
