@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import tempfile
 import time
 
 
 def main(argv: list[str]) -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+    # Sections 4 and 7 need users and snapshots: a scratch database unless one is given.
+    scratch = tempfile.mkdtemp(prefix="llmq-bench-")
+    os.environ.setdefault("DATABASE_URL", f"sqlite:///{scratch}/bench.sqlite3")
     import django
 
     django.setup()
@@ -18,6 +22,7 @@ def main(argv: list[str]) -> int:
 
     from tests.benchmarks import (
         burst,
+        end_to_end,
         estimation_cost,
         gate_cost,
         memory,
@@ -29,6 +34,7 @@ def main(argv: list[str]) -> int:
     sections = {
         "cost": gate_cost.run,
         "burst": burst.run,
+        "e2e": end_to_end.run,
         "throughput": throughput.run,
         "estimation": estimation_cost.run,
         "memory": memory.run,

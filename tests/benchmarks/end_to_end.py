@@ -1,0 +1,168 @@
+"""Section 4: what the gate adds to a whole request, through gunicorn.
+
+One gunicorn serves both paths from the same workers (``e2e_settings``): the real
+gateway (``/v1/chat/completions``: scope, estimate, reserve, upstream, settle) and the
+same work without the gate (``tests.benchmarks.ungated``). Both call the built-in fake
+provider (no ``OPENAI_BASE_URL``), which counts tokens like a real reply would be
+counted, so the gate's cost is set against a request that does real work but spends
+no time waiting on a network. Runs alternate between the two paths, so both see the
+same machine; each figure is the median over the runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from decimal import Decimal
+
+import httpx
+
+from tests.benchmarks.measure import Table, verdict
+from tests.loadtest.harness import ROOT, _cleanup, free_port, wait_for_port
+
+MODEL = "gpt-4o-mini"
+REQUESTS, CONCURRENCY, RUNS, USERS = 2000, 16, 3, 16
+WORKERS, THREADS = 2, 8
+GATED, UNGATED = "/v1/chat/completions", "/bench/ungated/chat/completions"
+TIER = dict(
+    requests_per_minute=10**6, tokens_per_minute=10**9, tokens_per_day=10**10,
+    tokens_per_month=10**11, max_concurrent_requests=10**4,
+)  # fmt: skip
+
+
+def _seed() -> list[str]:
+    """Users on a tier no request reaches, and one access token each."""
+    from django.contrib.auth import get_user_model
+
+    from llm_quota.models import ModelPrice, Tier, UserQuota
+    from llm_quota.tokens import ScopedTokenObtainPairSerializer
+
+    run = uuid.uuid4().hex[:6]
+    level = Tier.objects.create(name=f"bench-e2e-{run}", allowed_models="", **TIER)
+    ModelPrice.objects.update_or_create(
+        model=MODEL,
+        defaults=dict(input_multiplier=Decimal("1"), output_multiplier=Decimal("4"),
+                      default_max_output_tokens=64),
+    )  # fmt: skip
+    tokens = []
+    for n in range(USERS):
+        user = get_user_model().objects.create_user(f"bench-e2e-{run}-{n}")
+        UserQuota.objects.create(user=user, tier=level)
+        tokens.append(str(ScopedTokenObtainPairSerializer.get_token(user).access_token))
+    return tokens
+
+
+@contextmanager
+def gunicorn():
+    """Yield (base_url, tokens) with gunicorn serving the gateway and the baseline."""
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0, interactive=False)
+    tokens = _seed()
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.benchmarks.e2e_settings",
+           "LLM_QUOTA_KEY_PREFIX": prefix, "DJANGO_DEBUG": "0"}  # fmt: skip
+    env.pop("OPENAI_BASE_URL", None)  # the built-in fake provider
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "project.wsgi", "-w", str(WORKERS),
+         "-k", "gthread", "--threads", str(THREADS), "-b", f"127.0.0.1:{port}",
+         "--log-level", "warning", "--graceful-timeout", "5"],
+        cwd=ROOT, env=env,
+    )  # fmt: skip
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}", tokens
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        _cleanup(prefix)
+
+
+def _bodies(total: int) -> list[dict]:
+    """The same requests for both paths: short chats, capped at 64 output tokens."""
+    rng = random.Random(6)
+    return [
+        {"model": MODEL, "max_tokens": 64,
+         "messages": [{"role": "user", "content": "bench " * rng.randint(5, 60)}]}
+        for _ in range(total)
+    ]  # fmt: skip
+
+
+def fire(base: str, path: str, tokens: list[str], bodies: list[dict]) -> tuple[float, list[float]]:
+    """Send every body from CONCURRENCY threads; (requests/s, sorted latencies)."""
+    latencies: list[float] = []
+    failures: list[int] = []
+    work = iter(enumerate(bodies))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            for n, body in work:
+                headers = {"Authorization": f"Bearer {tokens[n % len(tokens)]}"}
+                start = time.perf_counter()
+                response = client.post(path, json=body, headers=headers)
+                elapsed = time.perf_counter() - start
+                with lock:
+                    latencies.append(elapsed)
+                    if response.status_code != 200:
+                        failures.append(response.status_code)
+
+    threads = [threading.Thread(target=worker) for _ in range(CONCURRENCY)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    if failures:
+        raise RuntimeError(f"{path}: {len(failures)} requests failed, e.g. {failures[:5]}")
+    return len(bodies) / wall, sorted(latencies)
+
+
+def _p(latencies: list[float], q: float) -> float:
+    return latencies[min(len(latencies) - 1, int(len(latencies) * q))]
+
+
+def run(table: Table) -> None:
+    bodies = _bodies(REQUESTS)
+    figures: dict[str, list[tuple[float, float, float]]] = {GATED: [], UNGATED: []}
+    with gunicorn() as (base, tokens):
+        for path in (GATED, UNGATED):  # warm every worker: imports, encodings, scripts
+            fire(base, path, tokens, bodies[:400])
+        for n in range(RUNS):
+            for path in (UNGATED, GATED) if n % 2 else (GATED, UNGATED):
+                rate, lat = fire(base, path, tokens, bodies)
+                figures[path].append((rate, _p(lat, 0.5), _p(lat, 0.99)))
+                print(f"  run {n + 1}/{RUNS} {'gate on ' if path == GATED else 'gate off'}: "
+                      f"{rate:,.0f} req/s, p50 {_p(lat, 0.5) * 1e3:.2f} ms, "
+                      f"p99 {_p(lat, 0.99) * 1e3:.2f} ms", flush=True)  # fmt: skip
+    on = [statistics.median(x) for x in zip(*figures[GATED], strict=True)]
+    off = [statistics.median(x) for x in zip(*figures[UNGATED], strict=True)]
+    where = (f"gunicorn {WORKERS}x{THREADS} threads, {REQUESTS} requests "
+             f"{CONCURRENCY} at once, fake provider")  # fmt: skip
+    table.add("4 end-to-end", "gate off: requests/s", f"{off[0]:,.0f}/s", where)
+    table.add("4 end-to-end", "gate on: requests/s", f"{on[0]:,.0f}/s",
+              f"{on[0] / off[0]:.2f}x of gate off")  # fmt: skip
+    table.add("4 end-to-end", "gate off: p50 / p99 latency",
+              f"{off[1] * 1e3:.2f} / {off[2] * 1e3:.2f} ms")  # fmt: skip
+    # Each run's gate-on p50 against the gate-off p50 measured next to it, then the median.
+    added = statistics.median(
+        a[1] / b[1] - 1 for a, b in zip(figures[GATED], figures[UNGATED], strict=True)
+    )
+    table.add("4 end-to-end", "gate on: p50 / p99 latency",
+              f"{on[1] * 1e3:.2f} / {on[2] * 1e3:.2f} ms",
+              f"p99 {on[2] / off[2]:.2f}x of gate off")  # fmt: skip
+    table.add("4 end-to-end", "latency the gate adds at p50 (median of runs)", f"{added:+.1%}",
+              f"< 10%: {verdict(added < 0.10)}")  # fmt: skip
