@@ -27,6 +27,7 @@ def main(argv: list[str]) -> int:
         gate_cost,
         memory,
         scale_out,
+        snapshot_time,
         throughput,
     )
     from tests.benchmarks.measure import Table
@@ -37,6 +38,7 @@ def main(argv: list[str]) -> int:
         "e2e": end_to_end.run,
         "throughput": throughput.run,
         "estimation": estimation_cost.run,
+        "snapshot": snapshot_time.run,
         "memory": memory.run,
         "scale": scale_out.run,
     }
