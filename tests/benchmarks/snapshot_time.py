@@ -87,6 +87,34 @@ def _slowlog(client: redis.Redis) -> tuple[list[float], str]:
     return sorted(e["duration"] / 1000 for e in entries), " ".join(command.split()[:2])[:48]
 
 
+class Progress:
+    """Prints the snapshot's progress every ``every`` users (a run takes a while)."""
+
+    def __init__(self, total: int, every: int = 20_000) -> None:
+        self.total, self.every, self.done, self.started = total, every, 0, time.perf_counter()
+
+    def __call__(self, users: int) -> None:
+        before, self.done = self.done, self.done + users
+        if self.done // self.every > before // self.every:
+            print(f"    snapshot: {self.done:,}/{self.total:,} users "
+                  f"({time.perf_counter() - self.started:.0f} s)", flush=True)  # fmt: skip
+
+
+def _noise_floor(client: redis.Redis, commands: int = 20_000) -> float:
+    """The longest of ``commands`` pipelined PINGs (ms): what SLOWLOG shows for a command
+    that does nothing, i.e. how long the server can be kept off a core mid-command."""
+    client.config_set("slowlog-log-slower-than", 0)
+    client.slowlog_reset()
+    for start in range(0, commands, SEED_BATCH):
+        pipe = client.pipeline(transaction=False)
+        for _ in range(min(SEED_BATCH, commands - start)):
+            pipe.ping()
+        pipe.execute()
+    durations, _ = _slowlog(client)
+    client.config_set("slowlog-log-slower-than", 10_000)
+    return durations[-1]
+
+
 def _profile(ledger: Ledger) -> str:
     """Where a run's time goes: the top functions by cumulative time."""
     profiler = cProfile.Profile()
@@ -123,7 +151,7 @@ def run(table: Table) -> None:
             client.config_set("slowlog-log-slower-than", 0)  # log every command
             client.slowlog_reset()
             started = time.perf_counter()
-            first = snapshot_usage(ledger=ledger)
+            first = snapshot_usage(ledger=ledger, progress=Progress(size))
             first_s = time.perf_counter() - started
             durations, command = _slowlog(client)
             client.config_set("slowlog-log-slower-than", 10_000)
@@ -149,6 +177,10 @@ def run(table: Table) -> None:
                       f"{durations[int(len(durations) * 0.999)]:.3f} ms / {over}",
                       f"of {len(durations):,} commands")  # fmt: skip
             UsageSnapshot.objects.filter(user__username__startswith=f"{tag}-").delete()
+            if size == max(SIZES):
+                table.add("7 snapshot", "control: longest of 20,000 PINGs (SLOWLOG)",
+                          f"{_noise_floor(client):.2f} ms",
+                          "this machine's noise floor for the row above")  # fmt: skip
             if size == max(SIZES) and first_s >= GOAL_SECONDS:
                 # A 10k-user first copy under the profiler: same path, a tenth of the time.
                 print("  goal missed; where a first copy's time goes (cProfile, 10k users):")
