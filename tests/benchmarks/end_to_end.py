@@ -5,7 +5,9 @@ gateway (``/v1/chat/completions``: scope, estimate, reserve, upstream, settle) a
 same work without the gate (``tests.benchmarks.ungated``). Both call the built-in fake
 provider (no ``OPENAI_BASE_URL``), which counts tokens like a real reply would be
 counted, so the gate's cost is set against a request that does real work but spends
-no time waiting on a network. Runs alternate between the two paths, so both see the
+no time waiting on a network: the gate's worst case. A second, shorter comparison
+puts a network-like delay upstream (the tests' HTTP upstream, ``up-slow`` at
+``SLOW_LATENCY`` s), as a real provider has. Runs alternate between the two paths, so both see the
 same machine: on a shared or busy host the load drifts, so the paths take turns in
 short rounds and each round's gate-on p50 is set against the gate-off p50 measured
 next to it; the table gives the median of those ratios and the pooled figures.
@@ -30,7 +32,7 @@ import httpx
 from tests.benchmarks.measure import Table, verdict
 from tests.loadtest.harness import ROOT, _cleanup, free_port, wait_for_port
 
-MODEL = "gpt-4o-mini"
+MODEL, SLOW_MODEL, SLOW_LATENCY, SLOW_ROUNDS = "gpt-4o-mini", "up-slow", 0.05, 4
 ROUNDS, PER_ROUND, CONCURRENCY, USERS = 8, 400, 16, 16
 WORKERS, THREADS = 2, 8
 GATED, UNGATED = "/v1/chat/completions", "/bench/ungated/chat/completions"
@@ -49,11 +51,12 @@ def _seed() -> list[str]:
 
     run = uuid.uuid4().hex[:6]
     level = Tier.objects.create(name=f"bench-e2e-{run}", allowed_models="", **TIER)
-    ModelPrice.objects.update_or_create(
-        model=MODEL,
-        defaults=dict(input_multiplier=Decimal("1"), output_multiplier=Decimal("4"),
-                      default_max_output_tokens=64),
-    )  # fmt: skip
+    for model in (MODEL, SLOW_MODEL):
+        ModelPrice.objects.update_or_create(
+            model=model,
+            defaults=dict(input_multiplier=Decimal("1"), output_multiplier=Decimal("4"),
+                          default_max_output_tokens=64),
+        )  # fmt: skip
     tokens = []
     for n in range(USERS):
         user = get_user_model().objects.create_user(f"bench-e2e-{run}-{n}")
@@ -63,8 +66,9 @@ def _seed() -> list[str]:
 
 
 @contextmanager
-def gunicorn():
-    """Yield (base_url, tokens) with gunicorn serving the gateway and the baseline."""
+def gunicorn(upstream_url: str | None = None):
+    """Yield (base_url, tokens) with gunicorn serving the gateway and the baseline, in
+    front of the built-in fake provider, or of ``upstream_url``."""
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0, interactive=False)
@@ -73,6 +77,8 @@ def gunicorn():
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.benchmarks.e2e_settings",
            "LLM_QUOTA_KEY_PREFIX": prefix, "DJANGO_DEBUG": "0"}  # fmt: skip
     env.pop("OPENAI_BASE_URL", None)  # the built-in fake provider
+    if upstream_url:
+        env.update(OPENAI_BASE_URL=upstream_url, OPENAI_API_KEY="bench")
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "project.wsgi", "-w", str(WORKERS),
@@ -92,11 +98,11 @@ def gunicorn():
         _cleanup(prefix)
 
 
-def _bodies(total: int) -> list[dict]:
+def _bodies(total: int, model: str = MODEL) -> list[dict]:
     """The same requests for both paths: short chats, capped at 64 output tokens."""
     rng = random.Random(6)
     return [
-        {"model": MODEL, "max_tokens": 64,
+        {"model": model, "max_tokens": 64,
          "messages": [{"role": "user", "content": "bench " * rng.randint(5, 60)}]}
         for _ in range(total)
     ]  # fmt: skip
@@ -137,33 +143,38 @@ def _p(latencies: list[float], q: float) -> float:
     return latencies[min(len(latencies) - 1, int(len(latencies) * q))]
 
 
-def run(table: Table) -> None:
-    bodies = _bodies(PER_ROUND)
+def _compare(base: str, tokens: list[str], bodies: list[dict], rounds: int):
+    """Gate on and off in alternating rounds: (req/s medians, pooled latencies, p50 ratios)."""
     rates: dict[str, list[float]] = {GATED: [], UNGATED: []}
     pooled: dict[str, list[float]] = {GATED: [], UNGATED: []}
     added: list[float] = []
+    for path in (GATED, UNGATED):  # warm every worker: imports, encodings, scripts
+        fire(base, path, tokens, bodies)
+    for n in range(rounds):
+        p50 = {}
+        for path in (UNGATED, GATED) if n % 2 else (GATED, UNGATED):
+            rate, lat = fire(base, path, tokens, bodies)
+            rates[path].append(rate)
+            pooled[path] += lat
+            p50[path] = _p(lat, 0.5)
+        added.append(p50[GATED] / p50[UNGATED] - 1)
+        print(f"  round {n + 1}/{rounds}: gate on {rates[GATED][-1]:,.0f} req/s, p50 "
+              f"{p50[GATED] * 1e3:.1f} ms; gate off {rates[UNGATED][-1]:,.0f} req/s, p50 "
+              f"{p50[UNGATED] * 1e3:.1f} ms; p50 {added[-1]:+.1%}", flush=True)  # fmt: skip
+    medians = {path: statistics.median(r) for path, r in rates.items()}
+    return medians, {path: sorted(lat) for path, lat in pooled.items()}, added
+
+
+def run(table: Table) -> None:
     with gunicorn() as (base, tokens):
-        for path in (GATED, UNGATED):  # warm every worker: imports, encodings, scripts
-            fire(base, path, tokens, bodies)
-        for n in range(ROUNDS):
-            p50 = {}
-            for path in (UNGATED, GATED) if n % 2 else (GATED, UNGATED):
-                rate, lat = fire(base, path, tokens, bodies)
-                rates[path].append(rate)
-                pooled[path] += lat
-                p50[path] = _p(lat, 0.5)
-            added.append(p50[GATED] / p50[UNGATED] - 1)
-            print(f"  round {n + 1}/{ROUNDS}: gate on {rates[GATED][-1]:,.0f} req/s, p50 "
-                  f"{p50[GATED] * 1e3:.1f} ms; gate off {rates[UNGATED][-1]:,.0f} req/s, p50 "
-                  f"{p50[UNGATED] * 1e3:.1f} ms; p50 {added[-1]:+.1%}", flush=True)  # fmt: skip
-    on, off = sorted(pooled[GATED]), sorted(pooled[UNGATED])
-    on_rate, off_rate = statistics.median(rates[GATED]), statistics.median(rates[UNGATED])
+        rates, lat, added = _compare(base, tokens, _bodies(PER_ROUND), ROUNDS)
+    on, off = lat[GATED], lat[UNGATED]
     where = (f"gunicorn {WORKERS}x{THREADS} threads, {ROUNDS}x{PER_ROUND} requests a side, "
              f"{CONCURRENCY} at once, fake provider")  # fmt: skip
-    table.add("4 end-to-end", "gate off: requests/s (median of rounds)", f"{off_rate:,.0f}/s",
-              where)  # fmt: skip
-    table.add("4 end-to-end", "gate on: requests/s (median of rounds)", f"{on_rate:,.0f}/s",
-              f"{on_rate / off_rate:.2f}x of gate off")  # fmt: skip
+    table.add("4 end-to-end", "gate off: requests/s (median of rounds)",
+              f"{rates[UNGATED]:,.0f}/s", where)  # fmt: skip
+    table.add("4 end-to-end", "gate on: requests/s (median of rounds)", f"{rates[GATED]:,.0f}/s",
+              f"{rates[GATED] / rates[UNGATED]:.2f}x of gate off")  # fmt: skip
     table.add("4 end-to-end", "gate off: p50 / p99 latency (pooled)",
               f"{_p(off, 0.5) * 1e3:.1f} / {_p(off, 0.99) * 1e3:.1f} ms")  # fmt: skip
     table.add("4 end-to-end", "gate on: p50 / p99 latency (pooled)",
@@ -173,4 +184,31 @@ def run(table: Table) -> None:
     middle = statistics.median(added)
     table.add("4 end-to-end", "latency the gate adds at p50 (median of rounds)",
               f"{middle:+.1%}", f"< 10%: {verdict(middle < 0.10)}; rounds "
+              f"{min(added):+.0%}..{max(added):+.0%}")  # fmt: skip
+    _with_network_delay(table)
+
+
+def _with_network_delay(table: Table) -> None:
+    import tests.fake_upstream as fake_upstream
+
+    fake_upstream.LATENCY = SLOW_LATENCY
+    upstream = fake_upstream.UpstreamServer().start()
+    try:
+        with gunicorn(upstream.url) as (base, tokens):
+            rates, lat, added = _compare(
+                base, tokens, _bodies(PER_ROUND, SLOW_MODEL), SLOW_ROUNDS
+            )
+    finally:
+        upstream.stop()
+    on, off = lat[GATED], lat[UNGATED]
+    delay = f"upstream {SLOW_LATENCY * 1e3:.0f} ms"
+    table.add("4 end-to-end", f"{delay}: gate off, req/s and p50 / p99",
+              f"{rates[UNGATED]:,.0f}/s, {_p(off, 0.5) * 1e3:.1f} / "
+              f"{_p(off, 0.99) * 1e3:.1f} ms", f"{SLOW_ROUNDS}x{PER_ROUND} a side")  # fmt: skip
+    table.add("4 end-to-end", f"{delay}: gate on, req/s and p50 / p99",
+              f"{rates[GATED]:,.0f}/s, {_p(on, 0.5) * 1e3:.1f} / "
+              f"{_p(on, 0.99) * 1e3:.1f} ms")  # fmt: skip
+    middle = statistics.median(added)
+    table.add("4 end-to-end", f"{delay}: latency the gate adds at p50", f"{middle:+.1%}",
+              f"< 10%: {verdict(middle < 0.10)}; rounds "
               f"{min(added):+.0%}..{max(added):+.0%}")  # fmt: skip
