@@ -165,6 +165,43 @@ def _compare(base: str, tokens: list[str], bodies: list[dict], rounds: int):
     return medians, {path: sorted(lat) for path, lat in pooled.items()}, added
 
 
+def in_process(tokens: list[str], bodies: list[dict]) -> dict[str, float]:
+    """Seconds per request on each path, one at a time through Django's test client: the
+    CPU and round trips each costs, without gunicorn, sockets or client threads."""
+    from django.test import Client, override_settings
+    from django_redis import get_redis_connection
+
+    from llm_quota.redis_ledger import Ledger, get_ledger, set_default_ledger
+
+    client, previous = Client(), get_ledger()
+    ledger = Ledger(get_redis_connection("default"), prefix=f"bench{uuid.uuid4().hex[:8]}",
+                    restore=previous.restore_source)  # fmt: skip
+    set_default_ledger(ledger)
+
+    def one_pass(path: str) -> float:
+        start = time.perf_counter()
+        for n, body in enumerate(bodies):
+            bearer = f"Bearer {tokens[n % len(tokens)]}"
+            response = client.post(path, body, content_type="application/json",
+                                   HTTP_AUTHORIZATION=bearer)  # fmt: skip
+            if response.status_code != 200:
+                raise RuntimeError(f"{path}: {response.status_code} {response.content[:200]!r}")
+        return (time.perf_counter() - start) / len(bodies)
+
+    try:
+        with override_settings(ROOT_URLCONF="tests.benchmarks.ungated"):
+            for path in (GATED, UNGATED):
+                one_pass(path)
+            samples: dict[str, list[float]] = {GATED: [], UNGATED: []}
+            for _ in range(3):
+                for path in (GATED, UNGATED):
+                    samples[path].append(one_pass(path))
+    finally:
+        set_default_ledger(previous)
+        _cleanup(ledger.keyspace.prefix)
+    return {path: statistics.median(values) for path, values in samples.items()}
+
+
 def run(table: Table) -> None:
     with gunicorn() as (base, tokens):
         rates, lat, added = _compare(base, tokens, _bodies(PER_ROUND), ROUNDS)
@@ -185,6 +222,11 @@ def run(table: Table) -> None:
     table.add("4 end-to-end", "latency the gate adds at p50 (median of rounds)",
               f"{middle:+.1%}", f"< 10%: {verdict(middle < 0.10)}; rounds "
               f"{min(added):+.0%}..{max(added):+.0%}")  # fmt: skip
+    each = in_process(tokens, _bodies(PER_ROUND // 2))
+    table.add("4 end-to-end", "in process, one at a time: gate off / on, per request",
+              f"{each[UNGATED] * 1e3:.2f} / {each[GATED] * 1e3:.2f} ms",
+              f"the gate's own cost {(each[GATED] - each[UNGATED]) * 1e3:.2f} ms "
+              f"({each[GATED] / each[UNGATED] - 1:+.0%})")  # fmt: skip
     _with_network_delay(table)
 
 
