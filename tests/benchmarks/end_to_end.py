@@ -5,12 +5,14 @@ gateway (``/v1/chat/completions``: scope, estimate, reserve, upstream, settle) a
 same work without the gate (``tests.benchmarks.ungated``). Both call the built-in fake
 provider (no ``OPENAI_BASE_URL``), which counts tokens like a real reply would be
 counted, so the gate's cost is set against a request that does real work but spends
-no time waiting on a network: the gate's worst case. A second, shorter comparison
-puts a network-like delay upstream (the tests' HTTP upstream, ``up-slow`` at
-``SLOW_LATENCY`` s), as a real provider has. Runs alternate between the two paths, so both see the
-same machine: on a shared or busy host the load drifts, so the paths take turns in
-short rounds and each round's gate-on p50 is set against the gate-off p50 measured
-next to it; the table gives the median of those ratios and the pooled figures.
+no time waiting on a network: the gate's worst case. A second, shorter comparison puts
+a network-like delay upstream (the tests' HTTP upstream, ``up-slow`` at
+``SLOW_LATENCY`` s), as a real provider has; a third takes gunicorn, sockets and client
+threads away (Django's test client, one request at a time): the gate's own cost.
+
+On a shared or busy host the load drifts, so the two paths take turns in short rounds
+and each round's gate-on p50 is set against the gate-off p50 measured next to it; the
+table gives the median of those ratios, their range, and the pooled figures.
 """
 
 from __future__ import annotations
