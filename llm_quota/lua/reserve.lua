@@ -26,29 +26,31 @@ local month, month_end = pick_period(ARGV[19], ARGV[20], now)
 if G == nil then gtpd, gtpmo = -1, -1 end
 local use_global = gtpd >= 0 or gtpmo >= 0
 
--- Step 1: expire what is old (window entries, abandoned reservations and global
--- shares, tombstones) before reading anything, so the decision sees only live usage.
-housekeeping(B, now, ttl)
-if use_global then global_housekeeping(G, now, ttl) end
-
--- Step 2: counters lost with Redis' data must be restored from the database before
+-- Step 1: counters lost with Redis' data must be restored from the database before
 -- they are trusted; the caller restores once and asks again.
-local state = redis.call('HMGET', B .. ':s', 'seen', 't', 'wsum')
-if not state[1] then
+local s = redis.call('HMGET', B .. ':s', 'seen', 't', 'wsum', 'pdue', 'zdue')
+if not s[1] then
   return {2, '', 0, 0, 0, now, day, month, 0, 0, 0, 0, 0, 0, month_end, day_end}
 end
+local state = {wsum = num(s[3]), pdue = s[4], zdue = s[5], changed = {}}
+
+-- Step 2: expire what is old before reading anything, so the decision sees only live
+-- usage: window entries always (the window is exact to the millisecond); abandoned
+-- reservations, tombstones and global shares when their dates say some are due.
+local freed, oldest = window_front(B, now)
+due_housekeeping(B, now, ttl, state)
+if use_global then global_housekeeping(G, now, ttl) end
+local used_min = state.wsum - freed
+local window_reset = WINDOW
+if oldest then window_reset = oldest + WINDOW - now end
 
 -- Step 3: read every counter the decision depends on.
 local requests = redis.call('ZCARD', B .. ':w')
 local inflight = redis.call('ZCARD', B .. ':p')
-local used_min = num(state[3])
 local periods = redis.call('MGET', B .. ':d:' .. day, B .. ':m:' .. month)
 local used_day, used_month = num(periods[1]), num(periods[2])
 local g_day, g_month = 0, 0
 if use_global then g_day, g_month = global_used(G, day, month) end
-local oldest = redis.call('ZRANGE', B .. ':w', 0, 0, 'WITHSCORES')
-local window_reset = WINDOW
-if #oldest > 0 then window_reset = tonumber(oldest[2]) + WINDOW - now end
 
 -- Step 4: find every limit that refuses (see refusal() for which one is named).
 local r = refusal()
@@ -93,7 +95,19 @@ local granted, est = fit_tokens(token_limits, prompt_micro, out_micro, max_out, 
 local tokens_limit, tokens_left = tpm, tpm - used_min
 if tpm < 0 then tokens_limit, tokens_left = -1, -1 end
 
+-- What changed in B:s is written in one HSET, whatever the decision.
+local function save_state(wsum)
+  local fields = {}
+  if wsum ~= state.wsum then fields[#fields + 1] = 'wsum'; fields[#fields + 1] = wsum end
+  for name, value in pairs(state.changed) do
+    fields[#fields + 1] = name
+    fields[#fields + 1] = value
+  end
+  if #fields > 0 then redis.call('HSET', B .. ':s', unpack(fields)) end
+end
+
 if r.name then
+  save_state(used_min)
   local left = -1
   if rpm >= 0 then left = math.max(rpm - requests, 0) end
   return {0, r.name, r.wait, 0, est, now, day, month,
@@ -104,8 +118,10 @@ end
 -- Step 6: reserve in every window and period at once. The record remembers where
 -- the estimate went, so settle and expiry can take back exactly that.
 redis.call('ZADD', B .. ':w', now, rid)
-redis.call('HINCRBY', B .. ':s', 'wsum', est)
 redis.call('ZADD', B .. ':p', now + ttl, rid)
+local pdue = tonumber(state.pdue)
+if pdue == nil or pdue < 0 or pdue > now + ttl then state.changed.pdue = now + ttl end
+save_state(used_min + est)
 add_period(B .. ':d:' .. day, est, day_end + DAY_GRACE)
 add_period(B .. ':m:' .. month, est, month_end + MONTH_GRACE)
 local g = '0'
@@ -113,14 +129,13 @@ if use_global then
   global_take(G, rid, est, day, day_end, month, month_end, now, ttl)
   g = '1'
 end
-redis.call('HINCRBY', B .. ':s', 'reserved', est)
 redis.call('HSET', B .. ':rr', rid, record('p', est, day, month, month_end, g, model))
-if tonumber(state[2]) ~= math.floor(now / 86400000) then touch(B, now) end
+if tonumber(s[2]) ~= math.floor(now / 86400000) then touch(B, now) end
 
 local requests_left = -1
 if rpm >= 0 then requests_left = rpm - requests - 1 end
 if tpm >= 0 then tokens_left = tpm - used_min - est end
-if #oldest == 0 then window_reset = WINDOW end
+if not oldest then window_reset = WINDOW end
 return {1, '', 0, granted, est, now, day, month,
         rpm, requests_left, window_reset, tokens_limit, tokens_left, window_reset,
         month_end, day_end}
