@@ -17,6 +17,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from llm_quota import keys
 from llm_quota.accounting import ActualUsage, Estimate, Limits
 from llm_quota.ledger_ops import (
@@ -116,7 +118,14 @@ class Ledger:
             if self.restore_source is None:
                 return 0, []
             return self.restore_source(step.user_id, step.month)
-        return self._scripts[step.script](keys=list(step.keys), args=list(step.args))
+        script = self._scripts[step.script]
+        try:
+            # redis-py's Script.__call__ minus its per-call copies and import: this
+            # is the hot path, and the loading fallback below is the same.
+            return self.client.evalsha(script.sha, len(step.keys), *step.keys, *step.args)
+        except NoScriptError:
+            script.sha = self.client.script_load(script.script)
+            return self.client.evalsha(script.sha, len(step.keys), *step.keys, *step.args)
 
     # -- the operations (see LedgerOps for what each does) -------------------------------
 
