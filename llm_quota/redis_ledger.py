@@ -137,11 +137,19 @@ class Ledger:
         *,
         clamp: bool = True,
         min_output_tokens: int = 16,
+        probe_prompt_tokens: int | None = None,
+        probe_clamp: bool = True,
     ) -> Decision:
         return self._run(
             self.ops.reserve(
-                user_id, limits, estimate, clamp=clamp, min_output_tokens=min_output_tokens
-            )
+                user_id,
+                limits,
+                estimate,
+                clamp=clamp,
+                min_output_tokens=min_output_tokens,
+                probe_prompt_tokens=probe_prompt_tokens,
+                probe_clamp=probe_clamp,
+            )  # fmt: skip
         )
 
     def settle(self, reservation: Reservation, usage: ActualUsage) -> Settlement:
@@ -154,9 +162,7 @@ class Ledger:
 
     def usage(self, user_id: Any) -> UserUsage:
         """The user's live counters; lost ones are restored first, as reserve would."""
-        return self._run(
-            self.ops.usage(user_id, restore_lost=self.restore_source is not None)
-        )
+        return self._run(self.ops.usage(user_id, restore_lost=self.restore_source is not None))
 
     def usage_many(self, user_ids: Iterable[Any]) -> dict[str, UserUsage]:
         """Live counters of many users at once (the admin's change list): one pipelined

@@ -6,11 +6,17 @@
 --       9 global tokens/day, 10 global tokens/month   (-1 = unlimited),
 --       11 prompt cost in micro base tokens, 12 micro base tokens per output token,
 --       13 requested output tokens, 14 least output worth clamping to, 15 clamp (1/0),
---       16 model, 17 day ids, 18 day starts, 19 month ids, 20 month starts.
+--       16 model, 17 day ids, 18 day starts, 19 month ids, 20 month starts,
+--       21 probe: a lower prompt cost in micro base tokens, or '' (none), 22 its clamp.
 -- Returns {status, limit, retry_ms, granted_output, reserved, now, day, month,
 --          requests_limit, requests_remaining, requests_reset_ms,
---          tokens_limit, tokens_remaining, tokens_reset_ms, month_end, day_end}
+--          tokens_limit, tokens_remaining, tokens_reset_ms, month_end, day_end,
+--          probe_limit, probe_retry_ms}
 -- status: 1 admitted, 0 refused (limit names the binding one), 2 restore counters first.
+-- The probe serves a caller that priced a huge prompt by its byte count (an upper
+-- bound) to skip tokenizing it: on a refusal it learns whether the prompt's lower
+-- bound would be refused as well (probe_limit names the limit then, else ''), and so
+-- whether counting exactly could change the answer.
 
 local B, G = KEYS[1], KEYS[2]
 local now = now_ms(ARGV[1])
@@ -53,10 +59,13 @@ local g_day, g_month = 0, 0
 if use_global then g_day, g_month = global_used(G, day, month) end
 
 -- Step 4: find every limit that refuses (see refusal() for which one is named).
+local function block_rates(r)
+  if rpm >= 0 and requests + 1 > rpm then r.block('requests_per_minute', window_reset) end
+  -- A lease usually ends when its request finishes, long before it expires.
+  if conc >= 0 and inflight + 1 > conc then r.block('max_concurrent_requests', 1000) end
+end
 local r = refusal()
-if rpm >= 0 and requests + 1 > rpm then r.block('requests_per_minute', window_reset) end
--- A lease usually ends when its request finishes, long before it expires.
-if conc >= 0 and inflight + 1 > conc then r.block('max_concurrent_requests', 1000) end
+block_rates(r)
 
 -- Seconds until the sliding window has let go of `short` tokens.
 local function window_wait(short)
@@ -86,11 +95,12 @@ local token_limits = {
   {'global_tokens_per_day', gtpd, g_day, day_end},
   {'global_tokens_per_month', gtpmo, g_month, month_end},
 }
+local function token_wait(l, short)
+  if l[4] == 0 then return window_wait(short) end
+  return l[4] - now
+end
 local granted, est = fit_tokens(token_limits, prompt_micro, out_micro, max_out, min_out, clamp, r,
-  function(l, short)
-    if l[4] == 0 then return window_wait(short) end
-    return l[4] - now
-  end)
+  token_wait)
 
 local tokens_limit, tokens_left = tpm, tpm - used_min
 if tpm < 0 then tokens_limit, tokens_left = -1, -1 end
@@ -110,9 +120,16 @@ if r.name then
   save_state(used_min)
   local left = -1
   if rpm >= 0 then left = math.max(rpm - requests, 0) end
+  -- The probe: the same checks for the lower bound, nothing written.
+  local probe = refusal()
+  if ARGV[21] and ARGV[21] ~= '' then
+    block_rates(probe)
+    fit_tokens(token_limits, tonumber(ARGV[21]), out_micro, max_out, min_out, ARGV[22] == '1',
+      probe, token_wait)
+  end
   return {0, r.name, r.wait, 0, est, now, day, month,
           rpm, left, window_reset, tokens_limit, math.max(tokens_left, -1), window_reset,
-          month_end, day_end}
+          month_end, day_end, probe.name or '', math.max(probe.wait, 0)}
 end
 
 -- Step 6: reserve in every window and period at once. The record remembers where
