@@ -227,10 +227,8 @@ def capacity(base: str, tokens: list[str], bodies: list[dict], rounds: int, conc
     return medians, {path: sorted(lat) for path, lat in pooled.items()}
 
 
-def _spread(values: list[float], unit: str = "%") -> str:
-    if unit == "%":
-        return f"{min(values):+.0%}..{max(values):+.0%}"
-    return f"{min(values) * 1e3:+.2f}..{max(values) * 1e3:+.2f} ms"
+def _spread(ratios: list[float]) -> str:
+    return f"{min(ratios):+.0%}..{max(ratios):+.0%}"
 
 
 def report_latency(table: Table, label: str, result: Latency, note: str) -> None:
