@@ -21,8 +21,7 @@ The guard is also the ticket the DRF throttle and the middleware hang on a reque
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -32,7 +31,6 @@ from llm_quota.accounting import ActualUsage, Estimate
 from llm_quota.async_ledger import AsyncLedger, twin_of
 from llm_quota.estimation import count_output, counts_quickly
 from llm_quota.exceptions import InvalidRequest
-from llm_quota.ratelimit_headers import headers_for
 from llm_quota.redis_ledger import Decision, Ledger, Reservation, Settlement
 
 logger = logging.getLogger("llm_quota")
@@ -66,7 +64,6 @@ class QuotaGuard:
         self.decision: Decision | None = None
         self.settlement: Settlement | None = None
         self._finished = False
-        self._headers: Mapping[str, str] | None = None
 
     @property
     def reservation(self) -> Reservation:
@@ -85,14 +82,6 @@ class QuotaGuard:
         if estimate is None:  # pragma: no cover - reservations are built by reserve()
             raise RuntimeError("the reservation carries no estimate")
         return estimate
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        """The admitted decision's rate-limit headers (read-only), built once: the
-        throttle puts them on the view and the middleware on plain views' responses."""
-        if self._headers is None:
-            self._headers = MappingProxyType(headers_for(self.decision, max_tokens=self.max_tokens))
-        return self._headers
 
     @property
     def finished(self) -> bool:

@@ -40,6 +40,7 @@ from llm_quota.exceptions import InsufficientScope, InvalidRequest
 from llm_quota.guard import QuotaGuard
 from llm_quota.openai_errors import response_for_exception
 from llm_quota.permissions import granted_scopes
+from llm_quota.ratelimit_headers import headers_for
 from llm_quota.throttling import REQUEST_ATTRIBUTE
 
 GATED_ATTRIBUTE = "llm_quota_gated"
@@ -166,7 +167,7 @@ class LLMQuotaMiddleware(MiddlewareMixin):
         if not isinstance(guard, QuotaGuard):
             return response
         # Plain views have no DRF ``view.headers``; the throttle's are already there.
-        for name, value in guard.headers.items():
+        for name, value in headers_for(guard.decision, max_tokens=guard.max_tokens).items():
             if name not in response:
                 response[name] = value
         finish(guard, response)

@@ -76,7 +76,7 @@ class LLMQuotaThrottle(BaseThrottle):
                 view.headers["x-should-retry"] = "false"
             raise
         setattr(getattr(request, "_request", request), REQUEST_ATTRIBUTE, guard)
-        view.headers.update(guard.headers)
+        view.headers.update(headers_for(guard.decision, max_tokens=guard.max_tokens))
         return True
 
     def wait(self) -> float | None:
