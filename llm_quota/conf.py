@@ -65,8 +65,9 @@ DEFAULTS: dict[str, Any] = {
 
 
 class QuotaSettings:
-    def __init__(self) -> None:
-        self._cache: dict[str, Any] = {}
+    """Each setting is read once, then kept as an instance attribute: the gate reads a
+    dozen per request, and a plain attribute costs less than ``__getattr__`` (which
+    Python calls only on a miss). ``reload`` drops them all."""
 
     @property
     def user_settings(self) -> dict[str, Any]:
@@ -75,12 +76,12 @@ class QuotaSettings:
     def __getattr__(self, name: str) -> Any:
         if name not in DEFAULTS:
             raise AttributeError(f"Invalid LLM_QUOTA setting: {name!r}")
-        if name not in self._cache:
-            self._cache[name] = self.user_settings.get(name, DEFAULTS[name])
-        return self._cache[name]
+        value = self.user_settings.get(name, DEFAULTS[name])
+        setattr(self, name, value)
+        return value
 
     def reload(self) -> None:
-        self._cache.clear()
+        self.__dict__.clear()
 
 
 quota_settings = QuotaSettings()

@@ -21,6 +21,7 @@ and keep them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -29,8 +30,10 @@ from typing import Any
 
 from django.db import transaction
 
+from llm_quota.conf import quota_settings
 from llm_quota.config_cache import ConfigCache, config_cache
 from llm_quota.connections import REDIS_ERRORS
+from llm_quota.keys import KeySpace
 
 logger = logging.getLogger("llm_quota")
 
@@ -39,11 +42,15 @@ PING_EVERY = 15.0
 RECONNECT_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
-def _channel() -> str:
-    from llm_quota.conf import quota_settings
-    from llm_quota.keys import KeySpace
+@functools.lru_cache(maxsize=64)
+def _channel_of(prefix: str) -> str:
+    return KeySpace(prefix).config_channel()
 
-    return KeySpace(quota_settings.KEY_PREFIX).config_channel()
+
+def _channel() -> str:
+    """The channel of the current ``KEY_PREFIX``. Every cached read asks (to follow a
+    prefix change), so the name is built once per prefix, not once per read."""
+    return _channel_of(quota_settings.KEY_PREFIX)
 
 
 def _client() -> Any:

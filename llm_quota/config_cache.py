@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
+from llm_quota.conf import quota_settings
+
 T = TypeVar("T")
 
 #: What ``peek`` returns for a key that must be loaded.
@@ -32,8 +34,6 @@ class ConfigCache:
         """The cached value, or ``MISSING``: lets async code skip a thread hop on a hit."""
         if self.before_read is not None:
             self.before_read()
-        from llm_quota.conf import quota_settings
-
         entry = self._entries.get(key)
         if (
             entry is not None

@@ -7,7 +7,9 @@ from the table must never cost nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+from typing import NamedTuple
 
 from asgiref.sync import sync_to_async
 
@@ -16,8 +18,25 @@ from llm_quota.conf import quota_settings
 from llm_quota.config_cache import MISSING, config_cache
 from llm_quota.exceptions import ModelNotAllowed, UnknownModel
 
+#: Model names whose resolution a price table remembers; past it, it starts afresh
+#: (names come from callers, so the memo must not grow without bound).
+MAX_RESOLVED = 4096
 
-def _price_rows() -> tuple[dict[str, Price], list[tuple[str, Price]], Price | None, set[str]]:
+
+class PriceRows(NamedTuple):
+    """The price table as cached: exact names, patterns (longest first), the ``*`` row,
+    disabled names, and each asked-for name resolved so far. The memo lives and dies
+    with the cached rows, so a save (or a settings change) empties it; a name matched
+    by a pattern costs the pattern scan once, not on every request."""
+
+    exact: dict[str, Price]
+    patterns: list[tuple[str, Price]]
+    fallback: Price | None
+    disabled: set[str]
+    resolved: dict[str, Price | None]
+
+
+def _price_rows() -> PriceRows:
     from llm_quota.models import ModelPrice
 
     exact: dict[str, Price] = {}
@@ -48,7 +67,7 @@ def _price_rows() -> tuple[dict[str, Price], list[tuple[str, Price]], Price | No
         else:
             exact[row.model] = price
     patterns.sort(key=lambda item: len(item[0]), reverse=True)
-    return exact, patterns, fallback, disabled
+    return PriceRows(exact, patterns, fallback, disabled, {})
 
 
 def price_for(model: str) -> Price:
@@ -64,33 +83,37 @@ async def aprice_for(model: str) -> Price:
     return _price_in(rows, model)
 
 
-def _price_in(rows: tuple, model: str) -> Price:
-    exact, patterns, fallback, disabled = rows
-    if model in disabled:
+def _price_in(rows: PriceRows, model: str) -> Price:
+    if model in rows.disabled:
         raise ModelNotAllowed(f"The model '{model}' is disabled.")
-    found = exact.get(model)
-    if found is None:
-        for pattern, price in patterns:
-            if fnmatch.fnmatchcase(model, pattern):
-                found = price
-                break
-    if found is None and fallback is not None and quota_settings.UNKNOWN_MODEL == "default":
-        found = fallback
+    try:
+        found = rows.resolved[model]
+    except KeyError:
+        found = _resolve(rows, model)
+        if len(rows.resolved) >= MAX_RESOLVED:
+            rows.resolved.clear()
+        rows.resolved[model] = found
     if found is None:
         raise UnknownModel(f"The model '{model}' does not exist or has no price.")
+    return found
+
+
+def _resolve(rows: PriceRows, model: str) -> Price | None:
+    found = rows.exact.get(model)
+    if found is not None:
+        return found
+    for pattern, price in rows.patterns:
+        if fnmatch.fnmatchcase(model, pattern):
+            found = price
+            break
+    if found is None and rows.fallback is not None and quota_settings.UNKNOWN_MODEL == "default":
+        found = rows.fallback
+    if found is None:
+        return None
     # Usage is accounted under the name the caller asked for, not the pattern.
-    return Price(
-        model=model,
-        input_micro=found.input_micro,
-        output_micro=found.output_micro,
-        cached_input_micro=found.cached_input_micro,
-        encoding=found.encoding,
-        default_max_output_tokens=found.default_max_output_tokens,
-        context_window=found.context_window,
-    )
+    return dataclasses.replace(found, model=model)
 
 
 def priced_models() -> list[str]:
     """Exact model names with a price (what ``/v1/models`` can list)."""
-    exact, _patterns, _fallback, _disabled = config_cache.get("prices", _price_rows)
-    return sorted(exact)
+    return sorted(config_cache.get("prices", _price_rows).exact)

@@ -70,3 +70,38 @@ def test_disabled_model_is_not_allowed():
     factories.price("old-model", "1", "1", enabled=False)
     with pytest.raises(ModelNotAllowed):
         price_for("old-model")
+
+
+@pytest.mark.django_db
+def test_a_pattern_is_matched_once_per_name_until_a_price_changes(monkeypatch):
+    import fnmatch
+
+    from llm_quota import pricing
+
+    factories.price("gpt-4o*", "2", "8")
+    factories.price("gpt-4o-mini*", "0.06", "0.24")
+    calls: list[tuple[str, str]] = []
+    real = fnmatch.fnmatchcase
+    monkeypatch.setattr(pricing.fnmatch, "fnmatchcase",
+                        lambda name, pat: calls.append((name, pat)) or real(name, pat))  # fmt: skip
+    assert price_for("gpt-4o-mini-2024").model == "gpt-4o-mini-2024"
+    matched = len(calls)
+    for _ in range(5):
+        assert price_for("gpt-4o-mini-2024").input_micro == 60_000
+        with pytest.raises(UnknownModel):
+            price_for("mystery")
+    assert len(calls) == matched + 2  # "mystery" once against both patterns, then memoized
+    factories.price("gpt-4o-mini-2024", "1", "1")  # a save drops the memo with the rows
+    assert price_for("gpt-4o-mini-2024").input_micro == 1_000_000
+
+
+@pytest.mark.django_db
+def test_the_resolved_names_memo_is_bounded(monkeypatch):
+    from llm_quota import pricing
+
+    monkeypatch.setattr(pricing, "MAX_RESOLVED", 8)
+    factories.price("m-*", "1", "1")
+    for n in range(30):
+        assert price_for(f"m-{n}").model == f"m-{n}"
+    rows = pricing.config_cache.get("prices", pricing._price_rows)
+    assert 0 < len(rows.resolved) <= 8
