@@ -97,8 +97,8 @@ class AsyncChatCompletionsView(View):
     ) -> HttpResponseBase:
         """Send the admitted call upstream; the reservation is owned here from now on."""
         body = chat.upstream_body(guard.max_tokens)
-        upstream = get_async_upstream()
         try:
+            upstream = await get_async_upstream()
             if chat.stream:
                 stream = await upstream.stream(body)
             else:

@@ -25,6 +25,8 @@ import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol
 
+from asgiref.sync import sync_to_async
+
 from llm_quota import sse
 from llm_quota.conf import quota_settings
 
@@ -311,8 +313,12 @@ def get_upstream() -> Upstream:
     return upstream
 
 
-def get_async_upstream() -> AsyncUpstream:
-    """``get_upstream`` for async code, within the running event loop."""
+async def get_async_upstream() -> AsyncUpstream:
+    """``get_upstream`` for async code, one client per event loop.
+
+    The first call on a loop builds its client in a thread: importing httpx and
+    loading the CA bundle for TLS would stall the loop for every request in flight.
+    """
     key = _client_key()
     if key is None:
         from llm_quota.fake_provider import AsyncFakeProvider
@@ -321,6 +327,8 @@ def get_async_upstream() -> AsyncUpstream:
     per_loop = _async_clients.setdefault(asyncio.get_running_loop(), {})
     upstream = per_loop.get(key)
     if upstream is None:
-        upstream = AsyncHttpUpstream(key[0], key[1], connect_timeout=key[2], read_timeout=key[3])
-        per_loop[key] = upstream
+        built = await sync_to_async(AsyncHttpUpstream, thread_sensitive=False)(
+            key[0], key[1], connect_timeout=key[2], read_timeout=key[3]
+        )
+        upstream = per_loop.setdefault(key, built)  # another request may have won the race
     return upstream
