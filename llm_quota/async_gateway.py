@@ -14,7 +14,9 @@ exactly as the sync view's does, ``HasScope``'s check is ``require_scopes``, and
 every error goes through ``openai_errors.response_for_exception``.
 
 ``LLM_QUOTA["ASYNC_GATEWAY"] = True`` routes ``/v1/chat/completions`` here; serve the
-project with an ASGI server (uvicorn), or every request runs its own event loop.
+project with an ASGI server (uvicorn), or every request runs its own event loop. Call
+``warm_up()`` in the ASGI module, after ``get_asgi_application()``, so that a worker's
+first requests find the URLs imported and the tokenizers loaded.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from django.views.decorators.csrf import csrf_exempt
 from rest_framework.exceptions import MethodNotAllowed
 from rest_framework.request import Request
 
+from llm_quota import estimation
 from llm_quota.authentication import aauthenticate
 from llm_quota.chat_request import ChatRequest
 from llm_quota.conf import quota_settings
@@ -43,6 +46,25 @@ from llm_quota.permissions import agranted_scopes, require_scopes
 from llm_quota.stream_relay import AsyncRelay
 from llm_quota.throttling import admission_headers
 from llm_quota.upstream import UpstreamError, get_async_upstream
+
+#: The encodings OpenAI's current models use (``estimation.FALLBACK_ENCODING`` stands
+#: in for unknown models).
+WARM_ENCODINGS = ("o200k_base", estimation.FALLBACK_ENCODING)
+
+
+def warm_up(encodings: tuple[str, ...] = WARM_ENCODINGS) -> None:
+    """Do a worker's one-time work before it serves, not on its event loop.
+
+    tiktoken builds an encoding in native code that holds the GIL for a few hundred
+    milliseconds: even in a thread (where ``gate.aestimate_request`` loads it) that
+    stalls the loop and every stream on it. The URL modules are imported on the
+    first request otherwise, on the loop too.
+    """
+    from django.urls import get_resolver
+
+    get_resolver().url_patterns  # noqa: B018 - imports every URL module now
+    for name in encodings:
+        estimation.load_encoding(name)
 
 
 class AsyncChatCompletionsView(View):
