@@ -8,6 +8,7 @@ import asyncio
 import json
 
 import pytest
+import redis
 from asgiref.sync import iscoroutinefunction, sync_to_async
 from asgiref.testing import ApplicationCommunicator
 from django.core.handlers.asgi import ASGIHandler
@@ -19,6 +20,7 @@ from llm_quota.estimation import count_output
 from llm_quota.gateway_urls import chat_completions_view
 from llm_quota.guard import QuotaGuard
 from llm_quota.middleware import LLMQuotaMiddleware
+from llm_quota.redis_ledger import Ledger, set_default_ledger
 from llm_quota.stream_relay import AsyncRelay
 from tests import factories, fake_upstream
 from tests.fake_upstream import WORDS
@@ -200,6 +202,17 @@ def test_bad_requests_get_the_sync_views_answer_and_reserve_nothing(ledger, user
     assert set(json.loads(async_.body)["error"]) >= {"message", "type", "code", "param"}
     live = ledger.usage(user.pk)
     assert live.requests_this_minute == 0 and live.reserved == 0
+
+
+def test_redis_down_with_fail_open_off_is_the_sync_views_503(settings, quota_prefix, free):
+    user = factories.user()
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "FAIL_OPEN": False}  # (reset on teardown)
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    set_default_ledger(Ledger(dead, prefix=quota_prefix))
+    sync, async_ = sync_post(BODY, _auth(user)), async_post(BODY, _auth(user))
+    assert async_.status_code == 503 and int(async_["Retry-After"]) >= 1
+    assert json.loads(async_.body)["error"]["code"] == "quota_unavailable"
+    same_answer(sync, async_)
 
 
 def test_other_methods_are_405_in_openai_shape(ledger, user):
