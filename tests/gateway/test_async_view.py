@@ -127,6 +127,13 @@ def test_chat_url_is_the_async_view_when_the_setting_says_so(settings):
     assert iscoroutinefunction(view) and view.view_class is AsyncChatCompletionsView
 
 
+def test_a_non_boolean_async_gateway_setting_fails_the_system_check(settings):
+    from llm_quota.checks import check_gateway
+
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "ASYNC_GATEWAY": "yes"}
+    assert "llm_quota.E015" in {error.id for error in check_gateway()}
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["completion", "stream"])
 def test_admitted_calls_are_answered_and_charged_as_the_sync_view_does(
     ledger, free, sync_io_on_loop, stream
