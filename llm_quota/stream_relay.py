@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -152,10 +153,66 @@ class Relay:
         yield sse.event(sse.DONE)
 
 
+class _Ending:
+    """What ends an async relay: close the upstream, then settle, once and shielded.
+
+    Kept apart from the relay, so that a relay dropped without being read or closed
+    can still be ended once it is garbage (see ``AsyncRelay``).
+    """
+
+    def __init__(self, stream: AsyncUpstreamStream, guard: QuotaGuard, watch: StreamWatch):
+        self.stream = stream
+        self.guard = guard
+        self.watch = watch
+        self.future: asyncio.Future[None] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.future is not None
+
+    async def run(self) -> None:
+        """Run the ending, or await the one already running: never twice. The work is a
+        task of its own behind ``asyncio.shield``: cancelling the caller cannot cut it."""
+        if self.future is None:
+            self.future = asyncio.ensure_future(self._close_and_settle())
+        await asyncio.shield(self.future)
+
+    async def _close_and_settle(self) -> None:
+        try:
+            await self.stream.aclose()
+        finally:
+            if not self.guard.finished:
+                usage = self.watch.usage
+                if usage is not None:
+                    await self.guard.asettle(usage)
+                else:
+                    await self.guard.asettle_output(self.watch.output.text)
+
+
+#: Endings of dropped relays, held until they are done (the loop keeps weak references).
+_abandoned: set[asyncio.Task[None]] = set()
+
+
+def _end_abandoned(loop: asyncio.AbstractEventLoop, ending: _Ending) -> None:
+    """A relay was garbage-collected without being ended: end it on its loop."""
+    if ending.started or loop.is_closed():
+        return
+
+    def start() -> None:
+        task = loop.create_task(ending.run())
+        _abandoned.add(task)
+        task.add_done_callback(_abandoned.discard)
+
+    try:
+        loop.call_soon_threadsafe(start)
+    except RuntimeError:  # the loop closed meanwhile: the reservation's lease ends it
+        pass
+
+
 class AsyncRelay:
     """``Relay`` for the async gateway: ``async for`` its events; settled exactly once.
 
-    The stream ends one of four ways, and each settles through ``_finish``, which
+    The stream ends one of five ways, and each goes through ``_Ending.run``, which
     closes the upstream and settles once (a second call awaits the first):
 
     - the upstream finished: from its usage, before ``[DONE]`` is sent;
@@ -167,7 +224,10 @@ class AsyncRelay:
     - the client left while the relay waited at a ``yield``: nothing is raised here,
       but Django calls ``close()`` once the response is over (under ASGI from a
       thread, so it waits for ``aclose()`` on the loop), as it does when the body was
-      never read at all.
+      never read at all;
+    - the client left before Django began sending the response: Django then neither
+      reads the body nor calls ``close()``; once the relay is garbage, a finalizer
+      ends it on its loop rather than leave it reserved until ``RESERVATION_TTL``.
     """
 
     def __init__(
@@ -176,9 +236,11 @@ class AsyncRelay:
         self.stream = stream
         self.guard = guard
         self.watch = StreamWatch(include_usage)
+        self._ending = _Ending(stream, guard, self.watch)
         self._events = self._relay()
-        self._finishing: asyncio.Future[None] | None = None
         self._closing: asyncio.Task[None] | None = None
+        finalizer = weakref.finalize(self, _end_abandoned, asyncio.get_running_loop(), self._ending)
+        finalizer.atexit = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._events
@@ -192,41 +254,25 @@ class AsyncRelay:
                 if self.watch.ended:
                     break
         except UpstreamError as exc:
-            await self._finish()
+            await self._ending.run()
             logger.warning("upstream stream for %s failed: %s", self.guard.model, exc)
             yield failure_event(exc)
             return
         except BaseException:
             # CancelledError (the client left), GeneratorExit (aclose), or a bug.
-            await self._finish()
+            await self._ending.run()
             raise
-        await self._finish()
+        await self._ending.run()
         yield sse.event(sse.DONE)
-
-    async def _finish(self) -> None:
-        if self._finishing is None:
-            self._finishing = asyncio.ensure_future(self._close_and_settle())
-        await asyncio.shield(self._finishing)
-
-    async def _close_and_settle(self) -> None:
-        try:
-            await self.stream.aclose()
-        finally:
-            if not self.guard.finished:
-                usage = self.watch.usage
-                if usage is not None:
-                    await self.guard.asettle(usage)
-                else:
-                    await self.guard.asettle_output(self.watch.output.text)
 
     async def aclose(self) -> None:
         """End the relay wherever it stands: upstream closed, reservation settled."""
         await self._events.aclose()  # GeneratorExit at its yield: it finishes itself
-        await self._finish()  # or it never started: the client left before the first byte
+        await self._ending.run()  # or it never started: the client left before the first byte
 
     def close(self) -> None:
         """Django's hook for the end of a response (``HttpResponse.close``)."""
-        if self._finishing is not None and self._finishing.done():
+        if self._ending.future is not None and self._ending.future.done():
             return
         try:
             loop = asyncio.get_running_loop()

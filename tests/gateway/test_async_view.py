@@ -5,6 +5,7 @@ on the event loop, and every reservation ended exactly once, however the call en
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 
 import pytest
@@ -401,6 +402,29 @@ def test_relay_never_read_is_settled_when_django_closes_it(ledger, user, settle_
     assert len(settle_calls) == 1
 
 
+def test_relay_dropped_unread_and_unclosed_is_settled_once_it_is_garbage(
+    ledger, user, settle_calls
+):
+    """A client leaving before Django began to send the response: Django then neither
+    reads the body nor closes it."""
+
+    async def main():
+        stream = Scripted(PAYLOADS)
+        relay = await _relay(user, stream)
+        guard = relay.guard
+        del relay
+        gc.collect()
+        for _ in range(500):  # the ending was scheduled on this loop: let it run
+            if guard.finished and stream.closed:
+                break
+            await asyncio.sleep(0.002)
+        assert stream.closed and guard.finished
+
+    run_with_orm(main)
+    _charged(ledger, user, "")
+    assert len(settle_calls) == 1
+
+
 def test_relay_settle_survives_a_second_cancellation(ledger, user, monkeypatch):
     """The client leaves while the relay awaits the upstream, and the request's task is
     cancelled again while the settle is in flight: the shielded settle still lands."""
@@ -434,7 +458,7 @@ def test_relay_settle_survives_a_second_cancellation(ledger, user, monkeypatch):
             await task
         assert not relay.guard.finished
         finish.set()
-        await relay._finishing
+        await relay._ending.future
         return stream, relay
 
     stream, relay = run_with_orm(main)
