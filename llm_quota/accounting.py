@@ -8,6 +8,7 @@ the Lua script and Python round the same way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 
@@ -75,6 +76,9 @@ class Estimate:
     price: Price
     prompt_tokens: int
     max_output_tokens: int
+    #: False when ``prompt_tokens`` is the prompt's byte count, an upper bound that
+    #: spared tokenizing a huge prompt (``gate.admit_request``); settle corrects it.
+    prompt_exact: bool = True
 
     @property
     def model(self) -> str:
@@ -114,6 +118,8 @@ class ActualUsage:
         def count(value: object) -> int:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 return 0
+            if isinstance(value, float) and not math.isfinite(value):
+                return 0  # JSON's Infinity/NaN from a broken upstream: not a count
             return max(int(value), 0)
 
         prompt = count(get(usage, "prompt_tokens") or get(usage, "input_tokens"))

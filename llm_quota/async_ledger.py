@@ -144,11 +144,19 @@ class AsyncLedger:
         *,
         clamp: bool = True,
         min_output_tokens: int = 16,
+        probe_prompt_tokens: int | None = None,
+        probe_clamp: bool = True,
     ) -> Decision:
         return await self._run(
             self.ops.reserve(
-                user_id, limits, estimate, clamp=clamp, min_output_tokens=min_output_tokens
-            )
+                user_id,
+                limits,
+                estimate,
+                clamp=clamp,
+                min_output_tokens=min_output_tokens,
+                probe_prompt_tokens=probe_prompt_tokens,
+                probe_clamp=probe_clamp,
+            )  # fmt: skip
         )
 
     async def settle(self, reservation: Reservation, usage: ActualUsage) -> Settlement:

@@ -53,6 +53,11 @@ PER_REQUEST_RETRY = 60
 #: No model writes a million tokens in one answer; a larger cap is a bug or an attack,
 #: refused even where the price row gives no context window to check against.
 MAX_OUTPUT_TOKENS = 1_000_000
+#: A prompt whose byte count (an upper bound of its tokens in any encoding) is above
+#: this is first reserved on that bound: tokenizing 100k tokens takes ~40 ms, and
+#: when the bound fits, or even the prompt's lower bound is refused, the exact count
+#: cannot change the answer. Below it counting costs under ~3 ms and is always done.
+LAZY_COUNT_ABOVE = 32_768
 
 
 def estimate_request(
@@ -100,6 +105,108 @@ async def aestimate_request(
     return _estimate(price, prompt_tokens, max_tokens)
 
 
+def admit_request(
+    user: Any,
+    model: str,
+    *,
+    messages: Any = None,
+    prompt_tokens: int | None = None,
+    max_tokens: int | None = None,
+    tools: Any = None,
+    choices: int = 1,
+    ledger: Ledger | None = None,
+) -> tuple[Estimate, Decision]:
+    """Price a request and admit it (``estimate_request`` + ``admit``), tokenizing a
+    huge prompt only when its bounds leave the answer open.
+
+    A prompt over ``LAZY_COUNT_ABOVE`` bytes is reserved on its byte count, without
+    clamping, carrying its lower bound as a probe: if the bound fits, that is the
+    reservation (pessimistic, corrected at settle); if even the lower bound is refused,
+    so is the request; only in between is the prompt counted and reserved again.
+    """
+    bounded = _bounded_estimate(model, messages, prompt_tokens, max_tokens, tools)
+    if bounded is not None:
+        estimate, lower = bounded
+        estimate = per_choice(estimate, choices)
+        decision = _admit(user, estimate, ledger=ledger, probe=lower)
+        if decision is not None:
+            return estimate, decision
+    estimate = estimate_request(
+        model, messages=messages, prompt_tokens=prompt_tokens, max_tokens=max_tokens, tools=tools
+    )
+    estimate = per_choice(estimate, choices)
+    return estimate, admit(user, estimate, ledger=ledger)
+
+
+async def aadmit_request(
+    user: Any,
+    model: str,
+    *,
+    messages: Any = None,
+    prompt_tokens: int | None = None,
+    max_tokens: int | None = None,
+    tools: Any = None,
+    choices: int = 1,
+    ledger: AsyncLedger | None = None,
+) -> tuple[Estimate, Decision]:
+    """``admit_request`` for async code."""
+    bounded = await _abounded_estimate(model, messages, prompt_tokens, max_tokens, tools)
+    if bounded is not None:
+        estimate, lower = bounded
+        estimate = per_choice(estimate, choices)
+        decision = await _aadmit(user, estimate, ledger=ledger, probe=lower)
+        if decision is not None:
+            return estimate, decision
+    estimate = await aestimate_request(
+        model, messages=messages, prompt_tokens=prompt_tokens, max_tokens=max_tokens, tools=tools
+    )
+    estimate = per_choice(estimate, choices)
+    return estimate, await aadmit(user, estimate, ledger=ledger)
+
+
+def per_choice(estimate: Estimate, choices: int) -> Estimate:
+    """``n`` completions of one prompt: the output cap is reserved once per choice."""
+    if choices <= 1:
+        return estimate
+    return dataclasses.replace(estimate, max_output_tokens=estimate.max_output_tokens * choices)
+
+
+def _bounded_estimate(
+    model: str, messages: Any, prompt_tokens: int | None, max_tokens: int | None, tools: Any
+) -> tuple[Estimate, int] | None:
+    """The estimate on a huge prompt's byte bound and the prompt's lower bound, when
+    the bound passes every check the exact count would (else None: count it)."""
+    if prompt_tokens is not None or messages is None:
+        return None
+    _check_model_name(model)
+    return _bounded(price_for(model), messages, max_tokens, tools)
+
+
+async def _abounded_estimate(
+    model: str, messages: Any, prompt_tokens: int | None, max_tokens: int | None, tools: Any
+) -> tuple[Estimate, int] | None:
+    if prompt_tokens is not None or messages is None:
+        return None
+    _check_model_name(model)
+    return _bounded(await aprice_for(model), messages, max_tokens, tools)
+
+
+def _bounded(
+    price: Price, messages: Any, max_tokens: int | None, tools: Any
+) -> tuple[Estimate, int] | None:
+    lower, upper = prompt_bounds(messages, tools=tools)
+    window = price.context_window
+    if window is not None and lower >= window:
+        raise _too_long(window, lower)
+    if upper <= LAZY_COUNT_ABOVE:
+        return None
+    _check_max_tokens(max_tokens)
+    output = price.default_max_output_tokens if max_tokens is None else max_tokens
+    if window is not None and upper + output > window:
+        return None  # near the context window: only the count can tell
+    return Estimate(price, upper, output, prompt_exact=False), lower
+
+
 def _refuse_if_surely_too_long(price: Price, messages: Any, tools: Any) -> None:
     """A prompt whose tokenizer-free lower bound already exceeds the context window is
     refused without tokenizing it; below that, counting stops at the window anyway
@@ -125,7 +232,7 @@ def _check_model_name(model: Any) -> None:
         raise InvalidRequest("'model' must be a model name.", param="model")
 
 
-def _estimate(price: Price, prompt_tokens: int, max_tokens: int | None) -> Estimate:
+def _check_max_tokens(max_tokens: Any) -> None:
     if max_tokens is not None and (
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
     ):
@@ -134,6 +241,10 @@ def _estimate(price: Price, prompt_tokens: int, max_tokens: int | None) -> Estim
         raise InvalidRequest(
             f"'max_tokens' may be at most {MAX_OUTPUT_TOKENS}.", param="max_tokens"
         )
+
+
+def _estimate(price: Price, prompt_tokens: int, max_tokens: int | None) -> Estimate:
+    _check_max_tokens(max_tokens)
     window = price.context_window
     if window is not None and prompt_tokens >= window:
         # The count may have stopped early (stop_above): say "more", not a figure.
@@ -241,7 +352,33 @@ def _unavailable(admission: _Admission, ledger: Any) -> Decision:
     return Decision(True, None, 0.0, blind, admission.requested)
 
 
-def _conclude(admission: _Admission, decision: Decision) -> Decision:
+def _needs_count(policy: UserPolicy, estimate: Estimate, probe: int | None) -> bool:
+    """A reservation on a prompt's upper bound would be clamped by the per-request cap:
+    only the exact count can say by how much."""
+    cap = policy.limits.max_tokens_per_request
+    return probe is not None and cap is not None and estimate.base_tokens > cap
+
+
+def _reserve_options(admission: _Admission, probe: int | None) -> dict[str, Any]:
+    """An upper-bound estimate is never clamped (the count might not need it); the
+    probe carries the prompt's lower bound, clamped as the exact estimate would be."""
+    return {
+        "clamp": admission.clamp and probe is None,
+        "min_output_tokens": admission.minimum,
+        "probe_prompt_tokens": probe,
+        "probe_clamp": admission.clamp,
+    }
+
+
+def _conclude(
+    admission: _Admission, decision: Decision, probe: int | None = None
+) -> Decision | None:
+    if not decision.allowed and probe is not None:
+        if decision.probe_limit is None:
+            return None  # the lower bound would fit: count the prompt and ask again
+        decision = dataclasses.replace(
+            decision, limit=decision.probe_limit, retry_after=decision.probe_retry_after
+        )
     if not decision.allowed:
         raise _Refusal(decision.limit or "unknown", decision.retry_after_seconds, decision)
     if admission.requested != decision.requested_max_tokens:
@@ -258,10 +395,26 @@ def admit(
     ledger: Ledger | None = None,
 ) -> Decision:
     """Reserve ``estimate`` for ``user`` or raise the refusal. Returns the admitted decision."""
+    decision = _admit(user, estimate, policy=policy, ledger=ledger)
+    assert decision is not None  # only a probe may leave the answer open
+    return decision
+
+
+def _admit(
+    user: Any,
+    estimate: Estimate,
+    *,
+    policy: UserPolicy | None = None,
+    ledger: Ledger | None = None,
+    probe: int | None = None,
+) -> Decision | None:
+    """``admit``; with ``probe`` (see ``admit_request``) None means "count exactly"."""
     pk = getattr(user, "pk", user)
     if pk is None:
         raise NotAuthenticated()
     policy = policy or policy_for(pk)
+    if _needs_count(policy, estimate, probe):
+        return None
     try:
         admission = _prepare(pk, policy, estimate)
         state = outage()
@@ -270,9 +423,8 @@ def admit(
         try:
             ledger = ledger or get_ledger()
             decision = ledger.reserve(
-                pk, policy.limits, admission.estimate,
-                clamp=admission.clamp, min_output_tokens=admission.minimum,
-            )  # fmt: skip
+                pk, policy.limits, admission.estimate, **_reserve_options(admission, probe)
+            )
         except REDIS_ERRORS as exc:
             state.failed(exc)
             return _unavailable(admission, ledger)
@@ -281,7 +433,7 @@ def admit(
             raise
         if state.answered():
             state.replay(ledger)
-        return _conclude(admission, decision)
+        return _conclude(admission, decision, probe)
     except _Refusal as refusal:
         raise _refuse(user, policy, refusal.limit, refusal.retry_after, refusal.decision) from None
 
@@ -304,10 +456,25 @@ async def aadmit(
     ledger: AsyncLedger | None = None,
 ) -> Decision:
     """``admit`` for async code, on the ``AsyncLedger``."""
+    decision = await _aadmit(user, estimate, policy=policy, ledger=ledger)
+    assert decision is not None  # only a probe may leave the answer open
+    return decision
+
+
+async def _aadmit(
+    user: Any,
+    estimate: Estimate,
+    *,
+    policy: UserPolicy | None = None,
+    ledger: AsyncLedger | None = None,
+    probe: int | None = None,
+) -> Decision | None:
     pk = await _apk(user)
     if pk is None:
         raise NotAuthenticated()
     policy = policy or await apolicy_for(pk)
+    if _needs_count(policy, estimate, probe):
+        return None
     try:
         admission = _prepare(pk, policy, estimate)
         state = outage()
@@ -316,9 +483,8 @@ async def aadmit(
         try:
             ledger = ledger or await get_async_ledger()
             decision = await ledger.reserve(
-                pk, policy.limits, admission.estimate,
-                clamp=admission.clamp, min_output_tokens=admission.minimum,
-            )  # fmt: skip
+                pk, policy.limits, admission.estimate, **_reserve_options(admission, probe)
+            )
         except REDIS_ERRORS as exc:
             state.failed(exc)
             return _unavailable(admission, ledger)
@@ -327,7 +493,7 @@ async def aadmit(
             raise
         if state.answered():
             await state.areplay(ledger)
-        return _conclude(admission, decision)
+        return _conclude(admission, decision, probe)
     except _Refusal as refusal:
         raise (
             await _arefuse(user, policy, refusal.limit, refusal.retry_after, refusal.decision)
@@ -463,11 +629,14 @@ async def arelease(reservation: Reservation, *, ledger: AsyncLedger | None = Non
 __all__ = [
     "Price",
     "aadmit",
+    "aadmit_request",
     "admit",
+    "admit_request",
     "aestimate_request",
     "arelease",
     "asettle",
     "estimate_request",
+    "per_choice",
     "release",
     "settle",
 ]

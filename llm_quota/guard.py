@@ -29,7 +29,7 @@ from asgiref.sync import sync_to_async
 from llm_quota import gate
 from llm_quota.accounting import ActualUsage, Estimate
 from llm_quota.async_ledger import AsyncLedger, twin_of
-from llm_quota.estimation import count_output, counts_quickly
+from llm_quota.estimation import count_messages, count_output, counts_quickly
 from llm_quota.exceptions import InvalidRequest
 from llm_quota.redis_ledger import Decision, Ledger, Reservation, Settlement
 
@@ -98,14 +98,6 @@ class QuotaGuard:
             "tools": self.tools,
         }
 
-    def _per_choice(self, estimate: Estimate) -> Estimate:
-        """``n`` completions: the output cap is reserved once per choice."""
-        if self.choices == 1:
-            return estimate
-        return Estimate(
-            estimate.price, estimate.prompt_tokens, estimate.max_output_tokens * self.choices
-        )
-
     def _too_many_choices(self) -> InvalidRequest | None:
         """Clamped below one token per choice: nothing useful could be sent."""
         if self.max_tokens >= 1:
@@ -117,8 +109,9 @@ class QuotaGuard:
 
     def admit(self) -> QuotaGuard:
         """Price the call and reserve it, or raise the refusal (``gate.admit``)."""
-        estimate = gate.estimate_request(self.model, **self._estimate_args())
-        self.decision = gate.admit(self.user, self._per_choice(estimate), ledger=self.ledger)
+        _estimate, self.decision = gate.admit_request(
+            self.user, self.model, choices=self.choices, ledger=self.ledger, **self._estimate_args()
+        )
         refusal = self._too_many_choices()
         if refusal is not None:
             self.release()
@@ -146,8 +139,23 @@ class QuotaGuard:
         return self.settle(self._counted_usage(output, prompt_tokens))
 
     def _counted_usage(self, output: int, prompt_tokens: int | None) -> ActualUsage:
-        prompt = self.estimate.prompt_tokens if prompt_tokens is None else prompt_tokens
+        prompt = self._prompt_tokens() if prompt_tokens is None else prompt_tokens
         return ActualUsage(prompt, output)
+
+    def _prompt_tokens(self) -> int:
+        """The prompt as counted for the estimate; a huge prompt admitted on its byte
+        bound is counted now, since it is to be charged, not just bounded."""
+        estimate = self.estimate
+        if estimate.prompt_exact:
+            return estimate.prompt_tokens
+        return count_messages(
+            self.messages, self.model, encoding_name=estimate.price.encoding, tools=self.tools
+        )
+
+    async def _aprompt_tokens(self) -> int:
+        if self.estimate.prompt_exact:
+            return self.estimate.prompt_tokens
+        return await sync_to_async(self._prompt_tokens, thread_sensitive=False)()
 
     def release(self) -> bool:
         """Give everything back: the call failed before using tokens."""
@@ -160,9 +168,10 @@ class QuotaGuard:
         """A call ran but reported nothing: charge what was reserved rather than lose it."""
         return self.settle(self._estimate_as_usage())
 
-    def _estimate_as_usage(self) -> ActualUsage:
+    def _estimate_as_usage(self, prompt_tokens: int | None = None) -> ActualUsage:
         logger.warning("LLM call to %s finished without usage; charging the estimate", self.model)
-        return ActualUsage(self.estimate.prompt_tokens, self.reservation.max_tokens)
+        prompt = self._prompt_tokens() if prompt_tokens is None else prompt_tokens
+        return ActualUsage(prompt, self.reservation.max_tokens)
 
     def __exit__(
         self,
@@ -186,10 +195,13 @@ class QuotaGuard:
         return self.aledger
 
     async def aadmit(self) -> QuotaGuard:
-        """``admit`` for async code (``gate.aestimate_request`` and ``gate.aadmit``)."""
-        estimate = await gate.aestimate_request(self.model, **self._estimate_args())
-        self.decision = await gate.aadmit(
-            self.user, self._per_choice(estimate), ledger=self._async_ledger()
+        """``admit`` for async code (``gate.aadmit_request``)."""
+        _estimate, self.decision = await gate.aadmit_request(
+            self.user,
+            self.model,
+            choices=self.choices,
+            ledger=self._async_ledger(),
+            **self._estimate_args(),
         )
         refusal = self._too_many_choices()
         if refusal is not None:
@@ -216,6 +228,8 @@ class QuotaGuard:
             output = await sync_to_async(count_output, thread_sensitive=False)(
                 text, self.model, encoding_name=encoding
             )
+        if prompt_tokens is None:
+            prompt_tokens = await self._aprompt_tokens()
         return await self.asettle(self._counted_usage(output, prompt_tokens))
 
     async def arelease(self) -> bool:
@@ -225,7 +239,7 @@ class QuotaGuard:
         return await gate.arelease(self.reservation, ledger=self._async_ledger())
 
     async def acharge_estimate(self) -> Settlement:
-        return await self.asettle(self._estimate_as_usage())
+        return await self.asettle(self._estimate_as_usage(await self._aprompt_tokens()))
 
     async def __aexit__(
         self,

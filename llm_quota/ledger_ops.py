@@ -149,13 +149,21 @@ class LedgerOps:
         *,
         clamp: bool = True,
         min_output_tokens: int = 16,
+        probe_prompt_tokens: int | None = None,
+        probe_clamp: bool = True,
     ) -> Plan[Decision]:
+        """Reserve ``estimate`` in every limit, or refuse. With ``probe_prompt_tokens``
+        (a lower bound of the prompt), a refusal also says whether that bound would be
+        refused (``Decision.probe_limit``), with ``probe_clamp`` as its clamping."""
         uid = keys.user_id(user_id)
         model = keys.model_name(estimate.model)
         rid = keys.reservation_id()
         now_arg, local_now = self.now_arg()
         days, day_starts, months, month_starts = period_args(local_now, self.timezone)
         minimum = max(0, min_output_tokens)
+        probe: int | str = ""
+        if probe_prompt_tokens is not None:
+            probe = probe_prompt_tokens * estimate.price.input_micro
         call = ScriptCall(
             "reserve",
             self._user_keys(uid),
@@ -168,6 +176,7 @@ class LedgerOps:
                 estimate.prompt_micro, estimate.price.output_micro, estimate.max_output_tokens,
                 minimum, 1 if clamp else 0,
                 model, days, day_starts, months, month_starts,
+                probe, 1 if probe_clamp else 0,
             ),
         )  # fmt: skip
         reply = yield call
@@ -457,6 +466,8 @@ def parse_decision(
         tokens_limit=None if int(r[11]) < 0 else int(r[11]),
         tokens_remaining=None if int(r[11]) < 0 else max(int(r[12]), 0),
         tokens_reset=int(r[13]) / 1000,
+        probe_limit=(text(r[16]) or None) if len(r) > 16 else None,
+        probe_retry_after=int(r[17]) / 1000 if len(r) > 17 else 0.0,
     )
 
 

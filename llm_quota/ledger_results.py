@@ -57,6 +57,10 @@ class Decision:
     tokens_limit: int | None = None
     tokens_remaining: int | None = None
     tokens_reset: float = 0.0
+    #: A refused reserve that carried a probe (a lower bound of the prompt): the limit
+    #: that would refuse the lower bound too, and when it clears; None if none would.
+    probe_limit: str | None = None
+    probe_retry_after: float = 0.0
 
     @property
     def retry_after_seconds(self) -> int:

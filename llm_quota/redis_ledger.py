@@ -17,6 +17,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from llm_quota import keys
 from llm_quota.accounting import ActualUsage, Estimate, Limits
 from llm_quota.ledger_ops import (
@@ -116,7 +118,14 @@ class Ledger:
             if self.restore_source is None:
                 return 0, []
             return self.restore_source(step.user_id, step.month)
-        return self._scripts[step.script](keys=list(step.keys), args=list(step.args))
+        script = self._scripts[step.script]
+        try:
+            # redis-py's Script.__call__ minus its per-call copies and import: this
+            # is the hot path, and the loading fallback below is the same.
+            return self.client.evalsha(script.sha, len(step.keys), *step.keys, *step.args)
+        except NoScriptError:
+            script.sha = self.client.script_load(script.script)
+            return self.client.evalsha(script.sha, len(step.keys), *step.keys, *step.args)
 
     # -- the operations (see LedgerOps for what each does) -------------------------------
 
@@ -128,11 +137,19 @@ class Ledger:
         *,
         clamp: bool = True,
         min_output_tokens: int = 16,
+        probe_prompt_tokens: int | None = None,
+        probe_clamp: bool = True,
     ) -> Decision:
         return self._run(
             self.ops.reserve(
-                user_id, limits, estimate, clamp=clamp, min_output_tokens=min_output_tokens
-            )
+                user_id,
+                limits,
+                estimate,
+                clamp=clamp,
+                min_output_tokens=min_output_tokens,
+                probe_prompt_tokens=probe_prompt_tokens,
+                probe_clamp=probe_clamp,
+            )  # fmt: skip
         )
 
     def settle(self, reservation: Reservation, usage: ActualUsage) -> Settlement:
@@ -145,9 +162,7 @@ class Ledger:
 
     def usage(self, user_id: Any) -> UserUsage:
         """The user's live counters; lost ones are restored first, as reserve would."""
-        return self._run(
-            self.ops.usage(user_id, restore_lost=self.restore_source is not None)
-        )
+        return self._run(self.ops.usage(user_id, restore_lost=self.restore_source is not None))
 
     def usage_many(self, user_ids: Iterable[Any]) -> dict[str, UserUsage]:
         """Live counters of many users at once (the admin's change list): one pipelined

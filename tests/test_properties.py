@@ -173,3 +173,11 @@ def test_a_plausible_body_is_parsed_or_refused_and_what_is_parsed_can_be_counted
     lower, upper = prompt_bounds(request.messages, tools=request.tools)
     counted = count_messages(request.messages, request.model, tools=request.tools)
     assert lower <= counted <= upper
+
+
+def test_non_finite_usage_numbers_count_as_zero():
+    # Python's json reads Infinity and NaN; hypothesis once found int(inf) raising here.
+    usage = ActualUsage.from_openai(
+        {"prompt_tokens": float("inf"), "completion_tokens": float("nan")}
+    )
+    assert usage == ActualUsage(0, 0)

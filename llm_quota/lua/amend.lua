@@ -26,12 +26,11 @@ if amount <= 0 then
   return 1
 end
 
--- Step 2b: lower the estimate in the periods, the token window and the reserved sum.
+-- Step 2b: lower the estimate in the periods, the token window and the record.
 local diff = est - amount
 if diff <= 0 then return 1 end
 adjust(B .. ':d:' .. day, -diff, now)
 adjust(B .. ':m:' .. month, -diff, now)
-redis.call('HINCRBY', B .. ':s', 'reserved', -diff)
 adjust_window(B, rid, est, amount)
 redis.call('HSET', B .. ':rr', rid, record('p', amount, day, month, month_end, g, model))
 return 1

@@ -11,8 +11,10 @@
 --                     estimate while pending, the actual once settled, 0 once given back)
 --                     global: 1 if the same script also holds a share in G (one Redis)
 --   B:z          ZSET reservation id -> when its finished record may be forgotten
---   B:s          HASH "reserved" (sum of pending estimates), "seen" (counters are trusted),
---                     "wsum" (tokens of the entries in B:w), "t" (day the TTLs were refreshed)
+--   B:s          HASH "seen" (counters are trusted), "wsum" (tokens of the entries in B:w),
+--                     "t" (day the TTLs were refreshed), and reserve's housekeeping dates:
+--                     "pdue" (no lease in B:p expires before it; -1: B:p is empty) and
+--                     "zdue" (no tombstone in B:z is due to go before it)
 --   B:d:<day>    STRING base tokens used + reserved that calendar day
 --   B:m:<month>  STRING base tokens used + reserved that calendar month
 --   B:u:<month>  HASH "req|<model>", "in|<model>", "out|<model>", "base|<model>" (settled)
@@ -33,6 +35,9 @@ local DAY_GRACE = 86400000           -- a day counter outlives its day by one da
 local MONTH_GRACE = 8 * 86400000     -- a month counter stays for the snapshot of a closed month
 local STRUCT_TTL = 40 * 86400000     -- outlives every month counter, so "seen" is never stale
 local BATCH = 200                    -- bounded work per step; unpack() has a stack limit
+local FRONT = 8                      -- window entries reserve reads at once (see window_front)
+local FORGET_EVERY = 5000            -- tombstones may outlive their TTL by this much (ms)
+local FORGET_ROUNDS = 5              -- batches of tombstones one reserve may drop
 
 -- The caller may pin the clock (tests, replays); otherwise Redis' own clock decides,
 -- so app servers with skewed clocks still agree on windows and periods.
@@ -41,6 +46,10 @@ local function now_ms(given)
   if n and n > 0 then return n end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function num(v)
+  return tonumber(v) or 0
 end
 
 local function split(csv)
@@ -106,11 +115,11 @@ local function adjust_window(B, rid, old, new)
   end
 end
 
--- Give a pending reservation's estimate back to every user counter it was taken from.
+-- Give a pending reservation's estimate back to every user counter it was taken from
+-- (what is still pending is not summed apart: pending_total() reads it from B:p).
 local function unreserve(B, rid, est, day, month, now)
   adjust(B .. ':d:' .. day, -est, now)
   adjust(B .. ':m:' .. month, -est, now)
-  redis.call('HINCRBY', B .. ':s', 'reserved', -est)
   redis.call('ZREM', B .. ':p', rid)
   adjust_window(B, rid, est, 0)
 end
@@ -121,19 +130,49 @@ local function window_amount(rec)
   return tonumber(string.match(rec, '^%a|(%-?%d+)|')) or 0
 end
 
--- Entries older than the window leave it, and their tokens leave the running sum.
--- A record outlives its window entry (its tombstone lasts a TTL of at least 60 s),
--- so the amount is read from it rather than kept twice.
+-- Entries older than the window leave it; returns the tokens they held, which the
+-- caller takes off "wsum". A record outlives its window entry (its tombstone lasts a
+-- TTL of at least 60 s), so the amount is read from it rather than kept twice.
 local function trim_window(B, now)
+  local freed = 0
   while true do
     local old = redis.call('ZRANGEBYSCORE', B .. ':w', '-inf', now - WINDOW, 'LIMIT', 0, BATCH)
-    if #old == 0 then return end
+    if #old == 0 then return freed end
     local recs = redis.call('HMGET', B .. ':rr', unpack(old))
-    local freed = 0
     for i = 1, #old do freed = freed + window_amount(recs[i]) end
-    if freed ~= 0 then redis.call('HINCRBY', B .. ':s', 'wsum', -freed) end
+    redis.call('ZREM', B .. ':w', unpack(old))
+    if #old < BATCH then return freed end
+  end
+end
+
+-- Reserve's trim: the window's oldest FRONT entries, read at once, usually hold every
+-- expired one (one or two leave per request in a steady stream) and the oldest live
+-- one, whose age the reset headers need. Returns the tokens freed and that oldest
+-- admission time (nil: the window is empty).
+local function window_front(B, now)
+  local front = redis.call('ZRANGE', B .. ':w', 0, FRONT - 1, 'WITHSCORES')
+  local old, oldest = {}, nil
+  for i = 1, #front, 2 do
+    local at = tonumber(front[i + 1])
+    if at > now - WINDOW then
+      oldest = at
+      break
+    end
+    old[#old + 1] = front[i]
+  end
+  local freed = 0
+  if #old > 0 then
+    local recs = redis.call('HMGET', B .. ':rr', unpack(old))
+    for i = 1, #old do freed = freed + window_amount(recs[i]) end
     redis.call('ZREM', B .. ':w', unpack(old))
   end
+  if oldest == nil and #front == 2 * FRONT then
+    -- All of them had expired (the user was away): trim in batches, then look again.
+    freed = freed + trim_window(B, now)
+    local first = redis.call('ZRANGE', B .. ':w', 0, 0, 'WITHSCORES')
+    if #first > 0 then oldest = tonumber(first[2]) end
+  end
+  return freed, oldest
 end
 
 -- Reservations whose lease ran out (a crashed worker, a forgotten settle) give their
@@ -158,22 +197,73 @@ local function reclaim(P, now, ttl, give_back)
       end
     end
     redis.call('ZREM', P .. ':p', unpack(rids))
+    if #rids < BATCH then return end
   end
 end
 
--- Finished records are kept for one TTL (idempotent settle), then dropped.
-local function forget(P, now)
-  local rids = redis.call('ZRANGEBYSCORE', P .. ':z', '-inf', now, 'LIMIT', 0, BATCH)
-  if #rids > 0 then
-    redis.call('HDEL', P .. ':rr', unpack(rids))
-    redis.call('ZREM', P .. ':z', unpack(rids))
+-- Finished records are kept for one TTL (idempotent settle), then dropped, at most
+-- `rounds` batches at a time. Returns true if more are due.
+local function forget(P, now, rounds)
+  for _ = 1, rounds or math.huge do
+    local rids = redis.call('ZRANGEBYSCORE', P .. ':z', '-inf', now, 'LIMIT', 0, BATCH)
+    if #rids > 0 then
+      redis.call('HDEL', P .. ':rr', unpack(rids))
+      redis.call('ZREM', P .. ':z', unpack(rids))
+    end
+    if #rids < BATCH then return false end
   end
+  return true
 end
 
+-- Housekeeping in full, for the scripts that run rarely (usage, reset).
 local function housekeeping(B, now, ttl)
-  trim_window(B, now)
+  local freed = trim_window(B, now)
+  if freed ~= 0 then redis.call('HINCRBY', B .. ':s', 'wsum', -freed) end
   reclaim(B, now, ttl, function(rid, est, day, month) unreserve(B, rid, est, day, month, now) end)
   forget(B, now)
+end
+
+-- Reserve's housekeeping of leases and tombstones runs only when the dates kept in
+-- B:s say something is due; `state` holds their values and collects what changed.
+-- An old hash without the dates simply runs it once.
+local function due_housekeeping(B, now, ttl, state)
+  local pdue = tonumber(state.pdue)
+  if pdue == nil or (pdue >= 0 and now >= pdue) then
+    reclaim(B, now, ttl, function(rid, est, day, month) unreserve(B, rid, est, day, month, now) end)
+    local first = redis.call('ZRANGE', B .. ':p', 0, 0, 'WITHSCORES')
+    state.pdue = -1
+    if #first > 0 then state.pdue = tonumber(first[2]) end
+    state.changed.pdue = state.pdue
+    state.wsum = num(redis.call('HGET', B .. ':s', 'wsum'))  -- unreserve may have moved it
+  end
+  local zdue = tonumber(state.zdue)
+  if zdue == nil or now >= zdue then
+    -- A tombstone written from now on is due at now + ttl at the earliest.
+    local next_due = now + ttl
+    if forget(B, now, FORGET_ROUNDS) then
+      next_due = now
+    else
+      local first = redis.call('ZRANGE', B .. ':z', 0, 0, 'WITHSCORES')
+      if #first > 0 then next_due = math.max(tonumber(first[2]), now + FORGET_EVERY) end
+    end
+    state.changed.zdue = next_due
+  end
+end
+
+-- The estimates of the reservations still pending (their count is the concurrency).
+local function pending_total(B)
+  local rids = redis.call('ZRANGE', B .. ':p', 0, -1)
+  local total = 0
+  for start = 1, #rids, BATCH do
+    local recs = redis.call('HMGET', B .. ':rr', unpack(rids, start, math.min(start + BATCH - 1, #rids)))
+    for i = 1, #recs do
+      if recs[i] then
+        local state, est = parse_record(recs[i])
+        if state == 'p' then total = total + est end
+      end
+    end
+  end
+  return total
 end
 
 -- The per-user structures live as long as any counter that may depend on them.
@@ -185,10 +275,6 @@ local function touch(B, now)
     redis.call('PEXPIREAT', B .. suffix, at)
   end
   redis.call('HSET', B .. ':s', 't', math.floor(now / 86400000))
-end
-
-local function num(v)
-  return tonumber(v) or 0
 end
 
 -- Deciding on token limits. A limit is {name, limit (-1 = none), used, ends}, where

@@ -6,11 +6,17 @@
 --       9 global tokens/day, 10 global tokens/month   (-1 = unlimited),
 --       11 prompt cost in micro base tokens, 12 micro base tokens per output token,
 --       13 requested output tokens, 14 least output worth clamping to, 15 clamp (1/0),
---       16 model, 17 day ids, 18 day starts, 19 month ids, 20 month starts.
+--       16 model, 17 day ids, 18 day starts, 19 month ids, 20 month starts,
+--       21 probe: a lower prompt cost in micro base tokens, or '' (none), 22 its clamp.
 -- Returns {status, limit, retry_ms, granted_output, reserved, now, day, month,
 --          requests_limit, requests_remaining, requests_reset_ms,
---          tokens_limit, tokens_remaining, tokens_reset_ms, month_end, day_end}
+--          tokens_limit, tokens_remaining, tokens_reset_ms, month_end, day_end,
+--          probe_limit, probe_retry_ms}
 -- status: 1 admitted, 0 refused (limit names the binding one), 2 restore counters first.
+-- The probe serves a caller that priced a huge prompt by its byte count (an upper
+-- bound) to skip tokenizing it: on a refusal it learns whether the prompt's lower
+-- bound would be refused as well (probe_limit names the limit then, else ''), and so
+-- whether counting exactly could change the answer.
 
 local B, G = KEYS[1], KEYS[2]
 local now = now_ms(ARGV[1])
@@ -26,35 +32,40 @@ local month, month_end = pick_period(ARGV[19], ARGV[20], now)
 if G == nil then gtpd, gtpmo = -1, -1 end
 local use_global = gtpd >= 0 or gtpmo >= 0
 
--- Step 1: expire what is old (window entries, abandoned reservations and global
--- shares, tombstones) before reading anything, so the decision sees only live usage.
-housekeeping(B, now, ttl)
-if use_global then global_housekeeping(G, now, ttl) end
-
--- Step 2: counters lost with Redis' data must be restored from the database before
+-- Step 1: counters lost with Redis' data must be restored from the database before
 -- they are trusted; the caller restores once and asks again.
-local state = redis.call('HMGET', B .. ':s', 'seen', 't', 'wsum')
-if not state[1] then
+local s = redis.call('HMGET', B .. ':s', 'seen', 't', 'wsum', 'pdue', 'zdue')
+if not s[1] then
   return {2, '', 0, 0, 0, now, day, month, 0, 0, 0, 0, 0, 0, month_end, day_end}
 end
+local state = {wsum = num(s[3]), pdue = s[4], zdue = s[5], changed = {}}
+
+-- Step 2: expire what is old before reading anything, so the decision sees only live
+-- usage: window entries always (the window is exact to the millisecond); abandoned
+-- reservations, tombstones and global shares when their dates say some are due.
+local freed, oldest = window_front(B, now)
+due_housekeeping(B, now, ttl, state)
+if use_global then global_housekeeping(G, now, ttl) end
+local used_min = state.wsum - freed
+local window_reset = WINDOW
+if oldest then window_reset = oldest + WINDOW - now end
 
 -- Step 3: read every counter the decision depends on.
 local requests = redis.call('ZCARD', B .. ':w')
 local inflight = redis.call('ZCARD', B .. ':p')
-local used_min = num(state[3])
 local periods = redis.call('MGET', B .. ':d:' .. day, B .. ':m:' .. month)
 local used_day, used_month = num(periods[1]), num(periods[2])
 local g_day, g_month = 0, 0
 if use_global then g_day, g_month = global_used(G, day, month) end
-local oldest = redis.call('ZRANGE', B .. ':w', 0, 0, 'WITHSCORES')
-local window_reset = WINDOW
-if #oldest > 0 then window_reset = tonumber(oldest[2]) + WINDOW - now end
 
 -- Step 4: find every limit that refuses (see refusal() for which one is named).
+local function block_rates(r)
+  if rpm >= 0 and requests + 1 > rpm then r.block('requests_per_minute', window_reset) end
+  -- A lease usually ends when its request finishes, long before it expires.
+  if conc >= 0 and inflight + 1 > conc then r.block('max_concurrent_requests', 1000) end
+end
 local r = refusal()
-if rpm >= 0 and requests + 1 > rpm then r.block('requests_per_minute', window_reset) end
--- A lease usually ends when its request finishes, long before it expires.
-if conc >= 0 and inflight + 1 > conc then r.block('max_concurrent_requests', 1000) end
+block_rates(r)
 
 -- Seconds until the sliding window has let go of `short` tokens.
 local function window_wait(short)
@@ -84,28 +95,50 @@ local token_limits = {
   {'global_tokens_per_day', gtpd, g_day, day_end},
   {'global_tokens_per_month', gtpmo, g_month, month_end},
 }
+local function token_wait(l, short)
+  if l[4] == 0 then return window_wait(short) end
+  return l[4] - now
+end
 local granted, est = fit_tokens(token_limits, prompt_micro, out_micro, max_out, min_out, clamp, r,
-  function(l, short)
-    if l[4] == 0 then return window_wait(short) end
-    return l[4] - now
-  end)
+  token_wait)
 
 local tokens_limit, tokens_left = tpm, tpm - used_min
 if tpm < 0 then tokens_limit, tokens_left = -1, -1 end
 
+-- What changed in B:s is written in one HSET, whatever the decision.
+local function save_state(wsum)
+  local fields = {}
+  if wsum ~= state.wsum then fields[#fields + 1] = 'wsum'; fields[#fields + 1] = wsum end
+  for name, value in pairs(state.changed) do
+    fields[#fields + 1] = name
+    fields[#fields + 1] = value
+  end
+  if #fields > 0 then redis.call('HSET', B .. ':s', unpack(fields)) end
+end
+
 if r.name then
+  save_state(used_min)
   local left = -1
   if rpm >= 0 then left = math.max(rpm - requests, 0) end
+  -- The probe: the same checks for the lower bound, nothing written.
+  local probe = refusal()
+  if ARGV[21] and ARGV[21] ~= '' then
+    block_rates(probe)
+    fit_tokens(token_limits, tonumber(ARGV[21]), out_micro, max_out, min_out, ARGV[22] == '1',
+      probe, token_wait)
+  end
   return {0, r.name, r.wait, 0, est, now, day, month,
           rpm, left, window_reset, tokens_limit, math.max(tokens_left, -1), window_reset,
-          month_end, day_end}
+          month_end, day_end, probe.name or '', math.max(probe.wait, 0)}
 end
 
 -- Step 6: reserve in every window and period at once. The record remembers where
 -- the estimate went, so settle and expiry can take back exactly that.
 redis.call('ZADD', B .. ':w', now, rid)
-redis.call('HINCRBY', B .. ':s', 'wsum', est)
 redis.call('ZADD', B .. ':p', now + ttl, rid)
+local pdue = tonumber(state.pdue)
+if pdue == nil or pdue < 0 or pdue > now + ttl then state.changed.pdue = now + ttl end
+save_state(used_min + est)
 add_period(B .. ':d:' .. day, est, day_end + DAY_GRACE)
 add_period(B .. ':m:' .. month, est, month_end + MONTH_GRACE)
 local g = '0'
@@ -113,14 +146,13 @@ if use_global then
   global_take(G, rid, est, day, day_end, month, month_end, now, ttl)
   g = '1'
 end
-redis.call('HINCRBY', B .. ':s', 'reserved', est)
 redis.call('HSET', B .. ':rr', rid, record('p', est, day, month, month_end, g, model))
-if tonumber(state[2]) ~= math.floor(now / 86400000) then touch(B, now) end
+if tonumber(s[2]) ~= math.floor(now / 86400000) then touch(B, now) end
 
 local requests_left = -1
 if rpm >= 0 then requests_left = rpm - requests - 1 end
 if tpm >= 0 then tokens_left = tpm - used_min - est end
-if #oldest == 0 then window_reset = WINDOW end
+if not oldest then window_reset = WINDOW end
 return {1, '', 0, granted, est, now, day, month,
         rpm, requests_left, window_reset, tokens_limit, tokens_left, window_reset,
         month_end, day_end}

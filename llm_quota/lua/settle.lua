@@ -44,7 +44,6 @@ end
 
 -- Step 4: the reservation is no longer outstanding; its lease (concurrency) ends.
 if state == 'p' then
-  redis.call('HINCRBY', B .. ':s', 'reserved', -est)
   redis.call('ZREM', B .. ':p', rid)
   adjust_window(B, rid, est, actual)
 end

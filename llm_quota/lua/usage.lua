@@ -21,7 +21,7 @@ return {
   now, day, month, day_end, month_end,
   num(redis.call('GET', B .. ':d:' .. day)),
   num(redis.call('GET', B .. ':m:' .. month)),
-  num(redis.call('HGET', B .. ':s', 'reserved')),
+  pending_total(B),
   redis.call('ZCARD', B .. ':w'),
   num(redis.call('HGET', B .. ':s', 'wsum')),
   redis.call('ZCARD', B .. ':p'),
