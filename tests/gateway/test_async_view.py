@@ -254,6 +254,33 @@ def test_upstream_refusal_is_passed_on_like_the_sync_view_and_released(
     assert live.tokens_this_month == 0 and live.reserved == 0 and live.in_flight == 0
 
 
+@pytest.mark.parametrize("model", ["up-normal", "up-no-usage", "up-ignores-cap"])
+def test_completions_are_settled_as_the_sync_view_settles_them(upstream, ledger, free, model):
+    """From the reported usage, else from the counted output."""
+    by_sync, by_async = factories.user(), factories.user()
+    body = {**BODY, "model": model, "max_tokens": 30}
+    sync, async_ = sync_post(body, _auth(by_sync)), async_post(body, _auth(by_async))
+    assert async_.status_code == 200
+    same_answer(sync, async_)
+    charged = [ledger.usage(u.pk).by_model for u in (by_sync, by_async)]
+    assert charged[1] == charged[0] and charged[1][0].output_tokens >= 30
+    nothing_held(ledger, by_async)
+
+
+def test_unreachable_upstream_is_the_sync_views_502_and_releases(upstream, ledger, free):
+    upstream.stop()
+    by_sync, by_async = factories.user(), factories.user()
+    sync, async_ = (
+        sync_post(BODY | {"model": "up-normal"}, _auth(by_sync)),
+        async_post(BODY | {"model": "up-normal"}, _auth(by_async)),
+    )
+    assert async_.status_code == 502
+    assert json.loads(async_.body)["error"]["code"] == "upstream_unreachable"
+    assert async_.headers.keys() == sync.headers.keys()
+    live = ledger.usage(by_async.pk)
+    assert live.tokens_this_month == 0 and live.reserved == 0 and live.in_flight == 0
+
+
 @pytest.mark.parametrize("model", ["up-normal", "up-no-usage", "up-ignores-cap", "up-drop"])
 def test_streams_are_settled_as_the_sync_view_settles_them(upstream, ledger, free, model):
     """From the usage chunk; from the streamed text without one; from what was sent
