@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -117,3 +118,38 @@ def test_uvicorn_streams_64_concurrent_calls_admitting_exactly_with_the_loop_nev
             for pid, beat in beats.items()}  # fmt: skip
     print(f"uvicorn async gateway, {CALLERS} streams: largest loop gap (wall, own) {gaps}")
     assert max(beat["max_stall"] for beat in beats.values()) < LONGEST_GAP, gaps
+
+
+def test_uvicorn_client_leaving_mid_stream_is_charged_what_was_generated(
+    site, quota_prefix, redis_client, upstream
+):
+    admin(site, "price", "up-*", "1", "2")
+    pk = admin(site, "seed", f"{quota_prefix}-leaves", "tokens_per_month=100000")
+    token = admin(site, "token", pk)
+    body = {"model": "up-trickle", "messages": MSGS, "max_tokens": fake_upstream.WORDS,
+            "stream": True}  # fmt: skip
+    ledger = Ledger(redis_client, prefix=quota_prefix)
+    port = spare_port()
+    with serving(uvicorn(site, 1, port, app="project.asgi:application"), site, port,
+                 "/heartbeat/") as url:  # fmt: skip
+        received = 0
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(timeout=30) as client:
+            with client.stream(
+                "POST", f"{url}/v1/chat/completions", json=body, headers=headers
+            ) as response:
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    received += line.startswith("data: ")
+                    if received == 3:
+                        break  # hang up mid-stream
+        # uvicorn tells Django, which cancels the request: the relay settles at once.
+        for _ in range(200):
+            if not ledger.usage(pk).reserved:
+                break
+            time.sleep(0.05)
+    usage = ledger.usage(pk)
+    assert usage.reserved == 0 and usage.in_flight == 0
+    [row] = usage.by_model
+    assert row.requests == 1
+    assert received <= row.output_tokens <= upstream.sent["up-trickle"] < fake_upstream.WORDS
