@@ -20,7 +20,8 @@ middleware's request phase, so ``request.user`` is set).
 
 It is sync and async capable: under ASGI it runs as a coroutine (the guard's async
 methods, the session user through ``request.auser()``), so Django does not hop to a
-thread for it on every request.
+thread for it on every request. A subclass that overrides ``admit`` or
+``authenticate`` has its own code run in a thread there.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponseBase
 from rest_framework.authentication import SessionAuthentication
@@ -194,6 +195,8 @@ class LLMQuotaMiddleware:
         )
 
     async def aauthenticate(self, request: HttpRequest) -> tuple[Any, Any]:
+        if type(self).authenticate is not LLMQuotaMiddleware.authenticate:
+            return await sync_to_async(self.authenticate)(request)  # a subclass' own
         # An async request's ``request.user`` would read the session on the loop.
         auser = getattr(request, "auser", None)
         user = await auser() if auser is not None else None
@@ -215,6 +218,10 @@ class LLMQuotaMiddleware:
         return QuotaGuard(user, **self.get_quota_request(request, view_func)).admit()
 
     async def aadmit(self, request: HttpRequest, view_func: Any) -> QuotaGuard:
+        if type(self).admit is not LLMQuotaMiddleware.admit:
+            # A subclass' own admission runs as written, in a thread; the guard it
+            # returns is finished with its async methods all the same.
+            return await sync_to_async(self.admit)(request, view_func)
         user, auth = await self.aauthenticate(request)
         self.check_scope(await agranted_scopes(user, auth))
         return await QuotaGuard(user, **self.get_quota_request(request, view_func)).aadmit()

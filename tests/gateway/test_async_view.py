@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import threading
 
 import pytest
 import redis
 from asgiref.sync import iscoroutinefunction, sync_to_async
 from asgiref.testing import ApplicationCommunicator
 from django.core.handlers.asgi import ASGIHandler
-from django.test import AsyncClient, Client, override_settings
+from django.test import AsyncClient, Client, RequestFactory, override_settings
 
 from llm_quota import gate
 from llm_quota.async_gateway import AsyncChatCompletionsView
@@ -504,6 +505,28 @@ def test_middleware_runs_as_a_coroutine_under_asgi():
     assert iscoroutinefunction(middleware) and iscoroutinefunction(middleware.process_view)
     sync = LLMQuotaMiddleware(lambda request: None)
     assert not iscoroutinefunction(sync) and not iscoroutinefunction(sync.process_view)
+
+
+def test_async_middleware_runs_a_subclass_own_admission_in_a_thread(ledger, user, prices):
+    seen = []
+
+    class Custom(LLMQuotaMiddleware):
+        def admit(self, request, view_func):
+            seen.append(threading.current_thread() is threading.main_thread())
+            return QuotaGuard(user, model="gpt-4o", prompt_tokens=5, max_tokens=10).admit()
+
+    async def get_response(request):
+        return None
+
+    request = RequestFactory().post("/aplain")
+
+    async def main():
+        return await Custom(get_response).aadmit(request, None)
+
+    guard = run_with_orm(main)
+    assert seen == [False] and guard.max_tokens == 10
+    assert ledger.usage(user.pk).reserved > 0
+    guard.release()
 
 
 def test_async_middleware_gates_async_plain_views(ledger, user, prices, sync_io_on_loop):
