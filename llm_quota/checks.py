@@ -269,6 +269,10 @@ def check_gateway(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                     id="llm_quota.E012",
                 )
             )
+    if not isinstance(quota_settings.ASYNC_GATEWAY, bool):
+        errors.append(
+            Error("LLM_QUOTA['ASYNC_GATEWAY'] must be True or False.", id="llm_quota.E015")
+        )
     for name in ("UPSTREAM_CONNECT_TIMEOUT", "UPSTREAM_READ_TIMEOUT"):
         value = getattr(quota_settings, name)
         if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:

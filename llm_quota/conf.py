@@ -50,6 +50,9 @@ DEFAULTS: dict[str, Any] = {
     # Seconds the gateway waits for the upstream to connect, and between two reads.
     "UPSTREAM_CONNECT_TIMEOUT": 10.0,
     "UPSTREAM_READ_TIMEOUT": 600.0,
+    # Serve /v1/chat/completions with the async view (async_gateway.py): for ASGI
+    # servers such as uvicorn. Read when the URLs are loaded.
+    "ASYNC_GATEWAY": False,
     # Alerts (soft limit crossed, budget exhausted) are also POSTed here as JSON, by
     # a Celery task so the request never waits on it; None sends only the signals.
     "ALERT_WEBHOOK_URL": None,

@@ -6,16 +6,23 @@ the real gateway path without a network. The same request always gets the same
 reply; its length depends on the prompt and never exceeds the ``max_tokens`` sent.
 Token counts are real: ``llm_quota.estimation`` counts the prompt and the reply with
 the model's tiktoken encoding (or its offline stand-in).
+
+``AsyncFakeProvider`` serves the async gateway: the same replies, computed in a
+thread (counting tokens is CPU work that would stall the event loop), then streamed
+one chunk per turn of the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
+
+from asgiref.sync import sync_to_async
 
 from llm_quota.chat_request import CAP_FIELDS
 from llm_quota.estimation import count_messages, count_output
@@ -158,3 +165,36 @@ class FakeProvider:
             yield chunk(index, {}, finish)
         if include_usage:
             yield {**base, "choices": [], "usage": _usage(body, texts)}
+
+
+class AsyncFakeStream:
+    """A ``FakeStream`` for ``async for``: its chunks are built in a thread, then handed
+    out one per turn of the loop, as a real upstream's arrive."""
+
+    def __init__(self, stream: FakeStream) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        chunks = await sync_to_async(list, thread_sensitive=False)(self._stream)
+        for data in chunks:
+            await asyncio.sleep(0)
+            yield data
+
+    async def aclose(self) -> None:
+        try:
+            self._stream.close()
+        except ValueError:
+            pass  # still being built in its thread (the client left early): it ends there
+
+
+class AsyncFakeProvider:
+    """``FakeProvider`` for the async gateway (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._sync = FakeProvider()
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await sync_to_async(self._sync.complete, thread_sensitive=False)(body)
+
+    async def stream(self, body: dict[str, Any]) -> AsyncFakeStream:
+        return AsyncFakeStream(self._sync.stream(body))

@@ -9,6 +9,9 @@ error, ours or the upstream's, is answered in OpenAI's shape (``openai_errors``)
 The view owns its reservation from the throttle on: it settles from the upstream's
 usage (or the counted output), releases on any upstream failure, and a streamed
 answer is settled by ``stream_relay`` whenever and however the stream ends.
+
+``async_gateway`` is the same endpoint as a Django async view, for ASGI servers
+(``LLM_QUOTA["ASYNC_GATEWAY"]``); the pieces both use live here.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from llm_quota.chat_request import ChatRequest
 from llm_quota.conf import quota_settings
 from llm_quota.guard import QuotaGuard
 from llm_quota.openai_errors import error_response, exception_handler
-from llm_quota.output_text import completion_text
+from llm_quota.output_text import completion_text, reported_usage
 from llm_quota.permissions import HasScope
 from llm_quota.policy import policy_for
 from llm_quota.pricing import priced_models
@@ -62,6 +65,38 @@ def upstream_error_response(exc: UpstreamError) -> JsonResponse:
     for name, value in exc.headers.items():
         response[name] = value
     return response
+
+
+def upstream_failed(chat: ChatRequest, user: Any, exc: UpstreamError) -> JsonResponse:
+    """The answer to a call the upstream refused (its reservation already released)."""
+    logger.warning("upstream refused %s for user %s: %s", chat.model, user.pk, exc)
+    return upstream_error_response(exc)
+
+
+def stream_response(content: Any) -> StreamingHttpResponse:
+    """A server-sent events response relaying ``content`` (a ``Relay`` or ``AsyncRelay``)."""
+    response = StreamingHttpResponse(content, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+    return response
+
+
+def settle_completion(guard: QuotaGuard, completion: dict[str, Any]) -> None:
+    """Settle a non-streamed answer: from its usage, else from the text it holds."""
+    usage = reported_usage(completion.get("usage"))
+    if usage is not None:
+        guard.settle(usage)
+    else:
+        guard.settle_output(completion_text(completion))
+
+
+async def asettle_completion(guard: QuotaGuard, completion: dict[str, Any]) -> None:
+    """``settle_completion`` for the async gateway."""
+    usage = reported_usage(completion.get("usage"))
+    if usage is not None:
+        await guard.asettle(usage)
+    else:
+        await guard.asettle_output(completion_text(completion))
 
 
 class OpenAIView(APIView):
@@ -97,21 +132,12 @@ class ChatCompletionsView(OpenAIView):
                 completion = upstream.complete(body)
         except UpstreamError as exc:
             guard.release()
-            logger.warning("upstream refused %s for user %s: %s", chat.model, request.user.pk, exc)
-            return upstream_error_response(exc)
+            return upstream_failed(chat, request.user, exc)
         if chat.stream:
-            response = StreamingHttpResponse(
-                stream_relay.Relay(stream, guard, include_usage=chat.include_usage),
-                content_type="text/event-stream",
+            return stream_response(
+                stream_relay.Relay(stream, guard, include_usage=chat.include_usage)
             )
-            response["Cache-Control"] = "no-cache"
-            response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
-            return response
-        usage = completion.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-            guard.settle(usage)
-        else:
-            guard.settle_output(completion_text(completion))
+        settle_completion(guard, completion)
         return JsonResponse(completion)
 
     def handle_exception(self, exc: Exception) -> HttpResponseBase:

@@ -26,6 +26,14 @@ def _parts(message: Any) -> list[str]:
     return parts
 
 
+def reported_usage(usage: Any) -> dict[str, Any] | None:
+    """An upstream's ``usage`` if a settle can rely on it (it counts the output), else None:
+    the caller then settles from the generated text instead."""
+    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+        return usage
+    return None
+
+
 def completion_text(completion: Any) -> str:
     """Everything generated in a non-streamed ``chat.completion`` body."""
     choices = completion.get("choices") if isinstance(completion, dict) else None

@@ -7,28 +7,60 @@ Only what the gateway needs: read the ``data`` of each event from an upstream's 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any
 
 DONE = "[DONE]"
 
 
-def iter_data(lines: Iterable[str]) -> Iterator[str]:
-    """The ``data`` payload of each event in ``lines`` (line endings already removed)."""
-    buffer: list[str] = []
-    for line in lines:
+class DataReader:
+    """Turns lines into event payloads one line at a time: the parsing both the sync
+    and the async readers share (``iter_data``, ``aiter_data``)."""
+
+    def __init__(self) -> None:
+        self._buffer: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        """The payload of the event ``line`` ends (a blank line), else None."""
         if not line:
-            if buffer:
-                yield "\n".join(buffer)
-                buffer = []
-            continue
+            return self.flush()
         if line.startswith(":"):
-            continue  # a comment (keep-alive)
+            return None  # a comment (keep-alive)
         field, _, value = line.partition(":")
         if field == "data":
-            buffer.append(value[1:] if value.startswith(" ") else value)
-    if buffer:  # a stream cut before its final blank line still delivered this event
-        yield "\n".join(buffer)
+            self._buffer.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+    def flush(self) -> str | None:
+        """What is left: a stream cut before its final blank line still delivered it."""
+        if not self._buffer:
+            return None
+        data, self._buffer = "\n".join(self._buffer), []
+        return data
+
+
+def iter_data(lines: Iterable[str]) -> Iterator[str]:
+    """The ``data`` payload of each event in ``lines`` (line endings already removed)."""
+    reader = DataReader()
+    for line in lines:
+        data = reader.feed(line)
+        if data is not None:
+            yield data
+    data = reader.flush()
+    if data is not None:
+        yield data
+
+
+async def aiter_data(lines: AsyncIterable[str]) -> AsyncIterator[str]:
+    """``iter_data`` over an async stream of lines (``httpx`` ``aiter_lines``)."""
+    reader = DataReader()
+    async for line in lines:
+        data = reader.feed(line)
+        if data is not None:
+            yield data
+    data = reader.flush()
+    if data is not None:
+        yield data
 
 
 def event(data: str | dict[str, Any]) -> bytes:

@@ -39,6 +39,12 @@ from llm_quota.ratelimit_headers import headers_for
 REQUEST_ATTRIBUTE = "llm_quota"
 
 
+def admission_headers(guard: QuotaGuard) -> dict[str, str]:
+    """The rate-limit headers of an admitted request (the throttle, the middleware and
+    the async gateway put the same ones on its response)."""
+    return headers_for(guard.decision, max_tokens=guard.max_tokens)
+
+
 class LLMQuotaThrottle(BaseThrottle):
     #: The scope the caller needs; ``None`` reads ``LLM_QUOTA["CHAT_SCOPE"]``, ``""``
     #: skips the check (when the view's permissions already do it).
@@ -76,7 +82,7 @@ class LLMQuotaThrottle(BaseThrottle):
                 view.headers["x-should-retry"] = "false"
             raise
         setattr(getattr(request, "_request", request), REQUEST_ATTRIBUTE, guard)
-        view.headers.update(headers_for(guard.decision, max_tokens=guard.max_tokens))
+        view.headers.update(admission_headers(guard))
         return True
 
     def wait(self) -> float | None:

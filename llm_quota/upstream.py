@@ -3,7 +3,11 @@
 Both offer the same two calls over a Chat Completions body: ``complete(body)`` returns
 the JSON response; ``stream(body)`` returns an ``UpstreamStream`` yielding the ``data``
 of each server-sent event, which the caller must ``close()``. Failures are raised as
-``UpstreamError`` carrying the status the gateway should answer with.
+``UpstreamError`` carrying the status the gateway should answer with. The async
+gateway uses the twins (``AsyncHttpUpstream`` on ``httpx.AsyncClient``, the fake
+provider's ``AsyncFakeProvider``), whose ``complete``/``stream`` are awaited and whose
+streams are iterated with ``async for`` and ``aclose()``d; request building and error
+mapping are the same functions for both.
 
 The real upstream is reached with httpx rather than the ``openai`` SDK: a gateway must
 forward bodies it does not model (new parameters, vendor extensions) byte for byte,
@@ -14,10 +18,14 @@ the raw status and error body to hand back. httpx is imported only when
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol
+
+from asgiref.sync import sync_to_async
 
 from llm_quota import sse
 from llm_quota.conf import quota_settings
@@ -84,6 +92,77 @@ class Upstream(Protocol):
     def stream(self, body: dict[str, Any]) -> UpstreamStream: ...
 
 
+class AsyncUpstreamStream(Protocol):
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class AsyncUpstream(Protocol):
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def stream(self, body: dict[str, Any]) -> AsyncUpstreamStream: ...
+
+
+# -- what the sync and async HTTP clients share ------------------------------------------
+
+
+def _client_options(
+    base_url: str, api_key: str | None, connect_timeout: float, read_timeout: float
+) -> dict[str, Any]:
+    """``httpx.Client``/``AsyncClient`` arguments: one pool per process (per loop)."""
+    import httpx
+
+    return {
+        "base_url": base_url,
+        "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {},
+        "timeout": httpx.Timeout(read_timeout, connect=connect_timeout),
+        "limits": httpx.Limits(max_connections=200, max_keepalive_connections=50),
+    }
+
+
+def _request(client: Any, body: dict[str, Any]) -> Any:
+    return client.build_request("POST", "chat/completions", json=body)
+
+
+def _unreachable(exc: Exception) -> UpstreamError:
+    """A failure before the upstream answered: the status the gateway reports it with."""
+    import httpx
+
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError(504, "The upstream timed out.", code="upstream_timeout")
+    return UpstreamError(502, f"The upstream is unreachable ({exc}).", code="upstream_unreachable")
+
+
+def _dropped(exc: Exception) -> UpstreamError:
+    """A failure after the stream began."""
+    import httpx
+
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError(504, "The upstream stopped sending.", code="upstream_timeout")
+    return UpstreamError(
+        502, f"The upstream connection failed mid-stream ({exc}).", code="upstream_dropped"
+    )
+
+
+def _completion(response: Any) -> dict[str, Any]:
+    """The JSON object of a read (non-streamed) response."""
+    import httpx
+
+    try:
+        data = response.json()
+    except (ValueError, httpx.HTTPError) as exc:
+        raise UpstreamError(
+            502, "The upstream sent invalid JSON.", code="upstream_invalid"
+        ) from exc
+    if not isinstance(data, dict):
+        raise UpstreamError(502, "The upstream sent invalid JSON.", code="upstream_invalid")
+    return data
+
+
+# -- sync --------------------------------------------------------------------------------
+
+
 class HttpStream:
     """An upstream SSE response, read line by line as it arrives."""
 
@@ -95,14 +174,8 @@ class HttpStream:
 
         try:
             yield from sse.iter_data(self.response.iter_lines())
-        except httpx.TimeoutException as exc:
-            raise UpstreamError(
-                504, "The upstream stopped sending.", code="upstream_timeout"
-            ) from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(
-                502, f"The upstream connection failed mid-stream ({exc}).", code="upstream_dropped"
-            ) from exc
+            raise _dropped(exc) from exc
 
     def close(self) -> None:
         self.response.close()
@@ -116,26 +189,17 @@ class HttpUpstream:
     ) -> None:
         import httpx
 
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(
-            base_url=base_url,
-            headers=headers,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            **_client_options(base_url, api_key, connect_timeout, read_timeout)
         )
 
     def _send(self, body: dict[str, Any], *, stream: bool) -> Any:
         import httpx
 
-        request = self.client.build_request("POST", "chat/completions", json=body)
         try:
-            response = self.client.send(request, stream=stream)
-        except httpx.TimeoutException as exc:
-            raise UpstreamError(504, "The upstream timed out.", code="upstream_timeout") from exc
+            response = self.client.send(_request(self.client, body), stream=stream)
         except httpx.HTTPError as exc:
-            raise UpstreamError(
-                502, f"The upstream is unreachable ({exc}).", code="upstream_unreachable"
-            ) from exc
+            raise _unreachable(exc) from exc
         if response.status_code >= 400:
             try:
                 content = response.read()
@@ -146,43 +210,125 @@ class HttpUpstream:
         return response
 
     def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
-        response = self._send(body, stream=False)
-        try:
-            data = response.json()
-        except (ValueError, httpx.HTTPError) as exc:
-            raise UpstreamError(
-                502, "The upstream sent invalid JSON.", code="upstream_invalid"
-            ) from exc
-        if not isinstance(data, dict):
-            raise UpstreamError(502, "The upstream sent invalid JSON.", code="upstream_invalid")
-        return data
+        return _completion(self._send(body, stream=False))
 
     def stream(self, body: dict[str, Any]) -> HttpStream:
         return HttpStream(self._send(body, stream=True))
 
 
+# -- async -------------------------------------------------------------------------------
+
+
+class AsyncHttpStream:
+    """``HttpStream`` for async code: ``async for`` the payloads, then ``aclose()``."""
+
+    def __init__(self, response: Any) -> None:
+        self.response = response
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        import httpx
+
+        try:
+            async for data in sse.aiter_data(self.response.aiter_lines()):
+                yield data
+        except httpx.HTTPError as exc:
+            raise _dropped(exc) from exc
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+
+class AsyncHttpUpstream:
+    """``HttpUpstream`` on ``httpx.AsyncClient``: no thread waits on the upstream.
+
+    An ``AsyncClient`` belongs to the event loop it first ran on, so there is one per
+    loop (``get_async_upstream``).
+    """
+
+    def __init__(
+        self, base_url: str, api_key: str | None, *, connect_timeout: float, read_timeout: float
+    ) -> None:
+        import httpx
+
+        self.client = httpx.AsyncClient(
+            **_client_options(base_url, api_key, connect_timeout, read_timeout)
+        )
+
+    async def _send(self, body: dict[str, Any], *, stream: bool) -> Any:
+        import httpx
+
+        try:
+            response = await self.client.send(_request(self.client, body), stream=stream)
+        except httpx.HTTPError as exc:
+            raise _unreachable(exc) from exc
+        if response.status_code >= 400:
+            try:
+                content = await response.aread()
+            except httpx.HTTPError:
+                content = b""
+            await response.aclose()
+            raise UpstreamError.from_response(response.status_code, content, response.headers)
+        return response
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _completion(await self._send(body, stream=False))
+
+    async def stream(self, body: dict[str, Any]) -> AsyncHttpStream:
+        return AsyncHttpStream(await self._send(body, stream=True))
+
+
 _clients: dict[tuple[Any, ...], Upstream] = {}
 _lock = threading.Lock()
+#: Per event loop, the async client of each configuration.
+_async_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[Any, ...], AsyncHttpUpstream]
+] = weakref.WeakKeyDictionary()
 
 
-def get_upstream() -> Upstream:
-    """The configured upstream: ``OPENAI_BASE_URL``, else the fake provider."""
+def _client_key() -> tuple[Any, ...] | None:
+    """What a client is built from, or None for the fake provider (no base URL)."""
     base_url = quota_settings.OPENAI_BASE_URL
     if not base_url:
-        from llm_quota.fake_provider import FakeProvider
-
-        return FakeProvider()
-    key = (
+        return None
+    return (
         str(base_url),
         quota_settings.OPENAI_API_KEY,
         float(quota_settings.UPSTREAM_CONNECT_TIMEOUT),
         float(quota_settings.UPSTREAM_READ_TIMEOUT),
     )
+
+
+def get_upstream() -> Upstream:
+    """The configured upstream: ``OPENAI_BASE_URL``, else the fake provider."""
+    key = _client_key()
+    if key is None:
+        from llm_quota.fake_provider import FakeProvider
+
+        return FakeProvider()
     with _lock:
         upstream = _clients.get(key)
         if upstream is None:
             upstream = HttpUpstream(key[0], key[1], connect_timeout=key[2], read_timeout=key[3])
             _clients[key] = upstream
+    return upstream
+
+
+async def get_async_upstream() -> AsyncUpstream:
+    """``get_upstream`` for async code, one client per event loop.
+
+    The first call on a loop builds its client in a thread: importing httpx and
+    loading the CA bundle for TLS would stall the loop for every request in flight.
+    """
+    key = _client_key()
+    if key is None:
+        from llm_quota.fake_provider import AsyncFakeProvider
+
+        return AsyncFakeProvider()
+    per_loop = _async_clients.setdefault(asyncio.get_running_loop(), {})
+    upstream = per_loop.get(key)
+    if upstream is None:
+        built = await sync_to_async(AsyncHttpUpstream, thread_sensitive=False)(
+            key[0], key[1], connect_timeout=key[2], read_timeout=key[3]
+        )
+        upstream = per_loop.setdefault(key, built)  # another request may have won the race
     return upstream

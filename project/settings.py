@@ -124,6 +124,8 @@ MIDDLEWARE += ["llm_quota.middleware.LLMQuotaMiddleware"]
 LLM_QUOTA.update(
     OPENAI_BASE_URL=os.environ.get("OPENAI_BASE_URL") or None,
     OPENAI_API_KEY=os.environ.get("OPENAI_API_KEY") or None,
+    # project/asgi.py turns the async chat view on; LLM_QUOTA_ASYNC_GATEWAY=0 keeps DRF's.
+    ASYNC_GATEWAY=os.environ.get("LLM_QUOTA_ASYNC_GATEWAY", "0") == "1",
 )
 # -- Usage reporting: Celery, the snapshot schedule, the OpenAPI schema -------------
 # Celery's broker defaults to the same Redis as the ledger (contract section 2).

@@ -191,3 +191,29 @@ def cluster_client(redis_cluster):
 def cluster_ledger(cluster_client, quota_prefix, clock):
     """A ledger on the cluster, same prefix and pinned clock as ``ledger``."""
     return Ledger(cluster_client, prefix=quota_prefix, reservation_ttl=600, clock=clock)
+
+
+# -- async code ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sync_io_on_loop(monkeypatch):
+    """Records every sync redis-py command sent from an event loop's thread."""
+    import asyncio
+    import threading
+
+    import redis
+
+    offenders = []
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def watched(self, command, check_health=True):
+        try:
+            asyncio.get_running_loop()
+            offenders.append(threading.current_thread().name)
+        except RuntimeError:
+            pass  # not on a loop: fine
+        return original(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", watched)
+    return offenders

@@ -11,7 +11,9 @@ The model name picks the behaviour, so one server serves every case:
 - ``up-ignores-cap``: ``EXTRA`` more tokens than the ``max_tokens`` it was sent;
 - ``up-drop``: streams ``DROP_AFTER`` chunks, then resets the connection;
 - ``up-trickle``: streams up to ``WORDS`` chunks ``TRICKLE`` seconds apart (for clients
-  that disconnect), recording how many it managed to send.
+  that disconnect), recording how many it managed to send;
+- ``up-hold``: streams one chunk, then waits until the test sets ``hold`` (so that every
+  request of a burst is admitted or refused before any of them is settled).
 
 Every request body is recorded in ``requests``; streams are sent with chunked transfer
 encoding, as OpenAI does, so a dropped connection is an error and not an early end.
@@ -33,6 +35,8 @@ EXTRA = 25
 LATENCY = 0.3
 TRICKLE = 0.05
 DROP_AFTER = 3
+#: The longest ``up-hold`` waits for the test (a failed test must not hang the server).
+HOLD_LIMIT = 60
 
 
 def word(i: int) -> str:
@@ -119,6 +123,8 @@ class Handler(BaseHTTPRequestHandler):
                     return
                 if model in ("up-slow", "up-trickle") and i:
                     time.sleep(TRICKLE if model == "up-trickle" else LATENCY / 10)
+                if model == "up-hold" and i == 1:
+                    self.server.hold.wait(HOLD_LIMIT)
                 delta = {"content": word(i)}
                 self._chunk(json.dumps({**base, "choices": [{"index": 0, "delta": delta,
                                                              "finish_reason": None}]}))  # fmt: skip
@@ -143,12 +149,14 @@ def usage(completion: int) -> dict[str, int]:
 
 class UpstreamServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # a burst of 64 connections must not wait for SYN retries
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.requests: list[dict[str, Any]] = []
         self.authorizations: list[str | None] = []
         self.sent: dict[str, int] = {}
+        self.hold = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 

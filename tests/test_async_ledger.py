@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 import time
 
 import pytest
@@ -64,24 +63,6 @@ class Heartbeat:
 
     def __exit__(self, *exc) -> None:
         self._task.cancel()
-
-
-@pytest.fixture
-def sync_io_on_loop(monkeypatch):
-    """Records every sync redis-py command sent from an event loop's thread."""
-    offenders = []
-    original = redis.connection.AbstractConnection.send_packed_command
-
-    def watched(self, command, check_health=True):
-        try:
-            asyncio.get_running_loop()
-            offenders.append(threading.current_thread().name)
-        except RuntimeError:
-            pass  # not on a loop: fine
-        return original(self, command, check_health)
-
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", watched)
-    return offenders
 
 
 def test_async_twin_shares_redis_prefix_and_clock(ledger, clock):

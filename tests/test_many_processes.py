@@ -32,10 +32,9 @@ COST = 100 + 50 * 4  # every gated call of tests/scale_site: 300 base tokens
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def site_db(tmp_path_factory):
-    """A migrated database file every process of the module shares."""
-    db = tmp_path_factory.mktemp("scale") / "db.sqlite3"
+def migrated_site(directory: Path) -> dict:
+    """The environment of ``tests/scale_site`` processes, on a migrated database file."""
+    db = directory / "db.sqlite3"
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{db}", "REDIS_URL": settings.REDIS_URL,
            "DJANGO_SETTINGS_MODULE": "tests.scale_site.settings"}  # fmt: skip
     subprocess.run(
@@ -43,6 +42,12 @@ def site_db(tmp_path_factory):
         cwd=ROOT, env=env, check=True, timeout=120,
     )  # fmt: skip
     return env
+
+
+@pytest.fixture(scope="module")
+def site_db(tmp_path_factory):
+    """A migrated database file every process of the module shares."""
+    return migrated_site(tmp_path_factory.mktemp("scale"))
 
 
 @pytest.fixture
@@ -112,9 +117,11 @@ def gunicorn(env: dict, workers: int, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def uvicorn(env: dict, workers: int, port: int) -> list[str]:
+def uvicorn(
+    env: dict, workers: int, port: int, app: str = "tests.scale_site.asgi:application"
+) -> list[str]:
     return [
-        sys.executable, "-m", "uvicorn", "tests.scale_site.asgi:application",
+        sys.executable, "-m", "uvicorn", app,
         "--workers", str(workers), "--port", str(port), "--host", "127.0.0.1",
         "--lifespan", "off", "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip

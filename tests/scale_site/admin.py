@@ -2,6 +2,9 @@
 
     seed <tier> key=value...   a tier (limits), gpt-4o's price, a user on it: prints its pk
     edit <tier> key=value...   change a tier through the model, as the admin's save does
+    price <model> <in> <out>   a price row (multipliers)
+    token <pk>                 an access token for that user, as /api/token/ issues it
+    estimate <model> <max_tokens> <messages-json>   the request's estimate in base tokens
 """
 
 from __future__ import annotations
@@ -39,6 +42,24 @@ def main(argv: list[str]) -> None:
         user = get_user_model().objects.create_user(f"user-{name}")
         UserQuota.objects.create(user=user, tier=tier)
         print(user.pk)
+    elif command == "price":
+        inp, out = pairs
+        ModelPrice.objects.create(
+            model=name, input_multiplier=Decimal(inp), output_multiplier=Decimal(out)
+        )
+    elif command == "token":
+        from llm_quota.tokens import ScopedTokenObtainPairSerializer
+
+        user = get_user_model().objects.get(pk=int(name))
+        print(ScopedTokenObtainPairSerializer.get_token(user).access_token)
+    elif command == "estimate":
+        import json
+
+        from llm_quota.gate import estimate_request
+
+        cap, messages = pairs
+        estimate = estimate_request(name, messages=json.loads(messages), max_tokens=int(cap))
+        print(estimate.base_tokens)
     elif command == "edit":
         tier = Tier.objects.get(name=name)
         for field, value in _limits(pairs).items():

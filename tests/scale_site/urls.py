@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import include, path
 
 from tests.scale_site import views
 
@@ -7,4 +7,5 @@ urlpatterns = [
     path("call/<int:pk>/", views.call),
     path("acall/<int:pk>/", views.acall),
     path("heartbeat/", views.beat),
+    path("", include("llm_quota.urls")),  # the gateway, as the demo project mounts it
 ]

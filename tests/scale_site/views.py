@@ -6,7 +6,9 @@ import asyncio
 import os
 import time
 
+from asgiref.sync import iscoroutinefunction
 from django.http import JsonResponse
+from django.urls import resolve
 from django.views.decorators.csrf import csrf_exempt
 
 from llm_quota import quota_guard
@@ -41,22 +43,44 @@ def call(request, pk):
     return JsonResponse({"pid": os.getpid(), "reserved": q.reservation.reserved})
 
 
+def _cpu_wait() -> float:
+    """Seconds this thread has spent ready to run but waiting for a CPU (Linux
+    schedstat), or 0 where the kernel does not say."""
+    try:
+        with open("/proc/thread-self/schedstat") as stats:
+            return int(stats.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class _Heartbeat:
-    """Ticks on this worker's event loop; its largest gap shows any blocking."""
+    """Ticks on this worker's event loop; its largest gap shows any blocking.
+
+    ``max_gap`` is wall-clock time. ``max_stall`` leaves out the time the loop's thread
+    was ready but other processes had the CPUs (a busy shared machine): what remains
+    is this process' own doing, a blocking call, a long callback, or a thread of its
+    own holding the GIL.
+    """
 
     every = 0.002
 
     def __init__(self) -> None:
         self.max_gap = 0.0
+        self.max_stall = 0.0
         self.task = None
 
     async def beat(self) -> None:
-        last = time.perf_counter()
+        last, waited = time.perf_counter(), _cpu_wait()
         while True:
             await asyncio.sleep(self.every)
-            now = time.perf_counter()
-            self.max_gap = max(self.max_gap, now - last - self.every)
-            last = now
+            now, now_waited = time.perf_counter(), _cpu_wait()
+            gap = now - last - self.every
+            self.max_gap = max(self.max_gap, gap)
+            self.max_stall = max(self.max_stall, gap - (now_waited - waited))
+            last, waited = now, now_waited
+
+    def reset(self) -> None:
+        self.max_gap = self.max_stall = 0.0
 
     def ensure(self) -> None:
         if self.task is None:
@@ -79,6 +103,16 @@ async def acall(request, pk):
 
 
 async def beat(request):
+    """This worker's largest loop gap so far; ``?reset=1`` starts counting afresh."""
     heartbeat.ensure()
     await asyncio.sleep(0.01)
-    return JsonResponse({"pid": os.getpid(), "max_gap": heartbeat.max_gap})
+    answer = {
+        "pid": os.getpid(),
+        "max_gap": heartbeat.max_gap,
+        "max_stall": heartbeat.max_stall,
+        # Which chat view the URLs route to: the async one under project/asgi.py.
+        "async_gateway": iscoroutinefunction(resolve("/v1/chat/completions").func),
+    }
+    if request.GET.get("reset"):
+        heartbeat.reset()
+    return JsonResponse(answer)

@@ -1,0 +1,44 @@
+"""DRF authentication outside DRF's views: the middleware and the async gateway.
+
+Both wrap the Django request in DRF's ``Request`` with the authenticators they use,
+then authenticate exactly as an ``APIView`` does, and on failure attach the
+``WWW-Authenticate`` value an ``APIView`` would send with its 401
+(``openai_errors.response_for_exception`` reads it). Authenticators read the
+database (simplejwt loads the token's user), so async code runs ``authenticate`` in
+a thread (``aauthenticate``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from rest_framework.exceptions import AuthenticationFailed, NotAuthenticated
+from rest_framework.request import Request
+
+
+def _authenticate_header(request: Request) -> str | None:
+    for authenticator in request.authenticators:
+        header = authenticator.authenticate_header(request)
+        if header:
+            return header
+    return None
+
+
+def authenticate(request: Request) -> tuple[Any, Any]:
+    """The caller's ``(user, auth)``, or ``NotAuthenticated``/``AuthenticationFailed``."""
+    try:
+        user, auth = request.user, request.auth
+    except AuthenticationFailed as exc:
+        exc.auth_header = _authenticate_header(request)
+        raise
+    if user is None or not user.is_authenticated:
+        exc = NotAuthenticated()
+        exc.auth_header = _authenticate_header(request)
+        raise exc
+    return user, auth
+
+
+async def aauthenticate(request: Request) -> tuple[Any, Any]:
+    """``authenticate`` off the event loop (the ORM may be read)."""
+    return await sync_to_async(authenticate)(request)
