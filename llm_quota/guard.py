@@ -21,6 +21,7 @@ The guard is also the ticket the DRF throttle and the middleware hang on a reque
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
@@ -64,6 +65,8 @@ class QuotaGuard:
         self.decision: Decision | None = None
         self.settlement: Settlement | None = None
         self._finished = False
+        #: The admitted request's rate-limit headers (``throttling.admission_headers``).
+        self.headers: Mapping[str, str] | None = None
 
     @property
     def reservation(self) -> Reservation:

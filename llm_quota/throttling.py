@@ -21,6 +21,8 @@ The rate-limit headers go on the response through the view's ``headers``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from rest_framework.exceptions import NotAuthenticated
@@ -39,10 +41,12 @@ from llm_quota.ratelimit_headers import headers_for
 REQUEST_ATTRIBUTE = "llm_quota"
 
 
-def admission_headers(guard: QuotaGuard) -> dict[str, str]:
+def admission_headers(guard: QuotaGuard) -> Mapping[str, str]:
     """The rate-limit headers of an admitted request (the throttle, the middleware and
-    the async gateway put the same ones on its response)."""
-    return headers_for(guard.decision, max_tokens=guard.max_tokens)
+    the async gateway put the same ones on its response), built once per request."""
+    if guard.headers is None:
+        guard.headers = MappingProxyType(headers_for(guard.decision, max_tokens=guard.max_tokens))
+    return guard.headers
 
 
 class LLMQuotaThrottle(BaseThrottle):
