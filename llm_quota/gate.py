@@ -13,8 +13,10 @@ code: the checks and the reading of the decision are shared, the ledger is the
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+from collections.abc import Coroutine
 from typing import Any, NamedTuple
 
 from asgiref.sync import sync_to_async
@@ -482,8 +484,11 @@ async def _aadmit(
             return _unavailable(admission, ledger)
         try:
             ledger = ledger or await get_async_ledger()
-            decision = await ledger.reserve(
-                pk, policy.limits, admission.estimate, **_reserve_options(admission, probe)
+            decision = await _reserve_to_the_end(
+                ledger,
+                ledger.reserve(
+                    pk, policy.limits, admission.estimate, **_reserve_options(admission, probe)
+                ),
             )
         except REDIS_ERRORS as exc:
             state.failed(exc)
@@ -498,6 +503,40 @@ async def _aadmit(
         raise (
             await _arefuse(user, policy, refusal.limit, refusal.retry_after, refusal.decision)
         ) from None
+
+
+#: Releases of reservations whose requester was cancelled, kept until they finish
+#: (the event loop holds only weak references to tasks).
+_orphan_releases: set[asyncio.Task[Any]] = set()
+
+
+async def _reserve_to_the_end(
+    ledger: AsyncLedger, reserving: Coroutine[Any, Any, Decision]
+) -> Decision:
+    """Await a reserve that a cancellation (a client gone, a timeout) cannot cut short.
+
+    Once the script is sent, Redis may admit the request whether or not anyone waits
+    for the answer; an abandoned answer would hold its tokens and its concurrency slot
+    for a whole ``RESERVATION_TTL``. So the reserve runs on, shielded, and whatever it
+    admitted for a requester who left is released at once.
+    """
+    task = asyncio.ensure_future(reserving)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda done: _release_orphan(ledger, done))
+        raise
+
+
+def _release_orphan(ledger: AsyncLedger, done: asyncio.Future[Decision]) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return
+    reservation = done.result().reservation
+    if reservation is None or reservation.unmetered:
+        return
+    releasing = asyncio.ensure_future(arelease(reservation, ledger=ledger))
+    _orphan_releases.add(releasing)
+    releasing.add_done_callback(_orphan_releases.discard)
 
 
 def settle(reservation: Reservation, usage: Any, *, ledger: Ledger | None = None) -> Settlement:
