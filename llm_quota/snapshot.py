@@ -46,7 +46,7 @@ from django.utils import timezone
 from redis.exceptions import LockError
 
 from llm_quota.redis_ledger import Ledger, ModelUsage, get_ledger, parse_model_fields
-from llm_quota.snapshot_sql import SNAPSHOT_FIELDS, Row, database, upsert_rows
+from llm_quota.snapshot_sql import SNAPSHOT_FIELDS, Row, database, read_stored, upsert_rows
 
 logger = logging.getLogger("llm_quota")
 
@@ -272,12 +272,9 @@ def _copy_batch(
 ) -> None:
     """Read ``uids``' month from Redis and write the rows that differ; ``lost`` collects
     the users skipped because their counters are gone."""
-    from llm_quota.models import UsageSnapshot
-
     run.users += len(uids)
     period = period_of(month)
-    users = get_user_model()
-    pk_field = users._meta.pk
+    pk_field = get_user_model()._meta.pk
     wanted: dict[Any, list[ModelUsage]] = {}
     for uid, (seen, models) in zip(uids, _read_batch(ledger, month, uids), strict=True):
         if not seen:
@@ -292,18 +289,8 @@ def _copy_batch(
         return
     using = database()
     with transaction.atomic(using=using):
-        known = set(
-            users._default_manager.using(using)
-            .filter(pk__in=list(wanted))
-            .values_list("pk", flat=True)
-        )
+        known, stored = read_stored(list(wanted), period, using=using)
         run.unknown += len(wanted) - len(known)
-        stored = {
-            (row[0], row[1]): row[2:]
-            for row in UsageSnapshot.objects.using(using)
-            .filter(period=period, user_id__in=known)
-            .values_list("user_id", "model", *SNAPSHOT_FIELDS)
-        }
         desired: dict[tuple[Any, str], tuple[int, ...]] = {}
         for pk in known:
             for usage in wanted[pk]:
