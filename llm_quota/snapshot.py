@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from itertools import chain
@@ -168,8 +169,9 @@ def snapshot_usage(
             before = run.rows_written
             pending = set(_lost_ids(ledger, month))
             skipped: set[str] = set()
-            for uids in _batches(_walk(ledger, month, plan.since_ms, pending), batch_size):
-                _copy_batch(ledger, month, uids, run, skipped)
+            batches = _batches(_walk(ledger, month, plan.since_ms, pending), batch_size)
+            for uids, users in _read_ahead(ledger, month, batches):
+                _copy_batch(month, uids, users, run, skipped)
                 lock.reacquire()  # still alive: keep others waiting
                 if progress is not None:
                     progress(len(uids))
@@ -255,7 +257,7 @@ def _lost_ids(ledger: Ledger, month: str) -> Iterator[str]:
         yield _text(member)
 
 
-def _read_batch(ledger: Ledger, month: str, uids: list[str]) -> list[tuple[bool, list[Any]]]:
+def _read_batch(ledger: Ledger, month: str, uids: list[str]) -> list[tuple[bool, list[ModelUsage]]]:
     """(seen, per-model rows) for each user, in one pipelined round trip."""
     pipe = ledger.client.pipeline(transaction=False)
     for uid in uids:
@@ -267,16 +269,41 @@ def _read_batch(ledger: Ledger, month: str, uids: list[str]) -> list[tuple[bool,
     ]
 
 
+def _read_ahead(
+    ledger: Ledger, month: str, batches: Iterable[list[str]]
+) -> Iterator[tuple[list[str], list[tuple[bool, list[ModelUsage]]]]]:
+    """Each batch with its Redis reads, the next batch read on a thread meanwhile.
+
+    Reading (a pipeline, then parsing the replies) is client CPU; writing is mostly
+    waiting for the database, which releases the GIL: overlapped, a run takes about
+    the longer of the two instead of their sum. One read in flight at a time, so
+    Redis sees the same pipelines as before; the database is used by this thread only.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-quota-snapshot") as pool:
+        ahead: tuple[list[str], Future[list[tuple[bool, list[ModelUsage]]]]] | None = None
+        for uids in batches:
+            future = pool.submit(_read_batch, ledger, month, uids)
+            if ahead is not None:
+                yield ahead[0], ahead[1].result()
+            ahead = (uids, future)
+        if ahead is not None:
+            yield ahead[0], ahead[1].result()
+
+
 def _copy_batch(
-    ledger: Ledger, month: str, uids: list[str], run: SnapshotRun, lost: set[str]
+    month: str,
+    uids: list[str],
+    users: list[tuple[bool, list[ModelUsage]]],
+    run: SnapshotRun,
+    lost: set[str],
 ) -> None:
-    """Read ``uids``' month from Redis and write the rows that differ; ``lost`` collects
-    the users skipped because their counters are gone."""
+    """Write the rows of ``uids`` (read as ``users``) that differ from the database;
+    ``lost`` collects the users skipped because their counters are gone."""
     run.users += len(uids)
     period = period_of(month)
     pk_field = get_user_model()._meta.pk
     wanted: dict[Any, list[ModelUsage]] = {}
-    for uid, (seen, models) in zip(uids, _read_batch(ledger, month, uids), strict=True):
+    for uid, (seen, models) in zip(uids, users, strict=True):
         if not seen:
             run.lost += 1
             lost.add(uid)
