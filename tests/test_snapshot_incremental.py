@@ -8,16 +8,18 @@ index entries read) and, on a Redis of our own, by INFO commandstats.
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from django.core.management import call_command
 from django.db import connection
 from django.utils import timezone
 
 from llm_quota.accounting import ActualUsage, Estimate, Limits, Price
 from llm_quota.models import UsageSnapshot
-from llm_quota.redis_ledger import Ledger
+from llm_quota.redis_ledger import Ledger, set_default_ledger
 from llm_quota.restore import month_from_snapshots
 from llm_quota.snapshot import (
     FULL_WALK_EVERY_MS,
@@ -322,3 +324,26 @@ def test_the_raw_upsert_takes_its_names_from_the_model_and_its_values_as_paramet
     upsert_rows([(owner.pk, "x'); DROP TABLE auth_user; --", 1, 1, 1, 1)],
                 date(2099, 11, 1), timezone.now(), using=database())  # fmt: skip
     assert UsageSnapshot.objects.get(user=owner).model == "x'); DROP TABLE auth_user; --"
+
+
+@pytest.mark.django_db
+def test_the_command_copies_users_active_since_the_last_run_or_all_with_full(ledger, clock):
+    set_default_ledger(ledger)
+    users = [factories.user() for _ in range(3)]
+    for user in users:
+        spend(ledger, user)
+    clock.advance(LATER)
+    call_command("llm_quota_snapshot", stdout=io.StringIO(), stderr=io.StringIO())
+    clock.advance(LATER)
+    spend(ledger, users[1])
+
+    out, err = io.StringIO(), io.StringIO()
+    call_command("llm_quota_snapshot", stdout=out, stderr=err)
+    assert "(users active since the last run): 1 users read, 1 rows written" in out.getvalue()
+    assert "1/1" in err.getvalue()
+
+    out, err = io.StringIO(), io.StringIO()
+    call_command("llm_quota_snapshot", "--full", stdout=out, stderr=err)
+    assert "(every user): 3 users read, 0 rows written" in out.getvalue()
+    assert "3/3" in err.getvalue()
+    assert table() == live(ledger, users)
