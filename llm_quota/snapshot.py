@@ -124,7 +124,9 @@ def plan_run(ledger: Ledger, now_ms: int, *, full: bool = False) -> RunPlan:
     )
     if full or since is None or last_full is None:  # first run, or Redis lost it
         return RunPlan(months, None, now_ms)
-    if now_ms - int(last_full) >= FULL_WALK_EVERY_MS:
+    if not int(since) <= now_ms < int(last_full) + FULL_WALK_EVERY_MS:
+        # Due for a full walk, or the clock went back past the last run: a watermark
+        # from the future would hide the settles in between.
         return RunPlan(months, None, now_ms)
     return RunPlan(months, int(since) - WATERMARK_OVERLAP_MS, int(last_full))
 

@@ -208,6 +208,21 @@ def test_a_full_walk_comes_back_regularly_and_on_request(ledger, clock):
 
 
 @pytest.mark.django_db
+def test_a_watermark_ahead_of_the_clock_is_not_trusted(ledger, clock):
+    alice = factories.user()
+    spend(ledger, alice)
+    clock.advance(LATER)
+    snapshot_usage(ledger=ledger)
+    clock.advance(-3 * LATER)  # the clock stepped back, far past the overlap
+    spend(ledger, alice)
+
+    run = snapshot_usage(ledger=ledger)
+
+    assert run.full and run.rows_written == 1
+    assert table() == live(ledger, [alice])
+
+
+@pytest.mark.django_db
 def test_the_closed_months_last_copy_holds_a_settle_after_the_rollover(ledger, clock):
     alice, bob = factories.user(), factories.user()
     clock.set(datetime(2099, 10, 31, 23, 50, tzinfo=UTC))
