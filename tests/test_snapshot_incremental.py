@@ -362,3 +362,36 @@ def test_the_command_copies_users_active_since_the_last_run_or_all_with_full(led
     assert "(every user): 3 users read, 0 rows written" in out.getvalue()
     assert "3/3" in err.getvalue()
     assert table() == live(ledger, users)
+
+
+@pytest.mark.django_db
+def test_on_a_cluster_incremental_runs_and_lost_users_work_across_primaries(
+    cluster_client, quota_prefix, clock
+):
+    ledger = Ledger(cluster_client, prefix=quota_prefix, clock=clock, restore=month_from_snapshots)
+    users = [factories.user() for _ in range(9)]
+    for user in users:
+        spend(ledger, user)
+    clock.advance(LATER)
+    assert snapshot_usage(ledger=ledger).users == 9
+    clock.advance(LATER)
+    spend(ledger, users[4])
+    # Redis loses another user's keys (their shard of the index stays); a call settles.
+    lost = users[7]
+    in_flight = ledger.reserve(lost.pk, Limits(), factories.estimate(100, 50))
+    for key in [ledger.keyspace.user_state(lost.pk),
+                ledger.keyspace.model_usage(lost.pk, periods.month_id(clock))]:  # fmt: skip
+        cluster_client.delete(key)
+    ledger.settle(in_flight.reservation, ActualUsage(10, 10))
+    clock.advance(LATER)
+
+    run = snapshot_usage(ledger=ledger)
+    assert not run.full and (run.users, run.lost, run.rows_written) == (2, 1, 1)
+    clock.advance(LATER)
+    ledger.usage(lost.pk)  # restored: the database's figures plus the settle
+    clock.advance(LATER)
+
+    run = snapshot_usage(ledger=ledger)
+
+    assert not run.full and (run.users, run.lost, run.rows_written) == (1, 0, 1)
+    assert table() == live(ledger, users)
