@@ -171,3 +171,13 @@ class KeySpace:
     def snapshot_status(self) -> str:
         """HASH describing the last finished snapshot run, for the admin."""
         return f"{self.index()}:snap:last"
+
+    def snapshot_watermark(self) -> str:
+        """HASH: when the last successful snapshot run (and full walk) started; lost
+        with Redis' data, which is what makes the next run walk everything again."""
+        return f"{self.index()}:snap:mark"
+
+    def snapshot_lost(self, month: str) -> str:
+        """SET of users a snapshot run skipped (counters lost, not yet restored); an
+        incremental run reads them again whatever their last settle time."""
+        return f"{self.index()}:snap:lost:{month}"

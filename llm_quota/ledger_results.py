@@ -151,16 +151,30 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: A per-model hash field's kind -> its position in ``ModelUsage`` after the model
+#: (bytes from a plain client, str from one that decodes responses).
+_FIELD_KINDS: dict[Any, int] = {"req": 0, "in": 1, "out": 2, "base": 3}
+_FIELD_KINDS.update({kind.encode(): slot for kind, slot in list(_FIELD_KINDS.items())})
+
+
 def parse_model_fields(pairs: Iterable[Any]) -> list[ModelUsage]:
-    """``["req|gpt-4o", 3, "in|gpt-4o", 100, ...]`` (or a dict) into rows per model."""
+    """``["req|gpt-4o", 3, "in|gpt-4o", 100, ...]`` (or a dict) into rows per model.
+
+    The snapshot parses one such hash per active user (100k a run), hence the lean
+    loop: fields are split as bytes and only model names decoded, ``int()`` reads
+    bytes directly, and a model's counters fill a plain list.
+    """
     items = pairs.items() if isinstance(pairs, dict) else zip(*[iter(pairs)] * 2, strict=True)
-    per_model: dict[str, dict[str, int]] = {}
-    names = {"req": "requests", "in": "input_tokens", "out": "output_tokens", "base": "base_tokens"}
+    per_model: dict[Any, list[int]] = {}
     for raw_field, raw_value in items:
-        kind, _, model = text(raw_field).partition("|")
-        if kind in names and model:
-            per_model.setdefault(model, {})[names[kind]] = int(text(raw_value))
-    return [ModelUsage(model, **values) for model, values in sorted(per_model.items())]
+        kind, _, model = raw_field.partition(b"|" if isinstance(raw_field, bytes) else "|")
+        slot = _FIELD_KINDS.get(kind)
+        if slot is not None and model:
+            counters = per_model.get(model)
+            if counters is None:
+                counters = per_model[model] = [0, 0, 0, 0]
+            counters[slot] = int(raw_value)
+    return [ModelUsage(text(model), *counters) for model, counters in sorted(per_model.items())]
 
 
 #: Where a user's month comes back from when Redis lost it: ``(base_tokens, rows)``.

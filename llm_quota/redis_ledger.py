@@ -213,16 +213,18 @@ class Ledger:
 
     # -- walking the active users (the snapshot) -----------------------------------------
 
-    def count_active_users(self, month: str) -> int:
-        """How many users the month's index lists (a progress bar's total)."""
+    def count_active_users(self, month: str, *, since_ms: int | None = None) -> int:
+        """How many users the month's index lists, those who settled at or after
+        ``since_ms`` if given (a progress bar's total)."""
+        low = "-inf" if since_ms is None else int(since_ms)
         if not self.cluster:
-            return int(self.client.zcard(self.keyspace.active_users(month)))
+            return int(self.client.zcount(self.keyspace.active_users(month), low, "+inf"))
         total = 0
         shards = self.keyspace.index_shards()
         for start in range(0, len(shards), INDEX_BATCH):
             pipe = self.client.pipeline(transaction=False)
             for base in shards[start : start + INDEX_BATCH]:
-                pipe.zcard(f"{base}:a:{month}")
+                pipe.zcount(f"{base}:a:{month}", low, "+inf")
             total += sum(int(n) for n in pipe.execute())
         return total
 

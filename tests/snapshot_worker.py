@@ -1,0 +1,21 @@
+"""Runs in a spawned process: settles while the parent's snapshot run is going.
+
+Kept free of Django (as ``concurrency_worker.py``), so it shares nothing with the
+parent but the Redis server.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from llm_quota.accounting import ActualUsage, Estimate, Limits, Price
+from llm_quota.redis_ledger import Ledger
+
+
+def settle_each(url: str, prefix: str, now: float, user_ids: list[int]) -> None:
+    """One admitted and settled request per user, at the pinned time ``now``."""
+    ledger = Ledger(redis.Redis.from_url(url), prefix=prefix, clock=lambda: now)
+    price = Price("gpt-4o", 1_000_000, 4_000_000)
+    for uid in user_ids:
+        decision = ledger.reserve(uid, Limits(), Estimate(price, 300, 30))
+        ledger.settle(decision.reservation, ActualUsage(300, 30))
