@@ -608,9 +608,10 @@ async def _asoft_limit_alert(
     except Exception:  # an alert may never fail a request
         logger.exception("soft-limit alert failed for user %s", reservation.user_id)
         return
+    # Thread-sensitive, as Django asks of ORM code: receivers may write to the database,
+    # and a connection opened in an executor thread would never be closed.
     await sync_to_async(
-        lambda: alerts.after_settle(reservation, settlement, ledger.mirrors or get_ledger()),
-        thread_sensitive=False,
+        lambda: alerts.after_settle(reservation, settlement, ledger.mirrors or get_ledger())
     )()
 
 
