@@ -7,7 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from llm_quota.management.progress import progress
-from llm_quota.snapshot import SnapshotBusy, count_active, snapshot_usage
+from llm_quota.snapshot import BATCH_USERS, SnapshotBusy, count_active, snapshot_usage
 
 
 class Command(BaseCommand):
@@ -18,7 +18,9 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("--batch-size", type=int, default=500, help="users per pipeline")
+        parser.add_argument(
+            "--batch-size", type=int, default=BATCH_USERS, help="users per batch (one commit each)"
+        )
         parser.add_argument(
             "--wait", type=float, default=60.0, help="seconds to wait for a running snapshot"
         )
