@@ -116,6 +116,7 @@ def main(argv: list[str]) -> int:
         UNGATED,
         _bodies,
         _seed,
+        in_process_pass,
     )
     from tests.loadtest.harness import _cleanup
 
@@ -142,14 +143,7 @@ def main(argv: list[str]) -> int:
     set_default_ledger(ledger)
 
     def one_pass(path: str) -> float:
-        start = time.perf_counter()
-        for n, body in enumerate(bodies):
-            bearer = f"Bearer {tokens[n % len(tokens)]}"
-            response = client.post(path, body, content_type="application/json",
-                                   HTTP_AUTHORIZATION=bearer)  # fmt: skip
-            if response.status_code != 200:
-                raise RuntimeError(f"{path}: {response.status_code} {response.content[:200]!r}")
-        return (time.perf_counter() - start) / len(bodies)
+        return in_process_pass(client, path, bodies, tokens)
 
     try:
         for path in (GATED, UNGATED):
