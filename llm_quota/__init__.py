@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Lazy, so that importing the package never imports Django models early.
     if name in ("quota_guard", "QuotaGuard"):
-        from llm_quota import guard
+        from llm_quota.quota import guard
 
         return getattr(guard, name)
     raise AttributeError(name)

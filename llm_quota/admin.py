@@ -22,13 +22,15 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from redis.exceptions import LockError, RedisError
 
-from llm_quota import charts, usage_stats
 from llm_quota.conf import quota_settings
 from llm_quota.forms import ModelPriceForm, TierForm
+from llm_quota.ledger.default import get_ledger
+from llm_quota.ledger.replies import UserUsage
 from llm_quota.models import ModelPrice, Tier, UsageSnapshot, UserQuota
-from llm_quota.redis_ledger import UserUsage, get_ledger
-from llm_quota.reports import cost_usd
-from llm_quota.snapshot import last_run, period_of
+from llm_quota.reporting import charts
+from llm_quota.reporting import stats as usage_stats
+from llm_quota.reporting.snapshot import last_run, period_of
+from llm_quota.reporting.usage import cost_usd
 
 # -- tiers and prices ------------------------------------------------------------------
 

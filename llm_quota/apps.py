@@ -8,11 +8,11 @@ class LLMQuotaConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from llm_quota import checks  # noqa: F401  (registers the system checks)
-        from llm_quota.alerts import on_quota_refused
-        from llm_quota.config_broadcast import config_changed, listener
-        from llm_quota.config_cache import config_cache
+        from llm_quota import checks  # noqa: F401  (registers the system checks
+        from llm_quota.ledger.config_broadcast import config_changed, listener
         from llm_quota.models import ModelPrice, Tier, UserQuota
+        from llm_quota.quota.alerts import on_quota_refused
+        from llm_quota.rules.config_cache import config_cache
         from llm_quota.signals import quota_refused
 
         quota_refused.connect(on_quota_refused, dispatch_uid="llmq-budget-alert")

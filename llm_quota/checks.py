@@ -73,7 +73,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             )
         )
     try:
-        from llm_quota.keys import prefix
+        from llm_quota.ledger.keys import prefix
 
         prefix(str(quota_settings.KEY_PREFIX))
     except ValueError:
@@ -179,7 +179,7 @@ def _check_redis() -> list[Any]:
 def _check_cluster_url(url: str) -> list[Any]:
     from urllib.parse import urlsplit
 
-    from llm_quota.connections import CLUSTER_SCHEMES, cluster_nodes
+    from llm_quota.ledger.connections import CLUSTER_SCHEMES, cluster_nodes
 
     try:
         first, _ = cluster_nodes(url)

@@ -91,15 +91,10 @@ quota_settings = QuotaSettings()
 
 
 def _reload(*, setting: str, **kwargs: Any) -> None:
+    """Drop the cached values; each owner of state built from them (the ledger, the
+    connections, the outage state, the config cache) resets its own on the same signal."""
     if setting == "LLM_QUOTA":
         quota_settings.reload()
-        # The ledger and the config cache are built from these settings.
-        from llm_quota import connections, outage, policy, redis_ledger
-
-        connections.reset()
-        outage.reset()
-        redis_ledger.reset_default_ledger()
-        policy.invalidate()
 
 
 setting_changed.connect(_reload)

@@ -15,7 +15,7 @@ from typing import Any
 from django import forms
 from django.utils.translation import gettext_lazy as _
 
-from llm_quota.keys import is_valid_model_name
+from llm_quota.ledger.keys import is_valid_model_name
 from llm_quota.models import ModelPrice, Tier
 
 # What may appear in a model name (keys.py), plus fnmatch's own syntax.

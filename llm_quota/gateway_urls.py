@@ -1,28 +1,13 @@
-"""The OpenAI-compatible endpoints; ``llm_quota.urls`` mounts them under ``v1/``.
+"""Deprecated URLconf path: include ``llm_quota.gateway.urls`` instead."""
 
-``LLM_QUOTA["ASYNC_GATEWAY"]`` picks the chat view when the URLs are loaded: the
-async one (``async_gateway``) for ASGI servers, else the DRF view.
-"""
+import warnings
 
-from typing import Any
+from llm_quota.gateway.urls import urlpatterns
 
-from django.urls import path, re_path
+warnings.warn(
+    "llm_quota.gateway_urls is deprecated; include llm_quota.gateway.urls.",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
-from llm_quota import gateway
-from llm_quota.conf import quota_settings
-
-
-def chat_completions_view() -> Any:
-    if quota_settings.ASYNC_GATEWAY:
-        from llm_quota.async_gateway import AsyncChatCompletionsView
-
-        return AsyncChatCompletionsView.as_view()
-    return gateway.ChatCompletionsView.as_view()
-
-
-urlpatterns = [
-    path("chat/completions", chat_completions_view(), name="llm_quota_chat"),
-    path("models", gateway.ModelsView.as_view(), name="llm_quota_models"),
-    path("models/<path:model>", gateway.ModelView.as_view(), name="llm_quota_model"),
-    re_path(r"^.*$", gateway.not_found),
-]
+__all__ = ["urlpatterns"]

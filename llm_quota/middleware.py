@@ -39,14 +39,14 @@ from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 from rest_framework.settings import api_settings
 
-from llm_quota import authentication
-from llm_quota.chat_request import ChatRequest
 from llm_quota.conf import quota_settings
+from llm_quota.drf import authenticate as authentication
+from llm_quota.drf.errors import response_for_exception
+from llm_quota.drf.permissions import agranted_scopes, granted_scopes
+from llm_quota.drf.throttling import REQUEST_ATTRIBUTE, admission_headers
 from llm_quota.exceptions import InsufficientScope, InvalidRequest
-from llm_quota.guard import QuotaGuard
-from llm_quota.openai_errors import response_for_exception
-from llm_quota.permissions import agranted_scopes, granted_scopes
-from llm_quota.throttling import REQUEST_ATTRIBUTE, admission_headers
+from llm_quota.quota.guard import QuotaGuard
+from llm_quota.shapes.chat import ChatRequest
 
 GATED_ATTRIBUTE = "llm_quota_gated"
 #: Bodies larger than this are not parsed for a ``usage`` (an LLM answer is far smaller).

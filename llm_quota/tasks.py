@@ -18,6 +18,7 @@ from django.db import DatabaseError
 from redis.exceptions import RedisError
 
 from llm_quota.conf import quota_settings
+from llm_quota.quota.alerts import WEBHOOK_TASK
 
 logger = logging.getLogger("llm_quota")
 
@@ -32,8 +33,8 @@ SNAPSHOT_TASK = "llm_quota.snapshot_usage"
 )
 def snapshot_usage() -> dict[str, Any]:
     """Copy Redis usage into ``UsageSnapshot`` (returns what the run did)."""
-    from llm_quota.snapshot import SnapshotBusy
-    from llm_quota.snapshot import snapshot_usage as run_snapshot
+    from llm_quota.reporting.snapshot import SnapshotBusy
+    from llm_quota.reporting.snapshot import snapshot_usage as run_snapshot
 
     try:
         return run_snapshot().as_dict()
@@ -60,7 +61,7 @@ class WebhookRejected(Exception):
 
 
 @shared_task(
-    name="llm_quota.post_alert_webhook",
+    name=WEBHOOK_TASK,
     autoretry_for=(urllib.error.URLError, OSError),
     retry_backoff=True,
     max_retries=5,

@@ -7,7 +7,7 @@ from django.http import JsonResponse, StreamingHttpResponse
 from django.urls import include, path
 from django.views.decorators.csrf import csrf_exempt
 
-from llm_quota.async_gateway import AsyncChatCompletionsView
+from llm_quota.gateway.async_views import AsyncChatCompletionsView
 from llm_quota.middleware import quota_gated
 from tests.pipeline_urls import USAGE
 

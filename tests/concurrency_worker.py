@@ -11,9 +11,9 @@ import threading
 
 import redis
 
-from llm_quota.accounting import ActualUsage, Estimate, Limits, Price
-from llm_quota.connections import cluster_client, is_cluster_url
-from llm_quota.redis_ledger import Ledger
+from llm_quota.ledger.connections import cluster_client, is_cluster_url
+from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.rules.accounting import ActualUsage, Estimate, Limits, Price
 
 
 def connect(url, threads):

@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 import pytest
 from django_redis import get_redis_connection
 
-from llm_quota.config_broadcast import listener
-from llm_quota.config_cache import config_cache
-from llm_quota.redis_ledger import Ledger, set_default_ledger
+from llm_quota.ledger.config_broadcast import listener
+from llm_quota.ledger.default import set_default_ledger
+from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.rules.config_cache import config_cache
 
 
 class Clock:
@@ -180,7 +181,7 @@ def redis_cluster():
 
 @pytest.fixture
 def cluster_client(redis_cluster):
-    from llm_quota.connections import cluster_client
+    from llm_quota.ledger.connections import cluster_client
 
     client = cluster_client(redis_cluster.url)
     yield client

@@ -7,8 +7,8 @@ from itertools import count
 
 from django.contrib.auth import get_user_model
 
-from llm_quota.accounting import Estimate, Price
 from llm_quota.models import ModelPrice, Tier, UserQuota
+from llm_quota.rules.accounting import Estimate, Price
 
 _seq = count(1)
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import openai
 
-from llm_quota.redis_ledger import get_ledger
-from llm_quota.tokens import ScopedTokenObtainPairSerializer
+from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
+from llm_quota.ledger.default import get_ledger
 
 MSGS = [{"role": "user", "content": "Say hello in five words."}]
 

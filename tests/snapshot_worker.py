@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import redis
 
-from llm_quota.accounting import ActualUsage, Estimate, Limits, Price
-from llm_quota.redis_ledger import Ledger
+from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.rules.accounting import ActualUsage, Estimate, Limits, Price
 
 
 def settle_each(url: str, prefix: str, now: float, user_ids: list[int]) -> None:

@@ -12,7 +12,7 @@ from django.urls import reverse
 
 from llm_quota import quota_guard
 from llm_quota.models import ModelPrice, Tier, UsageSnapshot, UserQuota
-from llm_quota.snapshot import snapshot_usage
+from llm_quota.reporting.snapshot import snapshot_usage
 from tests import factories, periods
 
 pytestmark = pytest.mark.django_db

@@ -17,7 +17,7 @@ from django.contrib.auth import get_user_model
 
 from llm_quota import quota_guard
 from llm_quota.models import Tier, UsageSnapshot
-from llm_quota.snapshot import snapshot_usage
+from llm_quota.reporting.snapshot import snapshot_usage
 from tests import factories, periods
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -9,9 +9,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from celery.contrib.testing.worker import start_worker
 
-from llm_quota import alerts, quota_guard
-from llm_quota.alerts import sent
+from llm_quota import quota_guard
 from llm_quota.exceptions import BudgetExceeded
+from llm_quota.quota import alerts
+from llm_quota.quota.alerts import sent
 from llm_quota.signals import budget_exhausted, quota_refused, soft_limit_crossed
 from project.celery import app
 from tests import factories, periods
@@ -191,9 +192,10 @@ def test_the_request_never_waits_for_the_broker_nor_fails_with_it(
 ):
     """Publishing is handed to a background thread: here it blocks until the request
     is over, then fails as an unreachable broker does; the request saw neither."""
+    from celery import current_app
     from kombu.exceptions import OperationalError
 
-    from llm_quota import alerts, tasks
+    from llm_quota.quota import alerts
 
     setup.tokens_per_day = None
     setup.save()
@@ -204,7 +206,7 @@ def test_the_request_never_waits_for_the_broker_nor_fails_with_it(
         assert request_done.wait(timeout=30)
         raise OperationalError("Error 111 connecting to 127.0.0.1:9. Connection refused.")
 
-    monkeypatch.setattr(tasks.post_alert_webhook, "apply_async", unreachable_broker)
+    monkeypatch.setattr(current_app, "send_task", unreachable_broker)
     user = factories.user()
     settlement = use(user, 900, 0)  # crosses 800 while the publish is still blocked
     request_done.set()

@@ -19,7 +19,7 @@ import time
 import httpx
 import pytest
 
-from llm_quota.redis_ledger import Ledger
+from llm_quota.ledger.sync_driver import Ledger
 from tests import fake_upstream
 from tests.fake_upstream import UpstreamServer
 from tests.gateway_support import MSGS

@@ -9,11 +9,13 @@ import time
 import pytest
 import redis
 
-from llm_quota import gate, quota_guard
-from llm_quota.accounting import ActualUsage, Limits
-from llm_quota.async_ledger import AsyncLedger, get_async_ledger
+from llm_quota import quota_guard
 from llm_quota.exceptions import BudgetExceeded, QuotaUnavailable
-from llm_quota.redis_ledger import Ledger, set_default_ledger
+from llm_quota.ledger.async_driver import AsyncLedger
+from llm_quota.ledger.default import get_async_ledger, set_default_ledger
+from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.quota import admission as gate
+from llm_quota.rules.accounting import ActualUsage, Limits
 from tests import factories, periods
 from tests.factories import estimate
 
@@ -191,7 +193,7 @@ def test_async_gate_fails_open_and_closed_like_the_sync_one(settings):
 
 
 def test_long_prompts_are_counted_off_the_loop_short_ones_on_it():
-    from llm_quota.estimation import INLINE_COUNT_CHARS, counts_quickly, load_encoding
+    from llm_quota.rules.estimation import INLINE_COUNT_CHARS, counts_quickly, load_encoding
 
     load_encoding("o200k_base")
     short = [{"role": "user", "content": "hi"}]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from llm_quota.accounting import ActualUsage, Limits
-from llm_quota.breaker import CircuitBreaker
-from llm_quota.fallback import FallbackLimiter, OutageJournal
+from llm_quota.ledger.breaker import CircuitBreaker
+from llm_quota.ledger.fallback import FallbackLimiter, OutageJournal
+from llm_quota.rules.accounting import ActualUsage, Limits
 from tests.factories import estimate
 
 

@@ -9,10 +9,10 @@ import asyncio
 import pytest
 import redis.asyncio
 
-from llm_quota import gate
-from llm_quota.accounting import Limits
-from llm_quota.async_ledger import AsyncLedger
-from llm_quota.policy import UserPolicy
+from llm_quota.ledger.async_driver import AsyncLedger
+from llm_quota.quota import admission as gate
+from llm_quota.rules.accounting import Limits
+from llm_quota.rules.policy import UserPolicy
 from tests.factories import estimate
 
 # Busy for 400 ms of Redis' own time (a stand-in for a slow or loaded server).

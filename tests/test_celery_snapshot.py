@@ -17,9 +17,10 @@ from celery.contrib.testing.worker import start_worker
 from django.conf import settings
 from django.db import connection
 
-from llm_quota.accounting import ActualUsage, Limits
+from llm_quota.ledger.default import set_default_ledger
+from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.models import UsageSnapshot
-from llm_quota.redis_ledger import Ledger, set_default_ledger
+from llm_quota.rules.accounting import ActualUsage, Limits
 from llm_quota.tasks import SNAPSHOT_TASK, snapshot_usage
 from project.celery import app
 from tests import factories

@@ -12,10 +12,10 @@ import multiprocessing
 
 import pytest
 
-from llm_quota import keys
-from llm_quota.accounting import ActualUsage, Limits
-from llm_quota.ledger_ops import ScriptCall
-from llm_quota.redis_ledger import Ledger
+from llm_quota.ledger import keys
+from llm_quota.ledger.ops import ScriptCall
+from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.rules.accounting import ActualUsage, Limits
 from tests import periods, test_ledger
 from tests.concurrency_worker import global_burst
 from tests.factories import estimate
@@ -167,7 +167,7 @@ def test_active_user_index_is_walked_on_every_primary(cluster_ledger):
 
 
 def test_restore_on_the_cluster_lists_the_user_in_its_shard(cluster_client, quota_prefix, clock):
-    from llm_quota.redis_ledger import ModelUsage
+    from llm_quota.ledger.replies import ModelUsage
 
     calls = []
 
@@ -264,9 +264,8 @@ def test_global_cap_across_slots_admits_exactly_under_many_processes(
 def test_cluster_url_setting_builds_a_cluster_ledger_sync_and_async(settings, redis_cluster):
     import asyncio
 
-    from llm_quota.async_ledger import get_async_ledger
     from llm_quota.checks import check_settings
-    from llm_quota.redis_ledger import get_ledger, set_default_ledger
+    from llm_quota.ledger.default import get_async_ledger, get_ledger, set_default_ledger
 
     set_default_ledger(None)
     settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
@@ -299,7 +298,7 @@ def test_malformed_cluster_url_is_a_system_check_error(settings):
 @pytest.mark.django_db
 def test_snapshot_copies_users_from_every_primary(cluster_ledger):
     from llm_quota.models import UsageSnapshot
-    from llm_quota.snapshot import count_active, snapshot_usage
+    from llm_quota.reporting.snapshot import count_active, snapshot_usage
     from tests import factories
 
     users = [factories.user() for _ in range(12)]

@@ -7,7 +7,7 @@ import multiprocessing
 import pytest
 from django.conf import settings
 
-from llm_quota.redis_ledger import Ledger
+from llm_quota.ledger.sync_driver import Ledger
 from tests.concurrency_worker import burst
 
 PROCESSES, THREADS = 8, 16

@@ -15,9 +15,9 @@ import redis.asyncio.sentinel
 import redis.sentinel
 from django.db import transaction
 
-from llm_quota.config_broadcast import ConfigListener, listener
-from llm_quota.config_cache import MISSING, ConfigCache, config_cache
-from llm_quota.keys import KeySpace
+from llm_quota.ledger.config_broadcast import ConfigListener, listener
+from llm_quota.ledger.keys import KeySpace
+from llm_quota.rules.config_cache import MISSING, ConfigCache, config_cache
 from tests import factories
 from tests.local_redis import LocalRedis, binaries
 
@@ -63,9 +63,9 @@ def test_every_listener_drops_its_cache_when_a_tier_is_saved(quota_prefix):
 
 
 def _child_waits_for_announcement(ready, done):
-    from llm_quota.config_broadcast import listener as child_listener
-    from llm_quota.config_cache import MISSING as missing
-    from llm_quota.config_cache import config_cache as cache
+    from llm_quota.ledger.config_broadcast import listener as child_listener
+    from llm_quota.rules.config_cache import MISSING as missing
+    from llm_quota.rules.config_cache import config_cache as cache
 
     cache.get("probe", lambda: "old")  # starts this process' own listener
     done.put(child_listener.subscribed.wait(10))
@@ -120,9 +120,8 @@ def test_listener_drops_the_cache_when_it_resubscribes_after_redis_restarts():
 def test_ledger_runs_through_django_redis_sentinel_sync_and_async(settings, quota_prefix):
     import asyncio
 
-    from llm_quota.accounting import ActualUsage, Limits
-    from llm_quota.async_ledger import get_async_ledger
-    from llm_quota.redis_ledger import get_ledger, set_default_ledger
+    from llm_quota.ledger.default import get_async_ledger, get_ledger, set_default_ledger
+    from llm_quota.rules.accounting import ActualUsage, Limits
     from tests.factories import estimate
 
     primary = LocalRedis().start()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llm_quota import estimation
-from llm_quota.estimation import (
+from llm_quota.rules import estimation
+from llm_quota.rules.estimation import (
     byte_bound,
     count_messages,
     count_text,
@@ -97,8 +97,9 @@ def test_chunked_counting_is_exact_and_stops_early():
 
 @pytest.mark.django_db
 def test_a_prompt_over_the_context_window_is_refused_without_counting_it_all(monkeypatch):
-    from llm_quota import estimation, gate
     from llm_quota.exceptions import InvalidRequest
+    from llm_quota.quota import admission as gate
+    from llm_quota.rules import estimation
     from tests import factories
 
     factories.price("small-ctx", "1", "1", context_window=3000)

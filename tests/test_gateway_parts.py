@@ -6,14 +6,15 @@ import json
 
 import pytest
 
-from llm_quota import quota_guard, sse
-from llm_quota.chat_request import ChatRequest
-from llm_quota.estimation import count_messages, count_output
+from llm_quota import quota_guard
+from llm_quota.drf.headers import go_duration, headers_for
 from llm_quota.exceptions import InvalidRequest
-from llm_quota.fake_provider import FakeProvider
-from llm_quota.ratelimit_headers import go_duration, headers_for
-from llm_quota.redis_ledger import Decision
-from llm_quota.stream_relay import Relay
+from llm_quota.gateway import sse
+from llm_quota.gateway.relay import Relay
+from llm_quota.ledger.replies import Decision
+from llm_quota.rules.estimation import count_messages, count_output
+from llm_quota.shapes.chat import ChatRequest
+from llm_quota.testing.fake_provider import FakeProvider
 from tests import factories
 
 MSGS = [{"role": "user", "content": "Tell me a long story about quotas."}]

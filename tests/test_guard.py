@@ -155,7 +155,8 @@ def test_fail_open_admits_unmetered_and_fail_closed_refuses(setup, settings, red
     import redis
 
     from llm_quota.exceptions import QuotaUnavailable
-    from llm_quota.redis_ledger import Ledger, set_default_ledger
+    from llm_quota.ledger.default import set_default_ledger
+    from llm_quota.ledger.sync_driver import Ledger
 
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     set_default_ledger(Ledger(dead, prefix="dead"))

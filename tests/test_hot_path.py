@@ -9,8 +9,9 @@ import json
 import pytest
 from django.test import Client
 
-from llm_quota.redis_ledger import Ledger, set_default_ledger
-from llm_quota.tokens import ScopedTokenObtainPairSerializer
+from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
+from llm_quota.ledger.default import set_default_ledger
+from llm_quota.ledger.sync_driver import Ledger
 from tests import factories
 
 pytestmark = pytest.mark.django_db
@@ -90,7 +91,7 @@ def test_a_warm_gateway_request_reads_no_quota_row_from_the_database(stream):
 
 
 def test_the_guard_reads_nothing_from_the_database_once_warm(django_assert_num_queries):
-    from llm_quota.guard import quota_guard
+    from llm_quota.quota.guard import quota_guard
 
     user, _token = _gateway_user()
     messages = [{"role": "user", "content": "hello there"}]

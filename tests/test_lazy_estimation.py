@@ -14,10 +14,11 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import connections
 
-from llm_quota import gate, quota_guard
-from llm_quota.accounting import ActualUsage, Limits
-from llm_quota.estimation import count_messages, prompt_bounds
+from llm_quota import quota_guard
 from llm_quota.exceptions import BudgetExceeded
+from llm_quota.quota import admission as gate
+from llm_quota.rules.accounting import ActualUsage, Limits
+from llm_quota.rules.estimation import count_messages, prompt_bounds
 from tests import factories
 from tests.factories import estimate
 

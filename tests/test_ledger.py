@@ -7,9 +7,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from llm_quota.accounting import ActualUsage, Limits
-from llm_quota.keys import InvalidKeyPart
-from llm_quota.redis_ledger import Ledger
+from llm_quota.ledger.keys import InvalidKeyPart
+from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.rules.accounting import ActualUsage, Limits
 from tests import periods
 from tests.factories import estimate
 

@@ -4,7 +4,7 @@ is due. These tests pin the moments where lazy could turn into wrong."""
 
 from __future__ import annotations
 
-from llm_quota.accounting import ActualUsage, Limits
+from llm_quota.rules.accounting import ActualUsage, Limits
 from tests.factories import estimate
 
 TTL = 600  # the ``ledger`` fixture's reservation TTL

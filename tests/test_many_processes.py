@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from llm_quota.redis_ledger import Ledger
+from llm_quota.ledger.sync_driver import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 COST = 100 + 50 * 4  # every gated call of tests/scale_site: 300 base tokens

@@ -24,11 +24,13 @@ from decimal import Decimal
 import pytest
 from django.test import Client
 
-from llm_quota import gate, outage
-from llm_quota.accounting import ActualUsage, Limits
 from llm_quota.exceptions import RateLimited
-from llm_quota.policy import policy_for
-from llm_quota.redis_ledger import Ledger, set_default_ledger
+from llm_quota.ledger import resilience as outage
+from llm_quota.ledger.default import set_default_ledger
+from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.quota import admission as gate
+from llm_quota.rules.accounting import ActualUsage, Limits
+from llm_quota.rules.policy import policy_for
 from tests import factories
 from tests.conftest import PrivateRedis
 from tests.gateway_support import MSGS, access_token

@@ -9,8 +9,8 @@ from rest_framework.views import APIView
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.tokens import AccessToken
 
+from llm_quota.drf.permissions import HasScope
 from llm_quota.models import UserQuota
-from llm_quota.permissions import HasScope
 from tests import factories
 
 pytestmark = pytest.mark.django_db

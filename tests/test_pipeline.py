@@ -7,7 +7,7 @@ import json
 import pytest
 from django.test import Client
 
-from llm_quota.estimation import count_messages, count_output
+from llm_quota.rules.estimation import count_messages, count_output
 from tests import factories
 from tests.gateway_support import MSGS, access_token
 

@@ -11,9 +11,9 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from llm_quota import price_table
+from llm_quota.ledger.default import get_ledger
+from llm_quota.management import price_table
 from llm_quota.models import ModelPrice, UserQuota
-from llm_quota.redis_ledger import get_ledger
 
 BASE = Decimal("2.50")
 

@@ -6,9 +6,9 @@ from decimal import Decimal
 
 import pytest
 
-from llm_quota.accounting import ActualUsage, Price, to_micro
 from llm_quota.exceptions import ModelNotAllowed, UnknownModel
-from llm_quota.pricing import price_for
+from llm_quota.rules.accounting import ActualUsage, Price, to_micro
+from llm_quota.rules.pricing import price_for
 from tests import factories
 
 
@@ -76,7 +76,7 @@ def test_disabled_model_is_not_allowed():
 def test_a_pattern_is_matched_once_per_name_until_a_price_changes(monkeypatch):
     import fnmatch
 
-    from llm_quota import pricing
+    from llm_quota.rules import pricing
 
     factories.price("gpt-4o*", "2", "8")
     factories.price("gpt-4o-mini*", "0.06", "0.24")
@@ -97,7 +97,7 @@ def test_a_pattern_is_matched_once_per_name_until_a_price_changes(monkeypatch):
 
 @pytest.mark.django_db
 def test_the_resolved_names_memo_is_bounded(monkeypatch):
-    from llm_quota import pricing
+    from llm_quota.rules import pricing
 
     monkeypatch.setattr(pricing, "MAX_RESOLVED", 8)
     factories.price("m-*", "1", "1")

@@ -10,10 +10,10 @@ from decimal import Decimal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm_quota.accounting import MICRO, ActualUsage, Price, to_micro
-from llm_quota.chat_request import ChatRequest
-from llm_quota.estimation import count_messages, prompt_bounds
 from llm_quota.exceptions import InvalidRequest
+from llm_quota.rules.accounting import MICRO, ActualUsage, Price, to_micro
+from llm_quota.rules.estimation import count_messages, prompt_bounds
+from llm_quota.shapes.chat import ChatRequest
 
 #: Every model family the gateway meets: both tiktoken encodings and the fallback.
 MODELS = ["gpt-4o", "gpt-4", "gpt-3.5-turbo", "claude-sonnet-4-5", "some-new-model"]

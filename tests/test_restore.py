@@ -12,12 +12,14 @@ from datetime import UTC, date, datetime
 import pytest
 
 from llm_quota import quota_guard
-from llm_quota.accounting import ActualUsage, Limits
 from llm_quota.exceptions import BudgetExceeded
+from llm_quota.ledger.default import set_default_ledger
+from llm_quota.ledger.replies import ModelUsage
+from llm_quota.ledger.restore import month_from_snapshots
+from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.models import UsageSnapshot
-from llm_quota.redis_ledger import Ledger, ModelUsage, set_default_ledger
-from llm_quota.restore import month_from_snapshots
-from llm_quota.snapshot import snapshot_usage
+from llm_quota.reporting.snapshot import snapshot_usage
+from llm_quota.rules.accounting import ActualUsage, Limits
 from tests import factories, periods
 
 pytestmark = pytest.mark.django_db

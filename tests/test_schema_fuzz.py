@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from llm_quota.redis_ledger import get_ledger
-from llm_quota.tokens import ScopedTokenObtainPairSerializer
+from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
+from llm_quota.ledger.default import get_ledger
 from tests import factories
 
 

@@ -13,9 +13,10 @@ import pytest
 from django.test import Client
 from rest_framework_simplejwt.tokens import AccessToken
 
+from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
+from llm_quota.ledger.default import set_default_ledger
+from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.models import UserQuota
-from llm_quota.redis_ledger import Ledger, set_default_ledger
-from llm_quota.tokens import ScopedTokenObtainPairSerializer
 from tests import factories
 
 pytestmark = pytest.mark.django_db
@@ -132,7 +133,7 @@ def test_admin_edits_need_admin_rights(setup):
 def test_token_endpoint_is_rate_limited_per_address(setup, settings, private_ledger):
     settings.LLM_QUOTA = {**settings.LLM_QUOTA, "TOKEN_REQUESTS_PER_MINUTE": 3}
     set_default_ledger(private_ledger)
-    from llm_quota.throttling import TokenEndpointThrottle
+    from llm_quota.drf.throttling import TokenEndpointThrottle
 
     TokenEndpointThrottle._ledgers.clear()
     user = factories.user(setup)

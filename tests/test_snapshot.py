@@ -10,10 +10,11 @@ import pytest
 from django.core.management import call_command
 from django.db import connections
 
-from llm_quota.accounting import ActualUsage, Estimate, Limits, Price
+from llm_quota.ledger.default import set_default_ledger
+from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.models import UsageSnapshot
-from llm_quota.redis_ledger import Ledger, set_default_ledger
-from llm_quota.snapshot import SnapshotBusy, last_run, snapshot_usage
+from llm_quota.reporting.snapshot import SnapshotBusy, last_run, snapshot_usage
+from llm_quota.rules.accounting import ActualUsage, Estimate, Limits, Price
 from tests import factories, periods
 
 

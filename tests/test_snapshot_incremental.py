@@ -17,17 +17,18 @@ from django.core.management import call_command
 from django.db import connection
 from django.utils import timezone
 
-from llm_quota.accounting import ActualUsage, Estimate, Limits, Price
+from llm_quota.ledger.default import set_default_ledger
+from llm_quota.ledger.restore import month_from_snapshots
+from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.models import UsageSnapshot
-from llm_quota.redis_ledger import Ledger, set_default_ledger
-from llm_quota.restore import month_from_snapshots
-from llm_quota.snapshot import (
+from llm_quota.reporting.snapshot import (
     FULL_WALK_EVERY_MS,
     WATERMARK_OVERLAP_MS,
     count_active,
     snapshot_usage,
 )
-from llm_quota.snapshot_sql import database, upsert_rows
+from llm_quota.reporting.snapshot_sql import database, upsert_rows
+from llm_quota.rules.accounting import ActualUsage, Estimate, Limits, Price
 from tests import factories, periods
 from tests.snapshot_worker import settle_each
 
@@ -277,7 +278,7 @@ def test_a_user_skipped_as_lost_is_copied_once_restored_without_a_new_settle(
 
 @pytest.mark.django_db
 def test_progress_is_logged_during_a_run(ledger, monkeypatch, caplog):
-    monkeypatch.setattr("llm_quota.snapshot.PROGRESS_EVERY", 0)
+    monkeypatch.setattr("llm_quota.reporting.snapshot.PROGRESS_EVERY", 0)
     for _ in range(3):
         spend(ledger, factories.user())
     with caplog.at_level("INFO", logger="llm_quota"):
@@ -328,7 +329,7 @@ def test_the_raw_upsert_inserts_changes_and_leaves_equal_rows_untouched():
 
 @pytest.mark.django_db
 def test_the_raw_upsert_takes_its_names_from_the_model_and_its_values_as_parameters():
-    from llm_quota.snapshot_sql import upsert_statement
+    from llm_quota.reporting.snapshot_sql import upsert_statement
 
     sql = upsert_statement(connection)
     quote = connection.ops.quote_name

@@ -9,8 +9,9 @@ from redis.retry import Retry
 from rest_framework.test import APIClient
 
 from llm_quota import quota_guard
-from llm_quota.redis_ledger import Ledger, set_default_ledger
-from llm_quota.snapshot import snapshot_usage
+from llm_quota.ledger.default import set_default_ledger
+from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.reporting.snapshot import snapshot_usage
 from tests import factories, periods
 
 pytestmark = pytest.mark.django_db

@@ -24,8 +24,8 @@ def _worker(kind: str, key: str, start, results) -> None:
     from django_redis import get_redis_connection
     from rest_framework.throttling import UserRateThrottle
 
-    from llm_quota.accounting import Estimate, Limits, Price
-    from llm_quota.redis_ledger import Ledger
+    from llm_quota.ledger.sync_driver import Ledger
+    from llm_quota.rules.accounting import Estimate, Limits, Price
 
     admitted = []
     barrier = threading.Barrier(THREADS)

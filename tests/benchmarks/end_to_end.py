@@ -66,8 +66,8 @@ def _seed() -> list[str]:
     """Users on a tier no request reaches, and one access token each."""
     from django.contrib.auth import get_user_model
 
+    from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
     from llm_quota.models import ModelPrice, Tier, UserQuota
-    from llm_quota.tokens import ScopedTokenObtainPairSerializer
 
     run = uuid.uuid4().hex[:6]
     level = Tier.objects.create(name=f"bench-e2e-{run}", allowed_models="", **TIER)
@@ -264,7 +264,8 @@ def in_process(tokens: list[str], bodies: list[dict]) -> dict[str, list[float]]:
     from django.test import Client, override_settings
     from django_redis import get_redis_connection
 
-    from llm_quota.redis_ledger import Ledger, get_ledger, set_default_ledger
+    from llm_quota.ledger.default import get_ledger, set_default_ledger
+    from llm_quota.ledger.sync_driver import Ledger
 
     client, previous = Client(), get_ledger()
     ledger = Ledger(get_redis_connection("default"), prefix=f"bench{uuid.uuid4().hex[:8]}",
@@ -291,7 +292,7 @@ def in_process(tokens: list[str], bodies: list[dict]) -> dict[str, list[float]]:
 def fake_provider_call(bodies: list[dict]) -> float:
     """Seconds one call to the built-in fake provider takes (median of passes): the
     upstream both paths wait for, so the denominator of the ratios above."""
-    from llm_quota.fake_provider import FakeProvider
+    from llm_quota.testing.fake_provider import FakeProvider
 
     provider = FakeProvider()
     capped = [{**body, "max_tokens": 64} for body in bodies]

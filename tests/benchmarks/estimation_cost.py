@@ -10,10 +10,10 @@ import uuid
 
 from django_redis import get_redis_connection
 
-from llm_quota import gate
-from llm_quota.accounting import Limits, Price
-from llm_quota.estimation import count_messages, load_encoding, prompt_bounds
-from llm_quota.redis_ledger import Ledger
+from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.quota import admission as gate
+from llm_quota.rules.accounting import Limits, Price
+from llm_quota.rules.estimation import count_messages, load_encoding, prompt_bounds
 from tests.benchmarks.measure import median_of
 
 PARAGRAPH = (

@@ -17,8 +17,8 @@ from django.core.cache import cache
 from django_redis import get_redis_connection
 from rest_framework.throttling import UserRateThrottle
 
-from llm_quota.accounting import ActualUsage, Estimate, Limits, Price
-from llm_quota.redis_ledger import Ledger
+from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.rules.accounting import ActualUsage, Estimate, Limits, Price
 from tests.benchmarks.measure import Table, per_call, us, verdict
 
 CALLS = 300

@@ -6,8 +6,9 @@ import uuid
 
 from django_redis import get_redis_connection
 
-from llm_quota.accounting import ActualUsage, Estimate, Limits, Price
-from llm_quota.redis_ledger import Ledger, current_month
+from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.rules.accounting import ActualUsage, Estimate, Limits, Price
+from llm_quota.rules.periods import current_month
 
 
 class Clock:

@@ -28,26 +28,26 @@ from typing import Any
 PARTS = (
     ("JWT authentication (both paths)",
      "rest_framework_simplejwt.authentication:JWTAuthentication.authenticate"),
-    ("permission HasScope", "llm_quota.permissions:HasScope.has_permission"),
-    ("throttle allow_request (gate in)", "llm_quota.throttling:LLMQuotaThrottle.allow_request"),
-    ("  ChatRequest.from_body (all calls)", "llm_quota.chat_request:ChatRequest.from_body"),
-    ("  granted_scopes", "llm_quota.throttling:granted_scopes"),
-    ("  QuotaGuard.admit", "llm_quota.guard:QuotaGuard.admit"),
-    ("    estimate_request", "llm_quota.gate:estimate_request"),
-    ("      price_for", "llm_quota.gate:price_for"),
-    ("      prompt_bounds", "llm_quota.gate:prompt_bounds"),
-    ("      count_messages", "llm_quota.gate:count_messages"),
-    ("    gate.admit", "llm_quota.gate:admit"),
-    ("      policy_for", "llm_quota.gate:policy_for"),
-    ("      Ledger.reserve", "llm_quota.redis_ledger:Ledger.reserve"),
-    ("  headers_for", "llm_quota.throttling:headers_for"),
-    ("view post", "llm_quota.gateway:ChatCompletionsView.post"),
-    ("  upstream_body", "llm_quota.chat_request:ChatRequest.upstream_body"),
-    ("  fake provider complete", "llm_quota.fake_provider:FakeProvider.complete"),
-    ("  HTTP upstream complete", "llm_quota.upstream:HttpUpstream.complete"),
-    ("  QuotaGuard.settle", "llm_quota.guard:QuotaGuard.settle"),
-    ("    Ledger.settle", "llm_quota.redis_ledger:Ledger.settle"),
-    ("    alerts.after_settle", "llm_quota.alerts:after_settle"),
+    ("permission HasScope", "llm_quota.drf.permissions:HasScope.has_permission"),
+    ("throttle allow_request (gate in)", "llm_quota.drf.throttling:LLMQuotaThrottle.allow_request"),
+    ("  ChatRequest.from_body (all calls)", "llm_quota.shapes.chat:ChatRequest.from_body"),
+    ("  granted_scopes", "llm_quota.drf.throttling:granted_scopes"),
+    ("  QuotaGuard.admit", "llm_quota.quota.guard:QuotaGuard.admit"),
+    ("    estimate_request", "llm_quota.quota.admission:estimate_request"),
+    ("      price_for", "llm_quota.quota.admission:price_for"),
+    ("      prompt_bounds", "llm_quota.quota.admission:prompt_bounds"),
+    ("      count_messages", "llm_quota.quota.admission:count_messages"),
+    ("    gate.admit", "llm_quota.quota.admission:admit"),
+    ("      policy_for", "llm_quota.quota.admission:policy_for"),
+    ("      Ledger.reserve", "llm_quota.ledger.sync_driver:Ledger.reserve"),
+    ("  headers_for", "llm_quota.drf.throttling:headers_for"),
+    ("view post", "llm_quota.gateway.views:ChatCompletionsView.post"),
+    ("  upstream_body", "llm_quota.shapes.chat:ChatRequest.upstream_body"),
+    ("  fake provider complete", "llm_quota.testing.fake_provider:FakeProvider.complete"),
+    ("  HTTP upstream complete", "llm_quota.gateway.upstream:HttpUpstream.complete"),
+    ("  QuotaGuard.settle", "llm_quota.quota.guard:QuotaGuard.settle"),
+    ("    Ledger.settle", "llm_quota.ledger.sync_driver:Ledger.settle"),
+    ("    alerts.after_settle", "llm_quota.quota.alerts:after_settle"),
     ("middleware process_response",
      "llm_quota.middleware:LLMQuotaMiddleware.process_response"),
 )  # fmt: skip
@@ -107,7 +107,8 @@ def main(argv: list[str]) -> int:
     from django.test import Client, override_settings
     from django_redis import get_redis_connection
 
-    from llm_quota.redis_ledger import Ledger, get_ledger, set_default_ledger
+    from llm_quota.ledger.default import get_ledger, set_default_ledger
+    from llm_quota.ledger.sync_driver import Ledger
     from tests.benchmarks.end_to_end import (
         GATED,
         MODEL,

@@ -14,9 +14,9 @@ import uuid
 
 from django_redis import get_redis_connection
 
-from llm_quota.accounting import Limits
-from llm_quota.async_ledger import AsyncLedger
-from llm_quota.redis_ledger import Ledger
+from llm_quota.ledger.async_driver import AsyncLedger
+from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.rules.accounting import Limits
 from tests.benchmarks.gate_cost import ESTIMATE, USAGE, _drop, five_limits
 from tests.benchmarks.measure import Table, per_call, ratio, us
 
@@ -103,7 +103,7 @@ def run(table: Table) -> None:
 
 
 def _cluster(table: Table, limits: Limits) -> None:
-    from llm_quota.connections import cluster_client
+    from llm_quota.ledger.connections import cluster_client
     from tests.local_redis import LocalCluster, binaries
 
     if binaries() is None:

@@ -1,4 +1,4 @@
-"""Section 7: how long ``llm_quota.snapshot`` takes for 10k and 100k active users, and the
+"""Section 7: how long ``llm_quota.reporting.snapshot`` takes for 10k and 100k active users, and the
 longest single Redis command it issues.
 
 It runs on a private redis-server on a spare port (``tests.local_redis``), because
@@ -24,10 +24,10 @@ import redis
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
-from llm_quota.accounting import ActualUsage, Estimate, Limits, Price
+from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.models import UsageSnapshot
-from llm_quota.redis_ledger import Ledger
-from llm_quota.snapshot import snapshot_usage
+from llm_quota.reporting.snapshot import snapshot_usage
+from llm_quota.rules.accounting import ActualUsage, Estimate, Limits, Price
 from tests.benchmarks.measure import Table, verdict
 
 SIZES = (10_000, 100_000)

@@ -17,8 +17,8 @@ def _worker(key: str, user: int, start, results) -> None:
     django.setup()
     from django_redis import get_redis_connection
 
-    from llm_quota.accounting import ActualUsage, Estimate, Limits, Price
-    from llm_quota.redis_ledger import Ledger
+    from llm_quota.ledger.sync_driver import Ledger
+    from llm_quota.rules.accounting import ActualUsage, Estimate, Limits, Price
 
     ledger = Ledger(get_redis_connection("default"), prefix=key)
     limits = Limits(

@@ -15,9 +15,9 @@ from django.http import HttpResponseBase, JsonResponse
 from django.urls import path
 from rest_framework.permissions import IsAuthenticated
 
-from llm_quota.chat_request import ChatRequest
-from llm_quota.gateway import OpenAIView
-from llm_quota.upstream import get_upstream
+from llm_quota.gateway.upstream import get_upstream
+from llm_quota.gateway.views import OpenAIView
+from llm_quota.shapes.chat import ChatRequest
 from project.urls import urlpatterns as project_urlpatterns
 
 #: The cap sent when the caller set none (the gated path sends the reserved one).

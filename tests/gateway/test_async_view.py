@@ -16,14 +16,15 @@ from asgiref.testing import ApplicationCommunicator
 from django.core.handlers.asgi import ASGIHandler
 from django.test import AsyncClient, Client, RequestFactory, override_settings
 
-from llm_quota import gate
-from llm_quota.async_gateway import AsyncChatCompletionsView
-from llm_quota.estimation import count_output
-from llm_quota.gateway_urls import chat_completions_view
-from llm_quota.guard import QuotaGuard
+from llm_quota.gateway.async_views import AsyncChatCompletionsView
+from llm_quota.gateway.relay import AsyncRelay
+from llm_quota.gateway.urls import chat_completions_view
+from llm_quota.ledger.default import set_default_ledger
+from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.middleware import LLMQuotaMiddleware
-from llm_quota.redis_ledger import Ledger, set_default_ledger
-from llm_quota.stream_relay import AsyncRelay
+from llm_quota.quota import admission as gate
+from llm_quota.quota.guard import QuotaGuard
+from llm_quota.rules.estimation import count_output
 from tests import factories, fake_upstream
 from tests.fake_upstream import WORDS
 from tests.gateway_support import MSGS, access_token

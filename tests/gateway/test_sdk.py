@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from llm_quota import quota_guard
-from llm_quota.estimation import count_messages
+from llm_quota.rules.estimation import count_messages
 from llm_quota.signals import quota_refused
 from tests import factories
 from tests.gateway_support import MSGS, access_token
@@ -268,7 +268,8 @@ def test_redis_down_is_503_with_fail_open_off_and_unmetered_with_it_on(gateway, 
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    from llm_quota.redis_ledger import Ledger, set_default_ledger
+    from llm_quota.ledger.default import set_default_ledger
+    from llm_quota.ledger.sync_driver import Ledger
 
     factories.tier("free", is_default=True)
     user = factories.user()

@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from llm_quota.estimation import count_messages, count_output
-from llm_quota.pricing import price_for
+from llm_quota.rules.estimation import count_messages, count_output
+from llm_quota.rules.pricing import price_for
 from tests import factories, fake_upstream
 from tests.fake_upstream import PROMPT, WORDS
 from tests.gateway_support import MSGS, access_token

@@ -85,7 +85,7 @@ def stack(*, users: int, latency: float, workers: int = 4, threads: int = 16, ti
     )  # fmt: skip
     try:
         wait_for_port(port)
-        from llm_quota.redis_ledger import get_ledger
+        from llm_quota.ledger.default import get_ledger
 
         yield f"http://127.0.0.1:{port}", accounts, get_ledger(), price
     finally:
@@ -101,9 +101,9 @@ def stack(*, users: int, latency: float, workers: int = 4, threads: int = 16, ti
 def _seed(users: int, tier: dict):
     from django.contrib.auth import get_user_model
 
+    from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
     from llm_quota.models import ModelPrice, Tier, UserQuota
-    from llm_quota.pricing import price_for
-    from llm_quota.tokens import ScopedTokenObtainPairSerializer
+    from llm_quota.rules.pricing import price_for
 
     run = uuid.uuid4().hex[:6]
     level = Tier.objects.create(name=f"load-{run}", allowed_models="", **tier)

@@ -48,14 +48,14 @@ def main(argv: list[str]) -> None:
             model=name, input_multiplier=Decimal(inp), output_multiplier=Decimal(out)
         )
     elif command == "token":
-        from llm_quota.tokens import ScopedTokenObtainPairSerializer
+        from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
 
         user = get_user_model().objects.get(pk=int(name))
         print(ScopedTokenObtainPairSerializer.get_token(user).access_token)
     elif command == "estimate":
         import json
 
-        from llm_quota.gate import estimate_request
+        from llm_quota.quota.admission import estimate_request
 
         cap, messages = pairs
         estimate = estimate_request(name, messages=json.loads(messages), max_tokens=int(cap))

@@ -41,8 +41,8 @@ app = make_app(
 def gated_call(pk: int) -> None:
     """One gated call; its outcome is counted in Redis for the test to read."""
     from llm_quota import quota_guard
-    from llm_quota.connections import ledger_client
     from llm_quota.exceptions import QuotaExceeded
+    from llm_quota.ledger.connections import ledger_client
     from tests.scale_site.views import OUTPUT, PROMPT
 
     outcome = "admitted"

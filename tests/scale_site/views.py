@@ -12,9 +12,9 @@ from django.urls import resolve
 from django.views.decorators.csrf import csrf_exempt
 
 from llm_quota import quota_guard
-from llm_quota.config_cache import config_cache
 from llm_quota.exceptions import QuotaExceeded
-from llm_quota.policy import policy_for
+from llm_quota.rules.config_cache import config_cache
+from llm_quota.rules.policy import policy_for
 
 #: Every gated call: a 100-token prompt, 50 output tokens at 4 base tokens each = 300.
 PROMPT, OUTPUT = 100, 50

@@ -1,7 +1,7 @@
 """``manage.py llm_quota_load_prices FILE``: create or update model prices from JSON.
 
 The derivation (USD per million tokens → base tokens per token) and the file format
-are in ``llm_quota.price_table``. ``--bundled`` loads the list shipped with the app.
+are in ``llm_quota.management.price_table``. ``--bundled`` loads the list shipped with the app.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from llm_quota import price_table
 from llm_quota.conf import quota_settings
+from llm_quota.management import price_table
 from llm_quota.management.progress import progress
 
 

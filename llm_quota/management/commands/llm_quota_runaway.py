@@ -24,11 +24,11 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from llm_quota.conf import quota_settings
+from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
+from llm_quota.ledger.default import get_ledger
 from llm_quota.management.progress import progress
 from llm_quota.models import Tier, UserQuota
-from llm_quota.pricing import price_for
-from llm_quota.redis_ledger import get_ledger
-from llm_quota.tokens import ScopedTokenObtainPairSerializer
+from llm_quota.rules.pricing import price_for
 
 PROMPT = [
     {"role": "system", "content": "You summarise support tickets in one paragraph."},

@@ -7,7 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from llm_quota.management.progress import progress
-from llm_quota.snapshot import BATCH_USERS, SnapshotBusy, count_active, snapshot_usage
+from llm_quota.reporting.snapshot import BATCH_USERS, SnapshotBusy, count_active, snapshot_usage
 
 
 class Command(BaseCommand):

@@ -1,0 +1,1 @@
+"""Optional parts a host project may mount."""

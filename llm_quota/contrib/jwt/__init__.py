@@ -1,0 +1,1 @@
+"""simplejwt token views whose access tokens carry the tier's scopes."""

@@ -1,0 +1,1 @@
+"""DRF adapters: throttle, scope permission, authentication, errors and headers."""

@@ -1,0 +1,74 @@
+"""``HasScope``: a DRF permission for the JWT ``scope`` claim (contract sections 6-7).
+
+A view lists ``required_scopes``. A JWT caller has the scopes in its token's claim,
+*intersected* with its tier's scopes now, so blocking a user or moving them to a
+smaller tier takes effect before their token expires. A caller authenticated any
+other way (session, DRF token) has its tier's scopes. Nothing here touches Redis.
+
+``agranted_scopes`` and ``require_scopes`` are the same check for code outside DRF's
+views (the async gateway), which cannot run a DRF permission class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from rest_framework.permissions import BasePermission
+
+from llm_quota.conf import quota_settings
+from llm_quota.exceptions import InsufficientScope
+from llm_quota.rules.policy import UserPolicy, apolicy_for, policy_for
+
+
+def _claim(auth: Any) -> Any:
+    if auth is None:
+        return None
+    payload = getattr(auth, "payload", None)  # simplejwt tokens
+    if isinstance(payload, dict):
+        return payload.get(quota_settings.SCOPE_CLAIM)
+    if isinstance(auth, dict):
+        return auth.get(quota_settings.SCOPE_CLAIM)
+    return None
+
+
+def _scopes(policy: UserPolicy, auth: Any) -> set[str]:
+    tier_scopes = set(policy.scopes)
+    claim = _claim(auth)
+    if claim is None:
+        return tier_scopes
+    token_scopes = set(claim.split()) if isinstance(claim, str) else {str(s) for s in claim}
+    return token_scopes & tier_scopes
+
+
+def granted_scopes(request: Any) -> set[str]:
+    """The scopes ``request``'s caller holds right now."""
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        return set()
+    return _scopes(policy_for(user), getattr(request, "auth", None))
+
+
+async def agranted_scopes(user: Any, auth: Any) -> set[str]:
+    """``granted_scopes`` for async code: the tier is read from memory, or in a thread."""
+    if user is None or not user.is_authenticated:
+        return set()
+    return _scopes(await apolicy_for(user), auth)
+
+
+def require_scopes(required: Iterable[str], granted: set[str]) -> None:
+    """Raise ``InsufficientScope`` (403) naming every required scope not granted."""
+    missing = set(required) - granted
+    if missing:
+        raise InsufficientScope(f"This endpoint requires the scope(s) {' '.join(sorted(missing))}.")
+
+
+class HasScope(BasePermission):
+    """Allow only callers holding every scope in the view's ``required_scopes``."""
+
+    def has_permission(self, request: Any, view: Any) -> bool:
+        user = getattr(request, "user", None)
+        if user is None or not user.is_authenticated:
+            return False  # DRF answers 401 (or 403 without an authenticate header)
+        require_scopes(getattr(view, "required_scopes", ()) or (), granted_scopes(request))
+        return True

@@ -1,0 +1,157 @@
+"""``LLMQuotaThrottle``: the gate as a DRF throttle.
+
+Put it in a view's ``throttle_classes``; DRF runs it after authentication and the
+permission classes, so an unauthenticated or out-of-scope caller is refused before
+any Redis command. ``allow_request`` reserves through ``gate`` (via ``QuotaGuard``),
+or raises the refusal (``RateLimited``/``BudgetExceeded`` are DRF ``Throttled``, so
+DRF answers 429 with ``Retry-After``). Unlike DRF's throttles it never answers
+``False``: a refusal carries the limit, the retry time and the upgrade.
+
+After the request, the reservation must end exactly once. The admitted
+``QuotaGuard`` is ``request.llm_quota``:
+
+- the view sends ``request.llm_quota.max_tokens`` upstream (perhaps clamped) and
+  calls ``request.llm_quota.settle(usage)`` (or ``settle_output(text)``) itself; or
+- if it does not, ``LLMQuotaMiddleware`` finishes it once the response exists:
+  settled from the response's ``usage`` (an OpenAI-shaped body), released on an
+  error status, otherwise charged at the estimate (a call that ran is never lost).
+
+The rate-limit headers go on the response through the view's ``headers``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from rest_framework.exceptions import NotAuthenticated
+from rest_framework.permissions import SAFE_METHODS
+from rest_framework.throttling import BaseThrottle
+
+from llm_quota.conf import quota_settings
+from llm_quota.drf.headers import headers_for
+from llm_quota.drf.permissions import granted_scopes
+from llm_quota.exceptions import BudgetExceeded, InsufficientScope, QuotaExceeded
+from llm_quota.quota.guard import QuotaGuard
+from llm_quota.shapes.chat import ChatRequest
+
+#: Where the admitted guard hangs on the request (the Django ``HttpRequest``, which
+#: DRF's ``Request`` proxies, so the middleware sees it too).
+REQUEST_ATTRIBUTE = "llm_quota"
+
+
+def admission_headers(guard: QuotaGuard) -> Mapping[str, str]:
+    """The rate-limit headers of an admitted request (the throttle, the middleware and
+    the async gateway put the same ones on its response), built once per request."""
+    if guard.headers is None:
+        guard.headers = MappingProxyType(headers_for(guard.decision, max_tokens=guard.max_tokens))
+    return guard.headers
+
+
+class LLMQuotaThrottle(BaseThrottle):
+    #: The scope the caller needs; ``None`` reads ``LLM_QUOTA["CHAT_SCOPE"]``, ``""``
+    #: skips the check (when the view's permissions already do it).
+    required_scope: str | None = None
+
+    def get_quota_request(self, request: Any, view: Any) -> dict[str, Any] | None:
+        """What to price: keyword arguments for ``quota_guard``, or None to let it pass.
+
+        The default reads an OpenAI Chat Completions JSON body (``model``,
+        ``messages``, ``max_tokens``/``max_completion_tokens``, ``n``, ``tools``) of any
+        unsafe method; safe methods are not LLM calls. Override it for other bodies.
+        """
+        if request.method in SAFE_METHODS:
+            return None
+        return ChatRequest.from_body(request.data).quota_kwargs()
+
+    def allow_request(self, request: Any, view: Any) -> bool:
+        """Reserve, or raise the refusal. Never touches Redis for an anonymous caller."""
+        params = self.get_quota_request(request, view)
+        if params is None:
+            return True
+        user = getattr(request, "user", None)
+        if user is None or not user.is_authenticated:
+            raise NotAuthenticated()
+        scope = quota_settings.CHAT_SCOPE if self.required_scope is None else self.required_scope
+        if scope and scope not in granted_scopes(request):
+            raise InsufficientScope(f"This endpoint requires the scope {scope}.")
+        guard = QuotaGuard(user, **params)
+        try:
+            guard.admit()
+        except QuotaExceeded as exc:
+            view.headers.update(headers_for(exc.decision))
+            if isinstance(exc, BudgetExceeded):
+                # The OpenAI SDKs (and polite clients) read this: waiting won't help.
+                view.headers["x-should-retry"] = "false"
+            raise
+        setattr(getattr(request, "_request", request), REQUEST_ATTRIBUTE, guard)
+        view.headers.update(admission_headers(guard))
+        return True
+
+    def wait(self) -> float | None:
+        return None  # refusals are raised with their own Retry-After
+
+
+class TokenEndpointThrottle(BaseThrottle):
+    """Per-IP request limit for ``/api/token/`` (password guessing), atomic in Redis.
+
+    It reuses the ledger's sliding request window rather than DRF's cached list,
+    whose read-modify-write lets bursts through: each client address is a pseudo
+    user in a key space of its own (``<KEY_PREFIX>-ip``), never mixed with real
+    users' counters, snapshots or restores, and the reservation is released at once,
+    so only the request is counted. Behind proxies, set DRF's ``NUM_PROXIES``;
+    without it ``X-Forwarded-For`` is ignored, since any client can write it.
+    """
+
+    _ledgers: dict[tuple[str, str], Any] = {}
+
+    def get_ident(self, request: Any) -> str:
+        from rest_framework.settings import api_settings
+
+        if api_settings.NUM_PROXIES is None:
+            return request.META.get("REMOTE_ADDR") or ""
+        return super().get_ident(request)
+
+    def ledger(self) -> Any:
+        from django_redis import get_redis_connection
+
+        from llm_quota.ledger.sync_driver import Ledger
+
+        key = (quota_settings.REDIS_CACHE_ALIAS, quota_settings.KEY_PREFIX)
+        if key not in self._ledgers:
+            self._ledgers[key] = Ledger(
+                get_redis_connection(quota_settings.REDIS_CACHE_ALIAS),
+                prefix=f"{quota_settings.KEY_PREFIX}-ip"[:32],
+                reservation_ttl=60,
+            )
+        return self._ledgers[key]
+
+    def allow_request(self, request: Any, view: Any) -> bool:
+        import hashlib
+        import logging
+
+        from redis.exceptions import RedisError
+
+        from llm_quota.exceptions import QuotaUnavailable, RateLimited
+        from llm_quota.rules.accounting import Estimate, Limits, Price
+
+        rate = quota_settings.TOKEN_REQUESTS_PER_MINUTE
+        if not rate:
+            return True
+        # A digest: an address (v6, or whatever a proxy wrote) never shapes a key.
+        pseudo_user = "ip-" + hashlib.sha256(self.get_ident(request).encode()).hexdigest()[:40]
+        nothing = Estimate(Price("token-endpoint", 0, 0), 0, 0)
+        try:
+            ledger = self.ledger()
+            decision = ledger.reserve(pseudo_user, Limits(requests_per_minute=rate), nothing)
+            if decision.reservation is not None:
+                ledger.release(decision.reservation)
+        except RedisError as exc:
+            if quota_settings.FAIL_OPEN:
+                logging.getLogger("llm_quota").critical("token throttle without Redis: %s", exc)
+                return True
+            raise QuotaUnavailable() from exc
+        if not decision.allowed:
+            raise RateLimited(decision.limit or "requests_per_minute", decision.retry_after_seconds)
+        return True

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: views, request adapters, upstream, relay, schema."""

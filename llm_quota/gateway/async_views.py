@@ -1,0 +1,157 @@
+"""The async gateway: ``POST /v1/chat/completions`` as a Django async view, for ASGI.
+
+The same request path as ``gateway.ChatCompletionsView`` (JWT, the chat scope, the
+body checks, admission, the upstream call, settle) and the same answers: statuses,
+OpenAI-shaped errors, rate-limit headers, ``Retry-After``, ``x-should-retry``. What
+differs is that no thread waits: admission and settle go through the guard's async
+methods (``AsyncLedger``), the upstream through ``httpx.AsyncClient``
+(``get_async_upstream``), and a stream through ``AsyncRelay``. Only authentication
+runs in a thread, since simplejwt reads the token's user from the database.
+
+DRF's ``APIView`` is sync-only, so this is a plain Django ``View`` built from DRF's
+pieces rather than a copy of them: its ``Request`` parses the body and authenticates
+exactly as the sync view's does, ``HasScope``'s check is ``require_scopes``, and
+every error goes through ``openai_errors.response_for_exception``.
+
+``LLM_QUOTA["ASYNC_GATEWAY"] = True`` routes ``/v1/chat/completions`` here; serve the
+project with an ASGI server (uvicorn), or every request runs its own event loop. Call
+``warm_up()`` in the ASGI module, after ``get_asgi_application()``, so that a worker's
+first requests find the URLs imported and the tokenizers loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
+from django.views import View
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework.exceptions import MethodNotAllowed
+from rest_framework.request import Request
+
+from llm_quota.conf import quota_settings
+from llm_quota.drf.authenticate import aauthenticate
+from llm_quota.drf.errors import response_for_exception
+from llm_quota.drf.permissions import agranted_scopes, require_scopes
+from llm_quota.drf.throttling import admission_headers
+from llm_quota.gateway.relay import AsyncRelay
+from llm_quota.gateway.upstream import UpstreamError, get_async_upstream
+from llm_quota.gateway.views import (
+    OpenAIView,
+    asettle_completion,
+    stream_response,
+    upstream_failed,
+)
+from llm_quota.quota.guard import QuotaGuard
+from llm_quota.rules import estimation
+from llm_quota.shapes.chat import ChatRequest
+
+#: The encodings OpenAI's current models use (``estimation.FALLBACK_ENCODING`` stands
+#: in for unknown models).
+WARM_ENCODINGS = ("o200k_base", estimation.FALLBACK_ENCODING)
+
+
+def warm_up(encodings: tuple[str, ...] = WARM_ENCODINGS) -> None:
+    """Do a worker's one-time work before it serves, not on its event loop.
+
+    Loading a tiktoken encoding takes a tenth of a second or more, in native code
+    that holds the GIL for tens of milliseconds at a stretch: even in a thread (where
+    ``gate.aestimate_request`` loads it) that stalls the loop and every stream on it
+    (40 ms measured here). The URL modules are imported on the first request
+    otherwise, on the loop itself.
+    """
+    from django.urls import get_resolver
+
+    get_resolver().url_patterns  # noqa: B018 - imports every URL module now
+    for name in encodings:
+        estimation.load_encoding(name)
+
+
+class AsyncChatCompletionsView(View):
+    """``ChatCompletionsView`` as an async view (see the module docstring)."""
+
+    http_method_names = ["post", "options"]
+    authentication_classes = OpenAIView.authentication_classes
+    parser_classes = OpenAIView.parser_classes
+    content_negotiation_class = OpenAIView.content_negotiation_class
+
+    @classmethod
+    def as_view(cls, **initkwargs: Any) -> Any:
+        return csrf_exempt(super().as_view(**initkwargs))  # a bearer token, no cookie
+
+    @property
+    def required_scopes(self) -> list[str]:
+        return [quota_settings.CHAT_SCOPE]
+
+    def initialize_request(self, request: HttpRequest) -> Request:
+        """DRF's request, as an ``APIView`` would build it: same parser, same auth."""
+        return Request(
+            request,
+            parsers=[parser() for parser in self.parser_classes],
+            authenticators=[auth() for auth in self.authentication_classes],
+            negotiator=self.content_negotiation_class(),
+        )
+
+    async def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        response = await self.answer(request)
+        response["Allow"] = self.allow_header()  # DRF sends it on every response too
+        return response
+
+    async def answer(self, request: HttpRequest) -> HttpResponseBase:
+        try:
+            drf_request = self.initialize_request(request)
+            user, auth = await aauthenticate(drf_request)
+            require_scopes(self.required_scopes, await agranted_scopes(user, auth))
+            chat = ChatRequest.from_body(drf_request.data)
+            guard = await QuotaGuard(user, **chat.quota_kwargs()).aadmit()
+        except Exception as exc:
+            response = response_for_exception(exc)
+            if response is None:
+                raise
+            return response
+        response = await self.call_upstream(chat, guard, user)
+        for name, value in admission_headers(guard).items():
+            response[name] = value
+        return response
+
+    async def call_upstream(
+        self, chat: ChatRequest, guard: QuotaGuard, user: Any
+    ) -> HttpResponseBase:
+        """Send the admitted call upstream; the reservation is owned here from now on."""
+        body = chat.upstream_body(guard.max_tokens)
+        try:
+            upstream = await get_async_upstream()
+            if chat.stream:
+                stream = await upstream.stream(body)
+            else:
+                completion = await upstream.complete(body)
+        except UpstreamError as exc:
+            await guard.arelease()
+            return upstream_failed(chat, user, exc)
+        except asyncio.CancelledError:
+            # The client left while the upstream worked on the answer: it may all have
+            # been generated, and nothing says how much, so the estimate is charged.
+            await asyncio.shield(guard.acharge_estimate())
+            raise
+        except BaseException:
+            await asyncio.shield(guard.arelease())
+            raise
+        if chat.stream:
+            return stream_response(AsyncRelay(stream, guard, include_usage=chat.include_usage))
+        # Shielded: a client leaving now cannot undo the charge of an answer received.
+        await asyncio.shield(asettle_completion(guard, completion))
+        return JsonResponse(completion)
+
+    def allow_header(self) -> str:
+        return ", ".join(self._allowed_methods())
+
+    def http_method_not_allowed(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+        response = response_for_exception(MethodNotAllowed(request.method))
+        assert response is not None
+        response["Allow"] = self.allow_header()
+
+        async def answer() -> HttpResponseBase:
+            return response
+
+        return answer()

@@ -1,0 +1,135 @@
+"""The OpenAPI description of the ``/v1/`` gateway (drf-spectacular, if installed).
+
+The gateway validates bodies itself (``chat_request``) and passes unknown fields on
+to the upstream, so these serializers describe OpenAI's shapes for the schema only:
+clients, docs and schemathesis read them; nothing validates against them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rest_framework import serializers
+
+from llm_quota.shapes.chat import CAP_FIELDS, MAX_CHOICES, ROLES
+
+try:
+    from drf_spectacular.utils import OpenApiResponse, extend_schema
+except ImportError:  # the schema is an optional extra: without it, document nothing
+
+    def extend_schema(*args: Any, **kwargs: Any) -> Callable[[Any], Any]:
+        return lambda view: view
+
+    def OpenApiResponse(*args: Any, **kwargs: Any) -> None:  # noqa: N802
+        return None
+
+
+class ChatMessageSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=sorted(ROLES))
+    content = serializers.CharField(allow_blank=True, help_text="A string or an array of parts.")
+    name = serializers.CharField(required=False, max_length=64)
+
+
+class StreamOptionsSerializer(serializers.Serializer):
+    include_usage = serializers.BooleanField(required=False)
+
+
+class ChatCompletionRequestSerializer(serializers.Serializer):
+    model = serializers.CharField(max_length=128)
+    messages = ChatMessageSerializer(many=True, allow_empty=False)
+    max_tokens = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    max_completion_tokens = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    n = serializers.IntegerField(min_value=1, max_value=MAX_CHOICES, required=False)
+    stream = serializers.BooleanField(required=False)
+    stream_options = StreamOptionsSerializer(required=False)
+    temperature = serializers.FloatField(min_value=0, max_value=2, required=False)
+    user = serializers.CharField(required=False)
+
+
+class UsageSerializer(serializers.Serializer):
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class AssistantMessageSerializer(serializers.Serializer):
+    role = serializers.CharField()
+    content = serializers.CharField(allow_null=True)
+
+
+class ChoiceSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    message = AssistantMessageSerializer()
+    finish_reason = serializers.CharField(allow_null=True)
+
+
+class ChatCompletionSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.CharField()
+    created = serializers.IntegerField()
+    model = serializers.CharField()
+    choices = ChoiceSerializer(many=True)
+    usage = UsageSerializer(required=False)
+
+
+class ErrorBodySerializer(serializers.Serializer):
+    message = serializers.CharField()
+    type = serializers.CharField()
+    code = serializers.CharField(allow_null=True)
+    param = serializers.CharField(allow_null=True)
+
+
+class ErrorSerializer(serializers.Serializer):
+    error = ErrorBodySerializer()
+
+
+class ModelSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.CharField()
+    created = serializers.IntegerField()
+    owned_by = serializers.CharField()
+
+
+class ModelListSerializer(serializers.Serializer):
+    object = serializers.CharField()
+    data = ModelSerializer(many=True)
+
+
+def _errors(*statuses: int) -> dict[int, Any]:
+    text = {
+        400: "Invalid request (the field is named in `param`).",
+        401: "No or bad access token.",
+        403: "`insufficient_scope`, `model_not_allowed` or a blocked account.",
+        404: "Unknown model.",
+        413: "Body too large.",
+        429: "`rate_limit_exceeded` (retry after `Retry-After`) or `insufficient_quota`.",
+        502: "The upstream failed or could not be reached.",
+        503: "The quota service is unavailable (FAIL_OPEN off).",
+        504: "The upstream timed out.",
+    }
+    return {s: OpenApiResponse(ErrorSerializer, description=text[s]) for s in statuses}
+
+
+chat_completions = extend_schema(
+    operation_id="chat_completions_create",
+    summary="Create a chat completion (OpenAI Chat Completions API), under the caller's quota",
+    description=(
+        f"The output cap ({' or '.join(CAP_FIELDS)}) may be lowered to what the quota "
+        "allows (header `x-llm-quota-max-tokens`). With `stream: true` the answer is "
+        "server-sent events ending with `data: [DONE]`."
+    ),
+    request=ChatCompletionRequestSerializer,
+    responses={
+        200: OpenApiResponse(ChatCompletionSerializer, description="The completion."),
+        **_errors(400, 401, 403, 413, 429, 502, 503, 504),
+    },
+)
+list_models = extend_schema(
+    operation_id="models_list",
+    responses={200: ModelListSerializer, **_errors(401, 403)},
+)
+retrieve_model = extend_schema(
+    operation_id="models_retrieve",
+    responses={200: ModelSerializer, **_errors(401, 403, 404)},
+)

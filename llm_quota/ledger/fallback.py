@@ -1,0 +1,138 @@
+"""What a process does while Redis is away.
+
+``FallbackLimiter``: fail-open must not mean unlimited. Each process keeps its own
+sliding minute per user, with the tier's per-minute limits divided by the number of
+processes that share the load (``FAIL_OPEN_DIVISOR``). Budgets per day or month can't
+be checked without Redis, so a user's spend during an outage is bounded by the
+tightest token limit per minute, summed over the processes.
+
+``OutageJournal``: usage of calls that ran during the outage (admitted blind, or
+admitted by Redis but settled after it went away) is kept and charged once Redis is
+back. Settle is idempotent per reservation id, so replaying a settle that did reach
+Redis before the connection broke changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from typing import Any
+
+from llm_quota.rules.accounting import ActualUsage, Estimate, Limits
+
+logger = logging.getLogger("llm_quota")
+
+
+def _share(limit: int | None, divisor: int) -> int | None:
+    return None if limit is None else max(1, math.ceil(limit / divisor))
+
+
+class FallbackLimiter:
+    def __init__(self, divisor: int = 4, clock: Callable[[], float] = time.monotonic) -> None:
+        self.divisor = max(1, int(divisor))
+        self.clock = clock
+        self._windows: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
+        self._in_flight: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    def admit(self, user_id: str, limits: Limits, estimate: Estimate) -> str | None:
+        """None if admitted (and counted), else the name of the local limit that refused."""
+        rpm = _share(limits.requests_per_minute, self.divisor)
+        token_limits = [
+            v for v in (limits.tokens_per_minute, limits.tokens_per_day, limits.tokens_per_month)
+            if v is not None
+        ]  # fmt: skip
+        tpm = _share(min(token_limits), self.divisor) if token_limits else None
+        concurrent = _share(limits.max_concurrent_requests, self.divisor)
+        cost = estimate.base_tokens
+        now = self.clock()
+        with self._lock:
+            window = self._windows[user_id]
+            while window and window[0][0] <= now - 60:
+                window.popleft()
+            if rpm is not None and len(window) + 1 > rpm:
+                return "requests_per_minute"
+            if concurrent is not None and self._in_flight[user_id] + 1 > concurrent:
+                return "max_concurrent_requests"
+            if tpm is not None and sum(t for _, t in window) + cost > tpm:
+                return "tokens_per_minute"
+            window.append((now, cost))
+            self._in_flight[user_id] += 1
+        return None
+
+    def done(self, user_id: str) -> None:
+        with self._lock:
+            if self._in_flight.get(user_id, 0) > 0:
+                self._in_flight[user_id] -= 1
+
+
+class OutageJournal:
+    """Settles (and releases: usage ``None``) that could not reach Redis, replayed in
+    order once it answers again."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._entries: deque[tuple[Any, ActualUsage | None]] = deque()
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def record(self, reservation: Any, usage: ActualUsage | None) -> None:
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.popleft()
+                self.dropped += 1
+                if self.dropped == 1:
+                    logger.critical("outage journal full: the oldest settles are dropped")
+            self._entries.append((reservation, usage))
+
+    def _peek(self) -> tuple[Any, ActualUsage | None] | None:
+        with self._lock:
+            return self._entries[0] if self._entries else None
+
+    def _done(self, reservation: Any) -> None:
+        with self._lock:
+            if self._entries and self._entries[0][0] is reservation:
+                self._entries.popleft()
+
+    def replay(
+        self, settle: Callable[[Any, ActualUsage | None], Any], limit: int | None = None
+    ) -> int:
+        """Charge entries through ``settle`` (at most ``limit``); stops, keeping the
+        rest, if it raises."""
+        replayed = 0
+        while limit is None or replayed < limit:
+            entry = self._peek()
+            if entry is None:
+                break
+            settle(*entry)  # raises if Redis is gone again: keep the entry
+            self._done(entry[0])
+            replayed += 1
+        _log_replayed(replayed)
+        return replayed
+
+    async def areplay(
+        self, settle: Callable[[Any, ActualUsage | None], Any], limit: int | None = None
+    ) -> int:
+        """``replay`` with an async ``settle``."""
+        replayed = 0
+        while limit is None or replayed < limit:
+            entry = self._peek()
+            if entry is None:
+                break
+            await settle(*entry)
+            self._done(entry[0])
+            replayed += 1
+        _log_replayed(replayed)
+        return replayed
+
+
+def _log_replayed(replayed: int) -> None:
+    if replayed:
+        logger.warning("charged %d calls' usage recorded while Redis was away", replayed)

@@ -1,0 +1,181 @@
+"""What the ledger hands back: reservations, decisions, settlements, usage figures.
+
+Plain frozen values, shared by the sync and the async ledger.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_quota.rules.accounting import Estimate
+
+#: Limits whose refusal a retry within the period cannot cure (OpenAI: insufficient_quota).
+BUDGET_LIMITS = frozenset(
+    {
+        "tokens_per_day",
+        "tokens_per_month",
+        "global_tokens_per_day",
+        "global_tokens_per_month",
+        "max_tokens_per_request",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A held estimate. Hand it to ``settle`` or ``release``; both are idempotent."""
+
+    id: str
+    user_id: str
+    model: str
+    reserved: int
+    max_tokens: int
+    estimate: Estimate | None
+    day: str
+    month: str
+    month_end_ms: int
+    uses_global: bool
+    #: Admitted without Redis (fail-open): settling it records nothing here.
+    unmetered: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``reserve`` decided, with the figures the HTTP headers report."""
+
+    allowed: bool
+    limit: str | None
+    retry_after: float
+    reservation: Reservation | None
+    requested_max_tokens: int
+    requests_limit: int | None = None
+    requests_remaining: int | None = None
+    requests_reset: float = 0.0
+    tokens_limit: int | None = None
+    tokens_remaining: int | None = None
+    tokens_reset: float = 0.0
+    #: A refused reserve that carried a probe (a lower bound of the prompt): the limit
+    #: that would refuse the lower bound too, and when it clears; None if none would.
+    probe_limit: str | None = None
+    probe_retry_after: float = 0.0
+
+    @property
+    def retry_after_seconds(self) -> int:
+        """Whole seconds, rounded up and never 0 (``Retry-After: 0`` invites a hammering)."""
+        return max(1, math.ceil(self.retry_after))
+
+    @property
+    def is_budget(self) -> bool:
+        return self.limit in BUDGET_LIMITS
+
+    @property
+    def max_tokens(self) -> int:
+        return self.reservation.max_tokens if self.reservation else 0
+
+    @property
+    def clamped(self) -> bool:
+        return self.reservation is not None and self.max_tokens < self.requested_max_tokens
+
+
+@dataclass(frozen=True)
+class Settlement:
+    settled: bool
+    late: bool
+    charged_delta: int
+    #: The reservation's month and its settled base tokens after this settle (None
+    #: when nothing was settled): what the soft-limit alert compares, at no extra cost.
+    month: str = ""
+    month_used: int | None = None
+    #: Base tokens this settle charged for the request.
+    base_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ModelUsage:
+    model: str
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    base_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class UserUsage:
+    """A user's live counters, as the next decision would see them."""
+
+    day: str
+    month: str
+    day_end_ms: int
+    month_end_ms: int
+    tokens_today: int
+    tokens_this_month: int
+    reserved: int
+    requests_this_minute: int
+    tokens_this_minute: int
+    in_flight: int
+    by_model: list[ModelUsage] = field(default_factory=list)
+
+    @property
+    def settled_this_month(self) -> int:
+        """Base tokens settled this month (``tokens_this_month`` less what is reserved)."""
+        return sum(row.base_tokens for row in self.by_model)
+
+
+@dataclass(frozen=True)
+class PeriodReset:
+    """What ``reset_period`` did: the month counter before and what stays in flight."""
+
+    day: str
+    month: str
+    tokens_before: int
+    tokens_after: int
+
+
+@dataclass(frozen=True)
+class GlobalUsage:
+    """Everyone's usage against the global caps (settled plus still reserved)."""
+
+    day: str
+    month: str
+    day_end_ms: int
+    month_end_ms: int
+    tokens_today: int
+    tokens_this_month: int
+    in_flight: int
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+#: A per-model hash field's kind -> its position in ``ModelUsage`` after the model
+#: (bytes from a plain client, str from one that decodes responses).
+_FIELD_KINDS: dict[Any, int] = {"req": 0, "in": 1, "out": 2, "base": 3}
+_FIELD_KINDS.update({kind.encode(): slot for kind, slot in list(_FIELD_KINDS.items())})
+
+
+def parse_model_fields(pairs: Iterable[Any]) -> list[ModelUsage]:
+    """``["req|gpt-4o", 3, "in|gpt-4o", 100, ...]`` (or a dict) into rows per model.
+
+    The snapshot parses one such hash per active user (100k a run), hence the lean
+    loop: fields are split as bytes and only model names decoded, ``int()`` reads
+    bytes directly, and a model's counters fill a plain list.
+    """
+    items = pairs.items() if isinstance(pairs, dict) else zip(*[iter(pairs)] * 2, strict=True)
+    per_model: dict[Any, list[int]] = {}
+    for raw_field, raw_value in items:
+        kind, _, model = raw_field.partition(b"|" if isinstance(raw_field, bytes) else "|")
+        slot = _FIELD_KINDS.get(kind)
+        if slot is not None and model:
+            counters = per_model.get(model)
+            if counters is None:
+                counters = per_model[model] = [0, 0, 0, 0]
+            counters[slot] = int(raw_value)
+    return [ModelUsage(text(model), *counters) for model, counters in sorted(per_model.items())]
+
+
+#: Where a user's month comes back from when Redis lost it: ``(base_tokens, rows)``.
+RestoreSource = Callable[[str, str], tuple[int, list[ModelUsage]]]

@@ -1,0 +1,247 @@
+"""What the gate does while Redis is away (contract section 3, ``FAIL_OPEN``).
+
+One ``Outage`` per process holds the three parts of fail-open and the decisions that
+use them, so the sync and the async gate behave the same:
+
+- the ``CircuitBreaker``: after a connection error or a timeout no request touches
+  Redis for ``BREAKER_COOLDOWN`` seconds, then one request per process probes it. So
+  only the first requests of an outage pay the socket timeout (the django-redis
+  ``SOCKET_CONNECT_TIMEOUT``/``SOCKET_TIMEOUT``), not every request after them;
+- the ``FallbackLimiter``: ``FAIL_OPEN`` admits through a per-process share of the
+  tier's per-minute limits, never unlimited;
+- the ``OutageJournal``: the usage of calls that ran while Redis was away (admitted
+  blind, or admitted by Redis and finished after it went) is charged once Redis
+  answers again. A blind reservation carries its day and month, computed here, so
+  its settle is charged as a late settle into the right periods.
+
+An outage is logged CRITICAL once when it starts, and once when it ends with how
+many requests were admitted blind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from typing import Any, NamedTuple
+
+from django.core.signals import setting_changed
+from redis.exceptions import ClusterDownError, RedisClusterException
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from llm_quota.conf import quota_settings
+from llm_quota.exceptions import QuotaUnavailable
+from llm_quota.ledger import keys
+from llm_quota.ledger.breaker import HALF_OPEN, CircuitBreaker
+from llm_quota.ledger.connections import REDIS_ERRORS
+from llm_quota.ledger.fallback import FallbackLimiter, OutageJournal
+from llm_quota.ledger.replies import Reservation
+from llm_quota.rules.accounting import ActualUsage, Estimate, Limits
+from llm_quota.rules.periods import day_and_month, month_end_ms
+
+logger = logging.getLogger("llm_quota")
+
+#: Errors that mean Redis did not answer. Any other ``RedisError`` is an answer (a
+#: script error, say): it fails that request but says nothing about reachability.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, ClusterDownError)
+
+#: Journal entries replayed per successful Redis call: the request that sees Redis
+#: come back pays for a bounded batch, and the next ones carry on with the rest.
+REPLAY_BATCH = 200
+
+
+class BlindRefusal(NamedTuple):
+    """The fallback limiter refused a request while Redis was away."""
+
+    limit: str
+    retry_after: int
+
+
+class Outage:
+    def __init__(self, cooldown: float = 2.0, divisor: int = 4) -> None:
+        self.breaker = CircuitBreaker(cooldown=cooldown)
+        self.limiter = FallbackLimiter(divisor=divisor)
+        self.journal = OutageJournal()
+        self.admitted_blind = 0
+        self._count_lock = threading.Lock()
+        self._replaying = threading.Lock()
+
+    # -- the breaker around each Redis call -------------------------------------------
+
+    def may_call(self) -> bool:
+        """May this request call Redis now? False while the breaker is open."""
+        return self.breaker.allow()
+
+    def retry_after(self) -> int:
+        """Whole seconds until the next probe, at least 1 (for ``Retry-After``)."""
+        return max(1, math.ceil(self.breaker.retry_after))
+
+    def failed(self, exc: BaseException) -> None:
+        """A Redis call raised ``exc``: open the breaker if Redis did not answer."""
+        if not isinstance(exc, UNREACHABLE):
+            self.answered()
+            return
+        if self.breaker.failure():
+            what = (
+                "admitting requests unmetered through the per-process fallback limiter"
+                if quota_settings.FAIL_OPEN
+                else "FAIL_OPEN is off, answering 503"
+            )
+            logger.critical("Redis unavailable (%s): %s until it answers again", exc, what)
+
+    def abandon(self) -> None:
+        """The call ended without an answer or an error from Redis (cancelled): a probe
+        must not leave the breaker half-open forever, so it opens for another cooldown."""
+        if self.breaker.state == HALF_OPEN:
+            self.breaker.failure()
+
+    def answered(self) -> bool:
+        """Redis answered. True if the journal holds usage to charge now."""
+        if self.breaker.success():
+            with self._count_lock:
+                count, self.admitted_blind = self.admitted_blind, 0
+            logger.critical(
+                "Redis is back: %d requests were admitted blind during the outage; "
+                "%d settles are being charged from the journal",
+                count, len(self.journal),
+            )  # fmt: skip
+        return len(self.journal) > 0
+
+    # -- admitting without Redis ------------------------------------------------------
+
+    def admit_blind(
+        self, pk: Any, limits: Limits, estimate: Estimate, ledger: Any = None
+    ) -> Reservation | BlindRefusal:
+        """``FAIL_OPEN``: an unmetered reservation within the fallback limiter, or the
+        limit it refused. ``FAIL_OPEN=False``: raise ``QuotaUnavailable`` (503)."""
+        if not quota_settings.FAIL_OPEN:
+            raise QuotaUnavailable(self.retry_after())
+        uid = keys.user_id(pk)
+        refused = self.limiter.admit(uid, limits, estimate)
+        if refused is not None:
+            return BlindRefusal(refused, self.retry_after())
+        with self._count_lock:
+            self.admitted_blind += 1
+        return _unmetered(uid, limits, estimate, ledger)
+
+    def blind_call_ended(self, reservation: Reservation) -> None:
+        """Settle or release of a blind reservation: free its fallback concurrency slot."""
+        if reservation.unmetered:
+            self.limiter.done(reservation.user_id)
+
+    # -- the journal --------------------------------------------------------------------
+
+    def defer(self, reservation: Reservation, usage: ActualUsage | None) -> None:
+        """Keep a settle (``usage``) or a release (``None``) for when Redis is back."""
+        self.journal.record(reservation, usage)
+
+    def replay(self, ledger: Any) -> None:
+        """Charge a batch of the journal through the sync ``ledger``."""
+        if not self._replaying.acquire(blocking=False):
+            return  # another thread is at it; settle is idempotent, but why twice
+        try:
+            self.journal.replay(lambda r, u: _apply(ledger, r, u), limit=REPLAY_BATCH)
+        except REDIS_ERRORS as exc:
+            self.failed(exc)
+        finally:
+            self._replaying.release()
+
+    async def areplay(self, ledger: Any) -> None:
+        """``replay`` through the ``AsyncLedger``."""
+        if not self._replaying.acquire(blocking=False):
+            return
+        try:
+            await self.journal.areplay(lambda r, u: _aapply(ledger, r, u), limit=REPLAY_BATCH)
+        except REDIS_ERRORS as exc:
+            self.failed(exc)
+        finally:
+            self._replaying.release()
+
+
+def metered(reservation: Reservation) -> Reservation:
+    """A blind reservation as the ledger must see it to charge it (a late settle)."""
+    if not reservation.unmetered:
+        return reservation
+    return dataclasses.replace(reservation, unmetered=False)
+
+
+def _apply(ledger: Any, reservation: Reservation, usage: ActualUsage | None) -> None:
+    try:
+        if usage is None:
+            ledger.release(metered(reservation))
+        else:
+            ledger.settle(metered(reservation), usage)
+    except UNREACHABLE:
+        raise  # Redis went away again: the entry stays for the next recovery
+    except REDIS_ERRORS:
+        logger.exception("journal: dropping reservation %s, Redis refused it", reservation.id)
+
+
+async def _aapply(ledger: Any, reservation: Reservation, usage: ActualUsage | None) -> None:
+    try:
+        if usage is None:
+            await ledger.release(metered(reservation))
+        else:
+            await ledger.settle(metered(reservation), usage)
+    except UNREACHABLE:
+        raise
+    except REDIS_ERRORS:
+        logger.exception("journal: dropping reservation %s, Redis refused it", reservation.id)
+
+
+def _unmetered(uid: str, limits: Limits, estimate: Estimate, ledger: Any) -> Reservation:
+    """A reservation Redis never saw, with the periods it will be charged to."""
+    ops = getattr(ledger, "ops", None)  # its pinned clock, if any
+    clock = getattr(ops, "clock", None) or time.time
+    tz = getattr(ops, "timezone", None) or quota_settings.PERIOD_TIMEZONE
+    day, month = day_and_month(clock() * 1000, tz)
+    return Reservation(
+        id=keys.reservation_id(),
+        user_id=uid,
+        model=estimate.model,
+        reserved=0,
+        max_tokens=estimate.max_output_tokens,
+        estimate=estimate,
+        day=day,
+        month=month,
+        month_end_ms=month_end_ms(month, tz),
+        uses_global=(
+            limits.global_tokens_per_day is not None or limits.global_tokens_per_month is not None
+        ),
+        unmetered=True,
+    )
+
+
+_state: Outage | None = None
+_state_lock = threading.Lock()
+
+
+def outage() -> Outage:
+    """This process's outage state, built from the settings on first use."""
+    global _state
+    if _state is None:
+        with _state_lock:
+            if _state is None:
+                _state = Outage(
+                    cooldown=float(quota_settings.BREAKER_COOLDOWN),
+                    divisor=int(quota_settings.FAIL_OPEN_DIVISOR),
+                )
+    return _state
+
+
+def reset() -> None:
+    """Forget the outage state (settings changed, or another ledger was installed)."""
+    global _state
+    with _state_lock:
+        _state = None
+
+
+def _on_settings(*, setting: str, **kwargs: Any) -> None:
+    if setting == "LLM_QUOTA":
+        reset()
+
+
+setting_changed.connect(_on_settings)

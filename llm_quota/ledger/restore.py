@@ -1,0 +1,29 @@
+"""Where Redis' counters come back from after Redis lost them: the snapshots.
+
+The ledger asks once per user per loss (the ``seen`` marker in ``lua/restore.lua``).
+What the last snapshot did not hold (at most one ``SNAPSHOT_INTERVAL`` of usage, and
+the current day's counter) cannot be restored; the admin shows each snapshot's age.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+from llm_quota.ledger.replies import ModelUsage
+
+
+def month_from_snapshots(user_id: str, month: str) -> tuple[int, list[ModelUsage]]:
+    from llm_quota.models import UsageSnapshot
+
+    period = date(int(month[:4]), int(month[4:6]), 1)
+    rows = [
+        ModelUsage(
+            model=row.model,
+            requests=row.requests,
+            input_tokens=row.input_tokens,
+            output_tokens=row.output_tokens,
+            base_tokens=row.base_tokens,
+        )
+        for row in UsageSnapshot.objects.filter(user_id=user_id, period=period)
+    ]
+    return sum(row.base_tokens for row in rows), rows

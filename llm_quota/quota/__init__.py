@@ -1,0 +1,2 @@
+"""Admission and settlement: the rules run against the ledger (``admit``,
+``settle``, ``release``), ``QuotaGuard`` and the alerts."""

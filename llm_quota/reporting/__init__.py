@@ -1,0 +1,1 @@
+"""Reporting: snapshots to SQL, usage queries, charts and the usage API."""

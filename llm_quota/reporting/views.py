@@ -1,0 +1,103 @@
+"""The usage API (contract section 6): a user's own usage, history and the tiers.
+
+Permissions run before the view body, so an unauthenticated, out-of-scope or
+non-staff request is refused before any Redis command. No endpoint takes another
+user's id except the staff one: a user can only ever read their own usage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
+from django.http import Http404
+from redis.exceptions import RedisError
+from rest_framework.generics import GenericAPIView, ListAPIView
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.permissions import IsAdminUser, IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from llm_quota.conf import quota_settings
+from llm_quota.drf.permissions import HasScope
+from llm_quota.exceptions import QuotaUnavailable
+from llm_quota.models import Tier, UsageSnapshot
+from llm_quota.reporting.serializers import (
+    TierSerializer,
+    UsageReportSerializer,
+    UsageSnapshotSerializer,
+    UserUsageReportSerializer,
+)
+from llm_quota.reporting.usage import usage_report
+
+
+class UsageScopeMixin:
+    permission_classes = [IsAuthenticated, HasScope]
+
+    @property
+    def required_scopes(self) -> list[str]:
+        # Read per request, so a changed USAGE_SCOPE setting applies without a restart.
+        return [quota_settings.USAGE_SCOPE]
+
+
+def _report(user_pk: Any) -> dict[str, Any]:
+    try:
+        return usage_report(user_pk)
+    except RedisError as exc:
+        raise QuotaUnavailable() from exc
+
+
+class UsageView(UsageScopeMixin, GenericAPIView):
+    """The caller's tier, limits, live usage this period, what remains, and its cost."""
+
+    serializer_class = UsageReportSerializer
+
+    def get(self, request: Request) -> Response:
+        return Response(self.get_serializer(_report(request.user.pk)).data)
+
+
+class UsageHistoryPagination(PageNumberPagination):
+    page_size = 50
+    page_size_query_param = "page_size"
+    max_page_size = 500
+
+
+class UsageHistoryView(UsageScopeMixin, ListAPIView):
+    """The caller's monthly snapshots per model, newest first (as of the last snapshot)."""
+
+    serializer_class = UsageSnapshotSerializer
+    pagination_class = UsageHistoryPagination
+
+    def get_queryset(self) -> QuerySet[UsageSnapshot]:
+        return UsageSnapshot.objects.filter(user_id=self.request.user.pk).order_by(
+            "-period", "model"
+        )
+
+
+class UserUsageView(GenericAPIView):
+    """Staff only: any user's usage report, in the same shape as ``/usage/``."""
+
+    permission_classes = [IsAdminUser]
+    serializer_class = UserUsageReportSerializer
+
+    def get(self, request: Request, user_id: str) -> Response:
+        User = get_user_model()
+        try:
+            pk = User._meta.pk.to_python(user_id)
+            user = User._default_manager.get(pk=pk)
+        except (ValidationError, ValueError, User.DoesNotExist) as exc:
+            raise Http404("No such user.") from exc
+        body = _report(user.pk)
+        body["user"] = {"id": str(user.pk), "username": user.get_username()}
+        return Response(self.get_serializer(body).data)
+
+
+class TierListView(ListAPIView):
+    """Every tier with its limits: what a user may upgrade to."""
+
+    permission_classes = [IsAuthenticated]
+    serializer_class = TierSerializer
+    pagination_class = None
+    queryset = Tier.objects.select_related("upgrade_to").order_by("name")

@@ -1,0 +1,82 @@
+"""A per-process memo of admin-managed rows, dropped on every save, in every process.
+
+Tiers, quotas and prices are read on every gated request; a database query each
+time would double the cost of the gate. A save drops the memo at once in the saving
+process (signals in ``apps.py``) and, through ``config_broadcast``, in every other
+process; ``CONFIG_CACHE_SECONDS`` bounds how long a row lives regardless, a backstop
+for an announcement missed while a process was cut off from Redis.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+from django.core.signals import setting_changed
+
+from llm_quota.conf import quota_settings
+
+T = TypeVar("T")
+
+#: What ``peek`` returns for a key that must be loaded.
+MISSING: Any = object()
+
+
+class ConfigCache:
+    def __init__(self) -> None:
+        self._entries: dict[Hashable, tuple[float, int, Any]] = {}
+        self._generation = 0
+        self._lock = threading.Lock()
+        #: Called before each read; ``apps.py`` makes it start this process' listener.
+        self.before_read: Callable[[], None] | None = None
+
+    def peek(self, key: Hashable) -> Any:
+        """The cached value, or ``MISSING``: lets async code skip a thread hop on a hit."""
+        if self.before_read is not None:
+            self.before_read()
+        entry = self._entries.get(key)
+        if (
+            entry is not None
+            and entry[1] == self._generation
+            and time.monotonic() - entry[0] < float(quota_settings.CONFIG_CACHE_SECONDS)
+        ):
+            return entry[2]
+        return MISSING
+
+    def get(self, key: Hashable, load: Callable[[], T]) -> T:
+        found = self.peek(key)
+        if found is not MISSING:
+            return found
+        generation = self._generation
+        now = time.monotonic()
+        value = load()
+        with self._lock:
+            # A save that raced this load wins: don't store what it invalidated.
+            if generation == self._generation:
+                if len(self._entries) > 10_000:
+                    self._entries.clear()
+                self._entries[key] = (now, generation, value)
+        return value
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every invalidation (tests and diagnostics read it)."""
+        return self._generation
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._entries.clear()
+
+
+config_cache = ConfigCache()
+
+
+def _on_settings(*, setting: str, **kwargs: Any) -> None:
+    if setting == "LLM_QUOTA":
+        config_cache.invalidate()
+
+
+setting_changed.connect(_on_settings)

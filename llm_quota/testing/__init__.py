@@ -1,0 +1,1 @@
+"""Opt-in test doubles: the fake provider."""

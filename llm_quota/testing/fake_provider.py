@@ -1,0 +1,200 @@
+"""The built-in upstream when no ``OPENAI_BASE_URL`` is set: offline and deterministic.
+
+It answers Chat Completions like OpenAI does (bodies, SSE chunks, the final usage
+chunk, ``finish_reason: "length"`` at the cap) so the demo and the tests exercise
+the real gateway path without a network. The same request always gets the same
+reply; its length depends on the prompt and never exceeds the ``max_tokens`` sent.
+Token counts are real: ``llm_quota.rules.estimation`` counts the prompt and the reply with
+the model's tiktoken encoding (or its offline stand-in).
+
+``AsyncFakeProvider`` serves the async gateway: the same replies, computed in a
+thread (counting tokens is CPU work that would stall the event loop), then streamed
+one chunk per turn of the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from asgiref.sync import sync_to_async
+
+from llm_quota.rules.estimation import count_messages, count_output
+from llm_quota.shapes.chat import CAP_FIELDS
+
+FINGERPRINT = "fp_llmq_fake"
+#: The reply's natural length is between these many tokens, then cut at the cap.
+SHORTEST, LONGEST = 24, 96
+WORDS = (
+    "quota token budget reserve settle release window minute month limit tier model "
+    "price estimate prompt output stream usage ledger redis atomic lua script gate "
+    "request response header retry upgrade worker loop spend cost base multiplier "
+    "sliding calendar period clamp cap answer deterministic offline fake provider"
+).split()
+
+
+def _seed(body: dict[str, Any], choice: int) -> int:
+    material = json.dumps([body.get("model"), body.get("messages"), choice], sort_keys=True,
+                          default=str)  # fmt: skip
+    return int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "big")
+
+
+def _last_user_text(messages: Any) -> str:
+    for message in reversed(messages or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            return " ".join(str(content or "").split())[:80]
+    return ""
+
+
+def _pieces(body: dict[str, Any], choice: int) -> tuple[list[str], int]:
+    """The reply as streamable pieces, and its natural length in tokens."""
+    seed = _seed(body, choice)
+    rng = random.Random(seed)
+    asked = _last_user_text(body.get("messages"))
+    opening = f'Fake reply from {body.get("model")}. You said: "{asked}".'
+    pieces = [word if i == 0 else f" {word}" for i, word in enumerate(opening.split(" "))]
+    pieces += [f" {rng.choice(WORDS)}" for _ in range(LONGEST * 2)]
+    return pieces, SHORTEST + seed % (LONGEST - SHORTEST + 1)
+
+
+def _cap(body: dict[str, Any]) -> int:
+    caps = [body[name] for name in CAP_FIELDS if isinstance(body.get(name), int)]
+    return max(1, min(caps)) if caps else LONGEST
+
+
+def reply(body: dict[str, Any], choice: int = 0) -> tuple[list[str], str]:
+    """The pieces of one choice's text, cut to fit, and its ``finish_reason``."""
+    model = str(body.get("model"))
+    pieces, natural = _pieces(body, choice)
+    cap = _cap(body)
+    target = min(natural, cap)
+    taken: list[str] = []
+    for piece in pieces:
+        if count_output("".join(taken) + piece, model) > target:
+            break
+        taken.append(piece)
+    return taken, "length" if cap < natural else "stop"
+
+
+def _usage(body: dict[str, Any], texts: list[str]) -> dict[str, int]:
+    model = str(body.get("model"))
+    prompt = count_messages(body.get("messages"), model, tools=body.get("tools"))
+    completion = sum(count_output(text, model) for text in texts)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _id(body: dict[str, Any]) -> str:
+    return "chatcmpl-fake" + hashlib.sha256(str(_seed(body, -1)).encode()).hexdigest()[:24]
+
+
+class FakeStream:
+    def __init__(self, chunks: Iterator[dict[str, Any]]) -> None:
+        self._chunks = chunks
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self._chunks:
+            yield json.dumps(chunk, separators=(",", ":"))
+
+    def close(self) -> None:
+        self._chunks.close()  # type: ignore[attr-defined]
+
+
+class FakeProvider:
+    """An upstream with no network (see the module docstring)."""
+
+    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        choices, texts = [], []
+        for index in range(int(body.get("n") or 1)):
+            pieces, finish = reply(body, index)
+            text = "".join(pieces)
+            texts.append(text)
+            choices.append({
+                "index": index,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish,
+            })  # fmt: skip
+        return {
+            "id": _id(body),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+            "usage": _usage(body, texts),
+        }
+
+    def stream(self, body: dict[str, Any]) -> FakeStream:
+        return FakeStream(self._chunks(body))
+
+    def _chunks(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        base = {
+            "id": _id(body),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "system_fingerprint": FINGERPRINT,
+        }
+        if include_usage:
+            base["usage"] = None
+
+        def chunk(index: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**base, "choices": [choice]}
+
+        texts = []
+        for index in range(int(body.get("n") or 1)):
+            pieces, finish = reply(body, index)
+            texts.append("".join(pieces))
+            yield chunk(index, {"role": "assistant", "content": ""}, None)
+            for piece in pieces:
+                yield chunk(index, {"content": piece}, None)
+            yield chunk(index, {}, finish)
+        if include_usage:
+            yield {**base, "choices": [], "usage": _usage(body, texts)}
+
+
+class AsyncFakeStream:
+    """A ``FakeStream`` for ``async for``: its chunks are built in a thread, then handed
+    out one per turn of the loop, as a real upstream's arrive."""
+
+    def __init__(self, stream: FakeStream) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        chunks = await sync_to_async(list, thread_sensitive=False)(self._stream)
+        for data in chunks:
+            await asyncio.sleep(0)
+            yield data
+
+    async def aclose(self) -> None:
+        try:
+            self._stream.close()
+        except ValueError:
+            pass  # still being built in its thread (the client left early): it ends there
+
+
+class AsyncFakeProvider:
+    """``FakeProvider`` for the async gateway (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._sync = FakeProvider()
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await sync_to_async(self._sync.complete, thread_sensitive=False)(body)
+
+    async def stream(self, body: dict[str, Any]) -> AsyncFakeStream:
+        return AsyncFakeStream(self._sync.stream(body))
