@@ -12,9 +12,9 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 
-from llm_quota.accounting import Limits
 from llm_quota.conf import quota_settings
-from llm_quota.config_cache import MISSING, config_cache
+from llm_quota.rules.accounting import Limits
+from llm_quota.rules.config_cache import MISSING, config_cache
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,3 @@ async def apolicy_for(user: Any) -> UserPolicy:
         return found
     return await sync_to_async(policy_for)(pk)
 
-
-def invalidate(*args: Any, **kwargs: Any) -> None:
-    """Signal receiver: any tier, price or quota save drops every cached row."""
-    config_cache.invalidate()
