@@ -8,127 +8,76 @@ that would only fail at request time.
 from __future__ import annotations
 
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 
-from llm_quota.conf import DEFAULTS, quota_settings
+from llm_quota.conf import SETTINGS, quota_settings
 
 
-def _is_limit(value: Any) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+def _declared(area: str) -> list[Any]:
+    """Each declared setting of ``area`` whose value breaks its rule, as an Error."""
+    errors: list[Any] = []
+    for setting in SETTINGS:
+        if setting.area != area or setting.rule is None:
+            continue
+        value = getattr(quota_settings, setting.name)
+        if not setting.rule.accepts(value):
+            message = setting.rule.says.format(value=value)
+            errors.append(
+                Error(
+                    f"LLM_QUOTA[{setting.name!r}] {message}",
+                    hint=setting.rule.hint or None,
+                    id=setting.check_id,
+                )
+            )
+    return errors
 
 
 @register(Tags.compatibility)
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
-    errors: list[Any] = []
+    """Every quota setting by its declared rule, then what only the project can tell."""
     user = getattr(settings, "LLM_QUOTA", {}) or {}
     if not isinstance(user, dict):
         return [Error("LLM_QUOTA must be a dict.", id="llm_quota.E001")]
+    errors: list[Any] = []
+    declared = {setting.name: setting for setting in SETTINGS}
     for name in user:
-        if name not in DEFAULTS:
+        if name not in declared:
             errors.append(Warning(f"LLM_QUOTA has an unknown key {name!r}.", id="llm_quota.W001"))
-    errors += _check_redis()
-    if quota_settings.UNKNOWN_MODEL not in ("reject", "default"):
-        errors.append(
-            Error(
-                f"LLM_QUOTA['UNKNOWN_MODEL'] is {quota_settings.UNKNOWN_MODEL!r}; "
-                "use 'reject' or 'default'.",
-                id="llm_quota.E004",
-            )
-        )
-    try:
-        ZoneInfo(str(quota_settings.PERIOD_TIMEZONE))
-    except (ZoneInfoNotFoundError, ValueError):
-        errors.append(
-            Error(
-                f"LLM_QUOTA['PERIOD_TIMEZONE'] {quota_settings.PERIOD_TIMEZONE!r} is not a "
-                "known time zone.",
-                id="llm_quota.E005",
-            )
-        )
-    ttl = quota_settings.RESERVATION_TTL
-    if not isinstance(ttl, int | float) or isinstance(ttl, bool) or ttl < 60:
-        errors.append(
-            Error(
-                "LLM_QUOTA['RESERVATION_TTL'] must be at least 60 seconds: a shorter lease "
-                "expires under calls still running and lets them overspend.",
-                id="llm_quota.E006",
-            )
-        )
-    for name in ("GLOBAL_TOKENS_PER_DAY", "GLOBAL_TOKENS_PER_MONTH"):
-        if not _is_limit(getattr(quota_settings, name)):
+        elif declared[name].moved_to:
             errors.append(
-                Error(
-                    f"LLM_QUOTA[{name!r}] must be a positive integer or None.", id="llm_quota.E007"
+                Warning(
+                    f"LLM_QUOTA[{name!r}] has moved to {declared[name].moved_to}. It is "
+                    "honoured until the next release.",
+                    id="llm_quota.W050",
                 )
             )
-    interval = quota_settings.SNAPSHOT_INTERVAL
-    if not isinstance(interval, int | float) or isinstance(interval, bool) or interval <= 0:
-        errors.append(
-            Error(
-                "LLM_QUOTA['SNAPSHOT_INTERVAL'] must be a positive number of seconds.",
-                id="llm_quota.E008",
-            )
-        )
-    try:
-        from llm_quota.ledger.keys import prefix
+    errors += _declared("quota")
+    errors += _check_redis()
+    errors += _check_key_prefix()
+    errors += _check_socket_timeouts()
+    return errors
 
+
+def _check_key_prefix() -> list[Any]:
+    """The key builder owns the rule for the prefix of every key."""
+    from llm_quota.ledger.keys import prefix
+
+    try:
         prefix(str(quota_settings.KEY_PREFIX))
     except ValueError:
-        errors.append(
+        return [
             Error(
                 "LLM_QUOTA['KEY_PREFIX'] may hold only letters, digits and ._- (1-32).",
                 id="llm_quota.E009",
             )
-        )
-    errors += _check_alert_settings()
-    errors += _check_outage_settings()
-    return errors
+        ]
+    return []
 
 
-def _check_alert_settings() -> list[Any]:
-    errors: list[Any] = []
-    url = quota_settings.ALERT_WEBHOOK_URL
-    if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
-        errors.append(
-            Error(
-                "LLM_QUOTA['ALERT_WEBHOOK_URL'] must be an http(s) URL or None.",
-                id="llm_quota.E020",
-            )
-        )
-    timeout = quota_settings.ALERT_WEBHOOK_TIMEOUT
-    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
-        errors.append(
-            Error(
-                "LLM_QUOTA['ALERT_WEBHOOK_TIMEOUT'] must be a positive number of seconds.",
-                id="llm_quota.E021",
-            )
-        )
-    return errors
-
-
-def _check_outage_settings() -> list[Any]:
-    """What a Redis outage costs each request rests on these (see ``outage.py``)."""
-    errors: list[Any] = []
-    cooldown = quota_settings.BREAKER_COOLDOWN
-    if not isinstance(cooldown, int | float) or isinstance(cooldown, bool) or cooldown <= 0:
-        errors.append(
-            Error(
-                "LLM_QUOTA['BREAKER_COOLDOWN'] must be a positive number of seconds.",
-                id="llm_quota.E030",
-            )
-        )
-    divisor = quota_settings.FAIL_OPEN_DIVISOR
-    if not isinstance(divisor, int) or isinstance(divisor, bool) or divisor < 1:
-        errors.append(
-            Error(
-                "LLM_QUOTA['FAIL_OPEN_DIVISOR'] must be a positive integer (the number of "
-                "processes serving requests).",
-                id="llm_quota.E031",
-            )
-        )
+def _check_socket_timeouts() -> list[Any]:
+    """Without them a Redis that stops answering holds requests before the breaker opens."""
     cache = settings.CACHES.get(quota_settings.REDIS_CACHE_ALIAS) or {}
     options = cache.get("OPTIONS") or {}
     if (
@@ -136,7 +85,7 @@ def _check_outage_settings() -> list[Any]:
         and str(cache.get("BACKEND", "")).startswith("django_redis.")
         and not (options.get("SOCKET_TIMEOUT") and options.get("SOCKET_CONNECT_TIMEOUT"))
     ):
-        errors.append(
+        return [
             Warning(
                 "The quota cache has no SOCKET_TIMEOUT/SOCKET_CONNECT_TIMEOUT: a Redis that "
                 "stops answering holds requests until the OS gives up, before the circuit "
@@ -144,8 +93,8 @@ def _check_outage_settings() -> list[Any]:
                 hint="Set OPTIONS {'SOCKET_CONNECT_TIMEOUT': 1, 'SOCKET_TIMEOUT': 1}.",
                 id="llm_quota.W030",
             )
-        )
-    return errors
+        ]
+    return []
 
 
 def _check_redis() -> list[Any]:
@@ -249,16 +198,8 @@ def check_gateway(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 id="llm_quota.W003",
             )
         )
-    base_url = quota_settings.OPENAI_BASE_URL
-    if base_url:
-        if not str(base_url).startswith(("http://", "https://")):
-            errors.append(
-                Error(
-                    f"LLM_QUOTA['OPENAI_BASE_URL'] {base_url!r} is not an http(s) URL.",
-                    hint="For example https://api.openai.com/v1",
-                    id="llm_quota.E011",
-                )
-            )
+    errors += _declared("gateway")
+    if quota_settings.OPENAI_BASE_URL:
         try:
             import httpx  # noqa: F401
         except ImportError:
@@ -269,15 +210,42 @@ def check_gateway(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                     id="llm_quota.E012",
                 )
             )
-    if not isinstance(quota_settings.ASYNC_GATEWAY, bool):
-        errors.append(
-            Error("LLM_QUOTA['ASYNC_GATEWAY'] must be True or False.", id="llm_quota.E015")
-        )
-    for name in ("UPSTREAM_CONNECT_TIMEOUT", "UPSTREAM_READ_TIMEOUT"):
-        value = getattr(quota_settings, name)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            errors.append(
-                Error(f"LLM_QUOTA[{name!r}] must be a positive number of seconds.",
-                      id="llm_quota.E013")
-            )  # fmt: skip
+    errors += _check_upstream_chosen()
     return errors
+
+
+def _check_upstream_chosen() -> list[Any]:
+    """A mounted gateway needs an upstream chosen on purpose: it never falls back to the
+    fake provider, which would serve invented answers as if they were real."""
+    from django.urls import NoReverseMatch, reverse
+
+    if quota_settings.OPENAI_BASE_URL or quota_settings.UPSTREAM:
+        return []
+    try:
+        reverse("llm_quota_chat")
+    except NoReverseMatch:
+        return []  # the gateway is not mounted
+    return [
+        Error(
+            "The gateway is mounted (llm_quota_chat) but has no upstream: neither "
+            "LLM_QUOTA['OPENAI_BASE_URL'] nor LLM_QUOTA['UPSTREAM'] is set.",
+            hint="Set OPENAI_BASE_URL to an OpenAI-compatible server, or, for a demo or "
+            "tests, UPSTREAM = 'llm_quota.testing.fake_provider.FakeProvider'.",
+            id="llm_quota.E017",
+        )
+    ]
+
+
+@register(Tags.compatibility)
+def check_token_endpoint(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """The token endpoint counts requests in Redis's sliding minute, so its DRF rate must
+    be a rate per minute."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from llm_quota.contrib.jwt.throttling import TokenEndpointThrottle
+
+    try:
+        TokenEndpointThrottle()  # reads and parses the rate
+    except ImproperlyConfigured as exc:
+        return [Error(str(exc), id="llm_quota.E050")]
+    return []

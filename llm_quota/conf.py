@@ -1,70 +1,315 @@
-"""The one reader of the ``LLM_QUOTA`` setting.
+"""The one reader of the ``LLM_QUOTA`` setting, and the declaration of every key in it.
 
-Modelled on DRF's ``api_settings``: attribute access returns the user's value or the
-documented default, and the cache is dropped when a test overrides the setting.
-Validation lives in ``checks.py`` so that misconfiguration shows up in
-``manage.py check`` rather than on the first request.
+Each key is declared once below: its default, the rule a value must follow (checked by
+``manage.py check``, never at request time) and its one-line doc, which the README's
+settings table repeats word for word (a test compares them). Reading works like DRF's
+``api_settings``: the user's value or the default, dropped when a test overrides the
+setting.
 """
 
 from __future__ import annotations
 
-from decimal import Decimal
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django.conf import settings
 from django.core.signals import setting_changed
+from django.utils.module_loading import import_string
 
-DEFAULTS: dict[str, Any] = {
-    "REDIS_CACHE_ALIAS": "default",
-    "KEY_PREFIX": "llmq",
-    "FAIL_OPEN": True,
-    "DEFAULT_TIER": "free",
-    "UNKNOWN_MODEL": "reject",
-    "CLAMP_MAX_TOKENS": True,
-    # Below this many output tokens a clamped request is not worth sending.
-    "MIN_OUTPUT_TOKENS": 16,
-    "RESERVATION_TTL": 600,
-    "SNAPSHOT_INTERVAL": 60,
-    "PERIOD_TIMEZONE": "UTC",
-    "SCOPE_CLAIM": "scope",
-    "CHAT_SCOPE": "llm:chat",
-    "USAGE_SCOPE": "usage:read",
-    "BASE_TOKEN_USD_PER_MILLION": Decimal("2.50"),
-    "GLOBAL_TOKENS_PER_DAY": None,
-    "GLOBAL_TOKENS_PER_MONTH": None,
-    # Seconds a process may serve tier, quota and price rows from memory before
-    # reading them again. Saves reach every process at once (config_broadcast.py):
-    # this only bounds how stale a process cut off from Redis pub/sub can get.
-    "CONFIG_CACHE_SECONDS": 30.0,
-    # Redis Cluster: "redis+cluster://host:port[,host:port...]" makes the ledger use
-    # redis-py's RedisCluster instead of the REDIS_CACHE_ALIAS client (django-redis
-    # has no cluster client).
-    "REDIS_CLUSTER_URL": None,
-    # Requests per minute per client address to the token endpoint (password
-    # guessing); None or 0 turns the limit off.
-    "TOKEN_REQUESTS_PER_MINUTE": 20,
-    # The gateway's upstream (contract section 2): an OpenAI-compatible base URL such
-    # as "https://api.openai.com/v1" and its key. No URL: the built-in fake provider.
-    "OPENAI_BASE_URL": None,
-    "OPENAI_API_KEY": None,
-    # Seconds the gateway waits for the upstream to connect, and between two reads.
-    "UPSTREAM_CONNECT_TIMEOUT": 10.0,
-    "UPSTREAM_READ_TIMEOUT": 600.0,
-    # Serve /v1/chat/completions with the async view (async_gateway.py): for ASGI
-    # servers such as uvicorn. Read when the URLs are loaded.
-    "ASYNC_GATEWAY": False,
-    # Alerts (soft limit crossed, budget exhausted) are also POSTed here as JSON, by
-    # a Celery task so the request never waits on it; None sends only the signals.
-    "ALERT_WEBHOOK_URL": None,
-    # Seconds the webhook task waits for the receiver before retrying.
-    "ALERT_WEBHOOK_TIMEOUT": 5.0,
-    # Redis outage (outage.py): seconds the circuit breaker keeps requests off Redis
-    # after a connection error or timeout, before one request per process probes it.
-    "BREAKER_COOLDOWN": 2.0,
-    # FAIL_OPEN admits each process a 1/FAIL_OPEN_DIVISOR share of the tier's
-    # per-minute limits: set it to the number of processes serving requests.
-    "FAIL_OPEN_DIVISOR": 4,
-}
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value must be: ``accepts`` decides, ``says`` finishes the system check's
+    message after ``LLM_QUOTA['NAME']`` (``{value!r}`` names the value given)."""
+
+    accepts: Callable[[Any], bool]
+    says: str
+    hint: str = ""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key of ``LLM_QUOTA``. ``rule`` is None where the value can only be judged
+    against the project (a cache alias, the key builder, the cluster URL parser): those
+    checks are written out in ``checks.py``. ``area`` says which system check reports it."""
+
+    name: str
+    default: Any
+    doc: str
+    rule: Rule | None = None
+    check_id: str = ""
+    area: str = "quota"
+    #: Where a key that left ``LLM_QUOTA`` now lives; set, it is honoured with a warning.
+    moved_to: str = ""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | Decimal) and not isinstance(value, bool)
+
+
+def _is_positive_number(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_limit(value: Any) -> bool:
+    return value is None or _is_positive_int(value)
+
+
+def _is_amount(value: Any) -> bool:
+    """A number or its string (``Decimal("2.50")``, ``"2.50"``, ``2.5``) above zero."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return Decimal(str(value)) > 0
+    except InvalidOperation:
+        return False
+
+
+def _is_time_zone(value: Any) -> bool:
+    try:
+        ZoneInfo(str(value))
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _is_http_url(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
+def _is_class_path(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return isinstance(value, str) and isinstance(import_string(value), type)
+    except ImportError:
+        return False
+
+
+FLAG = Rule(lambda v: isinstance(v, bool), "must be True or False.")
+NAME = Rule(lambda v: isinstance(v, str), "must be a string.")
+SECONDS = Rule(_is_positive_number, "must be a positive number of seconds.")
+LIMIT = Rule(_is_limit, "must be a positive integer or None.")
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("REDIS_CACHE_ALIAS", "default", "django-redis cache whose raw client the ledger uses"),
+    Setting("KEY_PREFIX", "llmq", "prefix of every Redis key"),
+    Setting(
+        "FAIL_OPEN",
+        True,
+        "Redis down: admit unmetered (logged CRITICAL once per outage) or answer 503",
+        FLAG,
+        "llm_quota.E040",
+    ),
+    Setting(
+        "DEFAULT_TIER",
+        "free",
+        "tier for users without a `UserQuota` when none is `is_default`",
+        NAME,
+        "llm_quota.E041",
+    ),
+    Setting(
+        "UNKNOWN_MODEL",
+        "reject",
+        'or `"default"`: price unknown models by the `*` row',
+        Rule(lambda v: v in ("reject", "default"), "is {value!r}; use 'reject' or 'default'."),
+        "llm_quota.E004",
+    ),
+    Setting(
+        "CLAMP_MAX_TOKENS",
+        True,
+        "lower `max_tokens` to what fits instead of refusing",
+        FLAG,
+        "llm_quota.E040",
+    ),
+    Setting(
+        "MIN_OUTPUT_TOKENS",
+        16,
+        "a clamp below this many output tokens refuses instead",
+        Rule(_is_positive_int, "must be a positive integer."),
+        "llm_quota.E042",
+    ),
+    Setting(
+        "RESERVATION_TTL",
+        600,
+        "seconds until an unsettled reservation expires (at least 60)",
+        Rule(
+            lambda v: _is_number(v) and v >= 60,
+            "must be at least 60 seconds: a shorter lease expires under calls still "
+            "running and lets them overspend.",
+        ),
+        "llm_quota.E006",
+    ),
+    Setting(
+        "SNAPSHOT_INTERVAL",
+        60,
+        "seconds between usage snapshots to the database",
+        SECONDS,
+        "llm_quota.E008",
+    ),
+    Setting(
+        "PERIOD_TIMEZONE",
+        "UTC",
+        "time zone of the calendar day and month",
+        Rule(_is_time_zone, "{value!r} is not a known time zone."),
+        "llm_quota.E005",
+    ),
+    Setting(
+        "SCOPE_CLAIM",
+        "scope",
+        "the JWT claim that holds the caller's scopes",
+        NAME,
+        "llm_quota.E041",
+    ),
+    Setting("CHAT_SCOPE", "llm:chat", "the scope an LLM call needs", NAME, "llm_quota.E041"),
+    Setting("USAGE_SCOPE", "usage:read", "the scope the usage API needs", NAME, "llm_quota.E041"),
+    Setting(
+        "BASE_TOKEN_USD_PER_MILLION",
+        Decimal("2.50"),
+        "dollars per million base tokens, for the dollar figures in reports",
+        Rule(_is_amount, "must be a positive number."),
+        "llm_quota.E043",
+    ),
+    Setting(
+        "GLOBAL_TOKENS_PER_DAY",
+        None,
+        "cap on the base tokens of all users together per day",
+        LIMIT,
+        "llm_quota.E007",
+    ),
+    Setting(
+        "GLOBAL_TOKENS_PER_MONTH",
+        None,
+        "cap on the base tokens of all users together per month",
+        LIMIT,
+        "llm_quota.E007",
+    ),
+    Setting(
+        "CONFIG_CACHE_SECONDS",
+        30.0,
+        "longest a process serves a tier, quota or price from memory; edits are "
+        "broadcast at once, this only bounds a process cut off from Redis pub/sub",
+        Rule(lambda v: _is_number(v) and v >= 0, "must be a number of seconds, 0 or more."),
+        "llm_quota.E044",
+    ),
+    Setting(
+        "REDIS_CLUSTER_URL",
+        None,
+        "`redis+cluster://host:port[,host:port...]`: count on a Redis Cluster (redis-py's "
+        "`RedisCluster`) instead of the `REDIS_CACHE_ALIAS` client",
+    ),
+    Setting(
+        "TOKEN_REQUESTS_PER_MINUTE",
+        None,
+        'deprecated: set `REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["llm_quota_token"]`; '
+        "honoured when set, until the next release",
+        Rule(
+            lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+            "must be a whole number of requests, 0 or more, or None.",
+        ),
+        "llm_quota.E051",
+        moved_to='REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["llm_quota_token"], as a DRF '
+        'rate such as "20/minute"',
+    ),
+    Setting(
+        "UPSTREAM",
+        None,
+        "dotted path of the gateway's upstream class; `None`: the OpenAI-compatible "
+        "server at `OPENAI_BASE_URL` (the demo opts into "
+        "`llm_quota.testing.fake_provider.FakeProvider`)",
+        Rule(_is_class_path, "{value!r} is not an importable class."),
+        "llm_quota.E016",
+        area="gateway",
+    ),
+    Setting(
+        "OPENAI_BASE_URL",
+        None,
+        "the gateway's OpenAI-compatible upstream (`.../v1`, such as `https://api.openai.com/v1`)",
+        Rule(
+            lambda v: not v or _is_http_url(v),
+            "{value!r} is not an http(s) URL.",
+            hint="For example https://api.openai.com/v1",
+        ),
+        "llm_quota.E011",
+        area="gateway",
+    ),
+    Setting(
+        "OPENAI_API_KEY",
+        None,
+        "the key sent to `OPENAI_BASE_URL`",
+        Rule(lambda v: v is None or isinstance(v, str), "must be a string or None."),
+        "llm_quota.E018",
+        area="gateway",
+    ),
+    Setting(
+        "UPSTREAM_CONNECT_TIMEOUT",
+        10.0,
+        "seconds to connect to the upstream",
+        SECONDS,
+        "llm_quota.E013",
+        area="gateway",
+    ),
+    Setting(
+        "UPSTREAM_READ_TIMEOUT",
+        600.0,
+        "seconds between two reads from the upstream",
+        SECONDS,
+        "llm_quota.E013",
+        area="gateway",
+    ),
+    Setting(
+        "ASYNC_GATEWAY",
+        False,
+        "serve `/v1/chat/completions` with the async view "
+        "(`llm_quota.gateway.async_views`), for ASGI servers; read when the URLs load",
+        FLAG,
+        "llm_quota.E015",
+        area="gateway",
+    ),
+    Setting(
+        "ALERT_WEBHOOK_URL",
+        None,
+        "also POST each alert as JSON here (by a Celery task)",
+        Rule(lambda v: v is None or _is_http_url(v), "must be an http(s) URL or None."),
+        "llm_quota.E020",
+    ),
+    Setting(
+        "ALERT_WEBHOOK_TIMEOUT",
+        5.0,
+        "seconds the webhook task waits for the receiver before retrying",
+        SECONDS,
+        "llm_quota.E021",
+    ),
+    Setting(
+        "BREAKER_COOLDOWN",
+        2.0,
+        "seconds the circuit breaker keeps requests off Redis after it failed, before "
+        "one request per process probes it",
+        SECONDS,
+        "llm_quota.E030",
+    ),
+    Setting(
+        "FAIL_OPEN_DIVISOR",
+        4,
+        "with `FAIL_OPEN`, each process admits a 1/divisor share of the tier's per-minute "
+        "limits while Redis is down: set it to the number of processes",
+        Rule(
+            _is_positive_int,
+            "must be a positive integer (the number of processes serving requests).",
+        ),
+        "llm_quota.E031",
+    ),
+)
+
+#: Each key's default, for readers that want them all at once.
+DEFAULTS: dict[str, Any] = {setting.name: setting.default for setting in SETTINGS}
 
 
 class QuotaSettings:
@@ -82,6 +327,10 @@ class QuotaSettings:
         value = self.user_settings.get(name, DEFAULTS[name])
         setattr(self, name, value)
         return value
+
+    def is_set(self, name: str) -> bool:
+        """Whether the project gave ``name`` a value (a default is not one)."""
+        return name in self.user_settings
 
     def reload(self) -> None:
         self.__dict__.clear()

@@ -1,7 +1,8 @@
 """Settings of the demo project that shows llm_quota in use.
 
-Everything that differs between a laptop and production comes from the environment
-(contract section 2): no REDIS_URL means an embedded Redis, no DATABASE_URL SQLite.
+Everything that differs between a laptop and production comes from the environment:
+no REDIS_URL means an embedded Redis, no DATABASE_URL SQLite, no OPENAI_BASE_URL the
+fake provider.
 """
 
 import os
@@ -92,6 +93,8 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Password guessing at /api/token/: requests per client address, per minute.
+    "DEFAULT_THROTTLE_RATES": {"llm_quota_token": "20/minute"},
 }
 
 SIMPLE_JWT = {
@@ -120,15 +123,17 @@ LOGGING = {
 # -- the OpenAI-compatible gateway ---------------------------------------------------
 # The middleware gates plain views and finishes reservations the DRF throttle admitted.
 MIDDLEWARE += ["llm_quota.middleware.LLMQuotaMiddleware"]
-# Unset: the built-in fake provider (offline, deterministic).
 LLM_QUOTA.update(
     OPENAI_BASE_URL=os.environ.get("OPENAI_BASE_URL") or None,
     OPENAI_API_KEY=os.environ.get("OPENAI_API_KEY") or None,
     # project/asgi.py turns the async chat view on; LLM_QUOTA_ASYNC_GATEWAY=0 keeps DRF's.
     ASYNC_GATEWAY=os.environ.get("LLM_QUOTA_ASYNC_GATEWAY", "0") == "1",
 )
+# No OPENAI_BASE_URL: the demo chooses the built-in fake provider (offline, deterministic).
+if not LLM_QUOTA["OPENAI_BASE_URL"]:
+    LLM_QUOTA["UPSTREAM"] = "llm_quota.testing.fake_provider.FakeProvider"
 # -- Usage reporting: Celery, the snapshot schedule, the OpenAPI schema -------------
-# Celery's broker defaults to the same Redis as the ledger (contract section 2).
+# Celery's broker defaults to the same Redis as the ledger.
 # kombu spells redis-py's unix:// socket URLs redis+socket://.
 _CELERY_REDIS = (
     "redis+socket://" + REDIS_URL.removeprefix("unix://")

@@ -13,6 +13,7 @@ import pytest
 from django.test import Client
 from rest_framework_simplejwt.tokens import AccessToken
 
+from llm_quota.contrib.jwt.throttling import TokenEndpointThrottle
 from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
 from llm_quota.ledger.default import set_default_ledger
 from llm_quota.ledger.sync_driver import Ledger
@@ -130,11 +131,16 @@ def test_admin_edits_need_admin_rights(setup):
     assert setup.name == "free"
 
 
-def test_token_endpoint_is_rate_limited_per_address(setup, settings, private_ledger):
-    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "TOKEN_REQUESTS_PER_MINUTE": 3}
-    set_default_ledger(private_ledger)
-    from llm_quota.drf.throttling import TokenEndpointThrottle
+def _token_rate(settings, rate):
+    settings.REST_FRAMEWORK = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {"llm_quota_token": rate},
+    }
 
+
+def test_token_endpoint_is_rate_limited_per_address(setup, settings, private_ledger):
+    _token_rate(settings, "3/minute")
+    set_default_ledger(private_ledger)
     TokenEndpointThrottle._ledgers.clear()
     user = factories.user(setup)
     here, there = Client(REMOTE_ADDR="10.9.8.7"), Client(REMOTE_ADDR="10.9.8.6")
@@ -146,4 +152,35 @@ def test_token_endpoint_is_rate_limited_per_address(setup, settings, private_led
     # A spoofed X-Forwarded-For changes nothing without NUM_PROXIES.
     assert here.post("/api/token/", wrong, HTTP_X_FORWARDED_FOR="1.2.3.4").status_code == 429
     assert there.post("/api/token/", wrong).status_code == 401
+    TokenEndpointThrottle._ledgers.clear()
+
+
+def test_token_endpoint_rate_none_turns_the_limit_off(setup, settings):
+    _token_rate(settings, None)
+    user = factories.user(setup)
+    wrong = {"username": user.username, "password": "guess"}
+    client = Client(REMOTE_ADDR="10.9.8.5")
+    assert {client.post("/api/token/", wrong).status_code for _ in range(21)} == {401}
+
+
+def test_token_endpoint_keeps_20_a_minute_without_a_drf_rate(settings):
+    settings.REST_FRAMEWORK = {
+        k: v for k, v in settings.REST_FRAMEWORK.items() if k != "DEFAULT_THROTTLE_RATES"
+    }
+    throttle = TokenEndpointThrottle()
+    assert (throttle.num_requests, throttle.duration) == (20, 60)
+
+
+def test_deprecated_token_requests_per_minute_is_honoured_over_the_drf_rate(
+    setup, settings, private_ledger
+):
+    _token_rate(settings, "50/minute")
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "TOKEN_REQUESTS_PER_MINUTE": 2}
+    TokenEndpointThrottle._ledgers.clear()
+    user = factories.user(setup)
+    wrong = {"username": user.username, "password": "guess"}
+    client = Client(REMOTE_ADDR="10.9.8.4")
+    assert [client.post("/api/token/", wrong).status_code for _ in range(3)] == [401, 401, 429]
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "TOKEN_REQUESTS_PER_MINUTE": 0}  # off, as before
+    assert TokenEndpointThrottle().rate is None
     TokenEndpointThrottle._ledgers.clear()

@@ -15,7 +15,7 @@ from rest_framework_simplejwt.tokens import RefreshToken
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
 from llm_quota.conf import quota_settings
-from llm_quota.drf.throttling import TokenEndpointThrottle
+from llm_quota.contrib.jwt.throttling import TokenEndpointThrottle
 from llm_quota.rules.policy import policy_for
 
 
