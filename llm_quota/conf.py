@@ -206,19 +206,6 @@ SETTINGS: tuple[Setting, ...] = (
         "`RedisCluster`) instead of the `REDIS_CACHE_ALIAS` client",
     ),
     Setting(
-        "TOKEN_REQUESTS_PER_MINUTE",
-        None,
-        'deprecated: set `REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["llm_quota_token"]`; '
-        "honoured when set, until the next release",
-        Rule(
-            lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-            "must be a whole number of requests, 0 or more, or None.",
-        ),
-        "llm_quota.E051",
-        moved_to='REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["llm_quota_token"], as a DRF '
-        'rate such as "20/minute"',
-    ),
-    Setting(
         "UPSTREAM",
         None,
         "dotted path of the gateway's upstream class; `None`: the OpenAI-compatible "
@@ -305,6 +292,19 @@ SETTINGS: tuple[Setting, ...] = (
             "must be a positive integer (the number of processes serving requests).",
         ),
         "llm_quota.E031",
+    ),
+    Setting(
+        "TOKEN_REQUESTS_PER_MINUTE",
+        None,
+        'deprecated: set `REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["llm_quota_token"]`; '
+        "honoured when set, until the next release",
+        Rule(
+            lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+            "must be a whole number of requests, 0 or more, or None.",
+        ),
+        "llm_quota.E051",
+        moved_to='REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["llm_quota_token"], as a DRF '
+        'rate such as "20/minute"',
     ),
 )
 
