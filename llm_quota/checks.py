@@ -1,8 +1,10 @@
 """``manage.py check`` catches misconfiguration before the first request does.
 
-As django-ratelimit refuses caches that cannot count atomically, we refuse a cache
-alias that is not django-redis (the ledger needs Lua scripts), and settings values
-that would only fail at request time.
+Each setting's value is held to the rule declared with it in ``conf.py``. Written out
+here are the checks a single value cannot answer: as django-ratelimit refuses caches
+that cannot count atomically, we refuse a cache alias that is not django-redis (the
+ledger needs Lua scripts); and the middleware, the default tier, the cluster URL, the
+gateway's upstream and the token endpoint's rate are judged against the project.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The app's URLs; the demo project mounts them at the root (contract section 6)."""
+"""The app's URLs: the JWT token views, the OpenAI-compatible gateway under ``v1/`` and
+the usage API under ``api/llm-quota/``. The demo project mounts them at the root."""
 
 from django.urls import include, path
 

@@ -122,7 +122,7 @@ def test_the_moved_token_setting_warns_where_it_went(settings):
     assert 'DEFAULT_THROTTLE_RATES"]["llm_quota_token"]' in warnings[0].msg
 
 
-@pytest.mark.parametrize("rate", ["5/hour", "1/s", "lots", "0/minute"])
+@pytest.mark.parametrize("rate", ["5/hour", "1/s", "lots", "5/", "0/minute"])
 def test_a_token_endpoint_rate_that_is_not_per_minute_fails_the_check(settings, rate):
     settings.REST_FRAMEWORK = {
         **settings.REST_FRAMEWORK,

@@ -46,7 +46,7 @@ class TokenEndpointThrottle(SimpleRateThrottle):
     def __init__(self) -> None:
         try:
             super().__init__()
-        except (ValueError, KeyError, AttributeError) as exc:
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
             raise ImproperlyConfigured(
                 f"The token endpoint's throttle rate {self.rate!r} is not a DRF rate such "
                 'as "20/minute".'

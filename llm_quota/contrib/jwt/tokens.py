@@ -1,7 +1,6 @@
-"""simplejwt serializers that put the tier's scopes into the access token.
-
-The refresh serializer recomputes the claim, so a refreshed token reflects the
-user's tier (or block) now, not at login.
+"""The token endpoint: simplejwt serializers that put the tier's scopes into the access
+token, and the views that serve them. The refresh serializer recomputes the claim, so
+a refreshed token reflects the user's tier (or block) now, not at login.
 """
 
 from __future__ import annotations
