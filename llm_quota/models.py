@@ -80,10 +80,6 @@ class Tier(models.Model):
     def model_patterns(self) -> list[str]:
         return [line.strip() for line in self.allowed_models.splitlines() if line.strip()]
 
-    def allows_model(self, model: str) -> bool:
-        patterns = self.model_patterns
-        return not patterns or any(fnmatch.fnmatchcase(model, p) for p in patterns)
-
     @property
     def scope_list(self) -> list[str]:
         return self.scopes.split()

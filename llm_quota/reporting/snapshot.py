@@ -47,15 +47,9 @@ from django.utils import timezone
 from redis.exceptions import LockError
 
 from llm_quota.ledger.default import get_ledger
-from llm_quota.ledger.replies import ModelUsage, parse_model_fields
+from llm_quota.ledger.replies import ModelUsage, parse_model_fields, text
 from llm_quota.ledger.sync_driver import Ledger
-from llm_quota.reporting.snapshot_sql import (
-    SNAPSHOT_FIELDS,
-    Row,
-    database,
-    read_stored,
-    upsert_rows,
-)
+from llm_quota.reporting.snapshot_sql import Row, database, read_stored, upsert_rows
 
 logger = logging.getLogger("llm_quota")
 
@@ -81,9 +75,6 @@ BATCH_USERS = 2000
 PROGRESS_EVERY = 10.0
 #: Members per SADD/SREM when the lost-user sets are updated (each command stays short).
 SET_BATCH = 1000
-
-__all__ = ["SNAPSHOT_FIELDS", "SnapshotBusy", "SnapshotRun", "count_active", "last_run",
-           "snapshot_usage"]  # fmt: skip
 
 
 class SnapshotBusy(RuntimeError):
@@ -234,7 +225,7 @@ def last_run(ledger: Ledger | None = None) -> dict[str, Any] | None:
     raw = ledger.client.hgetall(ledger.keyspace.snapshot_status())
     if not raw:
         return None
-    data = {_text(k): _text(v) for k, v in raw.items()}
+    data = {text(k): text(v) for k, v in raw.items()}
     numbers = (
         "started_ms", "finished_ms", "users", "rows_written", "lost", "unknown", "recorded_at",
         "full",
@@ -270,7 +261,7 @@ def _batches(ids: Iterable[str], size: int) -> Iterator[list[str]]:
 def _lost_ids(ledger: Ledger, month: str) -> Iterator[str]:
     """The users earlier runs skipped as lost (SSCAN: short commands, however many)."""
     for member in ledger.client.sscan_iter(ledger.keyspace.snapshot_lost(month), count=SET_BATCH):
-        yield _text(member)
+        yield text(member)
 
 
 def _read_batch(ledger: Ledger, month: str, uids: list[str]) -> list[tuple[bool, list[ModelUsage]]]:
@@ -391,7 +382,3 @@ def _record(ledger: Ledger, run: SnapshotRun, plan: RunPlan) -> None:
     pipe.hset(mark, mapping={"since_ms": run.started_ms, "full_ms": plan.last_full_ms})
     pipe.expire(mark, WATERMARK_TTL)
     pipe.execute()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

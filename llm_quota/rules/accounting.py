@@ -92,9 +92,6 @@ class Estimate:
     def base_tokens(self) -> int:
         return self.price.base_tokens(self.prompt_tokens, self.max_output_tokens)
 
-    def base_tokens_with_output(self, output_tokens: int) -> int:
-        return self.price.base_tokens(self.prompt_tokens, output_tokens)
-
 
 @dataclass(frozen=True)
 class ActualUsage:
