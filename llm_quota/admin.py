@@ -29,8 +29,9 @@ from llm_quota.ledger.replies import UserUsage
 from llm_quota.models import ModelPrice, Tier, UsageSnapshot, UserQuota
 from llm_quota.reporting import charts
 from llm_quota.reporting import stats as usage_stats
-from llm_quota.reporting.snapshot import last_run, period_of
+from llm_quota.reporting.snapshot import last_run
 from llm_quota.reporting.usage import cost_usd
+from llm_quota.rules.periods import add_months, first_day
 
 # -- tiers and prices ------------------------------------------------------------------
 
@@ -187,7 +188,7 @@ class UserQuotaAdmin(admin.ModelAdmin):
         except RedisError as exc:
             return f"Redis is unavailable: {exc}"
         budget = _budget(quota)
-        period = period_of(live.month)
+        period = first_day(live.month)
         stored = sum(
             UsageSnapshot.objects.filter(user_id=quota.user_id, period=period).values_list(
                 "base_tokens", flat=True
@@ -274,7 +275,7 @@ class UserQuotaAdmin(admin.ModelAdmin):
                 for quota in queryset:
                     reset = ledger.reset_period(quota.user_id)
                     UsageSnapshot.objects.filter(
-                        user_id=quota.user_id, period=period_of(reset.month)
+                        user_id=quota.user_id, period=first_day(reset.month)
                     ).update(requests=0, input_tokens=0, output_tokens=0, base_tokens=0)
         except (RedisError, LockError) as exc:
             self.message_user(request, f"Reset failed: {exc}", messages.ERROR)
@@ -336,7 +337,7 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
     def _current_period(self) -> date:
         ledger = get_ledger()
         moment = ledger.clock() if ledger.clock is not None else time.time()
-        return period_of(ledger.periods(int(moment * 1000))[1])
+        return first_day(ledger.periods(int(moment * 1000))[1])
 
     def report_view(self, request: HttpRequest) -> HttpResponse:
         if not self.has_view_permission(request):
@@ -393,7 +394,7 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
         months = request.GET.get("months")
         if months and months.isdigit():
             queryset = queryset.filter(
-                period__gte=usage_stats.month_back(self._current_period(), int(months) - 1)
+                period__gte=add_months(self._current_period(), 1 - int(months))
             )
         return _csv_response(queryset, "llm-usage.csv")
 

@@ -12,6 +12,7 @@ from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
+#: The limits a Tier sets and a UserQuota may override, field for field.
 LIMIT_FIELDS = (
     "requests_per_minute",
     "tokens_per_minute",

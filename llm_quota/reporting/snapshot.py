@@ -36,7 +36,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import date
 from itertools import chain
 from typing import Any
 
@@ -50,6 +49,7 @@ from llm_quota.ledger.default import get_ledger
 from llm_quota.ledger.replies import ModelUsage, parse_model_fields, text
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.reporting.snapshot_sql import Row, database, read_stored, upsert_rows
+from llm_quota.rules.periods import first_day, previous_month
 
 logger = logging.getLogger("llm_quota")
 
@@ -109,16 +109,10 @@ class RunPlan:
     last_full_ms: int  # when the last full walk started (this one's start if full)
 
 
-def period_of(month: str) -> date:
-    return date(int(month[:4]), int(month[4:6]), 1)
-
-
 def months_to_copy(ledger: Ledger, now_ms: int) -> list[str]:
     """The current month and the one just closed (late settles still land there)."""
     _, month = ledger.periods(now_ms)
-    first = period_of(month)
-    previous = date(first.year - (first.month == 1), (first.month - 2) % 12 + 1, 1)
-    return [month, previous.strftime("%Y%m")]
+    return [month, previous_month(month)]
 
 
 def plan_run(ledger: Ledger, now_ms: int, *, full: bool = False) -> RunPlan:
@@ -307,7 +301,7 @@ def _copy_batch(
     """Write the rows of ``uids`` (read as ``users``) that differ from the database;
     ``lost`` collects the users skipped because their counters are gone."""
     run.users += len(uids)
-    period = period_of(month)
+    period = first_day(month)
     pk_field = get_user_model()._meta.pk
     wanted: dict[Any, list[ModelUsage]] = {}
     for uid, (seen, models) in zip(uids, users, strict=True):

@@ -17,12 +17,8 @@ from django.db.models import QuerySet, Sum
 
 from llm_quota.models import UsageSnapshot, UserQuota
 from llm_quota.reporting.usage import cost_usd
+from llm_quota.rules.periods import add_months
 from llm_quota.rules.policy import default_tier
-
-
-def month_back(first: date, n: int) -> date:
-    index = first.year * 12 + first.month - 1 - n
-    return date(index // 12, index % 12 + 1, 1)
 
 
 @dataclass(frozen=True)
@@ -34,7 +30,7 @@ class MonthlySpend:
 
 
 def monthly_spend(until: date, months: int = 12, top_models: int = 6) -> MonthlySpend:
-    periods = [month_back(until, n) for n in range(months - 1, -1, -1)]
+    periods = [add_months(until, -n) for n in range(months - 1, -1, -1)]
     rows = (
         UsageSnapshot.objects.filter(period__gte=periods[0], period__lte=periods[-1])
         .values("period", "model")

@@ -16,17 +16,9 @@ from llm_quota.conf import quota_settings
 from llm_quota.ledger.default import get_ledger
 from llm_quota.ledger.replies import UserUsage
 from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.models import LIMIT_FIELDS
 from llm_quota.rules.periods import month_start
 from llm_quota.rules.policy import UserPolicy, policy_for
-
-USER_LIMITS = (
-    "requests_per_minute",
-    "tokens_per_minute",
-    "tokens_per_day",
-    "tokens_per_month",
-    "max_concurrent_requests",
-    "max_tokens_per_request",
-)
 
 _MICRO_USD = Decimal("0.000001")
 
@@ -67,7 +59,7 @@ def usage_report(
             "start": month_start(usage.month, ledger.timezone),
             "end": datetime.fromtimestamp(usage.month_end_ms / 1000, tz),
         },
-        "limits": {name: getattr(policy.limits, name) for name in USER_LIMITS},
+        "limits": {name: getattr(policy.limits, name) for name in LIMIT_FIELDS},
         "usage": {
             "tokens_today": usage.tokens_today,
             "tokens_this_month": usage.tokens_this_month,

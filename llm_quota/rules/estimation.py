@@ -17,6 +17,8 @@ import logging
 import threading
 from typing import Any
 
+from llm_quota.rules.accounting import ceil_div
+
 logger = logging.getLogger(__name__)
 
 # OpenAI's chat format: each message is wrapped in <|start|>{role}\n{content}<|end|>,
@@ -265,7 +267,7 @@ def prompt_bounds(messages: Any, *, tools: Any = None) -> tuple[int, int]:
     than encoding a large prompt.
     """
     upper = _count(messages, None, tools, _Budget(None))
-    lower = sum(-(-size // MAX_TOKEN_BYTES) for size in _content_bytes(messages))
+    lower = sum(ceil_div(size, MAX_TOKEN_BYTES) for size in _content_bytes(messages))
     return lower, upper
 
 
