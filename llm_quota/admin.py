@@ -27,10 +27,10 @@ from llm_quota.forms import ModelPriceForm, TierForm
 from llm_quota.ledger.default import get_ledger
 from llm_quota.ledger.replies import UserUsage
 from llm_quota.models import ModelPrice, Tier, UsageSnapshot, UserQuota
-from llm_quota.reporting import charts
-from llm_quota.reporting import stats as usage_stats
+from llm_quota.reporting import charts, snapshot_totals
+from llm_quota.reporting.cost import cost_usd
 from llm_quota.reporting.snapshot import last_run
-from llm_quota.reporting.usage import cost_usd
+from llm_quota.reporting.snapshot_csv import csv_rows
 from llm_quota.rules.periods import add_months, first_day
 
 # -- tiers and prices ------------------------------------------------------------------
@@ -343,7 +343,7 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
         if not self.has_view_permission(request):
             raise PermissionDenied
         period = self._current_period()
-        spend = usage_stats.monthly_spend(period)
+        spend = snapshot_totals.monthly_spend(period)
         rate = float(quota_settings.BASE_TOKEN_USD_PER_MILLION) / 1e6
         spend_chart = charts.stacked_bars(
             [f"{p:%b %Y}" for p in spend.periods],
@@ -351,12 +351,12 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
             label="Spend per month in USD, by model",
             fmt=charts.usd,
         )
-        models = usage_stats.model_totals(period)
+        models = snapshot_totals.model_totals(period)
         model_chart = charts.horizontal_bars(
             [(m.model, m.base_tokens, f"({charts.usd(m.base_tokens * rate)})") for m in models],
             label=f"Base tokens by model, {period:%B %Y}",
         )
-        users = usage_stats.top_users(period)
+        users = snapshot_totals.top_users(period)
         user_chart = charts.horizontal_bars(
             [
                 (u.username, u.base_tokens, "" if u.percent is None else f"({u.percent:.0f}%)")
@@ -400,6 +400,6 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
 
 
 def _csv_response(queryset: QuerySet[UsageSnapshot], filename: str) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(usage_stats.csv_rows(queryset), content_type="text/csv")
+    response = StreamingHttpResponse(csv_rows(queryset), content_type="text/csv")
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response

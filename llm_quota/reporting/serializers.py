@@ -11,7 +11,7 @@ from typing import Any
 from rest_framework import serializers
 
 from llm_quota.models import LIMIT_FIELDS, Tier, UsageSnapshot
-from llm_quota.reporting.usage import cost_usd
+from llm_quota.reporting.cost import cost_usd
 
 
 def _limit(help_text: str) -> serializers.IntegerField:
