@@ -1,4 +1,8 @@
-"""Tiers, model prices, per-user quotas and usage snapshots (contract section 4)."""
+"""Tiers, model prices, per-user quotas and usage snapshots: what the admin manages.
+
+A Tier or ModelPrice edit takes effect on the next request in every process (the
+config cache is dropped on save, see ``ledger/config_broadcast.py``).
+"""
 
 from __future__ import annotations
 

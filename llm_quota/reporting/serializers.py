@@ -1,4 +1,4 @@
-"""Serializers of the usage API (contract section 6). Output only.
+"""Serializers of the usage API: a user's usage report, their snapshots, the tiers. Output only.
 
 Declared field by field, so the OpenAPI schema (drf-spectacular) documents the
 exact shape clients get.

@@ -1,4 +1,4 @@
-"""The usage API (contract section 6): a user's own usage, history and the tiers.
+"""The usage API under ``api/llm-quota/``: a user's own usage, history and the tiers.
 
 Permissions run before the view body, so an unauthenticated, out-of-scope or
 non-staff request is refused before any Redis command. No endpoint takes another
