@@ -106,10 +106,13 @@ class ModelPriceAdmin(admin.ModelAdmin):
 # -- quotas with live usage -------------------------------------------------------------
 
 
-def _budget(quota: UserQuota) -> int | None:
-    if quota.tokens_per_month is not None:
-        return quota.tokens_per_month
-    return quota.tier.tokens_per_month
+def _left_of(budget: int | None, live: UserUsage) -> str:
+    return "unlimited" if budget is None else f"{max(0, budget - live.tokens_this_month):,}"
+
+
+def _share_of(budget: int, live: UserUsage) -> float:
+    """Percent of the monthly budget used (reserved tokens included)."""
+    return 100.0 * live.tokens_this_month / budget
 
 
 def _percent_bar(percent: float) -> str:
@@ -166,17 +169,15 @@ class UserQuotaAdmin(admin.ModelAdmin):
 
     @admin.display(description="remaining")
     def remaining(self, quota: UserQuota) -> Any:
-        live, budget = self._live(quota), _budget(quota)
-        if live is None:
-            return "—"
-        return "unlimited" if budget is None else f"{max(0, budget - live.tokens_this_month):,}"
+        live = self._live(quota)
+        return "—" if live is None else _left_of(quota.monthly_budget, live)
 
     @admin.display(description="% of budget")
     def budget_used(self, quota: UserQuota) -> Any:
-        live, budget = self._live(quota), _budget(quota)
-        if live is None or budget is None:
+        live, budget = self._live(quota), quota.monthly_budget
+        if live is None or not budget:
             return "—"
-        return _percent_bar(100.0 * live.tokens_this_month / budget)
+        return _percent_bar(_share_of(budget, live))
 
     @admin.display(description="live usage (Redis)")
     def live_usage(self, quota: UserQuota) -> Any:
@@ -187,7 +188,7 @@ class UserQuotaAdmin(admin.ModelAdmin):
             run = last_run()
         except RedisError as exc:
             return f"Redis is unavailable: {exc}"
-        budget = _budget(quota)
+        budget = quota.monthly_budget
         period = first_day(live.month)
         stored = sum(
             UsageSnapshot.objects.filter(user_id=quota.user_id, period=period).values_list(
@@ -200,15 +201,12 @@ class UserQuotaAdmin(admin.ModelAdmin):
             ("Used this month (incl. reserved)", f"{live.tokens_this_month:,}"),
             (
                 "Share of the monthly budget",
-                "—" if not budget else f"{100.0 * live.tokens_this_month / budget:.1f}%",
+                "—" if not budget else f"{_share_of(budget, live):.1f}%",
             ),
             ("Used today", f"{live.tokens_today:,}"),
             ("Reserved by calls in flight", f"{live.reserved:,} ({live.in_flight} calls)"),
             ("Monthly budget", "unlimited" if budget is None else f"{budget:,}"),
-            (
-                "Remaining",
-                "unlimited" if budget is None else f"{max(0, budget - live.tokens_this_month):,}",
-            ),
+            ("Remaining", _left_of(budget, live)),
             ("Settled cost this month", f"${cost_usd(live.settled_this_month)}"),
             ("Settled, in the last snapshot", f"{stored:,}"),
             ("Not yet snapshotted (lost if Redis loses its data now)", f"{at_risk:,}"),

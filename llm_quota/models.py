@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -34,6 +35,17 @@ def _limit_field(verbose_name: str, help_text: str) -> models.PositiveBigInteger
         blank=True,
         validators=[MinValueValidator(1)],
         help_text=help_text + " Empty means unlimited.",
+    )
+
+
+def _multiplier_field(verbose_name: str, **options: Any) -> models.DecimalField:
+    """Base tokens per token, to the six places ``accounting.to_micro`` converts exactly."""
+    return models.DecimalField(
+        verbose_name,
+        max_digits=12,
+        decimal_places=6,
+        validators=[MinValueValidator(Decimal("0"))],
+        **options,
     )
 
 
@@ -106,30 +118,13 @@ class ModelPrice(models.Model):
         unique=True,
         help_text=_("Exact model name or fnmatch pattern; '*' is the fallback."),
     )
-    input_multiplier = models.DecimalField(
-        _("input multiplier"),
-        max_digits=12,
-        decimal_places=6,
-        default=Decimal("1"),
-        validators=[MinValueValidator(Decimal("0"))],
-        help_text=_("Base tokens per input token."),
+    input_multiplier = _multiplier_field(
+        _("input multiplier"), default=Decimal("1"), help_text=_("Base tokens per input token.")
     )
-    output_multiplier = models.DecimalField(
-        _("output multiplier"),
-        max_digits=12,
-        decimal_places=6,
-        default=Decimal("1"),
-        validators=[MinValueValidator(Decimal("0"))],
-        help_text=_("Base tokens per output token."),
+    output_multiplier = _multiplier_field(
+        _("output multiplier"), default=Decimal("1"), help_text=_("Base tokens per output token.")
     )
-    cached_input_multiplier = models.DecimalField(
-        _("cached input multiplier"),
-        max_digits=12,
-        decimal_places=6,
-        null=True,
-        blank=True,
-        validators=[MinValueValidator(Decimal("0"))],
-    )
+    cached_input_multiplier = _multiplier_field(_("cached input multiplier"), null=True, blank=True)
     encoding = models.CharField(
         _("encoding"),
         max_length=64,
@@ -182,6 +177,13 @@ class UserQuota(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} ({self.tier})"
+
+    @property
+    def monthly_budget(self) -> int | None:
+        """The ``tokens_per_month`` in effect: the override, else the tier's (None: unlimited)."""
+        if self.tokens_per_month is not None:
+            return self.tokens_per_month
+        return self.tier.tokens_per_month
 
 
 class UsageSnapshot(models.Model):

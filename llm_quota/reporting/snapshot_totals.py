@@ -103,9 +103,10 @@ def top_users(period: date, limit: int = 10) -> list[UserTotal]:
     for row in rows:
         quota = quotas.get(row["user_id"])
         tier = quota.tier if quota is not None else default
-        budget = quota.tokens_per_month if quota is not None else None
-        if budget is None and tier is not None:
-            budget = tier.tokens_per_month
+        if quota is not None:
+            budget = quota.monthly_budget
+        else:
+            budget = tier.tokens_per_month if tier is not None else None
         out.append(
             UserTotal(
                 user_id=row["user_id"],
