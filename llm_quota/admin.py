@@ -27,10 +27,11 @@ from llm_quota.forms import ModelPriceForm, TierForm
 from llm_quota.ledger.default import get_ledger
 from llm_quota.ledger.replies import UserUsage
 from llm_quota.models import ModelPrice, Tier, UsageSnapshot, UserQuota
-from llm_quota.reporting import charts
-from llm_quota.reporting import stats as usage_stats
-from llm_quota.reporting.snapshot import last_run, period_of
-from llm_quota.reporting.usage import cost_usd
+from llm_quota.reporting import charts, snapshot_totals
+from llm_quota.reporting.cost import cost_usd
+from llm_quota.reporting.snapshot import last_run
+from llm_quota.reporting.snapshot_csv import csv_rows
+from llm_quota.rules.periods import add_months, first_day
 
 # -- tiers and prices ------------------------------------------------------------------
 
@@ -105,10 +106,13 @@ class ModelPriceAdmin(admin.ModelAdmin):
 # -- quotas with live usage -------------------------------------------------------------
 
 
-def _budget(quota: UserQuota) -> int | None:
-    if quota.tokens_per_month is not None:
-        return quota.tokens_per_month
-    return quota.tier.tokens_per_month
+def _left_of(budget: int | None, live: UserUsage) -> str:
+    return "unlimited" if budget is None else f"{max(0, budget - live.tokens_this_month):,}"
+
+
+def _share_of(budget: int, live: UserUsage) -> float:
+    """Percent of the monthly budget used (reserved tokens included)."""
+    return 100.0 * live.tokens_this_month / budget
 
 
 def _percent_bar(percent: float) -> str:
@@ -165,17 +169,15 @@ class UserQuotaAdmin(admin.ModelAdmin):
 
     @admin.display(description="remaining")
     def remaining(self, quota: UserQuota) -> Any:
-        live, budget = self._live(quota), _budget(quota)
-        if live is None:
-            return "—"
-        return "unlimited" if budget is None else f"{max(0, budget - live.tokens_this_month):,}"
+        live = self._live(quota)
+        return "—" if live is None else _left_of(quota.monthly_budget, live)
 
     @admin.display(description="% of budget")
     def budget_used(self, quota: UserQuota) -> Any:
-        live, budget = self._live(quota), _budget(quota)
-        if live is None or budget is None:
+        live, budget = self._live(quota), quota.monthly_budget
+        if live is None or not budget:
             return "—"
-        return _percent_bar(100.0 * live.tokens_this_month / budget)
+        return _percent_bar(_share_of(budget, live))
 
     @admin.display(description="live usage (Redis)")
     def live_usage(self, quota: UserQuota) -> Any:
@@ -186,8 +188,8 @@ class UserQuotaAdmin(admin.ModelAdmin):
             run = last_run()
         except RedisError as exc:
             return f"Redis is unavailable: {exc}"
-        budget = _budget(quota)
-        period = period_of(live.month)
+        budget = quota.monthly_budget
+        period = first_day(live.month)
         stored = sum(
             UsageSnapshot.objects.filter(user_id=quota.user_id, period=period).values_list(
                 "base_tokens", flat=True
@@ -199,15 +201,12 @@ class UserQuotaAdmin(admin.ModelAdmin):
             ("Used this month (incl. reserved)", f"{live.tokens_this_month:,}"),
             (
                 "Share of the monthly budget",
-                "—" if not budget else f"{100.0 * live.tokens_this_month / budget:.1f}%",
+                "—" if not budget else f"{_share_of(budget, live):.1f}%",
             ),
             ("Used today", f"{live.tokens_today:,}"),
             ("Reserved by calls in flight", f"{live.reserved:,} ({live.in_flight} calls)"),
             ("Monthly budget", "unlimited" if budget is None else f"{budget:,}"),
-            (
-                "Remaining",
-                "unlimited" if budget is None else f"{max(0, budget - live.tokens_this_month):,}",
-            ),
+            ("Remaining", _left_of(budget, live)),
             ("Settled cost this month", f"${cost_usd(live.settled_this_month)}"),
             ("Settled, in the last snapshot", f"{stored:,}"),
             ("Not yet snapshotted (lost if Redis loses its data now)", f"{at_risk:,}"),
@@ -274,7 +273,7 @@ class UserQuotaAdmin(admin.ModelAdmin):
                 for quota in queryset:
                     reset = ledger.reset_period(quota.user_id)
                     UsageSnapshot.objects.filter(
-                        user_id=quota.user_id, period=period_of(reset.month)
+                        user_id=quota.user_id, period=first_day(reset.month)
                     ).update(requests=0, input_tokens=0, output_tokens=0, base_tokens=0)
         except (RedisError, LockError) as exc:
             self.message_user(request, f"Reset failed: {exc}", messages.ERROR)
@@ -336,13 +335,13 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
     def _current_period(self) -> date:
         ledger = get_ledger()
         moment = ledger.clock() if ledger.clock is not None else time.time()
-        return period_of(ledger.periods(int(moment * 1000))[1])
+        return first_day(ledger.periods(int(moment * 1000))[1])
 
     def report_view(self, request: HttpRequest) -> HttpResponse:
         if not self.has_view_permission(request):
             raise PermissionDenied
         period = self._current_period()
-        spend = usage_stats.monthly_spend(period)
+        spend = snapshot_totals.monthly_spend(period)
         rate = float(quota_settings.BASE_TOKEN_USD_PER_MILLION) / 1e6
         spend_chart = charts.stacked_bars(
             [f"{p:%b %Y}" for p in spend.periods],
@@ -350,12 +349,12 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
             label="Spend per month in USD, by model",
             fmt=charts.usd,
         )
-        models = usage_stats.model_totals(period)
+        models = snapshot_totals.model_totals(period)
         model_chart = charts.horizontal_bars(
             [(m.model, m.base_tokens, f"({charts.usd(m.base_tokens * rate)})") for m in models],
             label=f"Base tokens by model, {period:%B %Y}",
         )
-        users = usage_stats.top_users(period)
+        users = snapshot_totals.top_users(period)
         user_chart = charts.horizontal_bars(
             [
                 (u.username, u.base_tokens, "" if u.percent is None else f"({u.percent:.0f}%)")
@@ -393,12 +392,12 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
         months = request.GET.get("months")
         if months and months.isdigit():
             queryset = queryset.filter(
-                period__gte=usage_stats.month_back(self._current_period(), int(months) - 1)
+                period__gte=add_months(self._current_period(), 1 - int(months))
             )
         return _csv_response(queryset, "llm-usage.csv")
 
 
 def _csv_response(queryset: QuerySet[UsageSnapshot], filename: str) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(usage_stats.csv_rows(queryset), content_type="text/csv")
+    response = StreamingHttpResponse(csv_rows(queryset), content_type="text/csv")
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response

@@ -72,7 +72,7 @@ class QuotaBlocked(PermissionDenied):
 
 
 class InvalidRequest(APIException):
-    """400 in the contract's shape; ``param`` names the offending field."""
+    """400 ``invalid_request_error``, as OpenAI answers it; ``param`` names the field."""
 
     status_code = status.HTTP_400_BAD_REQUEST
     default_code = "invalid_request_error"

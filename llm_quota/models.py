@@ -1,10 +1,15 @@
-"""Tiers, model prices, per-user quotas and usage snapshots (contract section 4)."""
+"""Tiers, model prices, per-user quotas and usage snapshots: what the admin manages.
+
+A Tier or ModelPrice edit takes effect on the next request in every process (the
+config cache is dropped on save, see ``ledger/config_broadcast.py``).
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import re
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -12,6 +17,7 @@ from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
+#: The limits a Tier sets and a UserQuota may override, field for field.
 LIMIT_FIELDS = (
     "requests_per_minute",
     "tokens_per_minute",
@@ -29,6 +35,17 @@ def _limit_field(verbose_name: str, help_text: str) -> models.PositiveBigInteger
         blank=True,
         validators=[MinValueValidator(1)],
         help_text=help_text + " Empty means unlimited.",
+    )
+
+
+def _multiplier_field(verbose_name: str, **options: Any) -> models.DecimalField:
+    """Base tokens per token, to the six places ``accounting.to_micro`` converts exactly."""
+    return models.DecimalField(
+        verbose_name,
+        max_digits=12,
+        decimal_places=6,
+        validators=[MinValueValidator(Decimal("0"))],
+        **options,
     )
 
 
@@ -80,10 +97,6 @@ class Tier(models.Model):
     def model_patterns(self) -> list[str]:
         return [line.strip() for line in self.allowed_models.splitlines() if line.strip()]
 
-    def allows_model(self, model: str) -> bool:
-        patterns = self.model_patterns
-        return not patterns or any(fnmatch.fnmatchcase(model, p) for p in patterns)
-
     @property
     def scope_list(self) -> list[str]:
         return self.scopes.split()
@@ -105,30 +118,13 @@ class ModelPrice(models.Model):
         unique=True,
         help_text=_("Exact model name or fnmatch pattern; '*' is the fallback."),
     )
-    input_multiplier = models.DecimalField(
-        _("input multiplier"),
-        max_digits=12,
-        decimal_places=6,
-        default=Decimal("1"),
-        validators=[MinValueValidator(Decimal("0"))],
-        help_text=_("Base tokens per input token."),
+    input_multiplier = _multiplier_field(
+        _("input multiplier"), default=Decimal("1"), help_text=_("Base tokens per input token.")
     )
-    output_multiplier = models.DecimalField(
-        _("output multiplier"),
-        max_digits=12,
-        decimal_places=6,
-        default=Decimal("1"),
-        validators=[MinValueValidator(Decimal("0"))],
-        help_text=_("Base tokens per output token."),
+    output_multiplier = _multiplier_field(
+        _("output multiplier"), default=Decimal("1"), help_text=_("Base tokens per output token.")
     )
-    cached_input_multiplier = models.DecimalField(
-        _("cached input multiplier"),
-        max_digits=12,
-        decimal_places=6,
-        null=True,
-        blank=True,
-        validators=[MinValueValidator(Decimal("0"))],
-    )
+    cached_input_multiplier = _multiplier_field(_("cached input multiplier"), null=True, blank=True)
     encoding = models.CharField(
         _("encoding"),
         max_length=64,
@@ -181,6 +177,13 @@ class UserQuota(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} ({self.tier})"
+
+    @property
+    def monthly_budget(self) -> int | None:
+        """The ``tokens_per_month`` in effect: the override, else the tier's (None: unlimited)."""
+        if self.tokens_per_month is not None:
+            return self.tokens_per_month
+        return self.tier.tokens_per_month
 
 
 class UsageSnapshot(models.Model):

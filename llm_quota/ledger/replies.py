@@ -103,8 +103,8 @@ class ModelUsage:
 
 
 @dataclass(frozen=True)
-class UserUsage:
-    """A user's live counters, as the next decision would see them."""
+class PeriodUsage:
+    """Base tokens used and reserved in the current calendar day and month."""
 
     day: str
     month: str
@@ -112,6 +112,12 @@ class UserUsage:
     month_end_ms: int
     tokens_today: int
     tokens_this_month: int
+
+
+@dataclass(frozen=True)
+class UserUsage(PeriodUsage):
+    """A user's live counters, as the next decision would see them."""
+
     reserved: int
     requests_this_minute: int
     tokens_this_minute: int
@@ -135,15 +141,9 @@ class PeriodReset:
 
 
 @dataclass(frozen=True)
-class GlobalUsage:
+class GlobalUsage(PeriodUsage):
     """Everyone's usage against the global caps (settled plus still reserved)."""
 
-    day: str
-    month: str
-    day_end_ms: int
-    month_end_ms: int
-    tokens_today: int
-    tokens_this_month: int
     in_flight: int
 
 

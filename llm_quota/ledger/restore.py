@@ -7,15 +7,14 @@ the current day's counter) cannot be restored; the admin shows each snapshot's a
 
 from __future__ import annotations
 
-from datetime import date
-
 from llm_quota.ledger.replies import ModelUsage
+from llm_quota.rules.periods import first_day
 
 
 def month_from_snapshots(user_id: str, month: str) -> tuple[int, list[ModelUsage]]:
     from llm_quota.models import UsageSnapshot
 
-    period = date(int(month[:4]), int(month[4:6]), 1)
+    period = first_day(month)
     rows = [
         ModelUsage(
             model=row.model,

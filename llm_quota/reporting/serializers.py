@@ -1,4 +1,4 @@
-"""Serializers of the usage API (contract section 6). Output only.
+"""Serializers of the usage API: a user's usage report, their snapshots, the tiers. Output only.
 
 Declared field by field, so the OpenAPI schema (drf-spectacular) documents the
 exact shape clients get.
@@ -10,8 +10,8 @@ from typing import Any
 
 from rest_framework import serializers
 
-from llm_quota.models import Tier, UsageSnapshot
-from llm_quota.reporting.usage import USER_LIMITS, cost_usd
+from llm_quota.models import LIMIT_FIELDS, Tier, UsageSnapshot
+from llm_quota.reporting.cost import cost_usd
 
 
 def _limit(help_text: str) -> serializers.IntegerField:
@@ -115,7 +115,7 @@ class TierSerializer(serializers.ModelSerializer):
     class Meta:
         model = Tier
         fields = (
-            "name", *USER_LIMITS, "allowed_models", "scopes", "soft_limit_percent",
+            "name", *LIMIT_FIELDS, "allowed_models", "scopes", "soft_limit_percent",
             "upgrade_to", "upgrade_url", "is_default",
         )  # fmt: skip
         read_only_fields = fields

@@ -1,32 +1,27 @@
 """Copy each active user's Redis usage into ``UsageSnapshot``: the durable record.
 
-Redis is the only counter, but it may lose its data; the snapshots are what
-``restore.py`` brings back. So a run must be safe to repeat at any time:
+Redis is the only counter but may lose its data; the snapshots are what
+``ledger/restore.py`` brings back. So a run is safe to repeat at any time:
 
-- it finds users through the index that ``settle.lua`` maintains (a ZSET per month,
-  user -> time of their last settle), walked with ZSCAN in batches, never ``KEYS``;
-- it reads each batch's per-model hashes in one pipeline, read-only (no script, so
-  no housekeeping: a snapshot never reclaims or changes a counter);
-- it writes *absolute* values with an upsert on (user, period, model), and only the
-  rows that differ from the database, so a duplicate, retried or concurrent run
-  writes the same rows or nothing (``snapshot_sql.py``);
-- runs are serialised by a Redis lock, so an older read can never overwrite a newer
-  one; a run that waits for the lock then copies what is current.
+- it finds users through the index ``settle.lua`` keeps (a ZSET per month, user ->
+  time of their last settle), walked with ZSCAN in batches, never ``KEYS``;
+- it only reads Redis (a pipeline, no script), so it never changes a counter;
+- it writes absolute values, and only the rows that differ, with an upsert on
+  (user, period, model) (``snapshot_sql.py``): a duplicate or concurrent run writes
+  the same rows or nothing;
+- runs are serialised by a Redis lock, so an older read never overwrites a newer one.
 
-Incremental runs. A run reads only the users who settled since the previous
-successful run started (the *watermark*, kept in Redis), less ``WATERMARK_OVERLAP_MS``:
-a settle that lands while a run is going has an index time after that run's start,
-so the next run reads it; the overlap absorbs clocks that differ (each cluster primary
-stamps with its own) or step back. Settles into the month just closed are stamped the
-same way, so its last copy is as complete as the current month's. With no watermark
-(the first run, or Redis lost it with the data it describes), after
-``FULL_WALK_EVERY_MS``, or when asked, a run walks the whole index.
+A run is incremental where it can be: it reads the users who settled since the last
+successful run started (the *watermark*, kept in Redis), less ``WATERMARK_OVERLAP_MS``
+for clocks that differ or step back. A settle during a run is stamped after that
+run's start, in the closed month as in the current one, so the next run reads it.
+Without a watermark (the first run, or Redis lost it), every ``FULL_WALK_EVERY_MS``,
+or when asked, a run walks the whole index.
 
 A user whose ``seen`` marker is missing lost their counters with Redis and has not
-been restored yet: their partial figures are skipped, never copied over the full
-ones in the database (the next request restores them first). Their restore does not
-move their index time, so they are remembered in a set that the next runs read
-whatever the watermark, until their counters are back and copied.
+been restored yet: their partial figures are never copied over the full ones in the
+database. A set the next runs read whatever the watermark remembers them until their
+counters are back and copied.
 """
 
 from __future__ import annotations
@@ -36,7 +31,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import date
 from itertools import chain
 from typing import Any
 
@@ -47,15 +41,10 @@ from django.utils import timezone
 from redis.exceptions import LockError
 
 from llm_quota.ledger.default import get_ledger
-from llm_quota.ledger.replies import ModelUsage, parse_model_fields
+from llm_quota.ledger.replies import ModelUsage, parse_model_fields, text
 from llm_quota.ledger.sync_driver import Ledger
-from llm_quota.reporting.snapshot_sql import (
-    SNAPSHOT_FIELDS,
-    Row,
-    database,
-    read_stored,
-    upsert_rows,
-)
+from llm_quota.reporting.snapshot_sql import Row, database, read_stored, upsert_rows
+from llm_quota.rules.periods import first_day, previous_month
 
 logger = logging.getLogger("llm_quota")
 
@@ -71,19 +60,15 @@ WATERMARK_OVERLAP_MS = 120_000
 FULL_WALK_EVERY_MS = 3_600_000
 #: A watermark older than this is dropped (no run for a day: start from scratch).
 WATERMARK_TTL = 86400
-#: Seconds between progress lines in the log during a long run.
 #: Users per batch: one Redis pipeline, one read of stored rows, one upsert and one
 #: commit each. Every batch pays fixed costs (three database round trips, a WAL flush,
-#: hand-offs of the GIL with the reading thread): a 100k-user first copy took 12-21 s
-#: in batches of 500 and 8-8.5 s in batches of 2,000 (9.3 s with 4,000), measured on
-#: PostgreSQL here. Each Redis command stays as short either way.
+#: hand-offs of the GIL with the reading thread), so fewer, larger batches are faster
+#: up to a point (``docs/benchmarks.md``); each Redis command stays as short either way.
 BATCH_USERS = 2000
+#: Seconds between progress lines in the log during a long run.
 PROGRESS_EVERY = 10.0
 #: Members per SADD/SREM when the lost-user sets are updated (each command stays short).
 SET_BATCH = 1000
-
-__all__ = ["SNAPSHOT_FIELDS", "SnapshotBusy", "SnapshotRun", "count_active", "last_run",
-           "snapshot_usage"]  # fmt: skip
 
 
 class SnapshotBusy(RuntimeError):
@@ -118,16 +103,10 @@ class RunPlan:
     last_full_ms: int  # when the last full walk started (this one's start if full)
 
 
-def period_of(month: str) -> date:
-    return date(int(month[:4]), int(month[4:6]), 1)
-
-
 def months_to_copy(ledger: Ledger, now_ms: int) -> list[str]:
     """The current month and the one just closed (late settles still land there)."""
     _, month = ledger.periods(now_ms)
-    first = period_of(month)
-    previous = date(first.year - (first.month == 1), (first.month - 2) % 12 + 1, 1)
-    return [month, previous.strftime("%Y%m")]
+    return [month, previous_month(month)]
 
 
 def plan_run(ledger: Ledger, now_ms: int, *, full: bool = False) -> RunPlan:
@@ -234,7 +213,7 @@ def last_run(ledger: Ledger | None = None) -> dict[str, Any] | None:
     raw = ledger.client.hgetall(ledger.keyspace.snapshot_status())
     if not raw:
         return None
-    data = {_text(k): _text(v) for k, v in raw.items()}
+    data = {text(k): text(v) for k, v in raw.items()}
     numbers = (
         "started_ms", "finished_ms", "users", "rows_written", "lost", "unknown", "recorded_at",
         "full",
@@ -270,7 +249,7 @@ def _batches(ids: Iterable[str], size: int) -> Iterator[list[str]]:
 def _lost_ids(ledger: Ledger, month: str) -> Iterator[str]:
     """The users earlier runs skipped as lost (SSCAN: short commands, however many)."""
     for member in ledger.client.sscan_iter(ledger.keyspace.snapshot_lost(month), count=SET_BATCH):
-        yield _text(member)
+        yield text(member)
 
 
 def _read_batch(ledger: Ledger, month: str, uids: list[str]) -> list[tuple[bool, list[ModelUsage]]]:
@@ -316,7 +295,7 @@ def _copy_batch(
     """Write the rows of ``uids`` (read as ``users``) that differ from the database;
     ``lost`` collects the users skipped because their counters are gone."""
     run.users += len(uids)
-    period = period_of(month)
+    period = first_day(month)
     pk_field = get_user_model()._meta.pk
     wanted: dict[Any, list[ModelUsage]] = {}
     for uid, (seen, models) in zip(uids, users, strict=True):
@@ -391,7 +370,3 @@ def _record(ledger: Ledger, run: SnapshotRun, plan: RunPlan) -> None:
     pipe.hset(mark, mapping={"since_ms": run.started_ms, "full_ms": plan.last_full_ms})
     pipe.expire(mark, WATERMARK_TTL)
     pipe.execute()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

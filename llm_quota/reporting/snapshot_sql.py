@@ -1,12 +1,12 @@
 """Write ``UsageSnapshot`` rows with one raw, parameterised upsert per batch.
 
-Why raw SQL: a first copy of 10k users spent over half of its time in
-``bulk_create(update_conflicts=True)``, most of it Django building the statement (a
-model instance and eight per-field conversions for each row). The snapshot's rows are
-already plain values, so one ``INSERT ... ON CONFLICT (user, period, model) DO UPDATE``
-does the same for a fraction of the cost: on PostgreSQL one set-based statement per
-batch (see ``upsert_statement``), on SQLite (the demo) ``executemany``. Other backends
-keep the ORM.
+Why raw SQL: ``bulk_create(update_conflicts=True)`` spends most of its time building
+the statement (a model instance and eight per-field conversions for each row), and
+the snapshot's rows are already plain values. One ``INSERT ... ON CONFLICT (user,
+period, model) DO UPDATE`` does the same for a fraction of the cost: on PostgreSQL
+one set-based statement per batch (see ``upsert_statement``), on SQLite (the demo)
+``executemany``. Other backends keep the ORM. The measurements are in
+``docs/benchmarks.md``.
 
 The values are absolute, so repeating an upsert changes nothing, and the ``WHERE``
 clause leaves a row that already holds them untouched (no write, no new
@@ -59,7 +59,7 @@ def read_stored(
     On PostgreSQL one statement probes the primary key and the unique index once per
     user (LATERAL): the plain ``IN`` queries are planned from statistics, and while a
     first copy fills the table those still describe it empty, so the planner chose to
-    read the whole period for every batch (7-8 s of a 100k-user run, profiled).
+    read the whole period for every batch.
     """
     connection = connections[using]
     if connection.vendor != "postgresql":
@@ -117,9 +117,9 @@ def upsert_statement(connection: Any) -> str:
     """The upsert, names quoted by ``connection``'s backend.
 
     PostgreSQL: one statement per batch, the rows passed as one array per column and
-    unnested: a set-based insert costs the server a fraction of a statement per row
-    (60k rows in batches of 1,500: about 1 s, against 2.5-3 s through a pipelined
-    ``executemany`` and 0.8 s through COPY into a staging table, which needs one).
+    unnested: a set-based insert costs the server a fraction of a statement per row,
+    well under a pipelined ``executemany`` and close to COPY, which would need a
+    staging table.
     Parameters: period, updated_at, then the arrays of user, model and counters.
     SQLite: one row's statement, for ``executemany`` (in-process: nothing to save).
     Parameters: user, period, model, counters, updated_at.

@@ -1,4 +1,4 @@
-"""The usage API (contract section 6): a user's own usage, history and the tiers.
+"""The usage API under ``api/llm-quota/``: a user's own usage, history and the tiers.
 
 Permissions run before the view body, so an unauthenticated, out-of-scope or
 non-staff request is refused before any Redis command. No endpoint takes another
@@ -24,13 +24,13 @@ from llm_quota.conf import quota_settings
 from llm_quota.drf.permissions import HasScope
 from llm_quota.exceptions import QuotaUnavailable
 from llm_quota.models import Tier, UsageSnapshot
+from llm_quota.reporting.live_usage import usage_report
 from llm_quota.reporting.serializers import (
     TierSerializer,
     UsageReportSerializer,
     UsageSnapshotSerializer,
     UserUsageReportSerializer,
 )
-from llm_quota.reporting.usage import usage_report
 
 
 class UsageScopeMixin:

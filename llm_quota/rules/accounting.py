@@ -1,6 +1,9 @@
-"""The accounting rules of contract section 5, as plain values.
+"""What a request costs in base tokens, as plain values: prices, limits, estimates, usage.
 
-Nothing here touches Django or Redis, so the rules can be read (and tested) alone.
+A request's base tokens are ceil(input x input multiplier + output x output
+multiplier), cached input at its own multiplier where the model has one. Nothing
+here touches Django or Redis, so the rules can be read (and tested) alone.
+
 Prices are held as integer *micro* base tokens per token: Redis and Lua only have
 integers and doubles, and a Decimal multiplier with six places converts exactly, so
 the Lua script and Python round the same way.
@@ -77,7 +80,7 @@ class Estimate:
     prompt_tokens: int
     max_output_tokens: int
     #: False when ``prompt_tokens`` is the prompt's byte count, an upper bound that
-    #: spared tokenizing a huge prompt (``gate.admit_request``); settle corrects it.
+    #: spared tokenizing a huge prompt (``quota.admission.admit_request``); settle corrects it.
     prompt_exact: bool = True
 
     @property
@@ -91,9 +94,6 @@ class Estimate:
     @property
     def base_tokens(self) -> int:
         return self.price.base_tokens(self.prompt_tokens, self.max_output_tokens)
-
-    def base_tokens_with_output(self, output_tokens: int) -> int:
-        return self.price.base_tokens(self.prompt_tokens, output_tokens)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ import logging
 import threading
 from typing import Any
 
+from llm_quota.rules.accounting import ceil_div
+
 logger = logging.getLogger(__name__)
 
 # OpenAI's chat format: each message is wrapped in <|start|>{role}\n{content}<|end|>,
@@ -51,6 +53,11 @@ class _Budget:
     @property
     def exhausted(self) -> bool:
         return self.stop_above is not None and self.total > self.stop_above
+
+    @property
+    def left(self) -> int | None:
+        """What the next count may stop above (None: count everything)."""
+        return None if self.stop_above is None else self.stop_above - self.total
 
 
 #: Async callers count prompts up to this many characters on the event loop
@@ -170,7 +177,7 @@ def _content_tokens(content: Any, encoding: Any | None, budget: _Budget) -> int:
     if content is None:
         return 0
     if isinstance(content, str):
-        return count_text(content, encoding, _remaining(budget))
+        return count_text(content, encoding, budget.left)
     if isinstance(content, list):
         total = 0
         for part in content:
@@ -193,12 +200,6 @@ def _content_tokens(content: Any, encoding: Any | None, budget: _Budget) -> int:
     return count_text(_as_text(content), encoding)
 
 
-def _remaining(budget: _Budget, extra: int = 0) -> int | None:
-    if budget.stop_above is None:
-        return None
-    return budget.stop_above - budget.total - extra
-
-
 def count_messages(
     messages: Any,
     model: str,
@@ -216,16 +217,10 @@ def count_messages(
     return _count(messages, encoding, tools, _Budget(stop_above))
 
 
-def _remaining(budget: _Budget, extra: int = 0) -> int | None:
-    if budget.stop_above is None:
-        return None
-    return budget.stop_above - budget.total - extra
-
-
 def _count(messages: Any, encoding: Any | None, tools: Any, budget: _Budget) -> int:
     if isinstance(messages, str):
         budget.add(TOKENS_PER_MESSAGE + REPLY_PRIMING)
-        budget.add(count_text(messages, encoding, _remaining(budget)))
+        budget.add(count_text(messages, encoding, budget.left))
         return budget.total
     budget.add(REPLY_PRIMING)
     for message in messages or []:
@@ -233,7 +228,7 @@ def _count(messages: Any, encoding: Any | None, tools: Any, budget: _Budget) -> 
             return budget.total
         budget.add(TOKENS_PER_MESSAGE)
         if not isinstance(message, dict):
-            budget.add(count_text(_as_text(message), encoding, _remaining(budget)))
+            budget.add(count_text(_as_text(message), encoding, budget.left))
             continue
         for key, value in message.items():
             if key == "content":
@@ -241,9 +236,9 @@ def _count(messages: Any, encoding: Any | None, tools: Any, budget: _Budget) -> 
             elif key == "name":
                 budget.add(count_text(_as_text(value), encoding) + TOKENS_PER_NAME)
             else:  # role, tool_calls, tool_call_id, function_call ...
-                budget.add(count_text(_as_text(value), encoding, _remaining(budget)))
+                budget.add(count_text(_as_text(value), encoding, budget.left))
     if tools and not budget.exhausted:
-        budget.add(count_text(_as_text(tools), encoding, _remaining(budget)))
+        budget.add(count_text(_as_text(tools), encoding, budget.left))
     return budget.total
 
 
@@ -272,7 +267,7 @@ def prompt_bounds(messages: Any, *, tools: Any = None) -> tuple[int, int]:
     than encoding a large prompt.
     """
     upper = _count(messages, None, tools, _Budget(None))
-    lower = sum(-(-size // MAX_TOKEN_BYTES) for size in _content_bytes(messages))
+    lower = sum(ceil_div(size, MAX_TOKEN_BYTES) for size in _content_bytes(messages))
     return lower, upper
 
 

@@ -33,8 +33,14 @@ def _periods(today: date, tz_name: str) -> tuple[str, str, str, str]:
 
 
 def add_months(first: date, n: int) -> date:
+    """The first day of the month ``n`` months after (or before) ``first``'s."""
     index = first.year * 12 + first.month - 1 + n
     return date(index // 12, index % 12 + 1, 1)
+
+
+def first_day(month: str) -> date:
+    """The first day of the month ``YYYYMM`` (a ``UsageSnapshot``'s period)."""
+    return date(int(month[:4]), int(month[4:6]), 1)
 
 
 def period_args(now_ms: float, tz_name: str) -> tuple[str, str, str, str]:
@@ -50,17 +56,17 @@ def current_month(now: float | None = None, tz_name: str = "UTC") -> str:
 
 def month_end_ms(month: str, tz_name: str) -> int:
     """The instant (ms) the month ``YYYYMM`` ends in ``tz_name``."""
-    first = date(int(month[:4]), int(month[4:6]), 1)
-    nxt = add_months(first, 1)
+    nxt = add_months(first_day(month), 1)
     return int(datetime(nxt.year, nxt.month, 1, tzinfo=ZoneInfo(tz_name)).timestamp() * 1000)
 
 
 def previous_month(month: str) -> str:
-    return add_months(date(int(month[:4]), int(month[4:6]), 1), -1).strftime("%Y%m")
+    return add_months(first_day(month), -1).strftime("%Y%m")
 
 
 def month_start(month: str, tz_name: str) -> datetime:
-    return datetime(int(month[:4]), int(month[4:6]), 1, tzinfo=ZoneInfo(tz_name))
+    first = first_day(month)
+    return datetime(first.year, first.month, 1, tzinfo=ZoneInfo(tz_name))
 
 
 def day_and_month(now_ms: float, tz_name: str) -> tuple[str, str]:

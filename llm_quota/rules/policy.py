@@ -7,7 +7,7 @@ named ``DEFAULT_TIER``). Per-user overrides replace the tier's value field by fi
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -27,7 +27,6 @@ class UserPolicy:
     upgrade: dict[str, str] | None = None
     blocked: bool = False
     blocked_reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def allows_model(self, model: str) -> bool:
         return not self.allowed_models or any(
@@ -109,4 +108,3 @@ async def apolicy_for(user: Any) -> UserPolicy:
     if found is not MISSING:
         return found
     return await sync_to_async(policy_for)(pk)
-

@@ -268,7 +268,8 @@ end
 
 -- The per-user structures live as long as any counter that may depend on them.
 -- Refreshed once a day (the caller compares "t"), not on every request: STRUCT_TTL
--- has weeks to spare, and six PEXPIREATs were a fifth of a reserve's work.
+-- has weeks to spare, and six PEXPIREATs on every call would be a large share of a
+-- reserve's work.
 local function touch(B, now)
   local at = now + STRUCT_TTL
   for _, suffix in ipairs({':w', ':p', ':rr', ':z', ':s'}) do

@@ -1,7 +1,7 @@
 """``manage.py llm_quota_load_prices FILE``: create or update model prices from JSON.
 
 The derivation (USD per million tokens → base tokens per token) and the file format
-are in ``llm_quota.management.price_table``. ``--bundled`` loads the list shipped with the app.
+are in ``llm_quota.management.price_file``. ``--bundled`` loads the list shipped with the app.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from llm_quota.conf import quota_settings
-from llm_quota.management import price_table
+from llm_quota.management import price_file
 from llm_quota.management.progress import progress
 
 
@@ -25,7 +25,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("file", nargs="?", help="the JSON price file")
         parser.add_argument(
-            "--bundled", action="store_true", help=f"load {price_table.BUNDLED.name} (shipped)"
+            "--bundled", action="store_true", help=f"load {price_file.BUNDLED.name} (shipped)"
         )
         parser.add_argument(
             "--dry-run", action="store_true", help="show the multipliers, change nothing"
@@ -34,11 +34,11 @@ class Command(BaseCommand):
     def handle(self, *args: Any, file: str | None, bundled: bool, dry_run: bool, **options: Any):
         if bool(file) == bundled:
             raise CommandError("Give a FILE or --bundled (one of them).")
-        path = price_table.BUNDLED if bundled else file
+        path = price_file.BUNDLED if bundled else file
         base = Decimal(str(quota_settings.BASE_TOKEN_USD_PER_MILLION))
         try:
-            rows = price_table.read(path, base)
-        except price_table.PriceFileError as exc:
+            rows = price_file.read(path, base)
+        except price_file.PriceFileError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(
             f"{len(rows)} prices from {path}; 1 base token = ${base} per million tokens."
@@ -49,14 +49,14 @@ class Command(BaseCommand):
             return
         bar = progress(len(rows), desc="Loading prices", unit="model", file=self.stderr)
 
-        def on_row(row: price_table.PriceRow, outcome: str) -> None:
+        def on_row(row: price_file.PriceRow, outcome: str) -> None:
             bar.set_postfix_str(row.model)
             bar.update(1)
             if outcome != "unchanged" and options.get("verbosity", 1) > 1:
                 self._row(row, outcome)
 
         try:
-            counts = price_table.load(rows, on_row=on_row)
+            counts = price_file.load(rows, on_row=on_row)
         finally:
             bar.close()
         self.stdout.write(
@@ -66,7 +66,7 @@ class Command(BaseCommand):
             )
         )
 
-    def _row(self, row: price_table.PriceRow, outcome: str) -> None:
+    def _row(self, row: price_file.PriceRow, outcome: str) -> None:
         cached = "-" if row.cached_input_multiplier is None else row.cached_input_multiplier
         self.stdout.write(
             f"  {outcome:<10} {row.model:<24} in {row.input_multiplier:>10} "

@@ -12,27 +12,27 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from llm_quota.ledger.default import get_ledger
-from llm_quota.management import price_table
+from llm_quota.management import price_file
 from llm_quota.models import ModelPrice, UserQuota
 
 BASE = Decimal("2.50")
 
 
 def test_multiplier_is_usd_over_the_base_token_price_rounded_up():
-    assert price_table.multiplier(Decimal("2.50"), BASE) == Decimal("1")
-    assert price_table.multiplier(Decimal("10"), BASE) == Decimal("4")
-    assert price_table.multiplier(Decimal("0.15"), BASE) == Decimal("0.06")
+    assert price_file.multiplier(Decimal("2.50"), BASE) == Decimal("1")
+    assert price_file.multiplier(Decimal("10"), BASE) == Decimal("4")
+    assert price_file.multiplier(Decimal("0.15"), BASE) == Decimal("0.06")
     # 1/3 of a base token per token: rounded up at the sixth place, never down.
-    assert price_table.multiplier(Decimal("2.50") / 3, BASE) == Decimal("0.333334")
+    assert price_file.multiplier(Decimal("2.50") / 3, BASE) == Decimal("0.333334")
 
 
 def test_bundled_prices_derive_from_their_public_usd_rates():
-    rows = {row.model: row for row in price_table.read(price_table.BUNDLED, BASE)}
+    rows = {row.model: row for row in price_file.read(price_file.BUNDLED, BASE)}
     assert rows["gpt-4o"].input_multiplier == 1 and rows["gpt-4o"].output_multiplier == 4
     assert rows["gpt-4o"].cached_input_multiplier == Decimal("0.5")
     assert rows["claude-sonnet-4-5"].output_multiplier == 6  # $15 / $2.50
     assert {"openai", "anthropic"} <= {
-        entry["provider"] for entry in json.loads(price_table.BUNDLED.read_text())["models"]
+        entry["provider"] for entry in json.loads(price_file.BUNDLED.read_text())["models"]
     }
 
 
@@ -46,8 +46,8 @@ def test_bundled_prices_derive_from_their_public_usd_rates():
      ({"models": {}}, "expected")],
 )  # fmt: skip
 def test_bad_price_files_say_what_is_wrong(data, message):
-    with pytest.raises(price_table.PriceFileError, match=message):
-        price_table.parse(data, BASE)
+    with pytest.raises(price_file.PriceFileError, match=message):
+        price_file.parse(data, BASE)
 
 
 @pytest.mark.django_db

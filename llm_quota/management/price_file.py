@@ -1,4 +1,4 @@
-"""Model prices from a JSON file: public USD prices turned into base-token multipliers.
+"""A price file (JSON) loaded into ``ModelPrice``: public USD prices as base-token multipliers.
 
 A base token is worth ``BASE_TOKEN_USD_PER_MILLION`` / 1e6 USD (default $2.50 per
 million, GPT-4o's input price). A model whose tokens cost ``P`` USD per million is

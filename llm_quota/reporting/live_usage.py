@@ -1,40 +1,23 @@
-"""The usage report of contract section 6: a user's limits, live usage and cost.
+"""A user's usage report, live: their tier's limits, Redis' counters, what remains, the cost.
 
-Shared by the usage API and the admin, so both show the same figures: the live
-counters from Redis (``Ledger.usage``, which restores lost counters first, as the
-next decision would) and the limits of the user's policy.
+The body of ``/api/llm-quota/usage/`` and of its staff twin for any user. The
+counters come from ``Ledger.usage``, which restores lost counters first, so the
+report shows what the user's next request would be decided on.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from llm_quota.conf import quota_settings
 from llm_quota.ledger.default import get_ledger
 from llm_quota.ledger.replies import UserUsage
 from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.models import LIMIT_FIELDS
+from llm_quota.reporting.cost import cost_usd
 from llm_quota.rules.periods import month_start
 from llm_quota.rules.policy import UserPolicy, policy_for
-
-USER_LIMITS = (
-    "requests_per_minute",
-    "tokens_per_minute",
-    "tokens_per_day",
-    "tokens_per_month",
-    "max_concurrent_requests",
-    "max_tokens_per_request",
-)
-
-_MICRO_USD = Decimal("0.000001")
-
-
-def cost_usd(base_tokens: int) -> Decimal:
-    """Dollars for ``base_tokens`` at ``BASE_TOKEN_USD_PER_MILLION``, to the micro-dollar."""
-    rate = Decimal(str(quota_settings.BASE_TOKEN_USD_PER_MILLION))
-    return (Decimal(int(base_tokens)) * rate / Decimal(1_000_000)).quantize(_MICRO_USD)
 
 
 def remaining(policy: UserPolicy, usage: UserUsage) -> dict[str, int | None]:
@@ -67,7 +50,7 @@ def usage_report(
             "start": month_start(usage.month, ledger.timezone),
             "end": datetime.fromtimestamp(usage.month_end_ms / 1000, tz),
         },
-        "limits": {name: getattr(policy.limits, name) for name in USER_LIMITS},
+        "limits": {name: getattr(policy.limits, name) for name in LIMIT_FIELDS},
         "usage": {
             "tokens_today": usage.tokens_today,
             "tokens_this_month": usage.tokens_this_month,

@@ -1,4 +1,5 @@
-"""Aggregates of ``UsageSnapshot`` for the admin's usage page and its CSV export.
+"""Totals of ``UsageSnapshot`` rows for the admin's usage page: spend per month by
+model, this month's models and top users.
 
 They read the database, not Redis: one query each however many users there are,
 at the cost of lagging the live counters by up to one ``SNAPSHOT_INTERVAL``.
@@ -6,23 +7,16 @@ at the cost of lagging the live counters by up to one ``SNAPSHOT_INTERVAL``.
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db.models import QuerySet, Sum
+from django.db.models import Sum
 
 from llm_quota.models import UsageSnapshot, UserQuota
-from llm_quota.reporting.usage import cost_usd
+from llm_quota.rules.periods import add_months
 from llm_quota.rules.policy import default_tier
-
-
-def month_back(first: date, n: int) -> date:
-    index = first.year * 12 + first.month - 1 - n
-    return date(index // 12, index % 12 + 1, 1)
 
 
 @dataclass(frozen=True)
@@ -34,7 +28,7 @@ class MonthlySpend:
 
 
 def monthly_spend(until: date, months: int = 12, top_models: int = 6) -> MonthlySpend:
-    periods = [month_back(until, n) for n in range(months - 1, -1, -1)]
+    periods = [add_months(until, -n) for n in range(months - 1, -1, -1)]
     rows = (
         UsageSnapshot.objects.filter(period__gte=periods[0], period__lte=periods[-1])
         .values("period", "model")
@@ -109,9 +103,10 @@ def top_users(period: date, limit: int = 10) -> list[UserTotal]:
     for row in rows:
         quota = quotas.get(row["user_id"])
         tier = quota.tier if quota is not None else default
-        budget = quota.tokens_per_month if quota is not None else None
-        if budget is None and tier is not None:
-            budget = tier.tokens_per_month
+        if quota is not None:
+            budget = quota.monthly_budget
+        else:
+            budget = tier.tokens_per_month if tier is not None else None
         out.append(
             UserTotal(
                 user_id=row["user_id"],
@@ -123,38 +118,3 @@ def top_users(period: date, limit: int = 10) -> list[UserTotal]:
             )
         )
     return out
-
-
-CSV_HEADER = (
-    "user_id", "username", "period", "model", "requests", "input_tokens", "output_tokens",
-    "base_tokens", "cost_usd", "updated_at",
-)  # fmt: skip
-
-
-class _Echo:
-    """A file-like whose write returns the line: csv.writer into a streaming response."""
-
-    def write(self, value: str) -> str:
-        return value
-
-
-def csv_rows(snapshots: QuerySet[UsageSnapshot] | Iterable[UsageSnapshot]) -> Iterator[str]:
-    """CSV lines (header first) of snapshot rows, for a ``StreamingHttpResponse``."""
-    writer = csv.writer(_Echo())
-    yield writer.writerow(CSV_HEADER)
-    if isinstance(snapshots, QuerySet):
-        snapshots = snapshots.select_related("user").order_by("period", "user_id", "model")
-        snapshots = snapshots.iterator(chunk_size=2000)
-    for row in snapshots:
-        yield writer.writerow(
-            (
-                row.user_id, _safe_cell(row.user.get_username()), row.period.isoformat(),
-                _safe_cell(row.model), row.requests, row.input_tokens, row.output_tokens,
-                row.base_tokens, cost_usd(row.base_tokens), row.updated_at.isoformat(),
-            )
-        )  # fmt: skip
-
-
-def _safe_cell(text: str) -> str:
-    """No formula injection when the CSV is opened in a spreadsheet."""
-    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
