@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     # as "https://api.openai.com/v1" and its key. No URL: the built-in fake provider.
     "OPENAI_BASE_URL": None,
     "OPENAI_API_KEY": None,
+    "UPSTREAM": None,
     # Seconds the gateway waits for the upstream to connect, and between two reads.
     "UPSTREAM_CONNECT_TIMEOUT": 10.0,
     "UPSTREAM_READ_TIMEOUT": 600.0,
