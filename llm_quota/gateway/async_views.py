@@ -12,7 +12,7 @@ database.
 DRF's ``APIView`` is sync-only, so this is a plain Django ``View`` built from DRF's
 pieces rather than a copy of them: its ``Request`` parses the body and authenticates
 exactly as the sync view's does, ``HasScope``'s check is ``require_scopes``, and
-every error goes through ``openai_errors.response_for_exception``.
+every error goes through ``drf.errors.response_for_exception``.
 
 ``LLM_QUOTA["ASYNC_GATEWAY"] = True`` routes ``/v1/chat/completions`` here; serve the
 project with an ASGI server (uvicorn), or every request runs its own event loop. Call
