@@ -261,9 +261,10 @@ class HttpUpstream:
     def client(self) -> Any:
         import httpx
 
-        with self._lock:
-            if self._client is None:
-                self._client = httpx.Client(**_client_options(*self.options))
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = httpx.Client(**_client_options(*self.options))
         return self._client
 
     async def aclient(self) -> Any:
