@@ -24,6 +24,7 @@ Django closes it; a view that streams should settle inside its generator.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -231,7 +232,9 @@ def _gate_async(view: Callable[..., Any], quota_request: Callable[..., dict]) ->
         try:
             return await afinish(guard, await view(request, *args, **kwargs))
         except BaseException:
-            await guard.arelease()  # does nothing if the view's answer already ended it
+            # Shielded: a client leaving (CancelledError) must not cut the release short.
+            # It does nothing if the view's answer already ended the reservation.
+            await asyncio.shield(guard.arelease())
             raise
 
     return agated
