@@ -121,17 +121,16 @@ LOGGING = {
 }
 
 # -- the OpenAI-compatible gateway ---------------------------------------------------
-# The middleware gates plain views and finishes reservations the DRF throttle admitted.
+# The middleware finishes reservations the DRF throttle admitted and the view left open.
 MIDDLEWARE += ["llm_quota.middleware.LLMQuotaMiddleware"]
+# No OPENAI_BASE_URL: the demo opts into the offline, deterministic fake provider.
 LLM_QUOTA.update(
+    UPSTREAM=None if os.environ.get("OPENAI_BASE_URL") else "llm_quota.testing.FakeProvider",
     OPENAI_BASE_URL=os.environ.get("OPENAI_BASE_URL") or None,
     OPENAI_API_KEY=os.environ.get("OPENAI_API_KEY") or None,
     # project/asgi.py turns the async chat view on; LLM_QUOTA_ASYNC_GATEWAY=0 keeps DRF's.
     ASYNC_GATEWAY=os.environ.get("LLM_QUOTA_ASYNC_GATEWAY", "0") == "1",
 )
-# No OPENAI_BASE_URL: the demo chooses the built-in fake provider (offline, deterministic).
-if not LLM_QUOTA["OPENAI_BASE_URL"]:
-    LLM_QUOTA["UPSTREAM"] = "llm_quota.testing.fake_provider.FakeProvider"
 # -- Usage reporting: Celery, the snapshot schedule, the OpenAPI schema -------------
 # Celery's broker defaults to the same Redis as the ledger.
 # kombu spells redis-py's unix:// socket URLs redis+socket://.

@@ -7,8 +7,8 @@ from django.http import JsonResponse, StreamingHttpResponse
 from django.urls import include, path
 from django.views.decorators.csrf import csrf_exempt
 
+from llm_quota.decorators import quota_gated
 from llm_quota.gateway.async_views import AsyncChatCompletionsView
-from llm_quota.middleware import quota_gated
 from tests.pipeline_urls import USAGE
 
 

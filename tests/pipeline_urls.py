@@ -8,8 +8,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 from rest_framework_simplejwt.authentication import JWTAuthentication
 
+from llm_quota.decorators import quota_gated
 from llm_quota.drf.throttling import LLMQuotaThrottle
-from llm_quota.middleware import quota_gated
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3}
 

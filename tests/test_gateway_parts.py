@@ -11,9 +11,11 @@ from llm_quota.drf.headers import go_duration, headers_for
 from llm_quota.exceptions import InvalidRequest
 from llm_quota.gateway import sse
 from llm_quota.gateway.relay import Relay
+from llm_quota.gateway.upstream import NotConfigured, UpstreamError, get_upstream
 from llm_quota.ledger.replies import Decision
 from llm_quota.rules.estimation import count_messages, count_output
-from llm_quota.shapes.chat import ChatRequest
+from llm_quota.shapes import chat as chat_shape
+from llm_quota.shapes.chat import ChatRequest, StreamWatch, read_completion
 from llm_quota.testing.fake_provider import FakeProvider
 from tests import factories
 
@@ -58,6 +60,44 @@ def test_upstream_body_carries_the_reserved_cap_and_asks_for_usage():
     assert ChatRequest.from_body({"model": "m", "messages": MSGS}).upstream_body(7) == {
         "model": "m", "messages": MSGS, "max_tokens": 7,
     }  # fmt: skip
+
+
+def test_the_billed_fields_are_what_the_request_is_priced_on(monkeypatch):
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    body = {"model": "m", "messages": MSGS, "tools": tools, "n": 2, "top_p": 1, "user": "u"}
+    assert ChatRequest.from_body(body).quota_kwargs() == {
+        "model": "m", "max_tokens": None, "choices": 2, "messages": MSGS, "tools": tools,
+    }  # fmt: skip
+    monkeypatch.setattr(chat_shape, "BILLED_FIELDS", ("messages",))
+    assert "tools" not in ChatRequest.from_body(body).quota_kwargs()
+
+
+def test_an_answer_is_settled_from_its_usage_else_from_its_text():
+    message = {"role": "assistant", "content": "Hi", "tool_calls": [
+        {"function": {"name": "f", "arguments": "{}"}}]}  # fmt: skip
+    completion = {"choices": [{"message": message}], "usage": {"completion_tokens": 3}}
+    assert read_completion(completion).usage == {"completion_tokens": 3}
+    assert read_completion({**completion, "usage": {"completion_tokens": "3"}}).usage is None
+    assert read_completion(completion).text == "Hif{}"
+
+
+def test_the_stream_watch_hides_the_usage_chunk_the_client_did_not_ask_for():
+    watch = StreamWatch(include_usage=False)
+    delta = json.dumps({"choices": [{"delta": {"content": "Hi"}}], "usage": None})
+    assert json.loads(watch.feed(delta)) == {"choices": [{"delta": {"content": "Hi"}}]}
+    assert watch.feed(json.dumps({"choices": [], "usage": {"completion_tokens": 1}})) is None
+    assert watch.feed("[DONE]") is None and watch.ended
+    assert watch.used == chat_shape.Used({"completion_tokens": 1}, "Hi")
+
+
+def test_the_upstream_is_the_one_configured_and_never_invented(settings):
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "UPSTREAM": "llm_quota.testing.FakeProvider"}
+    assert isinstance(get_upstream(), FakeProvider)
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "UPSTREAM": None, "OPENAI_BASE_URL": None}
+    assert isinstance(get_upstream(), NotConfigured)
+    with pytest.raises(UpstreamError) as refused:
+        get_upstream().complete({"model": "m", "messages": MSGS})
+    assert (refused.value.status, refused.value.code) == (502, "upstream_not_configured")
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""LLMQuotaThrottle and LLMQuotaMiddleware: admit before the view, end every reservation after."""
+"""LLMQuotaThrottle with LLMQuotaMiddleware, and @quota_gated: admit before the view, end
+every reservation after."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import pytest
 from django.test import Client
 
+from llm_quota.decorators import FinishedWithStream
 from llm_quota.rules.estimation import count_messages, count_output
 from tests import factories
 from tests.gateway_support import MSGS, access_token
@@ -121,5 +123,23 @@ def test_streaming_plain_view_that_never_settles_is_charged_the_estimate(user, l
     response = post("/plain/stream-unsettled", user)
     assert ledger.usage(user.pk).reserved > 0  # still streaming: still reserved
     assert b"".join(response.streaming_content) == b"ab"
+    response.close()
+    assert charged(ledger, user) == count_messages(MSGS, "gpt-4o") + 20 * 4
+
+
+def test_quota_gated_from_the_middleware_module_still_works_but_warns():
+    from llm_quota import decorators
+
+    with pytest.warns(DeprecationWarning, match="llm_quota.decorators"):
+        from llm_quota.middleware import quota_gated
+    assert quota_gated is decorators.quota_gated
+
+
+def test_the_middleware_leaves_a_gated_views_reservation_to_the_decorator(user, ledger):
+    """One owner: the decorator finishes its stream; the middleware does not wrap it again."""
+    response = post("/plain/stream-unsettled", user)
+    closers = [getattr(c, "__self__", None) for c in response._resource_closers]
+    assert sum(isinstance(c, FinishedWithStream) for c in closers) == 1
+    b"".join(response.streaming_content)
     response.close()
     assert charged(ledger, user) == count_messages(MSGS, "gpt-4o") + 20 * 4

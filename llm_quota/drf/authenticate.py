@@ -1,9 +1,9 @@
-"""DRF authentication outside DRF's views: the middleware and the async gateway.
+"""DRF authentication outside DRF's views: ``@quota_gated`` and the async gateway.
 
 Both wrap the Django request in DRF's ``Request`` with the authenticators they use,
 then authenticate exactly as an ``APIView`` does, and on failure attach the
 ``WWW-Authenticate`` value an ``APIView`` would send with its 401
-(``openai_errors.response_for_exception`` reads it). Authenticators read the
+(``errors.response_for_exception`` reads it). Authenticators read the
 database (simplejwt loads the token's user), so async code runs ``authenticate`` in
 a thread (``aauthenticate``).
 """

@@ -8,7 +8,7 @@ the body: a budget refusal says ``x-should-retry: false`` because retrying canno
 help before the period ends.
 
 ``exception_handler`` is a DRF exception handler (``get_exception_handler`` of the
-gateway's views); ``response_for_exception`` serves the middleware too.
+gateway's views); ``response_for_exception`` serves ``@quota_gated`` and the async view too.
 """
 
 from __future__ import annotations

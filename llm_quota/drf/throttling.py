@@ -37,13 +37,16 @@ from llm_quota.quota.guard import QuotaGuard
 from llm_quota.shapes.chat import ChatRequest
 
 #: Where the admitted guard hangs on the request (the Django ``HttpRequest``, which
-#: DRF's ``Request`` proxies, so the middleware sees it too).
+#: DRF's ``Request`` proxies), for the view to use.
 REQUEST_ATTRIBUTE = "llm_quota"
+#: Where the throttle also hangs it, for ``LLMQuotaMiddleware`` to finish if the view
+#: does not: the middleware finishes the throttle's reservations and no one else's.
+THROTTLED_ATTRIBUTE = "_llm_quota_throttled"
 
 
 def admission_headers(guard: QuotaGuard) -> Mapping[str, str]:
-    """The rate-limit headers of an admitted request (the throttle, the middleware and
-    the async gateway put the same ones on its response), built once per request."""
+    """The rate-limit headers of an admitted request (the throttle, ``@quota_gated`` and
+    the gateway put the same ones on its response), built once per request."""
     if guard.headers is None:
         guard.headers = MappingProxyType(headers_for(guard.decision, max_tokens=guard.max_tokens))
     return guard.headers
@@ -85,7 +88,9 @@ class LLMQuotaThrottle(BaseThrottle):
                 # The OpenAI SDKs (and polite clients) read this: waiting won't help.
                 view.headers["x-should-retry"] = "false"
             raise
-        setattr(getattr(request, "_request", request), REQUEST_ATTRIBUTE, guard)
+        django_request = getattr(request, "_request", request)
+        setattr(django_request, REQUEST_ATTRIBUTE, guard)
+        setattr(django_request, THROTTLED_ATTRIBUTE, guard)
         view.headers.update(admission_headers(guard))
         return True
 

@@ -1,17 +1,18 @@
 """The async gateway: ``POST /v1/chat/completions`` as a Django async view, for ASGI.
 
-The same request path as ``gateway.ChatCompletionsView`` (JWT, the chat scope, the
-body checks, admission, the upstream call, settle) and the same answers: statuses,
-OpenAI-shaped errors, rate-limit headers, ``Retry-After``, ``x-should-retry``. What
-differs is that no thread waits: admission and settle go through the guard's async
-methods (``AsyncLedger``), the upstream through ``httpx.AsyncClient``
-(``get_async_upstream``), and a stream through ``AsyncRelay``. Only authentication
-runs in a thread, since simplejwt reads the token's user from the database.
+The same request path as ``views.ChatCompletionsView`` (JWT, the chat scope, the
+body parsed once, admission, then ``ChatCall``: the upstream call, settle) and the
+same answers: statuses, OpenAI-shaped errors, rate-limit headers, ``Retry-After``,
+``x-should-retry``. What differs is that no thread waits: admission and settle go
+through the guard's async methods (``AsyncLedger``), the upstream through its async
+calls (``httpx.AsyncClient``), and a stream through ``AsyncRelay``. Only
+authentication runs in a thread, since simplejwt reads the token's user from the
+database.
 
 DRF's ``APIView`` is sync-only, so this is a plain Django ``View`` built from DRF's
 pieces rather than a copy of them: its ``Request`` parses the body and authenticates
 exactly as the sync view's does, ``HasScope``'s check is ``require_scopes``, and
-every error goes through ``openai_errors.response_for_exception``.
+every error goes through ``drf.errors.response_for_exception``.
 
 ``LLM_QUOTA["ASYNC_GATEWAY"] = True`` routes ``/v1/chat/completions`` here; serve the
 project with an ASGI server (uvicorn), or every request runs its own event loop. Call
@@ -21,10 +22,9 @@ first requests find the URLs imported and the tokenizers loaded.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from django.http import HttpRequest, HttpResponseBase, JsonResponse
+from django.http import HttpRequest, HttpResponseBase
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.exceptions import MethodNotAllowed
@@ -34,15 +34,8 @@ from llm_quota.conf import quota_settings
 from llm_quota.drf.authenticate import aauthenticate
 from llm_quota.drf.errors import response_for_exception
 from llm_quota.drf.permissions import agranted_scopes, require_scopes
-from llm_quota.drf.throttling import admission_headers
-from llm_quota.gateway.relay import AsyncRelay
-from llm_quota.gateway.upstream import UpstreamError, get_async_upstream
-from llm_quota.gateway.views import (
-    OpenAIView,
-    asettle_completion,
-    stream_response,
-    upstream_failed,
-)
+from llm_quota.gateway.chat_call import ChatCall
+from llm_quota.gateway.views import OpenAIView
 from llm_quota.quota.guard import QuotaGuard
 from llm_quota.rules import estimation
 from llm_quota.shapes.chat import ChatRequest
@@ -110,38 +103,7 @@ class AsyncChatCompletionsView(View):
             if response is None:
                 raise
             return response
-        response = await self.call_upstream(chat, guard, user)
-        for name, value in admission_headers(guard).items():
-            response[name] = value
-        return response
-
-    async def call_upstream(
-        self, chat: ChatRequest, guard: QuotaGuard, user: Any
-    ) -> HttpResponseBase:
-        """Send the admitted call upstream; the reservation is owned here from now on."""
-        body = chat.upstream_body(guard.max_tokens)
-        try:
-            upstream = await get_async_upstream()
-            if chat.stream:
-                stream = await upstream.stream(body)
-            else:
-                completion = await upstream.complete(body)
-        except UpstreamError as exc:
-            await guard.arelease()
-            return upstream_failed(chat, user, exc)
-        except asyncio.CancelledError:
-            # The client left while the upstream worked on the answer: it may all have
-            # been generated, and nothing says how much, so the estimate is charged.
-            await asyncio.shield(guard.acharge_estimate())
-            raise
-        except BaseException:
-            await asyncio.shield(guard.arelease())
-            raise
-        if chat.stream:
-            return stream_response(AsyncRelay(stream, guard, include_usage=chat.include_usage))
-        # Shielded: a client leaving now cannot undo the charge of an answer received.
-        await asyncio.shield(asettle_completion(guard, completion))
-        return JsonResponse(completion)
+        return await ChatCall(chat, guard, user).aanswer()
 
     def allow_header(self) -> str:
         return ", ".join(self._allowed_methods())

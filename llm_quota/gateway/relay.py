@@ -14,39 +14,28 @@ relay watches what passes through, so that the reservation is settled
 
 The usage-only final chunk is passed on only to a client that asked for it.
 
-``StreamWatch`` is what happens to each event, with no I/O; ``Relay`` (the sync
-gateway, a generator) and ``AsyncRelay`` (the async gateway, an async generator) only
-move the events and settle through the guard's sync or async methods.
+What happens to each event is the chat shape's ``StreamWatch``, with no I/O; ``Relay``
+(the sync gateway, a generator) and ``AsyncRelay`` (the async gateway, an async
+generator) only move the events and settle through the guard's sync or async methods.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import weakref
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 from asgiref.sync import async_to_sync
 
 from llm_quota.drf.errors import error_body
 from llm_quota.gateway import sse
+from llm_quota.gateway.settlement import asettle, settle
 from llm_quota.gateway.upstream import AsyncUpstreamStream, UpstreamError, UpstreamStream
 from llm_quota.quota.guard import QuotaGuard
-from llm_quota.shapes.output_text import StreamedOutput, reported_usage
+from llm_quota.shapes.chat import StreamWatch
 
 logger = logging.getLogger("llm_quota")
-
-
-def _for_client(data: str, chunk: dict[str, Any], include_usage: bool) -> str | None:
-    """The event's data as the client should see it, or None to drop it."""
-    if include_usage or "usage" not in chunk:
-        return data
-    if not chunk.get("choices") and chunk.get("usage"):
-        return None  # the usage chunk the gateway asked for, not the client
-    trimmed = {key: value for key, value in chunk.items() if key != "usage"}
-    return json.dumps(trimmed, separators=(",", ":"))
 
 
 def failure_event(exc: UpstreamError) -> bytes:
@@ -54,44 +43,10 @@ def failure_event(exc: UpstreamError) -> bytes:
     return sse.event(error_body(exc.message, type="upstream_error", code=exc.code))
 
 
-class StreamWatch:
-    """The per-event logic of a relay, without I/O: what to pass on, what to settle from.
-
-    Feed it each upstream payload (``event_for``); once ``ended`` is true the stream
-    is over (``[DONE]``, or an error chunk). ``usage`` is the upstream's final usage
-    when it sent one that can be settled from; else ``output.text`` is what it wrote.
-    """
-
-    def __init__(self, include_usage: bool) -> None:
-        self.include_usage = include_usage
-        self.ended = False
-        self.output = StreamedOutput()
-        self._usage: Any = None
-
-    @property
-    def usage(self) -> dict[str, Any] | None:
-        return reported_usage(self._usage)
-
-    def event_for(self, data: str) -> bytes | None:
-        """The event to send the client for one upstream payload, or None to send nothing."""
-        if data.strip() == sse.DONE:
-            self.ended = True  # the relay sends its own [DONE] once settled
-            return None
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            chunk = None
-        if not isinstance(chunk, dict):
-            return sse.event(data)  # not ours to judge: pass it on untouched
-        if chunk.get("error"):
-            # The upstream reported a failure inside the stream; it ends here.
-            self.ended = True
-            return sse.event(data)
-        if chunk.get("usage"):
-            self._usage = chunk["usage"]
-        self.output.add(chunk)
-        shown = _for_client(data, chunk, self.include_usage)
-        return None if shown is None else sse.event(shown)
+def event_for(watch: StreamWatch, data: str) -> bytes | None:
+    """The event to send the client for one upstream payload, or None to send nothing."""
+    payload = watch.feed(data)
+    return None if payload is None else sse.event(payload)
 
 
 class Relay:
@@ -119,18 +74,12 @@ class Relay:
             self._settle()
 
     def _settle(self) -> None:
-        if self.guard.finished:
-            return
-        usage = self.watch.usage
-        if usage is not None:
-            self.guard.settle(usage)
-        else:
-            self.guard.settle_output(self.watch.output.text)
+        settle(self.guard, self.watch.used)
 
     def _relay(self) -> Iterator[bytes]:
         try:
             for data in self.stream:
-                event = self.watch.event_for(data)
+                event = event_for(self.watch, data)
                 if event is not None:
                     yield event
                 if self.watch.ended:
@@ -181,12 +130,7 @@ class _Ending:
         try:
             await self.stream.aclose()
         finally:
-            if not self.guard.finished:
-                usage = self.watch.usage
-                if usage is not None:
-                    await self.guard.asettle(usage)
-                else:
-                    await self.guard.asettle_output(self.watch.output.text)
+            await asettle(self.guard, self.watch.used)
 
 
 #: Endings of dropped relays, held until they are done (the loop keeps weak references).
@@ -248,7 +192,7 @@ class AsyncRelay:
     async def _relay(self) -> AsyncIterator[bytes]:
         try:
             async for data in self.stream:
-                event = self.watch.event_for(data)
+                event = event_for(self.watch, data)
                 if event is not None:
                     yield event
                 if self.watch.ended:

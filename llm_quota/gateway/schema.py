@@ -1,6 +1,6 @@
 """The OpenAPI description of the ``/v1/`` gateway (drf-spectacular, if installed).
 
-The gateway validates bodies itself (``chat_request``) and passes unknown fields on
+The gateway validates bodies itself (``shapes.chat``) and passes unknown fields on
 to the upstream, so these serializers describe OpenAI's shapes for the schema only:
 clients, docs and schemathesis read them; nothing validates against them.
 """

@@ -20,46 +20,40 @@ class DataReader:
     def __init__(self) -> None:
         self._buffer: list[str] = []
 
-    def feed(self, line: str) -> str | None:
-        """The payload of the event ``line`` ends (a blank line), else None."""
+    def feed(self, line: str) -> tuple[str, ...]:
+        """The payload of the event ``line`` ends (a blank line), if any."""
         if not line:
             return self.flush()
         if line.startswith(":"):
-            return None  # a comment (keep-alive)
+            return ()  # a comment (keep-alive)
         field, _, value = line.partition(":")
         if field == "data":
             self._buffer.append(value[1:] if value.startswith(" ") else value)
-        return None
+        return ()
 
-    def flush(self) -> str | None:
+    def flush(self) -> tuple[str, ...]:
         """What is left: a stream cut before its final blank line still delivered it."""
         if not self._buffer:
-            return None
+            return ()
         data, self._buffer = "\n".join(self._buffer), []
-        return data
+        return (data,)
 
 
 def iter_data(lines: Iterable[str]) -> Iterator[str]:
     """The ``data`` payload of each event in ``lines`` (line endings already removed)."""
     reader = DataReader()
     for line in lines:
-        data = reader.feed(line)
-        if data is not None:
-            yield data
-    data = reader.flush()
-    if data is not None:
-        yield data
+        yield from reader.feed(line)
+    yield from reader.flush()
 
 
 async def aiter_data(lines: AsyncIterable[str]) -> AsyncIterator[str]:
     """``iter_data`` over an async stream of lines (``httpx`` ``aiter_lines``)."""
     reader = DataReader()
     async for line in lines:
-        data = reader.feed(line)
-        if data is not None:
+        for data in reader.feed(line):
             yield data
-    data = reader.flush()
-    if data is not None:
+    for data in reader.flush():
         yield data
 
 

@@ -1,19 +1,19 @@
-"""The gateway's upstream: any OpenAI-compatible server, or the built-in fake provider.
+"""The gateway's upstream: the OpenAI-compatible server at ``OPENAI_BASE_URL``, or the
+class ``LLM_QUOTA["UPSTREAM"]`` names.
 
-Both offer the same two calls over a Chat Completions body: ``complete(body)`` returns
-the JSON response; ``stream(body)`` returns an ``UpstreamStream`` yielding the ``data``
-of each server-sent event, which the caller must ``close()``. Failures are raised as
-``UpstreamError`` carrying the status the gateway should answer with. The async
-gateway uses the twins (``AsyncHttpUpstream`` on ``httpx.AsyncClient``, the fake
-provider's ``AsyncFakeProvider``), whose ``complete``/``stream`` are awaited and whose
-streams are iterated with ``async for`` and ``aclose()``d; request building and error
-mapping are the same functions for both.
+An upstream offers two calls over a Chat Completions body, each sync and async:
+``complete(body)``/``acomplete(body)`` return the JSON response;
+``stream(body)``/``astream(body)`` return a stream yielding the ``data`` of each
+server-sent event (``for``, then ``close()``; or ``async for``, then ``aclose()``).
+Failures are raised as ``UpstreamError`` carrying the status the gateway should
+answer with. With neither setting, every call fails with a 502
+(``upstream_not_configured``): the gateway never invents answers on its own.
 
 The real upstream is reached with httpx rather than the ``openai`` SDK: a gateway must
 forward bodies it does not model (new parameters, vendor extensions) byte for byte,
 must not retry on its own (a retried call can be billed twice upstream), and needs
 the raw status and error body to hand back. httpx is imported only when
-``OPENAI_BASE_URL`` is set; the fake provider needs nothing.
+``OPENAI_BASE_URL`` is used.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol
 
 from asgiref.sync import sync_to_async
+from django.utils.module_loading import import_string
 
 from llm_quota.conf import quota_settings
 from llm_quota.gateway import sse
@@ -86,22 +87,42 @@ class UpstreamStream(Protocol):
     def close(self) -> None: ...
 
 
-class Upstream(Protocol):
-    def complete(self, body: dict[str, Any]) -> dict[str, Any]: ...
-
-    def stream(self, body: dict[str, Any]) -> UpstreamStream: ...
-
-
 class AsyncUpstreamStream(Protocol):
     def __aiter__(self) -> AsyncIterator[str]: ...
 
     async def aclose(self) -> None: ...
 
 
-class AsyncUpstream(Protocol):
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]: ...
+class Upstream(Protocol):
+    """What ``LLM_QUOTA["UPSTREAM"]`` names: a class built with no arguments."""
 
-    async def stream(self, body: dict[str, Any]) -> AsyncUpstreamStream: ...
+    def complete(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    def stream(self, body: dict[str, Any]) -> UpstreamStream: ...
+
+    async def acomplete(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def astream(self, body: dict[str, Any]) -> AsyncUpstreamStream: ...
+
+
+class NotConfigured:
+    """The upstream when none is configured: every call is a 502, never an invented answer."""
+
+    def _refuse(self, body: dict[str, Any]) -> Any:
+        raise UpstreamError(
+            502,
+            "The gateway has no upstream: set LLM_QUOTA['OPENAI_BASE_URL'] "
+            "(or LLM_QUOTA['UPSTREAM']).",
+            code="upstream_not_configured",
+        )
+
+    complete = stream = _refuse
+
+    async def acomplete(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._refuse(body)
+
+    async def astream(self, body: dict[str, Any]) -> AsyncUpstreamStream:
+        return self._refuse(body)
 
 
 # -- what the sync and async HTTP clients share ------------------------------------------
@@ -160,11 +181,36 @@ def _completion(response: Any) -> dict[str, Any]:
     return data
 
 
-# -- sync --------------------------------------------------------------------------------
+def _refusal(response: Any, content: bytes) -> UpstreamError:
+    """The error for an upstream answer of status 400 or more, its body read."""
+    return UpstreamError.from_response(response.status_code, content, response.headers)
+
+
+def _drained(response: Any) -> bytes:
+    """The body of an error answer (empty if it cannot be read), its connection closed."""
+    import httpx
+
+    try:
+        return response.read()
+    except httpx.HTTPError:
+        return b""
+    finally:
+        response.close()
+
+
+async def _adrained(response: Any) -> bytes:
+    import httpx
+
+    try:
+        return await response.aread()
+    except httpx.HTTPError:
+        return b""
+    finally:
+        await response.aclose()
 
 
 class HttpStream:
-    """An upstream SSE response, read line by line as it arrives."""
+    """An upstream SSE response, read line by line as it arrives: ``for``, or ``async for``."""
 
     def __init__(self, response: Any) -> None:
         self.response = response
@@ -177,54 +223,6 @@ class HttpStream:
         except httpx.HTTPError as exc:
             raise _dropped(exc) from exc
 
-    def close(self) -> None:
-        self.response.close()
-
-
-class HttpUpstream:
-    """An OpenAI-compatible server at ``base_url`` (".../v1"), one pooled client per process."""
-
-    def __init__(
-        self, base_url: str, api_key: str | None, *, connect_timeout: float, read_timeout: float
-    ) -> None:
-        import httpx
-
-        self.client = httpx.Client(
-            **_client_options(base_url, api_key, connect_timeout, read_timeout)
-        )
-
-    def _send(self, body: dict[str, Any], *, stream: bool) -> Any:
-        import httpx
-
-        try:
-            response = self.client.send(_request(self.client, body), stream=stream)
-        except httpx.HTTPError as exc:
-            raise _unreachable(exc) from exc
-        if response.status_code >= 400:
-            try:
-                content = response.read()
-            except httpx.HTTPError:
-                content = b""
-            response.close()
-            raise UpstreamError.from_response(response.status_code, content, response.headers)
-        return response
-
-    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        return _completion(self._send(body, stream=False))
-
-    def stream(self, body: dict[str, Any]) -> HttpStream:
-        return HttpStream(self._send(body, stream=True))
-
-
-# -- async -------------------------------------------------------------------------------
-
-
-class AsyncHttpStream:
-    """``HttpStream`` for async code: ``async for`` the payloads, then ``aclose()``."""
-
-    def __init__(self, response: Any) -> None:
-        self.response = response
-
     async def __aiter__(self) -> AsyncIterator[str]:
         import httpx
 
@@ -234,77 +232,106 @@ class AsyncHttpStream:
         except httpx.HTTPError as exc:
             raise _dropped(exc) from exc
 
+    def close(self) -> None:
+        self.response.close()
+
     async def aclose(self) -> None:
         await self.response.aclose()
 
 
-class AsyncHttpUpstream:
-    """``HttpUpstream`` on ``httpx.AsyncClient``: no thread waits on the upstream.
+class HttpUpstream:
+    """An OpenAI-compatible server at ``base_url`` (".../v1").
 
-    An ``AsyncClient`` belongs to the event loop it first ran on, so there is one per
-    loop (``get_async_upstream``).
+    One pooled ``httpx.Client`` per process for sync calls and, since an
+    ``httpx.AsyncClient`` belongs to the event loop it first ran on, one per loop for
+    async calls, so no thread waits on the upstream there.
     """
 
     def __init__(
         self, base_url: str, api_key: str | None, *, connect_timeout: float, read_timeout: float
     ) -> None:
-        import httpx
-
-        self.client = httpx.AsyncClient(
-            **_client_options(base_url, api_key, connect_timeout, read_timeout)
+        self.options = (base_url, api_key, connect_timeout, read_timeout)
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
         )
 
-    async def _send(self, body: dict[str, Any], *, stream: bool) -> Any:
+    @property
+    def client(self) -> Any:
         import httpx
 
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = httpx.Client(**_client_options(*self.options))
+        return self._client
+
+    async def aclient(self) -> Any:
+        """This loop's client. The first call on a loop builds it in a thread: importing
+        httpx and loading the CA bundle for TLS would stall every request on the loop."""
+        loop = asyncio.get_running_loop()
+        client = self._async_clients.get(loop)
+        if client is None:
+            built = await sync_to_async(_async_client, thread_sensitive=False)(self.options)
+            client = self._async_clients.setdefault(loop, built)  # another may have won
+        return client
+
+    def _send(self, body: dict[str, Any], *, stream: bool) -> Any:
+        import httpx
+
+        client = self.client
         try:
-            response = await self.client.send(_request(self.client, body), stream=stream)
+            response = client.send(_request(client, body), stream=stream)
         except httpx.HTTPError as exc:
             raise _unreachable(exc) from exc
         if response.status_code >= 400:
-            try:
-                content = await response.aread()
-            except httpx.HTTPError:
-                content = b""
-            await response.aclose()
-            raise UpstreamError.from_response(response.status_code, content, response.headers)
+            raise _refusal(response, _drained(response))
         return response
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        return _completion(await self._send(body, stream=False))
+    async def _asend(self, body: dict[str, Any], *, stream: bool) -> Any:
+        import httpx
 
-    async def stream(self, body: dict[str, Any]) -> AsyncHttpStream:
-        return AsyncHttpStream(await self._send(body, stream=True))
+        client = await self.aclient()
+        try:
+            response = await client.send(_request(client, body), stream=stream)
+        except httpx.HTTPError as exc:
+            raise _unreachable(exc) from exc
+        if response.status_code >= 400:
+            raise _refusal(response, await _adrained(response))
+        return response
+
+    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _completion(self._send(body, stream=False))
+
+    def stream(self, body: dict[str, Any]) -> HttpStream:
+        return HttpStream(self._send(body, stream=True))
+
+    async def acomplete(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _completion(await self._asend(body, stream=False))
+
+    async def astream(self, body: dict[str, Any]) -> HttpStream:
+        return HttpStream(await self._asend(body, stream=True))
 
 
-_clients: dict[tuple[Any, ...], Upstream] = {}
+def _async_client(options: tuple[Any, ...]) -> Any:
+    import httpx
+
+    return httpx.AsyncClient(**_client_options(*options))
+
+
+_clients: dict[tuple[Any, ...], HttpUpstream] = {}
 _lock = threading.Lock()
-#: Per event loop, the async client of each configuration.
-_async_clients: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[Any, ...], AsyncHttpUpstream]
-] = weakref.WeakKeyDictionary()
 
 
-def _client_key() -> tuple[Any, ...] | None:
-    """What a client is built from, or None for the fake provider (no base URL)."""
-    base_url = quota_settings.OPENAI_BASE_URL
-    if not base_url:
-        return None
-    return (
+def _http_upstream(base_url: str) -> HttpUpstream:
+    """The ``HttpUpstream`` of the current settings, one per configuration and process."""
+    key = (
         str(base_url),
         quota_settings.OPENAI_API_KEY,
         float(quota_settings.UPSTREAM_CONNECT_TIMEOUT),
         float(quota_settings.UPSTREAM_READ_TIMEOUT),
     )
-
-
-def get_upstream() -> Upstream:
-    """The configured upstream: ``OPENAI_BASE_URL``, else the fake provider."""
-    key = _client_key()
-    if key is None:
-        from llm_quota.testing.fake_provider import FakeProvider
-
-        return FakeProvider()
     with _lock:
         upstream = _clients.get(key)
         if upstream is None:
@@ -313,22 +340,13 @@ def get_upstream() -> Upstream:
     return upstream
 
 
-async def get_async_upstream() -> AsyncUpstream:
-    """``get_upstream`` for async code, one client per event loop.
-
-    The first call on a loop builds its client in a thread: importing httpx and
-    loading the CA bundle for TLS would stall the loop for every request in flight.
-    """
-    key = _client_key()
-    if key is None:
-        from llm_quota.testing.fake_provider import AsyncFakeProvider
-
-        return AsyncFakeProvider()
-    per_loop = _async_clients.setdefault(asyncio.get_running_loop(), {})
-    upstream = per_loop.get(key)
-    if upstream is None:
-        built = await sync_to_async(AsyncHttpUpstream, thread_sensitive=False)(
-            key[0], key[1], connect_timeout=key[2], read_timeout=key[3]
-        )
-        upstream = per_loop.setdefault(key, built)  # another request may have won the race
-    return upstream
+def get_upstream() -> Upstream:
+    """The configured upstream: an instance of ``UPSTREAM``'s class where one is named,
+    else the server at ``OPENAI_BASE_URL``, else ``NotConfigured``."""
+    dotted = quota_settings.UPSTREAM
+    if dotted:
+        return import_string(dotted)()
+    base_url = quota_settings.OPENAI_BASE_URL
+    if not base_url:
+        return NotConfigured()
+    return _http_upstream(base_url)

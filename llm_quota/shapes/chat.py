@@ -1,25 +1,43 @@
-"""A Chat Completions request body, checked before anything is reserved.
+"""The Chat Completions API shape: what a call is billed for, what caps it, what it used.
 
-Only the fields the quota depends on are validated here (model, messages, the output
-cap, ``n``, streaming); everything else passes through to the upstream untouched,
-which validates it as it always does. A bad value is a 400 in OpenAI's shape that
-names the field, never a 500 and never a reservation.
+Everything the quota needs to know about ``POST /v1/chat/completions``, in one place,
+with no I/O, so the gateway views, the DRF throttle and ``@quota_gated`` read a body
+the same way (and only once):
+
+- ``ChatRequest``: the body, checked before anything is reserved. Only the fields the
+  quota depends on are validated (model, messages, the output cap, ``n``, streaming);
+  everything else passes through to the upstream untouched, which validates it as it
+  always does. A bad value is a 400 in OpenAI's shape that names the field, never a
+  500 and never a reservation.
+- ``BILLED_FIELDS``: the body fields the estimate counts; ``CAP_FIELDS``: the fields
+  that cap the output, and ``ChatRequest.upstream_body`` sets them to the reserved cap.
+- ``Used``: what an answer says it used (``read_completion``, ``StreamWatch.used``):
+  the upstream's ``usage`` when it can be settled from, else the text it generated.
+- ``StreamWatch``: what happens to each event of a streamed answer.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from llm_quota.exceptions import InvalidRequest
 from llm_quota.ledger import keys
 
+#: The body fields the estimate counts, each passed to the guard under its own name
+#: (``QuotaGuard(messages=..., tools=...)``). The one place that decides what is billed.
+BILLED_FIELDS = ("messages", "tools")
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 #: Both names OpenAI accepts for the output cap; ``max_completion_tokens`` is the newer
 #: one (reasoning models accept only it), ``max_tokens`` what most compatible servers read.
 CAP_FIELDS = ("max_completion_tokens", "max_tokens")
+#: The cap field set when the caller used none: what every compatible server reads.
+DEFAULT_CAP_FIELD = "max_tokens"
 MAX_CHOICES = 128
+#: The final stream event (not JSON).
+DONE = "[DONE]"
 
 
 def _positive_int(body: dict[str, Any], name: str, upper: int | None = None) -> int | None:
@@ -114,14 +132,17 @@ class ChatRequest:
             tools=tools,
         )
 
+    def billed(self) -> dict[str, Any]:
+        """The billed parts of the body (``BILLED_FIELDS``), as the estimate counts them."""
+        return {name: self.body.get(name) for name in BILLED_FIELDS}
+
     def quota_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``quota_guard`` that price this request."""
         return {
             "model": self.model,
-            "messages": self.messages,
             "max_tokens": self.max_tokens,
-            "tools": self.tools,
             "choices": self.choices,
+            **self.billed(),
         }
 
     def upstream_body(self, max_tokens: int) -> dict[str, Any]:
@@ -132,7 +153,7 @@ class ChatRequest:
         always asks for the final usage chunk, so it can be settled exactly.
         """
         body = copy.deepcopy(self.body)
-        used = [name for name in CAP_FIELDS if body.get(name) is not None] or ["max_tokens"]
+        used = [name for name in CAP_FIELDS if body.get(name) is not None] or [DEFAULT_CAP_FIELD]
         for name in used:
             body[name] = max_tokens
         if self.stream:
@@ -140,3 +161,121 @@ class ChatRequest:
             options["include_usage"] = True
             body["stream_options"] = options
         return body
+
+
+# -- what an answer used -------------------------------------------------------------------
+
+#: Everything the model wrote is billed as output: the message content, refusals, tool
+#: call names and arguments, and the reasoning text some compatible servers stream
+#: (``reasoning_content``/``reasoning``). Counting all of it errs on the side of
+#: charging, like the estimate does.
+TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
+
+
+def _parts(message: Any) -> list[str]:
+    if not isinstance(message, dict):
+        return []
+    parts = [message[name] for name in TEXT_FIELDS if isinstance(message.get(name), str)]
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            parts += [
+                function[k] for k in ("name", "arguments") if isinstance(function.get(k), str)
+            ]
+    return parts
+
+
+def _choice_parts(body: Any, field: str) -> list[str]:
+    choices = body.get("choices") if isinstance(body, dict) else None
+    parts: list[str] = []
+    for choice in choices or []:
+        if isinstance(choice, dict):
+            parts += _parts(choice.get(field))
+    return parts
+
+
+def reported_usage(usage: Any) -> dict[str, Any] | None:
+    """An upstream's ``usage`` if a settle can rely on it (it counts the output), else None:
+    the caller then settles from the generated text instead."""
+    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+        return usage
+    return None
+
+
+@dataclass(frozen=True)
+class Used:
+    """What a call used, as its answer tells: settle from ``usage`` when the upstream
+    reported one, else from ``text``, what it generated (counted with the model's
+    encoding)."""
+
+    usage: dict[str, Any] | None
+    text: str
+
+
+def read_completion(completion: Any) -> Used:
+    """What a non-streamed ``chat.completion`` body used."""
+    usage = completion.get("usage") if isinstance(completion, dict) else None
+    return Used(reported_usage(usage), "".join(_choice_parts(completion, "message")))
+
+
+class StreamedOutput:
+    """Collects the deltas of a streamed completion as they pass through."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+
+    def add(self, chunk: Any) -> None:
+        self._parts += _choice_parts(chunk, "delta")
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+
+def _for_client(data: str, chunk: dict[str, Any], include_usage: bool) -> str | None:
+    """The event's data as the client should see it, or None to drop it."""
+    if include_usage or "usage" not in chunk:
+        return data
+    if not chunk.get("choices") and chunk.get("usage"):
+        return None  # the usage chunk the gateway asked for, not the client
+    trimmed = {key: value for key, value in chunk.items() if key != "usage"}
+    return json.dumps(trimmed, separators=(",", ":"))
+
+
+class StreamWatch:
+    """What happens to each event of a streamed answer: what to pass on, what it used.
+
+    Feed it each upstream payload (``feed``); once ``ended`` is true the stream is over
+    (``[DONE]``, or an error chunk). The usage-only final chunk (the gateway always asks
+    for one) is passed on only to a client that asked for it (``include_usage``).
+    """
+
+    def __init__(self, include_usage: bool) -> None:
+        self.include_usage = include_usage
+        self.ended = False
+        self.output = StreamedOutput()
+        self._usage: Any = None
+
+    @property
+    def used(self) -> Used:
+        return Used(reported_usage(self._usage), self.output.text)
+
+    def feed(self, data: str) -> str | None:
+        """The payload to pass on to the client for one upstream payload, or None."""
+        if data.strip() == DONE:
+            self.ended = True  # the relay sends its own [DONE] once settled
+            return None
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            chunk = None
+        if not isinstance(chunk, dict):
+            return data  # not ours to judge: pass it on untouched
+        if chunk.get("error"):
+            # The upstream reported a failure inside the stream; it ends here.
+            self.ended = True
+            return data
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        self.output.add(chunk)
+        return _for_client(data, chunk, self.include_usage)

@@ -1,4 +1,8 @@
-"""The built-in upstream when no ``OPENAI_BASE_URL`` is set: offline and deterministic.
+"""An upstream with no network, offline and deterministic: the demo's and the tests' choice.
+
+The gateway never falls back on it by itself: a project opts in with
+``LLM_QUOTA["UPSTREAM"] = "llm_quota.testing.FakeProvider"`` (the demo does when
+``OPENAI_BASE_URL`` is unset).
 
 It answers Chat Completions like OpenAI does (bodies, SSE chunks, the final usage
 chunk, ``finish_reason: "length"`` at the cap) so the demo and the tests exercise
@@ -7,7 +11,7 @@ reply; its length depends on the prompt and never exceeds the ``max_tokens`` sen
 Token counts are real: ``llm_quota.rules.estimation`` counts the prompt and the reply with
 the model's tiktoken encoding (or its offline stand-in).
 
-``AsyncFakeProvider`` serves the async gateway: the same replies, computed in a
+The async calls (``acomplete``, ``astream``) give the same replies, computed in a
 thread (counting tokens is CPU work that would stall the event loop), then streamed
 one chunk per turn of the loop.
 """
@@ -100,6 +104,8 @@ def _id(body: dict[str, Any]) -> str:
 
 
 class FakeStream:
+    """The chunks of a streamed reply, as JSON payloads: ``for``, or ``async for``."""
+
     def __init__(self, chunks: Iterator[dict[str, Any]]) -> None:
         self._chunks = chunks
 
@@ -107,8 +113,22 @@ class FakeStream:
         for chunk in self._chunks:
             yield json.dumps(chunk, separators=(",", ":"))
 
+    async def __aiter__(self) -> AsyncIterator[str]:
+        # Built in a thread, then handed out one per turn of the loop, as a real
+        # upstream's arrive.
+        payloads = await sync_to_async(list, thread_sensitive=False)(iter(self))
+        for data in payloads:
+            await asyncio.sleep(0)
+            yield data
+
     def close(self) -> None:
         self._chunks.close()  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        try:
+            self.close()
+        except ValueError:
+            pass  # still being built in its thread (the client left early): it ends there
 
 
 class FakeProvider:
@@ -139,6 +159,12 @@ class FakeProvider:
     def stream(self, body: dict[str, Any]) -> FakeStream:
         return FakeStream(self._chunks(body))
 
+    async def acomplete(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await sync_to_async(self.complete, thread_sensitive=False)(body)
+
+    async def astream(self, body: dict[str, Any]) -> FakeStream:
+        return self.stream(body)
+
     def _chunks(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         base = {
@@ -165,36 +191,3 @@ class FakeProvider:
             yield chunk(index, {}, finish)
         if include_usage:
             yield {**base, "choices": [], "usage": _usage(body, texts)}
-
-
-class AsyncFakeStream:
-    """A ``FakeStream`` for ``async for``: its chunks are built in a thread, then handed
-    out one per turn of the loop, as a real upstream's arrive."""
-
-    def __init__(self, stream: FakeStream) -> None:
-        self._stream = stream
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        chunks = await sync_to_async(list, thread_sensitive=False)(self._stream)
-        for data in chunks:
-            await asyncio.sleep(0)
-            yield data
-
-    async def aclose(self) -> None:
-        try:
-            self._stream.close()
-        except ValueError:
-            pass  # still being built in its thread (the client left early): it ends there
-
-
-class AsyncFakeProvider:
-    """``FakeProvider`` for the async gateway (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self._sync = FakeProvider()
-
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await sync_to_async(self._sync.complete, thread_sensitive=False)(body)
-
-    async def stream(self, body: dict[str, Any]) -> AsyncFakeStream:
-        return AsyncFakeStream(self._sync.stream(body))

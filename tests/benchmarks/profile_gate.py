@@ -29,10 +29,10 @@ PARTS = (
     ("JWT authentication (both paths)",
      "rest_framework_simplejwt.authentication:JWTAuthentication.authenticate"),
     ("permission HasScope", "llm_quota.drf.permissions:HasScope.has_permission"),
-    ("throttle allow_request (gate in)", "llm_quota.drf.throttling:LLMQuotaThrottle.allow_request"),
+    ("  granted_scopes", "llm_quota.drf.permissions:granted_scopes"),
+    ("view post", "llm_quota.gateway.views:ChatCompletionsView.post"),
     ("  ChatRequest.from_body (all calls)", "llm_quota.shapes.chat:ChatRequest.from_body"),
-    ("  granted_scopes", "llm_quota.drf.throttling:granted_scopes"),
-    ("  QuotaGuard.admit", "llm_quota.quota.guard:QuotaGuard.admit"),
+    ("  QuotaGuard.admit (gate in)", "llm_quota.quota.guard:QuotaGuard.admit"),
     ("    estimate_request", "llm_quota.quota.admission:estimate_request"),
     ("      price_for", "llm_quota.quota.admission:price_for"),
     ("      prompt_bounds", "llm_quota.quota.admission:prompt_bounds"),
@@ -40,16 +40,14 @@ PARTS = (
     ("    gate.admit", "llm_quota.quota.admission:admit"),
     ("      policy_for", "llm_quota.quota.admission:policy_for"),
     ("      Ledger.reserve", "llm_quota.ledger.sync_driver:Ledger.reserve"),
-    ("  headers_for", "llm_quota.drf.throttling:headers_for"),
-    ("view post", "llm_quota.gateway.views:ChatCompletionsView.post"),
-    ("  upstream_body", "llm_quota.shapes.chat:ChatRequest.upstream_body"),
-    ("  fake provider complete", "llm_quota.testing.fake_provider:FakeProvider.complete"),
-    ("  HTTP upstream complete", "llm_quota.gateway.upstream:HttpUpstream.complete"),
-    ("  QuotaGuard.settle", "llm_quota.quota.guard:QuotaGuard.settle"),
-    ("    Ledger.settle", "llm_quota.ledger.sync_driver:Ledger.settle"),
-    ("    alerts.after_settle", "llm_quota.quota.alerts:after_settle"),
-    ("middleware process_response",
-     "llm_quota.middleware:LLMQuotaMiddleware.process_response"),
+    ("  ChatCall.answer", "llm_quota.gateway.chat_call:ChatCall.answer"),
+    ("    upstream_body", "llm_quota.shapes.chat:ChatRequest.upstream_body"),
+    ("    fake provider complete", "llm_quota.testing.fake_provider:FakeProvider.complete"),
+    ("    HTTP upstream complete", "llm_quota.gateway.upstream:HttpUpstream.complete"),
+    ("    QuotaGuard.settle", "llm_quota.quota.guard:QuotaGuard.settle"),
+    ("      Ledger.settle", "llm_quota.ledger.sync_driver:Ledger.settle"),
+    ("      alerts.after_settle", "llm_quota.quota.alerts:after_settle"),
+    ("    headers_for", "llm_quota.drf.throttling:headers_for"),
 )  # fmt: skip
 
 
@@ -135,7 +133,7 @@ def main(argv: list[str]) -> int:
         upstream = fake_upstream.UpstreamServer().start()
         routes = override_settings(
             ROOT_URLCONF="tests.benchmarks.ungated",
-            LLM_QUOTA={**settings.LLM_QUOTA, "OPENAI_BASE_URL": upstream.url,
+            LLM_QUOTA={**settings.LLM_QUOTA, "UPSTREAM": None, "OPENAI_BASE_URL": upstream.url,
                        "OPENAI_API_KEY": "bench"},
         )  # fmt: skip
     routes.enable()  # before the ledger: a changed LLM_QUOTA resets the default one

@@ -26,6 +26,7 @@ def upstream(settings, quota_prefix):
     server = UpstreamServer().start()
     settings.LLM_QUOTA = {
         **settings.LLM_QUOTA,
+        "UPSTREAM": None,
         "OPENAI_BASE_URL": server.url,
         "OPENAI_API_KEY": "sk-gateway-key",
         "UPSTREAM_READ_TIMEOUT": 5.0,

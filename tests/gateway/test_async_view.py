@@ -7,15 +7,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import threading
 
 import pytest
 import redis
 from asgiref.sync import iscoroutinefunction, sync_to_async
 from asgiref.testing import ApplicationCommunicator
 from django.core.handlers.asgi import ASGIHandler
+from django.http import JsonResponse
 from django.test import AsyncClient, Client, RequestFactory, override_settings
 
+from llm_quota.decorators import quota_gated
 from llm_quota.gateway.async_views import AsyncChatCompletionsView
 from llm_quota.gateway.relay import AsyncRelay
 from llm_quota.gateway.urls import chat_completions_view
@@ -25,6 +26,7 @@ from llm_quota.middleware import LLMQuotaMiddleware
 from llm_quota.quota import admission as gate
 from llm_quota.quota.guard import QuotaGuard
 from llm_quota.rules.estimation import count_output
+from llm_quota.shapes.chat import ChatRequest
 from tests import factories, fake_upstream
 from tests.fake_upstream import WORDS
 from tests.gateway_support import MSGS, access_token
@@ -283,6 +285,34 @@ def test_unreachable_upstream_is_the_sync_views_502_and_releases(upstream, ledge
     assert live.tokens_this_month == 0 and live.reserved == 0 and live.in_flight == 0
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["completion", "stream"])
+def test_without_an_upstream_both_views_answer_502_and_release(settings, ledger, free, stream):
+    """No UPSTREAM and no OPENAI_BASE_URL: never an invented answer."""
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "UPSTREAM": None, "OPENAI_BASE_URL": None}
+    by_sync, by_async = factories.user(), factories.user()
+    body = {**BODY, "stream": stream}
+    sync, async_ = sync_post(body, _auth(by_sync)), async_post(body, _auth(by_async))
+    assert async_.status_code == 502
+    assert json.loads(async_.body)["error"]["code"] == "upstream_not_configured"
+    same_answer(sync, async_)
+    for user in (by_sync, by_async):
+        live = ledger.usage(user.pk)
+        assert live.tokens_this_month == 0 and live.reserved == 0 and live.in_flight == 0
+
+
+def test_a_failure_building_the_upstream_body_releases_the_reservation(ledger, free, monkeypatch):
+    def broken(self, max_tokens):
+        raise RecursionError("too deep to copy")
+
+    monkeypatch.setattr(ChatRequest, "upstream_body", broken)
+    by_sync, by_async = factories.user(), factories.user()
+    sync, async_ = sync_post(BODY, _auth(by_sync)), async_post(BODY, _auth(by_async))
+    assert sync.status_code == async_.status_code == 500
+    for user in (by_sync, by_async):
+        nothing_held(ledger, user)
+        assert ledger.usage(user.pk).requests_this_minute == 1  # admitted, then released
+
+
 @pytest.mark.parametrize("model", ["up-normal", "up-no-usage", "up-ignores-cap", "up-drop"])
 def test_streams_are_settled_as_the_sync_view_settles_them(upstream, ledger, free, model):
     """From the usage chunk; from the streamed text without one; from what was sent
@@ -495,39 +525,37 @@ def test_relay_settle_survives_a_second_cancellation(ledger, user, monkeypatch):
     _charged(ledger, user, "hello")
 
 
-# -- the middleware in its async mode ---------------------------------------------------
+# -- the middleware and @quota_gated in async mode -------------------------------------
 
 
 def test_middleware_runs_as_a_coroutine_under_asgi():
     async def get_response(request):
         return None
 
-    middleware = LLMQuotaMiddleware(get_response)
-    assert iscoroutinefunction(middleware) and iscoroutinefunction(middleware.process_view)
-    sync = LLMQuotaMiddleware(lambda request: None)
-    assert not iscoroutinefunction(sync) and not iscoroutinefunction(sync.process_view)
+    assert iscoroutinefunction(LLMQuotaMiddleware(get_response))
+    assert not iscoroutinefunction(LLMQuotaMiddleware(lambda request: None))
 
 
-def test_async_middleware_runs_a_subclass_own_admission_in_a_thread(ledger, user, prices):
+def test_async_gated_view_is_priced_by_its_own_quota_request(ledger, user, prices):
     seen = []
 
-    class Custom(LLMQuotaMiddleware):
-        def admit(self, request, view_func):
-            seen.append(threading.current_thread() is threading.main_thread())
-            return QuotaGuard(user, model="gpt-4o", prompt_tokens=5, max_tokens=10).admit()
+    def priced(request):
+        seen.append(request.path)
+        return {"model": "gpt-4o", "prompt_tokens": 5, "max_tokens": 10}
 
-    async def get_response(request):
-        return None
+    @quota_gated(quota_request=priced)
+    async def view(request):
+        return JsonResponse({"max_tokens": request.llm_quota.max_tokens})
 
-    request = RequestFactory().post("/aplain")
+    request = RequestFactory().post("/aplain", headers=_auth(user))
 
     async def main():
-        return await Custom(get_response).aadmit(request, None)
+        return await view(request)
 
-    guard = run_with_orm(main)
-    assert seen == [False] and guard.max_tokens == 10
-    assert ledger.usage(user.pk).reserved > 0
-    guard.release()
+    response = run_with_orm(main)
+    assert seen == ["/aplain"] and json.loads(response.content) == {"max_tokens": 10}
+    assert ledger.usage(user.pk).tokens_this_month == 5 + 10 * 4  # no usage: the estimate
+    nothing_held(ledger, user)
 
 
 def test_async_middleware_gates_async_plain_views(ledger, user, prices, sync_io_on_loop):

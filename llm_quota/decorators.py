@@ -1,0 +1,258 @@
+"""``@quota_gated``: a plain Django view (sync or async) as a gated LLM call.
+
+::
+
+    @csrf_exempt
+    @quota_gated
+    def summarise(request):
+        quota = request.llm_quota            # the admitted QuotaGuard
+        ...                                  # call the LLM with quota.max_tokens
+        quota.settle(usage)                  # or return a JSON body with "usage" in it
+
+Before the view runs: authenticate (the session user, else DRF's
+``DEFAULT_AUTHENTICATION_CLASSES``, so JWT and DRF tokens work on plain views too),
+check ``CHAT_SCOPE``, price the body through the chat shape (``quota_request``) and
+admit. Unauthenticated and out-of-scope callers are refused before any Redis command;
+every refusal is answered in OpenAI's error shape and the view never runs.
+
+The decorator owns the reservation until it ends: what the view left unsettled is
+finished from its response (``finish``): released on an error status or an
+exception, settled from the ``usage`` of a JSON body, otherwise charged at the
+estimate, since a call that ran is never lost. A streamed response is finished when
+Django closes it; a view that streams should settle inside its generator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import SimpleNamespace
+from typing import Any, NamedTuple
+
+from asgiref.sync import iscoroutinefunction
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponseBase
+from rest_framework.authentication import SessionAuthentication
+from rest_framework.exceptions import APIException
+from rest_framework.request import Request
+from rest_framework.settings import api_settings
+
+from llm_quota.conf import quota_settings
+from llm_quota.drf import authenticate as authentication
+from llm_quota.drf.errors import response_for_exception
+from llm_quota.drf.permissions import agranted_scopes, granted_scopes
+from llm_quota.drf.throttling import REQUEST_ATTRIBUTE, admission_headers
+from llm_quota.exceptions import InsufficientScope, InvalidRequest
+from llm_quota.quota.guard import QuotaGuard
+from llm_quota.shapes.chat import ChatRequest
+
+#: Bodies larger than this are not parsed for a ``usage`` (an LLM answer is far smaller).
+MAX_USAGE_BODY = 2 * 1024 * 1024
+#: What admission raises for a caller it refuses; anything else is a bug, left to Django.
+REFUSALS = (APIException, RequestDataTooBig)
+
+
+def chat_quota_request(request: HttpRequest) -> dict[str, Any]:
+    """What to price, as ``QuotaGuard`` keyword arguments: an OpenAI Chat Completions body."""
+    try:
+        body = json.loads(request.body or b"null")
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest("The request body is not valid JSON.") from exc
+    return ChatRequest.from_body(body).quota_kwargs()
+
+
+def _authenticators() -> list[Any]:
+    # The session user is already on request.user; SessionAuthentication would only
+    # add a second CSRF check.
+    return [
+        cls()
+        for cls in api_settings.DEFAULT_AUTHENTICATION_CLASSES
+        if not issubclass(cls, SessionAuthentication)
+    ]
+
+
+def _require_chat_scope(granted: set[str]) -> None:
+    scope = quota_settings.CHAT_SCOPE
+    if scope not in granted:
+        raise InsufficientScope(f"This endpoint requires the scope {scope}.")
+
+
+def admit(request: HttpRequest, quota_request: Callable[[HttpRequest], dict]) -> QuotaGuard:
+    """Authenticate, check the chat scope, price and reserve, or raise the refusal."""
+    user = getattr(request, "user", None)
+    auth = None
+    if user is None or not user.is_authenticated:
+        user, auth = authentication.authenticate(Request(request, authenticators=_authenticators()))
+    _require_chat_scope(granted_scopes(SimpleNamespace(user=user, auth=auth)))
+    return QuotaGuard(user, **quota_request(request)).admit()
+
+
+async def aadmit(request: HttpRequest, quota_request: Callable[[HttpRequest], dict]) -> QuotaGuard:
+    """``admit`` for async views: the session is read with ``auser()``, not on the loop."""
+    auser = getattr(request, "auser", None)
+    user = await auser() if auser is not None else None
+    auth = None
+    if user is None or not user.is_authenticated:
+        drf_request = Request(request, authenticators=_authenticators())
+        user, auth = await authentication.aauthenticate(drf_request)
+    _require_chat_scope(await agranted_scopes(user, auth))
+    return await QuotaGuard(user, **quota_request(request)).aadmit()
+
+
+# -- finishing what the view left unsettled ---------------------------------------------
+
+
+def usage_of(response: HttpResponseBase) -> Any:
+    """The OpenAI ``usage`` of a JSON response (DRF ``Response`` or plain), or None."""
+    data = getattr(response, "data", None)
+    if data is None and "json" in response.get("Content-Type", ""):
+        content = getattr(response, "content", b"")
+        if len(content) <= MAX_USAGE_BODY:
+            try:
+                data = json.loads(content)
+            except ValueError:
+                return None
+    usage = data.get("usage") if isinstance(data, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+class FinishedWithStream:
+    """A streamed body that ends ``guard`` when Django closes the response.
+
+    Django calls ``close()`` once the body is sent, or the client has gone, or even
+    when the body was never read; whatever the view left unsettled is charged at the
+    estimate here. Under ASGI Django calls ``close()`` in a thread, so the sync ledger
+    is right there too.
+    """
+
+    def __init__(self, content: Any, guard: QuotaGuard) -> None:
+        self.content = content
+        self.guard = guard
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.content)
+
+    def close(self) -> None:
+        if not self.guard.finished:
+            self.guard.charge_estimate()
+
+
+class FinishedWithAsyncStream(FinishedWithStream):
+    """The same around an async body (an async view's): Django reads it with ``async for``."""
+
+    __iter__ = None  # type: ignore[assignment]  # not iterable: Django takes __aiter__
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return aiter(self.content)
+
+
+class Ending(NamedTuple):
+    """The guard method that ends a reservation, named once for both drivers: ``run``
+    calls it, ``arun`` its async twin (``a`` + the name, the guard's convention)."""
+
+    method: str
+    args: tuple[Any, ...] = ()
+
+    def run(self, guard: QuotaGuard) -> None:
+        getattr(guard, self.method)(*self.args)
+
+    async def arun(self, guard: QuotaGuard) -> None:
+        await getattr(guard, "a" + self.method)(*self.args)
+
+
+def ending(guard: QuotaGuard, response: HttpResponseBase) -> Ending | None:
+    """How ``response`` ends ``guard``, or None when nothing is left to do now.
+
+    An error status releases it (the view failed, or a later check refused); a
+    stream is finished when Django closes it; a JSON ``usage`` settles it; any other
+    answer is charged at the estimate. The admission's rate-limit headers are added
+    where the view did not set its own.
+    """
+    for name, value in admission_headers(guard).items():
+        if name not in response:
+            response[name] = value
+    if guard.finished:
+        return None
+    if response.status_code >= 400:
+        return Ending("release")
+    if response.streaming:
+        wrapper = FinishedWithAsyncStream if response.is_async else FinishedWithStream
+        response.streaming_content = wrapper(response.streaming_content, guard)
+        return None
+    usage = usage_of(response)
+    return Ending("settle", (usage,)) if usage is not None else Ending("charge_estimate")
+
+
+def finish(guard: QuotaGuard, response: HttpResponseBase) -> HttpResponseBase:
+    """End what ``response`` leaves of ``guard`` (see ``ending``)."""
+    step = ending(guard, response)
+    if step is not None:
+        step.run(guard)
+    return response
+
+
+async def afinish(guard: QuotaGuard, response: HttpResponseBase) -> HttpResponseBase:
+    step = ending(guard, response)
+    if step is not None:
+        await step.arun(guard)
+    return response
+
+
+# -- the decorator ------------------------------------------------------------------------
+
+
+def _gate_sync(view: Callable[..., Any], quota_request: Callable[..., dict]) -> Any:
+    @functools.wraps(view)
+    def gated(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        try:
+            guard = admit(request, quota_request)
+        except REFUSALS as exc:
+            return response_for_exception(exc)
+        setattr(request, REQUEST_ATTRIBUTE, guard)
+        try:
+            response = view(request, *args, **kwargs)
+        except BaseException:
+            guard.release()
+            raise
+        return finish(guard, response)
+
+    return gated
+
+
+def _gate_async(view: Callable[..., Any], quota_request: Callable[..., dict]) -> Any:
+    @functools.wraps(view)
+    async def agated(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        try:
+            guard = await aadmit(request, quota_request)
+        except REFUSALS as exc:
+            return response_for_exception(exc)
+        setattr(request, REQUEST_ATTRIBUTE, guard)
+        try:
+            return await afinish(guard, await view(request, *args, **kwargs))
+        except BaseException:
+            # Shielded: a client leaving (CancelledError) must not cut the release short.
+            # It does nothing if the view's answer already ended the reservation.
+            await asyncio.shield(guard.arelease())
+            raise
+
+    return agated
+
+
+def quota_gated(
+    view: Callable[..., Any] | None = None,
+    *,
+    quota_request: Callable[[HttpRequest], dict[str, Any]] = chat_quota_request,
+) -> Any:
+    """Gate a plain view (function, or ``View.as_view()``; sync or async) as an LLM call.
+
+    ``@quota_gated`` prices an OpenAI Chat Completions body;
+    ``@quota_gated(quota_request=f)`` prices whatever ``f(request)`` returns
+    (``QuotaGuard`` keyword arguments: ``model``, ``messages``, ``max_tokens``...).
+    """
+    if view is None:
+        return functools.partial(quota_gated, quota_request=quota_request)
+    if iscoroutinefunction(view):
+        return _gate_async(view, quota_request)
+    return _gate_sync(view, quota_request)

@@ -1,0 +1,118 @@
+"""One admitted chat call, from its reservation to its answer: what both chat views share.
+
+Both views read top to bottom: authenticate → scope → parse once (``ChatRequest``) →
+admit (``QuotaGuard``) → ``ChatCall(...).answer()`` (or ``aanswer()``). From admission
+on, the call owns the reservation and ends it exactly once, whatever happens: settled
+from the answer (a stream settles itself as it ends, ``relay``), released when the
+upstream fails or anything raises, even building the upstream's body. ``ChatCall``
+makes every decision; ``answer`` and ``aanswer`` add only the waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from django.http import HttpResponseBase, JsonResponse, StreamingHttpResponse
+
+from llm_quota.drf.throttling import admission_headers
+from llm_quota.gateway.relay import AsyncRelay, Relay
+from llm_quota.gateway.settlement import asettle, settle
+from llm_quota.gateway.upstream import UpstreamError, get_upstream
+from llm_quota.quota.guard import QuotaGuard
+from llm_quota.shapes.chat import ChatRequest, read_completion
+
+logger = logging.getLogger("llm_quota")
+
+
+def upstream_error_response(exc: UpstreamError) -> JsonResponse:
+    """The upstream's status and its own OpenAI-shaped error where it sent one."""
+    error = dict(exc.error or {})
+    error["message"] = str(error.get("message") or exc.message)
+    error["type"] = str(
+        error.get("type") or ("server_error" if exc.status >= 500 else "upstream_error")
+    )
+    error["code"] = error.get("code") or exc.code
+    error.setdefault("param", None)
+    response = JsonResponse({"error": error}, status=exc.status)
+    for name, value in exc.headers.items():
+        response[name] = value
+    return response
+
+
+def stream_response(content: Any) -> StreamingHttpResponse:
+    """A server-sent events response relaying ``content`` (a ``Relay`` or ``AsyncRelay``)."""
+    response = StreamingHttpResponse(content, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+    return response
+
+
+class ChatCall:
+    """An admitted call: the upstream's body, and the answer to each way the call ends."""
+
+    def __init__(self, chat: ChatRequest, guard: QuotaGuard, user: Any) -> None:
+        self.chat = chat
+        self.guard = guard
+        self.user = user
+
+    def upstream_body(self) -> dict[str, Any]:
+        return self.chat.upstream_body(self.guard.max_tokens)
+
+    def failed(self, exc: UpstreamError) -> HttpResponseBase:
+        """The answer to a call the upstream refused (its reservation already released)."""
+        logger.warning("upstream refused %s for user %s: %s", self.chat.model, self.user.pk, exc)
+        return self.headed(upstream_error_response(exc))
+
+    def streamed(self, relay: Relay | AsyncRelay) -> HttpResponseBase:
+        return self.headed(stream_response(relay))
+
+    def completed(self, completion: dict[str, Any]) -> HttpResponseBase:
+        return self.headed(JsonResponse(completion))
+
+    def headed(self, response: HttpResponseBase) -> HttpResponseBase:
+        """Every answer to an admitted call carries its rate-limit headers."""
+        for name, value in admission_headers(self.guard).items():
+            response[name] = value
+        return response
+
+    def answer(self) -> HttpResponseBase:
+        """Send the call upstream and answer it, on the guard's sync methods."""
+        chat, guard = self.chat, self.guard
+        try:
+            upstream, body = get_upstream(), self.upstream_body()
+            reply = upstream.stream(body) if chat.stream else upstream.complete(body)
+        except UpstreamError as exc:
+            guard.release()
+            return self.failed(exc)
+        except BaseException:
+            guard.release()
+            raise
+        if chat.stream:
+            return self.streamed(Relay(reply, guard, include_usage=chat.include_usage))
+        settle(guard, read_completion(reply))
+        return self.completed(reply)
+
+    async def aanswer(self) -> HttpResponseBase:
+        """``answer`` for the async view: nothing waits in a thread."""
+        chat, guard = self.chat, self.guard
+        try:
+            upstream, body = get_upstream(), self.upstream_body()
+            reply = await (upstream.astream(body) if chat.stream else upstream.acomplete(body))
+        except UpstreamError as exc:
+            await guard.arelease()
+            return self.failed(exc)
+        except asyncio.CancelledError:
+            # The client left while the upstream worked on the answer: it may all have
+            # been generated, and nothing says how much, so the estimate is charged.
+            await asyncio.shield(guard.acharge_estimate())
+            raise
+        except BaseException:
+            await asyncio.shield(guard.arelease())
+            raise
+        if chat.stream:
+            return self.streamed(AsyncRelay(reply, guard, include_usage=chat.include_usage))
+        # Shielded: a client leaving now cannot undo the charge of an answer received.
+        await asyncio.shield(asettle(guard, read_completion(reply)))
+        return self.completed(reply)

@@ -1,0 +1,29 @@
+"""Settle a call from what its answer says it used (``shapes.chat.Used``).
+
+Which of the two the answer supports is decided by the shape (``Used.usage`` when the
+upstream reported one it can be settled from, else the generated text); these only
+make the call, sync or async, and do nothing for a guard already finished.
+"""
+
+from __future__ import annotations
+
+from llm_quota.quota.guard import QuotaGuard
+from llm_quota.shapes.chat import Used
+
+
+def settle(guard: QuotaGuard, used: Used) -> None:
+    if guard.finished:
+        return
+    if used.usage is not None:
+        guard.settle(used.usage)
+    else:
+        guard.settle_output(used.text)
+
+
+async def asettle(guard: QuotaGuard, used: Used) -> None:
+    if guard.finished:
+        return
+    if used.usage is not None:
+        await guard.asettle(used.usage)
+    else:
+        await guard.asettle_output(used.text)
