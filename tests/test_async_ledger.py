@@ -244,14 +244,14 @@ def test_cluster_reserve_withdraws_its_first_step_when_the_second_fails(cluster_
 
     async def run():
         twin = AsyncLedger.mirroring(cluster_ledger)
-        original = twin._perform
+        original = twin.perform
 
         async def global_step_fails(step):
             if getattr(step, "script", "") == "global_reserve":
                 raise redis.exceptions.ConnectionError("global slot's node went away")
             return await original(step)
 
-        twin._perform = global_step_fails
+        twin.perform = global_step_fails
         with pytest.raises(redis.exceptions.ConnectionError):
             await twin.reserve(u, Limits(global_tokens_per_day=10**6), estimate(100, 0))
         await twin.aclose()

@@ -144,7 +144,7 @@ def test_settle_that_died_between_its_steps_is_completed_by_a_retry(cluster_ledg
     plan = cluster_ledger.ops.settle(d.reservation, ActualUsage(100, 50))
     first = next(plan)
     assert isinstance(first, ScriptCall) and first.script == "settle"
-    cluster_ledger._perform(first)  # the user's step ran; the process died before the global
+    cluster_ledger.perform(first)  # the user's step ran; the process died before the global
     plan.close()
     assert cluster_ledger.global_usage().tokens_this_month == 500
     retry = cluster_ledger.settle(d.reservation, ActualUsage(100, 50))
@@ -189,13 +189,13 @@ def test_reserve_is_one_script_without_global_caps_and_two_with(
 ):
     cluster_ledger.restore(1, periods.month_id(clock))  # a known user: no restore step below
     sent = []
-    original = cluster_ledger._perform
+    original = cluster_ledger.perform
 
     def counting(step):
         sent.append(step.script)
         return original(step)
 
-    monkeypatch.setattr(cluster_ledger, "_perform", counting)
+    monkeypatch.setattr(cluster_ledger, "perform", counting)
     d = cluster_ledger.reserve(1, Limits(tokens_per_month=10**6), estimate(10, 10))
     cluster_ledger.settle(d.reservation, ActualUsage(10, 5))
     assert sent == ["reserve", "settle"]

@@ -22,6 +22,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
+from llm_quota.ledger.plans import Plan
 from llm_quota.rules.accounting import ActualUsage, Estimate, Limits
 
 logger = logging.getLogger("llm_quota")
@@ -102,31 +103,16 @@ class OutageJournal:
                 self._entries.popleft()
 
     def replay(
-        self, settle: Callable[[Any, ActualUsage | None], Any], limit: int | None = None
-    ) -> int:
-        """Charge entries through ``settle`` (at most ``limit``); stops, keeping the
-        rest, if it raises."""
+        self, apply: Callable[[Any, ActualUsage | None], Plan[Any]], limit: int | None = None
+    ) -> Plan[int]:
+        """Charge entries in order through the plan ``apply`` makes of each (at most
+        ``limit``); stops, keeping the rest, if one raises."""
         replayed = 0
         while limit is None or replayed < limit:
             entry = self._peek()
             if entry is None:
                 break
-            settle(*entry)  # raises if Redis is gone again: keep the entry
-            self._done(entry[0])
-            replayed += 1
-        _log_replayed(replayed)
-        return replayed
-
-    async def areplay(
-        self, settle: Callable[[Any, ActualUsage | None], Any], limit: int | None = None
-    ) -> int:
-        """``replay`` with an async ``settle``."""
-        replayed = 0
-        while limit is None or replayed < limit:
-            entry = self._peek()
-            if entry is None:
-                break
-            await settle(*entry)
+            yield from apply(*entry)  # raises if Redis is gone again: keep the entry
             self._done(entry[0])
             replayed += 1
         _log_replayed(replayed)

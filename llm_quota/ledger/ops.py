@@ -1,12 +1,10 @@
 """The ledger's operations as plans: which scripts to run with which keys and
 arguments, and what the replies mean. No I/O happens here.
 
-Each operation is a generator that yields a ``ScriptCall`` (or a ``LoadMonth``, when
-a user's counters must come back from the database) and is sent the reply. The sync
-``Ledger`` and the ``AsyncLedger`` run these very plans and differ only in how a
-call is sent (redis-py or redis.asyncio), so the two can never drift apart. A step
-that fails is thrown back into the plan, which may undo its earlier steps before the
-error goes on to the caller.
+Each operation is a plan (``plans.py``) that yields a ``ScriptCall`` (or a
+``LoadMonth``, when a user's counters must come back from the database) and is sent
+the reply. The sync ``Ledger`` and the ``AsyncLedger`` run these very plans and differ
+only in how a call is sent (redis-py or redis.asyncio).
 
 On one Redis every operation is a single script: one round trip to reserve, one to
 settle. On Redis Cluster the user's keys and the global caps live on different slots,
@@ -18,14 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from llm_quota.ledger import keys
+from llm_quota.ledger.plans import LoadMonth, Plan, ScriptCall
 from llm_quota.ledger.replies import (
     Decision,
     GlobalUsage,
@@ -56,35 +54,11 @@ SCRIPTS = (
     "reset",
 )
 
-T = TypeVar("T")
-
 
 @cache
 def script_source(name: str) -> str:
     """``common.lua`` followed by the script: the helpers are shared, never copied."""
     return (LUA_DIR / "common.lua").read_text() + "\n" + (LUA_DIR / f"{name}.lua").read_text()
-
-
-@dataclass(frozen=True)
-class ScriptCall:
-    """Run the Lua script ``script`` (one of ``SCRIPTS``); the reply is sent back."""
-
-    script: str
-    keys: tuple[str, ...]
-    args: tuple[Any, ...]
-
-
-@dataclass(frozen=True)
-class LoadMonth:
-    """Ask the restore source (the database) for a user's month; sent back as
-    ``(base_tokens, [ModelUsage, ...])``, or ``(0, [])`` without a source."""
-
-    user_id: str
-    month: str
-
-
-Step = ScriptCall | LoadMonth
-Plan = Generator[Step, Any, T]
 
 
 def _limit(value: int | None) -> int:

@@ -1,7 +1,8 @@
-"""What the gate does while Redis is away (contract section 3, ``FAIL_OPEN``).
+"""What the gate does while Redis is away (``FAIL_OPEN``).
 
-One ``Outage`` per process holds the three parts of fail-open and the decisions that
-use them, so the sync and the async gate behave the same:
+``resilient`` wraps every admission, settle and release plan: the outage handling
+is written once, here, and runs the same under the sync and the async driver. One
+``Outage`` per process holds the three parts of fail-open:
 
 - the ``CircuitBreaker``: after a connection error or a timeout no request touches
   Redis for ``BREAKER_COOLDOWN`` seconds, then one request per process probes it. So
@@ -25,7 +26,9 @@ import logging
 import math
 import threading
 import time
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple, TypeVar
 
 from django.core.signals import setting_changed
 from redis.exceptions import ClusterDownError, RedisClusterException
@@ -38,6 +41,8 @@ from llm_quota.ledger import keys
 from llm_quota.ledger.breaker import HALF_OPEN, CircuitBreaker
 from llm_quota.ledger.connections import REDIS_ERRORS
 from llm_quota.ledger.fallback import FallbackLimiter, OutageJournal
+from llm_quota.ledger.ops import LedgerOps
+from llm_quota.ledger.plans import Plan, UseLedger
 from llm_quota.ledger.replies import Reservation
 from llm_quota.rules.accounting import ActualUsage, Estimate, Limits
 from llm_quota.rules.periods import day_and_month, month_end_ms
@@ -51,6 +56,8 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, C
 #: Journal entries replayed per successful Redis call: the request that sees Redis
 #: come back pays for a bounded batch, and the next ones carry on with the rest.
 REPLAY_BATCH = 200
+
+T = TypeVar("T")
 
 
 class BlindRefusal(NamedTuple):
@@ -138,27 +145,41 @@ class Outage:
         """Keep a settle (``usage``) or a release (``None``) for when Redis is back."""
         self.journal.record(reservation, usage)
 
-    def replay(self, ledger: Any) -> None:
-        """Charge a batch of the journal through the sync ``ledger``."""
+    def replay(self, ops: LedgerOps) -> Plan[None]:
+        """Charge a batch of the journal (a plan); one caller at a time per process."""
         if not self._replaying.acquire(blocking=False):
-            return  # another thread is at it; settle is idempotent, but why twice
+            return  # another caller is at it; settle is idempotent, but why twice
         try:
-            self.journal.replay(lambda r, u: _apply(ledger, r, u), limit=REPLAY_BATCH)
+            yield from self.journal.replay(partial(_apply, ops), limit=REPLAY_BATCH)
         except REDIS_ERRORS as exc:
             self.failed(exc)
         finally:
             self._replaying.release()
 
-    async def areplay(self, ledger: Any) -> None:
-        """``replay`` through the ``AsyncLedger``."""
-        if not self._replaying.acquire(blocking=False):
-            return
-        try:
-            await self.journal.areplay(lambda r, u: _aapply(ledger, r, u), limit=REPLAY_BATCH)
-        except REDIS_ERRORS as exc:
-            self.failed(exc)
-        finally:
-            self._replaying.release()
+
+def resilient(operation: Callable[[Any], Plan[T]], unavailable: Callable[[], T]) -> Plan[T]:
+    """Run ``operation(ledger)`` on the ledger unless Redis is away; else, or when it
+    fails to answer, return ``unavailable()`` (which may raise). The one place that
+    knows the breaker: every admission, settle and release goes through here.
+
+    Errors that are not about reachability (a script error) go on to the caller; a
+    call cut short without an answer (cancelled) must not leave a probe half-open.
+    """
+    state = outage()
+    if not state.may_call():
+        return unavailable()
+    try:
+        ledger = yield UseLedger()
+        result = yield from operation(ledger)
+    except REDIS_ERRORS as exc:
+        state.failed(exc)
+        return unavailable()
+    except BaseException:
+        state.abandon()
+        raise
+    if state.answered():
+        yield from state.replay(ledger.ops)
+    return result
 
 
 def metered(reservation: Reservation) -> Reservation:
@@ -168,26 +189,14 @@ def metered(reservation: Reservation) -> Reservation:
     return dataclasses.replace(reservation, unmetered=False)
 
 
-def _apply(ledger: Any, reservation: Reservation, usage: ActualUsage | None) -> None:
+def _apply(ops: LedgerOps, reservation: Reservation, usage: ActualUsage | None) -> Plan[None]:
     try:
         if usage is None:
-            ledger.release(metered(reservation))
+            yield from ops.release(metered(reservation))
         else:
-            ledger.settle(metered(reservation), usage)
+            yield from ops.settle(metered(reservation), usage)
     except UNREACHABLE:
         raise  # Redis went away again: the entry stays for the next recovery
-    except REDIS_ERRORS:
-        logger.exception("journal: dropping reservation %s, Redis refused it", reservation.id)
-
-
-async def _aapply(ledger: Any, reservation: Reservation, usage: ActualUsage | None) -> None:
-    try:
-        if usage is None:
-            await ledger.release(metered(reservation))
-        else:
-            await ledger.settle(metered(reservation), usage)
-    except UNREACHABLE:
-        raise
     except REDIS_ERRORS:
         logger.exception("journal: dropping reservation %s, Redis refused it", reservation.id)
 

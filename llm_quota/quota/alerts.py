@@ -152,11 +152,14 @@ def user_pk(uid: str) -> Any:
     return _user_pk(uid)
 
 
-def after_settle(reservation: Reservation, settlement: Settlement, ledger: Ledger) -> None:
+def after_settle(
+    reservation: Reservation, settlement: Settlement, ledger: Ledger | None = None
+) -> None:
     """Send ``soft_limit_crossed`` if this settle took the month over the soft limit."""
     if not settlement.settled or settlement.month_used is None:
         return
     try:
+        ledger = ledger or get_ledger()
         from llm_quota.rules.policy import policy_for
 
         policy = policy_for(_user_pk(reservation.user_id))

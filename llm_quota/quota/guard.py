@@ -13,9 +13,10 @@ output can never exceed what was reserved. ``async with`` works the same way
 ``acharge_estimate()``), on the ``AsyncLedger``: no thread is held while Redis
 answers, and the ORM is read in a thread only when the tier or price is not cached.
 
-The guard is also the ticket the DRF throttle and the middleware hang on a request
-(``request.llm_quota``): ``admit()`` reserves, and exactly one of ``settle()``,
-``settle_output()``, ``release()`` or ``charge_estimate()`` finishes it.
+The guard is also the ticket the adapters hang on a request (``request.llm_quota``):
+``admit()`` reserves, and exactly one of ``settle()``, ``settle_output()``,
+``release()`` or ``charge_estimate()`` finishes it. Each is one plan, run by the sync
+driver or, for the ``a``-prefixed twin, by the async one.
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from asgiref.sync import sync_to_async
-
 from llm_quota.exceptions import InvalidRequest
 from llm_quota.ledger.async_driver import AsyncLedger, twin_of
+from llm_quota.ledger.plans import Plan
 from llm_quota.ledger.replies import Decision, Reservation, Settlement
 from llm_quota.ledger.sync_driver import Ledger
-from llm_quota.quota import admission as gate
+from llm_quota.quota import admission
+from llm_quota.quota.drivers import arun, run
 from llm_quota.rules.accounting import ActualUsage, Estimate
-from llm_quota.rules.estimation import count_messages, count_output, counts_quickly
+from llm_quota.rules.estimation import count_messages, count_output
 
 logger = logging.getLogger("llm_quota")
 
@@ -92,7 +93,7 @@ class QuotaGuard:
         """Settled, released or charged: nothing of it is reserved any more."""
         return self._finished
 
-    # -- sync ----------------------------------------------------------------------
+    # -- what happens, written once --------------------------------------------------
 
     def _estimate_args(self) -> dict[str, Any]:
         return {
@@ -100,82 +101,98 @@ class QuotaGuard:
             "prompt_tokens": self.prompt_tokens,
             "max_tokens": self.requested_max_tokens,
             "tools": self.tools,
+            "choices": self.choices,
         }
 
-    def _too_many_choices(self) -> InvalidRequest | None:
-        """Clamped below one token per choice: nothing useful could be sent."""
-        if self.max_tokens >= 1:
-            return None
-        return InvalidRequest(
-            f"{self.choices} completions do not fit in the remaining quota; ask for fewer.",
-            param="n",
+    def _admit_plan(self) -> Plan[QuotaGuard]:
+        _estimate, self.decision = yield from admission.admit_request_plan(
+            self.user, self.model, **self._estimate_args()
         )
-
-    def admit(self) -> QuotaGuard:
-        """Price the call and reserve it, or raise the refusal (``gate.admit``)."""
-        _estimate, self.decision = gate.admit_request(
-            self.user, self.model, choices=self.choices, ledger=self.ledger, **self._estimate_args()
-        )
-        refusal = self._too_many_choices()
-        if refusal is not None:
-            self.release()
-            raise refusal
+        if self.max_tokens < 1:
+            # Clamped below one token per choice: nothing useful could be sent.
+            yield from self._release_plan()
+            raise InvalidRequest(
+                f"{self.choices} completions do not fit in the remaining quota; ask for fewer.",
+                param="n",
+            )
         return self
 
-    def __enter__(self) -> QuotaGuard:
-        return self.admit()
-
-    def settle(self, usage: Any) -> Settlement:
-        """Charge what the call really used (an OpenAI ``usage``, dict or ActualUsage)."""
+    def _settle_plan(self, usage: Any) -> Plan[Settlement]:
         if self._finished and self.settlement is not None:
             return self.settlement
-        self.settlement = gate.settle(self.reservation, usage, ledger=self.ledger)
+        self.settlement = yield from admission.settle_plan(self.reservation, usage)
         self._finished = True
         return self.settlement
 
-    def settle_output(self, text: str, *, prompt_tokens: int | None = None) -> Settlement:
-        """Settle a call whose upstream reported no usage: count the text it generated.
+    def _settle_output_plan(self, text: str, prompt_tokens: int | None) -> Plan[Settlement]:
+        """Count the generated text in the estimate's encoding; the prompt as counted
+        for the estimate (a huge prompt admitted on its byte bound is counted now, since
+        it is to be charged, not just bounded)."""
+        output = yield from admission.count_plan(
+            count_output, text, self.model, encoding_name=self.estimate.price.encoding
+        )
+        if prompt_tokens is None:
+            prompt_tokens = yield from self._prompt_tokens_plan()
+        return (yield from self._settle_plan(ActualUsage(prompt_tokens, output)))
 
-        The prompt is charged as counted for the estimate (the same encoding), the
-        output as ``estimation.count_output`` counts ``text``.
-        """
-        output = count_output(text, self.model, encoding_name=self.estimate.price.encoding)
-        return self.settle(self._counted_usage(output, prompt_tokens))
-
-    def _counted_usage(self, output: int, prompt_tokens: int | None) -> ActualUsage:
-        prompt = self._prompt_tokens() if prompt_tokens is None else prompt_tokens
-        return ActualUsage(prompt, output)
-
-    def _prompt_tokens(self) -> int:
-        """The prompt as counted for the estimate; a huge prompt admitted on its byte
-        bound is counted now, since it is to be charged, not just bounded."""
+    def _prompt_tokens_plan(self) -> Plan[int]:
         estimate = self.estimate
         if estimate.prompt_exact:
             return estimate.prompt_tokens
-        return count_messages(
-            self.messages, self.model, encoding_name=estimate.price.encoding, tools=self.tools
+        return (
+            yield from admission.count_plan(
+                count_messages,
+                self.messages,
+                self.model,
+                encoding_name=estimate.price.encoding,
+                tools=self.tools,
+            )  # fmt: skip
         )
 
-    async def _aprompt_tokens(self) -> int:
-        if self.estimate.prompt_exact:
-            return self.estimate.prompt_tokens
-        return await sync_to_async(self._prompt_tokens, thread_sensitive=False)()
-
-    def release(self) -> bool:
-        """Give everything back: the call failed before using tokens."""
+    def _release_plan(self) -> Plan[bool]:
         if self._finished:
             return False
         self._finished = True
-        return gate.release(self.reservation, ledger=self.ledger)
+        return (yield from admission.release_plan(self.reservation))
+
+    def _charge_estimate_plan(self) -> Plan[Settlement]:
+        logger.warning("LLM call to %s finished without usage; charging the estimate", self.model)
+        prompt = yield from self._prompt_tokens_plan()
+        return (yield from self._settle_plan(ActualUsage(prompt, self.reservation.max_tokens)))
+
+    def _exit_plan(self, failed: bool) -> Plan[None]:
+        if self._finished or self.decision is None:
+            return
+        if failed:
+            yield from self._release_plan()
+        else:
+            # No usage reported: charge the estimate rather than lose a call that ran.
+            yield from self._charge_estimate_plan()
+
+    # -- sync --------------------------------------------------------------------------
+
+    def admit(self) -> QuotaGuard:
+        """Price the call and reserve it, or raise the refusal."""
+        return run(self._admit_plan(), self.ledger)
+
+    def settle(self, usage: Any) -> Settlement:
+        """Charge what the call really used (an OpenAI ``usage``, dict or ActualUsage)."""
+        return run(self._settle_plan(usage), self.ledger)
+
+    def settle_output(self, text: str, *, prompt_tokens: int | None = None) -> Settlement:
+        """Settle a call whose upstream reported no usage: count the text it generated."""
+        return run(self._settle_output_plan(text, prompt_tokens), self.ledger)
+
+    def release(self) -> bool:
+        """Give everything back: the call failed before using tokens."""
+        return run(self._release_plan(), self.ledger)
 
     def charge_estimate(self) -> Settlement:
         """A call ran but reported nothing: charge what was reserved rather than lose it."""
-        return self.settle(self._estimate_as_usage())
+        return run(self._charge_estimate_plan(), self.ledger)
 
-    def _estimate_as_usage(self, prompt_tokens: int | None = None) -> ActualUsage:
-        logger.warning("LLM call to %s finished without usage; charging the estimate", self.model)
-        prompt = self._prompt_tokens() if prompt_tokens is None else prompt_tokens
-        return ActualUsage(prompt, self.reservation.max_tokens)
+    def __enter__(self) -> QuotaGuard:
+        return self.admit()
 
     def __exit__(
         self,
@@ -183,67 +200,33 @@ class QuotaGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._finished or self.decision is None:
-            return
-        if exc_type is not None:
-            self.release()
-            return
-        # No usage reported: charge the estimate rather than lose a call that ran.
-        self.charge_estimate()
+        run(self._exit_plan(exc_type is not None), self.ledger)
 
-    # -- async ---------------------------------------------------------------------
+    # -- async -------------------------------------------------------------------------
 
     def _async_ledger(self) -> AsyncLedger | None:
+        # Given a sync ledger only, ``async with`` uses its twin (same Redis and clock).
         if self.aledger is None and self.ledger is not None:
             self.aledger = twin_of(self.ledger)
         return self.aledger
 
     async def aadmit(self) -> QuotaGuard:
-        """``admit`` for async code (``gate.aadmit_request``)."""
-        _estimate, self.decision = await gate.aadmit_request(
-            self.user,
-            self.model,
-            choices=self.choices,
-            ledger=self._async_ledger(),
-            **self._estimate_args(),
-        )
-        refusal = self._too_many_choices()
-        if refusal is not None:
-            await self.arelease()
-            raise refusal
-        return self
+        return await arun(self._admit_plan(), self._async_ledger())
+
+    async def asettle(self, usage: Any) -> Settlement:
+        return await arun(self._settle_plan(usage), self._async_ledger())
+
+    async def asettle_output(self, text: str, *, prompt_tokens: int | None = None) -> Settlement:
+        return await arun(self._settle_output_plan(text, prompt_tokens), self._async_ledger())
+
+    async def arelease(self) -> bool:
+        return await arun(self._release_plan(), self._async_ledger())
+
+    async def acharge_estimate(self) -> Settlement:
+        return await arun(self._charge_estimate_plan(), self._async_ledger())
 
     async def __aenter__(self) -> QuotaGuard:
         return await self.aadmit()
-
-    async def asettle(self, usage: Any) -> Settlement:
-        if self._finished and self.settlement is not None:
-            return self.settlement
-        self.settlement = await gate.asettle(self.reservation, usage, ledger=self._async_ledger())
-        self._finished = True
-        return self.settlement
-
-    async def asettle_output(self, text: str, *, prompt_tokens: int | None = None) -> Settlement:
-        """``settle_output`` for async code: a long text is counted in a thread."""
-        encoding = self.estimate.price.encoding
-        if counts_quickly(text, self.model, encoding_name=encoding):
-            output = count_output(text, self.model, encoding_name=encoding)
-        else:
-            output = await sync_to_async(count_output, thread_sensitive=False)(
-                text, self.model, encoding_name=encoding
-            )
-        if prompt_tokens is None:
-            prompt_tokens = await self._aprompt_tokens()
-        return await self.asettle(self._counted_usage(output, prompt_tokens))
-
-    async def arelease(self) -> bool:
-        if self._finished:
-            return False
-        self._finished = True
-        return await gate.arelease(self.reservation, ledger=self._async_ledger())
-
-    async def acharge_estimate(self) -> Settlement:
-        return await self.asettle(self._estimate_as_usage(await self._aprompt_tokens()))
 
     async def __aexit__(
         self,
@@ -251,12 +234,7 @@ class QuotaGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._finished or self.decision is None:
-            return
-        if exc_type is not None:
-            await self.arelease()
-            return
-        await self.acharge_estimate()
+        await arun(self._exit_plan(exc_type is not None), self._async_ledger())
 
 
 def quota_guard(user: Any, *, model: str, **kwargs: Any) -> QuotaGuard:

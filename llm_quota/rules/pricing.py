@@ -11,12 +11,10 @@ import dataclasses
 import fnmatch
 from typing import NamedTuple
 
-from asgiref.sync import sync_to_async
-
 from llm_quota.conf import quota_settings
 from llm_quota.exceptions import ModelNotAllowed, UnknownModel
 from llm_quota.rules.accounting import Price, to_micro
-from llm_quota.rules.config_cache import MISSING, config_cache
+from llm_quota.rules.config_cache import config_cache
 
 #: Model names whose resolution a price table remembers; past it, it starts afresh
 #: (names come from callers, so the memo must not grow without bound).
@@ -72,18 +70,10 @@ def _price_rows() -> PriceRows:
 
 def price_for(model: str) -> Price:
     """The price of ``model`` under its own name, or ``UnknownModel``/``ModelNotAllowed``."""
-    return _price_in(config_cache.get("prices", _price_rows), model)
+    return price_in(config_cache.get("prices", _price_rows), model)
 
 
-async def aprice_for(model: str) -> Price:
-    """``price_for`` for async code: from memory when cached, else the ORM in a thread."""
-    rows = config_cache.peek("prices")
-    if rows is MISSING:
-        return await sync_to_async(price_for)(model)
-    return _price_in(rows, model)
-
-
-def _price_in(rows: PriceRows, model: str) -> Price:
+def price_in(rows: PriceRows, model: str) -> Price:
     if model in rows.disabled:
         raise ModelNotAllowed(f"The model '{model}' is disabled.")
     try:

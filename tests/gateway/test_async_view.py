@@ -20,6 +20,7 @@ from llm_quota.decorators import quota_gated
 from llm_quota.gateway.async_views import AsyncChatCompletionsView
 from llm_quota.gateway.relay import AsyncRelay
 from llm_quota.gateway.urls import chat_completions_view
+from llm_quota.ledger.async_driver import AsyncLedger
 from llm_quota.ledger.default import set_default_ledger
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.middleware import LLMQuotaMiddleware
@@ -345,15 +346,15 @@ def _asgi_scope(headers: dict[str, str], body: bytes) -> dict:
 
 @pytest.fixture
 def settle_calls(monkeypatch):
-    """Every settle that reaches the gate (the async path), in order."""
+    """Every settle that reaches the gate, in order."""
     calls = []
-    real = gate.asettle
+    real = gate.settle_plan
 
-    async def counted(reservation, usage, **kwargs):
+    def counted(reservation, usage):
         calls.append(reservation.id)
-        return await real(reservation, usage, **kwargs)
+        return real(reservation, usage)
 
-    monkeypatch.setattr(gate, "asettle", counted)
+    monkeypatch.setattr(gate, "settle_plan", counted)
     return calls
 
 
@@ -488,14 +489,15 @@ def test_relay_settle_survives_a_second_cancellation(ledger, user, monkeypatch):
     """The client leaves while the relay awaits the upstream, and the request's task is
     cancelled again while the settle is in flight: the shielded settle still lands."""
     started, finish = [], None
-    real = gate.asettle
+    real = AsyncLedger.perform
 
-    async def slow(reservation, usage, **kwargs):
-        started[0].set()
-        await finish.wait()
-        return await real(reservation, usage, **kwargs)
+    async def slow(self, step):  # Redis takes its time over the settle
+        if getattr(step, "script", None) == "settle":
+            started[0].set()
+            await finish.wait()
+        return await real(self, step)
 
-    monkeypatch.setattr(gate, "asettle", slow)
+    monkeypatch.setattr(AsyncLedger, "perform", slow)
 
     async def main():
         nonlocal finish

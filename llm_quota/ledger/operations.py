@@ -1,0 +1,95 @@
+"""The ledger's operations, written once for the sync and the async driver.
+
+Each method hands a plan of ``LedgerOps`` to the driver's ``_run``: the sync
+``Ledger`` returns its result, the ``AsyncLedger`` a coroutine to await. The methods
+say only which plan; how a step is sent is the driver's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from llm_quota.ledger.ops import SCRIPTS, LedgerOps, script_source
+from llm_quota.ledger.plans import Plan
+from llm_quota.ledger.replies import Reservation, RestoreSource
+from llm_quota.rules.accounting import ActualUsage, Estimate, Limits
+
+
+def is_cluster_client(client: Any) -> bool:
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster | AsyncRedisCluster)
+
+
+class LedgerOperations:
+    """Reserve, settle and release against one Redis or one Redis Cluster, atomically.
+
+    ``clock`` pins time (seconds since the epoch) for tests and replays; without it the
+    scripts use Redis' own clock. ``restore`` returns a user's month from the database
+    when Redis has lost it (``(base_tokens, [ModelUsage, ...])``). ``cluster`` defaults
+    to whether ``client`` is a ``RedisCluster``.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str = "llmq",
+        reservation_ttl: float = 600,
+        timezone: str = "UTC",
+        clock: Callable[[], float] | None = None,
+        restore: RestoreSource | None = None,
+        cluster: bool | None = None,
+    ) -> None:
+        self.client = client
+        self.cluster = is_cluster_client(client) if cluster is None else cluster
+        self.ops = LedgerOps(
+            prefix=prefix,
+            reservation_ttl=reservation_ttl,
+            timezone=timezone,
+            clock=clock,
+            cluster=self.cluster,
+        )
+        self.keyspace = self.ops.keyspace
+        self.ttl_ms = self.ops.ttl_ms
+        self.timezone = timezone
+        self.restore_source = restore
+        self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
+
+    @property
+    def clock(self) -> Callable[[], float] | None:
+        return self.ops.clock
+
+    def _run(self, plan: Plan[Any]) -> Any:
+        raise NotImplementedError
+
+    def reserve(self, user_id: Any, limits: Limits, estimate: Estimate, **options: Any) -> Any:
+        """Reserve ``estimate`` in every limit at once, or refuse (a ``Decision``);
+        ``options`` as ``LedgerOps.reserve`` takes them (clamping, the probe)."""
+        return self._run(self.ops.reserve(user_id, limits, estimate, **options))
+
+    def settle(self, reservation: Reservation, usage: ActualUsage) -> Any:
+        """Replace the estimate by the real usage; a second call changes nothing."""
+        return self._run(self.ops.settle(reservation, usage))
+
+    def release(self, reservation: Reservation) -> Any:
+        """Give the whole estimate back (a failed call); a second call changes nothing."""
+        return self._run(self.ops.release(reservation))
+
+    def usage(self, user_id: Any) -> Any:
+        """The user's live counters; lost ones are restored first, as reserve would."""
+        return self._run(self.ops.usage(user_id, restore_lost=self.restore_source is not None))
+
+    def global_usage(self) -> Any:
+        """Everyone's tokens against the global caps, expired shares given back."""
+        return self._run(self.ops.global_usage())
+
+    def restore(self, user_id: Any, month: str) -> Any:
+        """Add the database's record of ``month`` (and the month before) back, once."""
+        return self._run(self.ops.restore(user_id, month))
+
+    def reset_period(self, user_id: Any) -> Any:
+        """Forgive the user's usage of the current day and month (see ``LedgerOps``)."""
+        return self._run(self.ops.reset_period(user_id))

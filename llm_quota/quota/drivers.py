@@ -1,0 +1,141 @@
+"""Run the quota's plans: synchronously (``run``) or on an event loop (``arun``).
+
+Admission, settlement and release are plans (``ledger/plans.py``) that decide
+everything; these drivers only wait. Besides the ledger's own steps a plan may ask for:
+
+- ``Blocking``: a call that may block (the ORM on a cache miss, tokenizing a long
+  text). Sync code calls it; async code runs it in a thread, off the loop.
+- ``Notify``: a Django signal. Sync code ``send``s it; async code ``asend``s it, so
+  sync receivers run off the loop.
+- ``Shielded``: a sub-plan that must run to its end once started (a reserve: Redis
+  may admit it whether or not anyone waits for the answer). On a loop it runs as a
+  task of its own behind ``asyncio.shield``, and what it gained for a caller who was
+  cancelled meanwhile is given back through ``orphan``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from asgiref.sync import sync_to_async
+from django.dispatch import Signal
+
+from llm_quota.ledger.async_driver import AsyncLedger
+from llm_quota.ledger.default import current_ledger, get_async_ledger, get_ledger
+from llm_quota.ledger.plans import LoadMonth, Plan, ScriptCall, UseLedger, adrive, drive
+from llm_quota.ledger.sync_driver import Ledger
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """Call ``function(*args, **kwargs)``; async code does so in a thread."""
+
+    function: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    #: Django's rule: ORM code stays in the one thread for sync code (True); pure CPU
+    #: work (tokenizing) may run in any thread (False).
+    thread_sensitive: bool = True
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Send ``signal`` with ``kwargs`` (``sender`` among them)."""
+
+    signal: Signal
+    kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Shielded:
+    """Run ``plan`` to its end even if the caller is cancelled; ``orphan(result)``
+    is the plan that undoes what a cancelled caller gained (or None)."""
+
+    plan: Plan[Any]
+    orphan: Callable[[Any], Plan[Any] | None]
+
+
+def run(plan: Plan[T], ledger: Ledger | None = None) -> T:
+    """Run ``plan`` here, on ``ledger`` (else the project's ledger, built on first use)."""
+    performer = _Sync(ledger)
+    return drive(plan, performer.perform)
+
+
+async def arun(plan: Plan[T], ledger: AsyncLedger | None = None) -> T:
+    """Run ``plan`` on the running event loop, on ``ledger`` (else the project's)."""
+    performer = _Async(ledger)
+    return await adrive(plan, performer.perform)
+
+
+class _Sync:
+    def __init__(self, ledger: Ledger | None) -> None:
+        self.ledger = ledger
+
+    def use_ledger(self) -> Ledger:
+        if self.ledger is None:
+            self.ledger = get_ledger()
+        return self.ledger
+
+    def perform(self, step: Any) -> Any:
+        if isinstance(step, ScriptCall | LoadMonth):
+            return self.use_ledger().perform(step)
+        if isinstance(step, Blocking):
+            return step.function(*step.args, **step.kwargs)
+        if isinstance(step, UseLedger):
+            return self.use_ledger() if step.build else self.ledger or current_ledger()
+        if isinstance(step, Notify):
+            return step.signal.send(**step.kwargs)
+        if isinstance(step, Shielded):
+            return drive(step.plan, self.perform)
+        raise TypeError(f"unknown step {step!r}")
+
+
+#: Undoing plans of cancelled callers, kept until they finish (the event loop holds
+#: only weak references to tasks).
+_orphans: set[asyncio.Task[Any]] = set()
+
+
+class _Async:
+    def __init__(self, ledger: AsyncLedger | None) -> None:
+        self.ledger = ledger
+
+    async def use_ledger(self) -> AsyncLedger:
+        if self.ledger is None:
+            self.ledger = await get_async_ledger()
+        return self.ledger
+
+    async def perform(self, step: Any) -> Any:
+        if isinstance(step, ScriptCall | LoadMonth):
+            return await (await self.use_ledger()).perform(step)
+        if isinstance(step, Blocking):
+            call = sync_to_async(step.function, thread_sensitive=step.thread_sensitive)
+            return await call(*step.args, **step.kwargs)
+        if isinstance(step, UseLedger):
+            return await self.use_ledger() if step.build else self.ledger or current_ledger()
+        if isinstance(step, Notify):
+            return await step.signal.asend(**step.kwargs)
+        if isinstance(step, Shielded):
+            return await self.shielded(step)
+        raise TypeError(f"unknown step {step!r}")
+
+    async def shielded(self, step: Shielded) -> Any:
+        task = asyncio.ensure_future(adrive(step.plan, self.perform))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._undo(step, done))
+            raise
+
+    def _undo(self, step: Shielded, done: asyncio.Future[Any]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        undo = step.orphan(done.result())
+        if undo is not None:
+            task = asyncio.ensure_future(adrive(undo, self.perform))
+            _orphans.add(task)
+            task.add_done_callback(_orphans.discard)
