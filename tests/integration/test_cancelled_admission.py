@@ -13,7 +13,7 @@ from llm_quota.ledger.async_driver import AsyncLedger
 from llm_quota.quota import admission as gate
 from llm_quota.rules.accounting import Limits
 from llm_quota.rules.policy import UserPolicy
-from tests.factories import estimate
+from tests.support.factories import estimate
 
 # Busy for 400 ms of Redis' own time (a stand-in for a slow or loaded server).
 BUSY = """

@@ -15,7 +15,7 @@ from llm_quota.ledger.replies import Decision
 from llm_quota.rules.estimation import count_messages, count_output
 from llm_quota.shapes.chat import ChatRequest
 from llm_quota.testing.fake_provider import FakeProvider
-from tests import factories
+from tests.support import factories
 
 MSGS = [{"role": "user", "content": "Tell me a long story about quotas."}]
 

@@ -18,7 +18,7 @@ from llm_quota.exceptions import (
     UnknownModel,
 )
 from llm_quota.signals import quota_refused
-from tests import factories
+from tests.support import factories
 
 pytestmark = pytest.mark.django_db
 

@@ -12,7 +12,7 @@ from django.test import Client
 from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
 from llm_quota.ledger.default import set_default_ledger
 from llm_quota.ledger.sync_driver import Ledger
-from tests import factories
+from tests.support import factories
 
 pytestmark = pytest.mark.django_db
 

@@ -19,8 +19,8 @@ from llm_quota.exceptions import BudgetExceeded
 from llm_quota.quota import admission as gate
 from llm_quota.rules.accounting import ActualUsage, Limits
 from llm_quota.rules.estimation import count_messages, prompt_bounds
-from tests import factories
-from tests.factories import estimate
+from tests.support import factories
+from tests.support.factories import estimate
 
 pytestmark = pytest.mark.django_db
 

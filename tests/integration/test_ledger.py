@@ -10,8 +10,8 @@ import pytest
 from llm_quota.ledger.keys import InvalidKeyPart
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.rules.accounting import ActualUsage, Limits
-from tests import periods
-from tests.factories import estimate
+from tests.support import periods
+from tests.support.factories import estimate
 
 
 def test_settle_replaces_the_estimate_with_actual_usage(ledger):

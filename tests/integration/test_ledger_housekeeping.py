@@ -5,7 +5,7 @@ is due. These tests pin the moments where lazy could turn into wrong."""
 from __future__ import annotations
 
 from llm_quota.rules.accounting import ActualUsage, Limits
-from tests.factories import estimate
+from tests.support.factories import estimate
 
 TTL = 600  # the ``ledger`` fixture's reservation TTL
 

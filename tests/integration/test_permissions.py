@@ -11,7 +11,7 @@ from rest_framework_simplejwt.tokens import AccessToken
 
 from llm_quota.drf.permissions import HasScope
 from llm_quota.models import UserQuota
-from tests import factories
+from tests.support import factories
 
 pytestmark = pytest.mark.django_db
 

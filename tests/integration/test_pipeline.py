@@ -8,10 +8,10 @@ import pytest
 from django.test import Client
 
 from llm_quota.rules.estimation import count_messages, count_output
-from tests import factories
-from tests.gateway_support import MSGS, access_token
+from tests.support import factories
+from tests.support.gateway import MSGS, access_token
 
-pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.pipeline_urls")]
+pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.integration.pipeline_urls")]
 
 BODY = {"model": "gpt-4o", "messages": MSGS, "max_tokens": 20}
 

@@ -17,7 +17,7 @@ from schemathesis import GenerationMode
 
 from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
 from llm_quota.ledger.default import get_ledger
-from tests import factories
+from tests.support import factories
 
 
 @pytest.fixture(autouse=True)

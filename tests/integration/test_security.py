@@ -17,7 +17,7 @@ from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
 from llm_quota.ledger.default import set_default_ledger
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.models import UserQuota
-from tests import factories
+from tests.support import factories
 
 pytestmark = pytest.mark.django_db
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}

@@ -1,4 +1,4 @@
-"""Helpers for driving the gateway with the openai SDK (fixtures: tests/gateway/conftest.py)."""
+"""Driving the gateway with the openai SDK (its fixtures: ``tests/integration/gateway``)."""
 
 from __future__ import annotations
 

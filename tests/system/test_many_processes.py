@@ -1,6 +1,6 @@
 """Several gunicorn workers, uvicorn workers and Celery workers on one quota.
 
-Each test starts real servers (``tests/scale_site``) on a spare port, sharing this
+Each test starts real servers (``tests/system/scale_site``) on a spare port, sharing this
 test's Redis key prefix and a temporary database, and checks from outside what their
 users would see: exact admission, zero overspend, and tier edits reaching every
 worker at once.
@@ -26,17 +26,17 @@ from django.conf import settings
 
 from llm_quota.ledger.sync_driver import Ledger
 
-ROOT = Path(__file__).resolve().parent.parent
-COST = 100 + 50 * 4  # every gated call of tests/scale_site: 300 base tokens
+ROOT = Path(__file__).resolve().parents[2]
+COST = 100 + 50 * 4  # every gated call of tests/system/scale_site: 300 base tokens
 
 pytestmark = pytest.mark.slow
 
 
 def migrated_site(directory: Path) -> dict:
-    """The environment of ``tests/scale_site`` processes, on a migrated database file."""
+    """The environment of ``tests/system/scale_site`` processes, on a migrated database file."""
     db = directory / "db.sqlite3"
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{db}", "REDIS_URL": settings.REDIS_URL,
-           "DJANGO_SETTINGS_MODULE": "tests.scale_site.settings"}  # fmt: skip
+           "DJANGO_SETTINGS_MODULE": "tests.system.scale_site.settings"}  # fmt: skip
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
         cwd=ROOT, env=env, check=True, timeout=120,
@@ -57,7 +57,7 @@ def site(site_db, quota_prefix):
 
 def admin(env, *argv) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "tests.scale_site.admin", *argv],
+        [sys.executable, "-m", "tests.system.scale_site.admin", *argv],
         cwd=ROOT, env=env, check=True, timeout=60, capture_output=True, text=True,
     )  # fmt: skip
     return done.stdout.strip()
@@ -111,14 +111,14 @@ def serving(command: list[str], env: dict, port: int, probe: str):
 def gunicorn(env: dict, workers: int, port: int) -> list[str]:
     """Sync workers: each takes one request at a time, so concurrent calls spread."""
     return [
-        sys.executable, "-m", "gunicorn", "tests.scale_site.wsgi:application",
+        sys.executable, "-m", "gunicorn", "tests.system.scale_site.wsgi:application",
         "--workers", str(workers), "--worker-class", "sync",
         "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "5", "--log-level", "warning",
     ]  # fmt: skip
 
 
 def uvicorn(
-    env: dict, workers: int, port: int, app: str = "tests.scale_site.asgi:application"
+    env: dict, workers: int, port: int, app: str = "tests.system.scale_site.asgi:application"
 ) -> list[str]:
     return [
         sys.executable, "-m", "uvicorn", app,
@@ -199,7 +199,7 @@ def test_uvicorn_workers_serve_64_concurrent_calls_without_blocking_the_loop(
 
 
 def test_celery_workers_admit_exactly_and_never_overspend(site, quota_prefix, redis_client):
-    from tests.scale_site.celery import broker_url, make_app
+    from tests.system.scale_site.celery import broker_url, make_app
 
     limit, tasks = 25 * COST + 100, 60  # room for exactly 25 calls
     pk = admin(site, "seed", f"{quota_prefix}-celery", f"tokens_per_month={limit}")
@@ -207,7 +207,7 @@ def test_celery_workers_admit_exactly_and_never_overspend(site, quota_prefix, re
     env = {**site, "SCALE_BROKER_URL": broker}
     workers = [
         subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.scale_site.celery", "worker",
+            [sys.executable, "-m", "celery", "-A", "tests.system.scale_site.celery", "worker",
              "--concurrency", "3", "--pool", "prefork", "--hostname", f"w{n}-{quota_prefix}@%h",
              "--queues", quota_prefix, "--without-gossip", "--without-mingle",
              "--without-heartbeat", "--loglevel", "warning"],

@@ -14,9 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import signal
-import subprocess
 import threading
 import time
 from decimal import Decimal
@@ -31,9 +28,11 @@ from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.quota import admission as gate
 from llm_quota.rules.accounting import ActualUsage, Limits
 from llm_quota.rules.policy import policy_for
-from tests import factories
-from tests.conftest import PrivateRedis
-from tests.gateway_support import MSGS, access_token
+from tests.support import factories
+from tests.support.gateway import MSGS, access_token
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
 
 #: The django-redis OPTIONS these tests run with: the longest a call may wait on Redis.
 SOCKET_TIMEOUT = 0.5
@@ -45,45 +44,11 @@ COOLDOWN = 0.5
 MARGIN = 1.5
 
 
-class DurableRedis(PrivateRedis):
-    """A private server that survives SIGKILL: every write is in the append-only file
-    before it is acknowledged, as a production Redis with ``appendfsync always``."""
-
-    def start(self) -> None:
-        import redis
-
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        probe = redis.Redis(port=self.port)
-        for _ in range(200):
-            try:
-                probe.ping()
-                return
-            except redis.exceptions.BusyLoadingError:
-                time.sleep(0.05)
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
-        self.process = None
-
-    def freeze(self) -> None:
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        os.kill(self.process.pid, signal.SIGCONT)
-
-
 @pytest.fixture
 def durable_redis(tmp_path):
-    server = DurableRedis(tmp_path)
-    server.start()
+    """A private server that survives SIGKILL: every write is in the append-only file
+    before it is acknowledged, as a production Redis with ``appendfsync always``."""
+    server = RedisServer(tmp_path, durable=True).start()
     yield server
     if server.process is not None:
         server.thaw()

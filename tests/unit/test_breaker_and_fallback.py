@@ -5,7 +5,7 @@ from __future__ import annotations
 from llm_quota.ledger.breaker import CircuitBreaker
 from llm_quota.ledger.fallback import FallbackLimiter, OutageJournal
 from llm_quota.rules.accounting import ActualUsage, Limits
-from tests.factories import estimate
+from tests.support.factories import estimate
 
 
 class Tick:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llm_quota.checks import check_settings, check_tiers
-from tests import factories
+from tests.support import factories
 
 
 def ids(errors):

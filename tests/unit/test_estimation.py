@@ -100,7 +100,7 @@ def test_a_prompt_over_the_context_window_is_refused_without_counting_it_all(mon
     from llm_quota.exceptions import InvalidRequest
     from llm_quota.quota import admission as gate
     from llm_quota.rules import estimation
-    from tests import factories
+    from tests.support import factories
 
     factories.price("small-ctx", "1", "1", context_window=3000)
     encoded = []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from importlinter.cli import lint_imports
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "llm_quota"
 
 #: The core and the ledger know nothing of HTTP: no request, response or view type.

@@ -9,7 +9,7 @@ import pytest
 from llm_quota.exceptions import ModelNotAllowed, UnknownModel
 from llm_quota.rules.accounting import ActualUsage, Price, to_micro
 from llm_quota.rules.pricing import price_for
-from tests import factories
+from tests.support import factories
 
 
 def test_base_tokens_round_up_with_decimal_multipliers():

@@ -9,7 +9,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from llm_quota.gateway.async_views import AsyncChatCompletionsView
 from llm_quota.middleware import quota_gated
-from tests.pipeline_urls import USAGE
+from tests.integration.pipeline_urls import USAGE
 
 
 @csrf_exempt

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests import factories
-from tests.fake_upstream import UpstreamServer
-from tests.gateway_support import Gateway
+from tests.support import factories
+from tests.support.fake_upstream import UpstreamServer
+from tests.support.gateway import Gateway
 
 
 @pytest.fixture

@@ -25,14 +25,14 @@ from llm_quota.middleware import LLMQuotaMiddleware
 from llm_quota.quota import admission as gate
 from llm_quota.quota.guard import QuotaGuard
 from llm_quota.rules.estimation import count_output
-from tests import factories, fake_upstream
-from tests.fake_upstream import WORDS
-from tests.gateway_support import MSGS, access_token
-from tests.test_async_ledger import run_with_orm
+from tests.support import factories, fake_upstream
+from tests.support.fake_upstream import WORDS
+from tests.support.gateway import MSGS, access_token
+from tests.system.test_async_ledger import run_with_orm
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-ASYNC_URLS = "tests.async_gateway_urls"
+ASYNC_URLS = "tests.integration.gateway.async_gateway_urls"
 URL = "/v1/chat/completions"
 BODY = {"model": "gpt-4o", "messages": MSGS, "max_tokens": 20}
 

@@ -6,9 +6,9 @@ import multiprocessing
 
 import pytest
 
-from tests import factories
-from tests.gateway_support import access_token
-from tests.sdk_clients_worker import clients
+from tests.integration.gateway.sdk_clients_worker import clients
+from tests.support import factories
+from tests.support.gateway import access_token
 
 PROCESSES, THREADS = 4, 16
 

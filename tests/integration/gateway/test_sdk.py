@@ -13,8 +13,8 @@ import pytest
 from llm_quota import quota_guard
 from llm_quota.rules.estimation import count_messages
 from llm_quota.signals import quota_refused
-from tests import factories
-from tests.gateway_support import MSGS, access_token
+from tests.support import factories
+from tests.support.gateway import MSGS, access_token
 
 
 @pytest.fixture

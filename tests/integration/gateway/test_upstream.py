@@ -11,9 +11,9 @@ import pytest
 
 from llm_quota.rules.estimation import count_messages, count_output
 from llm_quota.rules.pricing import price_for
-from tests import factories, fake_upstream
-from tests.fake_upstream import PROMPT, WORDS
-from tests.gateway_support import MSGS, access_token
+from tests.support import factories, fake_upstream
+from tests.support.fake_upstream import PROMPT, WORDS
+from tests.support.gateway import MSGS, access_token
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""What an admin does, from another process: ``python -m tests.scale_site.admin``.
+"""What an admin does, from another process: ``python -m tests.system.scale_site.admin``.
 
     seed <tier> key=value...   a tier (limits), gpt-4o's price, a user on it: prints its pk
     edit <tier> key=value...   change a tier through the model, as the admin's save does
@@ -24,7 +24,7 @@ def _limits(pairs: list[str]) -> dict[str, int | None]:
 
 
 def main(argv: list[str]) -> None:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.scale_site.settings")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.system.scale_site.settings")
     django.setup()
     from decimal import Decimal
 

@@ -10,7 +10,7 @@ import os
 
 from celery import Celery
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.scale_site.settings")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.system.scale_site.settings")
 
 
 def make_app(broker_url: str, prefix: str) -> Celery:
@@ -43,7 +43,7 @@ def gated_call(pk: int) -> None:
     from llm_quota import quota_guard
     from llm_quota.exceptions import QuotaExceeded
     from llm_quota.ledger.connections import ledger_client
-    from tests.scale_site.views import OUTPUT, PROMPT
+    from tests.system.scale_site.views import OUTPUT, PROMPT
 
     outcome = "admitted"
     try:

@@ -3,7 +3,7 @@
 from project.settings import *  # noqa: F403
 from project.settings import LLM_QUOTA
 
-ROOT_URLCONF = "tests.scale_site.urls"
+ROOT_URLCONF = "tests.system.scale_site.urls"
 ALLOWED_HOSTS = ["*"]
 DEBUG = False
 # An hour: a worker that shows an edited tier learned of it from the broadcast.

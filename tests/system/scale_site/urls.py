@@ -1,6 +1,6 @@
 from django.urls import include, path
 
-from tests.scale_site import views
+from tests.system.scale_site import views
 
 urlpatterns = [
     path("policy/<int:pk>/", views.policy),
