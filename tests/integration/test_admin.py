@@ -13,7 +13,8 @@ from django.urls import reverse
 from llm_quota import quota_guard
 from llm_quota.models import ModelPrice, Tier, UsageSnapshot, UserQuota
 from llm_quota.reporting.snapshot import snapshot_usage
-from tests import factories, periods
+from tests.support import factories, periods
+from tests.support.spend import spend
 
 pytestmark = pytest.mark.django_db
 
@@ -24,11 +25,6 @@ def setup(ledger):
     pro = factories.tier("pro", tokens_per_month=10_000)
     free = factories.tier("free", tokens_per_month=1000, is_default=True)
     return free, pro
-
-
-def spend(user, prompt, completion, model="gpt-4o"):
-    with quota_guard(user, model=model, prompt_tokens=prompt, max_tokens=100) as q:
-        q.settle({"prompt_tokens": prompt, "completion_tokens": completion})
 
 
 def tier_form(tier, **changes):

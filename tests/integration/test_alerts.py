@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import threading
+from functools import partial
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from celery.contrib.testing.worker import start_worker
 
-from llm_quota import quota_guard
 from llm_quota.exceptions import BudgetExceeded
 from llm_quota.quota import alerts
 from llm_quota.quota.alerts import sent
 from llm_quota.signals import budget_exhausted, quota_refused, soft_limit_crossed
 from project.celery import app
-from tests import factories, periods
+from tests.support import factories, periods
+from tests.support.spend import spend
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -49,9 +50,8 @@ def received():
     sent.clear()
 
 
-def use(user, prompt, completion, max_tokens=50):
-    with quota_guard(user, model="gpt-4o", prompt_tokens=prompt, max_tokens=max_tokens) as q:
-        return q.settle({"prompt_tokens": prompt, "completion_tokens": completion})
+#: Calls here ask for at most 50 output tokens: the estimates below count on it.
+use = partial(spend, max_tokens=50)
 
 
 def test_soft_limit_signal_fires_once_when_the_month_crosses_it(setup, received, clock):

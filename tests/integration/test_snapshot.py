@@ -14,16 +14,9 @@ from llm_quota.ledger.default import set_default_ledger
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.models import UsageSnapshot
 from llm_quota.reporting.snapshot import SnapshotBusy, last_run, snapshot_usage
-from llm_quota.rules.accounting import ActualUsage, Estimate, Limits, Price
-from tests import factories, periods
-
-
-def spend(ledger, user, model="gpt-4o", inp=100, out=50, mult=(1, 4)):
-    """One admitted and settled request; returns the base tokens charged."""
-    price = Price(model, mult[0] * 1_000_000, mult[1] * 1_000_000)
-    d = ledger.reserve(user.pk, Limits(), Estimate(price, inp, out))
-    assert d.allowed
-    return ledger.settle(d.reservation, ActualUsage(inp, out)).base_tokens
+from llm_quota.rules.accounting import ActualUsage, Limits
+from tests.support import factories, periods
+from tests.support.spend import spend
 
 
 def rows():
@@ -43,12 +36,12 @@ def test_snapshot_copies_each_users_models_for_current_and_closed_month(ledger, 
     # so these months lie in the future, where nothing has expired yet.
     alice, bob = factories.user(), factories.user()
     clock.set(datetime(2099, 10, 31, 23, 0, tzinfo=UTC))
-    spend(ledger, alice, inp=10, out=10)  # October: 10 + 40
+    spend(alice, 10, 10, ledger=ledger)  # October: 10 + 40
     clock.set(datetime(2099, 11, 2, 12, 0, tzinfo=UTC))
-    spend(ledger, alice, inp=100, out=50)  # 100 + 200
-    spend(ledger, alice, inp=100, out=50)
-    spend(ledger, alice, model="gpt-4o-mini", inp=1000, out=100, mult=(1, 2))  # 1000 + 200
-    spend(ledger, bob, inp=7, out=3)  # 7 + 12
+    spend(alice, 100, 50, ledger=ledger)  # 100 + 200
+    spend(alice, 100, 50, ledger=ledger)
+    spend(alice, 1000, 100, ledger=ledger, model="gpt-4o-mini", multipliers=(1, 2))  # 1000 + 200
+    spend(bob, 7, 3, ledger=ledger)  # 7 + 12
 
     run = snapshot_usage(ledger=ledger)
 
@@ -66,7 +59,7 @@ def test_snapshot_copies_each_users_models_for_current_and_closed_month(ledger, 
 @pytest.mark.django_db
 def test_a_repeated_run_writes_nothing_and_changes_no_row(ledger):
     alice = factories.user()
-    spend(ledger, alice)
+    spend(alice, ledger=ledger)
     snapshot_usage(ledger=ledger)
     before, written_at = rows(), stamps()
 
@@ -79,9 +72,9 @@ def test_a_repeated_run_writes_nothing_and_changes_no_row(ledger):
 @pytest.mark.django_db
 def test_later_runs_write_absolute_values_never_increments(ledger, clock):
     alice = factories.user()
-    spend(ledger, alice)
+    spend(alice, ledger=ledger)
     snapshot_usage(ledger=ledger)
-    spend(ledger, alice)
+    spend(alice, ledger=ledger)
     snapshot_usage(ledger=ledger)
     snapshot_usage(ledger=ledger)  # a duplicate beat tick
     assert rows() == {(alice.pk, periods.month_start(clock), "gpt-4o"): (2, 200, 100, 600)}
@@ -92,7 +85,7 @@ def test_later_runs_write_absolute_values_never_increments(ledger, clock):
 def test_concurrent_runs_give_the_same_rows_as_one(ledger):
     users = [factories.user() for _ in range(30)]
     for i, user in enumerate(users):
-        spend(ledger, user, inp=10 + i, out=i)
+        spend(user, 10 + i, i, ledger=ledger)
     errors: list[BaseException] = []
 
     def run():
@@ -129,11 +122,11 @@ def test_a_run_waiting_too_long_for_the_lock_is_refused(ledger):
 @pytest.mark.django_db
 def test_a_reset_period_zeroes_the_months_rows(ledger, clock):
     alice = factories.user()
-    spend(ledger, alice)
-    spend(ledger, alice, model="gpt-4o-mini")
+    spend(alice, ledger=ledger)
+    spend(alice, ledger=ledger, model="gpt-4o-mini")
     snapshot_usage(ledger=ledger)
     ledger.reset_period(alice.pk)
-    spend(ledger, alice, inp=1, out=1)  # after the reset: 1 + 4
+    spend(alice, 1, 1, ledger=ledger)  # after the reset: 1 + 4
 
     snapshot_usage(ledger=ledger)
 
@@ -149,7 +142,7 @@ def test_a_user_whose_counters_were_lost_is_not_copied_over_the_database(
 ):
     alice = factories.user()
     in_flight = ledger.reserve(alice.pk, Limits(), factories.estimate(100, 50))
-    spend(ledger, alice)  # 300
+    spend(alice, ledger=ledger)  # 300
     snapshot_usage(ledger=ledger)
     # Redis loses the user's keys (a failover), not the index; then the call in
     # flight settles: Redis now holds only that one request.
@@ -178,7 +171,7 @@ def test_snapshot_reads_without_keys_and_changes_no_counter(private_redis, quota
     ledger = Ledger(client, prefix=quota_prefix, clock=clock)
     users = [factories.user() for _ in range(12)]
     for user in users:
-        spend(ledger, user)
+        spend(user, ledger=ledger)
 
     def counters():  # every user's keys and the index
         found = [*client.scan_iter(match=f"{quota_prefix}:{{u:*")]
@@ -202,7 +195,7 @@ def test_snapshot_reads_without_keys_and_changes_no_counter(private_redis, quota
 @pytest.mark.django_db
 def test_last_run_is_recorded_for_the_admin(ledger, clock):
     assert last_run(ledger) is None
-    spend(ledger, factories.user())
+    spend(factories.user(), ledger=ledger)
     snapshot_usage(ledger=ledger)
     run = last_run(ledger)
     assert (
@@ -215,7 +208,7 @@ def test_last_run_is_recorded_for_the_admin(ledger, clock):
 @pytest.mark.django_db
 def test_management_command_runs_the_snapshot_with_a_progress_bar(ledger, clock):
     alice = factories.user()
-    spend(ledger, alice)
+    spend(alice, ledger=ledger)
     set_default_ledger(ledger)
     out, err = io.StringIO(), io.StringIO()
     call_command("llm_quota_snapshot", stdout=out, stderr=err)

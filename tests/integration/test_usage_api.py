@@ -12,7 +12,8 @@ from llm_quota import quota_guard
 from llm_quota.ledger.default import set_default_ledger
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.reporting.snapshot import snapshot_usage
-from tests import factories, periods
+from tests.support import factories, periods
+from tests.support.spend import spend
 
 pytestmark = pytest.mark.django_db
 
@@ -36,11 +37,6 @@ def tiers(ledger):
     return free, pro
 
 
-def spend(user, model, prompt, completion):
-    with quota_guard(user, model=model, prompt_tokens=prompt, max_tokens=100) as q:
-        q.settle({"prompt_tokens": prompt, "completion_tokens": completion})
-
-
 def client_for(user):
     client = APIClient()
     response = client.post("/api/token/", {"username": user.username, "password": "pw-123456"})
@@ -50,9 +46,9 @@ def client_for(user):
 
 def test_usage_reports_the_contract_shape_with_the_settled_numbers(tiers, ledger, clock):
     user = factories.user()
-    spend(user, "gpt-4o", 100, 50)  # 100 + 200 = 300
-    spend(user, "gpt-4o", 20, 10)  # 20 + 40 = 60
-    spend(user, "gpt-4o-mini", 1000, 100)  # ceil(60 + 24) = 84
+    spend(user, 100, 50)  # 100 + 200 = 300
+    spend(user, 20, 10)  # 20 + 40 = 60
+    spend(user, 1000, 100, model="gpt-4o-mini")  # ceil(60 + 24) = 84
     in_flight = quota_guard(user, model="gpt-4o", prompt_tokens=10, max_tokens=5).__enter__()
 
     body = client_for(user).get("/api/llm-quota/usage/").json()
@@ -119,9 +115,9 @@ def test_usage_needs_a_token_and_the_usage_scope(tiers):
 
 def test_history_lists_only_the_callers_snapshots_paginated(tiers, ledger, clock):
     alice, bob = factories.user(), factories.user()
-    spend(alice, "gpt-4o", 100, 50)
-    spend(alice, "gpt-4o-mini", 1000, 100)
-    spend(bob, "gpt-4o", 7, 3)
+    spend(alice, 100, 50)
+    spend(alice, 1000, 100, model="gpt-4o-mini")
+    spend(bob, 7, 3)
     snapshot_usage(ledger=ledger)
 
     client = client_for(alice)
@@ -142,7 +138,7 @@ def test_history_lists_only_the_callers_snapshots_paginated(tiers, ledger, clock
 
 def test_another_users_usage_is_unreachable_to_a_non_staff_user(tiers, ledger):
     alice, bob = factories.user(), factories.user()
-    spend(bob, "gpt-4o", 100, 50)
+    spend(bob, 100, 50)
     client = client_for(alice)
     for url in (f"/api/llm-quota/users/{bob.pk}/usage/", f"/api/llm-quota/users/{alice.pk}/usage/"):
         assert client.get(url).status_code == 403
@@ -152,7 +148,7 @@ def test_another_users_usage_is_unreachable_to_a_non_staff_user(tiers, ledger):
 
 def test_staff_read_any_users_usage_with_the_same_numbers(tiers, ledger):
     bob = factories.user()
-    spend(bob, "gpt-4o", 100, 50)
+    spend(bob, 100, 50)
     staff = factories.user()
     staff.is_staff = True
     staff.save()

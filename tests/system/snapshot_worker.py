@@ -9,13 +9,11 @@ from __future__ import annotations
 import redis
 
 from llm_quota.ledger.sync_driver import Ledger
-from llm_quota.rules.accounting import ActualUsage, Estimate, Limits, Price
+from tests.support.spend import spend
 
 
 def settle_each(url: str, prefix: str, now: float, user_ids: list[int]) -> None:
     """One admitted and settled request per user, at the pinned time ``now``."""
     ledger = Ledger(redis.Redis.from_url(url), prefix=prefix, clock=lambda: now)
-    price = Price("gpt-4o", 1_000_000, 4_000_000)
     for uid in user_ids:
-        decision = ledger.reserve(uid, Limits(), Estimate(price, 300, 30))
-        ledger.settle(decision.reservation, ActualUsage(300, 30))
+        spend(uid, 300, 30, ledger=ledger)

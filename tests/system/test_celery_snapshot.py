@@ -20,19 +20,20 @@ from django.db import connection
 from llm_quota.ledger.default import set_default_ledger
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.models import UsageSnapshot
-from llm_quota.rules.accounting import ActualUsage, Limits
 from llm_quota.tasks import SNAPSHOT_TASK, snapshot_usage
 from project.celery import app
-from tests import factories
+from tests.support import factories
+from tests.support.spend import spend
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def settle_some(ledger, users):
     for i, user in enumerate(users):
         for _ in range(1 + i % 3):
-            d = ledger.reserve(user.pk, Limits(), factories.estimate(10 + i, 5))
-            ledger.settle(d.reservation, ActualUsage(10 + i, 5))
+            spend(user, 10 + i, 5, ledger=ledger, multipliers=(1, 1))
 
 
 def table():

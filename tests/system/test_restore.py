@@ -20,9 +20,10 @@ from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.models import UsageSnapshot
 from llm_quota.reporting.snapshot import snapshot_usage
 from llm_quota.rules.accounting import ActualUsage, Limits
-from tests import factories, periods
+from tests.support import factories, periods
+from tests.support.spend import spend
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 MSGS = [{"role": "user", "content": "hello"}]
 
@@ -39,11 +40,6 @@ def durable(private_redis, quota_prefix, clock):
     return ledger, tier
 
 
-def use(user, prompt_tokens, completion_tokens):
-    with quota_guard(user, model="gpt-4o", prompt_tokens=prompt_tokens, max_tokens=200) as q:
-        q.settle({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens})
-
-
 def ask(user):
     """A request estimated at 50 + 50 x 4 = 250 base tokens (at least 50 + 16 x 4 clamped)."""
     with quota_guard(user, model="gpt-4o", prompt_tokens=50, max_tokens=50) as q:
@@ -57,7 +53,7 @@ def test_after_redis_loses_everything_the_next_request_is_refused_by_restored_us
 ):
     ledger, _ = durable
     user = factories.user()
-    use(user, 100, 200)  # 100 + 800 = 900 of 1000
+    spend(user, 100, 200, max_tokens=200)  # 100 + 800 = 900 of 1000
     snapshot_usage(ledger=ledger)
 
     if loss == "flushall":
@@ -77,7 +73,7 @@ def test_without_a_snapshot_the_same_loss_would_hand_out_a_fresh_budget(durable)
     """The control: it is the snapshot that refuses above, not something else."""
     ledger, _ = durable
     user = factories.user()
-    use(user, 100, 200)
+    spend(user, 100, 200, max_tokens=200)
     ledger.client.flushall()
     assert ask(user).decision.allowed
 
@@ -85,7 +81,7 @@ def test_without_a_snapshot_the_same_loss_would_hand_out_a_fresh_budget(durable)
 def test_restore_happens_once_and_later_snapshots_keep_the_database_whole(durable, clock):
     ledger, _ = durable
     user = factories.user()
-    use(user, 100, 100)  # 500
+    spend(user, 100, 100, max_tokens=200)  # 500
     snapshot_usage(ledger=ledger)
     ledger.client.flushall()
 
@@ -104,7 +100,7 @@ def test_restore_happens_once_and_later_snapshots_keep_the_database_whole(durabl
 def test_a_settle_arriving_after_the_loss_is_added_to_the_restored_month(durable):
     ledger, _ = durable
     user = factories.user()
-    use(user, 100, 100)  # 500
+    spend(user, 100, 100, max_tokens=200)  # 500
     with quota_guard(user, model="gpt-4o", prompt_tokens=10, max_tokens=10) as in_flight:
         snapshot_usage(ledger=ledger)
         ledger.client.flushall()

@@ -28,20 +28,16 @@ from llm_quota.reporting.snapshot import (
     snapshot_usage,
 )
 from llm_quota.reporting.snapshot_sql import database, upsert_rows
-from llm_quota.rules.accounting import ActualUsage, Estimate, Limits, Price
-from tests import factories, periods
-from tests.snapshot_worker import settle_each
+from llm_quota.rules.accounting import ActualUsage, Limits
+from tests.support import factories, periods
+from tests.support.spend import spend
+from tests.system.snapshot_worker import settle_each
+
+pytestmark = pytest.mark.slow
 
 #: Far enough for a user who settled before a run to fall out of the next run's window
 #: (which starts ``WATERMARK_OVERLAP_MS`` before that run's start).
 LATER = (WATERMARK_OVERLAP_MS + 60_000) / 1000
-
-
-def spend(ledger, user, inp=100, out=50, model="gpt-4o"):
-    price = Price(model, 1_000_000, 4_000_000)
-    decision = ledger.reserve(user.pk, Limits(), Estimate(price, inp, out))
-    assert decision.allowed
-    ledger.settle(decision.reservation, ActualUsage(inp, out))
 
 
 def table():
@@ -67,11 +63,11 @@ def live(ledger, users):
 def test_an_incremental_run_reads_only_users_active_since_the_last_run(ledger, clock):
     users = [factories.user() for _ in range(6)]
     for user in users:
-        spend(ledger, user)
+        spend(user, ledger=ledger)
     clock.advance(LATER)
     first = snapshot_usage(ledger=ledger)
     clock.advance(LATER)
-    spend(ledger, users[2], inp=7, out=1)
+    spend(users[2], 7, 1, ledger=ledger)
 
     again = snapshot_usage(ledger=ledger)
 
@@ -87,12 +83,12 @@ def test_inactive_users_are_not_read_again(private_redis, quota_prefix, clock):
     ledger = Ledger(client, prefix=quota_prefix, clock=clock)
     users = [factories.user() for _ in range(10)]
     for user in users:
-        spend(ledger, user)
+        spend(user, ledger=ledger)
     clock.advance(LATER)
     snapshot_usage(ledger=ledger)
     clock.advance(LATER)
-    spend(ledger, users[0])
-    spend(ledger, users[1])
+    spend(users[0], ledger=ledger)
+    spend(users[1], ledger=ledger)
     client.config_resetstat()  # our own server: no one else's statistics to lose
 
     run = snapshot_usage(ledger=ledger, batch_size=3)
@@ -107,7 +103,7 @@ def test_inactive_users_are_not_read_again(private_redis, quota_prefix, clock):
 def test_a_settle_during_a_run_is_caught_by_the_next_run(ledger, clock):
     users = [factories.user() for _ in range(4)]
     for user in users:
-        spend(ledger, user)
+        spend(user, ledger=ledger)
     clock.advance(LATER)
     snapshot_usage(ledger=ledger)  # the watermark before this test's run
 
@@ -119,7 +115,7 @@ def test_a_settle_during_a_run_is_caught_by_the_next_run(ledger, clock):
             moved.append(True)
             clock.advance(1)
             for user in users:
-                spend(ledger, user, inp=1000, out=1000)
+                spend(user, 1000, 1000, ledger=ledger)
             clock.advance(3 * LATER)
 
     moved: list[bool] = []
@@ -141,10 +137,10 @@ def test_settles_from_another_process_during_a_run_are_all_copied_by_the_next(
     ledger = Ledger(client, prefix=quota_prefix, clock=clock)
     users = [factories.user() for _ in range(12)]
     for user in users:
-        spend(ledger, user)
+        spend(user, ledger=ledger)
     snapshot_usage(ledger=ledger)
     clock.advance(LATER)
-    spend(ledger, users[0])
+    spend(users[0], ledger=ledger)
     url = f"redis://127.0.0.1:{private_redis.port}/0"
     child: list[multiprocessing.Process] = []
 
@@ -174,7 +170,7 @@ def test_settles_from_another_process_during_a_run_are_all_copied_by_the_next(
 def test_without_a_watermark_a_run_walks_the_whole_index(ledger, clock):
     users = [factories.user() for _ in range(5)]
     for user in users:
-        spend(ledger, user)
+        spend(user, ledger=ledger)
     clock.advance(LATER)
     snapshot_usage(ledger=ledger)
     clock.advance(LATER)
@@ -193,7 +189,7 @@ def test_without_a_watermark_a_run_walks_the_whole_index(ledger, clock):
 def test_a_full_walk_comes_back_regularly_and_on_request(ledger, clock):
     users = [factories.user() for _ in range(3)]
     for user in users:
-        spend(ledger, user)
+        spend(user, ledger=ledger)
     clock.advance(LATER)
     snapshot_usage(ledger=ledger)
     clock.advance(LATER)
@@ -211,11 +207,11 @@ def test_a_full_walk_comes_back_regularly_and_on_request(ledger, clock):
 @pytest.mark.django_db
 def test_a_watermark_ahead_of_the_clock_is_not_trusted(ledger, clock):
     alice = factories.user()
-    spend(ledger, alice)
+    spend(alice, ledger=ledger)
     clock.advance(LATER)
     snapshot_usage(ledger=ledger)
     clock.advance(-3 * LATER)  # the clock stepped back, far past the overlap
-    spend(ledger, alice)
+    spend(alice, ledger=ledger)
 
     run = snapshot_usage(ledger=ledger)
 
@@ -227,8 +223,8 @@ def test_a_watermark_ahead_of_the_clock_is_not_trusted(ledger, clock):
 def test_the_closed_months_last_copy_holds_a_settle_after_the_rollover(ledger, clock):
     alice, bob = factories.user(), factories.user()
     clock.set(datetime(2099, 10, 31, 23, 50, tzinfo=UTC))
-    spend(ledger, alice)
-    spend(ledger, bob)
+    spend(alice, ledger=ledger)
+    spend(bob, ledger=ledger)
     in_flight = ledger.reserve(alice.pk, Limits(), factories.estimate(100, 50))
     clock.set(datetime(2099, 10, 31, 23, 59, 50, tzinfo=UTC))
     snapshot_usage(ledger=ledger)  # the last run of October
@@ -251,9 +247,9 @@ def test_a_user_skipped_as_lost_is_copied_once_restored_without_a_new_settle(
 ):
     ledger = Ledger(redis_client, prefix=quota_prefix, clock=clock, restore=month_from_snapshots)
     alice, bob = factories.user(), factories.user()
-    spend(ledger, bob)
+    spend(bob, ledger=ledger)
     in_flight = ledger.reserve(alice.pk, Limits(), factories.estimate(100, 50))
-    spend(ledger, alice)  # 300
+    spend(alice, ledger=ledger)  # 300
     snapshot_usage(ledger=ledger)
     # Redis loses Alice's keys but not the index; the call in flight then settles.
     for key in redis_client.scan_iter(match=f"{ledger.keyspace.user(alice.pk)}*"):
@@ -280,7 +276,7 @@ def test_a_user_skipped_as_lost_is_copied_once_restored_without_a_new_settle(
 def test_progress_is_logged_during_a_run(ledger, monkeypatch, caplog):
     monkeypatch.setattr("llm_quota.reporting.snapshot.PROGRESS_EVERY", 0)
     for _ in range(3):
-        spend(ledger, factories.user())
+        spend(factories.user(), ledger=ledger)
     with caplog.at_level("INFO", logger="llm_quota"):
         snapshot_usage(ledger=ledger, batch_size=1)
     lines = [r.getMessage() for r in caplog.records if "so far" in r.getMessage()]
@@ -347,11 +343,11 @@ def test_the_command_copies_users_active_since_the_last_run_or_all_with_full(led
     set_default_ledger(ledger)
     users = [factories.user() for _ in range(3)]
     for user in users:
-        spend(ledger, user)
+        spend(user, ledger=ledger)
     clock.advance(LATER)
     call_command("llm_quota_snapshot", stdout=io.StringIO(), stderr=io.StringIO())
     clock.advance(LATER)
-    spend(ledger, users[1])
+    spend(users[1], ledger=ledger)
 
     out, err = io.StringIO(), io.StringIO()
     call_command("llm_quota_snapshot", stdout=out, stderr=err)
@@ -372,11 +368,11 @@ def test_on_a_cluster_incremental_runs_and_lost_users_work_across_primaries(
     ledger = Ledger(cluster_client, prefix=quota_prefix, clock=clock, restore=month_from_snapshots)
     users = [factories.user() for _ in range(9)]
     for user in users:
-        spend(ledger, user)
+        spend(user, ledger=ledger)
     clock.advance(LATER)
     assert snapshot_usage(ledger=ledger).users == 9
     clock.advance(LATER)
-    spend(ledger, users[4])
+    spend(users[4], ledger=ledger)
     # Redis loses another user's keys (their shard of the index stays); a call settles.
     lost = users[7]
     in_flight = ledger.reserve(lost.pk, Limits(), factories.estimate(100, 50))
