@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench loadtest clean
+.PHONY: demo test test-fast lint bench loadtest clean
 
 $(STAMP): requirements.txt setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit group alone (tests/unit): no Redis, no server, seconds. REDIS_URL points
+# where nothing listens, so no embedded Redis starts either; a unit test that opens a
+# Redis connection fails.
+test-fast: $(STAMP)
+	REDIS_URL=redis://127.0.0.1:1/0 $(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 # Benchmarks against REDIS_URL (else the embedded Redis); not part of `make test`.
 bench: $(STAMP)

@@ -349,7 +349,7 @@ def _upstream_call(url: str) -> float:
 
 
 def _with_network_delay(table: Table) -> None:
-    import tests.fake_upstream as fake_upstream
+    import tests.support.fake_upstream as fake_upstream
 
     fake_upstream.LATENCY = SLOW_LATENCY
     upstream = fake_upstream.UpstreamServer().start()

@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
     routes = override_settings(ROOT_URLCONF="tests.benchmarks.ungated")
     upstream = None
     if slow:
-        import tests.fake_upstream as fake_upstream
+        import tests.support.fake_upstream as fake_upstream
 
         fake_upstream.LATENCY = SLOW_LATENCY
         upstream = fake_upstream.UpstreamServer().start()

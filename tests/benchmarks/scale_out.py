@@ -1,7 +1,7 @@
 """Section 9: scale-out. The async ledger against the sync one, the event loop under a
 burst, and a Redis Cluster with and without global caps (its second step).
 
-The cluster is our own 3 primaries on spare loopback ports (``tests/local_redis.py``);
+The cluster is our own 3 primaries on spare loopback ports (``tests/support/redis_server.py``);
 without redis-server/redis-cli that part says so and is left out.
 """
 
@@ -104,12 +104,12 @@ def run(table: Table) -> None:
 
 def _cluster(table: Table, limits: Limits) -> None:
     from llm_quota.ledger.connections import cluster_client
-    from tests.local_redis import LocalCluster, binaries
+    from tests.support.redis_server import RedisCluster, binaries
 
     if binaries() is None:
         table.add("9 scale-out", "Redis Cluster", "skipped", "redis-server/redis-cli not found")
         return
-    cluster = LocalCluster().start()
+    cluster = RedisCluster().start()
     try:
         client = cluster_client(cluster.url)
         plain = Ledger(client, prefix=f"bench{uuid.uuid4().hex[:8]}")

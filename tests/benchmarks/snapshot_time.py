@@ -1,7 +1,7 @@
 """Section 7: how long ``llm_quota.reporting.snapshot`` takes for 10k and 100k active users, and the
 longest single Redis command it issues.
 
-It runs on a private redis-server on a spare port (``tests.local_redis``), because
+It runs on a private redis-server on a spare port (``tests.support.redis_server``), because
 measuring every command needs ``SLOWLOG`` at 0 µs, a server setting that must never
 be changed on a shared Redis. The users are real rows (bulk-created in the run's
 database); their Redis state is one real user's, written by real reserve + settle
@@ -175,7 +175,7 @@ def _profile(ledger: Ledger) -> str:
 
 
 def run(table: Table) -> None:
-    from tests.local_redis import LocalRedis, binaries
+    from tests.support.redis_server import RedisServer, binaries
 
     if binaries() is None:
         table.add("7 snapshot", "snapshot run", "skipped", "redis-server not found")
@@ -185,7 +185,7 @@ def run(table: Table) -> None:
     started = time.perf_counter()
     uids = _create_users(tag, max(SIZES))
     print(f"  {len(uids):,} users created in {time.perf_counter() - started:.1f} s", flush=True)
-    server = LocalRedis().start()
+    server = RedisServer().start()
     client = redis.Redis(port=server.port)
     try:
         client.config_set("slowlog-max-len", 1_000_000)

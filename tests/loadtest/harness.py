@@ -42,7 +42,7 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 @contextmanager
 def stack(*, users: int, latency: float, workers: int = 4, threads: int = 16, tier: dict):
     """Yield (base_url, tokens, ledger, price) with gunicorn serving the project."""
-    import tests.fake_upstream as fake_upstream
+    import tests.support.fake_upstream as fake_upstream
 
     scratch = Path(tempfile.mkdtemp(prefix="llmq-load-"))
     fake_upstream.LATENCY = latency

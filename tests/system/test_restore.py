@@ -1,0 +1,163 @@
+"""Durability: after Redis loses its data, the next decision sees the snapshots' usage.
+
+Each test runs its own redis-server, so it may flush or restart it at will; the
+shared Redis is never flushed.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, date, datetime
+
+import pytest
+
+from llm_quota import quota_guard
+from llm_quota.exceptions import BudgetExceeded
+from llm_quota.ledger.default import set_default_ledger
+from llm_quota.ledger.replies import ModelUsage
+from llm_quota.ledger.restore import month_from_snapshots
+from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.models import UsageSnapshot
+from llm_quota.reporting.snapshot import snapshot_usage
+from llm_quota.rules.accounting import ActualUsage, Limits
+from tests.support import factories, periods
+from tests.support.spend import spend
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
+
+MSGS = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture
+def durable(private_redis, quota_prefix, clock):
+    """The project's ledger on a Redis we may destroy, restoring from the snapshots."""
+    ledger = Ledger(
+        private_redis.client(), prefix=quota_prefix, clock=clock, restore=month_from_snapshots
+    )
+    set_default_ledger(ledger)
+    factories.price("gpt-4o", "1", "4", default_max_output_tokens=100)
+    tier = factories.tier("free", tokens_per_month=1000, is_default=True)
+    return ledger, tier
+
+
+def ask(user):
+    """A request estimated at 50 + 50 x 4 = 250 base tokens (at least 50 + 16 x 4 clamped)."""
+    with quota_guard(user, model="gpt-4o", prompt_tokens=50, max_tokens=50) as q:
+        q.settle({"prompt_tokens": 50, "completion_tokens": 0})
+        return q
+
+
+@pytest.mark.parametrize("loss", ["flushall", "restart"])
+def test_after_redis_loses_everything_the_next_request_is_refused_by_restored_usage(
+    durable, private_redis, loss
+):
+    ledger, _ = durable
+    user = factories.user()
+    spend(user, 100, 200, max_tokens=200)  # 100 + 800 = 900 of 1000
+    snapshot_usage(ledger=ledger)
+
+    if loss == "flushall":
+        ledger.client.flushall()
+    else:
+        private_redis.restart()  # no persistence: an empty Redis comes back
+    assert ledger.client.dbsize() == 0
+
+    with pytest.raises(BudgetExceeded) as refused:
+        ask(user)
+    assert refused.value.limit == "tokens_per_month"
+    usage = ledger.usage(user.pk)
+    assert usage.tokens_this_month == 900 and usage.settled_this_month == 900
+
+
+def test_without_a_snapshot_the_same_loss_would_hand_out_a_fresh_budget(durable):
+    """The control: it is the snapshot that refuses above, not something else."""
+    ledger, _ = durable
+    user = factories.user()
+    spend(user, 100, 200, max_tokens=200)
+    ledger.client.flushall()
+    assert ask(user).decision.allowed
+
+
+def test_restore_happens_once_and_later_snapshots_keep_the_database_whole(durable, clock):
+    ledger, _ = durable
+    user = factories.user()
+    spend(user, 100, 100, max_tokens=200)  # 500
+    snapshot_usage(ledger=ledger)
+    ledger.client.flushall()
+
+    ask(user)  # restores 500, then spends 50
+    ask(user)  # no second restore: 550 + 50
+    assert ledger.usage(user.pk).tokens_this_month == 600
+    # The index came back with the counters, so the snapshot still covers the user
+    # and writes the sum, not the post-loss part alone.
+    index = ledger.keyspace.active_users(periods.month_id(clock))
+    assert ledger.client.zscore(index, str(user.pk)) is not None
+    snapshot_usage(ledger=ledger)
+    row = UsageSnapshot.objects.get(user=user)
+    assert (row.requests, row.base_tokens) == (3, 600)
+
+
+def test_a_settle_arriving_after_the_loss_is_added_to_the_restored_month(durable):
+    ledger, _ = durable
+    user = factories.user()
+    spend(user, 100, 100, max_tokens=200)  # 500
+    with quota_guard(user, model="gpt-4o", prompt_tokens=10, max_tokens=10) as in_flight:
+        snapshot_usage(ledger=ledger)
+        ledger.client.flushall()
+        in_flight.settle({"prompt_tokens": 10, "completion_tokens": 10})  # 50, record lost
+        # Redis now holds only the late settle; the snapshot must not copy it over.
+        assert snapshot_usage(ledger=ledger).lost == 1
+        assert UsageSnapshot.objects.get(user=user).base_tokens == 500
+    assert ledger.usage(user.pk).tokens_this_month == 550  # restored 500 + the late 50
+    snapshot_usage(ledger=ledger)
+    assert UsageSnapshot.objects.get(user=user).base_tokens == 550
+
+
+def test_the_just_closed_month_comes_back_too(private_redis, quota_prefix, clock):
+    """Without it, a late settle into last month would leave a partial month that the
+    snapshot copies over the full one."""
+    clock.set(datetime(2099, 10, 31, 23, 0, tzinfo=UTC))  # future: no real-time expiry
+    ledger = Ledger(
+        private_redis.client(), prefix=quota_prefix, clock=clock, restore=month_from_snapshots
+    )
+    user = factories.user()
+    done = ledger.reserve(user.pk, Limits(), factories.estimate(100, 100))
+    ledger.settle(done.reservation, ActualUsage(100, 100))
+    late = ledger.reserve(user.pk, Limits(), factories.estimate(10, 10))
+    snapshot_usage(ledger=ledger)
+    clock.set(datetime(2099, 11, 1, 0, 5, tzinfo=UTC))
+    ledger.client.flushall()
+    ledger.settle(late.reservation, ActualUsage(10, 10))  # lands in October
+
+    assert ledger.reserve(user.pk, Limits(), factories.estimate(1, 1)).allowed  # restores
+    snapshot_usage(ledger=ledger)
+
+    october = UsageSnapshot.objects.get(user=user, period=date(2099, 10, 1))
+    assert (october.requests, october.base_tokens) == (2, 220)
+
+
+def test_concurrent_first_requests_restore_once(private_redis, quota_prefix, clock):
+    calls = []
+
+    def source(uid, month):
+        calls.append(month)
+        if month != periods.month_id(clock):
+            return (0, [])
+        return (700, [ModelUsage("gpt-4o", 7, 300, 100, 700)])
+
+    ledger = Ledger(private_redis.client(), prefix=quota_prefix, clock=clock, restore=source)
+    results = []
+
+    def first_request():
+        d = ledger.reserve(5, Limits(tokens_per_month=1000), factories.estimate(10, 0))
+        results.append(d.allowed)
+
+    threads = [threading.Thread(target=first_request) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Several threads may read the database, but only one adds it to Redis.
+    assert ledger.usage(5).tokens_this_month == 700 + 10 * sum(results)
+    assert sum(results) == 16
+    assert ledger.usage(5).by_model[0].requests == 7

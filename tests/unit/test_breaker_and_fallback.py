@@ -1,0 +1,91 @@
+"""The pieces of fail-open: breaker states, the per-process limiter, the journal."""
+
+from __future__ import annotations
+
+from llm_quota.ledger.breaker import CircuitBreaker
+from llm_quota.ledger.fallback import FallbackLimiter, OutageJournal
+from llm_quota.ledger.plans import drive
+from llm_quota.rules.accounting import ActualUsage, Limits
+from tests.support.factories import estimate
+
+
+class Tick:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_on_failure_and_lets_one_probe_through_after_cooldown():
+    tick = Tick()
+    breaker = CircuitBreaker(cooldown=2.0, clock=tick)
+    assert breaker.allow()
+    assert breaker.failure() is True  # a new outage
+    assert breaker.failure() is False
+    assert not breaker.allow() and breaker.retry_after == 2.0
+    tick.now += 2.0
+    assert breaker.allow() is True  # the probe
+    assert breaker.allow() is False  # nobody else while it runs
+    breaker.failure()
+    tick.now += 1.0
+    assert not breaker.allow() and breaker.retry_after == 1.0
+    tick.now += 1.0
+    assert breaker.allow()
+    assert breaker.success() is True and breaker.allow()
+
+
+def test_fallback_limiter_divides_the_tier_limits():
+    tick = Tick()
+    limiter = FallbackLimiter(divisor=4, clock=tick)
+    limits = Limits(requests_per_minute=20, max_concurrent_requests=8)
+    results = []
+    for _ in range(6):  # each call finishes before the next
+        results.append(limiter.admit("1", limits, estimate(1, 1)))
+        limiter.done("1")
+    assert results == [None, None, None, None, None, "requests_per_minute"]
+    tick.now += 60
+    assert limiter.admit("1", limits, estimate(1, 1)) is None
+
+
+def test_fallback_limiter_bounds_tokens_by_the_tightest_limit_and_concurrency():
+    tick = Tick()
+    limiter = FallbackLimiter(divisor=2, clock=tick)
+    limits = Limits(tokens_per_month=1000, tokens_per_day=400, max_concurrent_requests=2)
+    assert limiter.admit("1", limits, estimate(100, 50)) is None  # 150 of 400 / 2
+    limiter.done("1")
+    assert limiter.admit("1", limits, estimate(100, 50)) == "tokens_per_minute"
+    assert limiter.admit("2", limits, estimate(10, 10)) is None
+    assert limiter.admit("2", limits, estimate(10, 10)) == "max_concurrent_requests"
+    limiter.done("2")
+    assert limiter.admit("2", limits, estimate(10, 10)) is None
+
+
+def test_journal_replays_in_order_and_keeps_what_fails():
+    journal = OutageJournal()
+    for n in range(3):
+        journal.record(n, ActualUsage(n, n))
+    seen = []
+
+    def flaky(reservation, usage):  # a plan with no steps: it only records
+        if reservation == 2 and not seen.count("failed"):
+            seen.append("failed")
+            raise ConnectionError("down again")
+        seen.append(reservation)
+        return
+        yield
+
+    try:
+        drive(journal.replay(flaky), lambda step: None)
+    except ConnectionError:
+        pass
+    assert seen == [0, 1, "failed"] and len(journal) == 1
+    assert drive(journal.replay(flaky), lambda step: None) == 1
+    assert seen[-1] == 2 and len(journal) == 0
+
+
+def test_journal_is_bounded():
+    journal = OutageJournal(max_entries=2)
+    for n in range(5):
+        journal.record(n, ActualUsage(1, 1))
+    assert len(journal) == 2 and journal.dropped == 3
