@@ -10,7 +10,7 @@ from typing import Any
 
 from llm_quota.conf import SETTINGS
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 ROW = re.compile(r"^\| `(?P<name>[A-Z_]+)` \| `(?P<default>[^`]*)` \| (?P<doc>.*) \|$")
 
 
