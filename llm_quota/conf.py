@@ -347,3 +347,15 @@ def _reload(*, setting: str, **kwargs: Any) -> None:
 
 
 setting_changed.connect(_reload)
+
+
+def reset_on_change(reset: Callable[[], None]) -> Callable[[], None]:
+    """Decorator: call ``reset`` whenever ``LLM_QUOTA`` changes (a test's
+    ``override_settings``). What a module built from the settings, it drops itself."""
+
+    def receiver(*, setting: str, **kwargs: Any) -> None:
+        if setting == "LLM_QUOTA":
+            reset()
+
+    setting_changed.connect(receiver, weak=False)
+    return reset

@@ -16,10 +16,9 @@ import threading
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from django.core.signals import setting_changed
 from redis.exceptions import RedisClusterException, RedisError
 
-from llm_quota.conf import quota_settings
+from llm_quota.conf import quota_settings, reset_on_change
 
 #: What "Redis is unavailable" looks like: a cluster missing a slot's node raises
 #: RedisClusterException, which is not a RedisError.
@@ -96,19 +95,12 @@ def ledger_client() -> Any:
     return get_redis_connection(quota_settings.REDIS_CACHE_ALIAS)
 
 
+@reset_on_change
 def reset() -> None:
     """Forget the cluster client (settings changed)."""
     global _cluster
     with _cluster_lock:
         _cluster = None
-
-
-def _on_settings(*, setting: str, **kwargs: Any) -> None:
-    if setting == "LLM_QUOTA":
-        reset()
-
-
-setting_changed.connect(_on_settings)
 
 
 # -- the async twin ------------------------------------------------------------------

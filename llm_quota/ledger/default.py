@@ -8,12 +8,10 @@ settings change drops it; the next caller builds it again.
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.core.signals import setting_changed
 
-from llm_quota.conf import quota_settings
+from llm_quota.conf import quota_settings, reset_on_change
 from llm_quota.ledger import resilience
 from llm_quota.ledger.async_driver import AsyncLedger, twin_of
 from llm_quota.ledger.connections import ledger_client
@@ -54,6 +52,7 @@ def set_default_ledger(ledger: Ledger | None) -> None:
     resilience.reset()
 
 
+@reset_on_change
 def reset_default_ledger() -> None:
     set_default_ledger(None)
 
@@ -69,11 +68,3 @@ async def get_async_ledger() -> AsyncLedger:
     if sync is None:
         sync = await sync_to_async(get_ledger, thread_sensitive=False)()
     return twin_of(sync)
-
-
-def _on_settings(*, setting: str, **kwargs: Any) -> None:
-    if setting == "LLM_QUOTA":
-        reset_default_ledger()
-
-
-setting_changed.connect(_on_settings)

@@ -332,15 +332,7 @@ class LedgerOps:
             (self.keyspace.global_(),),
             (now_arg, self.ttl_ms, *period_args(local_now, self.timezone)),
         )
-        return GlobalUsage(
-            day=text(r[1]),
-            month=text(r[2]),
-            day_end_ms=int(r[3]),
-            month_end_ms=int(r[4]),
-            tokens_today=int(r[5]),
-            tokens_this_month=int(r[6]),
-            in_flight=int(r[7]),
-        )
+        return GlobalUsage(**_periods(r), in_flight=int(r[7]))
 
     # -- restore -----------------------------------------------------------------------
 
@@ -387,6 +379,15 @@ def _plus(value: int | None, amount: int) -> int | None:
     return None if value is None else value + amount
 
 
+def _periods(r: list[Any]) -> dict[str, Any]:
+    """The period fields that open ``usage.lua``'s and ``global_usage.lua``'s replies."""
+    return {
+        "day": text(r[1]), "month": text(r[2]),
+        "day_end_ms": int(r[3]), "month_end_ms": int(r[4]),
+        "tokens_today": int(r[5]), "tokens_this_month": int(r[6]),
+    }  # fmt: skip
+
+
 def usage_is_trusted(r: list[Any]) -> bool:
     """``usage.lua``'s reply says the counters were not lost (or were restored)."""
     return bool(int(r[12]))
@@ -395,12 +396,7 @@ def usage_is_trusted(r: list[Any]) -> bool:
 def parse_usage(r: list[Any]) -> UserUsage:
     """``usage.lua``'s reply as a ``UserUsage``."""
     return UserUsage(
-        day=text(r[1]),
-        month=text(r[2]),
-        day_end_ms=int(r[3]),
-        month_end_ms=int(r[4]),
-        tokens_today=int(r[5]),
-        tokens_this_month=int(r[6]),
+        **_periods(r),
         reserved=int(r[7]),
         requests_this_minute=int(r[8]),
         tokens_this_minute=int(r[9]),

@@ -30,12 +30,11 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
-from django.core.signals import setting_changed
 from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from llm_quota.conf import quota_settings
+from llm_quota.conf import quota_settings, reset_on_change
 from llm_quota.exceptions import QuotaUnavailable
 from llm_quota.ledger import keys
 from llm_quota.ledger.breaker import HALF_OPEN, CircuitBreaker
@@ -241,16 +240,9 @@ def outage() -> Outage:
     return _state
 
 
+@reset_on_change
 def reset() -> None:
     """Forget the outage state (settings changed, or another ledger was installed)."""
     global _state
     with _state_lock:
         _state = None
-
-
-def _on_settings(*, setting: str, **kwargs: Any) -> None:
-    if setting == "LLM_QUOTA":
-        reset()
-
-
-setting_changed.connect(_on_settings)

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal
+from decimal import ROUND_CEILING, Decimal, localcontext
 
 MICRO = 1_000_000
 
 
 def to_micro(multiplier: Decimal | str | int | float) -> int:
     """Micro base tokens per token; rounded up, so a price is never under-charged."""
-    value = Decimal(str(multiplier)) * MICRO
+    with localcontext() as exact:  # no rounding before the ceiling: never a hair under
+        exact.prec = 200
+        value = Decimal(str(multiplier)) * MICRO
     if value < 0:
         raise ValueError("a price multiplier may not be negative")
     return int(value.to_integral_value(rounding=ROUND_CEILING))

@@ -14,9 +14,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
-from django.core.signals import setting_changed
-
-from llm_quota.conf import quota_settings
+from llm_quota.conf import quota_settings, reset_on_change
 
 T = TypeVar("T")
 
@@ -73,10 +71,4 @@ class ConfigCache:
 
 config_cache = ConfigCache()
 
-
-def _on_settings(*, setting: str, **kwargs: Any) -> None:
-    if setting == "LLM_QUOTA":
-        config_cache.invalidate()
-
-
-setting_changed.connect(_on_settings)
+reset_on_change(config_cache.invalidate)
