@@ -1,6 +1,6 @@
 """Errors in OpenAI's shape, so any OpenAI SDK raises the right exception class.
 
-``{"error": {"message", "type", "code", "param"}}`` (contract section 6). The SDKs
+``{"error": {"message", "type", "code", "param"}}``, as the ``/v1/`` API promises. The SDKs
 pick the exception class from the status (401 ``AuthenticationError``, 403
 ``PermissionDeniedError``, 429 ``RateLimitError``...) and decide whether to retry
 from ``x-should-retry`` and ``Retry-After``, so those headers matter as much as

@@ -1,4 +1,4 @@
-"""``HasScope``: a DRF permission for the JWT ``scope`` claim (contract sections 6-7).
+"""``HasScope``: a DRF permission for the JWT ``scope`` claim.
 
 A view lists ``required_scopes``. A JWT caller has the scopes in its token's claim,
 *intersected* with its tier's scopes now, so blocking a user or moving them to a
@@ -18,7 +18,10 @@ from rest_framework.permissions import BasePermission
 
 from llm_quota.conf import quota_settings
 from llm_quota.exceptions import InsufficientScope
-from llm_quota.rules.policy import UserPolicy, apolicy_for, policy_for
+from llm_quota.ledger.plans import Plan
+from llm_quota.quota.admission import policy_plan
+from llm_quota.quota.drivers import arun, run
+from llm_quota.rules.policy import UserPolicy
 
 
 def _claim(auth: Any) -> Any:
@@ -41,19 +44,22 @@ def _scopes(policy: UserPolicy, auth: Any) -> set[str]:
     return token_scopes & tier_scopes
 
 
-def granted_scopes(request: Any) -> set[str]:
-    """The scopes ``request``'s caller holds right now."""
-    user = getattr(request, "user", None)
+def scopes_plan(user: Any, auth: Any) -> Plan[set[str]]:
+    """The scopes the caller holds right now (the tier from memory, else the database)."""
     if user is None or not user.is_authenticated:
         return set()
-    return _scopes(policy_for(user), getattr(request, "auth", None))
+    policy = yield from policy_plan(user)
+    return _scopes(policy, auth)
+
+
+def granted_scopes(request: Any) -> set[str]:
+    """The scopes ``request``'s caller holds right now."""
+    return run(scopes_plan(getattr(request, "user", None), getattr(request, "auth", None)))
 
 
 async def agranted_scopes(user: Any, auth: Any) -> set[str]:
-    """``granted_scopes`` for async code: the tier is read from memory, or in a thread."""
-    if user is None or not user.is_authenticated:
-        return set()
-    return _scopes(await apolicy_for(user), auth)
+    """``granted_scopes`` on an event loop: a tier not in memory is read in a thread."""
+    return await arun(scopes_plan(user, auth))
 
 
 def require_scopes(required: Iterable[str], granted: set[str]) -> None:

@@ -50,9 +50,8 @@ def warm_up(encodings: tuple[str, ...] = WARM_ENCODINGS) -> None:
 
     Loading a tiktoken encoding takes a tenth of a second or more, in native code
     that holds the GIL for tens of milliseconds at a stretch: even in a thread (where
-    ``gate.aestimate_request`` loads it) that stalls the loop and every stream on it
-    (40 ms measured here). The URL modules are imported on the first request
-    otherwise, on the loop itself.
+    admission counts a long prompt) that stalls the loop and every stream on it. The
+    URL modules are imported on the first request otherwise, on the loop itself.
     """
     from django.urls import get_resolver
 

@@ -10,11 +10,9 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
-from asgiref.sync import sync_to_async
-
 from llm_quota.conf import quota_settings
 from llm_quota.rules.accounting import Limits
-from llm_quota.rules.config_cache import MISSING, config_cache
+from llm_quota.rules.config_cache import config_cache
 
 
 @dataclass(frozen=True)
@@ -99,12 +97,3 @@ def policy_for(user: Any) -> UserPolicy:
     """The policy of ``user`` (a user instance or a primary key)."""
     pk = getattr(user, "pk", user)
     return config_cache.get(("policy", pk), lambda: _load(pk))
-
-
-async def apolicy_for(user: Any) -> UserPolicy:
-    """``policy_for`` for async code: from memory when cached, else the ORM in a thread."""
-    pk = getattr(user, "pk", user)
-    found = config_cache.peek(("policy", pk))
-    if found is not MISSING:
-        return found
-    return await sync_to_async(policy_for)(pk)
