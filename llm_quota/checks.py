@@ -195,7 +195,7 @@ def check_gateway(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             Warning(
                 "llm_quota.middleware.LLMQuotaMiddleware is not in MIDDLEWARE: reservations "
                 "made by LLMQuotaThrottle in views that do not settle them stay reserved "
-                "until RESERVATION_TTL, and @quota_gated views are not gated.",
+                "until RESERVATION_TTL (the gateway and @quota_gated views end their own).",
                 hint="Add 'llm_quota.middleware.LLMQuotaMiddleware' to MIDDLEWARE.",
                 id="llm_quota.W003",
             )
@@ -219,23 +219,40 @@ def check_gateway(app_configs: Any = None, **kwargs: Any) -> list[Any]:
 def _check_upstream_chosen() -> list[Any]:
     """A mounted gateway needs an upstream chosen on purpose: it never falls back to the
     fake provider, which would serve invented answers as if they were real."""
-    from django.urls import NoReverseMatch, reverse
-
     if quota_settings.OPENAI_BASE_URL or quota_settings.UPSTREAM:
         return []
-    try:
-        reverse("llm_quota_chat")
-    except NoReverseMatch:
-        return []  # the gateway is not mounted
+    if not _gateway_mounted():
+        return []
     return [
         Error(
-            "The gateway is mounted (llm_quota_chat) but has no upstream: neither "
+            "The gateway is mounted but has no upstream: neither "
             "LLM_QUOTA['OPENAI_BASE_URL'] nor LLM_QUOTA['UPSTREAM'] is set.",
             hint="Set OPENAI_BASE_URL to an OpenAI-compatible server, or, for a demo or "
             "tests, UPSTREAM = 'llm_quota.testing.fake_provider.FakeProvider'.",
             id="llm_quota.E017",
         )
     ]
+
+
+def _gateway_mounted() -> bool:
+    """Whether any URL pattern serves a chat view, under any prefix or namespace, and
+    whether it was included with ``llm_quota.urls`` or routed by hand."""
+    from django.urls import URLPattern, URLResolver, get_resolver
+
+    from llm_quota.gateway.async_views import AsyncChatCompletionsView
+    from llm_quota.gateway.views import ChatCompletionsView
+
+    chat_views = (ChatCompletionsView, AsyncChatCompletionsView)
+    pending = list(get_resolver().url_patterns)
+    while pending:
+        pattern = pending.pop()
+        if isinstance(pattern, URLResolver):
+            pending.extend(pattern.url_patterns)
+        elif isinstance(pattern, URLPattern):
+            view_class = getattr(pattern.callback, "view_class", None)
+            if isinstance(view_class, type) and issubclass(view_class, chat_views):
+                return True
+    return False
 
 
 @register(Tags.compatibility)

@@ -47,9 +47,26 @@ def _throttled(request: HttpRequest) -> QuotaGuard | None:
     return guard if isinstance(guard, QuotaGuard) else None
 
 
+#: Hooks the middleware offered when it also gated plain views; a subclass that still
+#: defines one is told where that job went, rather than having it silently ignored.
+RETIRED_HOOKS = ("get_quota_request", "get_authenticators", "authenticate", "admit")
+
+
 class LLMQuotaMiddleware:
     sync_capable = True
     async_capable = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        retired = [name for name in RETIRED_HOOKS if name in vars(cls)]
+        if retired:
+            warnings.warn(
+                f"{cls.__qualname__} overrides {', '.join(retired)}, which LLMQuotaMiddleware "
+                "no longer calls: plain views are gated by @llm_quota.decorators.quota_gated "
+                "(price other bodies with quota_gated(quota_request=...)).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
 
     def __init__(self, get_response: Callable[..., Any]) -> None:
         self.get_response = get_response

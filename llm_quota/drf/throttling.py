@@ -2,7 +2,7 @@
 
 Put it in a view's ``throttle_classes``; DRF runs it after authentication and the
 permission classes, so an unauthenticated or out-of-scope caller is refused before
-any Redis command. ``allow_request`` reserves through ``gate`` (via ``QuotaGuard``),
+any Redis command. ``allow_request`` reserves through ``QuotaGuard``,
 or raises the refusal (``RateLimited``/``BudgetExceeded`` are DRF ``Throttled``, so
 DRF answers 429 with ``Retry-After``). Unlike DRF's throttles it never answers
 ``False``: a refusal carries the limit, the retry time and the upgrade.

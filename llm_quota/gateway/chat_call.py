@@ -89,10 +89,15 @@ class ChatCall:
         except BaseException:
             guard.release()
             raise
-        if chat.stream:
-            return self.streamed(Relay(reply, guard, include_usage=chat.include_usage))
-        settle(guard, read_completion(reply))
-        return self.completed(reply)
+        try:
+            if chat.stream:
+                return self.streamed(Relay(reply, guard, include_usage=chat.include_usage))
+            settle(guard, read_completion(reply))
+            return self.completed(reply)
+        except BaseException:
+            if not guard.finished:
+                guard.charge_estimate()  # the call ran: never charged nothing
+            raise
 
     async def aanswer(self) -> HttpResponseBase:
         """``answer`` for the async view: nothing waits in a thread."""
@@ -113,6 +118,11 @@ class ChatCall:
             raise
         if chat.stream:
             return self.streamed(AsyncRelay(reply, guard, include_usage=chat.include_usage))
-        # Shielded: a client leaving now cannot undo the charge of an answer received.
-        await asyncio.shield(asettle(guard, read_completion(reply)))
-        return self.completed(reply)
+        try:
+            # Shielded: a client leaving now cannot undo the charge of an answer received.
+            await asyncio.shield(asettle(guard, read_completion(reply)))
+            return self.completed(reply)
+        except Exception:
+            if not guard.finished:
+                await asyncio.shield(guard.acharge_estimate())  # the call ran
+            raise

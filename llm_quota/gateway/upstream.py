@@ -321,6 +321,7 @@ def _async_client(options: tuple[Any, ...]) -> Any:
 
 
 _clients: dict[tuple[Any, ...], HttpUpstream] = {}
+_configured_upstreams: dict[str, Upstream] = {}
 _lock = threading.Lock()
 
 
@@ -340,12 +341,21 @@ def _http_upstream(base_url: str) -> HttpUpstream:
     return upstream
 
 
+def _configured(dotted: str) -> Upstream:
+    """One instance per process of the class ``UPSTREAM`` names: it may hold a pool."""
+    with _lock:
+        upstream = _configured_upstreams.get(dotted)
+        if upstream is None:
+            upstream = _configured_upstreams[dotted] = import_string(dotted)()
+    return upstream
+
+
 def get_upstream() -> Upstream:
     """The configured upstream: an instance of ``UPSTREAM``'s class where one is named,
     else the server at ``OPENAI_BASE_URL``, else ``NotConfigured``."""
     dotted = quota_settings.UPSTREAM
     if dotted:
-        return import_string(dotted)()
+        return _configured(dotted)
     base_url = quota_settings.OPENAI_BASE_URL
     if not base_url:
         return NotConfigured()

@@ -1,7 +1,7 @@
 """The OpenAI-compatible endpoints; ``llm_quota.urls`` mounts them under ``v1/``.
 
 ``LLM_QUOTA["ASYNC_GATEWAY"]`` picks the chat view when the URLs are loaded: the
-async one (``async_gateway``) for ASGI servers, else the DRF view.
+async one (``gateway.async_views``) for ASGI servers, else the DRF view.
 """
 
 from typing import Any

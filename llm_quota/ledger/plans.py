@@ -66,7 +66,7 @@ class _Run:
     def perform_with(self, perform: Callable[[Any], Any]) -> None:
         try:
             reply = perform(self.step)
-        except Exception as exc:
+        except BaseException as exc:  # an interrupt too: the plan may undo its steps
             self.resume(None, exc)
         else:
             self.resume(reply, None)

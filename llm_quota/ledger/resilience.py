@@ -146,6 +146,8 @@ class Outage:
 
     def replay(self, ops: LedgerOps) -> Plan[None]:
         """Charge a batch of the journal (a plan); one caller at a time per process."""
+        # Never waited for: on an event loop the holder keeps it across awaits, and a
+        # blocking acquire there would stall the loop.
         if not self._replaying.acquire(blocking=False):
             return  # another caller is at it; settle is idempotent, but why twice
         try:
@@ -156,7 +158,9 @@ class Outage:
             self._replaying.release()
 
 
-def resilient(operation: Callable[[Any], Plan[T]], unavailable: Callable[[], T]) -> Plan[T]:
+def resilient(
+    operation: Callable[[Any], Plan[T]], unavailable: Callable[[BaseException | None], T]
+) -> Plan[T]:
     """Run ``operation(ledger)`` on the ledger unless Redis is away; else, or when it
     fails to answer, return ``unavailable()`` (which may raise). The one place that
     knows the breaker: every admission, settle and release goes through here.
@@ -166,13 +170,13 @@ def resilient(operation: Callable[[Any], Plan[T]], unavailable: Callable[[], T])
     """
     state = outage()
     if not state.may_call():
-        return unavailable()
+        return unavailable(None)
     try:
         ledger = yield UseLedger()
         result = yield from operation(ledger)
     except REDIS_ERRORS as exc:
         state.failed(exc)
-        return unavailable()
+        return unavailable(exc)
     except BaseException:
         state.abandon()
         raise

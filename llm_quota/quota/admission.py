@@ -16,6 +16,7 @@ where the ORM and long tokenizing run in a thread and Redis on ``redis.asyncio``
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, NamedTuple
 
 from django.utils.functional import LazyObject, empty
@@ -44,6 +45,8 @@ from llm_quota.rules.config_cache import MISSING, config_cache
 from llm_quota.rules.estimation import count_messages, counts_quickly, prompt_bounds
 from llm_quota.rules.policy import UserPolicy, policy_for
 from llm_quota.rules.pricing import price_for, price_in
+
+logger = logging.getLogger("llm_quota")
 
 #: Retry-After for a request bigger than the tier allows at all: waiting won't help,
 #: but every 429 carries the header and a minute is an honest "not soon".
@@ -326,7 +329,7 @@ def admit_plan(
         current = yield UseLedger(build=False)  # its clock names a blind call's periods
         decision = yield from resilient(
             lambda ledger: _reserve(ledger, admission),
-            lambda: _unavailable(admission, current),
+            lambda _error: _unavailable(admission, current),
         )
         return _conclude(admission, decision)
     except _Refusal as refusal:
@@ -459,7 +462,9 @@ def settle_plan(reservation: Reservation, usage: Any) -> Plan[Settlement]:
     state = outage()
     state.blind_call_ended(reservation)
 
-    def journaled() -> Settlement:
+    def journaled(error: BaseException | None) -> Settlement:
+        if error is not None:
+            logger.warning("could not settle reservation %s (%s): journaled", reservation.id, error)
         state.defer(reservation, actual)
         return Settlement(False, False, 0)
 
@@ -482,7 +487,11 @@ def release_plan(reservation: Reservation) -> Plan[bool]:
         state.blind_call_ended(reservation)
         return False
 
-    def journaled() -> bool:
+    def journaled(error: BaseException | None) -> bool:
+        if error is not None:
+            logger.warning(
+                "could not release reservation %s (%s): journaled", reservation.id, error
+            )
         state.defer(reservation, None)
         return False
 
@@ -499,7 +508,7 @@ def _soft_limit_alert(reservation: Reservation, settlement: Settlement) -> Plan[
         if alerts.soft_limit_crossing(policy, settlement) is None:
             return
     except Exception:  # an alert may never fail a request
-        alerts.logger.exception("soft-limit alert failed for user %s", reservation.user_id)
+        logger.exception("soft-limit alert failed for user %s", reservation.user_id)
         return
     ledger = yield UseLedger()
     # The marker is set with the sync client; receivers may write to the database:

@@ -1,5 +1,5 @@
 """Section 6: what counting a prompt costs, against its byte-count bound, and what
-admitting a huge prompt costs when its bounds decide (``gate.admit_request``): far
+admitting a huge prompt costs when its bounds decide (``admission.admit_request``): far
 under the budget it is reserved on the byte bound, far over it is refused on the
 lower bound; neither tokenizes it."""
 
@@ -11,7 +11,7 @@ import uuid
 from django_redis import get_redis_connection
 
 from llm_quota.ledger.sync_driver import Ledger
-from llm_quota.quota import admission as gate
+from llm_quota.quota import admission
 from llm_quota.rules.accounting import Limits, Price
 from llm_quota.rules.estimation import count_messages, load_encoding, prompt_bounds
 from tests.benchmarks.measure import median_of
@@ -39,9 +39,9 @@ def timed(fn) -> float:
 
 
 def admitted_on_bounds(ledger: Ledger, messages, budget: int) -> tuple[bool, bool]:
-    """The lazy path of ``gate.admit_request`` on the ledger: (allowed, surely refused)."""
+    """The lazy path of ``admission.admit_request`` on the ledger: (allowed, surely refused)."""
     price = Price("gpt-4o", 1_000_000, 4_000_000)
-    estimate, lower = gate._bounded(price, messages, 100, None)
+    estimate, lower = admission._bounded(price, messages, 100, None)
     decision = ledger.reserve(
         1, Limits(tokens_per_month=budget), estimate, clamp=False, probe_prompt_tokens=lower
     )
@@ -65,7 +65,7 @@ def run(table) -> None:
             f"both bounds: {bounds * 1e3:.3f} ms",
         )
         lower, upper = prompt_bounds(messages)
-        if upper <= gate.LAZY_COUNT_ABOVE:
+        if upper <= admission.LAZY_COUNT_ABOVE:
             continue  # counted: cheaper than a second round trip could save
         for label, budget, expect in (
             ("far under the budget: admitted on the byte bound", 10**12, (True, False)),

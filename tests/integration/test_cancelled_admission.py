@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio
 
 from llm_quota.ledger.async_driver import AsyncLedger
-from llm_quota.quota import admission as gate
+from llm_quota.quota import admission
 from llm_quota.rules.accounting import Limits
 from llm_quota.rules.policy import UserPolicy
 from tests.support.factories import estimate
@@ -31,14 +31,14 @@ def test_a_reserve_cancelled_in_flight_is_released_not_held(private_redis, quota
         client = redis.asyncio.Redis(port=private_redis.port)
         ledger = AsyncLedger(client, prefix=quota_prefix)
         # One call first: scripts loaded, connection open, the user's counters known.
-        first = await gate.aadmit(1, estimate(100, 100), policy=policy, ledger=ledger)
-        await gate.arelease(first.reservation, ledger=ledger)
+        first = await admission.aadmit(1, estimate(100, 100), policy=policy, ledger=ledger)
+        await admission.arelease(first.reservation, ledger=ledger)
         # Keep Redis busy for a moment, so the cancellation lands after the reserve
         # was sent and before it ran; Redis still runs what is in its socket buffer.
         busy = asyncio.create_task(asyncio.to_thread(private_redis.client().eval, BUSY, 0))
         await asyncio.sleep(0.05)
         admitting = asyncio.create_task(
-            gate.aadmit(1, estimate(100, 100), policy=policy, ledger=ledger)
+            admission.aadmit(1, estimate(100, 100), policy=policy, ledger=ledger)
         )
         await asyncio.sleep(0.1)
         admitting.cancel()
@@ -47,8 +47,8 @@ def test_a_reserve_cancelled_in_flight_is_released_not_held(private_redis, quota
         await busy
         await asyncio.sleep(0.2)  # the reserve has run; so has its release
         usage = await ledger.usage(1)
-        again = await gate.aadmit(1, estimate(100, 100), policy=policy, ledger=ledger)
-        await gate.arelease(again.reservation, ledger=ledger)
+        again = await admission.aadmit(1, estimate(100, 100), policy=policy, ledger=ledger)
+        await admission.arelease(again.reservation, ledger=ledger)
         await client.aclose()
         return usage
 

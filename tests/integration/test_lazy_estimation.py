@@ -16,7 +16,7 @@ from django.db import connections
 
 from llm_quota import quota_guard
 from llm_quota.exceptions import BudgetExceeded
-from llm_quota.quota import admission as gate
+from llm_quota.quota import admission
 from llm_quota.rules.accounting import ActualUsage, Limits
 from llm_quota.rules.estimation import count_messages, prompt_bounds
 from tests.support import factories
@@ -39,7 +39,7 @@ def counts(monkeypatch):
         calls.append(args)
         return count_messages(*args, **kwargs)
 
-    monkeypatch.setattr(gate, "count_messages", spy)
+    monkeypatch.setattr(admission, "count_messages", spy)
     return calls
 
 
@@ -54,7 +54,7 @@ def user_with(ledger):
 
 
 def test_the_bounds_bracket_the_count_and_pass_the_threshold():
-    assert LOWER < EXACT < UPPER and UPPER > gate.LAZY_COUNT_ABOVE
+    assert LOWER < EXACT < UPPER and UPPER > admission.LAZY_COUNT_ABOVE
 
 
 def test_far_under_the_budget_the_byte_bound_is_reserved_uncounted(user_with, ledger, counts):

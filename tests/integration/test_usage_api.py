@@ -1,4 +1,4 @@
-"""The usage API (contract section 6): shape, exact numbers, and who may see what."""
+"""The usage API: shape, exact numbers, and who may see what."""
 
 from __future__ import annotations
 

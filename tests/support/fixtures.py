@@ -44,7 +44,7 @@ def quota_prefix(settings, redis_client):
 
 @pytest.fixture
 def ledger(redis_client, quota_prefix, clock):
-    """The project's ledger on a pinned clock; ``gate`` and the guard use it too.
+    """The project's ledger on a pinned clock; admission and the guard use it too.
 
     No restore source: these tests need no database; ``test_restore`` wires one.
     """

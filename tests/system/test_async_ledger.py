@@ -14,7 +14,7 @@ from llm_quota.exceptions import BudgetExceeded, QuotaUnavailable
 from llm_quota.ledger.async_driver import AsyncLedger
 from llm_quota.ledger.default import get_async_ledger, set_default_ledger
 from llm_quota.ledger.sync_driver import Ledger
-from llm_quota.quota import admission as gate
+from llm_quota.quota import admission
 from llm_quota.rules.accounting import ActualUsage, Limits
 from tests.support import factories, periods
 from tests.support.factories import estimate
@@ -184,8 +184,8 @@ def test_async_gate_fails_open_and_closed_like_the_sync_one(settings):
     dead = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
 
     async def admit():
-        est = await gate.aestimate_request("gpt-4o", messages=MSGS, max_tokens=20)
-        return await gate.aadmit(user, est, ledger=AsyncLedger(dead, prefix="dead"))
+        est = await admission.aestimate_request("gpt-4o", messages=MSGS, max_tokens=20)
+        return await admission.aadmit(user, est, ledger=AsyncLedger(dead, prefix="dead"))
 
     decision = run_with_orm(admit)
     assert decision.allowed and decision.reservation.unmetered

@@ -25,7 +25,7 @@ from llm_quota.exceptions import RateLimited
 from llm_quota.ledger import resilience as outage
 from llm_quota.ledger.default import set_default_ledger
 from llm_quota.ledger.sync_driver import Ledger
-from llm_quota.quota import admission as gate
+from llm_quota.quota import admission
 from llm_quota.rules.accounting import ActualUsage, Limits
 from llm_quota.rules.policy import policy_for
 from tests.support import factories
@@ -207,14 +207,14 @@ def test_async_gate_rides_out_a_frozen_redis_and_charges_every_call_once_back(
     async def call() -> None:
         nonlocal admitted, blind, slowest
         started = time.monotonic()
-        estimate = await gate.aestimate_request("gpt-4o", prompt_tokens=12, max_tokens=20)
-        decision = await gate.aadmit(chat_user.pk, estimate, policy=policy)
+        estimate = await admission.aestimate_request("gpt-4o", prompt_tokens=12, max_tokens=20)
+        decision = await admission.aadmit(chat_user.pk, estimate, policy=policy)
         reservation = decision.reservation
         await asyncio.sleep(0.01)  # the LLM call
         if admitted % 7 == 3:
-            await gate.arelease(reservation)  # a failed upstream call: nothing to charge
+            await admission.arelease(reservation)  # a failed upstream call: nothing to charge
         else:
-            await gate.asettle(reservation, usage)
+            await admission.asettle(reservation, usage)
             admitted += 1
         blind += reservation.unmetered
         slowest = max(slowest, time.monotonic() - started - 0.01)
@@ -272,20 +272,20 @@ def test_a_blind_call_that_ends_after_redis_is_back_is_charged_at_once_and_frees
     outage_ledger, durable_redis, chat_user
 ):
     policy = dataclasses.replace(policy_for(chat_user.pk), limits=Limits(max_concurrent_requests=1))
-    estimate = gate.estimate_request("gpt-4o", prompt_tokens=10, max_tokens=20)
+    estimate = admission.estimate_request("gpt-4o", prompt_tokens=10, max_tokens=20)
     durable_redis.kill()
-    held = gate.admit(chat_user.pk, estimate, policy=policy).reservation
+    held = admission.admit(chat_user.pk, estimate, policy=policy).reservation
     assert held.unmetered and held.day and held.month and held.month_end_ms > 0
     with pytest.raises(RateLimited):  # the fallback limiter's concurrency share is taken
-        gate.admit(chat_user.pk, estimate, policy=policy)
+        admission.admit(chat_user.pk, estimate, policy=policy)
     durable_redis.start()
     time.sleep(COOLDOWN)
-    settlement = gate.settle(held, ActualUsage(10, 5))
+    settlement = admission.settle(held, ActualUsage(10, 5))
     assert settlement.settled and settlement.late  # Redis never saw its reservation
     assert outage_ledger.usage(chat_user.pk).tokens_this_month == 10 + 4 * 5
     assert len(outage.outage().journal) == 0
     durable_redis.kill()
-    again = gate.admit(chat_user.pk, estimate, policy=policy).reservation
+    again = admission.admit(chat_user.pk, estimate, policy=policy).reservation
     assert again.unmetered, "the settle gave the blind slot back"
-    gate.release(again)
-    assert gate.admit(chat_user.pk, estimate, policy=policy).reservation.unmetered
+    admission.release(again)
+    assert admission.admit(chat_user.pk, estimate, policy=policy).reservation.unmetered

@@ -98,7 +98,7 @@ def test_chunked_counting_is_exact_and_stops_early():
 @pytest.mark.django_db
 def test_a_prompt_over_the_context_window_is_refused_without_counting_it_all(monkeypatch):
     from llm_quota.exceptions import InvalidRequest
-    from llm_quota.quota import admission as gate
+    from llm_quota.quota import admission
     from llm_quota.rules import estimation
     from tests.support import factories
 
@@ -114,7 +114,7 @@ def test_a_prompt_over_the_context_window_is_refused_without_counting_it_all(mon
 
     def ask(text):
         with pytest.raises(InvalidRequest) as info:
-            gate.estimate_request("small-ctx", messages=[{"role": "user", "content": text}])
+            admission.estimate_request("small-ctx", messages=[{"role": "user", "content": text}])
         assert info.value.error_code == "context_length_exceeded"
 
     # ~45k tokens, but a lower bound (bytes / 128) under the window: counting starts,

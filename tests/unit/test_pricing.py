@@ -1,4 +1,4 @@
-"""Base tokens (contract section 5) and which price row applies."""
+"""Base tokens (input and output at their multipliers, rounded up) and which price row applies."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from llm_quota.ledger.async_driver import AsyncLedger
 from llm_quota.ledger.default import set_default_ledger
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.middleware import LLMQuotaMiddleware
-from llm_quota.quota import admission as gate
+from llm_quota.quota import admission
 from llm_quota.quota.guard import QuotaGuard
 from llm_quota.rules.estimation import count_output
 from llm_quota.shapes.chat import ChatRequest
@@ -348,13 +348,13 @@ def _asgi_scope(headers: dict[str, str], body: bytes) -> dict:
 def settle_calls(monkeypatch):
     """Every settle that reaches the gate, in order."""
     calls = []
-    real = gate.settle_plan
+    real = admission.settle_plan
 
     def counted(reservation, usage):
         calls.append(reservation.id)
         return real(reservation, usage)
 
-    monkeypatch.setattr(gate, "settle_plan", counted)
+    monkeypatch.setattr(admission, "settle_plan", counted)
     return calls
 
 

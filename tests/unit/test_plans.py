@@ -1,0 +1,122 @@
+"""The plans and their drivers, with scripted steps: what a plan decides does not
+depend on Redis, so it is proven here without one."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from llm_quota.ledger import resilience
+from llm_quota.ledger.breaker import HALF_OPEN, OPEN
+from llm_quota.ledger.plans import ScriptCall, UseLedger, adrive, drive
+from llm_quota.ledger.resilience import outage, resilient
+
+
+def _undoing_plan(log):
+    """Two steps; if the second fails, the first is undone before the error goes on."""
+    yield ScriptCall("first", (), ())
+    try:
+        yield ScriptCall("second", (), ())
+    except BaseException as exc:
+        log.append(f"undo after {type(exc).__name__}")
+        yield ScriptCall("undo", (), ())
+        raise
+    return "done"
+
+
+def test_a_failed_step_is_thrown_into_the_plan_which_undoes_before_raising():
+    log, sent = [], []
+
+    def perform(step):
+        sent.append(step.script)
+        if step.script == "second":
+            raise RedisConnectionError("gone")
+
+    with pytest.raises(RedisConnectionError):
+        drive(_undoing_plan(log), perform)
+    assert sent == ["first", "second", "undo"] and log == ["undo after ConnectionError"]
+
+
+def test_an_interrupt_reaches_the_plan_in_the_sync_driver_too():
+    log, sent = [], []
+
+    def perform(step):
+        sent.append(step.script)
+        if step.script == "second":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        drive(_undoing_plan(log), perform)
+    assert sent[-1] == "undo" and log == ["undo after KeyboardInterrupt"]
+
+
+def test_a_cancellation_reaches_the_plan_on_an_event_loop():
+    log, sent = [], []
+
+    async def perform(step):
+        sent.append(step.script)
+        if step.script == "second":
+            await asyncio.sleep(10)
+
+    async def main():
+        task = asyncio.ensure_future(adrive(_undoing_plan(log), perform))
+        while "second" not in sent:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert sent[-1] == "undo" and log == ["undo after CancelledError"]
+
+
+class _Ledger:
+    ops = None
+
+
+def _operation(ledger):
+    return (yield ScriptCall("reserve", (), ()))
+
+
+@pytest.fixture
+def state():
+    resilience.reset()
+    yield outage()
+    resilience.reset()
+
+
+def test_an_open_breaker_keeps_the_plan_off_redis(state):
+    state.breaker.failure()
+    sent = []
+    result = drive(resilient(_operation, lambda error: ("blind", error)), sent.append)
+    assert result == ("blind", None) and sent == []  # not even the ledger was asked for
+
+
+def test_redis_unreachable_opens_the_breaker_and_falls_back(state):
+    def perform(step):
+        if isinstance(step, UseLedger):
+            return _Ledger()
+        raise RedisConnectionError("refused")
+
+    result = drive(resilient(_operation, lambda error: ("blind", error)), perform)
+    assert result[0] == "blind" and isinstance(result[1], RedisConnectionError)
+    assert state.breaker.state == OPEN
+
+
+def test_a_probe_cut_short_without_an_answer_opens_the_breaker_again(state):
+    state.breaker.failure()
+    state.breaker.opened_at -= state.breaker.cooldown  # the cooldown is over: next is a probe
+    seen = []
+
+    def perform(step):
+        if isinstance(step, UseLedger):
+            seen.append(state.breaker.state)
+            return _Ledger()
+        raise KeyboardInterrupt  # cancelled: no answer, and no error from Redis
+
+    with pytest.raises(KeyboardInterrupt):
+        drive(resilient(_operation, lambda error: "blind"), perform)
+    assert seen == [HALF_OPEN]  # this call was the probe
+    assert state.breaker.state == OPEN  # not left half-open, refusing every later probe
