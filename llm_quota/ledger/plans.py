@@ -45,6 +45,10 @@ class UseLedger:
 
 Plan = Generator[Any, Any, T]
 
+#: The two ``UseLedger`` steps, built once: plans yield them on every request.
+USE_LEDGER = UseLedger()
+CURRENT_LEDGER = UseLedger(build=False)
+
 
 class _Run:
     """One plan under way: its current step, or its result once it has returned."""

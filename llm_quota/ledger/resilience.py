@@ -41,7 +41,7 @@ from llm_quota.ledger.breaker import HALF_OPEN, CircuitBreaker
 from llm_quota.ledger.connections import REDIS_ERRORS
 from llm_quota.ledger.fallback import FallbackLimiter, OutageJournal
 from llm_quota.ledger.ops import LedgerOps
-from llm_quota.ledger.plans import Plan, UseLedger
+from llm_quota.ledger.plans import USE_LEDGER, Plan
 from llm_quota.ledger.replies import Reservation
 from llm_quota.rules.accounting import ActualUsage, Estimate, Limits
 from llm_quota.rules.periods import day_and_month, month_end_ms
@@ -172,7 +172,7 @@ def resilient(
     if not state.may_call():
         return unavailable(None)
     try:
-        ledger = yield UseLedger()
+        ledger = yield USE_LEDGER
         result = yield from operation(ledger)
     except REDIS_ERRORS as exc:
         state.failed(exc)

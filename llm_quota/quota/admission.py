@@ -34,7 +34,7 @@ from llm_quota.exceptions import (
 from llm_quota.ledger import keys
 from llm_quota.ledger.async_driver import AsyncLedger
 from llm_quota.ledger.ops import LedgerOps
-from llm_quota.ledger.plans import Plan, UseLedger
+from llm_quota.ledger.plans import CURRENT_LEDGER, USE_LEDGER, Plan
 from llm_quota.ledger.replies import BUDGET_LIMITS, Decision, Reservation, Settlement
 from llm_quota.ledger.resilience import BlindRefusal, metered, outage, resilient
 from llm_quota.ledger.sync_driver import Ledger
@@ -148,11 +148,18 @@ def policy_plan(user: Any) -> Plan[UserPolicy]:
 
 
 def count_plan(function: Any, text: Any, model: str, **options: Any) -> Plan[int]:
-    """Tokens of ``text`` by ``function``; a long text is counted off the event loop."""
+    """Tokens of ``text`` by ``function``; on an event loop a long text is counted in a
+    thread (the async driver asks ``counts_quickly`` first; sync code just counts)."""
     quick = {k: v for k, v in options.items() if k != "stop_above"}
-    if counts_quickly(text, model, **quick):
-        return function(text, model, **options)
-    return (yield Blocking(function, (text, model), options, thread_sensitive=False))
+    return (
+        yield Blocking(
+            function,
+            (text, model),
+            options,
+            thread_sensitive=False,
+            inline=lambda: counts_quickly(text, model, **quick),
+        )  # fmt: skip
+    )
 
 
 def estimate_plan(
@@ -162,11 +169,13 @@ def estimate_plan(
     prompt_tokens: int | None = None,
     max_tokens: int | None = None,
     tools: Any = None,
+    bounds: tuple[int, int] | None = None,
 ) -> Plan[Estimate]:
+    """``bounds``: the prompt's ``prompt_bounds``, where the caller has them already."""
     _check_model_name(model)
     price = yield from price_plan(model)
     if prompt_tokens is None:
-        _refuse_if_surely_too_long(price, messages, tools)
+        _refuse_if_surely_too_long(price, bounds or prompt_bounds(messages, tools=tools))
         prompt_tokens = yield from count_plan(
             count_messages, messages, model, encoding_name=price.encoding, tools=tools,
             stop_above=price.context_window,
@@ -182,11 +191,11 @@ def per_choice(estimate: Estimate, choices: int) -> Estimate:
 
 
 def _bounded(
-    price: Price, messages: Any, max_tokens: int | None, tools: Any
+    price: Price, bounds: tuple[int, int], max_tokens: int | None
 ) -> tuple[Estimate, int] | None:
     """The estimate on a huge prompt's byte bound and the prompt's lower bound, when
     the bound passes every check the exact count would (else None: count it)."""
-    lower, upper = prompt_bounds(messages, tools=tools)
+    lower, upper = bounds
     window = price.context_window
     if window is not None and lower >= window:
         raise _too_long(window)
@@ -199,15 +208,14 @@ def _bounded(
     return Estimate(price, upper, output, prompt_exact=False), lower
 
 
-def _refuse_if_surely_too_long(price: Price, messages: Any, tools: Any) -> None:
+def _refuse_if_surely_too_long(price: Price, bounds: tuple[int, int]) -> None:
     """A prompt whose tokenizer-free lower bound already exceeds the context window is
     refused without tokenizing it; below that, counting stops at the window anyway
     (``stop_above``), so a huge prompt never costs more than the window's worth."""
     window = price.context_window
     if window is None:
         return
-    lower, _upper = prompt_bounds(messages, tools=tools)
-    if lower >= window:
+    if bounds[0] >= window:
         raise _too_long(window)
 
 
@@ -274,10 +282,12 @@ def admit_request_plan(
     clamping, carrying its lower bound as a probe: if the bound fits, that is the
     reservation (pessimistic, corrected at settle); if even the lower bound is refused,
     so is the request; only in between is the prompt counted and reserved again."""
+    bounds = None
     if prompt_tokens is None and messages is not None:
         _check_model_name(model)
         price = yield from price_plan(model)
-        bounded = _bounded(price, messages, max_tokens, tools)
+        bounds = prompt_bounds(messages, tools=tools)  # once: the estimate reuses them
+        bounded = _bounded(price, bounds, max_tokens)
         if bounded is not None:
             estimate, lower = bounded
             estimate = per_choice(estimate, choices)
@@ -285,8 +295,9 @@ def admit_request_plan(
             if decision is not None:
                 return estimate, decision
     estimate = yield from estimate_plan(
-        model, messages=messages, prompt_tokens=prompt_tokens, max_tokens=max_tokens, tools=tools
-    )
+        model, messages=messages, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+        tools=tools, bounds=bounds,
+    )  # fmt: skip
     estimate = per_choice(estimate, choices)
     decision = yield from admit_plan(user, estimate)
     assert decision is not None  # only a probe may leave the answer open
@@ -326,7 +337,7 @@ def admit_plan(
         return None
     try:
         admission = _prepare(pk, policy, estimate, probe)
-        current = yield UseLedger(build=False)  # its clock names a blind call's periods
+        current = yield CURRENT_LEDGER  # its clock names a blind call's periods
         decision = yield from resilient(
             lambda ledger: _reserve(ledger, admission),
             lambda _error: _unavailable(admission, current),
@@ -510,7 +521,7 @@ def _soft_limit_alert(reservation: Reservation, settlement: Settlement) -> Plan[
     except Exception:  # an alert may never fail a request
         logger.exception("soft-limit alert failed for user %s", reservation.user_id)
         return
-    ledger = yield UseLedger()
+    ledger = yield USE_LEDGER
     # The marker is set with the sync client; receivers may write to the database:
     # thread-sensitive, as Django asks of ORM code.
     sync_ledger = ledger if isinstance(ledger, Ledger) else ledger.mirrors

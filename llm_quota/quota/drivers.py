@@ -30,6 +30,9 @@ from llm_quota.ledger.sync_driver import Ledger
 
 T = TypeVar("T")
 
+#: Steps the ledger itself performs (a tuple: the cheapest ``isinstance`` check).
+_LEDGER_STEPS = (ScriptCall, LoadMonth)
+
 
 @dataclass(frozen=True)
 class Blocking:
@@ -41,6 +44,9 @@ class Blocking:
     #: Django's rule: ORM code stays in the one thread for sync code (True); pure CPU
     #: work (tokenizing) may run in any thread (False).
     thread_sensitive: bool = True
+    #: Async code may call it on the loop when this says so (a short text to count):
+    #: a thread hop would cost more than the work.
+    inline: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,7 @@ class _Sync:
         return self.ledger
 
     def perform(self, step: Any) -> Any:
-        if isinstance(step, ScriptCall | LoadMonth):
+        if isinstance(step, _LEDGER_STEPS):
             return self.use_ledger().perform(step)
         if isinstance(step, Blocking):
             return step.function(*step.args, **step.kwargs)
@@ -110,9 +116,11 @@ class _Async:
         return self.ledger
 
     async def perform(self, step: Any) -> Any:
-        if isinstance(step, ScriptCall | LoadMonth):
+        if isinstance(step, _LEDGER_STEPS):
             return await (await self.use_ledger()).perform(step)
         if isinstance(step, Blocking):
+            if step.inline is not None and step.inline():
+                return step.function(*step.args, **step.kwargs)
             call = sync_to_async(step.function, thread_sensitive=step.thread_sensitive)
             return await call(*step.args, **step.kwargs)
         if isinstance(step, UseLedger):

@@ -41,7 +41,7 @@ def timed(fn) -> float:
 def admitted_on_bounds(ledger: Ledger, messages, budget: int) -> tuple[bool, bool]:
     """The lazy path of ``admission.admit_request`` on the ledger: (allowed, surely refused)."""
     price = Price("gpt-4o", 1_000_000, 4_000_000)
-    estimate, lower = admission._bounded(price, messages, 100, None)
+    estimate, lower = admission._bounded(price, prompt_bounds(messages), 100)
     decision = ledger.reserve(
         1, Limits(tokens_per_month=budget), estimate, clamp=False, probe_prompt_tokens=lower
     )
