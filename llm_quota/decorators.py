@@ -28,7 +28,6 @@ import asyncio
 import functools
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
-from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 from asgiref.sync import iscoroutinefunction
@@ -42,9 +41,11 @@ from rest_framework.settings import api_settings
 from llm_quota.conf import quota_settings
 from llm_quota.drf import authenticate as authentication
 from llm_quota.drf.errors import response_for_exception
-from llm_quota.drf.permissions import agranted_scopes, granted_scopes
+from llm_quota.drf.permissions import scopes_plan
 from llm_quota.drf.throttling import REQUEST_ATTRIBUTE, admission_headers
 from llm_quota.exceptions import InsufficientScope, InvalidRequest
+from llm_quota.ledger.plans import Plan
+from llm_quota.quota.drivers import Blocking, arun, run
 from llm_quota.quota.guard import QuotaGuard
 from llm_quota.shapes.chat import ChatRequest
 
@@ -79,26 +80,33 @@ def _require_chat_scope(granted: set[str]) -> None:
         raise InsufficientScope(f"This endpoint requires the scope {scope}.")
 
 
-def admit(request: HttpRequest, quota_request: Callable[[HttpRequest], dict]) -> QuotaGuard:
-    """Authenticate, check the chat scope, price and reserve, or raise the refusal."""
-    user = getattr(request, "user", None)
-    auth = None
-    if user is None or not user.is_authenticated:
-        user, auth = authentication.authenticate(Request(request, authenticators=_authenticators()))
-    _require_chat_scope(granted_scopes(SimpleNamespace(user=user, auth=auth)))
-    return QuotaGuard(user, **quota_request(request)).admit()
+def admission_plan(
+    request: HttpRequest, quota_request: Callable[[HttpRequest], dict]
+) -> Plan[QuotaGuard]:
+    """Authenticate, check the chat scope, price and reserve, or raise the refusal.
 
-
-async def aadmit(request: HttpRequest, quota_request: Callable[[HttpRequest], dict]) -> QuotaGuard:
-    """``admit`` for async views: the session is read with ``auser()``, not on the loop."""
-    auser = getattr(request, "auser", None)
-    user = await auser() if auser is not None else None
+    The session user first (read in a thread on an event loop: it may hit the
+    database), else DRF's authenticators, which may read the database too."""
+    user = yield Blocking(_session_user, (request,))
     auth = None
     if user is None or not user.is_authenticated:
         drf_request = Request(request, authenticators=_authenticators())
-        user, auth = await authentication.aauthenticate(drf_request)
-    _require_chat_scope(await agranted_scopes(user, auth))
-    return await QuotaGuard(user, **quota_request(request)).aadmit()
+        user, auth = yield Blocking(authentication.authenticate, (drf_request,))
+    _require_chat_scope((yield from scopes_plan(user, auth)))
+    guard = QuotaGuard(user, **quota_request(request))
+    return (yield from guard.admit_plan())
+
+
+def _session_user(request: HttpRequest) -> Any:
+    return getattr(request, "user", None)
+
+
+def admit(request: HttpRequest, quota_request: Callable[[HttpRequest], dict]) -> QuotaGuard:
+    return run(admission_plan(request, quota_request))
+
+
+async def aadmit(request: HttpRequest, quota_request: Callable[[HttpRequest], dict]) -> QuotaGuard:
+    return await arun(admission_plan(request, quota_request))
 
 
 # -- finishing what the view left unsettled ---------------------------------------------

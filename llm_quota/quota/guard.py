@@ -104,7 +104,8 @@ class QuotaGuard:
             "choices": self.choices,
         }
 
-    def _admit_plan(self) -> Plan[QuotaGuard]:
+    def admit_plan(self) -> Plan[QuotaGuard]:
+        """``admit`` as a plan, for adapters that admit as part of a larger plan."""
         _estimate, self.decision = yield from admission.admit_request_plan(
             self.user, self.model, **self._estimate_args()
         )
@@ -173,7 +174,7 @@ class QuotaGuard:
 
     def admit(self) -> QuotaGuard:
         """Price the call and reserve it, or raise the refusal."""
-        return run(self._admit_plan(), self.ledger)
+        return run(self.admit_plan(), self.ledger)
 
     def settle(self, usage: Any) -> Settlement:
         """Charge what the call really used (an OpenAI ``usage``, dict or ActualUsage)."""
@@ -211,7 +212,7 @@ class QuotaGuard:
         return self.aledger
 
     async def aadmit(self) -> QuotaGuard:
-        return await arun(self._admit_plan(), self._async_ledger())
+        return await arun(self.admit_plan(), self._async_ledger())
 
     async def asettle(self, usage: Any) -> Settlement:
         return await arun(self._settle_plan(usage), self._async_ledger())
