@@ -4,15 +4,14 @@ Both wrap the Django request in DRF's ``Request`` with the authenticators they u
 then authenticate exactly as an ``APIView`` does, and on failure attach the
 ``WWW-Authenticate`` value an ``APIView`` would send with its 401
 (``errors.response_for_exception`` reads it). Authenticators read the
-database (simplejwt loads the token's user), so async code runs ``authenticate`` in
-a thread (``aauthenticate``).
+database (simplejwt loads the token's user), so plans run ``authenticate`` as a
+``Blocking`` step: in a thread on an event loop.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from rest_framework.exceptions import AuthenticationFailed, NotAuthenticated
 from rest_framework.request import Request
 
@@ -37,8 +36,3 @@ def authenticate(request: Request) -> tuple[Any, Any]:
         exc.auth_header = _authenticate_header(request)
         raise exc
     return user, auth
-
-
-async def aauthenticate(request: Request) -> tuple[Any, Any]:
-    """``authenticate`` off the event loop (the ORM may be read)."""
-    return await sync_to_async(authenticate)(request)

@@ -5,8 +5,8 @@ A view lists ``required_scopes``. A JWT caller has the scopes in its token's cla
 smaller tier takes effect before their token expires. A caller authenticated any
 other way (session, DRF token) has its tier's scopes. Nothing here touches Redis.
 
-``agranted_scopes`` and ``require_scopes`` are the same check for code outside DRF's
-views (the async gateway), which cannot run a DRF permission class.
+``scopes_plan`` and ``require_scopes`` are the same check for code outside DRF's
+views (the async gateway, ``@quota_gated``), which cannot run a DRF permission class.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from llm_quota.conf import quota_settings
 from llm_quota.exceptions import InsufficientScope
 from llm_quota.ledger.plans import Plan
 from llm_quota.quota.admission import policy_plan
-from llm_quota.quota.drivers import arun, run
+from llm_quota.quota.drivers import run
 from llm_quota.rules.policy import UserPolicy
 
 
@@ -55,11 +55,6 @@ def scopes_plan(user: Any, auth: Any) -> Plan[set[str]]:
 def granted_scopes(request: Any) -> set[str]:
     """The scopes ``request``'s caller holds right now."""
     return run(scopes_plan(getattr(request, "user", None), getattr(request, "auth", None)))
-
-
-async def agranted_scopes(user: Any, auth: Any) -> set[str]:
-    """``granted_scopes`` on an event loop: a tier not in memory is read in a thread."""
-    return await arun(scopes_plan(user, auth))
 
 
 def require_scopes(required: Iterable[str], granted: set[str]) -> None:

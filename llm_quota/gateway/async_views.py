@@ -31,11 +31,13 @@ from rest_framework.exceptions import MethodNotAllowed
 from rest_framework.request import Request
 
 from llm_quota.conf import quota_settings
-from llm_quota.drf.authenticate import aauthenticate
+from llm_quota.drf.authenticate import authenticate
 from llm_quota.drf.errors import response_for_exception
-from llm_quota.drf.permissions import agranted_scopes, require_scopes
+from llm_quota.drf.permissions import require_scopes, scopes_plan
 from llm_quota.gateway.chat_call import ChatCall
 from llm_quota.gateway.views import OpenAIView
+from llm_quota.ledger.plans import Plan
+from llm_quota.quota.drivers import Blocking, arun
 from llm_quota.quota.guard import QuotaGuard
 from llm_quota.rules import estimation
 from llm_quota.shapes.chat import ChatRequest
@@ -90,13 +92,20 @@ class AsyncChatCompletionsView(View):
         response["Allow"] = self.allow_header()  # DRF sends it on every response too
         return response
 
+    def admission_plan(self, request: HttpRequest) -> Plan[tuple[ChatRequest, QuotaGuard, Any]]:
+        """Authenticate (simplejwt reads the token's user: in a thread), check the scope,
+        parse the body once and admit: the sync view's steps, as one plan."""
+        drf_request = self.initialize_request(request)
+        user, auth = yield Blocking(authenticate, (drf_request,))
+        require_scopes(self.required_scopes, (yield from scopes_plan(user, auth)))
+        chat = ChatRequest.from_body(drf_request.data)
+        guard = QuotaGuard(user, **chat.quota_kwargs())
+        yield from guard.admit_plan()
+        return chat, guard, user
+
     async def answer(self, request: HttpRequest) -> HttpResponseBase:
         try:
-            drf_request = self.initialize_request(request)
-            user, auth = await aauthenticate(drf_request)
-            require_scopes(self.required_scopes, await agranted_scopes(user, auth))
-            chat = ChatRequest.from_body(drf_request.data)
-            guard = await QuotaGuard(user, **chat.quota_kwargs()).aadmit()
+            chat, guard, user = await arun(self.admission_plan(request))
         except Exception as exc:
             response = response_for_exception(exc)
             if response is None:
