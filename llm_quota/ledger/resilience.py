@@ -159,14 +159,19 @@ class Outage:
 
 
 def resilient(
-    operation: Callable[[Any], Plan[T]], unavailable: Callable[[BaseException | None], T]
+    operation: Callable[[Any], Plan[T]],
+    unavailable: Callable[[BaseException | None], T],
+    undo: Callable[[T], Plan[Any]] | None = None,
 ) -> Plan[T]:
     """Run ``operation(ledger)`` on the ledger unless Redis is away; else, or when it
-    fails to answer, return ``unavailable()`` (which may raise). The one place that
-    knows the breaker: every admission, settle and release goes through here.
+    fails to answer, return ``unavailable(error)`` (which may raise; ``error`` is None
+    when the breaker kept the call off Redis). The one place that knows the breaker:
+    every admission, settle and release goes through here.
 
     Errors that are not about reachability (a script error) go on to the caller; a
     call cut short without an answer (cancelled) must not leave a probe half-open.
+    The first call that finds Redis back also charges a batch of the journal; if the
+    caller is cut short then, ``undo(result)`` gives back what the operation gained.
     """
     state = outage()
     if not state.may_call():
@@ -181,7 +186,12 @@ def resilient(
         state.abandon()
         raise
     if state.answered():
-        yield from state.replay(ledger.ops)
+        try:
+            yield from state.replay(ledger.ops)
+        except BaseException:
+            if undo is not None:
+                yield from undo(result)
+            raise
     return result
 
 

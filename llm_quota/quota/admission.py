@@ -341,6 +341,7 @@ def admit_plan(
         decision = yield from resilient(
             lambda ledger: _reserve(ledger, admission),
             lambda _error: _unavailable(admission, current),
+            undo=_release_reserved,
         )
         return _conclude(admission, decision)
     except _Refusal as refusal:
@@ -424,6 +425,13 @@ def _reserve(ledger: Any, admission: _Admission) -> Plan[Decision]:
         probe_clamp=admission.clamp,
     )
     return (yield Shielded(plan, orphan=_release_orphan))
+
+
+def _release_reserved(decision: Decision) -> Plan[None]:
+    """The caller was cut short after its reserve answered: give the reservation back."""
+    undo = _release_orphan(decision)
+    if undo is not None:
+        yield Shielded(undo, orphan=lambda _released: None)
 
 
 def _release_orphan(decision: Decision) -> Plan[bool] | None:

@@ -10,7 +10,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from llm_quota.ledger import resilience
 from llm_quota.ledger.breaker import HALF_OPEN, OPEN
+from llm_quota.ledger.ops import LedgerOps
 from llm_quota.ledger.plans import ScriptCall, UseLedger, adrive, drive
+from llm_quota.ledger.replies import Reservation
 from llm_quota.ledger.resilience import outage, resilient
 
 
@@ -120,3 +122,47 @@ def test_a_probe_cut_short_without_an_answer_opens_the_breaker_again(state):
         drive(resilient(_operation, lambda error: "blind"), perform)
     assert seen == [HALF_OPEN]  # this call was the probe
     assert state.breaker.state == OPEN  # not left half-open, refusing every later probe
+
+
+def test_a_caller_cut_short_while_the_journal_replays_gives_back_what_it_reserved(state):
+    """Redis is back: the first call charges the journal. If that caller is cancelled
+    mid-replay, its own fresh reservation must not wait for its lease to expire."""
+    ops = LedgerOps(prefix="t")
+    state.breaker.failure()
+    state.breaker.opened_at -= state.breaker.cooldown  # the next call probes
+    state.defer(_reservation("ab"), None)  # a release that could not reach Redis
+    undone = []
+
+    def undo(result):
+        undone.append(result)
+        yield ScriptCall("release", (), (result,))
+
+    class Ledger:
+        pass
+
+    Ledger.ops = ops
+    sent = []
+
+    def perform(step):
+        sent.append(step.script if isinstance(step, ScriptCall) else step)
+        if isinstance(step, UseLedger):
+            return Ledger()
+        if step.script == "reserve":
+            return "reserved"
+        if step.args[:1] != ("reserved",):  # the journal's release
+            raise KeyboardInterrupt
+
+    def operation(ledger):
+        return (yield ScriptCall("reserve", (), ()))
+
+    with pytest.raises(KeyboardInterrupt):
+        drive(resilient(operation, lambda error: "blind", undo=undo), perform)
+    assert undone == ["reserved"] and sent[-1] == "release"
+    assert len(state.journal) == 1  # the journaled release is kept for the next call
+
+
+def _reservation(rid):
+    return Reservation(
+        id=rid * 16, user_id="1", model="m", reserved=0, max_tokens=1,
+        estimate=None, day="20991127", month="209911", month_end_ms=0, uses_global=False,
+    )  # fmt: skip
