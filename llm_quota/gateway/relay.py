@@ -33,7 +33,7 @@ from llm_quota.gateway import sse
 from llm_quota.gateway.settlement import asettle, settle
 from llm_quota.gateway.upstream import AsyncUpstreamStream, UpstreamError, UpstreamStream
 from llm_quota.quota.guard import QuotaGuard
-from llm_quota.shapes.chat import StreamWatch
+from llm_quota.shapes.chat import DONE, StreamWatch
 
 logger = logging.getLogger("llm_quota")
 
@@ -99,7 +99,7 @@ class Relay:
         finally:
             self.stream.close()
         self._settle()
-        yield sse.event(sse.DONE)
+        yield sse.event(DONE)
 
 
 class _Ending:
@@ -207,7 +207,7 @@ class AsyncRelay:
             await self._ending.run()
             raise
         await self._ending.run()
-        yield sse.event(sse.DONE)
+        yield sse.event(DONE)
 
     async def aclose(self) -> None:
         """End the relay wherever it stands: upstream closed, reservation settled."""

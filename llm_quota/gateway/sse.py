@@ -10,8 +10,6 @@ import json
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any
 
-DONE = "[DONE]"
-
 
 class DataReader:
     """Turns lines into event payloads one line at a time: the parsing both the sync

@@ -36,7 +36,7 @@ CAP_FIELDS = ("max_completion_tokens", "max_tokens")
 #: The cap field set when the caller used none: what every compatible server reads.
 DEFAULT_CAP_FIELD = "max_tokens"
 MAX_CHOICES = 128
-#: The final stream event (not JSON).
+#: The final event of a Chat Completions stream (not JSON); the relay sends its own.
 DONE = "[DONE]"
 
 
