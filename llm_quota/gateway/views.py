@@ -20,13 +20,13 @@ from typing import Any
 from django.http import HttpResponseBase, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.negotiation import BaseContentNegotiation
-from rest_framework.parsers import JSONParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.views import APIView
 from rest_framework_simplejwt.authentication import JWTAuthentication
 
 from llm_quota.conf import quota_settings
 from llm_quota.drf.errors import error_response, exception_handler
+from llm_quota.drf.parsers import JSONParser
 from llm_quota.drf.permissions import HasScope
 from llm_quota.gateway import schema as gateway_schema
 from llm_quota.gateway.chat_call import ChatCall

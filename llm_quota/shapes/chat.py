@@ -7,8 +7,9 @@ the same way (and only once):
 - ``ChatRequest``: the body, checked before anything is reserved. Only the fields the
   quota depends on are validated (model, messages, the output cap, ``n``, streaming);
   everything else passes through to the upstream untouched, which validates it as it
-  always does. A bad value is a 400 in OpenAI's shape that names the field, never a
-  500 and never a reservation.
+  always does, once ``json_limits`` made sure it can be copied and sent (bounded
+  nesting, no lone surrogates). A bad value is a 400 in OpenAI's shape that names the
+  field, never a 500 and never a reservation.
 - ``BILLED_FIELDS``: the body fields the estimate counts; ``CAP_FIELDS``: the fields
   that cap the output, and ``ChatRequest.upstream_body`` sets them to the reserved cap.
 - ``Used``: what an answer says it used (``read_completion``, ``StreamWatch.used``):
@@ -25,6 +26,7 @@ from typing import Any
 
 from llm_quota.exceptions import InvalidRequest
 from llm_quota.ledger import keys
+from llm_quota.shapes.json_limits import check_json
 
 #: The body fields the estimate counts, each passed to the guard under its own name
 #: (``QuotaGuard(messages=..., tools=...)``). The one place that decides what is billed.
@@ -89,6 +91,7 @@ class ChatRequest:
         """Validate a parsed JSON body, or raise ``InvalidRequest`` naming the field."""
         if not isinstance(body, dict):
             raise InvalidRequest("The request body must be a JSON object.")
+        check_json(body)  # sendable: nesting bounded, no lone surrogates
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidRequest("'model' is required and must be a string.", param="model")
