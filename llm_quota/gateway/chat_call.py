@@ -15,8 +15,11 @@ import logging
 from typing import Any
 
 from django.http import HttpResponseBase, JsonResponse, StreamingHttpResponse
+from rest_framework.exceptions import APIException
 
+from llm_quota.drf.errors import response_for_exception
 from llm_quota.drf.throttling import admission_headers
+from llm_quota.exceptions import InvalidRequest
 from llm_quota.gateway.relay import AsyncRelay, Relay
 from llm_quota.gateway.settlement import asettle, settle
 from llm_quota.gateway.upstream import UpstreamError, get_upstream
@@ -58,7 +61,25 @@ class ChatCall:
         self.user = user
 
     def upstream_body(self) -> dict[str, Any]:
-        return self.chat.upstream_body(self.guard.max_tokens)
+        """The body for the upstream; a failure to build it is an ``APIException``, so
+        the admitted call answers it in OpenAI's shape (after its release)."""
+        try:
+            return self.chat.upstream_body(self.guard.max_tokens)
+        except RecursionError as exc:  # ``json_limits`` bounds nesting: a second line
+            raise InvalidRequest(
+                "The request body is nested too deeply.", code="nesting_too_deep"
+            ) from exc
+        except Exception as exc:
+            logger.exception("could not build the upstream body for %s", self.chat.model)
+            raise APIException(
+                "The gateway could not build the upstream request.", code="gateway_error"
+            ) from exc
+
+    def refused(self, exc: APIException) -> HttpResponseBase:
+        """The answer to a call that failed before reaching the upstream (released)."""
+        response = response_for_exception(exc)
+        assert response is not None  # an APIException always has one
+        return self.headed(response)
 
     def failed(self, exc: UpstreamError) -> HttpResponseBase:
         """The answer to a call the upstream refused (its reservation already released)."""
@@ -86,6 +107,9 @@ class ChatCall:
         except UpstreamError as exc:
             guard.release()
             return self.failed(exc)
+        except APIException as exc:
+            guard.release()
+            return self.refused(exc)
         except BaseException:
             guard.release()
             raise
@@ -108,6 +132,9 @@ class ChatCall:
         except UpstreamError as exc:
             await guard.arelease()
             return self.failed(exc)
+        except APIException as exc:
+            await asyncio.shield(guard.arelease())
+            return self.refused(exc)
         except asyncio.CancelledError:
             # The client left while the upstream worked on the answer: it may all have
             # been generated, and nothing says how much, so the estimate is charged.
