@@ -4,6 +4,8 @@ A view lists ``required_scopes``. A JWT caller has the scopes in its token's cla
 *intersected* with its tier's scopes now, so blocking a user or moving them to a
 smaller tier takes effect before their token expires. A caller authenticated any
 other way (session, DRF token) has its tier's scopes. Nothing here touches Redis.
+A claim that is neither a string nor a list of strings is a malformed credential:
+401, and no scope granted (``MalformedScopeClaim``).
 
 ``scopes_plan`` and ``require_scopes`` are the same check for code outside DRF's
 views (the async gateway, ``@quota_gated``), which cannot run a DRF permission class.
@@ -14,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.permissions import BasePermission
+from rest_framework_simplejwt.settings import api_settings as jwt_settings
 
 from llm_quota.conf import quota_settings
 from llm_quota.exceptions import InsufficientScope
@@ -35,13 +39,36 @@ def _claim(auth: Any) -> Any:
     return None
 
 
+class MalformedScopeClaim(AuthenticationFailed):
+    """401: the token's scope claim is neither a space-separated string (RFC 8693's
+    ``scope``) nor a list of strings. The token is signed, so its issuer made it that
+    way: it is a bad credential (RFC 6750 ``invalid_token``), not a bad request body,
+    and it grants nothing. Answered like any invalid token, with the bearer challenge."""
+
+    default_code = "malformed_scope_claim"
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"The token's '{quota_settings.SCOPE_CLAIM}' claim must be a space-separated "
+            "string of scopes (or a list of strings)."
+        )
+        self.auth_header = f'{jwt_settings.AUTH_HEADER_TYPES[0]} realm="api"'
+
+
+def _token_scopes(claim: Any) -> set[str]:
+    if isinstance(claim, str):
+        return set(claim.split())
+    if isinstance(claim, list | tuple) and all(isinstance(scope, str) for scope in claim):
+        return set(claim)
+    raise MalformedScopeClaim()
+
+
 def _scopes(policy: UserPolicy, auth: Any) -> set[str]:
     tier_scopes = set(policy.scopes)
     claim = _claim(auth)
     if claim is None:
         return tier_scopes
-    token_scopes = set(claim.split()) if isinstance(claim, str) else {str(s) for s in claim}
-    return token_scopes & tier_scopes
+    return _token_scopes(claim) & tier_scopes
 
 
 def scopes_plan(user: Any, auth: Any) -> Plan[set[str]]:

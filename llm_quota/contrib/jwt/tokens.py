@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from rest_framework.exceptions import AuthenticationFailed
 from rest_framework_simplejwt.serializers import TokenObtainPairSerializer, TokenRefreshSerializer
 from rest_framework_simplejwt.settings import api_settings as jwt_settings
 from rest_framework_simplejwt.tokens import RefreshToken
@@ -32,11 +33,18 @@ class ScopedTokenObtainPairSerializer(TokenObtainPairSerializer):
 
 class ScopedTokenRefreshSerializer(TokenRefreshSerializer):
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        # simplejwt reads the token's user with ``.get()``: a deleted user's refresh
+        # token raised DoesNotExist, a 500. It is a credential that no longer works:
+        # 401, as simplejwt answers for an inactive user.
+        user_id = RefreshToken(attrs["refresh"]).payload.get(jwt_settings.USER_ID_CLAIM)
+        users = get_user_model().objects.filter(**{jwt_settings.USER_ID_FIELD: user_id})
+        user = users.first() if user_id else None
+        if user_id and user is None:
+            raise AuthenticationFailed(
+                self.error_messages["no_active_account"], "no_active_account"
+            )
         data = super().validate(attrs)
-        refresh = RefreshToken(attrs["refresh"], verify=False)
-        user_id = refresh.payload.get(jwt_settings.USER_ID_CLAIM)
-        user = get_user_model().objects.filter(**{jwt_settings.USER_ID_FIELD: user_id}).first()
-        access = refresh.access_token
+        access = RefreshToken(attrs["refresh"], verify=False).access_token
         access[quota_settings.SCOPE_CLAIM] = scope_claim(user) if user is not None else ""
         data["access"] = str(access)
         return data
