@@ -9,8 +9,10 @@ relay watches what passes through, so that the reservation is settled
 - when the client disconnects, from what had been generated until then; closing the
   upstream response stops the generation, so nothing is generated, or reserved,
   after that;
-- when the upstream drops the connection mid-stream, from what it had sent; the
-  client then gets an ``error`` event, which the OpenAI SDKs raise as ``APIError``.
+- when the upstream drops the connection mid-stream, or ends the stream without its
+  ``[DONE]`` (cut short, however cleanly the connection closed), from what it had
+  sent; the client then gets an ``error`` event instead of ``[DONE]``, which the
+  OpenAI SDKs raise as ``APIError``, so a cut-off answer never looks whole.
 
 The usage-only final chunk is passed on only to a client that asked for it.
 
@@ -38,9 +40,27 @@ from llm_quota.shapes.chat import DONE, StreamWatch
 logger = logging.getLogger("llm_quota")
 
 
+#: The upstream stopped streaming before its ``[DONE]``.
+TRUNCATED = UpstreamError(
+    502, "The upstream ended the stream before the answer was complete.", code="upstream_truncated"
+)
+
+
 def failure_event(exc: UpstreamError) -> bytes:
     """The ``error`` event that ends a stream the upstream broke off."""
     return sse.event(error_body(exc.message, type="upstream_error", code=exc.code))
+
+
+def last_event(watch: StreamWatch, model: str) -> bytes | None:
+    """What ends the client's stream once the upstream's stopped: ``[DONE]`` after the
+    upstream's own, nothing after an error chunk it sent (already passed on), else an
+    ``error`` event: the stream was cut short."""
+    if watch.complete:
+        return sse.event(DONE)
+    if watch.ended:
+        return None
+    logger.warning("upstream stream for %s ended without [DONE]: cut short", model)
+    return failure_event(TRUNCATED)
 
 
 def event_for(watch: StreamWatch, data: str) -> bytes | None:
@@ -99,7 +119,9 @@ class Relay:
         finally:
             self.stream.close()
         self._settle()
-        yield sse.event(DONE)
+        last = last_event(self.watch, self.guard.model)
+        if last is not None:
+            yield last
 
 
 class _Ending:
@@ -160,7 +182,8 @@ class AsyncRelay:
     closes the upstream and settles once (a second call awaits the first):
 
     - the upstream finished: from its usage, before ``[DONE]`` is sent;
-    - the upstream failed: from what it sent, then an ``error`` event;
+    - the upstream failed, or stopped without its ``[DONE]``: from what it sent, then
+      an ``error`` event;
     - the client left while the relay awaited the upstream: the ASGI handler cancels
       the request's task, ``CancelledError`` arrives here, and the settle runs in a
       task of its own behind ``asyncio.shield``, so a second cancellation cannot stop
@@ -207,7 +230,9 @@ class AsyncRelay:
             await self._ending.run()
             raise
         await self._ending.run()
-        yield sse.event(DONE)
+        last = last_event(self.watch, self.guard.model)
+        if last is not None:
+            yield last
 
     async def aclose(self) -> None:
         """End the relay wherever it stands: upstream closed, reservation settled."""

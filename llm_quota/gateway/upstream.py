@@ -4,7 +4,9 @@ class ``LLM_QUOTA["UPSTREAM"]`` names.
 An upstream offers two calls over a Chat Completions body, each sync and async:
 ``complete(body)``/``acomplete(body)`` return the JSON response;
 ``stream(body)``/``astream(body)`` return a stream yielding the ``data`` of each
-server-sent event (``for``, then ``close()``; or ``async for``, then ``aclose()``).
+server-sent event (``for``, then ``close()``; or ``async for``, then ``aclose()``),
+the final ``[DONE]`` included: a stream that stops without it was cut short, and the
+relay tells the client so.
 Failures are raised as ``UpstreamError`` carrying the status the gateway should
 answer with. With neither setting, every call fails with a 502
 (``upstream_not_configured``): the gateway never invents answers on its own.

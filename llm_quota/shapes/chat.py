@@ -249,13 +249,16 @@ class StreamWatch:
     """What happens to each event of a streamed answer: what to pass on, what it used.
 
     Feed it each upstream payload (``feed``); once ``ended`` is true the stream is over
-    (``[DONE]``, or an error chunk). The usage-only final chunk (the gateway always asks
+    (``[DONE]``, or an error chunk). ``complete`` says the upstream sent its ``[DONE]``:
+    a stream that stops without one (or without an error chunk) was cut short, however
+    cleanly its connection closed. The usage-only final chunk (the gateway always asks
     for one) is passed on only to a client that asked for it (``include_usage``).
     """
 
     def __init__(self, include_usage: bool) -> None:
         self.include_usage = include_usage
         self.ended = False
+        self.complete = False
         self.output = StreamedOutput()
         self._usage: Any = None
 
@@ -266,7 +269,7 @@ class StreamWatch:
     def feed(self, data: str) -> str | None:
         """The payload to pass on to the client for one upstream payload, or None."""
         if data.strip() == DONE:
-            self.ended = True  # the relay sends its own [DONE] once settled
+            self.ended = self.complete = True  # the relay sends its own [DONE] once settled
             return None
         try:
             chunk = json.loads(data)

@@ -29,7 +29,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 
 from llm_quota.rules.estimation import count_messages, count_output
-from llm_quota.shapes.chat import CAP_FIELDS
+from llm_quota.shapes.chat import CAP_FIELDS, DONE
 
 FINGERPRINT = "fp_llmq_fake"
 #: The reply's natural length is between these many tokens, then cut at the cap.
@@ -112,6 +112,7 @@ class FakeStream:
     def __iter__(self) -> Iterator[str]:
         for chunk in self._chunks:
             yield json.dumps(chunk, separators=(",", ":"))
+        yield DONE  # as OpenAI ends a stream: without it the gateway reports a cut-off
 
     async def __aiter__(self) -> AsyncIterator[str]:
         # Built in a thread, then handed out one per turn of the loop, as a real

@@ -129,12 +129,13 @@ def test_fake_provider_is_deterministic_and_respects_the_cap():
     assert first["usage"]["completion_tokens"] == count_output(text, "gpt-4o") <= 7
     assert first["choices"][0]["finish_reason"] == "length"
     assert first["usage"]["prompt_tokens"] == count_messages(MSGS, "gpt-4o")
+    *chunks, last = FakeProvider().stream(body)
     streamed = "".join(
         c["choices"][0]["delta"].get("content", "")
-        for c in map(json.loads, FakeProvider().stream(body))
+        for c in map(json.loads, chunks)
         if c["choices"]
     )
-    assert streamed == text
+    assert streamed == text and last == "[DONE]"  # as OpenAI ends a stream
 
 
 @pytest.mark.django_db
@@ -180,3 +181,33 @@ def test_a_stream_closed_before_its_first_byte_still_ends_its_reservation(ledger
     used = ledger.usage(user.pk)
     assert used.reserved == 0 and used.in_flight == 0
     assert used.by_model[0].output_tokens == 0  # nothing was read, nothing is charged for it
+
+
+class _Stream(list):
+    """An upstream stream of the given payloads."""
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "payloads, last",
+    [
+        (['{"choices": [{"delta": {"content": "Hi"}}]}', "[DONE]"], "data: [DONE]\n\n"),
+        (['{"choices": [{"delta": {"content": "Hi"}}]}'], "upstream_truncated"),
+        (['{"choices": [{"delta": {"content": "Hi"}}]}', '{"error": {"message": "boom"}}',
+          '{"choices": [{"delta": {"content": "late"}}]}'], '"boom"'),
+    ],
+    ids=["done", "cut short", "upstream error"],
+)  # fmt: skip
+def test_done_ends_only_a_complete_stream_and_nothing_follows_an_upstream_error(
+    ledger, payloads, last
+):
+    factories.price("gpt-4o", "1", "4")
+    factories.tier("free", is_default=True)
+    guard = quota_guard(factories.user(), model="gpt-4o", messages=MSGS, max_tokens=60).admit()
+    events = [event.decode() for event in Relay(_Stream(payloads), guard, include_usage=False)]
+    assert last in events[-1] and "late" not in "".join(events)
+    assert sum("[DONE]" in event for event in events) == (last == "data: [DONE]\n\n")
+    assert guard.finished

@@ -10,6 +10,8 @@ The model name picks the behaviour, so one server serves every case:
 - ``up-no-usage``: no ``usage`` block, in completions and in streams;
 - ``up-ignores-cap``: ``EXTRA`` more tokens than the ``max_tokens`` it was sent;
 - ``up-drop``: streams ``DROP_AFTER`` chunks, then resets the connection;
+- ``up-truncate``: streams ``DROP_AFTER`` chunks, then ends the response cleanly (the
+  last chunk of the chunked encoding) with no finish, no usage and no ``[DONE]``;
 - ``up-trickle``: streams up to ``WORDS`` chunks ``TRICKLE`` seconds apart (for clients
   that disconnect), recording how many it managed to send;
 - ``up-hold``: streams one chunk, then waits until the test sets ``hold`` (so that every
@@ -120,6 +122,9 @@ class Handler(BaseHTTPRequestHandler):
                     self.server.sent[model] = sent
                     self.close_connection = True
                     self.connection.close()
+                    return
+                if model == "up-truncate" and i == DROP_AFTER:
+                    self.wfile.write(b"0\r\n\r\n")  # a well-formed end, mid-answer
                     return
                 if model in ("up-slow", "up-trickle") and i:
                     time.sleep(TRICKLE if model == "up-trickle" else LATENCY / 10)
