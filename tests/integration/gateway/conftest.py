@@ -2,22 +2,67 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
+import uvicorn
+from django.core.handlers.asgi import ASGIHandler
+from django.db import connections
 
 from tests.support import factories
 from tests.support.fake_upstream import UpstreamServer
 from tests.support.gateway import Gateway
 
+ASYNC_URLS = "tests.integration.gateway.async_gateway_urls"
+
+
+def _prices() -> None:
+    factories.price("gpt-4o", "1", "4", default_max_output_tokens=200)
+    factories.price("gpt-4o-mini", "0.06", "0.24", default_max_output_tokens=200)
+    factories.price("up-*", "1", "2", default_max_output_tokens=100)
+
 
 @pytest.fixture
 def gateway(live_server, quota_prefix):
     """The live server's ``/v1``; prices for the fake provider's and the upstream's models."""
-    factories.price("gpt-4o", "1", "4", default_max_output_tokens=200)
-    factories.price("gpt-4o-mini", "0.06", "0.24", default_max_output_tokens=200)
-    factories.price("up-*", "1", "2", default_max_output_tokens=100)
+    _prices()
     gateway = Gateway(live_server.url + "/v1")
     yield gateway
     gateway.close()
+
+
+@pytest.fixture
+def async_gateway(transactional_db, quota_prefix, settings, monkeypatch):
+    """``gateway`` for the async view: served by uvicorn in a thread of this process, a
+    real ASGI server, so a stream goes out event by event as it does in production."""
+    _prices()
+    settings.ROOT_URLCONF = ASYNC_URLS
+    # Each request's ORM work runs in a thread of its own: close its connection at the
+    # request's end, or it would outlive the test (and the test database).
+    monkeypatch.setitem(connections["default"].settings_dict, "CONN_MAX_AGE", 0)
+    config = uvicorn.Config(
+        ASGIHandler(), host="127.0.0.1", port=0, lifespan="off", log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    gateway = Gateway(f"http://127.0.0.1:{port}/v1")
+    yield gateway
+    gateway.close()
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(params=["sync", "async"])
+def either_gateway(request):
+    """The sync view under the live server, then the async view under uvicorn."""
+    return request.getfixturevalue("gateway" if request.param == "sync" else "async_gateway")
 
 
 @pytest.fixture
