@@ -98,6 +98,53 @@ class Estimate:
         return self.price.base_tokens(self.prompt_tokens, self.max_output_tokens)
 
 
+#: The most tokens one call may report, input or output: above it a count is a broken
+#: upstream, not a bill. 100 million is 50 times the longest context window on offer
+#: (2M tokens) and 128 choices of the largest output caps, and small enough that the
+#: base tokens of any price stay exact integers in the ledger's Lua (doubles: 2**53).
+MAX_REPORTED_TOKENS = 100_000_000
+#: The longest token of the tokenizers in use (cl100k_base, o200k_base) is 128 bytes,
+#: so no text of ``n`` UTF-8 bytes is fewer than ``n / 128`` tokens, in any of them.
+MAX_TOKEN_BYTES = 128
+
+
+def fewest_tokens(byte_count: int) -> int:
+    """The fewest tokens ``byte_count`` bytes of text can be (``MAX_TOKEN_BYTES``)."""
+    return ceil_div(max(byte_count, 0), MAX_TOKEN_BYTES)
+
+
+def token_count(value: object) -> int | None:
+    """``value`` as a token count, or None where it cannot be one: not a number (a
+    string, a boolean, null), negative, fractional, NaN or infinite, or above
+    ``MAX_REPORTED_TOKENS``. A float with no fraction (``12.0``) is a count."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            return None
+        value = int(value)
+    if value < 0 or value > MAX_REPORTED_TOKENS:
+        return None
+    return value
+
+
+def _field(obj: object, name: str) -> object:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _first(obj: object, *names: str) -> object:
+    """The first of ``names`` that ``obj`` has (chat, then responses API names)."""
+    for name in names:
+        value = _field(obj, name)
+        if value is not None:
+            return value
+    return None
+
+
 @dataclass(frozen=True)
 class ActualUsage:
     """What the call really used, as the upstream reported it (or as counted)."""
@@ -107,25 +154,61 @@ class ActualUsage:
     cached_input_tokens: int = 0
 
     @classmethod
-    def from_openai(cls, usage: object) -> ActualUsage:
-        """Read an OpenAI ``usage`` object or dict (chat or responses API names)."""
+    def from_openai(cls, usage: object, *, stand_in: ActualUsage) -> ActualUsage:
+        """Read an OpenAI ``usage`` object or dict (chat or responses API names); a
+        count that is not one (``token_count``) is ``stand_in``'s, never 0."""
+        return ReportedUsage.read(usage).completed(stand_in.input_tokens, stand_in.output_tokens)
 
-        def get(obj: object, name: str) -> object:
-            if obj is None:
-                return None
-            if isinstance(obj, dict):
-                return obj.get(name)
-            return getattr(obj, name, None)
 
-        def count(value: object) -> int:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                return 0
-            if isinstance(value, float) and not math.isfinite(value):
-                return 0  # JSON's Infinity/NaN from a broken upstream: not a count
-            return max(int(value), 0)
+@dataclass(frozen=True)
+class ReportedUsage:
+    """An upstream's ``usage`` as reported, each count checked: None where the report
+    cannot be charged (``token_count``), so the caller puts its own count there.
 
-        prompt = count(get(usage, "prompt_tokens") or get(usage, "input_tokens"))
-        completion = count(get(usage, "completion_tokens") or get(usage, "output_tokens"))
-        details = get(usage, "prompt_tokens_details") or get(usage, "input_tokens_details")
-        cached = count(get(details, "cached_tokens"))
-        return cls(prompt, completion, min(cached, prompt))
+    A cached count that is not one is 0: the cached rate is the lower one, so
+    ignoring it never under-charges.
+    """
+
+    input_tokens: int | None
+    output_tokens: int | None
+    cached_input_tokens: int = 0
+
+    @classmethod
+    def read(cls, usage: object) -> ReportedUsage:
+        """From an OpenAI ``usage`` (object or dict) or an ``ActualUsage``."""
+        if isinstance(usage, ActualUsage):
+            return cls(
+                token_count(usage.input_tokens),
+                token_count(usage.output_tokens),
+                token_count(usage.cached_input_tokens) or 0,
+            )
+        details = _first(usage, "prompt_tokens_details", "input_tokens_details")
+        return cls(
+            token_count(_first(usage, "prompt_tokens", "input_tokens")),
+            token_count(_first(usage, "completion_tokens", "output_tokens")),
+            token_count(_field(details, "cached_tokens")) or 0,
+        )
+
+    def plausible(self, *, input_floor: int = 0, output_floor: int = 0) -> ReportedUsage:
+        """This report less the counts below what the call certainly used (a text's
+        ``fewest_tokens``): 0 output tokens for a 20-token answer is not a count."""
+        return ReportedUsage(
+            None if self.input_tokens is None or self.input_tokens < input_floor
+            else self.input_tokens,
+            None if self.output_tokens is None or self.output_tokens < output_floor
+            else self.output_tokens,
+            self.cached_input_tokens,
+        )  # fmt: skip
+
+    @property
+    def complete(self) -> bool:
+        return self.input_tokens is not None and self.output_tokens is not None
+
+    def completed(self, input_tokens: int, output_tokens: int) -> ActualUsage:
+        """The usage to charge: the reported counts, the given ones where none stands."""
+        charged_input = input_tokens if self.input_tokens is None else self.input_tokens
+        return ActualUsage(
+            charged_input,
+            output_tokens if self.output_tokens is None else self.output_tokens,
+            min(self.cached_input_tokens, charged_input),
+        )

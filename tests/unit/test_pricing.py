@@ -32,16 +32,19 @@ def test_micro_conversion_rounds_up_extra_decimals():
 
 
 def test_openai_usage_shapes():
-    assert ActualUsage.from_openai({"prompt_tokens": 5, "completion_tokens": 7}) == ActualUsage(
-        5, 7
-    )
+    stand_in = ActualUsage(13, 21)
     assert ActualUsage.from_openai(
-        {"input_tokens": 5, "output_tokens": 7, "input_tokens_details": {"cached_tokens": 2}}
+        {"prompt_tokens": 5, "completion_tokens": 7}, stand_in=stand_in
+    ) == ActualUsage(5, 7)
+    assert ActualUsage.from_openai(
+        {"input_tokens": 5, "output_tokens": 7, "input_tokens_details": {"cached_tokens": 2}},
+        stand_in=stand_in,
     ) == ActualUsage(5, 7, 2)
-    assert ActualUsage.from_openai(None) == ActualUsage(0, 0)
-    assert ActualUsage.from_openai({"prompt_tokens": -3, "completion_tokens": "x"}) == ActualUsage(
-        0, 0
-    )
+    # What is missing or not a count is the stand-in's, never 0.
+    assert ActualUsage.from_openai(None, stand_in=stand_in) == stand_in
+    assert ActualUsage.from_openai(
+        {"prompt_tokens": -3, "completion_tokens": "x"}, stand_in=stand_in
+    ) == stand_in
 
 
 @pytest.mark.django_db

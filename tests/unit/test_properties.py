@@ -11,7 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llm_quota.exceptions import InvalidRequest
-from llm_quota.rules.accounting import MICRO, ActualUsage, Price, to_micro
+from llm_quota.rules.accounting import (
+    MAX_REPORTED_TOKENS,
+    MICRO,
+    ActualUsage,
+    Price,
+    to_micro,
+    token_count,
+)
 from llm_quota.rules.estimation import count_messages, prompt_bounds
 from llm_quota.shapes.chat import ChatRequest
 
@@ -114,12 +121,20 @@ def test_a_multiplier_in_micro_units_never_undercharges(value):
         assert Decimal(to_micro(value)) - value * MICRO < 1
 
 
+STAND_IN = ActualUsage(13, 7)
+
+
+def _charged_as_reported_or_stood_in(actual: ActualUsage) -> None:
+    assert 0 <= actual.input_tokens <= MAX_REPORTED_TOKENS
+    assert 0 <= actual.output_tokens <= MAX_REPORTED_TOKENS
+    assert 0 <= actual.cached_input_tokens <= actual.input_tokens
+    assert all(isinstance(n, int) and not isinstance(n, bool) for n in vars(actual).values())
+
+
 @fuzz
 @given(usage=json_values)
-def test_usage_from_any_json_never_raises_and_is_never_negative(usage):
-    actual = ActualUsage.from_openai(usage)
-    assert actual.input_tokens >= 0 and actual.output_tokens >= 0
-    assert 0 <= actual.cached_input_tokens <= actual.input_tokens
+def test_usage_from_any_json_never_raises_and_is_always_a_chargeable_integer(usage):
+    _charged_as_reported_or_stood_in(ActualUsage.from_openai(usage, stand_in=STAND_IN))
 
 
 @fuzz
@@ -137,9 +152,16 @@ def test_usage_from_any_json_never_raises_and_is_never_negative(usage):
         },
     )
 )
-def test_usage_with_any_values_in_openais_fields_never_raises(usage):
-    actual = ActualUsage.from_openai(usage)
-    assert 0 <= actual.cached_input_tokens <= actual.input_tokens
+def test_usage_with_any_values_in_openais_fields_is_charged_as_reported_or_stood_in(usage):
+    actual = ActualUsage.from_openai(usage, stand_in=STAND_IN)
+    _charged_as_reported_or_stood_in(actual)
+    for field, names in (
+        ("input_tokens", ("prompt_tokens", "input_tokens")),
+        ("output_tokens", ("completion_tokens", "output_tokens")),
+    ):
+        reported = next((usage[name] for name in names if usage.get(name) is not None), None)
+        count = token_count(reported)  # a bad count is the stand-in's, never 0
+        assert getattr(actual, field) == (getattr(STAND_IN, field) if count is None else count)
 
 
 @fuzz
@@ -177,9 +199,9 @@ def test_a_plausible_body_is_parsed_or_refused_and_what_is_parsed_can_be_counted
     assert lower <= counted <= upper
 
 
-def test_non_finite_usage_numbers_count_as_zero():
+def test_non_finite_usage_numbers_are_replaced_by_the_stand_in():
     # Python's json reads Infinity and NaN; hypothesis once found int(inf) raising here.
     usage = ActualUsage.from_openai(
-        {"prompt_tokens": float("inf"), "completion_tokens": float("nan")}
+        {"prompt_tokens": float("inf"), "completion_tokens": float("nan")}, stand_in=STAND_IN
     )
-    assert usage == ActualUsage(0, 0)
+    assert usage == STAND_IN
