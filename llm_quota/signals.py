@@ -15,3 +15,10 @@ soft_limit_crossed = Signal()
 #: refuses a request (``quota_refused`` fires on every refusal).
 #: kwargs: user_id, limit, percent (100), period, retry_after, event.
 budget_exhausted = Signal()
+
+#: Sent when a settled call used more than was reserved for it (an upstream that
+#: ignored the output cap, or billed a prompt above its estimate). It is charged in
+#: full all the same, so a limit may be passed by this much.
+#: kwargs: user_id, model, reservation_id, reserved and charged (base tokens),
+#: input_tokens, output_tokens (as charged), max_tokens (the output cap reserved).
+usage_overrun = Signal()

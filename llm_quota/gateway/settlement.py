@@ -1,8 +1,9 @@
 """Settle a call from what its answer says it used (``shapes.chat.Used``).
 
 Which of the two the answer supports is decided by the shape (``Used.usage`` when the
-upstream reported one it can be settled from, else the generated text); these only
-make the call, sync or async, and do nothing for a guard already finished.
+upstream reported one, else the generated text); a reported usage goes with the text,
+which stands in for an output count the upstream got wrong. These only make the call,
+sync or async, and do nothing for a guard already finished.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ def settle(guard: QuotaGuard, used: Used) -> None:
     if guard.finished:
         return
     if used.usage is not None:
-        guard.settle(used.usage)
+        guard.settle(used.usage, output_text=used.text)
     else:
         guard.settle_output(used.text)
 
@@ -24,6 +25,6 @@ async def asettle(guard: QuotaGuard, used: Used) -> None:
     if guard.finished:
         return
     if used.usage is not None:
-        await guard.asettle(used.usage)
+        await guard.asettle(used.usage, output_text=used.text)
     else:
         await guard.asettle_output(used.text)

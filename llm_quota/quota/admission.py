@@ -40,9 +40,21 @@ from llm_quota.ledger.resilience import BlindRefusal, metered, outage, resilient
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.quota import alerts
 from llm_quota.quota.drivers import Blocking, Notify, Shielded, arun, run
-from llm_quota.rules.accounting import ActualUsage, Estimate, Price
+from llm_quota.rules.accounting import (
+    ActualUsage,
+    Estimate,
+    Price,
+    ReportedUsage,
+    fewest_tokens,
+)
 from llm_quota.rules.config_cache import MISSING, config_cache
-from llm_quota.rules.estimation import count_messages, counts_quickly, prompt_bounds
+from llm_quota.rules.estimation import (
+    byte_bound,
+    count_messages,
+    count_output,
+    counts_quickly,
+    prompt_bounds,
+)
 from llm_quota.rules.policy import UserPolicy, policy_for
 from llm_quota.rules.pricing import price_for, price_in
 
@@ -109,7 +121,8 @@ async def aadmit(
 
 
 def settle(reservation: Reservation, usage: Any, *, ledger: Ledger | None = None) -> Settlement:
-    """Settle with an OpenAI ``usage`` (object or dict) or an ``ActualUsage``."""
+    """Settle with an OpenAI ``usage`` (object or dict) or an ``ActualUsage``; a count
+    that cannot be charged is the reservation's (``usage_plan``)."""
     return run(settle_plan(reservation, usage), ledger)
 
 
@@ -474,10 +487,86 @@ def _refusal(policy: UserPolicy, refusal: _Refusal) -> RateLimited | BudgetExcee
 # -- settlement ----------------------------------------------------------------------
 
 
-def settle_plan(reservation: Reservation, usage: Any) -> Plan[Settlement]:
-    """While Redis is away the usage goes into the outage journal and is charged once it
-    is back; so does the usage of a call admitted blind (``FAIL_OPEN``)."""
-    actual = usage if isinstance(usage, ActualUsage) else ActualUsage.from_openai(usage)
+def settle_plan(
+    reservation: Reservation, usage: Any, *, output_text: str | None = None
+) -> Plan[Settlement]:
+    """Charge ``usage`` (checked by ``usage_plan``; ``output_text`` is what the call
+    generated, where known). While Redis is away the usage goes into the outage journal
+    and is charged once it is back; so does the usage of a call admitted blind
+    (``FAIL_OPEN``)."""
+    actual = yield from usage_plan(reservation, usage, output_text)
+    settlement = yield from _settle_plan(reservation, actual)
+    if settlement.settled:  # not a repeated settle, nor one journaled in an outage
+        yield from _overrun_plan(reservation, actual)
+    return settlement
+
+
+def usage_plan(reservation: Reservation, usage: Any, output_text: str | None) -> Plan[ActualUsage]:
+    """The usage to charge for an upstream's report (contract §5): never 0 for a count
+    that is missing, not an integer, negative, absurd (``MAX_REPORTED_TOKENS``) or
+    below what the call certainly used (``fewest_tokens`` of the generated text, and
+    of the prompt as the estimate counted it). The output generated, counted, stands
+    in for a bad output count (the reserved output cap where the text is unknown); the
+    estimate's prompt for a bad prompt count. A report that needed a stand-in is logged.
+    """
+    estimate = reservation.estimate
+    reported = ReportedUsage.read(usage)
+    checked = reported.plausible(
+        input_floor=fewest_tokens(estimate.prompt_tokens) if estimate else 0,
+        output_floor=fewest_tokens(byte_bound(output_text)) if output_text else 0,
+    )
+    if checked.complete:
+        return checked.completed(0, 0)
+    output = reservation.max_tokens
+    if checked.output_tokens is None and output_text is not None:
+        encoding = estimate.price.encoding if estimate else ""
+        output = yield from count_plan(
+            count_output, output_text, reservation.model, encoding_name=encoding
+        )
+    actual = checked.completed(estimate.prompt_tokens if estimate else 0, output)
+    logger.warning(
+        "upstream usage for %s (reservation %s) cannot be charged as reported (%.200r): "
+        "charging %d input and %d output tokens instead",
+        reservation.model, reservation.id, usage, actual.input_tokens, actual.output_tokens,
+    )  # fmt: skip
+    return actual
+
+
+def _overrun_plan(reservation: Reservation, actual: ActualUsage) -> Plan[None]:
+    """Usage above the reservation (an upstream that ignored the cap) is charged in full
+    (truthful accounting beats a tidy invariant), logged, and sent as ``usage_overrun``."""
+    estimate = reservation.estimate
+    if reservation.unmetered or estimate is None:
+        return
+    charged = estimate.price.base_tokens(
+        actual.input_tokens, actual.output_tokens, actual.cached_input_tokens
+    )
+    if charged <= reservation.reserved:
+        return
+    logger.warning(
+        "usage of reservation %s (%s, user %s) overran it: %d base tokens charged, %d reserved",
+        reservation.id, reservation.model, reservation.user_id, charged, reservation.reserved,
+    )  # fmt: skip
+    try:
+        yield Notify(
+            signals.usage_overrun,
+            {
+                "sender": Reservation,
+                "user_id": reservation.user_id,
+                "model": reservation.model,
+                "reservation_id": reservation.id,
+                "reserved": reservation.reserved,
+                "charged": charged,
+                "input_tokens": actual.input_tokens,
+                "output_tokens": actual.output_tokens,
+                "max_tokens": reservation.max_tokens,
+            },
+        )
+    except Exception:  # a receiver's failure may never fail a settled call
+        logger.exception("a usage_overrun receiver failed for reservation %s", reservation.id)
+
+
+def _settle_plan(reservation: Reservation, actual: ActualUsage) -> Plan[Settlement]:
     state = outage()
     state.blind_call_ended(reservation)
 

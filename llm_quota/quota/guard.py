@@ -118,10 +118,12 @@ class QuotaGuard:
             )
         return self
 
-    def _settle_plan(self, usage: Any) -> Plan[Settlement]:
+    def _settle_plan(self, usage: Any, output_text: str | None = None) -> Plan[Settlement]:
         if self._finished and self.settlement is not None:
             return self.settlement
-        self.settlement = yield from admission.settle_plan(self.reservation, usage)
+        self.settlement = yield from admission.settle_plan(
+            self.reservation, usage, output_text=output_text
+        )
         self._finished = True
         return self.settlement
 
@@ -176,9 +178,13 @@ class QuotaGuard:
         """Price the call and reserve it, or raise the refusal."""
         return run(self.admit_plan(), self.ledger)
 
-    def settle(self, usage: Any) -> Settlement:
-        """Charge what the call really used (an OpenAI ``usage``, dict or ActualUsage)."""
-        return run(self._settle_plan(usage), self.ledger)
+    def settle(self, usage: Any, *, output_text: str | None = None) -> Settlement:
+        """Charge what the call really used (an OpenAI ``usage``, dict or ActualUsage).
+
+        A count the upstream got wrong is not charged as reported: the generated
+        ``output_text``, counted, stands in for the output (the reserved cap where it is
+        not given), the estimate's prompt for the prompt (``admission.usage_plan``)."""
+        return run(self._settle_plan(usage, output_text), self.ledger)
 
     def settle_output(self, text: str, *, prompt_tokens: int | None = None) -> Settlement:
         """Settle a call whose upstream reported no usage: count the text it generated."""
@@ -214,8 +220,8 @@ class QuotaGuard:
     async def aadmit(self) -> QuotaGuard:
         return await arun(self.admit_plan(), self._async_ledger())
 
-    async def asettle(self, usage: Any) -> Settlement:
-        return await arun(self._settle_plan(usage), self._async_ledger())
+    async def asettle(self, usage: Any, *, output_text: str | None = None) -> Settlement:
+        return await arun(self._settle_plan(usage, output_text), self._async_ledger())
 
     async def asettle_output(self, text: str, *, prompt_tokens: int | None = None) -> Settlement:
         return await arun(self._settle_output_plan(text, prompt_tokens), self._async_ledger())

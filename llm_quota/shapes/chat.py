@@ -13,7 +13,7 @@ the same way (and only once):
 - ``BILLED_FIELDS``: the body fields the estimate counts; ``CAP_FIELDS``: the fields
   that cap the output, and ``ChatRequest.upstream_body`` sets them to the reserved cap.
 - ``Used``: what an answer says it used (``read_completion``, ``StreamWatch.used``):
-  the upstream's ``usage`` when it can be settled from, else the text it generated.
+  the upstream's ``usage`` when it sent one, and the text it generated.
 - ``StreamWatch``: what happens to each event of a streamed answer.
 """
 
@@ -198,18 +198,18 @@ def _choice_parts(body: Any, field: str) -> list[str]:
 
 
 def reported_usage(usage: Any) -> dict[str, Any] | None:
-    """An upstream's ``usage`` if a settle can rely on it (it counts the output), else None:
-    the caller then settles from the generated text instead."""
-    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-        return usage
-    return None
+    """An upstream's ``usage`` object, else None: the caller then settles from the
+    generated text. Its counts are checked when settled: one that cannot be charged
+    (a string, a negative, 0 for a long answer, ``1e20``) is replaced there, field by
+    field (``quota.admission.usage_plan``)."""
+    return usage if isinstance(usage, dict) else None
 
 
 @dataclass(frozen=True)
 class Used:
     """What a call used, as its answer tells: settle from ``usage`` when the upstream
-    reported one, else from ``text``, what it generated (counted with the model's
-    encoding)."""
+    reported one (``text`` standing in for a bad output count), else from ``text``,
+    what it generated (counted with the model's encoding)."""
 
     usage: dict[str, Any] | None
     text: str

@@ -77,7 +77,11 @@ def test_an_answer_is_settled_from_its_usage_else_from_its_text():
         {"function": {"name": "f", "arguments": "{}"}}]}  # fmt: skip
     completion = {"choices": [{"message": message}], "usage": {"completion_tokens": 3}}
     assert read_completion(completion).usage == {"completion_tokens": 3}
-    assert read_completion({**completion, "usage": {"completion_tokens": "3"}}).usage is None
+    # A usage is settled from with the text, which stands in for a bad count there.
+    assert read_completion({**completion, "usage": {"completion_tokens": "3"}}).usage == {
+        "completion_tokens": "3"
+    }
+    assert read_completion({**completion, "usage": "3"}).usage is None
     assert read_completion(completion).text == "Hif{}"
 
 

@@ -17,6 +17,7 @@ from llm_quota.exceptions import (
     RateLimited,
     UnknownModel,
 )
+from llm_quota.rules.estimation import count_output
 from llm_quota.signals import quota_refused
 from tests.support import factories
 
@@ -170,3 +171,29 @@ def test_fail_open_admits_unmetered_and_fail_closed_refuses(setup, settings, red
         with quota_guard(user, model="gpt-4o", messages=MSGS, max_tokens=20):
             pass
     assert info.value.status_code == 503 and info.value.wait >= 1
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [{"prompt_tokens": 1e20, "completion_tokens": 10**20},
+     {"prompt_tokens": "5", "completion_tokens": -1}, None],
+)  # fmt: skip
+def test_a_usage_that_cannot_be_charged_charges_the_reservation_never_zero(setup, ledger, usage):
+    """The Python API has no generated text to count: the estimate's prompt and the
+    reserved output cap stand in, and the settle script is never handed a bad number."""
+    user = factories.user()
+    with quota_guard(user, model="gpt-4o", messages=MSGS, max_tokens=30) as quota:
+        settlement = quota.settle(usage)
+    assert settlement.settled and settlement.base_tokens == quota.reservation.reserved
+    [row] = ledger.usage(user.pk).by_model
+    assert (row.input_tokens, row.output_tokens) == (quota.estimate.prompt_tokens, 30)
+    assert ledger.usage(user.pk).reserved == 0
+
+
+def test_the_generated_text_stands_in_for_a_zero_output_count(setup, ledger):
+    user = factories.user()
+    text = "one two three four five six seven eight nine ten " * 3  # 150 bytes: >= 2 tokens
+    with quota_guard(user, model="gpt-4o", messages=MSGS, max_tokens=100) as quota:
+        quota.settle({"prompt_tokens": 9, "completion_tokens": 0}, output_text=text)
+    [row] = ledger.usage(user.pk).by_model
+    assert (row.input_tokens, row.output_tokens) == (9, count_output(text, "gpt-4o"))
