@@ -9,6 +9,8 @@ The model name picks the behaviour, so one server serves every case:
 - ``up-429``: HTTP 429 (the upstream's own rate limit) with ``Retry-After: 2``;
 - ``up-no-usage``: no ``usage`` block, in completions and in streams;
 - ``up-ignores-cap``: ``EXTRA`` more tokens than the ``max_tokens`` it was sent;
+- ``up-usage-*`` (``BAD_USAGE``): ``up-normal``'s answer with a broken ``usage``
+  (zero, negative, strings, fractions, NaN and Infinity, ``1e20``);
 - ``up-drop``: streams ``DROP_AFTER`` chunks, then resets the connection;
 - ``up-truncate``: streams ``DROP_AFTER`` chunks, then ends the response cleanly (the
   last chunk of the chunked encoding) with no finish, no usage and no ``[DONE]``;
@@ -39,6 +41,20 @@ TRICKLE = 0.05
 DROP_AFTER = 3
 #: The longest ``up-hold`` waits for the test (a failed test must not hang the server).
 HOLD_LIMIT = 60
+
+
+#: Models whose ``usage`` is broken the way upstreams have broken it (``NaN`` is JSON in
+#: Python's reading; ``1e20`` broke the settle script). Where the output count is a
+#: good one it is the answer's true count, as ``up-normal`` sends it for a cap of 20.
+BAD_USAGE: dict[str, dict[str, Any]] = {
+    "up-usage-zero": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    "up-usage-negative": {"prompt_tokens": -11, "completion_tokens": -20},
+    "up-usage-string": {"prompt_tokens": "11", "completion_tokens": 20},
+    "up-usage-fraction": {"prompt_tokens": 10.5, "completion_tokens": 20},
+    "up-usage-nan": {"prompt_tokens": float("nan"), "completion_tokens": 20},
+    "up-usage-huge": {"prompt_tokens": 1e20, "completion_tokens": 10**20},
+    "up-usage-null": {"prompt_tokens": None, "completion_tokens": 20},
+}
 
 
 def word(i: int) -> str:
@@ -86,7 +102,7 @@ class Handler(BaseHTTPRequestHandler):
                          "finish_reason": "length" if count >= cap else "stop"}],
         }  # fmt: skip
         if model != "up-no-usage":
-            reply["usage"] = usage(count)
+            reply["usage"] = BAD_USAGE.get(model) or usage(count)
         self._json(200, reply)
 
     def _json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
@@ -139,7 +155,8 @@ class Handler(BaseHTTPRequestHandler):
             self._chunk(json.dumps({**base, "choices": [{"index": 0, "delta": {},
                                                          "finish_reason": "length"}]}))  # fmt: skip
             if include and model != "up-no-usage":
-                self._chunk(json.dumps({**base, "choices": [], "usage": usage(count)}))
+                reported = BAD_USAGE.get(model) or usage(count)
+                self._chunk(json.dumps({**base, "choices": [], "usage": reported}))
             self._chunk("[DONE]")
             self.wfile.write(b"0\r\n\r\n")
         except OSError:
