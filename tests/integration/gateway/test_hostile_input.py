@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 
+import httpx
 import pytest
 from django.test import Client
 from rest_framework.exceptions import ParseError
@@ -23,6 +24,7 @@ from tests.integration.gateway.test_async_view import (
     sync_post,
 )
 from tests.support import factories
+from tests.support.gateway import access_token
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -201,3 +203,24 @@ def test_a_malformed_scope_claim_is_401_on_the_usage_api_too(ledger, free):
         "/api/llm-quota/usage/", headers=_token_with_scope(user, 7)
     )
     assert response.status_code == 401, response.content
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [nested(1_000), nested(800), nested(100_000), '"\\udfff"'],
+    ids=["1000 deep", "800 deep", "100000 deep", "lone surrogate"],
+)
+def test_hostile_bodies_are_400_under_real_servers_too(either_gateway, upstream, extra):
+    """The live server's threads and uvicorn's loop have stacks of their own depth."""
+    factories.tier("free", is_default=True)
+    user = factories.user()
+    response = httpx.post(
+        either_gateway.base_url + "/chat/completions",
+        content=raw_body(extra),
+        headers={"Authorization": f"Bearer {access_token(user)}",
+                 "Content-Type": "application/json"},
+    )  # fmt: skip
+    assert response.status_code == 400, response.text[:300]
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    live = either_gateway.usage(user)
+    assert live.requests_this_minute == 0 and live.reserved == 0 and upstream.requests == []
