@@ -336,9 +336,9 @@ def settle_calls(monkeypatch):
     calls = []
     real = admission.settle_plan
 
-    def counted(reservation, usage):
+    def counted(reservation, usage, **options):
         calls.append(reservation.id)
-        return real(reservation, usage)
+        return real(reservation, usage, **options)
 
     monkeypatch.setattr(admission, "settle_plan", counted)
     return calls
