@@ -10,6 +10,7 @@ import gc
 import time
 
 import pytest
+import redis
 import redis.asyncio
 
 from llm_quota import quota_guard
@@ -130,3 +131,37 @@ def test_a_call_on_an_async_ledger_of_its_own_is_renewed_on_its_loop(
     in_flight, usage = asyncio.run(call())
     assert in_flight == 1, "held two TTLs after the reserve"
     assert (usage.in_flight, usage.reserved, usage.tokens_this_month) == (0, 0, 30)
+
+
+@pytest.mark.django_db
+def test_a_renewal_redis_cannot_take_is_tried_again_and_the_lease_survives(
+    private_redis, quota_prefix, settings, model, caplog
+):
+    """Redis freezes when a renewal is due: the keeper's call times out (the breaker
+    opens), and the renewal is tried again sooner, once Redis answers, before the lease
+    runs out."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "BREAKER_COOLDOWN": 0.2}
+    ttl = 3.0
+    client = redis.Redis(
+        port=private_redis.port, socket_timeout=0.3, socket_connect_timeout=0.3,
+        retry=Retry(NoBackoff(), 0),
+    )  # fmt: skip
+    ledger = Ledger(client, prefix=quota_prefix, reservation_ttl=ttl)
+    user = factories.user()
+    with quota_guard(user, model=model, prompt_tokens=10, ledger=ledger) as quota:
+        time.sleep(ttl / 3 - 0.3)
+        private_redis.freeze()  # the first renewal is due while Redis is frozen
+        try:
+            time.sleep(0.8)
+        finally:
+            private_redis.thaw()
+        time.sleep(ttl * 0.7)  # past the first lease's end
+        assert ledger.usage(user.pk).in_flight == 1, "the lease outlived its first TTL"
+        assert any("Redis unavailable" in r.getMessage() for r in caplog.records)
+        quota.settle({"prompt_tokens": 10, "completion_tokens": 5})
+    usage = ledger.usage(user.pk)
+    assert (usage.in_flight, usage.reserved, usage.tokens_this_month) == (0, 0, 30)
+    client.close()
