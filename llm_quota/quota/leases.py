@@ -44,6 +44,7 @@ RENEWALS_PER_TTL = 3
 RETRY_FRACTION = 0.5
 #: Longest a renewal on an event loop's ledger is waited for.
 LOOP_TIMEOUT = 30.0
+INF = float("inf")
 
 
 @dataclass
@@ -74,7 +75,7 @@ class LeaseKeeper:
     def __init__(self) -> None:
         self._leases: weakref.WeakKeyDictionary[Any, _Lease] = weakref.WeakKeyDictionary()
         self._wake = threading.Condition()
-        self._wake_at = float("inf")
+        self._wake_at = INF
         self._thread: threading.Thread | None = None
 
     def __len__(self) -> int:
@@ -138,13 +139,14 @@ class LeaseKeeper:
         with self._wake:
             while True:
                 now = time.monotonic()
-                leases = list(self._leases.items())
-                due = [(owner, lease) for owner, lease in leases if lease.due <= now]
+                due = [(owner, lease) for owner, lease in self._leases.items() if lease.due <= now]
                 if due:
                     self._wake_at = now
                     return due
-                self._wake_at = min((lease.due for _, lease in leases), default=float("inf"))
-                self._wake.wait(None if self._wake_at == float("inf") else self._wake_at - now)
+                # Only the leases while it sleeps, never their owners: a guard dropped
+                # unfinished must be collectable meanwhile.
+                self._wake_at = min((lease.due for lease in self._leases.values()), default=INF)
+                self._wake.wait(None if self._wake_at == INF else self._wake_at - now)
 
     def _renew(self, owner: Any, lease: _Lease) -> None:
         try:

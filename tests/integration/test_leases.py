@@ -98,8 +98,10 @@ def test_a_guard_forgotten_without_settling_is_not_kept_alive(short_ledger, mode
     user = factories.user()
     guard = quota_guard(user, model=model, prompt_tokens=10, ledger=short_ledger).admit()
     held = dataclasses.replace(guard.reservation)
+    time.sleep(0.1)  # the keeper now sleeps until this lease is due
     del guard
     gc.collect()
+    assert len(leases.keeper()) == 0, "the keeper holds no guard alive"
     time.sleep(TTL + 0.5)
     assert renewals == []
     usage = short_ledger.usage(user.pk)
