@@ -139,11 +139,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "RESERVATION_TTL",
         600,
-        "seconds until an unsettled reservation expires (at least 60)",
+        "seconds until an unsettled reservation expires; a call still running renews it "
+        "every third of this (at least 60)",
         Rule(
             lambda v: _is_number(v) and v >= 60,
-            "must be at least 60 seconds: a shorter lease expires under calls still "
-            "running and lets them overspend.",
+            "must be at least 60 seconds: live calls renew their lease every third of it, "
+            "and a shorter lease leaves no room for a renewal that comes late.",
         ),
         "llm_quota.E006",
     ),

@@ -78,6 +78,10 @@ class LedgerOperations:
         """Give the whole estimate back (a failed call); a second call changes nothing."""
         return self._run(self.ops.release(reservation))
 
+    def renew(self, reservation: Reservation) -> Any:
+        """Extend a pending reservation's lease by a TTL from now (its call still runs)."""
+        return self._run(self.ops.renew(reservation))
+
     def usage(self, user_id: Any) -> Any:
         """The user's live counters; lost ones are restored first, as reserve would."""
         return self._run(self.ops.usage(user_id, restore_lost=self.restore_source is not None))

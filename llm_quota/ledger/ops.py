@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from redis.exceptions import ResponseError
+
 from llm_quota.ledger import keys
 from llm_quota.ledger.plans import LoadMonth, Plan, ScriptCall
 from llm_quota.ledger.replies import (
@@ -44,15 +46,22 @@ SCRIPTS = (
     "reserve",
     "settle",
     "release",
+    "renew",
     "usage",
     "restore",
     "amend",
     "global_reserve",
     "global_settle",
     "global_release",
+    "global_renew",
     "global_usage",
     "reset",
 )
+
+
+class ReservationIdSpent(ResponseError):
+    """Redis answered that this reservation id is finished already: released (as a
+    reserve whose reply was lost) before this reserve reached it. Nothing was reserved."""
 
 
 @cache
@@ -125,13 +134,19 @@ class LedgerOps:
         min_output_tokens: int = 16,
         probe_prompt_tokens: int | None = None,
         probe_clamp: bool = True,
+        reservation_id: str | None = None,
     ) -> Plan[Decision]:
         """Reserve ``estimate`` in every limit, or refuse. With ``probe_prompt_tokens``
         (a lower bound of the prompt), a refusal also says whether that bound would be
-        refused (``Decision.probe_limit``), with ``probe_clamp`` as its clamping."""
+        refused (``Decision.probe_limit``), with ``probe_clamp`` as its clamping.
+
+        ``reservation_id``: the caller's id for it (``keys.reservation_id()``), known
+        before the call so that a reserve whose reply is lost can still be released.
+        Redis reserves an id at most once: sent again, it answers from what the first
+        reserve holds; released first, it raises ``ReservationIdSpent``."""
         uid = keys.user_id(user_id)
         model = keys.model_name(estimate.model)
-        rid = keys.reservation_id()
+        rid = keys.reservation_id(reservation_id)
         now_arg, local_now = self.now_arg()
         days, day_starts, months, month_starts = period_args(local_now, self.timezone)
         minimum = max(0, min_output_tokens)
@@ -157,6 +172,8 @@ class LedgerOps:
         if int(reply[0]) == 2:
             yield from self.restore(uid, text(reply[7]))
             reply = yield call
+        if int(reply[0]) == 3:
+            raise ReservationIdSpent(f"reservation {rid} was released before it was made")
         wants_global = _uses_global(limits)
         decision = parse_decision(reply, uid, rid, estimate, uses_global=wants_global)
         if self.cluster and wants_global and decision.allowed:
@@ -198,6 +215,9 @@ class LedgerOps:
             # all the same ends with its own lease.
             yield self._amend(held, 0)
             raise
+        if int(answer[0]) == 3:  # released here before this step came: take none of it
+            yield self._amend(held, 0)
+            raise ReservationIdSpent(f"reservation {held.id} was released before it was made")
         if int(answer[0]) == 1:
             granted, reserved = int(answer[3]), int(answer[4])
             if reserved < held.reserved:
@@ -293,7 +313,13 @@ class LedgerOps:
         )  # fmt: skip
 
     def release(self, reservation: Reservation) -> Plan[bool]:
-        """Give the whole estimate back (a failed call); a second call changes nothing."""
+        """Give the whole estimate back (a failed call); a second call changes nothing.
+
+        Also releases a reserve whose reply was lost: an id Redis has not seen is
+        tombstoned, so that reserve takes nothing should it arrive later. On a cluster
+        the global share is released (or tombstoned) whatever the user's step found:
+        a global step whose reply was lost may hold a share after the user's was
+        withdrawn."""
         if reservation.unmetered:
             return False
         uid = keys.user_id(reservation.user_id)
@@ -301,9 +327,24 @@ class LedgerOps:
         now_arg, _ = self.now_arg()
         args = (now_arg, rid, self.ttl_ms)
         released = int((yield ScriptCall("release", self._user_keys(uid), args))) == 1
-        if released and self.cluster and reservation.uses_global:
+        if self.cluster and reservation.uses_global:
             yield ScriptCall("global_release", (self.keyspace.global_(),), args)
         return released
+
+    def renew(self, reservation: Reservation) -> Plan[bool]:
+        """Move a pending reservation's lease (and its global share's) out to a TTL from
+        now: the call is still running. False, and nothing changed, once it is settled,
+        released or expired."""
+        if reservation.unmetered:
+            return False
+        uid = keys.user_id(reservation.user_id)
+        rid = keys.reservation_id(reservation.id)
+        now_arg, _ = self.now_arg()
+        args = (now_arg, rid, self.ttl_ms)
+        renewed = int((yield ScriptCall("renew", self._user_keys(uid), args))) == 1
+        if renewed and self.cluster and reservation.uses_global:
+            yield ScriptCall("global_renew", (self.keyspace.global_(),), args)
+        return renewed
 
     # -- reading -----------------------------------------------------------------------
 
@@ -441,4 +482,12 @@ def parse_decision(
     )
 
 
-__all__ = ["LedgerOps", "LoadMonth", "ModelUsage", "Plan", "SCRIPTS", "ScriptCall"]
+__all__ = [
+    "LedgerOps",
+    "LoadMonth",
+    "ModelUsage",
+    "Plan",
+    "ReservationIdSpent",
+    "SCRIPTS",
+    "ScriptCall",
+]

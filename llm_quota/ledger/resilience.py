@@ -12,8 +12,10 @@ is written once, here, and runs the same under the sync and the async driver. On
   tier's per-minute limits, never unlimited;
 - the ``OutageJournal``: the usage of calls that ran while Redis was away (admitted
   blind, or admitted by Redis and finished after it went) is charged once Redis
-  answers again. A blind reservation carries its day and month, computed here, so
-  its settle is charged as a late settle into the right periods.
+  answers again, before that answer's own decision. A blind reservation carries its
+  day and month, computed here, so its settle is charged as a late settle into the
+  right periods. A reserve whose reply was lost (``reply_lost_released``) is
+  journaled as a release of its id: Redis may run it when it wakes.
 
 An outage is logged CRITICAL once when it starts, and once when it ends with how
 many requests were admitted blind.
@@ -104,17 +106,16 @@ class Outage:
         if self.breaker.state == HALF_OPEN:
             self.breaker.failure()
 
-    def answered(self) -> bool:
-        """Redis answered. True if the journal holds usage to charge now."""
+    def answered(self) -> None:
+        """Redis answered: close the breaker, and log the recovery if it was open."""
         if self.breaker.success():
             with self._count_lock:
                 count, self.admitted_blind = self.admitted_blind, 0
             logger.critical(
                 "Redis is back: %d requests were admitted blind during the outage; "
-                "%d settles are being charged from the journal",
+                "%d settles and releases are left to charge from the journal",
                 count, len(self.journal),
             )  # fmt: skip
-        return len(self.journal) > 0
 
     # -- admitting without Redis ------------------------------------------------------
 
@@ -145,15 +146,14 @@ class Outage:
         self.journal.record(reservation, usage)
 
     def replay(self, ops: LedgerOps) -> Plan[None]:
-        """Charge a batch of the journal (a plan); one caller at a time per process."""
+        """Charge a batch of the journal (a plan); one caller at a time per process.
+        Raises what an unreachable Redis raised; the entry stays for the next call."""
         # Never waited for: on an event loop the holder keeps it across awaits, and a
         # blocking acquire there would stall the loop.
         if not self._replaying.acquire(blocking=False):
             return  # another caller is at it; settle is idempotent, but why twice
         try:
             yield from self.journal.replay(partial(_apply, ops), limit=REPLAY_BATCH)
-        except REDIS_ERRORS as exc:
-            self.failed(exc)
         finally:
             self._replaying.release()
 
@@ -161,23 +161,25 @@ class Outage:
 def resilient(
     operation: Callable[[Any], Plan[T]],
     unavailable: Callable[[BaseException | None], T],
-    undo: Callable[[T], Plan[Any]] | None = None,
 ) -> Plan[T]:
     """Run ``operation(ledger)`` on the ledger unless Redis is away; else, or when it
     fails to answer, return ``unavailable(error)`` (which may raise; ``error`` is None
     when the breaker kept the call off Redis). The one place that knows the breaker:
-    every admission, settle and release goes through here.
+    every admission, settle, release and renewal goes through here.
 
     Errors that are not about reachability (a script error) go on to the caller; a
     call cut short without an answer (cancelled) must not leave a probe half-open.
-    The first call that finds Redis back also charges a batch of the journal; if the
-    caller is cut short then, ``undo(result)`` gives back what the operation gained.
+    While the journal holds what an outage left (settles, releases of lost reserves),
+    each call first charges a batch of it: a decision made after an outage sees the
+    outage's usage, and no slot held by a reserve whose caller gave up on it.
     """
     state = outage()
     if not state.may_call():
         return unavailable(None)
     try:
         ledger = yield USE_LEDGER
+        if len(state.journal):
+            yield from state.replay(ledger.ops)
         result = yield from operation(ledger)
     except REDIS_ERRORS as exc:
         state.failed(exc)
@@ -185,14 +187,42 @@ def resilient(
     except BaseException:
         state.abandon()
         raise
-    if state.answered():
-        try:
-            yield from state.replay(ledger.ops)
-        except BaseException:
-            if undo is not None:
-                yield from undo(result)
-            raise
+    state.answered()
     return result
+
+
+def reply_lost_released(reserve: Plan[T], reservation: Reservation) -> Plan[T]:
+    """Run the ``reserve`` plan for ``reservation`` (its id made by the caller); if its
+    reply never comes (a timeout, a connection lost after sending, a cancellation),
+    journal a release of that id. Redis may have run the reserve, or may run it once
+    it wakes (a frozen server still holds it in its socket): the release gives back what
+    it took, or tombstones the id so that it takes nothing. An error Redis answered with
+    means the reserve did not run, and needs nothing."""
+    try:
+        return (yield from reserve)
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        if isinstance(exc, UNREACHABLE) or not isinstance(exc, REDIS_ERRORS):
+            outage().defer(reservation, None)
+        raise
+
+
+def lost_reservation(rid: str, pk: Any, limits: Limits, estimate: Estimate) -> Reservation:
+    """What a release needs of a reserve that may never answer: its id, its user and
+    whether it takes a global share."""
+    return Reservation(
+        id=rid,
+        user_id=keys.user_id(pk),
+        model=estimate.model,
+        reserved=0,
+        max_tokens=estimate.max_output_tokens,
+        estimate=estimate,
+        day="",
+        month="",
+        month_end_ms=0,
+        uses_global=_uses_global(limits),
+    )
 
 
 def metered(reservation: Reservation) -> Reservation:
@@ -230,11 +260,13 @@ def _unmetered(uid: str, limits: Limits, estimate: Estimate, ledger: Any) -> Res
         day=day,
         month=month,
         month_end_ms=month_end_ms(month, tz),
-        uses_global=(
-            limits.global_tokens_per_day is not None or limits.global_tokens_per_month is not None
-        ),
+        uses_global=_uses_global(limits),
         unmetered=True,
     )
+
+
+def _uses_global(limits: Limits) -> bool:
+    return limits.global_tokens_per_day is not None or limits.global_tokens_per_month is not None
 
 
 _state: Outage | None = None

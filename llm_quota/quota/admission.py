@@ -36,7 +36,14 @@ from llm_quota.ledger.async_driver import AsyncLedger
 from llm_quota.ledger.ops import LedgerOps
 from llm_quota.ledger.plans import CURRENT_LEDGER, USE_LEDGER, Plan
 from llm_quota.ledger.replies import BUDGET_LIMITS, Decision, Reservation, Settlement
-from llm_quota.ledger.resilience import BlindRefusal, metered, outage, resilient
+from llm_quota.ledger.resilience import (
+    BlindRefusal,
+    lost_reservation,
+    metered,
+    outage,
+    reply_lost_released,
+    resilient,
+)
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.quota import alerts
 from llm_quota.quota.drivers import Blocking, Notify, Shielded, arun, run
@@ -354,7 +361,6 @@ def admit_plan(
         decision = yield from resilient(
             lambda ledger: _reserve(ledger, admission),
             lambda _error: _unavailable(admission, current),
-            undo=_release_reserved,
         )
         return _conclude(admission, decision)
     except _Refusal as refusal:
@@ -424,27 +430,25 @@ def _needs_count(policy: UserPolicy, estimate: Estimate, probe: int | None) -> b
 
 def _reserve(ledger: Any, admission: _Admission) -> Plan[Decision]:
     """One reserve, run to its end even if the caller goes away (Redis may admit it
-    whether or not anyone waits): what it admitted for a caller who left is released.
+    whether or not anyone waits): what it admitted for a caller who left is released,
+    and so is its id if no reply came at all (``reply_lost_released``).
 
     An upper-bound estimate is never clamped (the count might not need it); the probe
     carries the prompt's lower bound, clamped as the exact estimate would be."""
+    rid = keys.reservation_id()  # ours before the call: a lost reply can still release it
+    limits, estimate = admission.policy.limits, admission.estimate
     plan = ledger.ops.reserve(
         admission.pk,
-        admission.policy.limits,
-        admission.estimate,
+        limits,
+        estimate,
         clamp=admission.clamp and admission.probe is None,
         min_output_tokens=admission.minimum,
         probe_prompt_tokens=admission.probe,
         probe_clamp=admission.clamp,
+        reservation_id=rid,
     )
-    return (yield Shielded(plan, orphan=_release_orphan))
-
-
-def _release_reserved(decision: Decision) -> Plan[None]:
-    """The caller was cut short after its reserve answered: give the reservation back."""
-    undo = _release_orphan(decision)
-    if undo is not None:
-        yield Shielded(undo, orphan=lambda _released: None)
+    lost = lost_reservation(rid, admission.pk, limits, estimate)
+    return (yield Shielded(reply_lost_released(plan, lost), orphan=_release_orphan))
 
 
 def _release_orphan(decision: Decision) -> Plan[bool] | None:
@@ -585,6 +589,15 @@ def _settle_plan(reservation: Reservation, actual: ActualUsage) -> Plan[Settleme
 
 def _settle(ops: LedgerOps, reservation: Reservation, usage: ActualUsage) -> Plan[Settlement]:
     return (yield from ops.settle(metered(reservation), usage))
+
+
+def renew_plan(reservation: Reservation) -> Plan[bool | None]:
+    """Extend a live call's lease (``quota.leases``): True if renewed, False once the
+    reservation is no longer pending, None if Redis could not be asked (try again
+    later; nothing is journaled, a lease only matters while Redis counts it)."""
+    if reservation.unmetered:
+        return False
+    return (yield from resilient(lambda ledger: ledger.ops.renew(reservation), lambda _e: None))
 
 
 def release_plan(reservation: Reservation) -> Plan[bool]:

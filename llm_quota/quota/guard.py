@@ -31,7 +31,7 @@ from llm_quota.ledger.async_driver import AsyncLedger, twin_of
 from llm_quota.ledger.plans import Plan
 from llm_quota.ledger.replies import Decision, Reservation, Settlement
 from llm_quota.ledger.sync_driver import Ledger
-from llm_quota.quota import admission
+from llm_quota.quota import admission, leases
 from llm_quota.quota.drivers import arun, run
 from llm_quota.rules.accounting import ActualUsage, Estimate
 from llm_quota.rules.estimation import count_messages, count_output
@@ -116,11 +116,15 @@ class QuotaGuard:
                 f"{self.choices} completions do not fit in the remaining quota; ask for fewer.",
                 param="n",
             )
+        # Renewed while the call runs longer than a third of RESERVATION_TTL; every way
+        # the guard finishes (_settle_plan, _release_plan) drops it.
+        leases.keeper().hold(self, self.reservation, self.ledger, self.aledger)
         return self
 
     def _settle_plan(self, usage: Any, output_text: str | None = None) -> Plan[Settlement]:
         if self._finished and self.settlement is not None:
             return self.settlement
+        leases.keeper().drop(self)
         self.settlement = yield from admission.settle_plan(
             self.reservation, usage, output_text=output_text
         )
@@ -156,6 +160,7 @@ class QuotaGuard:
         if self._finished:
             return False
         self._finished = True
+        leases.keeper().drop(self)
         return (yield from admission.release_plan(self.reservation))
 
     def _charge_estimate_plan(self) -> Plan[Settlement]:

@@ -7,7 +7,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from llm_quota.ledger import keys
 from llm_quota.ledger.keys import InvalidKeyPart
+from llm_quota.ledger.ops import ReservationIdSpent
+from llm_quota.ledger.resilience import lost_reservation
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.rules.accounting import ActualUsage, Limits
 from tests.support import periods
@@ -257,3 +260,103 @@ def test_one_round_trip_to_reserve_and_one_to_settle(private_redis, clock, monke
     assert round_trips == 2
     assert calls(after, "evalsha") - calls(before, "evalsha") == 2
     assert calls(after, "eval") - calls(before, "eval") == 0
+
+
+# -- the caller's id: a lost reply is released in either order ------------------------
+
+ONE_AT_A_TIME = Limits(
+    max_concurrent_requests=1, tokens_per_month=10_000, global_tokens_per_month=10**6
+)
+
+
+def test_a_reserve_that_arrives_after_its_release_reserves_nothing(ledger):
+    rid = keys.reservation_id()
+    lost = lost_reservation(rid, 1, ONE_AT_A_TIME, estimate(100, 400))
+    # The journal's release reaches Redis first (the reserve is still in a frozen
+    # server's socket): it leaves a tombstone.
+    assert ledger.release(lost) is False
+    with pytest.raises(ReservationIdSpent):
+        ledger.reserve(1, ONE_AT_A_TIME, estimate(100, 400), reservation_id=rid)
+    usage = ledger.usage(1)
+    assert (usage.reserved, usage.in_flight, usage.tokens_this_month) == (0, 0, 0)
+    assert ledger.reserve(1, ONE_AT_A_TIME, estimate(1, 1)).allowed  # the slot is free
+
+
+def test_a_reserve_released_after_it_ran_gives_everything_back(ledger):
+    rid = keys.reservation_id()
+    ran = ledger.reserve(1, ONE_AT_A_TIME, estimate(100, 400), reservation_id=rid)
+    assert ran.allowed and ran.reservation.id == rid
+    assert ledger.release(lost_reservation(rid, 1, ONE_AT_A_TIME, estimate(100, 400))) is True
+    usage = ledger.usage(1)
+    assert (usage.reserved, usage.in_flight, usage.tokens_this_month) == (0, 0, 0)
+
+
+def test_a_reserve_sent_twice_reserves_once_and_answers_the_same(ledger):
+    """A client that retries a reserve whose reply it lost (redis-py's Retry, a
+    cluster's redirect) sends the same id again: it must not count twice."""
+    limits = Limits(tokens_per_month=1000, tokens_per_minute=900, requests_per_minute=10)
+    rid = keys.reservation_id()
+    first = ledger.reserve(1, limits, estimate(100, 700), reservation_id=rid)
+    again = ledger.reserve(1, limits, estimate(100, 700), reservation_id=rid)
+    assert first.reservation.reserved == 800 and first.reservation.max_tokens == 700
+    assert again.allowed and again.reservation == first.reservation
+    assert (again.requests_remaining, again.tokens_remaining) == (9, 100)
+    usage = ledger.usage(1)
+    assert (usage.reserved, usage.in_flight, usage.requests_this_minute) == (800, 1, 1)
+    ledger.settle(again.reservation, ActualUsage(100, 50))
+    assert ledger.usage(1).tokens_this_month == 150
+
+
+def test_a_clamped_reserve_sent_twice_is_answered_with_its_clamp(ledger):
+    limits = Limits(tokens_per_month=500)
+    rid = keys.reservation_id()
+    first = ledger.reserve(1, limits, estimate(100, 700), reservation_id=rid)
+    again = ledger.reserve(1, limits, estimate(100, 700), reservation_id=rid)
+    assert first.reservation.max_tokens == again.reservation.max_tokens == 400
+    assert ledger.usage(1).reserved == 500
+
+
+# -- renew.lua -----------------------------------------------------------------------
+
+
+def test_a_renewed_lease_outlives_the_ttl_it_was_reserved_with(ledger, clock):
+    held = ledger.reserve(1, ONE_AT_A_TIME, estimate(100, 400)).reservation
+    clock.advance(500)
+    assert ledger.renew(held) is True
+    clock.advance(200)  # 700 s after the reserve, 200 s after the renewal
+    refused = ledger.reserve(1, ONE_AT_A_TIME, estimate(1, 1))
+    assert refused.limit == "max_concurrent_requests"
+    assert ledger.usage(1).reserved == 500
+    clock.advance(401)  # a TTL after the renewal: no more renewals, it expires
+    assert ledger.reserve(1, ONE_AT_A_TIME, estimate(1, 1)).allowed
+    assert ledger.renew(held) is False, "an expired lease stays expired"
+
+
+def test_renewing_a_finished_reservation_changes_nothing(ledger, clock):
+    settled = ledger.reserve(1, Limits(), estimate(100, 400)).reservation
+    released = ledger.reserve(1, Limits(), estimate(100, 400)).reservation
+    ledger.settle(settled, ActualUsage(100, 10))
+    ledger.release(released)
+    assert ledger.renew(settled) is False and ledger.renew(released) is False
+    usage = ledger.usage(1)
+    assert (usage.reserved, usage.in_flight, usage.tokens_this_month) == (0, 0, 110)
+
+
+def test_renewal_moves_reserves_housekeeping_date_with_the_lease(ledger, clock, redis_client):
+    held = ledger.reserve(1, Limits(), estimate(100, 400)).reservation
+    base = ledger.keyspace.user("1")
+    before = int(redis_client.hget(f"{base}:s", "pdue"))
+    clock.advance(300)
+    ledger.renew(held)
+    assert int(redis_client.hget(f"{base}:s", "pdue")) == before + 300_000
+
+
+def test_a_renewed_global_share_keeps_its_tokens_counted(ledger, clock):
+    limits = Limits(global_tokens_per_month=1000)
+    held = ledger.reserve(1, limits, estimate(100, 400)).reservation
+    clock.advance(500)
+    assert ledger.renew(held)
+    clock.advance(200)
+    assert ledger.global_usage().tokens_this_month == 500
+    refused = ledger.reserve(2, limits, estimate(100, 500), clamp=False)
+    assert refused.limit == "global_tokens_per_month"

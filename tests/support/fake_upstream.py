@@ -17,7 +17,9 @@ The model name picks the behaviour, so one server serves every case:
 - ``up-trickle``: streams up to ``WORDS`` chunks ``TRICKLE`` seconds apart (for clients
   that disconnect), recording how many it managed to send;
 - ``up-hold``: streams one chunk, then waits until the test sets ``hold`` (so that every
-  request of a burst is admitted or refused before any of them is settled).
+  request of a burst is admitted or refused before any of them is settled);
+- ``up-long``: an answer that takes ``LONG`` seconds: sent whole
+  after it, or streamed as chunks spread over it (calls that outlive a lease).
 
 Every request body is recorded in ``requests``; streams are sent with chunked transfer
 encoding, as OpenAI does, so a dropped connection is an error and not an early end.
@@ -39,6 +41,7 @@ EXTRA = 25
 LATENCY = 0.3
 TRICKLE = 0.05
 DROP_AFTER = 3
+LONG = 6.0
 #: The longest ``up-hold`` waits for the test (a failed test must not hang the server).
 HOLD_LIMIT = 60
 
@@ -87,6 +90,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         if model == "up-slow":
             time.sleep(LATENCY)
+        if model == "up-long" and not body.get("stream"):
+            time.sleep(LONG)
         cap = body.get("max_completion_tokens") or body.get("max_tokens") or WORDS
         count = min(WORDS, cap) + (EXTRA if model == "up-ignores-cap" else 0)
         if body.get("stream"):
@@ -144,6 +149,8 @@ class Handler(BaseHTTPRequestHandler):
                     return
                 if model in ("up-slow", "up-trickle") and i:
                     time.sleep(TRICKLE if model == "up-trickle" else LATENCY / 10)
+                if model == "up-long":
+                    time.sleep(LONG / count)
                 if model == "up-hold" and i == 1:
                     self.server.hold.wait(HOLD_LIMIT)
                 delta = {"content": word(i)}

@@ -11,9 +11,11 @@ import inspect
 import multiprocessing
 
 import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm_quota.ledger import keys
 from llm_quota.ledger.ops import ScriptCall
+from llm_quota.ledger.resilience import lost_reservation
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.rules.accounting import ActualUsage, Limits
 from tests.integration import test_ledger
@@ -316,3 +318,32 @@ def test_snapshot_copies_users_from_every_primary(cluster_ledger):
     rows = UsageSnapshot.objects.filter(user__in=users)
     assert sorted(row.base_tokens for row in rows) == [120] * 12
     assert snapshot_usage(ledger=cluster_ledger).rows_written == 0  # idempotent
+
+
+@pytest.mark.parametrize("late", ["before", "after"], ids=["released-first", "ran-first"])
+def test_a_global_step_whose_reply_was_lost_holds_nothing_once_released(cluster_ledger, late):
+    """The user's step answered, the global step's reply was lost (the {g} primary froze):
+    the plan withdraws the user's share, and the journal's release of the id reaches the
+    global slot before or after the frozen step runs there. Either way nothing is held."""
+    u = users_on_distinct_nodes(cluster_ledger, 1)[0]
+    limits = Limits(global_tokens_per_month=1000, max_concurrent_requests=1)
+    rid = keys.reservation_id()
+    plan = cluster_ledger.ops.reserve(u, limits, estimate(100, 400), reservation_id=rid)
+    global_step = next(plan)
+    while getattr(global_step, "script", None) != "global_reserve":  # restore, then reserve
+        global_step = plan.send(cluster_ledger.perform(global_step))
+    withdraw = plan.throw(RedisTimeoutError("the reply was lost"))
+    with pytest.raises(RedisTimeoutError):
+        plan.send(cluster_ledger.perform(withdraw))
+    lost = lost_reservation(rid, u, limits, estimate(100, 400))
+    if late == "after":
+        cluster_ledger.perform(global_step)  # Redis runs the frozen step, then the release
+        cluster_ledger.release(lost)
+    else:
+        cluster_ledger.release(lost)
+        assert int(cluster_ledger.perform(global_step)[0]) == 3  # refused: released already
+    figures = cluster_ledger.global_usage()
+    assert (figures.tokens_this_month, figures.in_flight) == (0, 0)
+    usage = cluster_ledger.usage(u)
+    assert (usage.reserved, usage.in_flight, usage.tokens_this_month) == (0, 0, 0)
+    assert cluster_ledger.reserve(u, limits, estimate(100, 900)).allowed

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from llm_quota.ledger import resilience
 from llm_quota.ledger.breaker import HALF_OPEN, OPEN
@@ -124,41 +125,70 @@ def test_a_probe_cut_short_without_an_answer_opens_the_breaker_again(state):
     assert state.breaker.state == OPEN  # not left half-open, refusing every later probe
 
 
-def test_a_caller_cut_short_while_the_journal_replays_gives_back_what_it_reserved(state):
-    """Redis is back: the first call charges the journal. If that caller is cancelled
-    mid-replay, its own fresh reservation must not wait for its lease to expire."""
-    ops = LedgerOps(prefix="t")
-    state.breaker.failure()
-    state.breaker.opened_at -= state.breaker.cooldown  # the next call probes
-    state.defer(_reservation("ab"), None)  # a release that could not reach Redis
-    undone = []
-
-    def undo(result):
-        undone.append(result)
-        yield ScriptCall("release", (), (result,))
-
+def _ledger_with(ops):
     class Ledger:
         pass
 
     Ledger.ops = ops
+    return Ledger()
+
+
+def test_the_journal_is_charged_before_the_decision_that_finds_redis_back(state):
+    """What an outage left (here the release of a reserve whose reply was lost) reaches
+    Redis before the next reserve, so that reserve is not refused by a phantom."""
+    ops = LedgerOps(prefix="t")
+    state.breaker.failure()
+    state.breaker.opened_at -= state.breaker.cooldown  # the next call probes
+    state.defer(_reservation("ab"), None)
     sent = []
 
     def perform(step):
-        sent.append(step.script if isinstance(step, ScriptCall) else step)
         if isinstance(step, UseLedger):
-            return Ledger()
-        if step.script == "reserve":
-            return "reserved"
-        if step.args[:1] != ("reserved",):  # the journal's release
-            raise KeyboardInterrupt
+            return _ledger_with(ops)
+        sent.append((step.script, step.args[1] if step.script == "release" else None))
+        return 1 if step.script == "release" else "reserved"
 
-    def operation(ledger):
-        return (yield ScriptCall("reserve", (), ()))
+    assert drive(resilient(_operation, lambda error: "blind"), perform) == "reserved"
+    assert sent == [("release", "ab" * 16), ("reserve", None)]
+    assert len(state.journal) == 0 and state.breaker.state == "closed"
 
-    with pytest.raises(KeyboardInterrupt):
-        drive(resilient(operation, lambda error: "blind", undo=undo), perform)
-    assert undone == ["reserved"] and sent[-1] == "release"
-    assert len(state.journal) == 1  # the journaled release is kept for the next call
+
+def test_a_journal_that_finds_redis_gone_again_keeps_the_call_off_it(state):
+    ops = LedgerOps(prefix="t")
+    state.defer(_reservation("ab"), None)
+    sent = []
+
+    def perform(step):
+        if isinstance(step, UseLedger):
+            return _ledger_with(ops)
+        sent.append(step.script)
+        raise RedisConnectionError("gone")
+
+    result = drive(resilient(_operation, lambda error: ("blind", error)), perform)
+    assert result[0] == "blind" and sent == ["release"]  # one timeout paid, not two
+    assert len(state.journal) == 1 and state.breaker.state == OPEN
+
+
+@pytest.mark.parametrize(
+    "failure, journaled",
+    [
+        (RedisConnectionError("reply lost"), True),
+        (KeyboardInterrupt(), True),
+        (ResponseError("script error: Redis answered"), False),
+    ],
+)
+def test_a_reserve_whose_reply_never_came_journals_a_release_of_its_id(state, failure, journaled):
+    lost = _reservation("cd")
+
+    def reserve():
+        yield ScriptCall("reserve", (), (0, lost.id))
+
+    def perform(step):
+        raise failure
+
+    with pytest.raises(type(failure)):
+        drive(resilience.reply_lost_released(reserve(), lost), perform)
+    assert len(state.journal) == (1 if journaled else 0)
 
 
 def _reservation(rid):

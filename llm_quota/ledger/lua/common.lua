@@ -7,6 +7,7 @@
 --                                                         count is the concurrency in use)
 --   B:rr         HASH reservation id -> record "state|amount|day|month|month_end|global|model"
 --                     state: p pending, x expired (estimate given back), s settled, l released
+--                     (perhaps before its reserve arrived: tombstone())
 --                     amount: what the reservation holds in the token window now (the
 --                     estimate while pending, the actual once settled, 0 once given back)
 --                     global: 1 if the same script also holds a share in G (one Redis)
@@ -173,6 +174,30 @@ local function window_front(B, now)
     if #first > 0 then oldest = tonumber(first[2]) end
   end
   return freed, oldest
+end
+
+-- An id released before Redis saw its reserve (the caller gave up on that reserve's
+-- reply, and the reserve may still arrive): a tombstone like a release's, without the
+-- periods it never had, so reserve.lua and global_reserve.lua refuse the id. P is a
+-- user's B or the global G; the structures expire even if nobody comes back.
+local function tombstone(P, rid, now, ttl)
+  redis.call('HSET', P .. ':rr', rid, record('l', 0, 0, 0, 0, 0, ''))
+  redis.call('ZADD', P .. ':z', now + ttl, rid)
+  redis.call('PEXPIREAT', P .. ':rr', now + STRUCT_TTL)
+  redis.call('PEXPIREAT', P .. ':z', now + STRUCT_TTL)
+end
+
+-- Move a pending reservation's lease in P (a user's B or the global G) out to `lease_end`,
+-- never in. Returns the record's global flag if it is pending (renewed), else nil: a
+-- settled, released or expired reservation keeps its state.
+local function renew_lease(P, rid, lease_end)
+  local rec = redis.call('HGET', P .. ':rr', rid)
+  if not rec then return nil end
+  local state, _, _, _, _, g = parse_record(rec)
+  if state ~= 'p' then return nil end
+  local lease = tonumber(redis.call('ZSCORE', P .. ':p', rid))
+  if lease and lease < lease_end then redis.call('ZADD', P .. ':p', lease_end, rid) end
+  return g
 end
 
 -- Reservations whose lease ran out (a crashed worker, a forgotten settle) give their
@@ -389,10 +414,14 @@ local function global_settle(G, rid, actual, day, month, month_end, charge_missi
   return delta
 end
 
--- Give a pending global share back whole. Returns 1 if it was pending.
+-- Give a pending global share back whole. Returns 1 if it was pending. A share G has
+-- not seen yet is tombstoned: its global_reserve may still arrive, and must take nothing.
 local function global_release(G, rid, now, ttl)
   local rec = redis.call('HGET', G .. ':rr', rid)
-  if not rec then return 0 end
+  if not rec then
+    tombstone(G, rid, now, ttl)
+    return 0
+  end
   local state, est, day, month, month_end = parse_record(rec)
   if state ~= 'p' then return 0 end
   global_give_back(G, est, day, month, now)

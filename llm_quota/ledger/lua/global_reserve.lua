@@ -8,7 +8,8 @@
 --       8 output tokens the first step granted, 9 least output worth clamping to,
 --       10 clamp (1/0), 11 day, 12 day end, 13 month, 14 month end.
 -- Returns {status, limit, retry_ms, granted_output, reserved}: status 1 admitted
--- (perhaps clamped lower than the first step), 0 refused.
+-- (perhaps clamped lower than the first step), 0 refused, 3 this id is finished here
+-- already (released before this step arrived: its reply was lost, see reserve.lua).
 
 local G = KEYS[1]
 local now = now_ms(ARGV[1])
@@ -21,6 +22,15 @@ local month, month_end = ARGV[13], tonumber(ARGV[14])
 
 -- Step 1: shares whose lease ran out give their tokens back, and old tombstones go.
 global_housekeeping(G, now, ttl)
+
+-- Step 1b: an id G holds already is never taken twice: a pending share is answered as
+-- admitted again (the same step, sent again), a finished one or a tombstone refuses.
+local prior = redis.call('HGET', G .. ':rr', rid)
+if prior then
+  local state, held = parse_record(prior)
+  if state ~= 'p' then return {3, '', 0, 0, 0} end
+  return {1, '', 0, clamp_output(prompt_micro, out_micro, held, max_out), held}
+end
 
 -- Step 2: fit the request into what everyone has left today and this month.
 local g_day, g_month = global_used(G, day, month)

@@ -2,16 +2,22 @@
 -- KEYS[1] user base B, KEYS[2] global base G, on one Redis only (a cluster releases
 -- G in global_release.lua).
 -- ARGV: 1 now (0 = Redis' clock), 2 reservation id, 3 ttl.
--- Returns 1 if released, 0 if it was no longer pending (idempotent).
+-- Returns 1 if released, 0 if it was no longer pending (idempotent) or never seen.
 -- The request itself stays counted in the request window: it was made.
+-- Also the release of a reserve whose reply was lost: Redis may have run it, may run
+-- it later (it was still in a frozen server's socket), or never.
 
 local B, G = KEYS[1], KEYS[2]
 local now = now_ms(ARGV[1])
 local rid, ttl = ARGV[2], tonumber(ARGV[3])
 
--- Step 1: only a pending reservation holds anything to give back.
+-- Step 1: only a pending reservation holds anything to give back. An id not seen yet
+-- is tombstoned, so its reserve, should it arrive after this, reserves nothing.
 local rec = redis.call('HGET', B .. ':rr', rid)
-if not rec then return 0 end
+if not rec then
+  tombstone(B, rid, now, ttl)
+  return 0
+end
 local state, est, day, month, month_end, g, model = parse_record(rec)
 if state ~= 'p' then return 0 end
 

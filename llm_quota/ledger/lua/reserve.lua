@@ -12,7 +12,12 @@
 --          requests_limit, requests_remaining, requests_reset_ms,
 --          tokens_limit, tokens_remaining, tokens_reset_ms, month_end, day_end,
 --          probe_limit, probe_retry_ms}
--- status: 1 admitted, 0 refused (limit names the binding one), 2 restore counters first.
+-- status: 1 admitted, 0 refused (limit names the binding one), 2 restore counters first,
+--         3 this id is finished already (released before this reserve arrived).
+-- The id is the caller's, made before the call, so a reserve runs at most once per id:
+-- one sent again (a client's retry after a lost reply) is answered from what the first
+-- one holds, and one that arrives after its caller gave up on it and released the id
+-- (release.lua tombstones an id it has not seen) reserves nothing.
 -- The probe serves a caller that priced a huge prompt by its byte count (an upper
 -- bound) to skip tokenizing it: on a refusal it learns whether the prompt's lower
 -- bound would be refused as well (probe_limit names the limit then, else ''), and so
@@ -32,7 +37,14 @@ local month, month_end = pick_period(ARGV[19], ARGV[20], now)
 if G == nil then gtpd, gtpmo = -1, -1 end
 local use_global = gtpd >= 0 or gtpmo >= 0
 
--- Step 1: counters lost with Redis' data must be restored from the database before
+-- Step 1: an id with a finished record (or a tombstone) is not reserved again; one
+-- still pending is answered in step 3b.
+local prior = redis.call('HGET', B .. ':rr', rid)
+if prior and string.sub(prior, 1, 1) ~= 'p' then
+  return {3, '', 0, 0, 0, now, day, month, 0, 0, 0, 0, 0, 0, month_end, day_end}
+end
+
+-- Step 1b: counters lost with Redis' data must be restored from the database before
 -- they are trusted; the caller restores once and asks again.
 local s = redis.call('HMGET', B .. ':s', 'seen', 't', 'wsum', 'pdue', 'zdue')
 if not s[1] then
@@ -57,6 +69,38 @@ local periods = redis.call('MGET', B .. ':d:' .. day, B .. ':m:' .. month)
 local used_day, used_month = num(periods[1]), num(periods[2])
 local g_day, g_month = 0, 0
 if use_global then g_day, g_month = global_used(G, day, month) end
+
+-- What changed in B:s is written in one HSET, whatever the decision.
+local function save_state(wsum)
+  local fields = {}
+  if wsum ~= state.wsum then fields[#fields + 1] = 'wsum'; fields[#fields + 1] = wsum end
+  for name, value in pairs(state.changed) do
+    fields[#fields + 1] = name
+    fields[#fields + 1] = value
+  end
+  if #fields > 0 then redis.call('HSET', B .. ':s', unpack(fields)) end
+end
+
+local tokens_limit, tokens_left = tpm, tpm - used_min
+if tpm < 0 then tokens_limit, tokens_left = -1, -1 end
+
+-- Step 3b: this id is reserved already (the same call, sent again): answer as admitted
+-- from its record, with the output cap its amount bought; nothing is taken twice.
+-- (Step 2 may just have expired it: then it is finished, as in step 1.)
+if prior then
+  save_state(used_min)
+  local held_state, held, held_day, held_month, held_end =
+    parse_record(redis.call('HGET', B .. ':rr', rid) or prior)
+  if held_state ~= 'p' then
+    return {3, '', 0, 0, 0, now, day, month, 0, 0, 0, 0, 0, 0, month_end, day_end}
+  end
+  local again = clamp_output(prompt_micro, out_micro, held, max_out)
+  local left = -1
+  if rpm >= 0 then left = math.max(rpm - requests, 0) end
+  return {1, '', 0, again, held, now, held_day, held_month,
+          rpm, left, window_reset, tokens_limit, math.max(tokens_left, -1), window_reset,
+          held_end, day_end}
+end
 
 -- Step 4: find every limit that refuses (see refusal() for which one is named).
 local function block_rates(r)
@@ -101,20 +145,6 @@ local function token_wait(l, short)
 end
 local granted, est = fit_tokens(token_limits, prompt_micro, out_micro, max_out, min_out, clamp, r,
   token_wait)
-
-local tokens_limit, tokens_left = tpm, tpm - used_min
-if tpm < 0 then tokens_limit, tokens_left = -1, -1 end
-
--- What changed in B:s is written in one HSET, whatever the decision.
-local function save_state(wsum)
-  local fields = {}
-  if wsum ~= state.wsum then fields[#fields + 1] = 'wsum'; fields[#fields + 1] = wsum end
-  for name, value in pairs(state.changed) do
-    fields[#fields + 1] = name
-    fields[#fields + 1] = value
-  end
-  if #fields > 0 then redis.call('HSET', B .. ':s', unpack(fields)) end
-end
 
 if r.name then
   save_state(used_min)
