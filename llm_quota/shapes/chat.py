@@ -9,8 +9,9 @@ the same way (and only once):
   everything else passes through to the upstream untouched, which validates it as it
   always does. A bad value is a 400 in OpenAI's shape that names the field, never a
   500 and never a reservation.
-- ``BILLED_FIELDS``: the body fields the estimate counts; ``CAP_FIELDS``: the fields
-  that cap the output, and ``ChatRequest.upstream_body`` sets them to the reserved cap.
+- ``BILLED_FIELDS``: the body fields the estimate counts (the one list: the guard, the
+  admission and the estimator take whatever it names); ``CAP_FIELDS``: the fields that
+  cap the output, and ``ChatRequest.upstream_body`` sets them to the reserved cap.
 - ``Used``: what an answer says it used (``read_completion``, ``StreamWatch.used``):
   the upstream's ``usage`` when it can be settled from, else the text it generated.
 - ``StreamWatch``: what happens to each event of a streamed answer.
@@ -26,9 +27,13 @@ from typing import Any
 from llm_quota.exceptions import InvalidRequest
 from llm_quota.ledger import keys
 
-#: The body fields the estimate counts, each passed to the guard under its own name
-#: (``QuotaGuard(messages=..., tools=...)``). The one place that decides what is billed.
-BILLED_FIELDS = ("messages", "tools")
+#: The body fields OpenAI bills as input, each passed to the guard under its own name
+#: (``QuotaGuard(messages=..., tools=...)``). The one place that decides what is billed:
+#: the estimate counts every field named here (``rules.estimation``), the messages part
+#: by part (text, images, audio, files), the others as the provider renders them. ``n``
+#: and the output cap are billed as output (``quota_kwargs``); reasoning tokens are
+#: inside the cap.
+BILLED_FIELDS = ("messages", "tools", "functions", "tool_choice", "response_format")
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 #: Both names OpenAI accepts for the output cap; ``max_completion_tokens`` is the newer
 #: one (reasoning models accept only it), ``max_tokens`` what most compatible servers read.
@@ -119,8 +124,9 @@ class ChatRequest:
                     param="stream_options.include_usage",
                 )
         tools = body.get("tools")
-        if tools is not None and not isinstance(tools, list):
-            raise InvalidRequest("'tools' must be an array.", param="tools")
+        for name in ("tools", "functions"):
+            if body.get(name) is not None and not isinstance(body[name], list):
+                raise InvalidRequest(f"'{name}' must be an array.", param=name)
         return cls(
             body=body,
             model=model,
@@ -133,8 +139,8 @@ class ChatRequest:
         )
 
     def billed(self) -> dict[str, Any]:
-        """The billed parts of the body (``BILLED_FIELDS``), as the estimate counts them."""
-        return {name: self.body.get(name) for name in BILLED_FIELDS}
+        """The billed parts of the body (``BILLED_FIELDS``) it has, as the estimate counts them."""
+        return {name: self.body[name] for name in BILLED_FIELDS if self.body.get(name) is not None}
 
     def quota_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``quota_guard`` that price this request."""

@@ -59,7 +59,7 @@ def mp3(seconds: float, kbps: int = 64) -> bytes:
         header = bytes([0xFF, 0xFB, _MPEG1[kbps] << 4, 0xC4])
     else:
         header = bytes([0xFF, 0xF3, _MPEG2[kbps] << 4, 0xC4])
-    size = int(seconds * kbps * 1000 / 8)
+    size = max(int(seconds * kbps * 1000 / 8), 204)  # one frame at least
     return (header + b"\0" * 200) * (size // 204) + b"\0" * (size % 204)
 
 
