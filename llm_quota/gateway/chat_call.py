@@ -58,7 +58,10 @@ class ChatCall:
         self.user = user
 
     def upstream_body(self) -> dict[str, Any]:
-        return self.chat.upstream_body(self.guard.max_tokens)
+        """The body with the reserved cap, under the field the price row names."""
+        estimate = self.guard.reservation.estimate
+        cap_field = estimate.price.output_cap_field if estimate is not None else ""
+        return self.chat.upstream_body(self.guard.max_tokens, cap_field)
 
     def failed(self, exc: UpstreamError) -> HttpResponseBase:
         """The answer to a call the upstream refused (its reservation already released)."""
