@@ -205,7 +205,7 @@ def _as_text(value: Any) -> str:
     try:
         return json.dumps(value, ensure_ascii=False, default=str)
     except (TypeError, ValueError, RecursionError):
-        return str(value)
+        return _flat_json(value)
 
 
 # -- what a prompt is billed for ----------------------------------------------------------
@@ -235,7 +235,42 @@ def _json_text(value: Any) -> str:
     try:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
     except (TypeError, ValueError, RecursionError):
-        return str(value)
+        return _flat_json(value)
+
+
+class _Raw(str):
+    """Text already serialized, on ``_flat_json``'s stack."""
+
+
+def _flat_json(value: Any) -> str:
+    """``json.dumps`` with a stack instead of recursion: nesting too deep for it (a body
+    nobody would send but anybody can) is still counted, not a crash."""
+    out: list[str] = []
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Raw):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.append(_Raw("}"))
+            for index, (key, inner) in enumerate(reversed(list(item.items()))):
+                stack += [_Raw(",")] * bool(index) + [inner, _Raw(_leaf(str(key)) + ":")]
+            stack.append(_Raw("{"))
+        elif isinstance(item, list | tuple):
+            stack.append(_Raw("]"))
+            for index, inner in enumerate(reversed(item)):
+                stack += [_Raw(",")] * bool(index) + [inner]
+            stack.append(_Raw("["))
+        else:
+            out.append(_leaf(item))
+    return "".join(out)
+
+
+def _leaf(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return json.dumps(repr(value))
 
 
 def _shape(value: Any) -> tuple[int, int]:

@@ -62,6 +62,10 @@ class Family:
         tiles = MAX_TILES if size is None else _tiles(*size)
         return self.base + self.per_tile * tiles
 
+    def knows(self, size: tuple[int, int] | None, detail: Any) -> bool:
+        """Whether ``tokens`` is the exact cost: the size is known, or does not matter."""
+        return size is not None or (self.multiplier is None and detail == "low")
+
 
 def _family(name: str, *, tile: tuple[int, int] = (0, 0), multiplier: str = "") -> Family:
     return Family(name, *tile, Fraction(multiplier) if multiplier else None)
@@ -97,7 +101,7 @@ def image_tokens(model: str, url: Any, detail: Any) -> tuple[int, bool]:
     size = image_size(url) if isinstance(url, str) else None
     family = family_for(model)
     if family is not None:
-        return family.tokens(size, detail), size is not None
+        return family.tokens(size, detail), family.knows(size, detail)
     return max(f.tokens(size, detail) for _, f in FAMILIES), False
 
 
@@ -150,15 +154,13 @@ def image_size(url: str) -> tuple[int, int] | None:
 
 def _webp(head: bytes) -> tuple[int, int] | None:
     chunk = head[12:16]
-    if len(head) < 30:
-        return None
-    if chunk == b"VP8 ":
+    if chunk == b"VP8 " and len(head) >= 30:
         width, height = struct.unpack("<HH", head[26:30])
         return width & 0x3FFF, height & 0x3FFF
-    if chunk == b"VP8L":
+    if chunk == b"VP8L" and len(head) >= 25:
         bits = int.from_bytes(head[21:25], "little")
         return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    if chunk == b"VP8X":
+    if chunk == b"VP8X" and len(head) >= 30:
         return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
     return None
 
