@@ -60,10 +60,11 @@ PER_REQUEST_RETRY = 60
 #: No model writes a million tokens in one answer; a larger cap is a bug or an attack,
 #: refused even where the price row gives no context window to check against.
 MAX_OUTPUT_TOKENS = 1_000_000
-#: A prompt whose byte count (an upper bound of its tokens in any encoding) is above
-#: this is first reserved on that bound: when the bound fits, or even the prompt's
-#: lower bound is refused, the exact count cannot change the answer, and tokenizing a
-#: long prompt costs far more than a reserve. Below it the prompt is always counted.
+#: A prompt with more text than this (bytes, JSON fields included) is first reserved on
+#: its tokenizer-free upper bound (``bound_prompt``): when the bound fits, or even the
+#: prompt's lower bound is refused, the exact count cannot change the answer, and
+#: tokenizing a long prompt costs far more than a reserve. Below it the prompt is always
+#: counted (images and audio cost the same either way: they are never tokenized).
 LAZY_COUNT_ABOVE = 32_768
 
 
@@ -230,12 +231,12 @@ def _bounded(
 ) -> tuple[Estimate, int] | None:
     """The estimate on a huge prompt's byte bound and the prompt's lower bound, when
     the bound passes every check the exact count would (else None: count it)."""
-    lower, upper, unbounded = bounds
+    lower, upper = bounds.lower, bounds.upper
     window = price.context_window
     if window is not None and lower >= window:
         raise _too_long(window)
-    if upper <= LAZY_COUNT_ABOVE or unbounded:
-        return None
+    if bounds.countable <= LAZY_COUNT_ABOVE or bounds.unbounded:
+        return None  # counting costs little (or only the count can bound it): count it
     _check_max_tokens(max_tokens)
     output = price.default_max_output_tokens if max_tokens is None else max_tokens
     if window is not None and upper + output > window:

@@ -224,10 +224,13 @@ class PromptCount:
 
 
 class PromptBounds(NamedTuple):
-    """``bound_prompt``: bounds of ``count_prompt`` in any encoding, without tokenizing."""
+    """``bound_prompt``: bounds of ``count_prompt`` in any encoding, without tokenizing.
+    ``countable``: the part of ``upper`` the count would tokenize (text and JSON, in
+    bytes): what counting the prompt costs."""
 
     lower: int
     upper: int
+    countable: int
     unbounded: bool
 
 
@@ -440,7 +443,7 @@ def bound_prompt(prompt: Any, model: str = "") -> PromptBounds:
     budget = _Budget(None)
     _walk(billed, None, model, budget)
     lower = sum(ceil_div(size, MAX_TOKEN_BYTES) for size in _content_bytes(billed.get("messages")))
-    return PromptBounds(lower, budget.count.tokens, budget.unbounded)
+    return PromptBounds(lower, budget.count.tokens, budget.counted, budget.unbounded)
 
 
 def prompt_bounds(
