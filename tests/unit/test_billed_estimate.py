@@ -29,7 +29,7 @@ FIELDS = {
         "name": "weather", "schema": TOOL["function"]["parameters"]}},
 }  # fmt: skip
 fuzz = settings(
-    max_examples=400, deadline=None,
+    max_examples=200, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )  # fmt: skip
 
