@@ -97,7 +97,7 @@ class ModelPriceAdmin(admin.ModelAdmin):
     form = ModelPriceForm
     list_display = (
         "model", "input_multiplier", "output_multiplier", "cached_input_multiplier",
-        "default_max_output_tokens", "context_window", "enabled",
+        "default_max_output_tokens", "context_window", "output_cap_field", "enabled",
     )  # fmt: skip
     list_filter = ("enabled",)
     search_fields = ("model",)

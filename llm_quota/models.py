@@ -111,6 +111,13 @@ class Tier(models.Model):
             raise ValidationError({"upgrade_to": _("A tier cannot upgrade to itself.")})
 
 
+#: What ``ModelPrice.output_cap_field`` may say (blank: by the model's name).
+OUTPUT_CAP_FIELDS = [
+    ("max_tokens", "max_tokens"),
+    ("max_completion_tokens", "max_completion_tokens"),
+]
+
+
 class ModelPrice(models.Model):
     model = models.CharField(
         _("model"),
@@ -136,6 +143,17 @@ class ModelPrice(models.Model):
     )
     context_window = models.PositiveIntegerField(
         _("context window"), null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    output_cap_field = models.CharField(
+        _("output cap field"),
+        max_length=32,
+        blank=True,
+        default="",
+        choices=OUTPUT_CAP_FIELDS,
+        help_text=_(
+            "The request field that caps the output upstream; empty: max_completion_tokens "
+            "for the o-series and gpt-5, else max_tokens."
+        ),
     )
     enabled = models.BooleanField(_("enabled"), default=True)
 

@@ -61,8 +61,9 @@ class LLMQuotaThrottle(BaseThrottle):
         """What to price: keyword arguments for ``quota_guard``, or None to let it pass.
 
         The default reads an OpenAI Chat Completions JSON body (``model``,
-        ``messages``, ``max_tokens``/``max_completion_tokens``, ``n``, ``tools``) of any
-        unsafe method; safe methods are not LLM calls. Override it for other bodies.
+        ``max_tokens``/``max_completion_tokens``, ``n`` and every billed field:
+        ``shapes.chat.BILLED_FIELDS``) of any unsafe method; safe methods are not LLM
+        calls. Override it for other bodies.
         """
         if request.method in SAFE_METHODS:
             return None

@@ -61,10 +61,13 @@ class ChatCall:
         self.user = user
 
     def upstream_body(self) -> dict[str, Any]:
-        """The body for the upstream; a failure to build it is an ``APIException``, so
+        """The body for the upstream, with the reserved cap under the field the price row
+        names; a failure to build it is an ``APIException``, so
         the admitted call answers it in OpenAI's shape (after its release)."""
         try:
-            return self.chat.upstream_body(self.guard.max_tokens)
+            estimate = self.guard.reservation.estimate
+            cap_field = estimate.price.output_cap_field if estimate is not None else ""
+            return self.chat.upstream_body(self.guard.max_tokens, cap_field)
         except RecursionError as exc:  # ``json_limits`` bounds nesting: a second line
             raise InvalidRequest(
                 "The request body is nested too deeply.", code="nesting_too_deep"

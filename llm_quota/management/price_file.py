@@ -11,11 +11,14 @@ The file (``llm_quota/data/model_prices.json`` is the bundled one)::
 
     {"models": [{"model": "gpt-4o", "input": "2.50", "cached_input": "1.25",
                  "output": "10.00", "encoding": "o200k_base",
-                 "context_window": 128000, "default_max_output_tokens": 4096}]}
+                 "context_window": 128000, "default_max_output_tokens": 4096},
+                {"model": "o3", ..., "output_cap_field": "max_completion_tokens"}]}
 
 ``input``/``output``/``cached_input`` are USD per million tokens; an entry may give
 ``input_multiplier``/``output_multiplier``/``cached_input_multiplier`` instead, for
-models priced in base tokens directly. Other keys (``provider``) are ignored.
+models priced in base tokens directly. ``output_cap_field`` (``max_tokens`` or
+``max_completion_tokens``; absent: by the model's name) is the field that caps the
+output upstream. Other keys (``provider``) are ignored.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_quota.ledger import keys
+from llm_quota.models import OUTPUT_CAP_FIELDS
 
 BUNDLED = Path(__file__).parent.parent / "data" / "model_prices.json"
 PLACES = Decimal("0.000001")
@@ -49,6 +53,7 @@ class PriceRow:
     encoding: str
     default_max_output_tokens: int
     context_window: int | None
+    output_cap_field: str = ""
 
     def defaults(self) -> dict[str, Any]:
         """The ``ModelPrice`` fields, for ``update_or_create``."""
@@ -59,6 +64,7 @@ class PriceRow:
             "encoding": self.encoding,
             "default_max_output_tokens": self.default_max_output_tokens,
             "context_window": self.context_window,
+            "output_cap_field": self.output_cap_field,
             "enabled": True,
         }
 
@@ -87,6 +93,14 @@ def _count(entry: dict[str, Any], name: str, where: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise PriceFileError(f"{where}: {name!r} must be a positive integer")
+    return value
+
+
+def _cap_field(entry: dict[str, Any], where: str) -> str:
+    value = entry.get("output_cap_field") or ""
+    if value and value not in dict(OUTPUT_CAP_FIELDS):
+        names = " or ".join(name for name, _label in OUTPUT_CAP_FIELDS)
+        raise PriceFileError(f"{where}: 'output_cap_field' must be {names}")
     return value
 
 
@@ -149,6 +163,7 @@ def parse(data: Any, base_usd_per_million: Decimal) -> list[PriceRow]:
                 default_max_output_tokens=_count(entry, "default_max_output_tokens", where)
                 or DEFAULT_MAX_OUTPUT_TOKENS,
                 context_window=_count(entry, "context_window", where),
+                output_cap_field=_cap_field(entry, where),
             )
         )
     return rows

@@ -56,11 +56,13 @@ from llm_quota.rules.accounting import (
 )
 from llm_quota.rules.config_cache import MISSING, config_cache
 from llm_quota.rules.estimation import (
+    PromptBounds,
+    PromptCount,
+    bound_prompt,
     byte_bound,
-    count_messages,
     count_output,
+    count_prompt,
     counts_quickly,
-    prompt_bounds,
 )
 from llm_quota.rules.policy import UserPolicy, policy_for
 from llm_quota.rules.pricing import price_for, price_in
@@ -73,10 +75,11 @@ PER_REQUEST_RETRY = 60
 #: No model writes a million tokens in one answer; a larger cap is a bug or an attack,
 #: refused even where the price row gives no context window to check against.
 MAX_OUTPUT_TOKENS = 1_000_000
-#: A prompt whose byte count (an upper bound of its tokens in any encoding) is above
-#: this is first reserved on that bound: when the bound fits, or even the prompt's
-#: lower bound is refused, the exact count cannot change the answer, and tokenizing a
-#: long prompt costs far more than a reserve. Below it the prompt is always counted.
+#: A prompt with more text than this (bytes, JSON fields included) is first reserved on
+#: its tokenizer-free upper bound (``bound_prompt``): when the bound fits, or even the
+#: prompt's lower bound is refused, the exact count cannot change the answer, and
+#: tokenizing a long prompt costs far more than a reserve. Below it the prompt is always
+#: counted (images and audio cost the same either way: they are never tokenized).
 LAZY_COUNT_ABOVE = 32_768
 
 
@@ -86,8 +89,8 @@ LAZY_COUNT_ABOVE = 32_768
 def estimate_request(model: str, **request: Any) -> Estimate:
     """Price a request before the call: counted prompt plus the output cap.
 
-    ``request``: ``messages``, ``prompt_tokens`` (instead of messages),
-    ``max_tokens``, ``tools``.
+    ``request``: ``messages``, ``prompt_tokens`` (instead of messages), ``max_tokens``,
+    and every other billed field of the body by its name (``tools``, ``functions``...).
     """
     return run(estimate_plan(model, **request))
 
@@ -188,19 +191,48 @@ def estimate_plan(
     messages: Any = None,
     prompt_tokens: int | None = None,
     max_tokens: int | None = None,
-    tools: Any = None,
-    bounds: tuple[int, int] | None = None,
+    bounds: PromptBounds | None = None,
+    **billed: Any,
 ) -> Plan[Estimate]:
-    """``bounds``: the prompt's ``prompt_bounds``, where the caller has them already."""
+    """``billed``: the body's other billed fields by name (``tools``, ``functions``...),
+    counted with the messages. ``bounds``: the prompt's ``bound_prompt``, where the caller
+    has them already."""
     _check_model_name(model)
     price = yield from price_plan(model)
-    if prompt_tokens is None:
-        _refuse_if_surely_too_long(price, bounds or prompt_bounds(messages, tools=tools))
-        prompt_tokens = yield from count_plan(
-            count_messages, messages, model, encoding_name=price.encoding, tools=tools,
-            stop_above=price.context_window,
-        )  # fmt: skip
-    return _estimate(price, prompt_tokens, max_tokens)
+    if prompt_tokens is not None:
+        return _estimate(price, PromptCount(prompt_tokens, prompt_tokens), max_tokens)
+    prompt = {"messages": messages, **billed}
+    _refuse_if_surely_too_long(price, bounds or bound_prompt(prompt, model))
+    count = yield from count_plan(
+        count_prompt, prompt, model, encoding_name=price.encoding, stop_above=price.context_window
+    )
+    return _estimate(price, count, max_tokens)
+
+
+def prompt_count_plan(model: str, prompt: Any, price: Price) -> Plan[int]:
+    """The prompt tokens to charge for ``prompt`` (its billed fields by name) when the
+    upstream said nothing: the count, its bounds held to the context window."""
+    count = yield from count_plan(count_prompt, prompt, model, encoding_name=price.encoding)
+    return charged_prompt(price, count)
+
+
+def charged_prompt(price: Price, count: PromptCount) -> int:
+    """The prompt tokens to reserve: the count, where the upstream bills a part that only
+    the context window bounds (a file) the whole window, and a bound never more than
+    the window (the upstream bills no prompt longer than that; it refuses it)."""
+    window = price.context_window
+    if count.unbounded:
+        if window is None:
+            raise InvalidRequest(
+                f"The price of '{price.model}' has no context window, and nothing else bounds "
+                "what a file part (or an earlier answer's audio) is billed.",
+                code="unbounded_prompt",
+                param="messages",
+            )
+        return window
+    if window is not None and count.tokens > count.counted:
+        return min(count.tokens, window)
+    return count.tokens
 
 
 def per_choice(estimate: Estimate, choices: int) -> Estimate:
@@ -211,16 +243,16 @@ def per_choice(estimate: Estimate, choices: int) -> Estimate:
 
 
 def _bounded(
-    price: Price, bounds: tuple[int, int], max_tokens: int | None
+    price: Price, bounds: PromptBounds, max_tokens: int | None
 ) -> tuple[Estimate, int] | None:
     """The estimate on a huge prompt's byte bound and the prompt's lower bound, when
     the bound passes every check the exact count would (else None: count it)."""
-    lower, upper = bounds
+    lower, upper = bounds.lower, bounds.upper
     window = price.context_window
     if window is not None and lower >= window:
         raise _too_long(window)
-    if upper <= LAZY_COUNT_ABOVE:
-        return None
+    if bounds.countable <= LAZY_COUNT_ABOVE or bounds.unbounded:
+        return None  # counting costs little (or only the count can bound it): count it
     _check_max_tokens(max_tokens)
     output = price.default_max_output_tokens if max_tokens is None else max_tokens
     if window is not None and upper + output > window:
@@ -228,7 +260,7 @@ def _bounded(
     return Estimate(price, upper, output, prompt_exact=False), lower
 
 
-def _refuse_if_surely_too_long(price: Price, bounds: tuple[int, int]) -> None:
+def _refuse_if_surely_too_long(price: Price, bounds: PromptBounds) -> None:
     """A prompt whose tokenizer-free lower bound already exceeds the context window is
     refused without tokenizing it; below that, counting stops at the window anyway
     (``stop_above``), so a huge prompt never costs more than the window's worth."""
@@ -263,21 +295,25 @@ def _check_max_tokens(max_tokens: Any) -> None:
         )
 
 
-def _estimate(price: Price, prompt_tokens: int, max_tokens: int | None) -> Estimate:
+def _estimate(price: Price, count: PromptCount, max_tokens: int | None) -> Estimate:
+    """Only the counted part of the prompt can prove it too long for the window; its
+    bounds (the worst image, a file) are held to the window (``charged_prompt``)."""
     _check_max_tokens(max_tokens)
     window = price.context_window
-    if window is not None and prompt_tokens >= window:
+    counted = count.counted
+    if window is not None and counted >= window:
         # The count may have stopped early (stop_above): say "more", not a figure.
         raise _too_long(window)
+    prompt_tokens = charged_prompt(price, count)
     if max_tokens is None:
         output = price.default_max_output_tokens
         if window is not None:
-            output = min(output, window - prompt_tokens)
+            output = min(output, window - counted)
     else:
         output = max_tokens
-        if window is not None and prompt_tokens + output > window:
+        if window is not None and counted + output > window:
             raise InvalidRequest(
-                f"max_tokens {output} plus the prompt's {prompt_tokens} tokens exceed the "
+                f"max_tokens {output} plus the prompt's {counted} tokens exceed the "
                 f"model's context length of {window}.",
                 code="context_length_exceeded",
                 param="max_tokens",
@@ -295,18 +331,19 @@ def admit_request_plan(
     messages: Any = None,
     prompt_tokens: int | None = None,
     max_tokens: int | None = None,
-    tools: Any = None,
     choices: int = 1,
+    **billed: Any,
 ) -> Plan[tuple[Estimate, Decision]]:
     """A prompt over ``LAZY_COUNT_ABOVE`` bytes is reserved on its byte count, without
     clamping, carrying its lower bound as a probe: if the bound fits, that is the
     reservation (pessimistic, corrected at settle); if even the lower bound is refused,
-    so is the request; only in between is the prompt counted and reserved again."""
+    so is the request; only in between is the prompt counted and reserved again.
+    ``billed``: the body's other billed fields by name, counted with the messages."""
     bounds = None
     if prompt_tokens is None and messages is not None:
         _check_model_name(model)
         price = yield from price_plan(model)
-        bounds = prompt_bounds(messages, tools=tools)  # once: the estimate reuses them
+        bounds = bound_prompt({"messages": messages, **billed}, model)  # the estimate reuses them
         bounded = _bounded(price, bounds, max_tokens)
         if bounded is not None:
             estimate, lower = bounded
@@ -316,7 +353,7 @@ def admit_request_plan(
                 return estimate, decision
     estimate = yield from estimate_plan(
         model, messages=messages, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-        tools=tools, bounds=bounds,
+        bounds=bounds, **billed,
     )  # fmt: skip
     estimate = per_choice(estimate, choices)
     decision = yield from admit_plan(user, estimate)

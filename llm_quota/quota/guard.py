@@ -34,7 +34,7 @@ from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.quota import admission, leases
 from llm_quota.quota.drivers import arun, run
 from llm_quota.rules.accounting import ActualUsage, Estimate
-from llm_quota.rules.estimation import count_messages, count_output
+from llm_quota.rules.estimation import count_output
 
 logger = logging.getLogger("llm_quota")
 
@@ -48,17 +48,20 @@ class QuotaGuard:
         messages: Any = None,
         prompt_tokens: int | None = None,
         max_tokens: int | None = None,
-        tools: Any = None,
         choices: int = 1,
         ledger: Ledger | None = None,
         aledger: AsyncLedger | None = None,
+        **billed: Any,
     ) -> None:
         self.user = user
         self.model = model
         self.messages = messages
         self.prompt_tokens = prompt_tokens
         self.requested_max_tokens = max_tokens
-        self.tools = tools
+        #: The body's other billed fields by name (``tools``, ``functions``,
+        #: ``response_format``...: ``shapes.chat.BILLED_FIELDS`` for a chat body), counted
+        #: with the messages. The guard keeps no list of its own.
+        self.billed = billed
         # ``n`` completions of one prompt: the output cap is reserved once per choice.
         self.choices = max(1, int(choices))
         self.ledger = ledger
@@ -69,6 +72,15 @@ class QuotaGuard:
         self._finished = False
         #: The admitted request's rate-limit headers (``throttling.admission_headers``).
         self.headers: Mapping[str, str] | None = None
+
+    @property
+    def tools(self) -> Any:
+        return self.billed.get("tools")
+
+    @property
+    def prompt(self) -> dict[str, Any]:
+        """Every billed field of the prompt, by name: what the estimate counts."""
+        return {"messages": self.messages, **self.billed}
 
     @property
     def reservation(self) -> Reservation:
@@ -100,8 +112,8 @@ class QuotaGuard:
             "messages": self.messages,
             "prompt_tokens": self.prompt_tokens,
             "max_tokens": self.requested_max_tokens,
-            "tools": self.tools,
             "choices": self.choices,
+            **self.billed,
         }
 
     def admit_plan(self) -> Plan[QuotaGuard]:
@@ -146,15 +158,7 @@ class QuotaGuard:
         estimate = self.estimate
         if estimate.prompt_exact:
             return estimate.prompt_tokens
-        return (
-            yield from admission.count_plan(
-                count_messages,
-                self.messages,
-                self.model,
-                encoding_name=estimate.price.encoding,
-                tools=self.tools,
-            )  # fmt: skip
-        )
+        return (yield from admission.prompt_count_plan(self.model, self.prompt, estimate.price))
 
     def _release_plan(self) -> Plan[bool]:
         if self._finished:

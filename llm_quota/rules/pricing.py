@@ -57,6 +57,7 @@ def _price_rows() -> PriceRows:
             encoding=row.encoding,
             default_max_output_tokens=row.default_max_output_tokens,
             context_window=row.context_window,
+            output_cap_field=row.output_cap_field,
         )
         if row.model == "*":
             fallback = price

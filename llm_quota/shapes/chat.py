@@ -10,8 +10,10 @@ the same way (and only once):
   always does, once ``json_limits`` made sure it can be copied and sent (bounded
   nesting, no lone surrogates). A bad value is a 400 in OpenAI's shape that names the
   field, never a 500 and never a reservation.
-- ``BILLED_FIELDS``: the body fields the estimate counts; ``CAP_FIELDS``: the fields
-  that cap the output, and ``ChatRequest.upstream_body`` sets them to the reserved cap.
+- ``BILLED_FIELDS``: the body fields the estimate counts (the one list: the guard, the
+  admission and the estimator take whatever it names); ``CAP_FIELDS``: the fields that
+  cap the output, ``cap_field_for`` the one a model takes, and
+  ``ChatRequest.upstream_body`` sets it to the reserved cap.
 - ``Used``: what an answer says it used (``read_completion``, ``StreamWatch.used``):
   the upstream's ``usage`` when it sent one, and the text it generated.
 - ``StreamWatch``: what happens to each event of a streamed answer.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,15 +31,23 @@ from llm_quota.exceptions import InvalidRequest
 from llm_quota.ledger import keys
 from llm_quota.shapes.json_limits import check_json
 
-#: The body fields the estimate counts, each passed to the guard under its own name
-#: (``QuotaGuard(messages=..., tools=...)``). The one place that decides what is billed.
-BILLED_FIELDS = ("messages", "tools")
+#: The body fields OpenAI bills as input, each passed to the guard under its own name
+#: (``QuotaGuard(messages=..., tools=...)``). The one place that decides what is billed:
+#: the estimate counts every field named here (``rules.estimation``), the messages part
+#: by part (text, images, audio, files), the others as the provider renders them. ``n``
+#: and the output cap are billed as output (``quota_kwargs``); reasoning tokens are
+#: inside the cap.
+BILLED_FIELDS = ("messages", "tools", "functions", "tool_choice", "response_format")
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 #: Both names OpenAI accepts for the output cap; ``max_completion_tokens`` is the newer
 #: one (reasoning models accept only it), ``max_tokens`` what most compatible servers read.
 CAP_FIELDS = ("max_completion_tokens", "max_tokens")
 #: The cap field set when the caller used none: what every compatible server reads.
 DEFAULT_CAP_FIELD = "max_tokens"
+#: Models that refuse ``max_tokens`` and take ``max_completion_tokens`` (reasoning and
+#: visible output together): the o-series and the gpt-5 family, fine-tuned or behind a
+#: ``provider/`` prefix too.
+COMPLETION_CAP_MODELS = re.compile(r"^(?:ft:|[\w.-]+/)?(?:o\d|gpt-5)")
 MAX_CHOICES = 128
 #: The final event of a Chat Completions stream (not JSON); the relay sends its own.
 DONE = "[DONE]"
@@ -122,8 +133,9 @@ class ChatRequest:
                     param="stream_options.include_usage",
                 )
         tools = body.get("tools")
-        if tools is not None and not isinstance(tools, list):
-            raise InvalidRequest("'tools' must be an array.", param="tools")
+        for name in ("tools", "functions"):
+            if body.get(name) is not None and not isinstance(body[name], list):
+                raise InvalidRequest(f"'{name}' must be an array.", param=name)
         return cls(
             body=body,
             model=model,
@@ -136,8 +148,8 @@ class ChatRequest:
         )
 
     def billed(self) -> dict[str, Any]:
-        """The billed parts of the body (``BILLED_FIELDS``), as the estimate counts them."""
-        return {name: self.body.get(name) for name in BILLED_FIELDS}
+        """The billed parts of the body (``BILLED_FIELDS``) it has, as the estimate counts them."""
+        return {name: self.body[name] for name in BILLED_FIELDS if self.body.get(name) is not None}
 
     def quota_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``quota_guard`` that price this request."""
@@ -148,15 +160,23 @@ class ChatRequest:
             **self.billed(),
         }
 
-    def upstream_body(self, max_tokens: int) -> dict[str, Any]:
+    def upstream_body(self, max_tokens: int, cap_field: str = "") -> dict[str, Any]:
         """The body to send upstream: the reserved cap, and usage in streams.
 
-        Every cap field the caller used is set to ``max_tokens`` (``max_tokens`` when
-        they used none), so the output can never outgrow the reservation. A stream
-        always asks for the final usage chunk, so it can be settled exactly.
+        The cap goes under the field the model takes (``cap_field_for``; ``cap_field``
+        is the price row's say): for a model that takes ``max_completion_tokens`` only
+        that field, anything else sent as ``max_tokens`` moved there; otherwise every cap
+        field the caller used (``max_tokens`` when they used none). Either way the output
+        can never outgrow the reservation. A stream always asks for the final usage
+        chunk, so it can be settled exactly.
         """
         body = copy.deepcopy(self.body)
-        used = [name for name in CAP_FIELDS if body.get(name) is not None] or [DEFAULT_CAP_FIELD]
+        if cap_field_for(self.model, cap_field) == "max_completion_tokens":
+            body.pop("max_tokens", None)
+            used = ["max_completion_tokens"]
+        else:
+            used = [name for name in CAP_FIELDS if body.get(name) is not None]
+            used = used or [DEFAULT_CAP_FIELD]
         for name in used:
             body[name] = max_tokens
         if self.stream:
@@ -164,6 +184,14 @@ class ChatRequest:
             options["include_usage"] = True
             body["stream_options"] = options
         return body
+
+
+def cap_field_for(model: str, configured: str = "") -> str:
+    """The field that caps ``model``'s output: the price row's ``output_cap_field`` when
+    set, else ``max_completion_tokens`` for the o-series and gpt-5, else ``max_tokens``."""
+    if configured:
+        return configured
+    return "max_completion_tokens" if COMPLETION_CAP_MODELS.match(model) else DEFAULT_CAP_FIELD
 
 
 # -- what an answer used -------------------------------------------------------------------

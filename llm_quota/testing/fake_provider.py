@@ -8,8 +8,9 @@ It answers Chat Completions like OpenAI does (bodies, SSE chunks, the final usag
 chunk, ``finish_reason: "length"`` at the cap) so the demo and the tests exercise
 the real gateway path without a network. The same request always gets the same
 reply; its length depends on the prompt and never exceeds the ``max_tokens`` sent.
-Token counts are real: ``llm_quota.rules.estimation`` counts the prompt and the reply with
-the model's tiktoken encoding (or its offline stand-in).
+Token counts are real: the prompt is billed as OpenAI bills it (``llm_quota.testing.billing``:
+every billed field, images by their size), the reply counted with the model's tiktoken
+encoding (or its offline stand-in).
 
 The async calls (``acomplete``, ``astream``) give the same replies, computed in a
 thread (counting tokens is CPU work that would stall the event loop), then streamed
@@ -28,8 +29,9 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 
-from llm_quota.rules.estimation import count_messages, count_output
+from llm_quota.rules.estimation import count_output
 from llm_quota.shapes.chat import CAP_FIELDS, DONE
+from llm_quota.testing.billing import Media, prompt_tokens
 
 FINGERPRINT = "fp_llmq_fake"
 #: The reply's natural length is between these many tokens, then cut at the cap.
@@ -90,7 +92,9 @@ def reply(body: dict[str, Any], choice: int = 0) -> tuple[list[str], str]:
 
 def _usage(body: dict[str, Any], texts: list[str]) -> dict[str, int]:
     model = str(body.get("model"))
-    prompt = count_messages(body.get("messages"), model, tools=body.get("tools"))
+    # A demo has no remote images or uploaded files to look at: ``lenient`` bills them
+    # as a plain image and an empty file.
+    prompt = prompt_tokens(body, Media(lenient=True))
     completion = sum(count_output(text, model) for text in texts)
     return {
         "prompt_tokens": prompt,

@@ -13,7 +13,7 @@ from django_redis import get_redis_connection
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.quota import admission
 from llm_quota.rules.accounting import Limits, Price
-from llm_quota.rules.estimation import count_messages, load_encoding, prompt_bounds
+from llm_quota.rules.estimation import bound_prompt, count_messages, load_encoding, prompt_bounds
 from tests.benchmarks.measure import median_of
 
 PARAGRAPH = (
@@ -41,7 +41,7 @@ def timed(fn) -> float:
 def admitted_on_bounds(ledger: Ledger, messages, budget: int) -> tuple[bool, bool]:
     """The lazy path of ``admission.admit_request`` on the ledger: (allowed, surely refused)."""
     price = Price("gpt-4o", 1_000_000, 4_000_000)
-    estimate, lower = admission._bounded(price, prompt_bounds(messages), 100)
+    estimate, lower = admission._bounded(price, bound_prompt(messages, "gpt-4o"), 100)
     decision = ledger.reserve(
         1, Limits(tokens_per_month=budget), estimate, clamp=False, probe_prompt_tokens=lower
     )

@@ -2,7 +2,7 @@
 
 Reserved first on its byte count (an upper bound) with its lower bound as a probe: far
 under the budget it is admitted on the bound, far over it is refused on the lower
-bound, and only in between is it counted. The tests watch ``count_messages`` to see
+bound, and only in between is it counted. The tests watch ``count_prompt`` to see
 which happened, and read the real ledger to see what was reserved.
 """
 
@@ -18,7 +18,7 @@ from llm_quota import quota_guard
 from llm_quota.exceptions import BudgetExceeded
 from llm_quota.quota import admission
 from llm_quota.rules.accounting import ActualUsage, Limits
-from llm_quota.rules.estimation import count_messages, prompt_bounds
+from llm_quota.rules.estimation import count_messages, count_prompt, prompt_bounds
 from tests.support import factories
 from tests.support.factories import estimate
 
@@ -37,9 +37,9 @@ def counts(monkeypatch):
 
     def spy(*args, **kwargs):
         calls.append(args)
-        return count_messages(*args, **kwargs)
+        return count_prompt(*args, **kwargs)
 
-    monkeypatch.setattr(admission, "count_messages", spy)
+    monkeypatch.setattr(admission, "count_prompt", spy)
     return calls
 
 

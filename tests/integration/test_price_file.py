@@ -36,6 +36,23 @@ def test_bundled_prices_derive_from_their_public_usd_rates():
     }
 
 
+def test_bundled_reasoning_models_are_capped_by_max_completion_tokens():
+    rows = {row.model: row for row in price_file.read(price_file.BUNDLED, BASE)}
+    reasoning = [name for name in rows if name.startswith(("o1", "o3", "o4", "gpt-5"))]
+    assert {"o1", "o3", "o4-mini", "gpt-5", "gpt-5-mini", "gpt-5-nano"} <= set(reasoning)
+    assert {rows[name].output_cap_field for name in reasoning} == {"max_completion_tokens"}
+    assert rows["gpt-4o"].output_cap_field == ""  # by the model's name
+
+
+@pytest.mark.django_db
+def test_the_cap_field_is_loaded_into_the_price_row(tmp_path):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"models": [{"model": "my-o3", "input": "2", "output": "8",
+                                            "output_cap_field": "max_completion_tokens"}]}))
+    call_command("llm_quota_load_prices", str(path), stdout=StringIO(), stderr=StringIO())
+    assert ModelPrice.objects.get(model="my-o3").output_cap_field == "max_completion_tokens"
+
+
 @pytest.mark.parametrize(
     "data, message",
     [({"models": [{"model": "m", "input": "1"}]}, "both an input and an output"),
@@ -43,7 +60,9 @@ def test_bundled_prices_derive_from_their_public_usd_rates():
      ({"models": [{"model": "m", "input": "-1", "output": "1"}]}, "non-negative"),
      ({"models": [{"model": "bad name", "input": "1", "output": "1"}]}, "not a valid model"),
      ({"models": [{"model": "m", "input": "1", "output": "1"}] * 2}, "appears twice"),
-     ({"models": {}}, "expected")],
+     ({"models": {}}, "expected"),
+     ({"models": [{"model": "m", "input": "1", "output": "1", "output_cap_field": "n"}]},
+      "'output_cap_field' must be max_tokens or max_completion_tokens")],
 )  # fmt: skip
 def test_bad_price_files_say_what_is_wrong(data, message):
     with pytest.raises(price_file.PriceFileError, match=message):

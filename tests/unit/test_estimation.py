@@ -29,7 +29,7 @@ def test_offline_fallback_loads_when_the_download_is_impossible():
 
 def test_list_of_parts_and_images_are_counted():
     text_only = count_messages(
-        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "gpt-4"
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "gpt-4o"
     )
     with_image = count_messages(
         [
@@ -41,9 +41,10 @@ def test_list_of_parts_and_images_are_counted():
                 ],
             }
         ],
-        "gpt-4",
+        "gpt-4o",
     )
-    assert with_image == text_only + estimation.IMAGE_TOKENS
+    # A size that can't be read costs the family's worst case: 85 + 170 x 8 tiles.
+    assert with_image == text_only + estimation.MEDIA_PART_TOKENS + 1445
 
 
 def test_odd_text_never_raises():

@@ -1,4 +1,4 @@
-"""Fixtures: the live server's gateway, and the tests' own upstream behind it."""
+"""Fixtures: the live server's gateway, and the tests' own upstreams behind it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from django.db import connections
 from tests.support import factories
 from tests.support.fake_upstream import UpstreamServer
 from tests.support.gateway import Gateway
+from tests.support.oracle_upstream import OracleServer
 
 ASYNC_URLS = "tests.integration.gateway.async_gateway_urls"
 
@@ -75,6 +76,21 @@ def upstream(settings, quota_prefix):
         "OPENAI_BASE_URL": server.url,
         "OPENAI_API_KEY": "sk-gateway-key",
         "UPSTREAM_READ_TIMEOUT": 5.0,
+    }
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def oracle(settings, quota_prefix):
+    """An upstream that bills like OpenAI (``OracleServer``), as the gateway's OPENAI_BASE_URL."""
+    server = OracleServer().start()
+    settings.LLM_QUOTA = {
+        **settings.LLM_QUOTA,
+        "UPSTREAM": None,
+        "OPENAI_BASE_URL": server.url,
+        "OPENAI_API_KEY": "sk-gateway-key",
+        "UPSTREAM_READ_TIMEOUT": 30.0,
     }
     yield server
     server.stop()

@@ -1,0 +1,117 @@
+"""An OpenAI-compatible upstream that bills like OpenAI: a real HTTP server on a free port.
+
+Every call is billed by ``llm_quota.testing.billing`` (written apart from the estimator):
+each billed part of the body at OpenAI's published rules, images at their real size, and
+every choice writing its whole cap. Usage is reported exactly, in completions and in the
+final chunk of a stream. What OpenAI refuses (``max_tokens`` to a reasoning model, a
+prompt over the context window, an image it cannot read) gets OpenAI's 400.
+
+``media`` holds what a body only points at (remote images' sizes, uploaded files);
+``bills`` records each call's body and usage, ``refusals`` each refused body.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from llm_quota.testing import billing
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server: OracleServer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        try:
+            bill = billing.bill(body, self.server.media)
+        except billing.Refused as refused:
+            self.server.record(body, None)
+            self._json(400, {"error": refused.error()})
+            return
+        self.server.record(body, bill.usage())
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": text},
+             "finish_reason": "length"}
+            for i, text in enumerate(bill.texts)
+        ]  # fmt: skip
+        base = {"id": "chatcmpl-oracle", "created": 1, "model": body.get("model")}
+        if not body.get("stream"):
+            self._json(200, {**base, "object": "chat.completion", "choices": choices,
+                             "usage": bill.usage()})  # fmt: skip
+            return
+        self._stream(body, base, bill)
+
+    def _stream(self, body: dict[str, Any], base: dict[str, Any], bill: billing.Bill) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = {**base, "object": "chat.completion.chunk"}
+        for index, text in enumerate(bill.texts):
+            for start in range(0, len(text), 400):
+                delta = {"content": text[start : start + 400]}
+                self._event({**chunk, "choices": [{"index": index, "delta": delta}]})
+            self._event({**chunk, "choices": [{"index": index, "delta": {},
+                                               "finish_reason": "length"}]})  # fmt: skip
+        if (body.get("stream_options") or {}).get("include_usage"):
+            self._event({**chunk, "choices": [], "usage": bill.usage()})
+        self._write("data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _event(self, data: dict[str, Any]) -> None:
+        self._write(f"data: {json.dumps(data)}\n\n")
+
+    def _write(self, text: str) -> None:
+        payload = text.encode()
+        self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+
+    def _json(self, status: int, data: Any) -> None:
+        payload = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+class OracleServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # a burst of 64 connections must not wait for SYN retries
+
+    def __init__(self, media: billing.Media | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.media = media or billing.Media()
+        self.bills: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.refusals: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a connection the gateway cut: expected in some tests, not news
+
+    def record(self, body: dict[str, Any], usage: dict[str, Any] | None) -> None:
+        with self._lock:
+            if usage is None:
+                self.refusals.append(body)
+            else:
+                self.bills.append((body, usage))
+
+    def start(self) -> OracleServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
