@@ -145,7 +145,7 @@ def test_a_surrogate_pair_is_a_character_not_an_error(upstream, ledger, free, vi
 def test_a_failure_building_the_upstream_body_releases_and_answers_in_openai_shape(
     ledger, free, monkeypatch, view, failure, status, kind
 ):
-    def broken(self, max_tokens):
+    def broken(self, max_tokens, cap_field=""):
         raise failure("cannot build this body")
 
     monkeypatch.setattr(ChatRequest, "upstream_body", broken)
