@@ -26,6 +26,9 @@ _ALERT_PART = re.compile(r"[a-z0-9_]{1,64}")
 # Model names become hash *fields* (never key names); still refuse anything that
 # could confuse the ``kind|model`` field layout or flood memory.
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+# A price row's pattern names usage too (past ``MODEL_NAMES_PER_MONTH`` names): a
+# name's characters plus fnmatch's own, still never ``|``.
+_PATTERN = re.compile(r"[A-Za-z0-9._:/@+*?\[\]!-]{1,128}")
 
 
 class InvalidKeyPart(ValueError):
@@ -71,6 +74,14 @@ def model_name(value: Any) -> str:
 
 def is_valid_model_name(value: Any) -> bool:
     return isinstance(value, str) and bool(_MODEL.fullmatch(value))
+
+
+def model_field(value: Any) -> str:
+    """A model name, or a price row's pattern: what the per-model usage hash (and a
+    ``UsageSnapshot`` row) may be named."""
+    if isinstance(value, str) and _PATTERN.fullmatch(value):
+        return value
+    raise InvalidKeyPart("a model field is a model name or a price row's pattern")
 
 
 # -- Redis Cluster slots ---------------------------------------------------------------

@@ -43,6 +43,10 @@ class Price:
     encoding: str = ""
     default_max_output_tokens: int = 4096
     context_window: int | None = None
+    #: The pattern row that priced ``model`` (``None``: a row of its own name). Names a
+    #: pattern matches are the caller's to invent; usage past ``MODEL_NAMES_PER_MONTH``
+    #: of them is recorded under the pattern.
+    pattern: str | None = None
 
     def base_tokens(
         self, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0

@@ -36,3 +36,11 @@ def test_a_price_pattern_with_a_trailing_newline_is_refused():
     validate_model_pattern("claude-haiku-4-5-2*")
     with pytest.raises(forms.ValidationError):
         validate_model_pattern("claude-haiku-4-5-2*\n")
+
+
+def test_a_model_field_is_a_model_name_or_a_price_pattern():
+    for field in ("gpt-4o", "claude-sonnet-4-5-2*", "*", "gpt-4o-2024-08-0[56]"):
+        assert keys.model_field(field) == field
+    for bad in ("gpt-4o\n", "a|b", "", "x" * 129, None):
+        with pytest.raises(keys.InvalidKeyPart):
+            keys.model_field(bad)
