@@ -17,6 +17,7 @@ from typing import Any
 from django.http import HttpResponseBase, JsonResponse, StreamingHttpResponse
 
 from llm_quota.drf.throttling import admission_headers
+from llm_quota.gateway.database import ahand_back, hand_back
 from llm_quota.gateway.relay import AsyncRelay, Relay
 from llm_quota.gateway.settlement import asettle, settle
 from llm_quota.gateway.upstream import UpstreamError, get_upstream
@@ -82,6 +83,7 @@ class ChatCall:
         chat, guard = self.chat, self.guard
         try:
             upstream, body = get_upstream(), self.upstream_body()
+            hand_back()  # a pooled database connection is not held while the LLM writes
             reply = upstream.stream(body) if chat.stream else upstream.complete(body)
         except UpstreamError as exc:
             guard.release()
@@ -104,6 +106,7 @@ class ChatCall:
         chat, guard = self.chat, self.guard
         try:
             upstream, body = get_upstream(), self.upstream_body()
+            await ahand_back()  # nor here, where the ORM ran in the request's sync thread
             reply = await (upstream.astream(body) if chat.stream else upstream.acomplete(body))
         except UpstreamError as exc:
             await guard.arelease()
