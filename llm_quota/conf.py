@@ -193,6 +193,14 @@ SETTINGS: tuple[Setting, ...] = (
         "llm_quota.E007",
     ),
     Setting(
+        "MODEL_NAMES_PER_MONTH",
+        32,
+        "distinct model names a user's month is recorded under; past them, a name only a "
+        "pattern price row matches is recorded under that pattern (totals stay exact)",
+        Rule(_is_positive_int, "must be a positive integer."),
+        "llm_quota.E045",
+    ),
+    Setting(
         "CONFIG_CACHE_SECONDS",
         30.0,
         "longest a process serves a tier, quota or price from memory; edits are "

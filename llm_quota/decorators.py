@@ -16,10 +16,13 @@ admit. Unauthenticated and out-of-scope callers are refused before any Redis com
 every refusal is answered in OpenAI's error shape and the view never runs.
 
 The decorator owns the reservation until it ends: what the view left unsettled is
-finished from its response (``finish``): released on an error status or an
-exception, settled from the ``usage`` of a JSON body, otherwise charged at the
-estimate, since a call that ran is never lost. A streamed response is finished when
-Django closes it; a view that streams should settle inside its generator.
+finished by the release rule (``quota.release_rule``; ``ending`` applies it to a
+response): settled from the ``usage`` of a JSON body (whatever the status); released
+where the view raised what shows nothing was billed (the provider's error answer, a
+connection never made, a refusal) or answered an error status of 4xx, 502 or 503;
+otherwise charged the estimate (a bug, a timeout, 500, 504, a plain answer), since a
+call that ran is never lost. A streamed response is finished when Django closes it;
+a view that streams should settle inside its generator.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from llm_quota.exceptions import InsufficientScope, InvalidRequest
 from llm_quota.ledger.plans import Plan
 from llm_quota.quota.drivers import Blocking, arun, run
 from llm_quota.quota.guard import QuotaGuard
+from llm_quota.quota.release_rule import unbilled_status
 from llm_quota.shapes.chat import ChatRequest
 
 #: Bodies larger than this are not parsed for a ``usage`` (an LLM answer is far smaller).
@@ -170,39 +174,53 @@ class Ending(NamedTuple):
         await getattr(guard, "a" + self.method)(*self.args)
 
 
-def ending(guard: QuotaGuard, response: HttpResponseBase) -> Ending | None:
-    """How ``response`` ends ``guard``, or None when nothing is left to do now.
+def ending(
+    guard: QuotaGuard, response: HttpResponseBase, raised: BaseException | None = None
+) -> Ending | None:
+    """How ``response`` ends ``guard``, or None when nothing is left to do now: the
+    release rule (``quota.release_rule``) applied to a response.
 
-    An error status releases it (the view failed, or a later check refused); a
-    stream is finished when Django closes it; a JSON ``usage`` settles it; any other
-    answer is charged at the estimate. The admission's rate-limit headers are added
-    where the view did not set its own.
+    ``raised``, the exception the view raised (the middleware sees it in
+    ``process_exception``), is judged by ``QuotaGuard.fail``. Otherwise a JSON
+    ``usage`` settles it, whatever the status; an error status releases it where the
+    view answered instead of an LLM (4xx, 502, 503) and charges the estimate where
+    the call may have run (500, 504, other 5xx); a stream is finished when Django
+    closes it; any other answer is charged the estimate. The admission's rate-limit
+    headers are added where the view did not set its own.
     """
     for name, value in admission_headers(guard).items():
         if name not in response:
             response[name] = value
     if guard.finished:
         return None
+    if raised is not None:
+        return Ending("fail", (raised,))
+    usage = None if response.streaming else usage_of(response)
+    if usage is not None:
+        return Ending("settle", (usage,))
     if response.status_code >= 400:
-        return Ending("release")
+        return Ending("release" if unbilled_status(response.status_code) else "charge_estimate")
     if response.streaming:
         wrapper = FinishedWithAsyncStream if response.is_async else FinishedWithStream
         response.streaming_content = wrapper(response.streaming_content, guard)
         return None
-    usage = usage_of(response)
-    return Ending("settle", (usage,)) if usage is not None else Ending("charge_estimate")
+    return Ending("charge_estimate")
 
 
-def finish(guard: QuotaGuard, response: HttpResponseBase) -> HttpResponseBase:
+def finish(
+    guard: QuotaGuard, response: HttpResponseBase, raised: BaseException | None = None
+) -> HttpResponseBase:
     """End what ``response`` leaves of ``guard`` (see ``ending``)."""
-    step = ending(guard, response)
+    step = ending(guard, response, raised)
     if step is not None:
         step.run(guard)
     return response
 
 
-async def afinish(guard: QuotaGuard, response: HttpResponseBase) -> HttpResponseBase:
-    step = ending(guard, response)
+async def afinish(
+    guard: QuotaGuard, response: HttpResponseBase, raised: BaseException | None = None
+) -> HttpResponseBase:
+    step = ending(guard, response, raised)
     if step is not None:
         await step.arun(guard)
     return response
@@ -221,8 +239,8 @@ def _gate_sync(view: Callable[..., Any], quota_request: Callable[..., dict]) -> 
         setattr(request, REQUEST_ATTRIBUTE, guard)
         try:
             response = view(request, *args, **kwargs)
-        except BaseException:
-            guard.release()
+        except BaseException as exc:
+            guard.fail(exc)  # released only if it proves nothing was billed
             raise
         return finish(guard, response)
 
@@ -239,10 +257,11 @@ def _gate_async(view: Callable[..., Any], quota_request: Callable[..., dict]) ->
         setattr(request, REQUEST_ATTRIBUTE, guard)
         try:
             return await afinish(guard, await view(request, *args, **kwargs))
-        except BaseException:
-            # Shielded: a client leaving (CancelledError) must not cut the release short.
-            # It does nothing if the view's answer already ended the reservation.
-            await asyncio.shield(guard.arelease())
+        except BaseException as exc:
+            # Released only if it proves nothing was billed; a client leaving
+            # (CancelledError) mid-call is charged the estimate. Shielded, so that
+            # leaving cannot cut it short; nothing if the answer already ended it.
+            await asyncio.shield(guard.afail(exc))
             raise
 
     return agated

@@ -19,7 +19,7 @@ from llm_quota.ledger.keys import is_valid_model_name
 from llm_quota.models import ModelPrice, Tier
 
 # What may appear in a model name (keys.py), plus fnmatch's own syntax.
-_PATTERN_CHARS = re.compile(r"^[A-Za-z0-9._:/@+*?\[\]!-]+$")
+_PATTERN_CHARS = re.compile(r"[A-Za-z0-9._:/@+*?\[\]!-]+")
 
 
 def validate_model_pattern(pattern: str) -> None:
@@ -34,7 +34,7 @@ def validate_model_pattern(pattern: str) -> None:
         re.compile(regex)
     except re.error as exc:  # pragma: no cover - kept for other Python versions
         raise forms.ValidationError(f"{pattern!r}: {exc}") from exc
-    if not _PATTERN_CHARS.match(pattern):
+    if not _PATTERN_CHARS.fullmatch(pattern):
         raise forms.ValidationError(
             _("%(p)r can never match: model names use letters, digits and ._:/@+-") % {"p": pattern}
         )

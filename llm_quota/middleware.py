@@ -3,11 +3,14 @@
 ``LLMQuotaThrottle`` admits a call before a DRF view runs, and the view may settle it
 (``request.llm_quota.settle(usage)``) or not. Once the response exists, this
 middleware finishes a throttled reservation the view left open, the way
-``@quota_gated`` finishes its own (``decorators.finish``): released on an error
-status (the view failed, or a later check refused), settled from the response's
-OpenAI ``usage``, otherwise charged at the estimate; a streamed response when Django
-closes it. It touches nothing else: the gateway views and ``@quota_gated`` own their
-reservations from admission to settle.
+``@quota_gated`` finishes its own (``decorators.finish``), by the release rule
+(``quota.release_rule``): settled from the response's OpenAI ``usage``; an exception
+the view raised (seen in ``process_exception``) released only where it proves that
+the upstream billed nothing, else charged the estimate; an error status released for
+4xx (the view, or a later check such as another throttle, refused), 502 and 503, and
+charged the estimate for 500, 504 and other 5xx; otherwise charged the estimate; a
+streamed response when Django closes it. It touches nothing else: the gateway views
+and ``@quota_gated`` own their reservations from admission to settle.
 
 Add it to ``MIDDLEWARE`` (any position). It is sync and async capable: under ASGI it
 runs as a coroutine, on the guard's async methods, so Django does not hop to a thread
@@ -42,9 +45,17 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+#: Where ``process_exception`` keeps what a throttled view raised, for the release rule.
+RAISED_ATTRIBUTE = "_llm_quota_raised"
+
+
 def _throttled(request: HttpRequest) -> QuotaGuard | None:
     guard = getattr(request, THROTTLED_ATTRIBUTE, None)
     return guard if isinstance(guard, QuotaGuard) else None
+
+
+def _raised(request: HttpRequest) -> BaseException | None:
+    return getattr(request, RAISED_ATTRIBUTE, None)
 
 
 #: Hooks the middleware offered when it also gated plain views; a subclass that still
@@ -79,9 +90,17 @@ class LLMQuotaMiddleware:
             return self.__acall__(request)
         response = self.get_response(request)
         guard = _throttled(request)
-        return response if guard is None else decorators.finish(guard, response)
+        return response if guard is None else decorators.finish(guard, response, _raised(request))
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         response = await self.get_response(request)
         guard = _throttled(request)
-        return response if guard is None else await decorators.afinish(guard, response)
+        if guard is None:
+            return response
+        return await decorators.afinish(guard, response, _raised(request))
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> None:
+        """Remember what a throttled view raised: Django answers it with a 500, but
+        whether the reservation is released depends on the exception itself."""
+        if _throttled(request) is not None:
+            setattr(request, RAISED_ATTRIBUTE, exception)

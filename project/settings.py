@@ -68,6 +68,20 @@ DATABASES = {
         default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}", conn_max_age=60
     )
 }
+# PostgreSQL: a pool of connections per process (psycopg_pool, Django 5.1+), never a
+# connection kept per thread. runserver gives every request a thread, and an ASGI
+# worker every request its own thread for sync code: kept connections piled up until
+# max_connections refused the next request. Each process now holds at most
+# DATABASE_POOL_MAX_SIZE connections; a request waits up to DATABASE_POOL_TIMEOUT
+# seconds for one (then a 500), and the gateway hands its connection back before it
+# waits on the upstream. A pool needs CONN_MAX_AGE = 0.
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": int(os.environ.get("DATABASE_POOL_MAX_SIZE", "8")),
+        "timeout": float(os.environ.get("DATABASE_POOL_TIMEOUT", "10")),
+    }
 
 REDIS_URL = os.environ.get("REDIS_URL") or embedded_redis_url(VAR_DIR / "redis")
 CACHES = {

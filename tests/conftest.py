@@ -25,6 +25,19 @@ def fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """pytest-django's, closing the connection pools (PostgreSQL, ``project/settings``)
+    before the test database is dropped: their idle connections would keep it alive."""
+    yield
+    from django.db import connections
+
+    with django_db_blocker.unblock():
+        for connection in connections.all():
+            if getattr(connection, "pool", None) is not None:
+                connection.close_pool()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def celery_queue():
     """This run's own Celery queue: the shared broker may carry other people's workers,

@@ -12,9 +12,11 @@ After the request, the reservation must end exactly once. The admitted
 
 - the view sends ``request.llm_quota.max_tokens`` upstream (perhaps clamped) and
   calls ``request.llm_quota.settle(usage)`` (or ``settle_output(text)``) itself; or
-- if it does not, ``LLMQuotaMiddleware`` finishes it once the response exists:
-  settled from the response's ``usage`` (an OpenAI-shaped body), released on an
-  error status, otherwise charged at the estimate (a call that ran is never lost).
+- if it does not, ``LLMQuotaMiddleware`` finishes it once the response exists, by
+  the release rule (``quota.release_rule``): settled from the response's ``usage``
+  (an OpenAI-shaped body); released only where the ending proves that nothing was
+  billed (an exception such as the provider's error answer, or an error status of
+  4xx, 502 or 503), otherwise charged the estimate (a call that ran is never lost).
 
 The rate-limit headers go on the response through the view's ``headers``.
 """

@@ -6,6 +6,10 @@ on, the call owns the reservation and ends it exactly once, whatever happens: se
 from the answer (a stream settles itself as it ends, ``relay``), released when the
 upstream fails or anything raises, even building the upstream's body. ``ChatCall``
 makes every decision; ``answer`` and ``aanswer`` add only the waiting.
+
+A failed upstream call is released by the release rule (``quota.release_rule``): its
+error answer, or a connection never made, billed nothing; after a timeout or an answer
+that could not be read, the call may have run, and the estimate is charged.
 """
 
 from __future__ import annotations
@@ -20,13 +24,25 @@ from rest_framework.exceptions import APIException
 from llm_quota.drf.errors import response_for_exception
 from llm_quota.drf.throttling import admission_headers
 from llm_quota.exceptions import InvalidRequest
+from llm_quota.gateway.database import ahand_back, hand_back
 from llm_quota.gateway.relay import AsyncRelay, Relay
 from llm_quota.gateway.settlement import asettle, settle
 from llm_quota.gateway.upstream import UpstreamError, get_upstream
 from llm_quota.quota.guard import QuotaGuard
+from llm_quota.quota.release_rule import unbilled_error
 from llm_quota.shapes.chat import ChatRequest, read_completion
 
 logger = logging.getLogger("llm_quota")
+
+#: Upstream errors that are its own answer, or no call at all: nothing was billed.
+ANSWERED = frozenset({"upstream_error", "upstream_auth_failed", "upstream_not_configured"})
+
+
+def billed_nothing(exc: UpstreamError) -> bool:
+    """Whether a failed upstream call may be released: the upstream's error answer, or
+    a transport failure that shows no connection was made (``release_rule``)."""
+    cause = exc.__cause__
+    return exc.code in ANSWERED or (cause is not None and unbilled_error(cause))
 
 
 def upstream_error_response(exc: UpstreamError) -> JsonResponse:
@@ -85,7 +101,7 @@ class ChatCall:
         return self.headed(response)
 
     def failed(self, exc: UpstreamError) -> HttpResponseBase:
-        """The answer to a call the upstream refused (its reservation already released)."""
+        """The answer to a call the upstream refused or failed (its reservation ended)."""
         logger.warning("upstream refused %s for user %s: %s", self.chat.model, self.user.pk, exc)
         return self.headed(upstream_error_response(exc))
 
@@ -106,9 +122,13 @@ class ChatCall:
         chat, guard = self.chat, self.guard
         try:
             upstream, body = get_upstream(), self.upstream_body()
+            hand_back()  # a pooled database connection is not held while the LLM writes
             reply = upstream.stream(body) if chat.stream else upstream.complete(body)
         except UpstreamError as exc:
-            guard.release()
+            if billed_nothing(exc):
+                guard.release()
+            else:
+                guard.charge_estimate()
             return self.failed(exc)
         except APIException as exc:
             guard.release()
@@ -131,9 +151,11 @@ class ChatCall:
         chat, guard = self.chat, self.guard
         try:
             upstream, body = get_upstream(), self.upstream_body()
+            await ahand_back()  # nor here, where the ORM ran in the request's sync thread
             reply = await (upstream.astream(body) if chat.stream else upstream.acomplete(body))
         except UpstreamError as exc:
-            await guard.arelease()
+            ending = guard.arelease() if billed_nothing(exc) else guard.acharge_estimate()
+            await asyncio.shield(ending)
             return self.failed(exc)
         except APIException as exc:
             await asyncio.shield(guard.arelease())

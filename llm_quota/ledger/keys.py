@@ -16,14 +16,19 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-_USER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
-_RESERVATION_ID = re.compile(r"^[0-9a-f]{32}$")
+# Each pattern must match a part whole (``fullmatch``): ``$`` also matches before a
+# trailing newline, so ``re.match`` would let ``"gpt-4o\n"`` through.
+_USER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+_RESERVATION_ID = re.compile(r"[0-9a-f]{32}")
 # Alert markers name a limit (a fixed vocabulary) and a period id (digits).
-_ALERT_PART = re.compile(r"^[a-z0-9_]{1,64}$")
+_ALERT_PART = re.compile(r"[a-z0-9_]{1,64}")
 # Model names become hash *fields* (never key names); still refuse anything that
 # could confuse the ``kind|model`` field layout or flood memory.
-_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+# A price row's pattern names usage too (past ``MODEL_NAMES_PER_MONTH`` names): a
+# name's characters plus fnmatch's own, still never ``|``.
+_PATTERN = re.compile(r"[A-Za-z0-9._:/@+*?\[\]!-]{1,128}")
 
 
 class InvalidKeyPart(ValueError):
@@ -41,13 +46,13 @@ def user_id(value: Any) -> str:
     if isinstance(value, uuid.UUID):
         return value.hex
     text = str(value)
-    if not _USER_ID.match(text):
+    if not _USER_ID.fullmatch(text):
         raise InvalidKeyPart(f"unsafe user id {text[:80]!r}")
     return text
 
 
 def prefix(value: str) -> str:
-    if not _PREFIX.match(value):
+    if not _PREFIX.fullmatch(value):
         raise InvalidKeyPart(f"unsafe KEY_PREFIX {value[:80]!r}")
     return value
 
@@ -56,19 +61,27 @@ def reservation_id(value: str | None = None) -> str:
     """A fresh reservation id, or the given one once it is known to be well-formed."""
     if value is None:
         return uuid.uuid4().hex
-    if not isinstance(value, str) or not _RESERVATION_ID.match(value):
+    if not isinstance(value, str) or not _RESERVATION_ID.fullmatch(value):
         raise InvalidKeyPart("malformed reservation id")
     return value
 
 
 def model_name(value: Any) -> str:
-    if not isinstance(value, str) or not _MODEL.match(value):
+    if not isinstance(value, str) or not _MODEL.fullmatch(value):
         raise InvalidKeyPart("model names are 1-128 characters of letters, digits and ._:/@+-")
     return value
 
 
 def is_valid_model_name(value: Any) -> bool:
-    return isinstance(value, str) and bool(_MODEL.match(value))
+    return isinstance(value, str) and bool(_MODEL.fullmatch(value))
+
+
+def model_field(value: Any) -> str:
+    """A model name, or a price row's pattern: what the per-model usage hash (and a
+    ``UsageSnapshot`` row) may be named."""
+    if isinstance(value, str) and _PATTERN.fullmatch(value):
+        return value
+    raise InvalidKeyPart("a model field is a model name or a price row's pattern")
 
 
 # -- Redis Cluster slots ---------------------------------------------------------------
@@ -157,7 +170,7 @@ class KeySpace:
 
     def alert_sent(self, uid: Any, limit: str, threshold: int, period: str) -> str:
         """Dedupe marker: one alert per user, limit, threshold and period."""
-        if not _ALERT_PART.match(limit) or not _ALERT_PART.match(period):
+        if not _ALERT_PART.fullmatch(limit) or not _ALERT_PART.fullmatch(period):
             raise InvalidKeyPart("unsafe alert limit or period")
         return f"{self.user(uid)}:al:{limit}:{int(threshold)}:{period}"
 

@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 
 from redis.exceptions import ResponseError
 
+from llm_quota.conf import quota_settings
 from llm_quota.ledger import keys
 from llm_quota.ledger.plans import LoadMonth, Plan, ScriptCall
 from llm_quota.ledger.replies import (
@@ -267,6 +268,7 @@ class LedgerOps:
         rid = keys.reservation_id(reservation.id)
         now_arg, _ = self.now_arg()
         user_keys = self._user_keys(uid)
+        pattern = reservation.estimate.price.pattern
         reply = yield ScriptCall(
             "settle",
             (user_keys[0], self.index_base(uid), *user_keys[1:]),
@@ -275,6 +277,8 @@ class LedgerOps:
                 actual, usage.input_tokens, usage.output_tokens,
                 reservation.day, reservation.month, reservation.month_end_ms,
                 1 if reservation.uses_global else 0, keys.model_name(reservation.model),
+                "" if pattern is None else keys.model_field(pattern),
+                int(quota_settings.MODEL_NAMES_PER_MONTH),
             ),
         )  # fmt: skip
         outcome, delta, month_used, prior = (
@@ -386,7 +390,7 @@ class LedgerOps:
             total, rows = yield LoadMonth(uid, period)
             pairs: list[Any] = []
             for row in rows:
-                model = keys.model_name(row.model)
+                model = keys.model_field(row.model)  # a pattern too (MODEL_NAMES_PER_MONTH)
                 pairs += [
                     f"req|{model}", row.requests, f"in|{model}", row.input_tokens,
                     f"out|{model}", row.output_tokens, f"base|{model}", row.base_tokens,

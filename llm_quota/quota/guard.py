@@ -1,4 +1,4 @@
-"""``quota_guard``: reserve before an LLM call, settle after it, release on failure.
+"""``quota_guard``: reserve before an LLM call, settle after it.
 
 For views, Celery tasks and scripts that call an LLM themselves::
 
@@ -13,10 +13,15 @@ output can never exceed what was reserved. ``async with`` works the same way
 ``acharge_estimate()``), on the ``AsyncLedger``: no thread is held while Redis
 answers, and the ORM is read in a thread only when the tier or price is not cached.
 
+Leaving the block unsettled charges the estimate: a billed call must never cost
+nothing. An exception does too, unless it shows that the upstream billed nothing
+(``release_rule``: the provider's error answer, a connection never made, a refusal);
+call ``quota.release()`` yourself where you know the call was never made.
+
 The guard is also the ticket the adapters hang on a request (``request.llm_quota``):
 ``admit()`` reserves, and exactly one of ``settle()``, ``settle_output()``,
-``release()`` or ``charge_estimate()`` finishes it. Each is one plan, run by the sync
-driver or, for the ``a``-prefixed twin, by the async one.
+``release()``, ``charge_estimate()`` or ``fail(exc)`` finishes it. Each is one plan,
+run by the sync driver or, for the ``a``-prefixed twin, by the async one.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from llm_quota.ledger.replies import Decision, Reservation, Settlement
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.quota import admission, leases
 from llm_quota.quota.drivers import arun, run
+from llm_quota.quota.release_rule import unbilled_error
 from llm_quota.rules.accounting import ActualUsage, Estimate
 from llm_quota.rules.estimation import count_output
 
@@ -167,16 +173,26 @@ class QuotaGuard:
         leases.keeper().drop(self)
         return (yield from admission.release_plan(self.reservation))
 
-    def _charge_estimate_plan(self) -> Plan[Settlement]:
-        logger.warning("LLM call to %s finished without usage; charging the estimate", self.model)
+    def _charge_estimate_plan(self, why: str = "finished without usage") -> Plan[Settlement]:
+        logger.warning("LLM call to %s %s; charging the estimate", self.model, why)
         prompt = yield from self._prompt_tokens_plan()
         return (yield from self._settle_plan(ActualUsage(prompt, self.reservation.max_tokens)))
 
-    def _exit_plan(self, failed: bool) -> Plan[None]:
+    def _fail_plan(self, exc: BaseException) -> Plan[None]:
+        """Released where ``exc`` proves nothing was billed, else charged the estimate."""
         if self._finished or self.decision is None:
             return
-        if failed:
+        if unbilled_error(exc):
             yield from self._release_plan()
+        else:
+            why = f"failed ({type(exc).__name__}) without proof that nothing was billed"
+            yield from self._charge_estimate_plan(why)
+
+    def _exit_plan(self, exc: BaseException | None) -> Plan[None]:
+        if self._finished or self.decision is None:
+            return
+        if exc is not None:
+            yield from self._fail_plan(exc)
         else:
             # No usage reported: charge the estimate rather than lose a call that ran.
             yield from self._charge_estimate_plan()
@@ -207,6 +223,11 @@ class QuotaGuard:
         """A call ran but reported nothing: charge what was reserved rather than lose it."""
         return run(self._charge_estimate_plan(), self.ledger)
 
+    def fail(self, exc: BaseException) -> None:
+        """End a call that raised ``exc`` by the release rule (``release_rule``):
+        released if ``exc`` proves the upstream billed nothing, else charged the estimate."""
+        run(self._fail_plan(exc), self.ledger)
+
     def __enter__(self) -> QuotaGuard:
         return self.admit()
 
@@ -216,7 +237,7 @@ class QuotaGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        run(self._exit_plan(exc_type is not None), self.ledger)
+        run(self._exit_plan(exc), self.ledger)
 
     # -- async -------------------------------------------------------------------------
 
@@ -241,6 +262,9 @@ class QuotaGuard:
     async def acharge_estimate(self) -> Settlement:
         return await arun(self._charge_estimate_plan(), self._async_ledger())
 
+    async def afail(self, exc: BaseException) -> None:
+        await arun(self._fail_plan(exc), self._async_ledger())
+
     async def __aenter__(self) -> QuotaGuard:
         return await self.aadmit()
 
@@ -250,7 +274,7 @@ class QuotaGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await arun(self._exit_plan(exc_type is not None), self._async_ledger())
+        await arun(self._exit_plan(exc), self._async_ledger())
 
 
 def quota_guard(user: Any, *, model: str, **kwargs: Any) -> QuotaGuard:

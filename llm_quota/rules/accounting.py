@@ -46,6 +46,10 @@ class Price:
     #: The body field that caps the output upstream (``max_tokens`` or
     #: ``max_completion_tokens``); blank: chosen from the model's name by the API shape.
     output_cap_field: str = ""
+    #: The pattern row that priced ``model`` (``None``: a row of its own name). Names a
+    #: pattern matches are the caller's to invent; usage past ``MODEL_NAMES_PER_MONTH``
+    #: of them is recorded under the pattern.
+    pattern: str | None = None
 
     def base_tokens(
         self, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0

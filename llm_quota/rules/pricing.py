@@ -101,8 +101,9 @@ def _resolve(rows: PriceRows, model: str) -> Price | None:
         found = rows.fallback
     if found is None:
         return None
-    # Usage is accounted under the name the caller asked for, not the pattern.
-    return dataclasses.replace(found, model=model)
+    # Usage is accounted under the name the caller asked for, not the pattern (up to
+    # ``MODEL_NAMES_PER_MONTH`` names a month: the pattern says what to record beyond).
+    return dataclasses.replace(found, model=model, pattern=found.model)
 
 
 def priced_models() -> list[str]:

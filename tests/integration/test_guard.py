@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connections
@@ -52,13 +53,23 @@ def test_guard_reserves_settles_and_reports_usage(setup, ledger):
     assert usage.reserved == 0 and usage.tokens_this_month == 20 + 10 * 4
 
 
-def test_guard_releases_on_exception(setup, ledger):
+def test_guard_releases_when_the_upstream_was_never_reached(setup, ledger):
     user = factories.user()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(httpx.ConnectError):
         with quota_guard(user, model="gpt-4o", messages=MSGS, max_tokens=50):
-            raise RuntimeError("upstream failed")
+            raise httpx.ConnectError("upstream unreachable")
     usage = ledger.usage(user.pk)
     assert usage.reserved == 0 and usage.tokens_this_month == 0
+
+
+def test_guard_charges_the_estimate_when_an_exception_proves_nothing(setup, ledger):
+    """The release rule: a bug after the call may follow a billed answer."""
+    user = factories.user()
+    with pytest.raises(RuntimeError):
+        with quota_guard(user, model="gpt-4o", messages=MSGS, max_tokens=50) as q:
+            raise RuntimeError("the answer could not be parsed")
+    usage = ledger.usage(user.pk)
+    assert usage.reserved == 0 and usage.tokens_this_month == q.reservation.reserved
 
 
 def test_guard_without_settle_charges_the_estimate(setup, ledger):

@@ -57,6 +57,10 @@ def test_exact_name_beats_patterns_and_specific_pattern_beats_general(settings):
     assert price_for("gpt-4o-2024-08-06").input_micro == 2_000_000
     assert price_for("gpt-4o-mini-2024").input_micro == 60_000
     assert price_for("gpt-4o-2024-08-06").model == "gpt-4o-2024-08-06"
+    # Which row priced it: usage past MODEL_NAMES_PER_MONTH names is recorded there.
+    assert price_for("gpt-4o").pattern is None
+    assert price_for("gpt-4o-2024-08-06").pattern == "gpt-4o*"
+    assert price_for("gpt-4o-mini-2024").pattern == "gpt-4o-mini*"
 
 
 @pytest.mark.django_db
@@ -66,6 +70,7 @@ def test_unknown_model_policy(settings):
         price_for("mystery")
     settings.LLM_QUOTA = {**settings.LLM_QUOTA, "UNKNOWN_MODEL": "default"}
     assert price_for("mystery").input_micro == 9_000_000
+    assert price_for("mystery").pattern == "*"
 
 
 @pytest.mark.django_db

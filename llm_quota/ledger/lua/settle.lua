@@ -4,7 +4,9 @@
 -- ARGV: 1 now (0 = Redis' clock), 2 reservation id, 3 ttl, 4 user id,
 --       5 actual base tokens, 6 input tokens, 7 output tokens,
 --       8 day, 9 month, 10 month end, 11 global (1/0), 12 model
---       (8-12 are the caller's copy of the record, used only if Redis lost it).
+--       (8-12 are the caller's copy of the record, used only if Redis lost it),
+--       13 the pattern row that priced the model ('' for a row of its own name),
+--       14 how many distinct names a month records before such names go under it.
 -- Returns {outcome, charged, month_used, prior state}: outcome 1 settled, 0 already
 -- settled or released (nothing changed), 2 settled late: the estimate had expired, so
 -- the whole actual usage was charged on top. month_used is the settled base tokens of
@@ -49,20 +51,32 @@ if state == 'p' then
 end
 
 -- Step 5: per-model usage of the reservation's month, for reports and snapshots.
-local u = B .. ':u:' .. month
-if redis.call('HINCRBY', u, 'req|' .. model, 1) == 1 then
-  redis.call('PEXPIREAT', u, month_end + MONTH_GRACE)  -- a new model: perhaps a new hash
-end
-redis.call('HINCRBY', u, 'in|' .. model, input)
-redis.call('HINCRBY', u, 'out|' .. model, output)
-redis.call('HINCRBY', u, 'base|' .. model, actual)
 -- The month's settled total is the sum over models (a few fields): summing here
 -- keeps it exact after restores and resets, which rewrite this hash.
-local month_used = 0
+local u = B .. ':u:' .. month
+local month_used, names, known = actual, 0, false
 local fields = redis.call('HGETALL', u)
 for i = 1, #fields, 2 do
-  if string.sub(fields[i], 1, 5) == 'base|' then month_used = month_used + tonumber(fields[i + 1]) end
+  local kind = string.sub(fields[i], 1, 5)
+  if kind == 'base|' then month_used = month_used + tonumber(fields[i + 1])
+  elseif string.sub(kind, 1, 4) == 'req|' then
+    names = names + 1
+    if fields[i] == 'req|' .. model then known = true end
+  end
 end
+-- A name only a pattern row prices is the caller's to invent: it gets fields of its
+-- own while the month has fewer than ARGV[14] names, then goes under the pattern.
+-- Decided here, atomically, so the hash (and the snapshot's rows) stay bounded.
+local name = model
+if ARGV[13] and ARGV[13] ~= '' and not known and names >= tonumber(ARGV[14]) then
+  name = ARGV[13]
+end
+if redis.call('HINCRBY', u, 'req|' .. name, 1) == 1 then
+  redis.call('PEXPIREAT', u, month_end + MONTH_GRACE)  -- a new model: perhaps a new hash
+end
+redis.call('HINCRBY', u, 'in|' .. name, input)
+redis.call('HINCRBY', u, 'out|' .. name, output)
+redis.call('HINCRBY', u, 'base|' .. name, actual)
 
 -- Step 6: the snapshot finds active users through this index, never through KEYS.
 local a = I .. ':a:' .. month

@@ -1,0 +1,41 @@
+"""The gateway's database connections, handed back before it waits on the upstream.
+
+A request keeps the connections it used until it ends, and a chat call lasts as
+long as the LLM writes (seconds, minutes for a stream). With a connection pool
+(PostgreSQL's ``OPTIONS["pool"]``) that would hold a pooled connection idle for the
+whole call, and a burst of calls would wait for the pool, then fail. Authentication
+and admission are done by the time the upstream is called, so the connections go
+back to the pool then; a later read (a soft-limit alert at settle) takes one again.
+
+Only pooled connections, outside a transaction: a connection kept across requests
+(``CONN_MAX_AGE``) is left to Django, and one in ``ATOMIC_REQUESTS`` stays with it.
+"""
+
+from __future__ import annotations
+
+from asgiref.sync import sync_to_async
+from django.db import connections
+
+
+def pooled() -> bool:
+    """Whether any configured database is pooled."""
+    return any(
+        (options.get("OPTIONS") or {}).get("pool") for options in connections.settings.values()
+    )
+
+
+def hand_back() -> None:
+    """Return this thread's pooled connections to their pools, outside transactions."""
+    for connection in connections.all(initialized_only=True):
+        if (
+            connection.connection is not None
+            and getattr(connection, "pool", None) is not None
+            and not connection.in_atomic_block
+        ):
+            connection.close()
+
+
+async def ahand_back() -> None:
+    """``hand_back`` in the thread where the request's sync code (and the ORM) ran."""
+    if pooled():
+        await sync_to_async(hand_back)()
