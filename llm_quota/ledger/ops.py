@@ -324,31 +324,29 @@ class LedgerOps:
         the global share is released (or tombstoned) whatever the user's step found:
         a global step whose reply was lost may hold a share after the user's was
         withdrawn."""
-        if reservation.unmetered:
-            return False
-        uid = keys.user_id(reservation.user_id)
-        rid = keys.reservation_id(reservation.id)
-        now_arg, _ = self.now_arg()
-        args = (now_arg, rid, self.ttl_ms)
-        released = int((yield ScriptCall("release", self._user_keys(uid), args))) == 1
-        if self.cluster and reservation.uses_global:
-            yield ScriptCall("global_release", (self.keyspace.global_(),), args)
-        return released
+        return (yield from self._lease_step(reservation, "release", global_always=True))
 
     def renew(self, reservation: Reservation) -> Plan[bool]:
         """Move a pending reservation's lease (and its global share's) out to a TTL from
         now: the call is still running. False, and nothing changed, once it is settled,
         released or expired."""
+        return (yield from self._lease_step(reservation, "renew", global_always=False))
+
+    def _lease_step(
+        self, reservation: Reservation, script: str, *, global_always: bool
+    ) -> Plan[bool]:
+        """``script`` on the reservation's lease, then (on a cluster) ``global_<script>``
+        on its global share: always, or only when the user's step found it pending."""
         if reservation.unmetered:
             return False
         uid = keys.user_id(reservation.user_id)
         rid = keys.reservation_id(reservation.id)
         now_arg, _ = self.now_arg()
         args = (now_arg, rid, self.ttl_ms)
-        renewed = int((yield ScriptCall("renew", self._user_keys(uid), args))) == 1
-        if renewed and self.cluster and reservation.uses_global:
-            yield ScriptCall("global_renew", (self.keyspace.global_(),), args)
-        return renewed
+        done = int((yield ScriptCall(script, self._user_keys(uid), args))) == 1
+        if (done or global_always) and self.cluster and reservation.uses_global:
+            yield ScriptCall(f"global_{script}", (self.keyspace.global_(),), args)
+        return done
 
     # -- reading -----------------------------------------------------------------------
 

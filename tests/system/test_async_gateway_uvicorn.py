@@ -45,14 +45,6 @@ LONGEST_GAP = 0.25
 
 
 @pytest.fixture
-def upstream():
-    server = UpstreamServer().start()
-    yield server
-    server.hold.set()  # a failed test must not leave streams waiting
-    server.stop()
-
-
-@pytest.fixture
 def site(tmp_path, quota_prefix, upstream):
     env = migrated_site(tmp_path)
     return {**env, "LLM_QUOTA_KEY_PREFIX": quota_prefix, "SCALE_PREFIX": quota_prefix,

@@ -139,14 +139,6 @@ async def burst(url: str, token: str, upstream: UpstreamServer) -> list[tuple[in
 
 
 @pytest.fixture
-def upstream():
-    server = UpstreamServer().start()
-    yield server
-    server.hold.set()  # a failed test must not leave streams waiting
-    server.stop()
-
-
-@pytest.fixture
 def site(database, quota_prefix, upstream):
     """The demo project's environment on the test's database, migrated and seeded."""
     db, name = database

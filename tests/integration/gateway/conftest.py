@@ -66,17 +66,23 @@ def either_gateway(request):
     return request.getfixturevalue("gateway" if request.param == "sync" else "async_gateway")
 
 
-@pytest.fixture
-def upstream(settings, quota_prefix):
-    """The tests' own upstream server, configured as the gateway's OPENAI_BASE_URL."""
-    server = UpstreamServer().start()
+def _serve(settings, server, read_timeout: float):
+    """Start ``server`` and make it the gateway's upstream (OPENAI_BASE_URL)."""
+    server.start()
     settings.LLM_QUOTA = {
         **settings.LLM_QUOTA,
         "UPSTREAM": None,
         "OPENAI_BASE_URL": server.url,
         "OPENAI_API_KEY": "sk-gateway-key",
-        "UPSTREAM_READ_TIMEOUT": 5.0,
+        "UPSTREAM_READ_TIMEOUT": read_timeout,
     }
+    return server
+
+
+@pytest.fixture
+def upstream(settings, quota_prefix):
+    """The tests' own upstream server, configured as the gateway's OPENAI_BASE_URL."""
+    server = _serve(settings, UpstreamServer(), 5.0)
     yield server
     server.stop()
 
@@ -84,13 +90,6 @@ def upstream(settings, quota_prefix):
 @pytest.fixture
 def oracle(settings, quota_prefix):
     """An upstream that bills like OpenAI (``OracleServer``), as the gateway's OPENAI_BASE_URL."""
-    server = OracleServer().start()
-    settings.LLM_QUOTA = {
-        **settings.LLM_QUOTA,
-        "UPSTREAM": None,
-        "OPENAI_BASE_URL": server.url,
-        "OPENAI_API_KEY": "sk-gateway-key",
-        "UPSTREAM_READ_TIMEOUT": 30.0,
-    }
+    server = _serve(settings, OracleServer(), 30.0)
     yield server
     server.stop()
