@@ -257,7 +257,7 @@ def _bounded(
     output = price.default_max_output_tokens if max_tokens is None else max_tokens
     if window is not None and upper + output > window:
         return None  # near the context window: only the count can tell
-    return Estimate(price, upper, output, prompt_exact=False), lower
+    return Estimate(price, upper, output, prompt_exact=False, prompt_floor=lower), lower
 
 
 def _refuse_if_surely_too_long(price: Price, bounds: PromptBounds) -> None:
@@ -318,7 +318,12 @@ def _estimate(price: Price, count: PromptCount, max_tokens: int | None) -> Estim
                 code="context_length_exceeded",
                 param="max_tokens",
             )
-    return Estimate(price=price, prompt_tokens=prompt_tokens, max_output_tokens=output)
+    return Estimate(
+        price=price,
+        prompt_tokens=prompt_tokens,
+        max_output_tokens=output,
+        prompt_floor=fewest_tokens(count.counted),
+    )
 
 
 # -- admission -----------------------------------------------------------------------
@@ -553,7 +558,7 @@ def usage_plan(reservation: Reservation, usage: Any, output_text: str | None) ->
     estimate = reservation.estimate
     reported = ReportedUsage.read(usage)
     checked = reported.plausible(
-        input_floor=fewest_tokens(estimate.prompt_tokens) if estimate else 0,
+        input_floor=estimate.input_floor if estimate else 0,
         output_floor=fewest_tokens(byte_bound(output_text)) if output_text else 0,
     )
     if checked.complete:

@@ -91,10 +91,21 @@ class Estimate:
     #: False when ``prompt_tokens`` is the prompt's byte count, an upper bound that
     #: spared tokenizing a huge prompt (``quota.admission.admit_request``); settle corrects it.
     prompt_exact: bool = True
+    #: The fewest prompt tokens the upstream can bill: from the counted text only, since
+    #: ``prompt_tokens`` may hold bounds (an image's worst case, a file's context
+    #: window). None: ``prompt_tokens`` was counted whole (``input_floor``).
+    prompt_floor: int | None = None
 
     @property
     def model(self) -> str:
         return self.price.model
+
+    @property
+    def input_floor(self) -> int:
+        """A reported prompt count below this is not a count (``fewest_tokens``)."""
+        if self.prompt_floor is not None:
+            return self.prompt_floor
+        return fewest_tokens(self.prompt_tokens) if self.prompt_exact else 0
 
     @property
     def prompt_micro(self) -> int:

@@ -72,3 +72,30 @@ def test_sdk_usage_objects_are_read_by_attribute():
 
     usage = CompletionUsage(prompt_tokens=4, completion_tokens=6, total_tokens=10)
     assert ReportedUsage.read(usage) == ReportedUsage(4, 6, 0)
+
+
+def _reservation(estimate):
+    from llm_quota.ledger.replies import Reservation
+
+    return Reservation(
+        "r1", "1", estimate.model, estimate.base_tokens, estimate.max_output_tokens,
+        estimate, "d", "m", 0, False,
+    )  # fmt: skip
+
+
+def test_an_honest_prompt_count_below_a_bound_is_charged_as_reported():
+    # A file part is bounded only by the context window: the estimate holds the whole
+    # window, but only the counted text can say what the upstream certainly billed.
+    from llm_quota.quota.admission import _estimate, usage_plan
+    from llm_quota.quota.drivers import run
+    from llm_quota.rules.accounting import Price
+    from llm_quota.rules.estimation import PromptCount
+
+    price = Price("gpt-4.1", 1_000_000, 4_000_000, context_window=1_047_576)
+    estimate = _estimate(price, PromptCount(1_047_526, 40, unbounded=True), 50)
+    assert estimate.prompt_tokens >= 1_047_526  # the window bounds it
+    usage = {"prompt_tokens": 3000, "completion_tokens": 50}
+    assert run(usage_plan(_reservation(estimate), usage, None)) == ActualUsage(3000, 50)
+    # A prompt count below the counted text's floor is still no count.
+    bad = {"prompt_tokens": 0, "completion_tokens": 50}
+    assert run(usage_plan(_reservation(estimate), bad, None)).input_tokens == estimate.prompt_tokens
