@@ -120,9 +120,16 @@ class ChatCall:
     def answer(self) -> HttpResponseBase:
         """Send the call upstream and answer it, on the guard's sync methods."""
         chat, guard = self.chat, self.guard
-        try:
+        try:  # nothing is sent yet: any failure here releases
             upstream, body = get_upstream(), self.upstream_body()
             hand_back()  # a pooled database connection is not held while the LLM writes
+        except APIException as exc:
+            guard.release()
+            return self.refused(exc)
+        except BaseException:
+            guard.release()
+            raise
+        try:
             reply = upstream.stream(body) if chat.stream else upstream.complete(body)
         except UpstreamError as exc:
             if billed_nothing(exc):
@@ -130,11 +137,8 @@ class ChatCall:
             else:
                 guard.charge_estimate()
             return self.failed(exc)
-        except APIException as exc:
-            guard.release()
-            return self.refused(exc)
-        except BaseException:
-            guard.release()
+        except BaseException as exc:
+            guard.fail(exc)  # the release rule: released only if provably unbilled
             raise
         try:
             if chat.stream:
@@ -149,24 +153,26 @@ class ChatCall:
     async def aanswer(self) -> HttpResponseBase:
         """``answer`` for the async view: nothing waits in a thread."""
         chat, guard = self.chat, self.guard
-        try:
+        try:  # nothing is sent yet: any failure here releases
             upstream, body = get_upstream(), self.upstream_body()
             await ahand_back()  # nor here, where the ORM ran in the request's sync thread
+        except APIException as exc:
+            await asyncio.shield(guard.arelease())
+            return self.refused(exc)
+        except BaseException:
+            await asyncio.shield(guard.arelease())
+            raise
+        try:
             reply = await (upstream.astream(body) if chat.stream else upstream.acomplete(body))
         except UpstreamError as exc:
             ending = guard.arelease() if billed_nothing(exc) else guard.acharge_estimate()
             await asyncio.shield(ending)
             return self.failed(exc)
-        except APIException as exc:
-            await asyncio.shield(guard.arelease())
-            return self.refused(exc)
-        except asyncio.CancelledError:
-            # The client left while the upstream worked on the answer: it may all have
-            # been generated, and nothing says how much, so the estimate is charged.
-            await asyncio.shield(guard.acharge_estimate())
-            raise
-        except BaseException:
-            await asyncio.shield(guard.arelease())
+        except BaseException as exc:
+            # The release rule: a client that left while the upstream worked on the
+            # answer (CancelledError), like any failure that proves nothing, is charged
+            # the estimate: it may all have been generated.
+            await asyncio.shield(guard.afail(exc))
             raise
         if chat.stream:
             return self.streamed(AsyncRelay(reply, guard, include_usage=chat.include_usage))
