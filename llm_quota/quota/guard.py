@@ -140,8 +140,8 @@ class QuotaGuard:
         return self
 
     def _settle_plan(self, usage: Any, output_text: str | None = None) -> Plan[Settlement]:
-        if self._finished and self.settlement is not None:
-            return self.settlement
+        if self._finished:  # settled already, or released: nothing more to charge
+            return self.settlement or Settlement(False, False, 0)
         leases.keeper().drop(self)
         self.settlement = yield from admission.settle_plan(
             self.reservation, usage, output_text=output_text
@@ -169,9 +169,12 @@ class QuotaGuard:
     def _release_plan(self) -> Plan[bool]:
         if self._finished:
             return False
-        self._finished = True
         leases.keeper().drop(self)
-        return (yield from admission.release_plan(self.reservation))
+        released = yield from admission.release_plan(self.reservation)
+        # Only now: a release that raised (or was cancelled) leaves the guard unfinished,
+        # so its adapter still ends it (a settle after a release changes nothing).
+        self._finished = True
+        return released
 
     def _charge_estimate_plan(self, why: str = "finished without usage") -> Plan[Settlement]:
         logger.warning("LLM call to %s %s; charging the estimate", self.model, why)

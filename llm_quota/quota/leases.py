@@ -42,8 +42,9 @@ logger = logging.getLogger("llm_quota")
 RENEWALS_PER_TTL = 3
 #: After a renewal Redis could not take, the next try comes this much sooner.
 RETRY_FRACTION = 0.5
-#: Longest a renewal on an event loop's ledger is waited for.
-LOOP_TIMEOUT = 30.0
+#: Longest a renewal on an event loop's ledger is waited for: well under a third of the
+#: shortest TTL (60 s), so one stalled loop cannot make the other leases late.
+LOOP_TIMEOUT = 5.0
 INF = float("inf")
 
 
