@@ -56,7 +56,10 @@ class Family:
         """The image's cost; ``size`` None (unknown) is the worst case for the family."""
         if self.multiplier is not None:
             patches = MAX_PATCHES if size is None else min(_patches(*size), MAX_PATCHES)
-            return ceil_div(patches * self.multiplier.numerator, self.multiplier.denominator)
+            product = patches * self.multiplier
+            # A whole product may come out a hair above itself in floating point (150 x
+            # 1.62 is 243.00000000000003), which a provider would round up: bound that.
+            return ceil_div(product.numerator, product.denominator) + (product.denominator == 1)
         if detail == "low":
             return self.base
         tiles = MAX_TILES if size is None else _tiles(*size)
