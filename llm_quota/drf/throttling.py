@@ -82,7 +82,7 @@ class LLMQuotaThrottle(BaseThrottle):
         scope = quota_settings.CHAT_SCOPE if self.required_scope is None else self.required_scope
         if scope and scope not in granted_scopes(request):
             raise InsufficientScope(f"This endpoint requires the scope {scope}.")
-        guard = QuotaGuard(user, **params)
+        guard = QuotaGuard(user, scope=scope, **params)
         try:
             guard.admit()
         except QuotaExceeded as exc:
