@@ -9,7 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from rest_framework import status
-from rest_framework.exceptions import APIException, PermissionDenied, Throttled
+from rest_framework.exceptions import APIException, ErrorDetail, PermissionDenied, Throttled
+
+
+class RefusalBody(dict):
+    """A refusal's ``detail``: ``{"detail", "limit", "retry_after", "upgrade"}``.
+
+    DRF's default exception handler renders a dict ``detail`` as the body, so a DRF view
+    answers all four keys with no handler of ours. ``refusal`` is the exception, for
+    ``LLMQuotaMiddleware`` to add the headers the handler knows nothing of
+    (``x-should-retry``, the rate-limit headers) to the response it built."""
+
+    refusal: QuotaExceeded
 
 
 class QuotaExceeded(Throttled):
@@ -33,8 +44,20 @@ class QuotaExceeded(Throttled):
         self.decision = decision
         text = message or self.describe(limit, self.retry_after, upgrade)
         super().__init__(wait=self.retry_after, detail=text, code=self.default_code)
-        # DRF appends "Expected available in N seconds" to detail; keep ours exact.
-        self.detail = text
+        # DRF appended "Expected available in N seconds" to detail; keep ours exact, and
+        # a dict, so DRF's default handler answers every key (``RefusalBody``).
+        self.message = text
+        body = RefusalBody(
+            detail=ErrorDetail(text, self.default_code),
+            limit=limit,
+            retry_after=self.retry_after,
+            upgrade=upgrade,
+        )
+        body.refusal = self
+        self.detail = body
+
+    def __str__(self) -> str:
+        return self.message
 
     @staticmethod
     def describe(limit: str, retry_after: int, upgrade: dict[str, str] | None) -> str:

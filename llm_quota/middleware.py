@@ -27,10 +27,12 @@ from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from llm_quota import decorators
+from llm_quota.drf.headers import refusal_headers
 from llm_quota.drf.throttling import THROTTLED_ATTRIBUTE
+from llm_quota.exceptions import QuotaExceeded, RefusalBody
 from llm_quota.quota.guard import QuotaGuard
 
 
@@ -88,19 +90,46 @@ class LLMQuotaMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        response = self.get_response(request)
+        response = _with_refusal_headers(self.get_response(request))
         guard = _throttled(request)
         return response if guard is None else decorators.finish(guard, response, _raised(request))
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        response = await self.get_response(request)
+        response = _with_refusal_headers(await self.get_response(request))
         guard = _throttled(request)
         if guard is None:
             return response
         return await decorators.afinish(guard, response, _raised(request))
 
-    def process_exception(self, request: HttpRequest, exception: Exception) -> None:
+    def process_exception(
+        self, request: HttpRequest, exception: Exception
+    ) -> HttpResponseBase | None:
         """Remember what a throttled view raised: Django answers it with a 500, but
-        whether the reservation is released depends on the exception itself."""
+        whether the reservation is released depends on the exception itself.
+
+        A plain view that let a ``quota_guard`` refusal escape is answered as a DRF view
+        would answer it (429, ``RefusalBody``, its headers), not with a 500."""
         if _throttled(request) is not None:
             setattr(request, RAISED_ATTRIBUTE, exception)
+            return None
+        if isinstance(exception, QuotaExceeded):
+            response = JsonResponse(dict(exception.detail), status=exception.status_code)
+            for name, value in refusal_headers(exception).items():
+                response[name] = value
+            return response
+        return None
+
+
+def _with_refusal_headers(response: HttpResponseBase) -> HttpResponseBase:
+    """Add a refusal's headers to the response DRF's exception handler built for it.
+
+    The handler sets only ``Retry-After``; ``x-should-retry`` and the rate-limit headers
+    come from the refusal, which its body (``RefusalBody``) still holds. Headers the view
+    already set (``LLMQuotaThrottle`` sets them) are left as they are."""
+    body = getattr(response, "data", None)
+    if not isinstance(body, RefusalBody):
+        return response
+    for name, value in refusal_headers(body.refusal).items():
+        if name not in response:
+            response[name] = value
+    return response

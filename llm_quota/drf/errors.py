@@ -21,9 +21,8 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 
-from llm_quota.drf.headers import headers_for
+from llm_quota.drf.headers import refusal_headers
 from llm_quota.exceptions import (
-    BudgetExceeded,
     InvalidRequest,
     QuotaExceeded,
     QuotaUnavailable,
@@ -72,20 +71,15 @@ def message_of(detail: Any) -> str:
 
 
 def _quota_exceeded(exc: QuotaExceeded) -> JsonResponse:
-    headers = headers_for(exc.decision)
-    headers["Retry-After"] = str(exc.retry_after)
     extra: dict[str, Any] = {"limit": exc.limit, "retry_after": exc.retry_after}
     if exc.upgrade:
         extra["upgrade"] = exc.upgrade
-    if isinstance(exc, BudgetExceeded):
-        # Waiting out a day or a month is not a retry: tell the SDKs not to loop.
-        headers["x-should-retry"] = "false"
     return error_response(
         status.HTTP_429_TOO_MANY_REQUESTS,
-        message_of(exc.detail),
+        exc.message,
         type=exc.error_type,
         code=exc.error_type,
-        headers=headers,
+        headers=refusal_headers(exc),
         **extra,
     )
 

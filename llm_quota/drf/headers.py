@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from llm_quota.exceptions import BudgetExceeded, QuotaExceeded
+
 WINDOW_SECONDS = 60
 
 #: Added when ``CLAMP_MAX_TOKENS`` lowered the output cap sent upstream.
@@ -73,4 +75,15 @@ def headers_for(decision: Any, *, max_tokens: int | None = None) -> dict[str, st
         headers["RateLimit"] = ", ".join(states)
     if getattr(decision, "clamped", False):
         headers[CLAMPED_HEADER] = str(decision.max_tokens if max_tokens is None else max_tokens)
+    return headers
+
+
+def refusal_headers(exc: QuotaExceeded) -> dict[str, str]:
+    """The headers of a 429: the rate-limit headers of the refusing decision,
+    ``Retry-After`` (whole seconds, rounded up) and, for a budget, ``x-should-retry:
+    false``, which the OpenAI SDKs obey: waiting out a day or a month is not a retry."""
+    headers = headers_for(exc.decision)
+    headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, BudgetExceeded):
+        headers["x-should-retry"] = "false"
     return headers

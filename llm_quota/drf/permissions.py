@@ -13,7 +13,6 @@ views (the async gateway, ``@quota_gated``), which cannot run a DRF permission c
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from rest_framework.exceptions import AuthenticationFailed
@@ -21,8 +20,8 @@ from rest_framework.permissions import BasePermission
 from rest_framework_simplejwt.settings import api_settings as jwt_settings
 
 from llm_quota.conf import quota_settings
-from llm_quota.exceptions import InsufficientScope
 from llm_quota.ledger.plans import Plan
+from llm_quota.quota.access import refuse_blocked, require_scopes
 from llm_quota.quota.admission import policy_plan
 from llm_quota.quota.drivers import run
 from llm_quota.rules.policy import UserPolicy
@@ -72,23 +71,20 @@ def _scopes(policy: UserPolicy, auth: Any) -> set[str]:
 
 
 def scopes_plan(user: Any, auth: Any) -> Plan[set[str]]:
-    """The scopes the caller holds right now (the tier from memory, else the database)."""
+    """The scopes the caller holds right now (the tier from memory, else the database).
+
+    A blocked user holds none, and is refused as blocked (``QuotaBlocked``, 403
+    ``user_blocked``) rather than as out of scope, on every path that asks."""
     if user is None or not user.is_authenticated:
         return set()
     policy = yield from policy_plan(user)
+    refuse_blocked(policy)
     return _scopes(policy, auth)
 
 
 def granted_scopes(request: Any) -> set[str]:
     """The scopes ``request``'s caller holds right now."""
     return run(scopes_plan(getattr(request, "user", None), getattr(request, "auth", None)))
-
-
-def require_scopes(required: Iterable[str], granted: set[str]) -> None:
-    """Raise ``InsufficientScope`` (403) naming every required scope not granted."""
-    missing = set(required) - granted
-    if missing:
-        raise InsufficientScope(f"This endpoint requires the scope(s) {' '.join(sorted(missing))}.")
 
 
 class HasScope(BasePermission):

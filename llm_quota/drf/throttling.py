@@ -32,9 +32,9 @@ from rest_framework.permissions import SAFE_METHODS
 from rest_framework.throttling import BaseThrottle
 
 from llm_quota.conf import quota_settings
-from llm_quota.drf.headers import headers_for
+from llm_quota.drf.headers import headers_for, refusal_headers
 from llm_quota.drf.permissions import granted_scopes
-from llm_quota.exceptions import BudgetExceeded, InsufficientScope, QuotaExceeded
+from llm_quota.exceptions import InsufficientScope, QuotaExceeded
 from llm_quota.quota.guard import QuotaGuard
 from llm_quota.shapes.chat import ChatRequest
 
@@ -82,14 +82,11 @@ class LLMQuotaThrottle(BaseThrottle):
         scope = quota_settings.CHAT_SCOPE if self.required_scope is None else self.required_scope
         if scope and scope not in granted_scopes(request):
             raise InsufficientScope(f"This endpoint requires the scope {scope}.")
-        guard = QuotaGuard(user, **params)
+        guard = QuotaGuard(user, scope=scope, **params)
         try:
             guard.admit()
         except QuotaExceeded as exc:
-            view.headers.update(headers_for(exc.decision))
-            if isinstance(exc, BudgetExceeded):
-                # The OpenAI SDKs (and polite clients) read this: waiting won't help.
-                view.headers["x-should-retry"] = "false"
+            view.headers.update(refusal_headers(exc))
             raise
         django_request = getattr(request, "_request", request)
         setattr(django_request, REQUEST_ATTRIBUTE, guard)

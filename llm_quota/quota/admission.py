@@ -390,7 +390,7 @@ def admit_plan(
 ) -> Plan[Decision | None]:
     """Reserve ``estimate`` or raise the refusal. With ``probe`` (a lower bound of the
     prompt, see ``admit_request_plan``) None means "count the prompt exactly"."""
-    pk = yield from _pk_plan(user)
+    pk = yield from pk_plan(user)
     if pk is None:
         raise NotAuthenticated()
     if policy is None:
@@ -421,7 +421,7 @@ def admit_plan(
         raise exc from None
 
 
-def _pk_plan(user: Any) -> Plan[Any]:
+def pk_plan(user: Any) -> Plan[Any]:
     """The user's pk. An async view's ``request.user`` is a lazy object whose first
     touch reads the session and the user from the database: in a thread, for async."""
     if isinstance(user, LazyObject) and user._wrapped is empty:

@@ -31,12 +31,14 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from llm_quota.conf import quota_settings
 from llm_quota.exceptions import InvalidRequest
 from llm_quota.ledger.async_driver import AsyncLedger, twin_of
 from llm_quota.ledger.plans import Plan
 from llm_quota.ledger.replies import Decision, Reservation, Settlement
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.quota import admission, leases
+from llm_quota.quota.access import tier_access_plan
 from llm_quota.quota.drivers import arun, run
 from llm_quota.quota.release_rule import unbilled_error
 from llm_quota.rules.accounting import ActualUsage, Estimate
@@ -55,6 +57,7 @@ class QuotaGuard:
         prompt_tokens: int | None = None,
         max_tokens: int | None = None,
         choices: int = 1,
+        scope: str | None = None,
         ledger: Ledger | None = None,
         aledger: AsyncLedger | None = None,
         **billed: Any,
@@ -70,6 +73,9 @@ class QuotaGuard:
         self.billed = billed
         # ``n`` completions of one prompt: the output cap is reserved once per choice.
         self.choices = max(1, int(choices))
+        #: The scope the user's tier must grant: ``None`` reads ``CHAT_SCOPE``; an
+        #: adapter that checked another scope itself (the throttle's) passes that one.
+        self.scope = quota_settings.CHAT_SCOPE if scope is None else scope
         self.ledger = ledger
         # Given a sync ledger only, ``async with`` uses its twin (same Redis and clock).
         self.aledger = aledger
@@ -124,6 +130,9 @@ class QuotaGuard:
 
     def admit_plan(self) -> Plan[QuotaGuard]:
         """``admit`` as a plan, for adapters that admit as part of a larger plan."""
+        # A blocked user, or a tier without the scope, is refused like on every other
+        # path, before anything is priced or sent to Redis.
+        yield from tier_access_plan(self.user, self.scope)
         _estimate, self.decision = yield from admission.admit_request_plan(
             self.user, self.model, **self._estimate_args()
         )

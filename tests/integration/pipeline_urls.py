@@ -1,5 +1,7 @@
 """Views for the throttle and middleware tests: a DRF view per way of ending a call."""
 
+import json
+
 from django.http import JsonResponse, StreamingHttpResponse
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
@@ -8,8 +10,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 from rest_framework_simplejwt.authentication import JWTAuthentication
 
+from llm_quota import quota_guard
 from llm_quota.decorators import quota_gated
 from llm_quota.drf.throttling import LLMQuotaThrottle
+from llm_quota.shapes.chat import ChatRequest
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3}
 
@@ -35,6 +39,27 @@ class Gated(APIView):
 
 class Anonymous(Gated):
     permission_classes = [AllowAny]
+
+
+class Guarded(APIView):
+    """The guard style in a DRF view: its refusal is left to DRF's default handler."""
+
+    authentication_classes = [JWTAuthentication]
+    permission_classes = [IsAuthenticated]
+
+    def post(self, request):
+        with quota_guard(request.user, **ChatRequest.from_body(request.data).quota_kwargs()) as q:
+            q.settle(USAGE)
+        return Response({"ok": True})
+
+
+@csrf_exempt
+def plain_guarded(request):
+    """The guard style in a plain view (a session user), its refusal not caught."""
+    body = ChatRequest.from_body(json.loads(request.body))
+    with quota_guard(request.user, **body.quota_kwargs()) as quota:
+        quota.settle(USAGE)
+    return JsonResponse({"ok": True})
 
 
 @csrf_exempt
@@ -69,6 +94,8 @@ urlpatterns = [
     path("drf/fail", Gated.as_view(outcome="fail")),
     path("drf/raise", Gated.as_view(outcome="raise")),
     path("drf/anonymous", Anonymous.as_view()),
+    path("drf/guarded", Guarded.as_view()),
+    path("plain/guarded", plain_guarded),
     path("plain", plain),
     path("plain/stream", plain_stream),
     path("plain/stream-unsettled", plain_stream_unsettled),

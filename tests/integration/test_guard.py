@@ -13,6 +13,7 @@ from rest_framework.exceptions import NotAuthenticated, Throttled
 from llm_quota import quota_guard
 from llm_quota.exceptions import (
     BudgetExceeded,
+    InsufficientScope,
     ModelNotAllowed,
     QuotaBlocked,
     RateLimited,
@@ -147,6 +148,40 @@ def test_static_refusals_never_touch_redis(setup, ledger, redis_client):
 
         quota_guard(AnonymousUser(), model="gpt-4o", messages=MSGS).__enter__()
     assert not list(redis_client.scan_iter(match=f"{ledger.keyspace.prefix}:*"))
+
+
+def test_a_tier_without_the_chat_scope_is_refused_by_the_guard_before_redis(
+    setup, ledger, redis_client, transactional_db
+):
+    # A "viewer" tier: no token limit at all, so only the scope can stop it.
+    viewer_tier = factories.tier("viewer", scopes="usage:read")
+    viewer = factories.user(viewer_tier)
+    blocked = factories.user(setup[0], blocked=True)
+    with pytest.raises(InsufficientScope):
+        quota_guard(viewer, model="gpt-4o", messages=MSGS).__enter__()
+    with pytest.raises(InsufficientScope):
+        quota_guard(viewer.pk, model="gpt-4o", messages=MSGS).__enter__()  # a service account
+    with pytest.raises(QuotaBlocked):
+        quota_guard(blocked, model="gpt-4o", messages=MSGS).__enter__()
+
+    async def call(user):
+        try:
+            async with quota_guard(user, model="gpt-4o", messages=MSGS):
+                raise AssertionError("admitted")
+        finally:
+            await sync_to_async(connections.close_all)()
+
+    with pytest.raises(InsufficientScope):
+        asyncio.run(call(viewer))
+    with pytest.raises(QuotaBlocked):
+        asyncio.run(call(blocked))
+    assert not list(redis_client.scan_iter(match=f"{ledger.keyspace.prefix}:*"))
+    # The same guard with the scope granted does reach Redis: the check above could fail.
+    viewer_tier.scopes = "usage:read llm:chat"
+    viewer_tier.save()  # as the admin saves it: every process sees it
+    with quota_guard(viewer, model="gpt-4o", messages=MSGS) as q:
+        q.release()
+    assert list(redis_client.scan_iter(match=f"{ledger.keyspace.prefix}:*"))
 
 
 def test_async_guard(setup, ledger, transactional_db):

@@ -59,7 +59,9 @@ def test_blocking_takes_effect_before_the_token_expires_and_refresh_drops_scopes
     tokens = obtain(user.username)
     UserQuota.objects.filter(user=user).update(blocked=True)
     UserQuota.objects.get(user=user).save()  # admin save: invalidates the policy cache
-    assert call(tokens["access"]).status_code == 403
+    refused = call(tokens["access"])
+    assert refused.status_code == 403
+    assert refused.data["detail"].code == "user_blocked"  # not insufficient_scope
     refreshed = APIClient().post("/api/token/refresh/", {"refresh": tokens["refresh"]}).json()
     assert AccessToken(refreshed["access"])["scope"] == ""
 

@@ -84,6 +84,49 @@ def test_throttle_refusal_is_429_with_retry_after_and_headers(user, ledger):
     assert "tokens_per_month" in refused.json()["detail"]
 
 
+@pytest.mark.parametrize("style", ["drf/settle", "drf/guarded", "plain/guarded"])
+def test_refusals_of_drf_and_guarded_views_carry_limit_retry_after_upgrade_and_headers(
+    user, ledger, style
+):
+    """DRF's default exception handler answers the throttle's and the guard's refusal
+    with every key of the README's 429, and the middleware adds the headers it does not
+    know (the guard style had none of them)."""
+
+    def refused(who):
+        if style.startswith("plain"):
+            client = Client(raise_request_exception=False)
+            client.force_login(who)
+            return client.post(f"/{style}", json.dumps(BODY), content_type="application/json")
+        return post(f"/{style}", who)
+
+    pro = factories.tier("pro")
+    broke = factories.user(factories.tier("broke", tokens_per_month=10, upgrade_to=pro,
+                                          upgrade_url="https://example.com/up"))  # fmt: skip
+    response = refused(broke)
+    assert response.status_code == 429
+    body = response.json()
+    assert body["limit"] == "tokens_per_month" and body["detail"].startswith("Limit 'tokens_")
+    assert body["upgrade"] == {"tier": "pro", "url": "https://example.com/up"}
+    assert body["retry_after"] == int(response["Retry-After"]) >= 1
+    assert response["x-should-retry"] == "false"
+
+    tiny = factories.user(factories.tier("tiny", requests_per_minute=1))
+    assert refused(tiny).status_code == 200
+    response = refused(tiny)
+    assert response.status_code == 429
+    assert response.json() == {
+        "detail": "Limit 'requests_per_minute' reached. Retry after 60 s.",
+        "limit": "requests_per_minute",
+        "retry_after": 60,
+        "upgrade": None,
+    }
+    assert response["Retry-After"] == "60" and "x-should-retry" not in response
+    assert response["x-ratelimit-limit-requests"] == "1"
+    assert response["x-ratelimit-remaining-requests"] == "0"
+    assert response["RateLimit"].startswith('"requests";r=0;t=')
+    assert charged(ledger, tiny) == 5 + 3 * 4 and charged(ledger, broke) == 0
+
+
 def test_anonymous_and_out_of_scope_callers_never_reach_redis(user, ledger, redis_client):
     assert post("/drf/anonymous").status_code == 401
     reader = factories.user(factories.tier("reader", scopes="usage:read"))
