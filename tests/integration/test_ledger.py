@@ -106,6 +106,24 @@ def test_sliding_window_has_no_edge_burst(ledger, clock):
     assert refused.limit == "requests_per_minute" and refused.retry_after_seconds == 58
 
 
+def test_lowered_rpm_retry_after_is_when_the_count_falls_under_the_new_limit(ledger, clock):
+    """10 requests at rpm 10, one every 5 s, then the tier's rpm is lowered to 3: the
+    window must lose 8 entries before a request fits, so the wait runs until the 8th
+    oldest leaves (not the oldest, which a retry then would find refused again)."""
+    for _ in range(10):
+        assert ledger.reserve(1, Limits(requests_per_minute=10), estimate(1, 1)).allowed
+        clock.advance(5)
+    # Entries at t=0,5,...,45; now t=50. The 8th oldest (t=35) leaves at t=95.
+    lowered = Limits(requests_per_minute=3)
+    refused = ledger.reserve(1, lowered, estimate(1, 1))
+    assert refused.limit == "requests_per_minute"
+    assert refused.retry_after == 45
+    clock.advance(refused.retry_after - 0.001)
+    assert not ledger.reserve(1, lowered, estimate(1, 1)).allowed
+    clock.advance(0.002)
+    assert ledger.reserve(1, lowered, estimate(1, 1)).allowed
+
+
 def test_tokens_per_minute_retry_after_is_when_enough_leaves_the_window(ledger, clock):
     limits = Limits(tokens_per_minute=1000)
     ledger.reserve(1, limits, estimate(300, 0))

@@ -104,7 +104,18 @@ end
 
 -- Step 4: find every limit that refuses (see refusal() for which one is named).
 local function block_rates(r)
-  if rpm >= 0 and requests + 1 > rpm then r.block('requests_per_minute', window_reset) end
+  if rpm >= 0 and requests + 1 > rpm then
+    -- A request fits once `requests - rpm + 1` entries have left the window: the wait
+    -- runs until the (requests - rpm + 1)-th oldest expires. That is the oldest one
+    -- unless the rpm was lowered below what the window already holds.
+    local wait = window_reset
+    local nth = requests - rpm  -- 0-based rank of that entry
+    if nth > 0 then
+      local entry = redis.call('ZRANGE', B .. ':w', nth, nth, 'WITHSCORES')
+      if #entry > 0 then wait = tonumber(entry[2]) + WINDOW - now end
+    end
+    r.block('requests_per_minute', wait)
+  end
   -- A lease usually ends when its request finishes, long before it expires.
   if conc >= 0 and inflight + 1 > conc then r.block('max_concurrent_requests', 1000) end
 end
