@@ -124,6 +124,23 @@ def test_lowered_rpm_retry_after_is_when_the_count_falls_under_the_new_limit(led
     assert ledger.reserve(1, lowered, estimate(1, 1)).allowed
 
 
+def test_token_figures_describe_the_limit_with_least_left(ledger, clock):
+    limits = Limits(tokens_per_minute=1000, tokens_per_month=1500)
+    first = ledger.reserve(1, limits, estimate(800, 0))
+    # 200 left in the minute, 700 in the month: the minute is described.
+    assert (first.tokens_limit, first.tokens_remaining, first.tokens_window) == (1000, 200, 60)
+    clock.advance(61)
+    second = ledger.reserve(1, limits, estimate(100, 0))
+    # The minute is empty again (900 left); the month has 600 left.
+    month_end = datetime(2099, 12, 1, tzinfo=UTC).timestamp()
+    assert (second.tokens_limit, second.tokens_remaining) == (1500, 600)
+    assert second.tokens_reset == pytest.approx(month_end - clock())
+    assert second.tokens_window == 30 * 86400
+    only_day = ledger.reserve(2, Limits(tokens_per_day=50), estimate(100, 0), clamp=False)
+    assert not only_day.allowed
+    assert (only_day.tokens_limit, only_day.tokens_remaining) == (50, 50)
+
+
 def test_tokens_per_minute_retry_after_is_when_enough_leaves_the_window(ledger, clock):
     limits = Limits(tokens_per_minute=1000)
     ledger.reserve(1, limits, estimate(300, 0))
