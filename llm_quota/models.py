@@ -107,7 +107,14 @@ class Tier(models.Model):
         verbose_name=_("upgrade to"),
     )
     upgrade_url = models.URLField(_("upgrade URL"), blank=True)
-    is_default = models.BooleanField(_("default tier"), default=False)
+    is_default = models.BooleanField(
+        _("default tier"),
+        default=False,
+        help_text=_(
+            "Users without a user quota get this tier. With none ticked, the tier named "
+            "by the DEFAULT_TIER setting. The first tier becomes the default."
+        ),
+    )
 
     class Meta:
         ordering = ["name"]
