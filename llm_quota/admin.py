@@ -77,19 +77,33 @@ class TierAdmin(admin.ModelAdmin):
                         request, f"{', '.join(previous)} is no longer the default tier."
                     )
             super().save_model(request, obj, form, change)
+        if getattr(form, "made_default", False):
+            self.message_user(
+                request, f"{obj.name} is the first tier, so it is the default tier: users "
+                "without a user quota get it.",
+            )  # fmt: skip
+
+    @staticmethod
+    def _in_use_as_default(queryset: QuerySet[Tier]) -> QuerySet[Tier]:
+        """The tier users without a quota get: the one marked default, else (none
+        marked) the one ``DEFAULT_TIER`` names. Deleting it would leave them none."""
+        if Tier.objects.filter(is_default=True).exists():
+            return queryset.filter(is_default=True)
+        return queryset.filter(name=quota_settings.DEFAULT_TIER)
 
     def has_delete_permission(self, request: HttpRequest, obj: Tier | None = None) -> bool:
-        if obj is not None and obj.is_default:
+        if obj is not None and self._in_use_as_default(Tier.objects.filter(pk=obj.pk)).exists():
             return False  # new users would be left with no tier
         return super().has_delete_permission(request, obj)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Tier]) -> None:
-        if queryset.filter(is_default=True).exists():
+        kept = self._in_use_as_default(queryset)
+        if kept.exists():
             self.message_user(
                 request, "The default tier was kept: make another tier the default first.",
                 messages.WARNING,
             )  # fmt: skip
-        super().delete_queryset(request, queryset.filter(is_default=False))
+        super().delete_queryset(request, queryset.exclude(pk__in=kept.values("pk")))
 
 
 @admin.register(ModelPrice)

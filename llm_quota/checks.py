@@ -149,28 +149,54 @@ def _check_cluster_url(url: str) -> list[Any]:
     ]
 
 
-@register(Tags.database)
+@register(Tags.models)
 def check_tiers(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[Any]:
-    """With ``--database``, warn when no tier would apply to a user without a quota."""
-    if not databases:
-        return []
-    from django.db import DatabaseError
+    """Warn when no tier would apply to a user without a quota (each is refused with a
+    403), and when ``DEFAULT_TIER`` is shadowed by a tier marked default.
+
+    Runs on a plain ``check``, not only with ``--database``: a site with no tier refuses
+    everyone. It says nothing while the table does not exist yet (``check`` and
+    ``migrate`` before the first migration) or the database cannot be reached: those
+    are other commands' business, and a failing query must not break them.
+    """
+    from django.db import DatabaseError, connections, router
 
     from llm_quota.models import Tier
 
+    alias = router.db_for_read(Tier)
+    if databases and alias not in databases:
+        return []
+    connection = connections[alias]
+    fallback = quota_settings.DEFAULT_TIER
     try:
-        defaults = Tier.objects.filter(is_default=True).count()
-        named = Tier.objects.filter(name=quota_settings.DEFAULT_TIER).exists()
+        with connection.cursor() as cursor:
+            if Tier._meta.db_table not in connection.introspection.table_names(cursor):
+                return []
+        tiers = Tier.objects.using(alias)
+        defaults = list(tiers.filter(is_default=True).values_list("name", flat=True))
+        named = tiers.filter(name=fallback).exists()
     except DatabaseError:
         return []
-    if defaults > 1:
+    if len(defaults) > 1:
         return [Error("More than one tier is marked default.", id="llm_quota.E010")]
     if not defaults and not named:
         return [
             Warning(
-                f"No default tier (is_default, or named {quota_settings.DEFAULT_TIER!r}): "
-                "users without a UserQuota are refused.",
+                f"No default tier (is_default, or named {fallback!r}): users without a "
+                "UserQuota are refused (403).",
+                hint="Create a tier in the admin (the first one becomes the default), "
+                "or run the demo's seed.",
                 id="llm_quota.W002",
+            )
+        ]
+    if defaults and named and defaults[0] != fallback:
+        return [
+            Warning(
+                f"DEFAULT_TIER names {fallback!r}, but tier {defaults[0]!r} is marked "
+                "default and is the one users without a UserQuota get.",
+                hint=f"Untick Default on {defaults[0]!r} to let DEFAULT_TIER apply, "
+                "or set DEFAULT_TIER to it.",
+                id="llm_quota.W020",
             )
         ]
     return []

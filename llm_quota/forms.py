@@ -2,7 +2,7 @@
 
 The model fields already refuse negative or zero limits and multipliers, and the
 models' ``clean`` refuses patterns that do not compile; these forms add what needs
-the other rows (exactly one default tier) or other libraries (model names the
+the other rows (a default tier for users without a quota) or other libraries (model names the
 ledger accepts, tiktoken encodings that exist).
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 from django import forms
 from django.utils.translation import gettext_lazy as _
 
+from llm_quota.conf import quota_settings
 from llm_quota.ledger.keys import is_valid_model_name
 from llm_quota.models import ModelPrice, Tier
 
@@ -66,14 +67,31 @@ class TierForm(forms.ModelForm):
             raise forms.ValidationError(errors)
         return text
 
+    #: Set by ``clean`` when this tier became the default because it is the first one.
+    made_default = False
+
     def clean(self) -> dict[str, Any]:
+        """Users without a UserQuota need a tier: the one marked default, else the one
+        named by ``DEFAULT_TIER`` (rules/policy.py). The first tier becomes the default;
+        a later one may leave the default unticked only where ``DEFAULT_TIER`` names a
+        tier that then applies."""
         cleaned = super().clean()
-        others = Tier.objects.filter(is_default=True).exclude(pk=self.instance.pk)
-        if not cleaned.get("is_default") and not others.exists():
-            # Unticking the only default would leave new users with no tier at all.
+        if cleaned.get("is_default"):
+            return cleaned
+        others = Tier.objects.exclude(pk=self.instance.pk)
+        if not others.exists():
+            cleaned["is_default"] = self.made_default = True
+            return cleaned
+        fallback = quota_settings.DEFAULT_TIER
+        named = cleaned.get("name") == fallback or others.filter(name=fallback).exists()
+        if not others.filter(is_default=True).exists() and not named:
             self.add_error(
                 "is_default",
-                _("Exactly one tier must be the default; make another tier the default first."),
+                _(
+                    "Users without a user quota need a default tier: tick Default here or "
+                    "on another tier, or name a tier %(name)r (the DEFAULT_TIER setting)."
+                )
+                % {"name": fallback},
             )
         return cleaned
 

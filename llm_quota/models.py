@@ -38,6 +38,30 @@ def _limit_field(verbose_name: str, help_text: str) -> models.PositiveBigInteger
     )
 
 
+#: A UserQuota override of this value lifts that limit for the user (empty inherits).
+UNLIMITED = 0
+
+
+def _override_field(verbose_name: str) -> models.PositiveBigIntegerField:
+    """A UserQuota override: empty inherits the tier's value, 0 (``UNLIMITED``) lifts
+    the limit for this user alone, any other value replaces the tier's."""
+    return models.PositiveBigIntegerField(
+        verbose_name,
+        null=True,
+        blank=True,
+        help_text=_(
+            "Empty: the tier's value. 0: unlimited for this user. Else overrides the tier."
+        ),
+    )
+
+
+def overridden(tier_value: int | None, override: int | None) -> int | None:
+    """The limit in effect for a user: the tier's unless overridden (None: unlimited)."""
+    if override is None:
+        return tier_value
+    return None if override == UNLIMITED else override
+
+
 def _multiplier_field(verbose_name: str, **options: Any) -> models.DecimalField:
     """Base tokens per token, to the six places ``accounting.to_micro`` converts exactly."""
     return models.DecimalField(
@@ -83,7 +107,14 @@ class Tier(models.Model):
         verbose_name=_("upgrade to"),
     )
     upgrade_url = models.URLField(_("upgrade URL"), blank=True)
-    is_default = models.BooleanField(_("default tier"), default=False)
+    is_default = models.BooleanField(
+        _("default tier"),
+        default=False,
+        help_text=_(
+            "Users without a user quota get this tier. With none ticked, the tier named "
+            "by the DEFAULT_TIER setting. The first tier becomes the default."
+        ),
+    )
 
     class Meta:
         ordering = ["name"]
@@ -181,12 +212,12 @@ class UserQuota(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="llm_quota"
     )
     tier = models.ForeignKey(Tier, on_delete=models.PROTECT, related_name="quotas")
-    requests_per_minute = _limit_field(_("requests per minute"), "Overrides the tier.")
-    tokens_per_minute = _limit_field(_("tokens per minute"), "Overrides the tier.")
-    tokens_per_day = _limit_field(_("tokens per day"), "Overrides the tier.")
-    tokens_per_month = _limit_field(_("tokens per month"), "Overrides the tier.")
-    max_concurrent_requests = _limit_field(_("max concurrent requests"), "Overrides the tier.")
-    max_tokens_per_request = _limit_field(_("max tokens per request"), "Overrides the tier.")
+    requests_per_minute = _override_field(_("requests per minute"))
+    tokens_per_minute = _override_field(_("tokens per minute"))
+    tokens_per_day = _override_field(_("tokens per day"))
+    tokens_per_month = _override_field(_("tokens per month"))
+    max_concurrent_requests = _override_field(_("max concurrent requests"))
+    max_tokens_per_request = _override_field(_("max tokens per request"))
     blocked = models.BooleanField(_("blocked"), default=False)
 
     class Meta:
@@ -199,9 +230,7 @@ class UserQuota(models.Model):
     @property
     def monthly_budget(self) -> int | None:
         """The ``tokens_per_month`` in effect: the override, else the tier's (None: unlimited)."""
-        if self.tokens_per_month is not None:
-            return self.tokens_per_month
-        return self.tier.tokens_per_month
+        return overridden(self.tier.tokens_per_month, self.tokens_per_month)
 
 
 class UsageSnapshot(models.Model):

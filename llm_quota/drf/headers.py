@@ -12,8 +12,11 @@ Two vocabularies, because clients read one or the other:
   rounded up, like ``Retry-After``. The draft registers request-based quota units
   only, so the token policy names its unit ``"tokens"`` (base tokens).
 
-Both describe the sliding 60-second windows (requests and base tokens per minute).
-A limit the tier does not set (unlimited) is left out rather than invented.
+The requests headers describe the sliding 60-second request window; the tokens
+headers the token limit with the least remaining (base tokens per minute, day or
+month; contract section 6), so a tier with only a monthly budget still shows what is
+left, its ``w`` the length of that period. A limit the tier does not set (unlimited)
+is left out rather than invented.
 """
 
 from __future__ import annotations
@@ -57,18 +60,19 @@ def headers_for(decision: Any, *, max_tokens: int | None = None) -> dict[str, st
     states: list[str] = []
     windows = (
         ("requests", decision.requests_limit, decision.requests_remaining,
-         decision.requests_reset, ""),
+         decision.requests_reset, WINDOW_SECONDS, ""),
         ("tokens", decision.tokens_limit, decision.tokens_remaining,
-         decision.tokens_reset, ';qu="tokens"'),
+         decision.tokens_reset, round(getattr(decision, "tokens_window", WINDOW_SECONDS)),
+         ';qu="tokens"'),
     )  # fmt: skip
-    for name, limit, remaining, reset, unit in windows:
+    for name, limit, remaining, reset, window, unit in windows:
         if limit is None:
             continue
         remaining = max(0, int(remaining or 0))
         headers[f"x-ratelimit-limit-{name}"] = str(limit)
         headers[f"x-ratelimit-remaining-{name}"] = str(remaining)
         headers[f"x-ratelimit-reset-{name}"] = go_duration(reset)
-        policies.append(f'"{name}";q={limit};w={WINDOW_SECONDS}{unit}')
+        policies.append(f'"{name}";q={limit};w={window}{unit}')
         states.append(f'"{name}";r={remaining};t={max(0, math.ceil(reset))}')
     if policies:
         headers["RateLimit-Policy"] = ", ".join(policies)

@@ -481,6 +481,7 @@ def parse_decision(
         tokens_reset=int(r[13]) / 1000,
         probe_limit=(text(r[16]) or None) if len(r) > 16 else None,
         probe_retry_after=int(r[17]) / 1000 if len(r) > 17 else 0.0,
+        tokens_window=int(r[18]) / 1000 if len(r) > 18 else 60.0,
     )
 
 

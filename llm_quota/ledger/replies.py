@@ -54,9 +54,12 @@ class Decision:
     requests_limit: int | None = None
     requests_remaining: int | None = None
     requests_reset: float = 0.0
+    #: The token limit with the least remaining (minute, day or month), and the length
+    #: of its window or period in seconds.
     tokens_limit: int | None = None
     tokens_remaining: int | None = None
     tokens_reset: float = 0.0
+    tokens_window: float = 60.0
     #: A refused reserve that carried a probe (a lower bound of the prompt): the limit
     #: that would refuse the lower bound too, and when it clears; None if none would.
     probe_limit: str | None = None

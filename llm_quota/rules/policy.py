@@ -1,7 +1,8 @@
 """What applies to a user: their tier, effective limits, scopes and allowed models.
 
 A user without a ``UserQuota`` is on the default tier (``is_default``, else the tier
-named ``DEFAULT_TIER``). Per-user overrides replace the tier's value field by field.
+named ``DEFAULT_TIER``). Per-user overrides replace the tier's value field by field: empty
+inherits the tier's, 0 makes that limit unlimited for the user (``models.overridden``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def default_tier() -> Any:
 
 
 def _load(user_pk: Any) -> UserPolicy:
-    from llm_quota.models import LIMIT_FIELDS, UserQuota
+    from llm_quota.models import LIMIT_FIELDS, UserQuota, overridden
 
     quota = (
         UserQuota.objects.select_related("tier", "tier__upgrade_to").filter(user_id=user_pk).first()
@@ -74,9 +75,7 @@ def _load(user_pk: Any) -> UserPolicy:
     values = {name: getattr(tier, name) for name in LIMIT_FIELDS}
     if quota is not None:
         for name in LIMIT_FIELDS:
-            override = getattr(quota, name)
-            if override is not None:
-                values[name] = override
+            values[name] = overridden(values[name], getattr(quota, name))
     upgrade = None
     if tier.upgrade_to is not None:
         upgrade = {"tier": tier.upgrade_to.name, "url": tier.upgrade_url}

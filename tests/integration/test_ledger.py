@@ -106,6 +106,41 @@ def test_sliding_window_has_no_edge_burst(ledger, clock):
     assert refused.limit == "requests_per_minute" and refused.retry_after_seconds == 58
 
 
+def test_lowered_rpm_retry_after_is_when_the_count_falls_under_the_new_limit(ledger, clock):
+    """10 requests at rpm 10, one every 5 s, then the tier's rpm is lowered to 3: the
+    window must lose 8 entries before a request fits, so the wait runs until the 8th
+    oldest leaves (not the oldest, which a retry then would find refused again)."""
+    for _ in range(10):
+        assert ledger.reserve(1, Limits(requests_per_minute=10), estimate(1, 1)).allowed
+        clock.advance(5)
+    # Entries at t=0,5,...,45; now t=50. The 8th oldest (t=35) leaves at t=95.
+    lowered = Limits(requests_per_minute=3)
+    refused = ledger.reserve(1, lowered, estimate(1, 1))
+    assert refused.limit == "requests_per_minute"
+    assert refused.retry_after == 45
+    clock.advance(refused.retry_after - 0.001)
+    assert not ledger.reserve(1, lowered, estimate(1, 1)).allowed
+    clock.advance(0.002)
+    assert ledger.reserve(1, lowered, estimate(1, 1)).allowed
+
+
+def test_token_figures_describe_the_limit_with_least_left(ledger, clock):
+    limits = Limits(tokens_per_minute=1000, tokens_per_month=1500)
+    first = ledger.reserve(1, limits, estimate(800, 0))
+    # 200 left in the minute, 700 in the month: the minute is described.
+    assert (first.tokens_limit, first.tokens_remaining, first.tokens_window) == (1000, 200, 60)
+    clock.advance(61)
+    second = ledger.reserve(1, limits, estimate(100, 0))
+    # The minute is empty again (900 left); the month has 600 left.
+    month_end = datetime(2099, 12, 1, tzinfo=UTC).timestamp()
+    assert (second.tokens_limit, second.tokens_remaining) == (1500, 600)
+    assert second.tokens_reset == pytest.approx(month_end - clock())
+    assert second.tokens_window == 30 * 86400
+    only_day = ledger.reserve(2, Limits(tokens_per_day=50), estimate(100, 0), clamp=False)
+    assert not only_day.allowed
+    assert (only_day.tokens_limit, only_day.tokens_remaining) == (50, 50)
+
+
 def test_tokens_per_minute_retry_after_is_when_enough_leaves_the_window(ledger, clock):
     limits = Limits(tokens_per_minute=1000)
     ledger.reserve(1, limits, estimate(300, 0))

@@ -62,13 +62,14 @@ end
 -- Periods are calendar days/months in the caller's PERIOD_TIMEZONE, which Lua cannot
 -- compute (DST). The caller sends the previous, current and next period ids with their
 -- start instants (one more start for the last end); we pick by server time.
+-- Returns the period's id, its end and its start.
 local function pick_period(ids_csv, starts_csv, now)
   local ids, starts = split(ids_csv), split(starts_csv)
   local chosen = 1
   for i = 1, #ids do
     if tonumber(starts[i]) <= now then chosen = i end
   end
-  return ids[chosen], tonumber(starts[chosen + 1])
+  return ids[chosen], tonumber(starts[chosen + 1]), tonumber(starts[chosen])
 end
 
 -- Exact ceil(a / b) for non-negative integers held in doubles.

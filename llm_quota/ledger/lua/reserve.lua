@@ -11,7 +11,9 @@
 -- Returns {status, limit, retry_ms, granted_output, reserved, now, day, month,
 --          requests_limit, requests_remaining, requests_reset_ms,
 --          tokens_limit, tokens_remaining, tokens_reset_ms, month_end, day_end,
---          probe_limit, probe_retry_ms}
+--          probe_limit, probe_retry_ms, tokens_window_ms}
+-- The tokens_* fields describe the token limit with the least remaining (minute, day
+-- or month; -1 when none is set) and tokens_window_ms its length, for the headers.
 -- status: 1 admitted, 0 refused (limit names the binding one), 2 restore counters first,
 --         3 this id is finished already (released before this reserve arrived).
 -- The id is the caller's, made before the call, so a reserve runs at most once per id:
@@ -32,8 +34,8 @@ local gtpd, gtpmo = tonumber(ARGV[9]), tonumber(ARGV[10])
 local prompt_micro, out_micro = tonumber(ARGV[11]), tonumber(ARGV[12])
 local max_out, min_out, clamp = tonumber(ARGV[13]), tonumber(ARGV[14]), ARGV[15] == '1'
 local model = ARGV[16]
-local day, day_end = pick_period(ARGV[17], ARGV[18], now)
-local month, month_end = pick_period(ARGV[19], ARGV[20], now)
+local day, day_end, day_start = pick_period(ARGV[17], ARGV[18], now)
+local month, month_end, month_start = pick_period(ARGV[19], ARGV[20], now)
 if G == nil then gtpd, gtpmo = -1, -1 end
 local use_global = gtpd >= 0 or gtpmo >= 0
 
@@ -81,8 +83,22 @@ local function save_state(wsum)
   if #fields > 0 then redis.call('HSET', B .. ':s', unpack(fields)) end
 end
 
-local tokens_limit, tokens_left = tpm, tpm - used_min
-if tpm < 0 then tokens_limit, tokens_left = -1, -1 end
+-- The token limit the headers describe: the one with the least left once `taken` more
+-- is reserved (ties go to the shorter period). Returns limit, left, reset, window (ms);
+-- limit -1 when the tier sets no token limit.
+local function tokens_header(taken)
+  local best = {-1, -1, window_reset, WINDOW}
+  local candidates = {
+    {tpm, used_min, window_reset, WINDOW},
+    {tpd, used_day, day_end - now, day_end - day_start},
+    {tpmo, used_month, month_end - now, month_end - month_start},
+  }
+  for _, c in ipairs(candidates) do
+    local left = c[1] - c[2] - taken
+    if c[1] >= 0 and (best[1] < 0 or left < best[2]) then best = {c[1], left, c[3], c[4]} end
+  end
+  return best[1], math.max(best[2], -1), best[3], best[4]
+end
 
 -- Step 3b: this id is reserved already (the same call, sent again): answer as admitted
 -- from its record, with the output cap its amount bought; nothing is taken twice.
@@ -97,14 +113,26 @@ if prior then
   local again = clamp_output(prompt_micro, out_micro, held, max_out)
   local left = -1
   if rpm >= 0 then left = math.max(rpm - requests, 0) end
+  local t_limit, t_left, t_reset, t_window = tokens_header(0)
   return {1, '', 0, again, held, now, held_day, held_month,
-          rpm, left, window_reset, tokens_limit, math.max(tokens_left, -1), window_reset,
-          held_end, day_end}
+          rpm, left, window_reset, t_limit, t_left, t_reset,
+          held_end, day_end, '', 0, t_window}
 end
 
 -- Step 4: find every limit that refuses (see refusal() for which one is named).
 local function block_rates(r)
-  if rpm >= 0 and requests + 1 > rpm then r.block('requests_per_minute', window_reset) end
+  if rpm >= 0 and requests + 1 > rpm then
+    -- A request fits once `requests - rpm + 1` entries have left the window: the wait
+    -- runs until the (requests - rpm + 1)-th oldest expires. That is the oldest one
+    -- unless the rpm was lowered below what the window already holds.
+    local wait = window_reset
+    local nth = requests - rpm  -- 0-based rank of that entry
+    if nth > 0 then
+      local entry = redis.call('ZRANGE', B .. ':w', nth, nth, 'WITHSCORES')
+      if #entry > 0 then wait = tonumber(entry[2]) + WINDOW - now end
+    end
+    r.block('requests_per_minute', wait)
+  end
   -- A lease usually ends when its request finishes, long before it expires.
   if conc >= 0 and inflight + 1 > conc then r.block('max_concurrent_requests', 1000) end
 end
@@ -157,9 +185,10 @@ if r.name then
     fit_tokens(token_limits, tonumber(ARGV[21]), out_micro, max_out, min_out, ARGV[22] == '1',
       probe, token_wait)
   end
+  local t_limit, t_left, t_reset, t_window = tokens_header(0)
   return {0, r.name, r.wait, 0, est, now, day, month,
-          rpm, left, window_reset, tokens_limit, math.max(tokens_left, -1), window_reset,
-          month_end, day_end, probe.name or '', math.max(probe.wait, 0)}
+          rpm, left, window_reset, t_limit, t_left, t_reset,
+          month_end, day_end, probe.name or '', math.max(probe.wait, 0), t_window}
 end
 
 -- Step 6: reserve in every window and period at once. The record remembers where
@@ -181,8 +210,8 @@ if tonumber(s[2]) ~= math.floor(now / 86400000) then touch(B, now) end
 
 local requests_left = -1
 if rpm >= 0 then requests_left = rpm - requests - 1 end
-if tpm >= 0 then tokens_left = tpm - used_min - est end
 if not oldest then window_reset = WINDOW end
+local t_limit, t_left, t_reset, t_window = tokens_header(est)
 return {1, '', 0, granted, est, now, day, month,
-        rpm, requests_left, window_reset, tokens_limit, tokens_left, window_reset,
-        month_end, day_end}
+        rpm, requests_left, window_reset, t_limit, t_left, t_reset,
+        month_end, day_end, '', 0, t_window}

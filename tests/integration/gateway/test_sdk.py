@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import threading
 import time
 from datetime import UTC, datetime
@@ -54,6 +55,39 @@ def test_completion_is_charged_what_the_upstream_reported(gateway):
         '"requests";q=10;w=60, "tokens";q=10000;w=60;qu="tokens"'
     )
     assert headers["ratelimit"].startswith('"requests";r=9;t=60, "tokens";r=')
+
+
+def test_token_headers_show_a_monthly_budget_when_the_tier_has_no_minute_limit(gateway):
+    """Contract section 6: the -tokens headers describe the token limit with the least
+    remaining, so a tier with only a monthly budget still shows what is left."""
+    factories.tier("free", is_default=True, tokens_per_month=100_000)
+    user = factories.user()
+    raw = gateway.client(user).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=MSGS, max_tokens=30
+    )
+    headers = raw.headers
+    reserved = count_messages(MSGS, "gpt-4o") + 4 * 30  # the estimate held at admission
+    assert headers["x-ratelimit-limit-tokens"] == "100000"
+    assert headers["x-ratelimit-remaining-tokens"] == str(100_000 - reserved)
+    assert "x-ratelimit-limit-requests" not in headers  # no request limit: left out
+    today = datetime.now(UTC)
+    month_seconds = calendar.monthrange(today.year, today.month)[1] * 86400
+    assert headers["ratelimit-policy"] == f'"tokens";q=100000;w={month_seconds};qu="tokens"'
+    month_end = datetime(
+        today.year + today.month // 12, today.month % 12 + 1, 1, tzinfo=UTC
+    ).timestamp()
+    reset = int(headers["ratelimit"].rsplit("t=", 1)[1])
+    assert abs(reset - (month_end - time.time())) < 5
+
+
+def test_token_headers_describe_the_day_budget_when_it_has_least_left(gateway):
+    factories.tier("free", is_default=True, tokens_per_day=5_000, tokens_per_month=1_000_000)
+    user = factories.user()
+    headers = gateway.client(user).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=MSGS, max_tokens=30
+    ).headers
+    assert headers["x-ratelimit-limit-tokens"] == "5000"
+    assert headers["ratelimit-policy"] == '"tokens";q=5000;w=86400;qu="tokens"'
 
 
 def test_stream_with_include_usage_is_settled_from_the_usage_chunk(gateway):
