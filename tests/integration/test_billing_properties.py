@@ -24,7 +24,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def prices(ledger):
     for model in MODELS:
-        window = billing.CONTEXT_WINDOWS.get(billing.family(model), 128_000)
+        window = billing.CONTEXT_WINDOWS.get(billing.family(model), billing.DEFAULT_CONTEXT_WINDOW)
         factories.price(model, "0.5", "2", default_max_output_tokens=300, context_window=window)
 
 
