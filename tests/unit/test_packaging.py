@@ -1,5 +1,5 @@
-"""The extras of ``setup.cfg`` bring what they promise: followed through the installed
-packages' own metadata, as pip resolves them."""
+"""``setup.cfg`` keeps its promises: the extras bring what they name (followed through the
+installed packages' own metadata, as pip resolves them), and the wheel carries ``py.typed``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from setuptools.dist import Distribution
 
 SETUP_CFG = Path(__file__).resolve().parents[2] / "setup.cfg"
 
@@ -50,3 +51,29 @@ def test_the_celery_extra_brings_the_redis_broker_client():
     brought = brought_by(extra("celery"))
     assert {"celery", "kombu", "redis", "packaging"} <= brought, brought
     importlib.import_module("kombu.transport.redis")
+
+
+def metadata_of_setup_cfg(monkeypatch) -> Distribution:
+    """setup.cfg as setuptools reads it for a build (from the repository root, where
+    package discovery runs), without building anything."""
+    monkeypatch.chdir(SETUP_CFG.parent)
+    dist = Distribution()
+    dist.parse_config_files([str(SETUP_CFG)])
+    return dist
+
+
+def test_the_wheel_ships_py_typed(monkeypatch):
+    """PEP 561: without ``llm_quota/py.typed`` in the installed package, mypy and pyright
+    treat every import of llm_quota as untyped. build_py's own data-file search decides
+    what goes into the wheel; package_data alone must carry it (no MANIFEST.in, no SCM
+    plugin)."""
+    assert (SETUP_CFG.parent / "llm_quota" / "py.typed").is_file()
+    dist = metadata_of_setup_cfg(monkeypatch)
+    dist.include_package_data = False
+    build_py = dist.get_command_obj("build_py")
+    build_py.ensure_finalized()
+    shipped = {
+        (package, name) for package, _src, _build, names in build_py.data_files for name in names
+    }
+    assert ("llm_quota", "py.typed") in shipped
+    assert ("llm_quota", "ledger/lua/reserve.lua") in shipped
