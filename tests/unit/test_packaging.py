@@ -1,14 +1,17 @@
 """``setup.cfg`` keeps its promises: the extras bring what they name (followed through the
-installed packages' own metadata, as pip resolves them), and the wheel carries ``py.typed``."""
+installed packages' own metadata, as pip resolves them), the wheel carries ``py.typed``,
+and the classifiers claim what the suite runs on."""
 
 from __future__ import annotations
 
 import configparser
 import importlib
+import sys
 from importlib.metadata import PackageNotFoundError, requires
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from setuptools.dist import Distribution
 
@@ -77,3 +80,32 @@ def test_the_wheel_ships_py_typed(monkeypatch):
     }
     assert ("llm_quota", "py.typed") in shipped
     assert ("llm_quota", "ledger/lua/reserve.lua") in shipped
+
+
+def test_classifiers_say_what_is_tested(monkeypatch):
+    """The classifiers claim only what the suite runs on: the Django series install_requires
+    pins, the Python it runs under, the license declared, and typing only with py.typed."""
+    dist = metadata_of_setup_cfg(monkeypatch)
+    classifiers = set(dist.metadata.classifiers)
+
+    django = next(r for r in map(Requirement, dist.install_requires) if r.name == "django")
+    series = {c.rsplit(" :: ", 1)[1] for c in classifiers if c.startswith("Framework :: Django ::")}
+    assert series, "no Framework :: Django :: <version> classifier"
+    for version in series:
+        assert django.specifier.contains(f"{version}.0"), (version, django)
+    assert "Framework :: Django" in classifiers
+
+    pythons = {
+        c.rsplit(" :: ", 1)[1]
+        for c in classifiers
+        if c.startswith("Programming Language :: Python :: 3.")
+    }
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert running in pythons, (running, pythons)
+    python_requires = SpecifierSet(str(dist.python_requires))
+    assert all(python_requires.contains(f"{v}.0") for v in pythons), pythons
+
+    assert dist.metadata.license == "MIT"
+    assert "License :: OSI Approved :: MIT License" in classifiers
+    assert "Typing :: Typed" in classifiers
+    assert any(c.startswith("Development Status :: ") for c in classifiers)
