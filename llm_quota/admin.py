@@ -13,6 +13,7 @@ from datetime import date
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import QuerySet
@@ -29,7 +30,7 @@ from llm_quota.ledger.replies import UserUsage
 from llm_quota.models import ModelPrice, Tier, UsageSnapshot, UserQuota
 from llm_quota.reporting import charts, snapshot_totals
 from llm_quota.reporting.cost import cost_usd
-from llm_quota.reporting.snapshot import last_run
+from llm_quota.reporting.snapshot import last_run, snapshot_users
 from llm_quota.reporting.snapshot_csv import csv_rows
 from llm_quota.rules.periods import add_months, first_day
 
@@ -276,7 +277,15 @@ class UserQuotaAdmin(admin.ModelAdmin):
         self.message_user(request, f"{verb} {len(queryset)} user(s).")
 
     @admin.action(description="Reset this period's usage (day and month)", permissions=["change"])
-    def reset_period_usage(self, request: HttpRequest, queryset: QuerySet[UserQuota]) -> None:
+    def reset_period_usage(
+        self, request: HttpRequest, queryset: QuerySet[UserQuota]
+    ) -> HttpResponse | None:
+        """A confirmation page first (Django's ``delete_selected`` convention); on
+        confirm, each user's figures are snapshotted and written to their admin history,
+        then forgiven, so what was reset stays on record."""
+        quotas = list(queryset)
+        if request.POST.get("post") != "yes":
+            return self._reset_confirmation(request, quotas)
         ledger = get_ledger()
         try:
             # Holding the snapshot lock: no run can copy pre-reset figures back over
@@ -284,15 +293,60 @@ class UserQuotaAdmin(admin.ModelAdmin):
             with ledger.client.lock(
                 ledger.keyspace.snapshot_lock(), timeout=60, blocking_timeout=10
             ):
-                for quota in queryset:
-                    reset = ledger.reset_period(quota.user_id)
-                    UsageSnapshot.objects.filter(
-                        user_id=quota.user_id, period=first_day(reset.month)
-                    ).update(requests=0, input_tokens=0, output_tokens=0, base_tokens=0)
+                snapshot_users([q.user_id for q in quotas], ledger=ledger)
+                for quota in quotas:
+                    self._reset_one(request, ledger, quota)
         except (RedisError, LockError) as exc:
             self.message_user(request, f"Reset failed: {exc}", messages.ERROR)
-            return
-        self.message_user(request, f"Reset this period's usage of {len(queryset)} user(s).")
+            return None
+        self.message_user(
+            request, f"Reset this period's usage of {len(quotas)} user(s); the usage "
+            "forgiven is in each user quota's history.",
+        )  # fmt: skip
+        return None
+
+    def _reset_one(self, request: HttpRequest, ledger: Any, quota: UserQuota) -> None:
+        """Forgive the user's usage, record the snapshotted figures, then zero them."""
+        reset = ledger.reset_period(quota.user_id)
+        period = first_day(reset.month)
+        rows = UsageSnapshot.objects.filter(user_id=quota.user_id, period=period)
+        forgiven = ", ".join(
+            f"{row.model}: {row.requests:,} requests, {row.base_tokens:,} base tokens "
+            f"(${cost_usd(row.base_tokens)})"
+            for row in rows.order_by("model")
+        )
+        rows.update(requests=0, input_tokens=0, output_tokens=0, base_tokens=0)
+        self.log_change(
+            request, quota, f"Reset the usage of {period:%B %Y} "
+            f"({reset.tokens_before:,} base tokens): {forgiven or 'nothing settled'}.",
+        )  # fmt: skip
+
+    def _reset_confirmation(self, request: HttpRequest, quotas: list[UserQuota]) -> HttpResponse:
+        try:
+            live = get_ledger().usage_many([q.user_id for q in quotas])
+        except RedisError as exc:
+            self.message_user(request, f"Redis is unavailable: {exc}", messages.ERROR)
+            live = {}
+        rows = []
+        for quota in quotas:
+            usage = live.get(str(quota.user_id))
+            rows.append(
+                (quota, "—" if usage is None else f"{usage.tokens_today:,}",
+                 "—" if usage is None else f"{usage.settled_this_month:,}")
+            )  # fmt: skip
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Reset this period's usage?",
+            "opts": self.model._meta,
+            "rows": rows,
+            "queryset": quotas,
+            "action_checkbox_name": ACTION_CHECKBOX_NAME,
+            "media": self.media,
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(
+            request, "admin/llm_quota/userquota/reset_confirmation.html", context
+        )
 
 
 def _run_age(run: dict[str, Any] | None) -> str:

@@ -7,6 +7,7 @@ import csv
 import io
 
 import pytest
+from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 
@@ -162,7 +163,9 @@ def test_quota_actions_move_block_and_reset(admin_client, setup, ledger):
     assert not UserQuota.objects.get(user=bob).blocked
 
     alice_quota = UserQuota.objects.get(user=alice)
-    act("reset_period_usage", [str(alice_quota.pk)])
+    admin_client.post(
+        url, {"action": "reset_period_usage", "_selected_action": [alice_quota.pk], "post": "yes"}
+    )
     usage = ledger.usage(alice.pk)
     assert (usage.tokens_this_month, usage.tokens_today, usage.by_model) == (0, 0, [])
     assert UsageSnapshot.objects.get(user=alice).base_tokens == 0
@@ -261,3 +264,32 @@ def test_admin_edits_need_admin_rights(client, setup):
     )
     assert not UserQuota.objects.get(pk=quota.pk).blocked
     assert client.get(reverse("admin:llm_quota_usage_report")).status_code == 200
+
+
+def test_reset_asks_first_then_records_the_unsnapshotted_usage_it_forgives(
+    admin_client, setup, ledger
+):
+    free, _ = setup
+    alice = factories.user(free)
+    spend(alice, 100, 100)  # 500, snapshotted
+    snapshot_usage(ledger=ledger)
+    spend(alice, 10, 10)  # 50 more, only in Redis
+    quota = UserQuota.objects.get(user=alice)
+    url = reverse("admin:llm_quota_userquota_changelist")
+    selected = {"action": "reset_period_usage", "_selected_action": [quota.pk]}
+
+    page = admin_client.post(url, selected)  # the intermediate page: nothing reset yet
+
+    text = page.content.decode()
+    assert page.status_code == 200 and "Yes, I’m sure" in text
+    assert '<input type="hidden" name="post" value="yes">' in text and "550" in text
+    assert ledger.usage(alice.pk).tokens_this_month == 550
+
+    done = admin_client.post(url, {**selected, "post": "yes"})
+
+    assert done.status_code == 302
+    assert ledger.usage(alice.pk).tokens_this_month == 0
+    assert UsageSnapshot.objects.get(user=alice).base_tokens == 0
+    # The 50 not yet snapshotted were taken into the record before the reset.
+    entry = LogEntry.objects.get(object_id=str(quota.pk))
+    assert "gpt-4o: 2 requests, 550 base tokens" in entry.get_change_message()
