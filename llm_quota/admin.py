@@ -9,7 +9,7 @@ to one ``SNAPSHOT_INTERVAL``: the page says by how much.
 from __future__ import annotations
 
 import time
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from django.contrib import admin, messages
@@ -21,6 +21,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.timesince import timesince
 from redis.exceptions import LockError, RedisError
 
 from llm_quota.conf import quota_settings
@@ -198,8 +199,10 @@ class UserQuotaAdmin(admin.ModelAdmin):
     def live_usage(self, quota: UserQuota) -> Any:
         if quota.pk is None:
             return "—"
+        ledger = get_ledger()
         try:
-            live = get_ledger().usage(quota.user_id)
+            live = ledger.usage(quota.user_id)
+            now_ms = ledger.now_ms()
             run = last_run()
         except RedisError as exc:
             return f"Redis is unavailable: {exc}"
@@ -219,6 +222,8 @@ class UserQuotaAdmin(admin.ModelAdmin):
                 "—" if not budget else f"{_share_of(budget, live):.1f}%",
             ),
             ("Used today", f"{live.tokens_today:,}"),
+            ("The day's budget starts again in", _duration((live.day_end_ms - now_ms) / 1000)),
+            ("The month's budget starts again in", _duration((live.month_end_ms - now_ms) / 1000)),
             ("Reserved by calls in flight", f"{live.reserved:,} ({live.in_flight} calls)"),
             ("Monthly budget", "unlimited" if budget is None else f"{budget:,}"),
             ("Remaining", _left_of(budget, live)),
@@ -349,13 +354,23 @@ class UserQuotaAdmin(admin.ModelAdmin):
         )
 
 
+def _duration(seconds: float) -> str:
+    """A wait or an age as a person reads it ("1 day, 3 hours", not "97143 s"):
+    Django's ``timesince``, two units deep; under a minute, in seconds."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    now = datetime.now(UTC)
+    return timesince(now - timedelta(seconds=seconds), now, depth=2)
+
+
 def _run_age(run: dict[str, Any] | None) -> str:
     if run is None:
         return "none recorded (none yet, or Redis lost it) — check the Celery beat"
-    age = max(0, time.time() - run["recorded_at"])
+    age = time.time() - run["recorded_at"]
     return (
-        f"{age:.0f} s ago: {run['users']} users read, {run['rows_written']} rows written "
-        f"(interval {quota_settings.SNAPSHOT_INTERVAL} s)"
+        f"{_duration(age)} ago: {run['users']} users read, {run['rows_written']} rows written "
+        f"(every {_duration(quota_settings.SNAPSHOT_INTERVAL)})"
     )
 
 
@@ -446,7 +461,7 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
             "models": models,
             "users": users,
             "snapshot_age": _run_age(run),
-            "snapshot_interval": quota_settings.SNAPSHOT_INTERVAL,
+            "snapshot_interval": _duration(quota_settings.SNAPSHOT_INTERVAL),
             "total_cost": cost_usd(sum(m.base_tokens for m in models)),
             "csv_url": reverse("admin:llm_quota_usage_csv"),
             "quota_url": reverse("admin:llm_quota_userquota_changelist"),

@@ -12,6 +12,7 @@ from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from llm_quota import quota_guard
+from llm_quota.ledger.default import set_default_ledger
 from llm_quota.models import ModelPrice, Tier, UsageSnapshot, UserQuota
 from llm_quota.reporting.snapshot import snapshot_usage
 from tests.support import factories, periods
@@ -293,3 +294,22 @@ def test_reset_asks_first_then_records_the_unsnapshotted_usage_it_forgives(
     # The 50 not yet snapshotted were taken into the record before the reset.
     entry = LogEntry.objects.get(object_id=str(quota.pk))
     assert "gpt-4o: 2 requests, 550 base tokens" in entry.get_change_message()
+
+
+def test_admin_shows_durations_as_a_person_reads_them(admin_client, setup, ledger, clock, settings):
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "SNAPSHOT_INTERVAL": 97143}
+    set_default_ledger(ledger)  # a settings change drops it; keep the pinned clock
+    free, _ = setup
+    user = factories.user(free)
+    spend(user, 10, 10)
+    snapshot_usage(ledger=ledger)
+    quota = UserQuota.objects.get(user=user)
+
+    page = admin_client.get(reverse("admin:llm_quota_userquota_change", args=[quota.pk]))
+    report = admin_client.get(reverse("admin:llm_quota_usage_report"))
+
+    # The pinned clock is 27 Nov 2099, 12:00 UTC: the day ends in 12 h, the month in 3.5 d.
+    text = page.content.decode().replace("\xa0", " ")
+    assert "<td>12 hours</td>" in text and "<td>3 days, 12 hours</td>" in text
+    assert "every 1 day, 2 hours" in text and "97143" not in text
+    assert "at most\n    1 day, 2 hours of it" in report.content.decode().replace("\xa0", " ")
