@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.contrib import admin, messages
@@ -108,15 +109,55 @@ class TierAdmin(admin.ModelAdmin):
         super().delete_queryset(request, queryset.exclude(pk__in=kept.values("pk")))
 
 
+def _usd_per_million(multiplier: Decimal | None) -> str:
+    """A multiplier as dollars per million tokens (multiplier x the base token's price)."""
+    if multiplier is None:
+        return "—"
+    rate = Decimal(str(quota_settings.BASE_TOKEN_USD_PER_MILLION))
+    return f"${(Decimal(multiplier) * rate).normalize():,f}"
+
+
 @admin.register(ModelPrice)
 class ModelPriceAdmin(admin.ModelAdmin):
+    """Prices are stored as multipliers of one *base token*, the unit every budget
+    counts in; the list and the form show them in USD per million tokens too."""
+
     form = ModelPriceForm
     list_display = (
-        "model", "input_multiplier", "output_multiplier", "cached_input_multiplier",
-        "default_max_output_tokens", "context_window", "output_cap_field", "enabled",
+        "model", "input_usd", "output_usd", "input_multiplier", "output_multiplier",
+        "cached_input_multiplier", "default_max_output_tokens", "context_window",
+        "output_cap_field", "enabled",
     )  # fmt: skip
     list_filter = ("enabled",)
     search_fields = ("model",)
+
+    @admin.display(description="input, USD / 1M tokens", ordering="input_multiplier")
+    def input_usd(self, price: ModelPrice) -> str:
+        return _usd_per_million(price.input_multiplier)
+
+    @admin.display(description="output, USD / 1M tokens", ordering="output_multiplier")
+    def output_usd(self, price: ModelPrice) -> str:
+        return _usd_per_million(price.output_multiplier)
+
+    def get_form(
+        self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        form = super().get_form(request, obj, change, **kwargs)
+        rate = quota_settings.BASE_TOKEN_USD_PER_MILLION
+        base = (
+            f"A base token is the unit every budget counts in; a million of them cost "
+            f"${rate} (BASE_TOKEN_USD_PER_MILLION). A multiplier of 1 is ${rate} per million "
+            "tokens, 4 is four times that."
+        )
+        for name in ("input_multiplier", "output_multiplier", "cached_input_multiplier"):
+            field = form.base_fields.get(name)
+            if field is None:
+                continue
+            now = (
+                "" if obj is None else f" Now: {_usd_per_million(getattr(obj, name))} per million."
+            )
+            field.help_text = f"{base}{now}"
+        return form
 
 
 # -- quotas with live usage -------------------------------------------------------------

@@ -313,3 +313,16 @@ def test_admin_shows_durations_as_a_person_reads_them(admin_client, setup, ledge
     assert "<td>12 hours</td>" in text and "<td>3 days, 12 hours</td>" in text
     assert "every 1 day, 2 hours" in text and "97143" not in text
     assert "at most\n    1 day, 2 hours of it" in report.content.decode().replace("\xa0", " ")
+
+
+def test_prices_are_shown_in_usd_per_million_tokens(admin_client, setup):
+    # setup: gpt-4o at 1 in / 4 out, and a base token at the default $2.50 per million
+    listing = admin_client.get(reverse("admin:llm_quota_modelprice_changelist")).content.decode()
+    assert "Input, USD / 1M tokens" in listing
+    assert "<td class=\"field-input_usd\">$2.5</td>" in listing
+    assert "<td class=\"field-output_usd\">$10</td>" in listing
+    price = ModelPrice.objects.get(model="gpt-4o")
+    form = admin_client.get(reverse("admin:llm_quota_modelprice_change", args=[price.pk]))
+    text = form.content.decode()
+    assert "A base token is the unit every budget counts in" in text
+    assert "Now: $10 per million." in text
