@@ -9,10 +9,12 @@ to one ``SNAPSHOT_INTERVAL``: the page says by how much.
 from __future__ import annotations
 
 import time
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import QuerySet
@@ -20,6 +22,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.timesince import timesince
 from redis.exceptions import LockError, RedisError
 
 from llm_quota.conf import quota_settings
@@ -29,7 +32,7 @@ from llm_quota.ledger.replies import UserUsage
 from llm_quota.models import ModelPrice, Tier, UsageSnapshot, UserQuota
 from llm_quota.reporting import charts, snapshot_totals
 from llm_quota.reporting.cost import cost_usd
-from llm_quota.reporting.snapshot import last_run
+from llm_quota.reporting.snapshot import last_run, snapshot_users
 from llm_quota.reporting.snapshot_csv import csv_rows
 from llm_quota.rules.periods import add_months, first_day
 
@@ -106,15 +109,55 @@ class TierAdmin(admin.ModelAdmin):
         super().delete_queryset(request, queryset.exclude(pk__in=kept.values("pk")))
 
 
+def _usd_per_million(multiplier: Decimal | None) -> str:
+    """A multiplier as dollars per million tokens (multiplier x the base token's price)."""
+    if multiplier is None:
+        return "—"
+    rate = Decimal(str(quota_settings.BASE_TOKEN_USD_PER_MILLION))
+    return f"${(Decimal(multiplier) * rate).normalize():,f}"
+
+
 @admin.register(ModelPrice)
 class ModelPriceAdmin(admin.ModelAdmin):
+    """Prices are stored as multipliers of one *base token*, the unit every budget
+    counts in; the list and the form show them in USD per million tokens too."""
+
     form = ModelPriceForm
     list_display = (
-        "model", "input_multiplier", "output_multiplier", "cached_input_multiplier",
-        "default_max_output_tokens", "context_window", "output_cap_field", "enabled",
+        "model", "input_usd", "output_usd", "input_multiplier", "output_multiplier",
+        "cached_input_multiplier", "default_max_output_tokens", "context_window",
+        "output_cap_field", "enabled",
     )  # fmt: skip
     list_filter = ("enabled",)
     search_fields = ("model",)
+
+    @admin.display(description="input, USD / 1M tokens", ordering="input_multiplier")
+    def input_usd(self, price: ModelPrice) -> str:
+        return _usd_per_million(price.input_multiplier)
+
+    @admin.display(description="output, USD / 1M tokens", ordering="output_multiplier")
+    def output_usd(self, price: ModelPrice) -> str:
+        return _usd_per_million(price.output_multiplier)
+
+    def get_form(
+        self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        form = super().get_form(request, obj, change, **kwargs)
+        rate = quota_settings.BASE_TOKEN_USD_PER_MILLION
+        base = (
+            f"A base token is the unit every budget counts in; a million of them cost "
+            f"${rate} (BASE_TOKEN_USD_PER_MILLION). A multiplier of 1 is ${rate} per million "
+            "tokens, 4 is four times that."
+        )
+        for name in ("input_multiplier", "output_multiplier", "cached_input_multiplier"):
+            field = form.base_fields.get(name)
+            if field is None:
+                continue
+            now = (
+                "" if obj is None else f" Now: {_usd_per_million(getattr(obj, name))} per million."
+            )
+            field.help_text = f"{base}{now}"
+        return form
 
 
 # -- quotas with live usage -------------------------------------------------------------
@@ -197,8 +240,10 @@ class UserQuotaAdmin(admin.ModelAdmin):
     def live_usage(self, quota: UserQuota) -> Any:
         if quota.pk is None:
             return "—"
+        ledger = get_ledger()
         try:
-            live = get_ledger().usage(quota.user_id)
+            live = ledger.usage(quota.user_id)
+            now_ms = ledger.now_ms()
             run = last_run()
         except RedisError as exc:
             return f"Redis is unavailable: {exc}"
@@ -218,6 +263,8 @@ class UserQuotaAdmin(admin.ModelAdmin):
                 "—" if not budget else f"{_share_of(budget, live):.1f}%",
             ),
             ("Used today", f"{live.tokens_today:,}"),
+            ("The day's budget starts again in", _duration((live.day_end_ms - now_ms) / 1000)),
+            ("The month's budget starts again in", _duration((live.month_end_ms - now_ms) / 1000)),
             ("Reserved by calls in flight", f"{live.reserved:,} ({live.in_flight} calls)"),
             ("Monthly budget", "unlimited" if budget is None else f"{budget:,}"),
             ("Remaining", _left_of(budget, live)),
@@ -276,7 +323,15 @@ class UserQuotaAdmin(admin.ModelAdmin):
         self.message_user(request, f"{verb} {len(queryset)} user(s).")
 
     @admin.action(description="Reset this period's usage (day and month)", permissions=["change"])
-    def reset_period_usage(self, request: HttpRequest, queryset: QuerySet[UserQuota]) -> None:
+    def reset_period_usage(
+        self, request: HttpRequest, queryset: QuerySet[UserQuota]
+    ) -> HttpResponse | None:
+        """A confirmation page first (Django's ``delete_selected`` convention); on
+        confirm, each user's figures are snapshotted and written to their admin history,
+        then forgiven, so what was reset stays on record."""
+        quotas = list(queryset)
+        if request.POST.get("post") != "yes":
+            return self._reset_confirmation(request, quotas)
         ledger = get_ledger()
         try:
             # Holding the snapshot lock: no run can copy pre-reset figures back over
@@ -284,24 +339,79 @@ class UserQuotaAdmin(admin.ModelAdmin):
             with ledger.client.lock(
                 ledger.keyspace.snapshot_lock(), timeout=60, blocking_timeout=10
             ):
-                for quota in queryset:
-                    reset = ledger.reset_period(quota.user_id)
-                    UsageSnapshot.objects.filter(
-                        user_id=quota.user_id, period=first_day(reset.month)
-                    ).update(requests=0, input_tokens=0, output_tokens=0, base_tokens=0)
+                snapshot_users([q.user_id for q in quotas], ledger=ledger)
+                for quota in quotas:
+                    self._reset_one(request, ledger, quota)
         except (RedisError, LockError) as exc:
             self.message_user(request, f"Reset failed: {exc}", messages.ERROR)
-            return
-        self.message_user(request, f"Reset this period's usage of {len(queryset)} user(s).")
+            return None
+        self.message_user(
+            request, f"Reset this period's usage of {len(quotas)} user(s); the usage "
+            "forgiven is in each user quota's history.",
+        )  # fmt: skip
+        return None
+
+    def _reset_one(self, request: HttpRequest, ledger: Any, quota: UserQuota) -> None:
+        """Forgive the user's usage, record the snapshotted figures, then zero them."""
+        reset = ledger.reset_period(quota.user_id)
+        period = first_day(reset.month)
+        rows = UsageSnapshot.objects.filter(user_id=quota.user_id, period=period)
+        forgiven = ", ".join(
+            f"{row.model}: {row.requests:,} requests, {row.base_tokens:,} base tokens "
+            f"(${cost_usd(row.base_tokens)})"
+            for row in rows.order_by("model")
+        )
+        rows.update(requests=0, input_tokens=0, output_tokens=0, base_tokens=0)
+        self.log_change(
+            request, quota, f"Reset the usage of {period:%B %Y} "
+            f"({reset.tokens_before:,} base tokens): {forgiven or 'nothing settled'}.",
+        )  # fmt: skip
+
+    def _reset_confirmation(self, request: HttpRequest, quotas: list[UserQuota]) -> HttpResponse:
+        try:
+            live = get_ledger().usage_many([q.user_id for q in quotas])
+        except RedisError as exc:
+            self.message_user(request, f"Redis is unavailable: {exc}", messages.ERROR)
+            live = {}
+        rows = []
+        for quota in quotas:
+            usage = live.get(str(quota.user_id))
+            rows.append(
+                (quota, "—" if usage is None else f"{usage.tokens_today:,}",
+                 "—" if usage is None else f"{usage.settled_this_month:,}")
+            )  # fmt: skip
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Reset this period's usage?",
+            "opts": self.model._meta,
+            "rows": rows,
+            "queryset": quotas,
+            "action_checkbox_name": ACTION_CHECKBOX_NAME,
+            "media": self.media,
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(
+            request, "admin/llm_quota/userquota/reset_confirmation.html", context
+        )
+
+
+def _duration(seconds: float) -> str:
+    """A wait or an age as a person reads it ("1 day, 3 hours", not "97143 s"):
+    Django's ``timesince``, two units deep; under a minute, in seconds."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    now = datetime.now(UTC)
+    return timesince(now - timedelta(seconds=seconds), now, depth=2)
 
 
 def _run_age(run: dict[str, Any] | None) -> str:
     if run is None:
         return "none recorded (none yet, or Redis lost it) — check the Celery beat"
-    age = max(0, time.time() - run["recorded_at"])
+    age = time.time() - run["recorded_at"]
     return (
-        f"{age:.0f} s ago: {run['users']} users read, {run['rows_written']} rows written "
-        f"(interval {quota_settings.SNAPSHOT_INTERVAL} s)"
+        f"{_duration(age)} ago: {run['users']} users read, {run['rows_written']} rows written "
+        f"(every {_duration(quota_settings.SNAPSHOT_INTERVAL)})"
     )
 
 
@@ -392,7 +502,7 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
             "models": models,
             "users": users,
             "snapshot_age": _run_age(run),
-            "snapshot_interval": quota_settings.SNAPSHOT_INTERVAL,
+            "snapshot_interval": _duration(quota_settings.SNAPSHOT_INTERVAL),
             "total_cost": cost_usd(sum(m.base_tokens for m in models)),
             "csv_url": reverse("admin:llm_quota_usage_csv"),
             "quota_url": reverse("admin:llm_quota_userquota_changelist"),

@@ -40,6 +40,7 @@ from django.db import transaction
 from django.utils import timezone
 from redis.exceptions import LockError
 
+from llm_quota.ledger import keys
 from llm_quota.ledger.default import get_ledger
 from llm_quota.ledger.replies import ModelUsage, parse_model_fields, text
 from llm_quota.ledger.sync_driver import Ledger
@@ -186,6 +187,25 @@ def snapshot_usage(
         "full" if run.full else "incremental", run.users, run.rows_written, run.lost,
         run.unknown, ",".join(run.months), (run.finished_ms - run.started_ms) / 1000,
     )  # fmt: skip
+    return run
+
+
+def snapshot_users(user_ids: Iterable[Any], *, ledger: Ledger | None = None) -> SnapshotRun:
+    """Copy these users' current and just-closed month now, as a run would.
+
+    For the admin's reset, which takes the figures about to be forgiven into the
+    database first. The caller holds the snapshot lock, so no run interleaves; the
+    watermark and the last run's status are left as they are.
+    """
+    ledger = ledger or get_ledger()
+    now_ms = ledger.now_ms()
+    uids = [keys.user_id(uid) for uid in user_ids]
+    run = SnapshotRun(months=months_to_copy(ledger, now_ms), started_ms=now_ms, full=False)
+    for month in run.months:
+        before = run.rows_written
+        _copy_batch(month, uids, _read_batch(ledger, month, uids), run, set())
+        run.per_month[month] = run.rows_written - before
+    run.finished_ms = ledger.now_ms()
     return run
 
 

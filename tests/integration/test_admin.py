@@ -7,10 +7,12 @@ import csv
 import io
 
 import pytest
+from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from llm_quota import quota_guard
+from llm_quota.ledger.default import set_default_ledger
 from llm_quota.models import ModelPrice, Tier, UsageSnapshot, UserQuota
 from llm_quota.reporting.snapshot import snapshot_usage
 from tests.support import factories, periods
@@ -162,7 +164,9 @@ def test_quota_actions_move_block_and_reset(admin_client, setup, ledger):
     assert not UserQuota.objects.get(user=bob).blocked
 
     alice_quota = UserQuota.objects.get(user=alice)
-    act("reset_period_usage", [str(alice_quota.pk)])
+    admin_client.post(
+        url, {"action": "reset_period_usage", "_selected_action": [alice_quota.pk], "post": "yes"}
+    )
     usage = ledger.usage(alice.pk)
     assert (usage.tokens_this_month, usage.tokens_today, usage.by_model) == (0, 0, [])
     assert UsageSnapshot.objects.get(user=alice).base_tokens == 0
@@ -261,3 +265,64 @@ def test_admin_edits_need_admin_rights(client, setup):
     )
     assert not UserQuota.objects.get(pk=quota.pk).blocked
     assert client.get(reverse("admin:llm_quota_usage_report")).status_code == 200
+
+
+def test_reset_asks_first_then_records_the_unsnapshotted_usage_it_forgives(
+    admin_client, setup, ledger
+):
+    free, _ = setup
+    alice = factories.user(free)
+    spend(alice, 100, 100)  # 500, snapshotted
+    snapshot_usage(ledger=ledger)
+    spend(alice, 10, 10)  # 50 more, only in Redis
+    quota = UserQuota.objects.get(user=alice)
+    url = reverse("admin:llm_quota_userquota_changelist")
+    selected = {"action": "reset_period_usage", "_selected_action": [quota.pk]}
+
+    page = admin_client.post(url, selected)  # the intermediate page: nothing reset yet
+
+    text = page.content.decode()
+    assert page.status_code == 200 and "Yes, I’m sure" in text
+    assert '<input type="hidden" name="post" value="yes">' in text and "550" in text
+    assert ledger.usage(alice.pk).tokens_this_month == 550
+
+    done = admin_client.post(url, {**selected, "post": "yes"})
+
+    assert done.status_code == 302
+    assert ledger.usage(alice.pk).tokens_this_month == 0
+    assert UsageSnapshot.objects.get(user=alice).base_tokens == 0
+    # The 50 not yet snapshotted were taken into the record before the reset.
+    entry = LogEntry.objects.get(object_id=str(quota.pk))
+    assert "gpt-4o: 2 requests, 550 base tokens" in entry.get_change_message()
+
+
+def test_admin_shows_durations_as_a_person_reads_them(admin_client, setup, ledger, clock, settings):
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "SNAPSHOT_INTERVAL": 97143}
+    set_default_ledger(ledger)  # a settings change drops it; keep the pinned clock
+    free, _ = setup
+    user = factories.user(free)
+    spend(user, 10, 10)
+    snapshot_usage(ledger=ledger)
+    quota = UserQuota.objects.get(user=user)
+
+    page = admin_client.get(reverse("admin:llm_quota_userquota_change", args=[quota.pk]))
+    report = admin_client.get(reverse("admin:llm_quota_usage_report"))
+
+    # The pinned clock is 27 Nov 2099, 12:00 UTC: the day ends in 12 h, the month in 3.5 d.
+    text = page.content.decode().replace("\xa0", " ")
+    assert "<td>12 hours</td>" in text and "<td>3 days, 12 hours</td>" in text
+    assert "every 1 day, 2 hours" in text and "97143" not in text
+    assert "at most\n    1 day, 2 hours of it" in report.content.decode().replace("\xa0", " ")
+
+
+def test_prices_are_shown_in_usd_per_million_tokens(admin_client, setup):
+    # setup: gpt-4o at 1 in / 4 out, and a base token at the default $2.50 per million
+    listing = admin_client.get(reverse("admin:llm_quota_modelprice_changelist")).content.decode()
+    assert "Input, USD / 1M tokens" in listing
+    assert "<td class=\"field-input_usd\">$2.5</td>" in listing
+    assert "<td class=\"field-output_usd\">$10</td>" in listing
+    price = ModelPrice.objects.get(model="gpt-4o")
+    form = admin_client.get(reverse("admin:llm_quota_modelprice_change", args=[price.pk]))
+    text = form.content.decode()
+    assert "A base token is the unit every budget counts in" in text
+    assert "Now: $10 per million." in text
