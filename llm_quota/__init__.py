@@ -1,9 +1,11 @@
 """django-llm-quota: per-user LLM token quotas and rate limits, enforced in Redis."""
 
+from typing import Any
+
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # Lazy, so that importing the package never imports Django models early.
     if name in ("quota_guard", "QuotaGuard"):
         from llm_quota.quota import guard

@@ -509,7 +509,7 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
         }
         return TemplateResponse(request, "admin/llm_quota/usagesnapshot/report.html", context)
 
-    def report_csv_view(self, request: HttpRequest) -> HttpResponse:
+    def report_csv_view(self, request: HttpRequest) -> StreamingHttpResponse:
         if not self.has_view_permission(request):
             raise PermissionDenied
         queryset = UsageSnapshot.objects.all()

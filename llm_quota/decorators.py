@@ -34,11 +34,11 @@ import asyncio
 import functools
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from asgiref.sync import iscoroutinefunction
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.exceptions import APIException
@@ -74,11 +74,9 @@ def chat_quota_request(request: HttpRequest) -> dict[str, Any]:
 
 def _authenticators() -> list[Any]:
     # The session user is already on request.user (``_session_user``, which checks CSRF).
-    return [
-        cls()
-        for cls in api_settings.DEFAULT_AUTHENTICATION_CLASSES
-        if not issubclass(cls, SessionAuthentication)
-    ]
+    # api_settings imports the dotted paths; the stubs type the setting as strings.
+    classes: list[type] = api_settings.DEFAULT_AUTHENTICATION_CLASSES  # type: ignore[assignment]
+    return [cls() for cls in classes if not issubclass(cls, SessionAuthentication)]
 
 
 def _require_chat_scope(granted: set[str]) -> None:
@@ -114,7 +112,8 @@ def _session_user(request: HttpRequest) -> Any:
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
         return None
-    SessionAuthentication().enforce_csrf(request)
+    # DRF's check reads only what a Django request has; the stubs ask for a DRF Request.
+    SessionAuthentication().enforce_csrf(request)  # type: ignore[arg-type]
     return user
 
 
@@ -214,8 +213,9 @@ def ending(
     if response.status_code >= 400:
         return Ending("release" if unbilled_status(response.status_code) else "charge_estimate")
     if response.streaming:
-        wrapper = FinishedWithAsyncStream if response.is_async else FinishedWithStream
-        response.streaming_content = wrapper(response.streaming_content, guard)
+        stream = cast(StreamingHttpResponse, response)  # what ``streaming`` promises
+        wrapper = FinishedWithAsyncStream if stream.is_async else FinishedWithStream
+        stream.streaming_content = wrapper(stream.streaming_content, guard)
         return None
     return Ending("charge_estimate")
 
@@ -242,13 +242,21 @@ async def afinish(
 # -- the decorator ------------------------------------------------------------------------
 
 
+def _refusal(exc: BaseException) -> HttpResponseBase:
+    """The response for one of ``REFUSALS`` (never None for them)."""
+    response = response_for_exception(exc)
+    if response is None:  # pragma: no cover - not a refusal: a bug, left to Django
+        raise exc
+    return response
+
+
 def _gate_sync(view: Callable[..., Any], quota_request: Callable[..., dict]) -> Any:
     @functools.wraps(view)
     def gated(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         try:
             guard = admit(request, quota_request)
         except REFUSALS as exc:
-            return response_for_exception(exc)
+            return _refusal(exc)
         setattr(request, REQUEST_ATTRIBUTE, guard)
         try:
             response = view(request, *args, **kwargs)
@@ -266,7 +274,7 @@ def _gate_async(view: Callable[..., Any], quota_request: Callable[..., dict]) ->
         try:
             guard = await aadmit(request, quota_request)
         except REFUSALS as exc:
-            return response_for_exception(exc)
+            return _refusal(exc)
         setattr(request, REQUEST_ATTRIBUTE, guard)
         try:
             return await afinish(guard, await view(request, *args, **kwargs))

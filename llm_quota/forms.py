@@ -75,7 +75,8 @@ class TierForm(forms.ModelForm):
         named by ``DEFAULT_TIER`` (rules/policy.py). The first tier becomes the default;
         a later one may leave the default unticked only where ``DEFAULT_TIER`` names a
         tier that then applies."""
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data  # what ModelForm.clean returns
         if cleaned.get("is_default"):
             return cleaned
         others = Tier.objects.exclude(pk=self.instance.pk)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
@@ -113,7 +113,8 @@ class LLMQuotaMiddleware:
             setattr(request, RAISED_ATTRIBUTE, exception)
             return None
         if isinstance(exception, QuotaExceeded):
-            response = JsonResponse(dict(exception.detail), status=exception.status_code)
+            body = cast(dict[str, Any], exception.detail)  # QuotaExceeded's is a dict
+            response = JsonResponse(dict(body), status=exception.status_code)
             for name, value in refusal_headers(exception).items():
                 response[name] = value
             return response

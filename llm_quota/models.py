@@ -9,13 +9,16 @@ from __future__ import annotations
 import fnmatch
 import re
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils.translation import gettext_lazy as _
+
+if TYPE_CHECKING:
+    from django_stubs_ext import StrOrPromise  # a lazy translation or a str
 
 #: The limits a Tier sets and a UserQuota may override, field for field.
 LIMIT_FIELDS = (
@@ -28,7 +31,7 @@ LIMIT_FIELDS = (
 )
 
 
-def _limit_field(verbose_name: str, help_text: str) -> models.PositiveBigIntegerField:
+def _limit_field(verbose_name: StrOrPromise, help_text: str) -> models.PositiveBigIntegerField:
     return models.PositiveBigIntegerField(
         verbose_name,
         null=True,
@@ -42,7 +45,7 @@ def _limit_field(verbose_name: str, help_text: str) -> models.PositiveBigInteger
 UNLIMITED = 0
 
 
-def _override_field(verbose_name: str) -> models.PositiveBigIntegerField:
+def _override_field(verbose_name: StrOrPromise) -> models.PositiveBigIntegerField:
     """A UserQuota override: empty inherits the tier's value, 0 (``UNLIMITED``) lifts
     the limit for this user alone, any other value replaces the tier's."""
     return models.PositiveBigIntegerField(
@@ -62,7 +65,7 @@ def overridden(tier_value: int | None, override: int | None) -> int | None:
     return None if override == UNLIMITED else override
 
 
-def _multiplier_field(verbose_name: str, **options: Any) -> models.DecimalField:
+def _multiplier_field(verbose_name: StrOrPromise, **options: Any) -> models.DecimalField:
     """Base tokens per token, to the six places ``accounting.to_micro`` converts exactly."""
     return models.DecimalField(
         verbose_name,

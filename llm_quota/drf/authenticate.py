@@ -10,15 +10,18 @@ database (simplejwt loads the token's user), so plans run ``authenticate`` as a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+from rest_framework.authentication import BaseAuthentication
 from rest_framework.exceptions import AuthenticationFailed, NotAuthenticated
 from rest_framework.request import Request
 
 
 def _authenticate_header(request: Request) -> str | None:
-    for authenticator in request.authenticators:
-        header = authenticator.authenticate_header(request)
+    for authenticator in request.authenticators or ():
+        # Never the test client's ForcedAuthentication here: these requests are built
+        # with the configured authenticators.
+        header = cast(BaseAuthentication, authenticator).authenticate_header(request)
         if header:
             return header
     return None
@@ -29,10 +32,11 @@ def authenticate(request: Request) -> tuple[Any, Any]:
     try:
         user, auth = request.user, request.auth
     except AuthenticationFailed as exc:
-        exc.auth_header = _authenticate_header(request)
+        # The attribute DRF's APIView.handle_exception sets; the stubs don't declare it.
+        exc.auth_header = _authenticate_header(request)  # type: ignore[attr-defined]
         raise
     if user is None or not user.is_authenticated:
-        exc = NotAuthenticated()
-        exc.auth_header = _authenticate_header(request)
-        raise exc
+        refused = NotAuthenticated()
+        refused.auth_header = _authenticate_header(request)  # type: ignore[attr-defined]
+        raise refused
     return user, auth

@@ -132,7 +132,8 @@ def response_for_exception(exc: BaseException) -> JsonResponse | None:
         )
     if isinstance(exc, exceptions.Throttled):
         # Another throttle of the host's: still a 429 with a whole-second Retry-After.
-        wait = max(1, math.ceil(exc.wait or 1))
+        # Throttled.__init__ sets ``wait``; the stubs don't declare it.
+        wait = max(1, math.ceil(exc.wait or 1))  # type: ignore[attr-defined]
         return error_response(
             status.HTTP_429_TOO_MANY_REQUESTS,
             message,

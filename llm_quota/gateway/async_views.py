@@ -114,10 +114,11 @@ class AsyncChatCompletionsView(View):
         return await ChatCall(chat, guard, user).aanswer()
 
     def allow_header(self) -> str:
-        return ", ".join(self._allowed_methods())
+        # Django's View._allowed_methods (private, so not in the stubs), as APIView uses it.
+        return ", ".join(self._allowed_methods())  # type: ignore[attr-defined]
 
     def http_method_not_allowed(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
-        response = response_for_exception(MethodNotAllowed(request.method))
+        response = response_for_exception(MethodNotAllowed(request.method or ""))
         assert response is not None
         response["Allow"] = self.allow_header()
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 from django.http import HttpResponseBase, JsonResponse, StreamingHttpResponse
 from rest_framework.exceptions import APIException
@@ -27,7 +27,12 @@ from llm_quota.exceptions import InvalidRequest
 from llm_quota.gateway.database import ahand_back, hand_back
 from llm_quota.gateway.relay import AsyncRelay, Relay
 from llm_quota.gateway.settlement import asettle, settle
-from llm_quota.gateway.upstream import UpstreamError, get_upstream
+from llm_quota.gateway.upstream import (
+    AsyncUpstreamStream,
+    UpstreamError,
+    UpstreamStream,
+    get_upstream,
+)
 from llm_quota.quota.guard import QuotaGuard
 from llm_quota.quota.release_rule import unbilled_error
 from llm_quota.shapes.chat import ChatRequest, read_completion
@@ -142,9 +147,11 @@ class ChatCall:
             raise
         try:
             if chat.stream:
-                return self.streamed(Relay(reply, guard, include_usage=chat.include_usage))
-            settle(guard, read_completion(reply))
-            return self.completed(reply)
+                stream = cast(UpstreamStream, reply)
+                return self.streamed(Relay(stream, guard, include_usage=chat.include_usage))
+            completion = cast(dict[str, Any], reply)
+            settle(guard, read_completion(completion))
+            return self.completed(completion)
         except BaseException:
             if not guard.finished:
                 guard.charge_estimate()  # the call ran: never charged nothing
@@ -175,11 +182,13 @@ class ChatCall:
             await asyncio.shield(guard.afail(exc))
             raise
         if chat.stream:
-            return self.streamed(AsyncRelay(reply, guard, include_usage=chat.include_usage))
+            stream = cast(AsyncUpstreamStream, reply)
+            return self.streamed(AsyncRelay(stream, guard, include_usage=chat.include_usage))
+        completion = cast(dict[str, Any], reply)
         try:
             # Shielded: a client leaving now cannot undo the charge of an answer received.
-            await asyncio.shield(asettle(guard, read_completion(reply)))
-            return self.completed(reply)
+            await asyncio.shield(asettle(guard, read_completion(completion)))
+            return self.completed(completion)
         except Exception:
             if not guard.finished:
                 await asyncio.shield(guard.acharge_estimate())  # the call ran

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 
 from asgiref.sync import async_to_sync
 
@@ -96,7 +96,7 @@ class Relay:
     def _settle(self) -> None:
         settle(self.guard, self.watch.used)
 
-    def _relay(self) -> Iterator[bytes]:
+    def _relay(self) -> Generator[bytes, None, None]:
         try:
             for data in self.stream:
                 event = event_for(self.watch, data)
@@ -207,12 +207,13 @@ class AsyncRelay:
         self._events = self._relay()
         self._closing: asyncio.Task[None] | None = None
         finalizer = weakref.finalize(self, _end_abandoned, asyncio.get_running_loop(), self._ending)
-        finalizer.atexit = False
+        # A settable property of finalize; typeshed lists it beside an empty __slots__.
+        finalizer.atexit = False  # type: ignore[misc]
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._events
 
-    async def _relay(self) -> AsyncIterator[bytes]:
+    async def _relay(self) -> AsyncGenerator[bytes, None]:
         try:
             async for data in self.stream:
                 event = event_for(self.watch, data)

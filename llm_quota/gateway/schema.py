@@ -8,21 +8,32 @@ clients, docs and schemathesis read them; nothing validates against them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from rest_framework import serializers
 
 from llm_quota.shapes.chat import CAP_FIELDS, MAX_CHOICES, ROLES
 
+spectacular: ModuleType | None
 try:
-    from drf_spectacular.utils import OpenApiResponse, extend_schema
+    from drf_spectacular import utils as spectacular
 except ImportError:  # the schema is an optional extra: without it, document nothing
+    spectacular = None
 
-    def extend_schema(*args: Any, **kwargs: Any) -> Callable[[Any], Any]:
+
+def extend_schema(**options: Any) -> Callable[[Any], Any]:
+    """drf-spectacular's ``extend_schema``, or a decorator that changes nothing."""
+    if spectacular is None:
         return lambda view: view
+    return spectacular.extend_schema(**options)
 
-    def OpenApiResponse(*args: Any, **kwargs: Any) -> None:  # noqa: N802
+
+def OpenApiResponse(serializer: Any, description: str) -> Any:  # noqa: N802 - its name
+    """drf-spectacular's ``OpenApiResponse``, or None: nothing reads it then."""
+    if spectacular is None:
         return None
+    return spectacular.OpenApiResponse(serializer, description=description)
 
 
 class ChatMessageSerializer(serializers.Serializer):
@@ -93,7 +104,9 @@ class ModelSerializer(serializers.Serializer):
 
 class ModelListSerializer(serializers.Serializer):
     object = serializers.CharField()
-    data = ModelSerializer(many=True)
+    # DRF's metaclass moves declared fields off the class, so this never hides
+    # ``Serializer.data``; the stubs can't know.
+    data = ModelSerializer(many=True)  # type: ignore[assignment]
 
 
 def _errors(*statuses: int) -> dict[int, Any]:

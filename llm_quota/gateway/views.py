@@ -15,12 +15,14 @@ waiting.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from django.http import HttpResponseBase, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.negotiation import BaseContentNegotiation
-from rest_framework.renderers import JSONRenderer
+from rest_framework.parsers import BaseParser
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.views import APIView
 from rest_framework_simplejwt.authentication import JWTAuthentication
 
@@ -39,11 +41,14 @@ from llm_quota.shapes.chat import ChatRequest
 class IgnoreAccept(BaseContentNegotiation):
     """Answer JSON (or the SSE stream) whatever ``Accept`` says: OpenAI never sends 406."""
 
-    def select_parser(self, request: Any, parsers: list[Any]) -> Any:
-        return parsers[0]
+    def select_parser(self, request: Any, parsers: Iterable[BaseParser]) -> BaseParser:
+        return next(iter(parsers))
 
-    def select_renderer(self, request: Any, renderers: list[Any], format_suffix: Any = None):
-        return renderers[0], renderers[0].media_type
+    def select_renderer(
+        self, request: Any, renderers: Iterable[BaseRenderer], format_suffix: Any = None
+    ) -> tuple[BaseRenderer, str]:
+        renderer = next(iter(renderers))
+        return renderer, renderer.media_type
 
 
 class OpenAIView(APIView):

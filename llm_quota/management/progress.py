@@ -6,13 +6,17 @@ so a project without it still gets a readable, if plainer, display.
 
 from __future__ import annotations
 
+from io import TextIOBase
 from typing import Any, TextIO
+
+#: A stream, or a command's ``self.stdout``/``self.stderr`` (Django's OutputWrapper).
+Output = TextIO | TextIOBase
 
 
 class _Lines:
     """tqdm's ``update``/``set_postfix_str``/``close`` subset, printing every tenth."""
 
-    def __init__(self, total: float, desc: str, unit: str, file: TextIO) -> None:
+    def __init__(self, total: float, desc: str, unit: str, file: Output) -> None:
         self.total, self.desc, self.unit, self.file = total, desc, unit, file
         self.n: float = 0
         self._shown = -1
@@ -33,7 +37,7 @@ class _Lines:
         self.file.flush()
 
 
-def progress(total: float, *, desc: str, unit: str, file: TextIO) -> Any:
+def progress(total: float, *, desc: str, unit: str, file: Output) -> Any:
     try:
         from tqdm import tqdm
     except ImportError:

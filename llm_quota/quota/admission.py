@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar, cast
 
 from django.utils.functional import LazyObject, empty
 from rest_framework.exceptions import NotAuthenticated
@@ -66,6 +67,8 @@ from llm_quota.rules.estimation import (
 )
 from llm_quota.rules.policy import UserPolicy, policy_for
 from llm_quota.rules.pricing import price_for, price_in
+
+T = TypeVar("T")
 
 logger = logging.getLogger("llm_quota")
 
@@ -117,7 +120,7 @@ def admit(
     user: Any, estimate: Estimate, *, policy: UserPolicy | None = None, ledger: Ledger | None = None
 ) -> Decision:
     """Reserve ``estimate`` for ``user`` or raise the refusal."""
-    return run(admit_plan(user, estimate, policy=policy), ledger)
+    return run(_decided(admit_plan(user, estimate, policy=policy)), ledger)
 
 
 async def aadmit(
@@ -127,7 +130,7 @@ async def aadmit(
     policy: UserPolicy | None = None,
     ledger: AsyncLedger | None = None,
 ) -> Decision:
-    return await arun(admit_plan(user, estimate, policy=policy), ledger)
+    return await arun(_decided(admit_plan(user, estimate, policy=policy)), ledger)
 
 
 def settle(reservation: Reservation, usage: Any, *, ledger: Ledger | None = None) -> Settlement:
@@ -170,7 +173,7 @@ def policy_plan(user: Any) -> Plan[UserPolicy]:
     return found
 
 
-def count_plan(function: Any, text: Any, model: str, **options: Any) -> Plan[int]:
+def count_plan(function: Callable[..., T], text: Any, model: str, **options: Any) -> Plan[T]:
     """Tokens of ``text`` by ``function``; on an event loop a long text is counted in a
     thread (the async driver asks ``counts_quickly`` first; sync code just counts)."""
     quick = {k: v for k, v in options.items() if k != "stop_above"}
@@ -385,6 +388,11 @@ class _Refusal(Exception):
         self.limit, self.retry_after, self.decision = limit, retry_after, decision
 
 
+def _decided(plan: Plan[Decision | None]) -> Plan[Decision]:
+    """``admit_plan`` without a probe: it never answers "count the prompt first"."""
+    return cast(Plan[Decision], plan)
+
+
 def admit_plan(
     user: Any, estimate: Estimate, *, policy: UserPolicy | None = None, probe: int | None = None
 ) -> Plan[Decision | None]:
@@ -424,7 +432,8 @@ def admit_plan(
 def pk_plan(user: Any) -> Plan[Any]:
     """The user's pk. An async view's ``request.user`` is a lazy object whose first
     touch reads the session and the user from the database: in a thread, for async."""
-    if isinstance(user, LazyObject) and user._wrapped is empty:
+    # ``_wrapped`` is LazyObject's own (private, so not in the stubs).
+    if isinstance(user, LazyObject) and user._wrapped is empty:  # type: ignore[attr-defined]
         return (yield Blocking(getattr, (user, "pk", None)))
     return getattr(user, "pk", user)
 

@@ -110,7 +110,9 @@ class TierSerializer(serializers.ModelSerializer):
         child=serializers.CharField(), source="model_patterns", help_text="Empty: every model."
     )
     scopes = serializers.ListField(child=serializers.CharField(), source="scope_list")
-    upgrade_to = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    upgrade_to: serializers.SlugRelatedField[Tier] = serializers.SlugRelatedField(
+        slug_field="name", read_only=True
+    )
 
     class Meta:
         model = Tier

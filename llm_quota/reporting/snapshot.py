@@ -343,7 +343,7 @@ def _copy_batch(
         for key in stored:
             desired.setdefault(key, (0, 0, 0, 0))
         changed: list[Row] = [
-            (pk, model, *values)  # type: ignore[misc]
+            (pk, model, *values)
             for (pk, model), values in desired.items()
             if stored.get((pk, model)) != values
         ]

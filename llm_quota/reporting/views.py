@@ -7,7 +7,8 @@ user's id except the staff one: a user can only ever read their own usage.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
@@ -32,9 +33,12 @@ from llm_quota.reporting.serializers import (
     UserUsageReportSerializer,
 )
 
+if TYPE_CHECKING:
+    from rest_framework.permissions import _PermissionClass  # the stubs' alias
+
 
 class UsageScopeMixin:
-    permission_classes = [IsAuthenticated, HasScope]
+    permission_classes: Sequence[_PermissionClass] = [IsAuthenticated, HasScope]
 
     @property
     def required_scopes(self) -> list[str]:
@@ -71,9 +75,8 @@ class UsageHistoryView(UsageScopeMixin, ListAPIView):
     pagination_class = UsageHistoryPagination
 
     def get_queryset(self) -> QuerySet[UsageSnapshot]:
-        return UsageSnapshot.objects.filter(user_id=self.request.user.pk).order_by(
-            "-period", "model"
-        )
+        pk: Any = self.request.user.pk  # authenticated (permission_classes)
+        return UsageSnapshot.objects.filter(user_id=pk).order_by("-period", "model")
 
 
 class UserUsageView(GenericAPIView):

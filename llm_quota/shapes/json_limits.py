@@ -16,6 +16,7 @@ naming the top-level field they are in.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from llm_quota.exceptions import InvalidRequest
@@ -45,6 +46,7 @@ def check_json(body: dict[str, Any]) -> None:
             if _has_surrogate(value):
                 raise _surrogate(field)
             continue
+        items: Iterable[tuple[Any, Any]]
         if isinstance(value, dict):
             items = value.items()
         elif isinstance(value, list):

@@ -175,7 +175,8 @@ def bill(body: Mapping[str, Any], media: Media | None = None) -> Bill:
             "completion).",
             code="context_length_exceeded", param="messages",
         )  # fmt: skip
-    choices = body.get("n") if isinstance(body.get("n"), int) else 1
+    n = body.get("n")
+    choices = n if isinstance(n, int) else 1
     reasoning = cap // 2 if is_reasoning(family(model)) else 0
     text = "".join(" tok" if i else "tok" for i in range(cap - reasoning))
     return Bill(prompt, cap * choices, reasoning * choices, [text] * choices)
@@ -410,8 +411,9 @@ def _functions(value: Any, count: Callable[[str], int]) -> int:
     """The harshest of the cookbook's formula, the TypeScript namespace and the JSON."""
     functions = [_function(item) for item in value] if isinstance(value, list) else []
     readings = [count(_json(value))]
-    if functions and all(f is not None for f in functions):
-        readings += [_cookbook(functions, count), count(_namespace(functions))]
+    complete = [f for f in functions if f is not None]
+    if functions and len(complete) == len(functions):
+        readings += [_cookbook(complete, count), count(_namespace(complete))]
     return max(readings)
 
 
@@ -478,7 +480,8 @@ def _typescript(schema: Any) -> str:
     if kind == "array":
         return f"Array<{_typescript(schema.get('items'))}>"
     if kind == "object" or isinstance(schema.get("properties"), dict):
-        required = schema.get("required") if isinstance(schema.get("required"), list) else []
+        listed = schema.get("required")
+        required = listed if isinstance(listed, list) else []
         lines = ["{"]
         for name, prop in (schema.get("properties") or {}).items():
             lines += _comment(prop.get("description") if isinstance(prop, dict) else None)

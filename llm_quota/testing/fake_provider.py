@@ -121,7 +121,7 @@ class FakeStream:
     async def __aiter__(self) -> AsyncIterator[str]:
         # Built in a thread, then handed out one per turn of the loop, as a real
         # upstream's arrive.
-        payloads = await sync_to_async(list, thread_sensitive=False)(iter(self))
+        payloads = await sync_to_async(lambda: list(self), thread_sensitive=False)()
         for data in payloads:
             await asyncio.sleep(0)
             yield data

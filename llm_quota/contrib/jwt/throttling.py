@@ -42,6 +42,10 @@ class TokenEndpointThrottle(SimpleRateThrottle):
     default_rate = "20/minute"
 
     _ledgers: ClassVar[dict[tuple[str, str], Ledger]] = {}
+    # Set by SimpleRateThrottle.__init__ (parse_rate; None only when ``rate`` is); the
+    # stubs don't declare them.
+    num_requests: int
+    duration: int
 
     def __init__(self) -> None:
         try:
@@ -65,7 +69,9 @@ class TokenEndpointThrottle(SimpleRateThrottle):
         if quota_settings.is_set("TOKEN_REQUESTS_PER_MINUTE"):
             legacy = quota_settings.TOKEN_REQUESTS_PER_MINUTE
             return f"{legacy}/minute" if legacy else None
-        return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope, self.default_rate)
+        # The stubs type the rates as numbers; DRF reads strings ("20/minute").
+        rates: dict[str, str | None] = api_settings.DEFAULT_THROTTLE_RATES  # type: ignore[assignment]
+        return rates.get(self.scope, self.default_rate)
 
     def get_ident(self, request: Any) -> str:
         if api_settings.NUM_PROXIES is None:

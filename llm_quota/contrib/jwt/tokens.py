@@ -5,7 +5,7 @@ a refreshed token reflects the user's tier (or block) now, not at login.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.contrib.auth import get_user_model
 from rest_framework.exceptions import AuthenticationFailed
@@ -26,7 +26,8 @@ def scope_claim(user: Any) -> str:
 class ScopedTokenObtainPairSerializer(TokenObtainPairSerializer):
     @classmethod
     def get_token(cls, user: Any) -> RefreshToken:
-        token = super().get_token(user)
+        # The pair serializer's token_class; simplejwt annotates the base class.
+        token = cast(RefreshToken, super().get_token(user))
         token[quota_settings.SCOPE_CLAIM] = scope_claim(user)
         return token
 

@@ -34,7 +34,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, file: str | None, bundled: bool, dry_run: bool, **options: Any):
         if bool(file) == bundled:
             raise CommandError("Give a FILE or --bundled (one of them).")
-        path = price_file.BUNDLED if bundled else file
+        path = file or price_file.BUNDLED  # exactly one of them
         base = Decimal(str(quota_settings.BASE_TOKEN_USD_PER_MILLION))
         try:
             rows = price_file.read(path, base)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
@@ -30,7 +30,10 @@ from llm_quota.management.progress import progress
 from llm_quota.models import Tier, UserQuota
 from llm_quota.rules.pricing import price_for
 
-PROMPT = [
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
+
+PROMPT: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "You summarise support tickets in one paragraph."},
     {"role": "user", "content": "Ticket #4127: the nightly export job retries forever."},
 ]
@@ -104,6 +107,8 @@ class Command(BaseCommand):
                     break
                 requests += 1
                 usage = reply.usage
+                if usage is None:
+                    raise CommandError("The gateway answered without a usage.")
                 spent = price.base_tokens(usage.prompt_tokens, usage.completion_tokens)
                 bar.update(spent)
         finally:
