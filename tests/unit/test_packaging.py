@@ -119,3 +119,14 @@ def test_the_changelog_names_every_migration():
     migrations = sorted(p.stem for p in (root / "llm_quota" / "migrations").glob("0*.py"))
     missing = [m for m in migrations if m != "0001_initial" and m not in changelog]
     assert not missing, missing
+
+
+def test_the_offline_exact_extra_brings_the_vocabulary_the_estimator_reads():
+    """``[offline-exact]`` names the package whose data ``rules.estimation`` looks for, and
+    the pinned version (requirements.txt) has both encodings OpenAI's current models use."""
+    from llm_quota.rules import estimation
+
+    [requirement] = [Requirement(line) for line in extra("offline-exact")]
+    assert canonicalize_name(requirement.name) == canonicalize_name(estimation.BUNDLE_PACKAGE)
+    for name in ("o200k_base", "cl100k_base"):
+        assert estimation._bundled_file(name) is not None, name
