@@ -1,6 +1,10 @@
 """django-llm-quota: per-user LLM token quotas and rate limits, enforced in Redis."""
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers see (exported: "as"); at run time, __getattr__
+    from llm_quota.quota.guard import QuotaGuard as QuotaGuard
+    from llm_quota.quota.guard import quota_guard as quota_guard
 
 __version__ = "0.1.0"
 
