@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench loadtest clean
+.PHONY: demo test test-fast lint docs bench loadtest clean
 
 $(STAMP): requirements.txt setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,18 @@ demo: $(STAMP)
 	$(BIN)/python manage.py runserver $(DEMO_ADDR)
 
 # mypy (settings in pyproject.toml): about 40 s cold, 2 s with its cache in .venv.
+# The docs site is built with --strict (a broken link or a settings page whose
+# marker is gone fails), into a temporary folder that is removed afterwards.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	site=$$(mktemp -d) && trap 'rm -rf "$$site"' EXIT && \
+	  $(BIN)/mkdocs build --strict --quiet -f docs/mkdocs.yml -d "$$site"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The docs site in var/site (ignored by git); open var/site/index.html.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict -f docs/mkdocs.yml -d $(CURDIR)/var/site
 
 # The unit group alone (tests/unit): no Redis, no server, seconds. REDIS_URL points
 # where nothing listens, so no embedded Redis starts either; a unit test that opens a

@@ -1,10 +1,10 @@
 """The one reader of the ``LLM_QUOTA`` setting, and the declaration of every key in it.
 
 Each key is declared once below: its default, the rule a value must follow (checked by
-``manage.py check``, never at request time) and its one-line doc, which the README's
-settings table repeats word for word (a test compares them). Reading works like DRF's
-``api_settings``: the user's value or the default, dropped when a test overrides the
-setting.
+``manage.py check``, never at request time) and its one-line doc; the docs' settings
+page (``docs/pages/settings.md``) is built from these declarations by ``docs/hooks.py``.
+Reading works like DRF's ``api_settings``: the user's value or the default, dropped
+when a test overrides the setting.
 """
 
 from __future__ import annotations

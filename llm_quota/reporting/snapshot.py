@@ -64,7 +64,7 @@ WATERMARK_TTL = 86400
 #: Users per batch: one Redis pipeline, one read of stored rows, one upsert and one
 #: commit each. Every batch pays fixed costs (three database round trips, a WAL flush,
 #: hand-offs of the GIL with the reading thread), so fewer, larger batches are faster
-#: up to a point (``docs/benchmarks.md``); each Redis command stays as short either way.
+#: up to a point (``docs/pages/benchmarks.md``); each Redis command stays as short either way.
 BATCH_USERS = 2000
 #: Seconds between progress lines in the log during a long run.
 PROGRESS_EVERY = 10.0

@@ -6,7 +6,7 @@ the snapshot's rows are already plain values. One ``INSERT ... ON CONFLICT (user
 period, model) DO UPDATE`` does the same for a fraction of the cost: on PostgreSQL
 one set-based statement per batch (see ``upsert_statement``), on SQLite (the demo)
 ``executemany``. Other backends keep the ORM. The measurements are in
-``docs/benchmarks.md``.
+``docs/pages/benchmarks.md``.
 
 The values are absolute, so repeating an upsert changes nothing, and the ``WHERE``
 clause leaves a row that already holds them untouched (no write, no new
