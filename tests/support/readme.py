@@ -8,6 +8,7 @@ drift from what works; a missing or moved marker fails with its name.
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -53,7 +54,20 @@ def snippet(name: str, text: str | None = None) -> str:
     return code
 
 
-def commands(name: str, text: str | None = None) -> list[str]:
-    """The lines of a shell snippet: one command each, comments and blanks dropped."""
-    lines = [line.split(" #", 1)[0].strip() for line in snippet(name, text).splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
+def commands(name: str, text: str | None = None) -> list[list[str]]:
+    """The commands of a shell snippet, each split as the shell splits it (comments
+    dropped); a quoted argument may span lines."""
+    found: list[list[str]] = []
+    pending = ""
+    for line in snippet(name, text).splitlines():
+        pending += line + "\n"
+        try:
+            argv = shlex.split(pending, comments=True)
+        except ValueError:  # a quote still open: the command goes on on the next line
+            continue
+        if argv:
+            found.append(argv)
+        pending = ""
+    if pending.strip():
+        raise AssertionError(f"README.md: install:{name} ends inside a quoted argument")
+    return found

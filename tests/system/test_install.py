@@ -92,11 +92,10 @@ def built_wheel(steps: Steps, work: Path) -> Path:
 
 def pip_arguments(wheel: Path) -> list[str]:
     """The README's ``pip install`` line, with the built wheel for the package's name."""
-    (line,) = readme.commands("pip")
-    argv = shlex.split(line)
-    assert argv[:2] == ["pip", "install"], line
+    (argv,) = readme.commands("pip")
+    assert argv[:2] == ["pip", "install"], argv
     named = [a for a in argv[2:] if a.startswith("django-llm-quota")]
-    assert named, f"the README's pip line installs no django-llm-quota: {line}"
+    assert named, f"the README's pip line installs no django-llm-quota: {argv}"
     return [a.replace("django-llm-quota", str(wheel), 1) if a in named else a for a in argv[2:]]
 
 
@@ -218,9 +217,8 @@ def test_the_readme_quickstart_installs_and_serves_every_style(
     site = fresh_project(steps, tmp_path, bin_dir)
     in_site = {"cwd": site, "env": environment(bin_dir, quota_prefix, oracle.url)}
 
-    for line in readme.commands("setup"):
-        argv = shlex.split(line)
-        assert argv[0] == "python", f"a setup step the test cannot run: {line}"
+    for argv in readme.commands("setup"):
+        assert argv[0] == "python", f"a setup step the test cannot run: {argv}"
         output = steps.run([python, *argv[1:]], timeout=180, **in_site)
         if argv[1:3] == ["manage.py", "check"]:
             assert "System check identified no issues" in output, output

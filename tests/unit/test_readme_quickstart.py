@@ -5,8 +5,6 @@ project; these checks catch a lost marker or a snippet that cannot even compile 
 seconds, before the slow test builds anything.
 """
 
-import shlex
-
 import pytest
 
 from tests.support import readme
@@ -25,13 +23,24 @@ def test_python_snippets_compile(name):
 
 
 def test_the_setup_steps_are_manage_py_commands():
-    for line in readme.commands("setup"):
-        assert shlex.split(line)[:2] == ["python", "manage.py"], line
+    for argv in readme.commands("setup"):
+        assert argv[:2] == ["python", "manage.py"], argv
 
 
 def test_the_pip_line_installs_the_package_with_extras():
-    (line,) = readme.commands("pip")
-    assert any(arg.startswith("django-llm-quota[") for arg in shlex.split(line)), line
+    (argv,) = readme.commands("pip")
+    assert any(arg.startswith("django-llm-quota[") for arg in argv), argv
+
+
+def test_a_quoted_argument_may_span_lines():
+    text = (
+        "<!-- install:setup -->\n```sh\npython manage.py migrate  # tables\n"
+        'python manage.py shell -c "print(\n    1)"\n```\n'
+    )
+    assert readme.commands("setup", text) == [
+        ["python", "manage.py", "migrate"],
+        ["python", "manage.py", "shell", "-c", "print(\n    1)"],
+    ]
 
 
 def test_a_missing_marker_fails_with_its_name():
