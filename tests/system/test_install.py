@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -200,6 +201,14 @@ def celery_queue_name(redis_client, quota_prefix):
 
 
 @pytest.fixture
+def work():
+    """The install's folder (source copy, wheel, venv, project: about 200 MB), removed
+    after the test however it ends; failures carry the output they need."""
+    with tempfile.TemporaryDirectory(prefix="llmq-install-") as folder:
+        yield Path(folder)
+
+
+@pytest.fixture
 def oracle():
     """The project's upstream: bills every call as OpenAI does and records it."""
     server = OracleServer().start()
@@ -208,13 +217,13 @@ def oracle():
 
 
 def test_the_readme_quickstart_installs_and_serves_every_style(
-    tmp_path, quota_prefix, celery_queue_name, oracle, capsys
+    work, quota_prefix, celery_queue_name, oracle, capsys
 ):
-    steps = Steps(capsys, tmp_path / "install.log")
-    wheel = built_wheel(steps, tmp_path)
-    bin_dir = fresh_venv(steps, tmp_path / "venv", pip_arguments(wheel))
+    steps = Steps(capsys, work / "install.log")
+    wheel = built_wheel(steps, work)
+    bin_dir = fresh_venv(steps, work / "venv", pip_arguments(wheel))
     python = bin_dir / "python"
-    site = fresh_project(steps, tmp_path, bin_dir)
+    site = fresh_project(steps, work, bin_dir)
     in_site = {"cwd": site, "env": environment(bin_dir, quota_prefix, oracle.url)}
 
     for argv in readme.commands("setup"):
@@ -233,7 +242,7 @@ def test_the_readme_quickstart_installs_and_serves_every_style(
         "UserQuota.objects.create(user=bob, tier=tiny)\n"
     ), **in_site)  # fmt: skip
 
-    port, log = spare_port(), tmp_path / "runserver.log"
+    port, log = spare_port(), work / "runserver.log"
     served = [python, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"]
     with process(served, log, **in_site) as server:
         url = f"http://127.0.0.1:{port}"
@@ -244,7 +253,7 @@ def test_the_readme_quickstart_installs_and_serves_every_style(
         the_schema_describes_the_api(url, log)
 
     snapshot_by_a_celery_worker(
-        steps, python, bin_dir, tmp_path / "celery.log", celery_queue_name, in_site
+        steps, python, bin_dir, work / "celery.log", celery_queue_name, in_site
     )
     steps.say("done")
 
