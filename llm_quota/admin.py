@@ -9,7 +9,7 @@ to one ``SNAPSHOT_INTERVAL``: the page says by how much.
 from __future__ import annotations
 
 import time
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from decimal import Decimal
 from typing import Any
 
@@ -22,10 +22,10 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
-from django.utils.timesince import timesince
 from redis.exceptions import LockError, RedisError
 
 from llm_quota.conf import quota_settings
+from llm_quota.durations import human_duration
 from llm_quota.forms import ModelPriceForm, TierForm
 from llm_quota.ledger.default import get_ledger
 from llm_quota.ledger.replies import UserUsage
@@ -263,8 +263,11 @@ class UserQuotaAdmin(admin.ModelAdmin):
                 "—" if not budget else f"{_share_of(budget, live):.1f}%",
             ),
             ("Used today", f"{live.tokens_today:,}"),
-            ("The day's budget starts again in", _duration((live.day_end_ms - now_ms) / 1000)),
-            ("The month's budget starts again in", _duration((live.month_end_ms - now_ms) / 1000)),
+            ("The day's budget starts again in", human_duration((live.day_end_ms - now_ms) / 1000)),
+            (
+                "The month's budget starts again in",
+                human_duration((live.month_end_ms - now_ms) / 1000),
+            ),
             ("Reserved by calls in flight", f"{live.reserved:,} ({live.in_flight} calls)"),
             ("Monthly budget", "unlimited" if budget is None else f"{budget:,}"),
             ("Remaining", _left_of(budget, live)),
@@ -395,23 +398,13 @@ class UserQuotaAdmin(admin.ModelAdmin):
         )
 
 
-def _duration(seconds: float) -> str:
-    """A wait or an age as a person reads it ("1 day, 3 hours", not "97143 s"):
-    Django's ``timesince``, two units deep; under a minute, in seconds."""
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    now = datetime.now(UTC)
-    return timesince(now - timedelta(seconds=seconds), now, depth=2)
-
-
 def _run_age(run: dict[str, Any] | None) -> str:
     if run is None:
         return "none recorded (none yet, or Redis lost it) — check the Celery beat"
     age = time.time() - run["recorded_at"]
     return (
-        f"{_duration(age)} ago: {run['users']} users read, {run['rows_written']} rows written "
-        f"(every {_duration(quota_settings.SNAPSHOT_INTERVAL)})"
+        f"{human_duration(age)} ago: {run['users']} users read, {run['rows_written']} rows written "
+        f"(every {human_duration(quota_settings.SNAPSHOT_INTERVAL)})"
     )
 
 
@@ -502,7 +495,7 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
             "models": models,
             "users": users,
             "snapshot_age": _run_age(run),
-            "snapshot_interval": _duration(quota_settings.SNAPSHOT_INTERVAL),
+            "snapshot_interval": human_duration(quota_settings.SNAPSHOT_INTERVAL),
             "total_cost": cost_usd(sum(m.base_tokens for m in models)),
             "csv_url": reverse("admin:llm_quota_usage_csv"),
             "quota_url": reverse("admin:llm_quota_userquota_changelist"),
