@@ -26,7 +26,7 @@ from redis.exceptions import LockError, RedisError
 
 from llm_quota.conf import quota_settings
 from llm_quota.durations import human_duration
-from llm_quota.forms import ModelPriceForm, TierForm
+from llm_quota.forms import ModelPriceForm, TierForm, base_token_usd, usd_per_million
 from llm_quota.ledger.default import get_ledger
 from llm_quota.ledger.replies import UserUsage
 from llm_quota.models import ModelPrice, Tier, UsageSnapshot, UserQuota
@@ -109,27 +109,60 @@ class TierAdmin(admin.ModelAdmin):
         super().delete_queryset(request, queryset.exclude(pk__in=kept.values("pk")))
 
 
-def _usd_per_million(multiplier: Decimal | None) -> str:
-    """A multiplier as dollars per million tokens (multiplier x the base token's price)."""
-    if multiplier is None:
-        return "—"
-    rate = Decimal(str(quota_settings.BASE_TOKEN_USD_PER_MILLION))
-    return f"${(Decimal(multiplier) * rate).normalize():,f}"
+def _usd_per_million(stored: Decimal | None) -> str:
+    """A multiplier as dollars per million tokens, for the list."""
+    return "—" if stored is None else f"${usd_per_million(stored):,f}"
 
 
 @admin.register(ModelPrice)
 class ModelPriceAdmin(admin.ModelAdmin):
-    """Prices are stored as multipliers of one *base token*, the unit every budget
-    counts in; the list and the form show them in USD per million tokens too."""
+    """Prices are entered and listed in USD per million tokens; they are stored as
+    multipliers of one *base token*, the unit every budget counts in, which the form
+    keeps under "Advanced"."""
 
     form = ModelPriceForm
     list_display = (
-        "model", "input_usd", "output_usd", "input_multiplier", "output_multiplier",
-        "cached_input_multiplier", "default_max_output_tokens", "context_window",
-        "output_cap_field", "enabled",
+        "model", "input_usd", "output_usd", "cached_input_usd", "input_multiplier",
+        "output_multiplier", "default_max_output_tokens", "context_window", "enabled",
     )  # fmt: skip
     list_filter = ("enabled",)
     search_fields = ("model",)
+
+    def get_fieldsets(self, request: HttpRequest, obj: ModelPrice | None = None) -> Any:
+        rate = base_token_usd()
+        base = (
+            f"A base token is the unit every budget counts in; a million of them cost "
+            f"${rate:f} (BASE_TOKEN_USD_PER_MILLION). The price you enter here is stored as "
+            "base tokens per token (the multiplier), rounded up to six places."
+        )
+        return (
+            (None, {"fields": ("model", "enabled")}),
+            (
+                "Price, USD per 1M tokens",
+                {"fields": (("input_usd", "output_usd", "cached_input_usd"),), "description": base},
+            ),
+            (
+                "Counting",
+                {
+                    "fields": (
+                        "encoding",
+                        "default_max_output_tokens",
+                        "context_window",
+                        "output_cap_field",
+                    )
+                },
+            ),  # fmt: skip
+            (
+                "Advanced: multipliers (base tokens per token)",
+                {
+                    "classes": ("collapse",),
+                    "fields": (
+                        ("input_multiplier", "output_multiplier", "cached_input_multiplier"),
+                    ),
+                    "description": "Used where the USD price above is left as it was.",
+                },
+            ),
+        )
 
     @admin.display(description="input, USD / 1M tokens", ordering="input_multiplier")
     def input_usd(self, price: ModelPrice) -> str:
@@ -139,25 +172,9 @@ class ModelPriceAdmin(admin.ModelAdmin):
     def output_usd(self, price: ModelPrice) -> str:
         return _usd_per_million(price.output_multiplier)
 
-    def get_form(
-        self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
-    ) -> Any:
-        form = super().get_form(request, obj, change, **kwargs)
-        rate = quota_settings.BASE_TOKEN_USD_PER_MILLION
-        base = (
-            f"A base token is the unit every budget counts in; a million of them cost "
-            f"${rate} (BASE_TOKEN_USD_PER_MILLION). A multiplier of 1 is ${rate} per million "
-            "tokens, 4 is four times that."
-        )
-        for name in ("input_multiplier", "output_multiplier", "cached_input_multiplier"):
-            field = form.base_fields.get(name)
-            if field is None:
-                continue
-            now = (
-                "" if obj is None else f" Now: {_usd_per_million(getattr(obj, name))} per million."
-            )
-            field.help_text = f"{base}{now}"
-        return form
+    @admin.display(description="cached input, USD / 1M", ordering="cached_input_multiplier")
+    def cached_input_usd(self, price: ModelPrice) -> str:
+        return _usd_per_million(price.cached_input_multiplier)
 
 
 # -- quotas with live usage -------------------------------------------------------------
