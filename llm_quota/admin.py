@@ -861,7 +861,7 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
         users = snapshot_totals.top_users(period)
         user_chart = charts.horizontal_bars(
             [
-                (u.username, u.base_tokens, "" if u.percent is None else f"({u.percent:.0f}%)")
+                (u.username, u.base_tokens, "" if u.percent is None else f"({u.percent}%)")
                 for u in users
             ],
             label=f"Top users, {period:%B %Y} (share of their monthly budget)",
@@ -885,7 +885,7 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
             "snapshot_interval": human_duration(quota_settings.SNAPSHOT_INTERVAL),
             "total_cost": cost_usd(sum(m.base_tokens for m in models)),
             "csv_url": reverse("admin:llm_quota_usage_csv"),
-            "quota_url": reverse("admin:llm_quota_userquota_changelist"),
+            "users_url": reverse("admin:llm_quota_quotauser_changelist"),
         }
         return TemplateResponse(request, "admin/llm_quota/usagesnapshot/report.html", context)
 

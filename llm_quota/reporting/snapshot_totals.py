@@ -81,8 +81,10 @@ class UserTotal:
     budget: int | None  # tokens_per_month in effect (override or tier); None: unlimited
 
     @property
-    def percent(self) -> float | None:
-        return None if not self.budget else 100.0 * self.base_tokens / self.budget
+    def percent(self) -> int | None:
+        """Whole percent of the budget, rounded down as the admin's bars round it:
+        99.6% reads 99% while the user can still spend; 100% means refused."""
+        return None if not self.budget else 100 * self.base_tokens // self.budget
 
 
 def top_users(period: date, limit: int = 10) -> list[UserTotal]:

@@ -154,3 +154,18 @@ def test_the_users_list_is_read_only_and_needs_its_permission(client, people):
     add = reverse("admin:llm_quota_userquota_add") + f"?user={alice.pk}"
     assert add not in client.get(users_url()).content.decode()
     assert client.get(add).status_code == 403
+
+
+def test_a_share_reads_the_same_on_the_list_and_the_report(admin_client, people, ledger):
+    """99.6% is 99% everywhere (rounded down: 100% means refused), and the report's
+    top users link to the list that has every user, quota or not."""
+    dave = factories.user(people["free"], tokens_per_day=0, tokens_per_month=1000)
+    spend(dave, 196, 100)  # 596
+    spend(dave, 4, 99)  # 400: 996 of 1000
+    snapshot_usage(ledger=ledger)
+    listing = admin_client.get(users_url()).content.decode()
+    assert 'aria-label="This month: 996 of 1,000 base tokens (99%)"' in listing
+    report = admin_client.get(reverse("admin:llm_quota_usage_report")).content.decode()
+    assert "(99%)" in report and '<td class="num">99%</td>' in report
+    assert "(100%)" not in report and ">100%<" not in report
+    assert f'href="{users_url()}?q={dave.username}"' in report
