@@ -62,14 +62,44 @@ from llm_quota.rules.policy import default_tier
 # -- tiers and prices ------------------------------------------------------------------
 
 
+def _amount(value: int | None) -> str:
+    """A limit as the admin shows every figure: thousands separated, None unlimited."""
+    return "unlimited" if value is None else f"{value:,}"
+
+
 @admin.register(Tier)
 class TierAdmin(admin.ModelAdmin):
     form = TierForm
     list_display = (
-        "name", "requests_per_minute", "tokens_per_minute", "tokens_per_day",
-        "tokens_per_month", "max_concurrent_requests", "soft_limit_percent", "is_default",
+        "name", "rpm", "tpm", "tpd", "tokens_month", "concurrent", "soft_limit", "is_default",
     )  # fmt: skip
     search_fields = ("name",)
+
+    # Short headings and thousands separators: the list fits 1280 px beside the sidebar.
+    @admin.display(description="requests / min", ordering="requests_per_minute")
+    def rpm(self, tier: Tier) -> str:
+        return _amount(tier.requests_per_minute)
+
+    @admin.display(description="tokens / min", ordering="tokens_per_minute")
+    def tpm(self, tier: Tier) -> str:
+        return _amount(tier.tokens_per_minute)
+
+    @admin.display(description="tokens / day", ordering="tokens_per_day")
+    def tpd(self, tier: Tier) -> str:
+        return _amount(tier.tokens_per_day)
+
+    @admin.display(description="tokens / month", ordering="tokens_per_month")
+    def tokens_month(self, tier: Tier) -> str:
+        return _amount(tier.tokens_per_month)
+
+    @admin.display(description="concurrent", ordering="max_concurrent_requests")
+    def concurrent(self, tier: Tier) -> str:
+        return _amount(tier.max_concurrent_requests)
+
+    @admin.display(description="soft limit", ordering="soft_limit_percent")
+    def soft_limit(self, tier: Tier) -> str:
+        return f"{tier.soft_limit_percent}%"
+
     fieldsets = (
         (None, {"fields": ("name", "is_default", "scopes")}),
         (
@@ -145,10 +175,8 @@ class ModelPriceAdmin(admin.ModelAdmin):
 
     form = ModelPriceForm
     list_display = (
-        "model", "input_usd", "output_usd", "cached_input_usd", "input_multiplier",
-        "output_multiplier", "default_max_output_tokens", "context_window", "enabled",
+        "model", "input_usd", "output_usd", "cached_input_usd", "max_output", "window", "enabled",
     )  # fmt: skip
-    list_filter = ("enabled",)
     search_fields = ("model",)
 
     def get_fieldsets(self, request: HttpRequest, obj: ModelPrice | None = None) -> Any:
@@ -187,17 +215,25 @@ class ModelPriceAdmin(admin.ModelAdmin):
             ),
         )
 
-    @admin.display(description="input, USD / 1M tokens", ordering="input_multiplier")
+    @admin.display(description="input, USD / 1M", ordering="input_multiplier")
     def input_usd(self, price: ModelPrice) -> str:
         return _usd_per_million(price.input_multiplier)
 
-    @admin.display(description="output, USD / 1M tokens", ordering="output_multiplier")
+    @admin.display(description="output, USD / 1M", ordering="output_multiplier")
     def output_usd(self, price: ModelPrice) -> str:
         return _usd_per_million(price.output_multiplier)
 
     @admin.display(description="cached input, USD / 1M", ordering="cached_input_multiplier")
     def cached_input_usd(self, price: ModelPrice) -> str:
         return _usd_per_million(price.cached_input_multiplier)
+
+    @admin.display(description="default max output", ordering="default_max_output_tokens")
+    def max_output(self, price: ModelPrice) -> str:
+        return f"{price.default_max_output_tokens:,}"
+
+    @admin.display(description="context window", ordering="context_window")
+    def window(self, price: ModelPrice) -> str:
+        return "—" if price.context_window is None else f"{price.context_window:,}"
 
 
 # -- every user's standing and live usage ------------------------------------------------
@@ -226,6 +262,9 @@ def _standing(quota: UserQuota | None, default: Tier | None) -> _Standing:
     return _Standing(tier, quota, limits)
 
 
+_BLOCKED = format_html('<strong style="color:var(--error-fg, #ba2121)">{}</strong>', "blocked")
+
+
 def _quota_of(user: Any) -> UserQuota | None:
     # A missing reverse one-to-one raises RelatedObjectDoesNotExist, an AttributeError.
     return getattr(user, "llm_quota", None)
@@ -239,9 +278,12 @@ def _usage_bar(label: str, used: int, budget: int | None, soft_percent: int) -> 
     readers and a tooltip. Percent is rounded down everywhere, so 99.6% reads 99%
     while the user can still spend, and 100% means refused."""
     if budget is None:
+        words = f"{label}: {used:,} base tokens, no budget"
         return format_html(
-            '<span class="llmq-bar llmq-unlimited">{} · no budget</span>', f"{used:,}"
-        )
+            '<span class="llmq-bar llmq-unlimited" title="{}" style="white-space:nowrap">'
+            "{} · no limit</span>",
+            words, f"{used:,}",
+        )  # fmt: skip
     percent = 100 * used // budget
     color = _RED if used >= budget else _AMBER if 100 * used >= budget * soft_percent else _GREEN
     words = f"{label}: {used:,} of {budget:,} base tokens ({percent}%)"
@@ -512,10 +554,10 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
     and live usage. Read-only: a user's quota is given or changed in User quotas,
     one click away; the user itself is edited where the project edits users."""
 
-    list_display = (
-        "__str__", "email", "tier_name", "is_blocked", "today", "this_month", "reserved",
-        "remaining", "user_quota",
-    )  # fmt: skip
+    # Few columns, so the list fits 1280 px beside the nav sidebar and the filters;
+    # reserved and remaining tokens are on each user's page.
+    list_display = ("who", "tier_name", "today", "this_month", "user_quota")
+    list_display_links = ("who",)
     list_filter = (_TierFilter, _BlockedFilter, _MonthBudgetFilter)
     list_select_related = ("llm_quota__tier",)
     list_per_page = 50
@@ -559,21 +601,26 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
             return False, False
         return quotas.has_add_permission(request), quotas.has_view_or_change_permission(request)
 
-    @admin.display(description="email")
-    def email(self, user: Any) -> str:
-        return getattr(user, user.get_email_field_name(), "") or "—"
+    @admin.display(description="user", ordering=QuotaUser.USERNAME_FIELD)
+    def who(self, user: Any) -> str:
+        email = getattr(user, user.get_email_field_name(), "")
+        if not email:
+            return user.get_username()
+        return format_html(
+            '{}<br><span class="llmq-email" style="overflow-wrap:anywhere;font-size:.9em;'
+            'color:var(--body-quiet-color)">{}</span>',
+            user.get_username(), email,
+        )  # fmt: skip
 
     @admin.display(description="tier")
     def tier_name(self, user: Any) -> str:
         standing = user._standing
         if standing.tier is None:
             return "none"
-        return standing.tier.name if standing.quota else f"{standing.tier.name} (default)"
-
-    @admin.display(description="blocked", boolean=True)
-    def is_blocked(self, user: Any) -> bool:
-        quota = _quota_of(user)
-        return bool(quota and quota.blocked)
+        name = standing.tier.name if standing.quota else f"{standing.tier.name} (default)"
+        if standing.quota is not None and standing.quota.blocked:
+            return format_html("{}<br>{}", name, _BLOCKED)
+        return name
 
     @admin.display(description="user quota")
     def user_quota(self, user: Any) -> str:
@@ -582,12 +629,8 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
 
     # -- the user's page (read-only)
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
-        identity = _user_fields(
-            QuotaUser.USERNAME_FIELD, QuotaUser.get_email_field_name(), "first_name",
-            "last_name", "is_active",
-        )  # fmt: skip
         return (
-            (None, {"fields": identity}),
+            (None, {"fields": ("account",)}),
             ("LLM quota", {"fields": ("standing", "limits_in_effect")}),
             ("Live usage (Redis)", {"fields": ("live_usage",)}),
         )
@@ -602,6 +645,17 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
         if user is not None:
             user._quota_links = self._quota_links(request)
         return user
+
+    @admin.display(description="user")
+    def account(self, user: Any) -> str:
+        """Who this is, without the user model's fields (its password hash among them)."""
+        parts = [user.get_username()]
+        full_name = user.get_full_name() if hasattr(user, "get_full_name") else ""
+        email = getattr(user, user.get_email_field_name(), "")
+        parts += [p for p in (full_name, email) if p]
+        if not getattr(user, "is_active", True):
+            parts.append("inactive")
+        return " · ".join(parts)
 
     @admin.display(description="tier")
     def standing(self, user: Any) -> str:
@@ -630,10 +684,10 @@ def _quota_link(user: Any, quota: UserQuota | None, may_add: bool, may_view: boo
     """One click to a user's quota: open it, or create it with the user filled in."""
     if quota is not None and may_view:
         url = reverse("admin:llm_quota_userquota_change", args=[quota.pk])
-        return format_html('<a href="{}">Open user quota</a>', url)
+        return format_html('<a href="{}">Open</a>', url)
     if quota is None and may_add:
         url = reverse("admin:llm_quota_userquota_add") + f"?user={user.pk}"
-        return format_html('<a class="addlink" href="{}">Give a user quota</a>', url)
+        return format_html('<a class="addlink" href="{}">Add</a>', url)
     return ""
 
 
@@ -642,9 +696,8 @@ def _quota_link(user: Any, quota: UserQuota | None, may_add: bool, may_view: boo
 
 @admin.register(UserQuota)
 class UserQuotaAdmin(_LiveUsageColumns, admin.ModelAdmin):
-    list_display = (
-        "user", "tier", "blocked", "today", "this_month", "reserved", "remaining",
-    )  # fmt: skip
+    # What is reserved by calls in flight is on each quota's page.
+    list_display = ("user", "tier", "blocked_flag", "today", "this_month", "remaining")
     list_filter = ("tier", "blocked")
     list_select_related = ("user", "tier")
     raw_id_fields = ("user",)  # where the user model's admin cannot search (see below)
@@ -653,6 +706,11 @@ class UserQuotaAdmin(_LiveUsageColumns, admin.ModelAdmin):
 
     def _user_pk(self, quota: UserQuota) -> Any:
         return quota.user_id
+
+    @admin.display(description="blocked", ordering="blocked")
+    def blocked_flag(self, quota: UserQuota) -> str:
+        # Words, not Django's boolean icons: a green tick for "blocked" reads as fine.
+        return _BLOCKED if quota.blocked else ""
 
     def _quota(self, quota: UserQuota) -> UserQuota | None:
         return quota
@@ -670,16 +728,30 @@ class UserQuotaAdmin(_LiveUsageColumns, admin.ModelAdmin):
         user_admin = self.admin_site._registry.get(UserQuota._meta.get_field("user").related_model)
         return ["user"] if user_admin is not None and user_admin.search_fields else []
 
+    def get_fieldsets(self, request: HttpRequest, obj: UserQuota | None = None) -> Any:
+        fieldsets: list[Any] = [
+            (None, {"fields": ("user", "tier", "blocked")}),
+            ("Overrides of the tier's limits", {"fields": LIMIT_FIELDS}),
+        ]
+        if obj is not None:  # nothing to show before the row exists
+            fieldsets.append(("In effect", {"fields": ("limits_in_effect", "live_usage")}))
+        return fieldsets
+
+    def get_changeform_initial_data(self, request: HttpRequest) -> dict[str, Any]:
+        """The default tier, so giving a user their own quota is one click and a save
+        (``?user=`` from the users list fills in the user)."""
+        initial = super().get_changeform_initial_data(request)
+        default = default_tier()
+        if "tier" not in initial and default is not None:
+            initial["tier"] = default.pk
+        return initial
+
     @admin.display(description="limits in effect")
     def limits_in_effect(self, quota: UserQuota) -> Any:
-        if quota.pk is None:
-            return "Shown once saved: the tier's, unless overridden below."
         return _limits_table(_standing(quota, None))
 
     @admin.display(description="live usage (Redis)")
     def live_usage(self, quota: UserQuota) -> Any:
-        if quota.pk is None:
-            return "—"
         return _live_usage(quota.user_id, _standing(quota, None))
 
     # -- actions
@@ -805,11 +877,13 @@ def _run_age(run: dict[str, Any] | None) -> str:
 
 @admin.register(UsageSnapshot)
 class UsageSnapshotAdmin(admin.ModelAdmin):
-    list_display = (
-        "user", "period", "model", "requests", "input_tokens", "output_tokens",
-        "base_tokens", "cost", "updated_at",
-    )  # fmt: skip
-    list_filter = ("period", "model", ("user__llm_quota__tier", admin.RelatedOnlyFieldListFilter))
+    # Input and output tokens are on each row's page and in the CSV: with them the list
+    # does not fit 1280 px beside the sidebar and the filters.
+    list_display = ("user", "month", "model", "request_count", "base", "cost")
+    list_per_page = 50
+    # The month is chosen by the date hierarchy: a date filter ("past 7 days") means
+    # nothing for rows that each hold a month.
+    list_filter = ("model", ("user__llm_quota__tier", admin.RelatedOnlyFieldListFilter))
     list_select_related = ("user",)
     search_fields = ("user__username", "model")
     date_hierarchy = "period"
@@ -825,7 +899,19 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
-    @admin.display(description="cost (USD)")
+    @admin.display(description="month", ordering="period")
+    def month(self, row: UsageSnapshot) -> str:
+        return f"{row.period:%b %Y}"
+
+    @admin.display(description="requests", ordering="requests")
+    def request_count(self, row: UsageSnapshot) -> str:
+        return f"{row.requests:,}"
+
+    @admin.display(description="base tokens", ordering="base_tokens")
+    def base(self, row: UsageSnapshot) -> str:
+        return f"{row.base_tokens:,}"
+
+    @admin.display(description="cost (USD)", ordering="base_tokens")
     def cost(self, row: UsageSnapshot) -> str:
         return str(cost_usd(row.base_tokens))
 

@@ -134,9 +134,10 @@ class ModelPriceForm(forms.ModelForm):
     ``llm_quota_load_prices`` rounds it (never under-charging). A USD price left as it
     was leaves its multiplier to the multiplier field, for who edits that directly."""
 
-    input_usd = _usd_field(_("input, USD per 1M tokens"))
-    output_usd = _usd_field(_("output, USD per 1M tokens"))
-    cached_input_usd = _usd_field(_("cached input, USD per 1M tokens"))
+    # Labelled short: the fieldset's title says "USD per 1M tokens".
+    input_usd = _usd_field(_("Input"))
+    output_usd = _usd_field(_("Output"))
+    cached_input_usd = _usd_field(_("Cached input"))
 
     class Meta:
         model = ModelPrice

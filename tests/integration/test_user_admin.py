@@ -28,7 +28,7 @@ def users_url(**query):
 def listed(page) -> set[str]:
     """The usernames in a change list's rows."""
     text = page.content.decode()
-    return set(re.findall(r'<th class="field-__str__"><a [^>]*>([^<]+)</a>', text))
+    return set(re.findall(r'<th class="field-who"><a [^>]*>([^<]+)(?:<br>|</a>)', text))
 
 
 @pytest.fixture
@@ -84,6 +84,7 @@ def test_a_users_page_shows_which_limits_are_the_tiers_and_which_their_own(admin
     text = admin_client.get(
         reverse("admin:llm_quota_quotauser_change", args=[bob.pk])
     ).content.decode()
+    assert "bob · bob@corp.example" in text
     assert "<td>50</td><td>this user’s override</td>" in text  # tokens per day
     assert "<td>1,000,000</td><td>from the tier pro</td>" in text  # tokens per month
     assert "pw-123456" not in text and "md5$" not in text  # no password, nor its hash
@@ -99,6 +100,11 @@ def test_one_click_gives_a_user_without_a_quota_their_own(admin_client, people):
     assert add in text and add in admin_client.get(users_url()).content.decode()
     form = admin_client.get(add).content.decode()
     assert f'<option value="{alice.pk}" selected>alice</option>' in form
+    free = people["free"]
+    assert f'<option value="{free.pk}" selected>free</option>' in form  # the default tier
+    response = admin_client.post(add, {"user": alice.pk, "tier": free.pk})
+    assert response.status_code == 302
+    assert UserQuota.objects.get(user=alice).tier == free
 
 
 def test_the_user_field_searches_users_as_you_type(admin_client, people):
