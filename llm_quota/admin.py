@@ -16,7 +16,8 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
-from django.core.exceptions import PermissionDenied
+from django.contrib.admin.options import IncorrectLookupParameters
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.db.models import (
     BigIntegerField,
@@ -424,7 +425,10 @@ def _live_usage(user_pk: Any, standing: _Standing) -> str:
         ("This month", _usage_bar("This month", live.tokens_this_month, budget, soft)),
         ("Used this month (incl. reserved)", f"{live.tokens_this_month:,}"),
         ("The month's budget starts again in", human_duration((live.month_end_ms - now_ms) / 1000)),
-        ("Reserved by calls in flight", f"{live.reserved:,} ({live.in_flight} calls)"),
+        (
+            "Reserved by calls in flight",
+            f"{live.reserved:,} ({live.in_flight} call{'' if live.in_flight == 1 else 's'})",
+        ),
         ("Monthly budget", "unlimited" if budget is None else f"{budget:,}"),
         ("Remaining", _left_of(budget, live)),
         ("Settled cost this month", f"${cost_usd(live.settled_this_month)}"),
@@ -466,9 +470,13 @@ class _TierFilter(admin.SimpleListFilter):
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         if not self.value():
             return queryset
+        try:
+            pk = Tier._meta.pk.to_python(self.value())
+        except ValidationError as exc:  # the change list says so instead of a 500
+            raise IncorrectLookupParameters(exc) from exc
         default = default_tier()
-        match = Q(llm_quota__tier_id=self.value())
-        if default is not None and str(default.pk) == self.value():
+        match = Q(llm_quota__tier_id=pk)
+        if default is not None and default.pk == pk:
             match |= Q(llm_quota__isnull=True)
         return queryset.filter(match)
 

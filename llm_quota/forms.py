@@ -49,12 +49,18 @@ def validate_model_pattern(pattern: str) -> None:
 
 class TierForm(forms.ModelForm):
     upgrade_url = forms.URLField(
-        label=_("upgrade URL"), required=False, assume_scheme="https", max_length=200
+        label=_("Upgrade URL"), required=False, assume_scheme="https", max_length=200
     )
 
     class Meta:
         model = Tier
         fields = "__all__"
+        help_texts = {
+            "soft_limit_percent": _(
+                "The share of the monthly budget past which the soft_limit_crossed signal "
+                "(and the alert webhook) fires, once a month, and the admin's bars turn amber."
+            ),
+        }
 
     def clean_allowed_models(self) -> str:
         text = self.cleaned_data.get("allowed_models", "")

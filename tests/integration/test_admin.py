@@ -128,7 +128,7 @@ def test_quota_list_shows_live_usage_from_redis(admin_client, setup):
     # Used this month, reservations included; what remains.
     assert 'aria-label="This month: 550 of 1,000 base tokens (55%)"' in page
     assert '<td class="field-remaining">450</td>' in page
-    assert "<td>50 (1 calls)</td>" in detail.content.decode()  # reserved
+    assert "<td>50 (1 call)</td>" in detail.content.decode()  # reserved
     held.release()
 
 

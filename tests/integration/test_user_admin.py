@@ -123,6 +123,8 @@ def test_filters_blocked_tier_and_the_months_budget(admin_client, people, ledger
     # The default tier's users include those without a user quota.
     assert listed(admin_client.get(users_url(tier=people["free"].pk))) >= {"alice", "carol"}
     assert listed(admin_client.get(users_url(tier=people["pro"].pk))) == {"bob"}
+    for bad in ({"tier": "abc"}, {"tier": "99999"}, {"month_budget": "x"}, {"blocked": "x"}):
+        assert admin_client.get(users_url(**bad)).status_code in (200, 302)  # never a 500
 
     spend(people["alice"], 200, 200)  # 1000 of 10,000: under the soft limit (80%)
     carol = UserQuota.objects.get(user=people["carol"])
