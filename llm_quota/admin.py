@@ -17,6 +17,7 @@ from typing import Any
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.db.models import (
@@ -496,6 +497,10 @@ class _BlockedFilter(admin.SimpleListFilter):
         return queryset
 
 
+def _big(value: int | None) -> Value:
+    return Value(value, output_field=BigIntegerField())
+
+
 class _MonthBudgetFilter(admin.SimpleListFilter):
     """Users past their tier's soft limit (the threshold of the ``soft_limit_crossed``
     alert, ``quota/alerts.py``) or with the month's budget used up.
@@ -521,25 +526,24 @@ class _MonthBudgetFilter(admin.SimpleListFilter):
             .annotate(total=Sum("base_tokens"))
             .values("total")
         )
-        big = BigIntegerField()
         budget = Case(
-            When(llm_quota__isnull=True, then=Value(default_budget, output_field=big)),
-            When(llm_quota__tokens_per_month=UNLIMITED, then=Value(None, output_field=big)),
+            When(llm_quota__isnull=True, then=_big(default_budget)),
+            When(llm_quota__tokens_per_month=UNLIMITED, then=_big(None)),
             When(llm_quota__tokens_per_month__isnull=False, then=F("llm_quota__tokens_per_month")),
             default=F("llm_quota__tier__tokens_per_month"),
-            output_field=big,
+            output_field=BigIntegerField(),
         )
         if self.value() == "used_up":
-            percent: Any = Value(100, output_field=big)
+            percent: Any = _big(100)
         else:
             percent = Case(
-                When(llm_quota__isnull=True, then=Value(default_soft, output_field=big)),
+                When(llm_quota__isnull=True, then=_big(default_soft)),
                 default=F("llm_quota__tier__soft_limit_percent"),
-                output_field=big,
+                output_field=BigIntegerField(),
             )
         return (
             queryset.annotate(
-                llmq_used=Coalesce(Subquery(used, output_field=big), 0) * 100,
+                llmq_used=Coalesce(Subquery(used, output_field=BigIntegerField()), 0) * 100,
                 llmq_threshold=budget * percent,
             )
             .filter(llmq_threshold__isnull=False)
@@ -733,7 +737,7 @@ class UserQuotaAdmin(_LiveUsageColumns, admin.ModelAdmin):
     def get_autocomplete_fields(self, request: HttpRequest) -> list[str]:
         """Type to find the user, where the project's user admin can search (Django's
         ``UserAdmin`` can); else the raw id box with its lookup popup."""
-        user_admin = self.admin_site._registry.get(UserQuota._meta.get_field("user").related_model)
+        user_admin = self.admin_site._registry.get(get_user_model())
         return ["user"] if user_admin is not None and user_admin.search_fields else []
 
     def get_fieldsets(self, request: HttpRequest, obj: UserQuota | None = None) -> Any:

@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from django import forms
+from django.utils.functional import Promise
 from django.utils.translation import gettext_lazy as _
 
 from llm_quota.conf import quota_settings
@@ -126,7 +127,7 @@ USD_FIELDS = {
 _MAX_MULTIPLIER = Decimal("999999.999999")
 
 
-def _usd_field(label: str) -> forms.DecimalField:
+def _usd_field(label: str | Promise) -> forms.DecimalField:
     return forms.DecimalField(
         label=label, required=False, min_value=Decimal("0"), decimal_places=10,
         max_digits=22, widget=forms.NumberInput(attrs={"step": "any"}),
@@ -159,7 +160,8 @@ class ModelPriceForm(forms.ModelForm):
                 self.initial[usd] = usd_per_million(Decimal(value))
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data  # what ModelForm.clean returns
         for usd_name, stored_name in USD_FIELDS.items():
             usd = cleaned.get(usd_name)
             if usd is None or usd_name not in self.changed_data:

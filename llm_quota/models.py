@@ -241,7 +241,7 @@ class QuotaUser(get_user_model()):  # type: ignore[misc]
     Its own plain manager keeps its migration the same whatever user model the project
     has (the user model's manager, ``use_in_migrations``, would be copied into it)."""
 
-    objects = models.Manager()
+    objects: models.Manager[QuotaUser] = models.Manager()
 
     class Meta:
         proxy = True
