@@ -11,16 +11,18 @@ from __future__ import annotations
 import fnmatch
 import re
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django import forms
-from django.utils.functional import Promise
 from django.utils.translation import gettext_lazy as _
 
 from llm_quota.conf import quota_settings
 from llm_quota.ledger.keys import is_valid_model_name
 from llm_quota.management.price_file import multiplier
 from llm_quota.models import ModelPrice, Tier
+
+if TYPE_CHECKING:
+    from django_stubs_ext import StrOrPromise  # a lazy translation or a str
 
 # What may appear in a model name (keys.py), plus fnmatch's own syntax.
 _PATTERN_CHARS = re.compile(r"[A-Za-z0-9._:/@+*?\[\]!-]+")
@@ -127,7 +129,7 @@ USD_FIELDS = {
 _MAX_MULTIPLIER = Decimal("999999.999999")
 
 
-def _usd_field(label: str | Promise) -> forms.DecimalField:
+def _usd_field(label: StrOrPromise) -> forms.DecimalField:
     return forms.DecimalField(
         label=label, required=False, min_value=Decimal("0"), decimal_places=10,
         max_digits=22, widget=forms.NumberInput(attrs={"step": "any"}),
