@@ -177,3 +177,21 @@ def test_a_share_reads_the_same_on_the_list_and_the_report(admin_client, people,
     assert "(99%)" in report and '<td class="num">99%</td>' in report
     assert "(100%)" not in report and ">100%<" not in report
     assert f'href="{users_url()}?q={dave.username}"' in report
+
+
+def test_without_a_searchable_user_admin_the_user_field_falls_back_to_the_id_box(
+    admin_client, people, monkeypatch
+):
+    """A project that does not register a user admin (or one with no search_fields)
+    still gets a working form: Django's autocomplete would fail its system check."""
+    from django.contrib import admin
+
+    monkeypatch.delitem(admin.site._registry, get_user_model())
+    form = admin_client.get(reverse("admin:llm_quota_userquota_add")).content.decode()
+    assert "admin-autocomplete" not in form and '<input type="text" name="user"' in form
+
+
+def test_the_tier_form_says_what_the_soft_limit_does(admin_client, people):
+    url = reverse("admin:llm_quota_tier_change", args=[people["free"].pk])
+    text = admin_client.get(url).content.decode()
+    assert "soft_limit_crossed signal" in text and "Upgrade URL" in text
