@@ -571,6 +571,7 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
     list_display = ("who", "tier_name", "today", "this_month", "user_quota")
     list_display_links = ("who",)
     list_filter = (_TierFilter, _BlockedFilter, _MonthBudgetFilter)
+    search_help_text = "Search by username, email or name."
     list_select_related = ("llm_quota__tier",)
     list_per_page = 50
 
@@ -711,6 +712,9 @@ class UserQuotaAdmin(_LiveUsageColumns, admin.ModelAdmin):
     # What is reserved by calls in flight is on each quota's page.
     list_display = ("user", "tier", "blocked_flag", "today", "this_month", "remaining")
     list_filter = ("tier", "blocked")
+    search_help_text = (
+        "Search by username or email. All users, with or without a user quota, are under Users."
+    )
     list_select_related = ("user", "tier")
     raw_id_fields = ("user",)  # where the user model's admin cannot search (see below)
     readonly_fields = ("limits_in_effect", "live_usage")

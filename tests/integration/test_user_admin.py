@@ -195,3 +195,12 @@ def test_the_tier_form_says_what_the_soft_limit_does(admin_client, people):
     url = reverse("admin:llm_quota_tier_change", args=[people["free"].pk])
     text = admin_client.get(url).content.decode()
     assert "soft_limit_crossed signal" in text and "Upgrade URL" in text
+
+
+def test_the_user_quota_list_leads_to_every_user(admin_client, people):
+    """It lists only users with a row: "0 user quotas" must not look like "no users"."""
+    UserQuota.objects.all().delete()
+    text = admin_client.get(reverse("admin:llm_quota_userquota_changelist")).content.decode()
+    assert f'href="{users_url()}">All users</a>' in text
+    assert "All users, with or without a user quota, are under Users." in text
+    assert "Search by username, email or name." in admin_client.get(users_url()).content.decode()
