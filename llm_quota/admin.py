@@ -52,14 +52,14 @@ from llm_quota.models import (
     Tier,
     UsageSnapshot,
     UserQuota,
-    overridden,
 )
 from llm_quota.reporting import charts, snapshot_totals
+from llm_quota.reporting.bars import usage_bar
 from llm_quota.reporting.cost import cost_usd
 from llm_quota.reporting.snapshot import last_run, snapshot_users
 from llm_quota.reporting.snapshot_csv import csv_rows
 from llm_quota.rules.periods import add_months, first_day
-from llm_quota.rules.policy import default_tier
+from llm_quota.rules.policy import default_tier, limits_in_effect
 
 # -- tiers and prices ------------------------------------------------------------------
 
@@ -255,12 +255,9 @@ class _Standing:
 
 def _standing(quota: UserQuota | None, default: Tier | None) -> _Standing:
     """What ``rules.policy`` decides with, read from rows already loaded: the quota's
-    tier and overrides, else the default tier (``models.overridden``)."""
+    tier and overrides, else the default tier (``policy.limits_in_effect``)."""
     tier = quota.tier if quota is not None else default
-    limits = {
-        name: overridden(getattr(tier, name, None), None if quota is None else getattr(quota, name))
-        for name in LIMIT_FIELDS
-    }
+    limits = limits_in_effect(tier, quota)
     return _Standing(tier, quota, limits)
 
 
@@ -270,34 +267,6 @@ _BLOCKED = format_html('<strong style="color:var(--error-fg, #ba2121)">{}</stron
 def _quota_of(user: Any) -> UserQuota | None:
     # A missing reverse one-to-one raises RelatedObjectDoesNotExist, an AttributeError.
     return getattr(user, "llm_quota", None)
-
-
-_GREEN, _AMBER, _RED = "#009E73", "#E69F00", "#D55E00"  # Okabe-Ito, as the charts
-
-
-def _usage_bar(label: str, used: int, budget: int | None, soft_percent: int) -> str:
-    """A budget's use as a bar: HTML and CSS only, its figures in words for screen
-    readers and a tooltip. Percent is rounded down everywhere, so 99.6% reads 99%
-    while the user can still spend, and 100% means refused."""
-    if budget is None:
-        words = f"{label}: {used:,} base tokens, no budget"
-        return format_html(
-            '<span class="llmq-bar llmq-unlimited" title="{}" style="white-space:nowrap">'
-            "{} · no limit</span>",
-            words, f"{used:,}",
-        )  # fmt: skip
-    percent = 100 * used // budget
-    color = _RED if used >= budget else _AMBER if 100 * used >= budget * soft_percent else _GREEN
-    words = f"{label}: {used:,} of {budget:,} base tokens ({percent}%)"
-    return format_html(
-        '<span class="llmq-bar" role="img" aria-label="{}" title="{}" style="display:inline-flex;'
-        'align-items:center;gap:6px;white-space:nowrap">'
-        '<span style="display:inline-block;width:64px;height:8px;border-radius:4px;'
-        'overflow:hidden;background:rgba(127,127,127,.25)">'
-        '<span style="display:block;height:100%;width:{}%;background:{}"></span></span>'
-        "<span>{}%</span></span>",
-        words, words, min(100, percent), color, percent,
-    )  # fmt: skip
 
 
 class _LiveUsageColumns:
@@ -339,7 +308,7 @@ class _LiveUsageColumns:
         live, standing = self._live(obj), obj._standing
         if live is None or standing.tier is None:
             return "—"
-        return _usage_bar(
+        return usage_bar(
             "Today", live.tokens_today, standing.limits["tokens_per_day"],
             standing.tier.soft_limit_percent,
         )  # fmt: skip
@@ -349,7 +318,7 @@ class _LiveUsageColumns:
         live, standing = self._live(obj), obj._standing
         if live is None or standing.tier is None:
             return "—"
-        return _usage_bar(
+        return usage_bar(
             "This month", live.tokens_this_month, standing.limits["tokens_per_month"],
             standing.tier.soft_limit_percent,
         )  # fmt: skip
@@ -420,10 +389,10 @@ def _live_usage(user_pk: Any, standing: _Standing) -> str:
     day_budget = standing.limits["tokens_per_day"]
     rows = [
         ("Period", f"{period:%B %Y}"),
-        ("Today", _usage_bar("Today", live.tokens_today, day_budget, soft)),
+        ("Today", usage_bar("Today", live.tokens_today, day_budget, soft)),
         ("Used today (incl. reserved)", f"{live.tokens_today:,}"),
         ("The day's budget starts again in", human_duration((live.day_end_ms - now_ms) / 1000)),
-        ("This month", _usage_bar("This month", live.tokens_this_month, budget, soft)),
+        ("This month", usage_bar("This month", live.tokens_this_month, budget, soft)),
         ("Used this month (incl. reserved)", f"{live.tokens_this_month:,}"),
         ("The month's budget starts again in", human_duration((live.month_end_ms - now_ms) / 1000)),
         (
