@@ -129,10 +129,10 @@ USD_FIELDS = {
 _MAX_MULTIPLIER = Decimal("999999.999999")
 
 
-def _usd_field(label: StrOrPromise) -> forms.DecimalField:
+def _usd_field(label: StrOrPromise, help_text: StrOrPromise = "") -> forms.DecimalField:
     return forms.DecimalField(
         label=label, required=False, min_value=Decimal("0"), decimal_places=10,
-        max_digits=22, widget=forms.NumberInput(attrs={"step": "any"}),
+        max_digits=22, widget=forms.NumberInput(attrs={"step": "any"}), help_text=help_text,
     )  # fmt: skip
 
 
@@ -146,7 +146,9 @@ class ModelPriceForm(forms.ModelForm):
     # Labelled short: the fieldset's title says "USD per 1M tokens".
     input_usd = _usd_field(_("Input"))
     output_usd = _usd_field(_("Output"))
-    cached_input_usd = _usd_field(_("Cached input"))
+    cached_input_usd = _usd_field(
+        _("Cached input"), _("Empty: cached input tokens cost the input price.")
+    )
 
     class Meta:
         model = ModelPrice

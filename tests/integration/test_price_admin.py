@@ -105,3 +105,4 @@ def test_the_form_explains_the_base_token_once_and_tucks_the_multipliers_away(ad
     assert text.count("A base token is the unit every budget counts in") == 1
     assert "USD per 1M tokens" in text
     assert "<details" in text and "Advanced" in text  # collapsed, no JS needed
+    assert "Empty: cached input tokens cost the input price." in text
