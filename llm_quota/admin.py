@@ -526,7 +526,8 @@ class _MonthBudgetFilter(admin.SimpleListFilter):
 def _user_fields(*candidates: str) -> list[str]:
     """The names among ``candidates`` that the project's user model has."""
     names = {f.name for f in QuotaUser._meta.get_fields()}
-    return [name for name in candidates if name in names]
+    # dict.fromkeys: once each, where USERNAME_FIELD is the email field too.
+    return [name for name in dict.fromkeys(candidates) if name in names]
 
 
 @admin.register(QuotaUser)
