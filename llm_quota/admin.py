@@ -323,11 +323,6 @@ class _LiveUsageColumns:
             standing.tier.soft_limit_percent,
         )  # fmt: skip
 
-    @admin.display(description="reserved")
-    def reserved(self, obj: Any) -> Any:
-        live = self._live(obj)
-        return "—" if live is None else f"{live.reserved:,}"
-
     @admin.display(description="left this month")
     def remaining(self, obj: Any) -> Any:
         live = self._live(obj)
