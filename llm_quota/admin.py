@@ -9,44 +9,99 @@ to one ``SNAPSHOT_INTERVAL``: the page says by how much.
 from __future__ import annotations
 
 import time
-from datetime import UTC, date, datetime, timedelta
+from dataclasses import dataclass
+from datetime import date
 from decimal import Decimal
 from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
-from django.core.exceptions import PermissionDenied
+from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.auth import get_user_model
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import (
+    BigIntegerField,
+    Case,
+    F,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
-from django.utils.timesince import timesince
 from redis.exceptions import LockError, RedisError
 
 from llm_quota.conf import quota_settings
-from llm_quota.forms import ModelPriceForm, TierForm
+from llm_quota.durations import human_duration
+from llm_quota.forms import ModelPriceForm, TierForm, base_token_usd, usd_per_million
 from llm_quota.ledger.default import get_ledger
 from llm_quota.ledger.replies import UserUsage
-from llm_quota.models import ModelPrice, Tier, UsageSnapshot, UserQuota
+from llm_quota.models import (
+    LIMIT_FIELDS,
+    UNLIMITED,
+    ModelPrice,
+    QuotaUser,
+    Tier,
+    UsageSnapshot,
+    UserQuota,
+)
 from llm_quota.reporting import charts, snapshot_totals
+from llm_quota.reporting.bars import usage_bar
 from llm_quota.reporting.cost import cost_usd
 from llm_quota.reporting.snapshot import last_run, snapshot_users
 from llm_quota.reporting.snapshot_csv import csv_rows
 from llm_quota.rules.periods import add_months, first_day
+from llm_quota.rules.policy import default_tier, limits_in_effect
 
 # -- tiers and prices ------------------------------------------------------------------
+
+
+def _amount(value: int | None) -> str:
+    """A limit as the admin shows every figure: thousands separated, None unlimited."""
+    return "unlimited" if value is None else f"{value:,}"
 
 
 @admin.register(Tier)
 class TierAdmin(admin.ModelAdmin):
     form = TierForm
     list_display = (
-        "name", "requests_per_minute", "tokens_per_minute", "tokens_per_day",
-        "tokens_per_month", "max_concurrent_requests", "soft_limit_percent", "is_default",
+        "name", "rpm", "tpm", "tpd", "tokens_month", "concurrent", "soft_limit", "is_default",
     )  # fmt: skip
     search_fields = ("name",)
+
+    # Short headings and thousands separators: the list fits 1280 px beside the sidebar.
+    @admin.display(description="requests / min", ordering="requests_per_minute")
+    def rpm(self, tier: Tier) -> str:
+        return _amount(tier.requests_per_minute)
+
+    @admin.display(description="tokens / min", ordering="tokens_per_minute")
+    def tpm(self, tier: Tier) -> str:
+        return _amount(tier.tokens_per_minute)
+
+    @admin.display(description="tokens / day", ordering="tokens_per_day")
+    def tpd(self, tier: Tier) -> str:
+        return _amount(tier.tokens_per_day)
+
+    @admin.display(description="tokens / month", ordering="tokens_per_month")
+    def tokens_month(self, tier: Tier) -> str:
+        return _amount(tier.tokens_per_month)
+
+    @admin.display(description="concurrent", ordering="max_concurrent_requests")
+    def concurrent(self, tier: Tier) -> str:
+        return _amount(tier.max_concurrent_requests)
+
+    @admin.display(description="soft limit", ordering="soft_limit_percent")
+    def soft_limit(self, tier: Tier) -> str:
+        return f"{tier.soft_limit_percent}%"
+
     fieldsets = (
         (None, {"fields": ("name", "is_default", "scopes")}),
         (
@@ -109,183 +164,576 @@ class TierAdmin(admin.ModelAdmin):
         super().delete_queryset(request, queryset.exclude(pk__in=kept.values("pk")))
 
 
-def _usd_per_million(multiplier: Decimal | None) -> str:
-    """A multiplier as dollars per million tokens (multiplier x the base token's price)."""
-    if multiplier is None:
-        return "—"
-    rate = Decimal(str(quota_settings.BASE_TOKEN_USD_PER_MILLION))
-    return f"${(Decimal(multiplier) * rate).normalize():,f}"
+def _usd_per_million(stored: Decimal | None) -> str:
+    """A multiplier as dollars per million tokens, for the list."""
+    return "—" if stored is None else f"${usd_per_million(stored):,f}"
 
 
 @admin.register(ModelPrice)
 class ModelPriceAdmin(admin.ModelAdmin):
-    """Prices are stored as multipliers of one *base token*, the unit every budget
-    counts in; the list and the form show them in USD per million tokens too."""
+    """Prices are entered and listed in USD per million tokens; they are stored as
+    multipliers of one *base token*, the unit every budget counts in, which the form
+    keeps under "Advanced"."""
 
     form = ModelPriceForm
     list_display = (
-        "model", "input_usd", "output_usd", "input_multiplier", "output_multiplier",
-        "cached_input_multiplier", "default_max_output_tokens", "context_window",
-        "output_cap_field", "enabled",
+        "model", "input_usd", "output_usd", "cached_input_usd", "max_output", "window", "enabled",
     )  # fmt: skip
-    list_filter = ("enabled",)
     search_fields = ("model",)
 
-    @admin.display(description="input, USD / 1M tokens", ordering="input_multiplier")
+    def get_fieldsets(self, request: HttpRequest, obj: ModelPrice | None = None) -> Any:
+        rate = base_token_usd()
+        base = (
+            f"A base token is the unit every budget counts in; a million of them cost "
+            f"${rate:f} (BASE_TOKEN_USD_PER_MILLION). The price you enter here is stored as "
+            "base tokens per token (the multiplier), rounded up to six places."
+        )
+        return (
+            (None, {"fields": ("model", "enabled")}),
+            (
+                "Price, USD per 1M tokens",
+                {"fields": (("input_usd", "output_usd", "cached_input_usd"),), "description": base},
+            ),
+            (
+                "Counting",
+                {
+                    "fields": (
+                        "encoding",
+                        "default_max_output_tokens",
+                        "context_window",
+                        "output_cap_field",
+                    )
+                },
+            ),  # fmt: skip
+            (
+                "Advanced: multipliers (base tokens per token)",
+                {
+                    "classes": ("collapse",),
+                    "fields": (
+                        ("input_multiplier", "output_multiplier", "cached_input_multiplier"),
+                    ),
+                    "description": "Used where the USD price above is left as it was.",
+                },
+            ),
+        )
+
+    @admin.display(description="input, USD / 1M", ordering="input_multiplier")
     def input_usd(self, price: ModelPrice) -> str:
         return _usd_per_million(price.input_multiplier)
 
-    @admin.display(description="output, USD / 1M tokens", ordering="output_multiplier")
+    @admin.display(description="output, USD / 1M", ordering="output_multiplier")
     def output_usd(self, price: ModelPrice) -> str:
         return _usd_per_million(price.output_multiplier)
 
-    def get_form(
-        self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
-    ) -> Any:
-        form = super().get_form(request, obj, change, **kwargs)
-        rate = quota_settings.BASE_TOKEN_USD_PER_MILLION
-        base = (
-            f"A base token is the unit every budget counts in; a million of them cost "
-            f"${rate} (BASE_TOKEN_USD_PER_MILLION). A multiplier of 1 is ${rate} per million "
-            "tokens, 4 is four times that."
-        )
-        for name in ("input_multiplier", "output_multiplier", "cached_input_multiplier"):
-            field = form.base_fields.get(name)
-            if field is None:
-                continue
-            now = (
-                "" if obj is None else f" Now: {_usd_per_million(getattr(obj, name))} per million."
-            )
-            field.help_text = f"{base}{now}"
-        return form
+    @admin.display(description="cached input, USD / 1M", ordering="cached_input_multiplier")
+    def cached_input_usd(self, price: ModelPrice) -> str:
+        return _usd_per_million(price.cached_input_multiplier)
+
+    @admin.display(description="default max output", ordering="default_max_output_tokens")
+    def max_output(self, price: ModelPrice) -> str:
+        return f"{price.default_max_output_tokens:,}"
+
+    @admin.display(description="context window", ordering="context_window")
+    def window(self, price: ModelPrice) -> str:
+        return "—" if price.context_window is None else f"{price.context_window:,}"
 
 
-# -- quotas with live usage -------------------------------------------------------------
+# -- every user's standing and live usage ------------------------------------------------
+#
+# Two lists share these columns: user quotas (the users with a row) and users (every
+# user, a proxy of the user model). A user without a row is on the default tier.
+
+
+@dataclass(frozen=True)
+class _Standing:
+    """A user's tier, their quota row if any, and each limit in effect (None: unlimited)."""
+
+    tier: Tier | None
+    quota: UserQuota | None
+    limits: dict[str, int | None]
+
+
+def _standing(quota: UserQuota | None, default: Tier | None) -> _Standing:
+    """What ``rules.policy`` decides with, read from rows already loaded: the quota's
+    tier and overrides, else the default tier (``policy.limits_in_effect``)."""
+    tier = quota.tier if quota is not None else default
+    limits = limits_in_effect(tier, quota)
+    return _Standing(tier, quota, limits)
+
+
+_BLOCKED = format_html('<strong style="color:var(--error-fg, #ba2121)">{}</strong>', "blocked")
+
+
+def _quota_of(user: Any) -> UserQuota | None:
+    # A missing reverse one-to-one raises RelatedObjectDoesNotExist, an AttributeError.
+    return getattr(user, "llm_quota", None)
+
+
+class _LiveUsageColumns:
+    """The live columns of a change list: every row's counters come from Redis in one
+    pipelined round trip per page (``Ledger.usage_many``), and its limits from rows
+    the page already loaded. Subclasses say how a row names its user and quota."""
+
+    def _user_pk(self, obj: Any) -> Any:
+        raise NotImplementedError
+
+    def _quota(self, obj: Any) -> UserQuota | None:
+        raise NotImplementedError
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        response = super().changelist_view(request, extra_context)  # type: ignore[misc]
+        context = getattr(response, "context_data", None) or {}
+        cl = context.get("cl")
+        if cl is not None:
+            rows = list(cl.result_list)
+            try:
+                live = get_ledger().usage_many([self._user_pk(row) for row in rows])
+            except RedisError as exc:
+                self.message_user(  # type: ignore[attr-defined]
+                    request, f"Redis is unavailable: {exc}", messages.ERROR
+                )
+                live = {}
+            default = default_tier()
+            for row in rows:
+                row._live = live.get(str(self._user_pk(row)))
+                row._standing = _standing(self._quota(row), default)
+        return response
+
+    @staticmethod
+    def _live(obj: Any) -> UserUsage | None:
+        return getattr(obj, "_live", None)
+
+    @admin.display(description="today")
+    def today(self, obj: Any) -> Any:
+        live, standing = self._live(obj), obj._standing
+        if live is None or standing.tier is None:
+            return "—"
+        return usage_bar(
+            "Today", live.tokens_today, standing.limits["tokens_per_day"],
+            standing.tier.soft_limit_percent,
+        )  # fmt: skip
+
+    @admin.display(description="this month")
+    def this_month(self, obj: Any) -> Any:
+        live, standing = self._live(obj), obj._standing
+        if live is None or standing.tier is None:
+            return "—"
+        return usage_bar(
+            "This month", live.tokens_this_month, standing.limits["tokens_per_month"],
+            standing.tier.soft_limit_percent,
+        )  # fmt: skip
+
+    @admin.display(description="left this month")
+    def remaining(self, obj: Any) -> Any:
+        live = self._live(obj)
+        if live is None:
+            return "—"
+        return _left_of(obj._standing.limits["tokens_per_month"], live)
 
 
 def _left_of(budget: int | None, live: UserUsage) -> str:
     return "unlimited" if budget is None else f"{max(0, budget - live.tokens_this_month):,}"
 
 
-def _share_of(budget: int, live: UserUsage) -> float:
-    """Percent of the monthly budget used (reserved tokens included)."""
-    return 100.0 * live.tokens_this_month / budget
+_LIMIT_NAMES = {
+    "requests_per_minute": "Requests per minute",
+    "tokens_per_minute": "Tokens per minute",
+    "tokens_per_day": "Tokens per day",
+    "tokens_per_month": "Tokens per month",
+    "max_concurrent_requests": "Concurrent requests",
+    "max_tokens_per_request": "Tokens per request",
+}
 
 
-def _percent_bar(percent: float) -> str:
-    color = "#D55E00" if percent >= 100 else "#E69F00" if percent >= 80 else "#009E73"
+def _limits_table(standing: _Standing) -> str:
+    """Each limit in effect and where it comes from: the tier, or this user's override."""
+    if standing.tier is None:
+        return "No tier applies: no tier is marked default and DEFAULT_TIER names none."
+    rows = []
+    for name in LIMIT_FIELDS:
+        value = standing.limits[name]
+        own = standing.quota is not None and getattr(standing.quota, name) is not None
+        source = "this user’s override" if own else f"from the tier {standing.tier.name}"
+        rows.append((_LIMIT_NAMES[name], "unlimited" if value is None else f"{value:,}", source))
     return format_html(
-        '<span title="{}%" style="display:inline-block;width:80px;height:8px;'
-        'background:rgba(127,127,127,.25);vertical-align:middle">'
-        '<span style="display:block;height:8px;width:{}px;background:{}"></span></span> {}%',
-        f"{percent:.1f}", min(80, round(percent * 0.8)), color, f"{percent:.0f}",
+        '<table class="llmq-limits"><thead><tr><th>Limit</th><th>In effect</th><th>Set by</th>'
+        "</tr></thead><tbody>{}</tbody></table>",
+        format_html_join("", "<tr><th>{}</th><td>{}</td><td>{}</td></tr>", rows),
+    )
+
+
+def _live_usage(user_pk: Any, standing: _Standing) -> str:
+    """The user's counters from Redis, as bars and figures, and what of them the
+    database already holds (the durability window)."""
+    ledger = get_ledger()
+    try:
+        live = ledger.usage(user_pk)
+        now_ms = ledger.now_ms()
+        run = last_run()
+    except RedisError as exc:
+        return f"Redis is unavailable: {exc}"
+    budget = standing.limits["tokens_per_month"]
+    soft = standing.tier.soft_limit_percent if standing.tier is not None else 100
+    period = first_day(live.month)
+    stored = sum(
+        UsageSnapshot.objects.filter(user_id=user_pk, period=period).values_list(
+            "base_tokens", flat=True
+        )
+    )
+    at_risk = max(0, live.settled_this_month - stored)
+    day_budget = standing.limits["tokens_per_day"]
+    rows = [
+        ("Period", f"{period:%B %Y}"),
+        ("Today", usage_bar("Today", live.tokens_today, day_budget, soft)),
+        ("Used today (incl. reserved)", f"{live.tokens_today:,}"),
+        ("The day's budget starts again in", human_duration((live.day_end_ms - now_ms) / 1000)),
+        ("This month", usage_bar("This month", live.tokens_this_month, budget, soft)),
+        ("Used this month (incl. reserved)", f"{live.tokens_this_month:,}"),
+        ("The month's budget starts again in", human_duration((live.month_end_ms - now_ms) / 1000)),
+        (
+            "Reserved by calls in flight",
+            f"{live.reserved:,} ({live.in_flight} call{'' if live.in_flight == 1 else 's'})",
+        ),
+        ("Monthly budget", "unlimited" if budget is None else f"{budget:,}"),
+        ("Remaining", _left_of(budget, live)),
+        ("Settled cost this month", f"${cost_usd(live.settled_this_month)}"),
+        ("Settled, in the last snapshot", f"{stored:,}"),
+        ("Not yet snapshotted (lost if Redis loses its data now)", f"{at_risk:,}"),
+        ("Last snapshot run", _run_age(run)),
+    ]
+    models = format_html_join(
+        "", "<li>{}: {} requests, {} in / {} out, {} base tokens</li>",
+        (
+            (m.model, f"{m.requests:,}", f"{m.input_tokens:,}", f"{m.output_tokens:,}",
+             f"{m.base_tokens:,}")
+            for m in live.by_model
+        ),
     )  # fmt: skip
+    return format_html(
+        '<table class="llmq-live">{}</table><ul>{}</ul>',
+        format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows),
+        models or "no settled usage this month",
+    )
+
+
+# -- every user: filters ----------------------------------------------------------------
+
+
+class _TierFilter(admin.SimpleListFilter):
+    """By tier; the default tier's users include everyone without a user quota."""
+
+    title = "tier"
+    parameter_name = "tier"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        default = default_tier()
+        return [
+            (str(t.pk), f"{t.name} (default)" if default and t.pk == default.pk else t.name)
+            for t in Tier.objects.order_by("name")
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if not self.value():
+            return queryset
+        try:
+            pk = Tier._meta.pk.to_python(self.value())
+        except ValidationError as exc:  # the change list says so instead of a 500
+            raise IncorrectLookupParameters(exc) from exc
+        default = default_tier()
+        match = Q(llm_quota__tier_id=pk)
+        if default is not None and default.pk == pk:
+            match |= Q(llm_quota__isnull=True)
+        return queryset.filter(match)
+
+
+class _BlockedFilter(admin.SimpleListFilter):
+    title = "blocked"
+    parameter_name = "blocked"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "Yes"), ("no", "No")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() == "yes":
+            return queryset.filter(llm_quota__blocked=True)
+        if self.value() == "no":
+            return queryset.filter(Q(llm_quota__isnull=True) | Q(llm_quota__blocked=False))
+        return queryset
+
+
+def _big(value: int | None) -> Value:
+    return Value(value, output_field=BigIntegerField())
+
+
+class _MonthBudgetFilter(admin.SimpleListFilter):
+    """Users past their tier's soft limit (the threshold of the ``soft_limit_crossed``
+    alert, ``quota/alerts.py``) or with the month's budget used up.
+
+    Read from this month's snapshots, in SQL, so it scales with the user table rather
+    than with Redis round trips; it lags Redis by at most one ``SNAPSHOT_INTERVAL``."""
+
+    title = "this month's budget (last snapshot)"
+    parameter_name = "month_budget"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("soft", "Past the soft limit"), ("used_up", "Used up")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() not in ("soft", "used_up"):
+            return queryset
+        default = default_tier()
+        default_budget = None if default is None else default.tokens_per_month
+        default_soft = 100 if default is None else default.soft_limit_percent
+        used = (
+            UsageSnapshot.objects.filter(user=OuterRef("pk"), period=_current_period())
+            .values("user")
+            .annotate(total=Sum("base_tokens"))
+            .values("total")
+        )
+        budget = Case(
+            When(llm_quota__isnull=True, then=_big(default_budget)),
+            When(llm_quota__tokens_per_month=UNLIMITED, then=_big(None)),
+            When(llm_quota__tokens_per_month__isnull=False, then=F("llm_quota__tokens_per_month")),
+            default=F("llm_quota__tier__tokens_per_month"),
+            output_field=BigIntegerField(),
+        )
+        if self.value() == "used_up":
+            percent: Any = _big(100)
+        else:
+            percent = Case(
+                When(llm_quota__isnull=True, then=_big(default_soft)),
+                default=F("llm_quota__tier__soft_limit_percent"),
+                output_field=BigIntegerField(),
+            )
+        return (
+            queryset.annotate(
+                llmq_used=Coalesce(Subquery(used, output_field=BigIntegerField()), 0) * 100,
+                llmq_threshold=budget * percent,
+            )
+            .filter(llmq_threshold__isnull=False)
+            .filter(llmq_used__gte=F("llmq_threshold"))
+        )
+
+
+# -- every user: the list and each user's page ------------------------------------------
+
+
+def _user_fields(*candidates: str) -> list[str]:
+    """The names among ``candidates`` that the project's user model has."""
+    names = {f.name for f in QuotaUser._meta.get_fields()}
+    # dict.fromkeys: once each, where USERNAME_FIELD is the email field too.
+    return [name for name in dict.fromkeys(candidates) if name in names]
+
+
+@admin.register(QuotaUser)
+class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
+    """Every user, with or without a user quota: their tier, the limits in effect
+    and live usage. Read-only: a user's quota is given or changed in User quotas,
+    one click away; the user itself is edited where the project edits users."""
+
+    # Few columns, so the list fits 1280 px beside the nav sidebar and the filters;
+    # reserved and remaining tokens are on each user's page.
+    list_display = ("who", "tier_name", "today", "this_month", "user_quota")
+    list_display_links = ("who",)
+    list_filter = (_TierFilter, _BlockedFilter, _MonthBudgetFilter)
+    search_help_text = "Search by username, email or name."
+    list_select_related = ("llm_quota__tier",)
+    list_per_page = 50
+
+    def _user_pk(self, user: Any) -> Any:
+        return user.pk
+
+    def _quota(self, user: Any) -> UserQuota | None:
+        return _quota_of(user)
+
+    def get_search_fields(self, request: HttpRequest) -> list[str]:
+        model = QuotaUser
+        return _user_fields(
+            model.USERNAME_FIELD, model.get_email_field_name(), "first_name", "last_name"
+        )
+
+    def get_ordering(self, request: HttpRequest) -> list[str]:
+        return [QuotaUser.USERNAME_FIELD]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        response = super().changelist_view(request, extra_context)
+        links = self._quota_links(request)
+        cl = (getattr(response, "context_data", None) or {}).get("cl")
+        for user in [] if cl is None else cl.result_list:
+            user._quota_links = links
+        return response
+
+    def _quota_links(self, request: HttpRequest) -> tuple[bool, bool]:
+        """Whether ``request``'s user may create user quotas, and see them."""
+        quotas = self.admin_site._registry.get(UserQuota)
+        if quotas is None:
+            return False, False
+        return quotas.has_add_permission(request), quotas.has_view_or_change_permission(request)
+
+    @admin.display(description="user", ordering=QuotaUser.USERNAME_FIELD)
+    def who(self, user: Any) -> str:
+        email = getattr(user, user.get_email_field_name(), "")
+        if not email:
+            return user.get_username()
+        return format_html(
+            '{}<br><span class="llmq-email" style="overflow-wrap:anywhere;font-size:.9em;'
+            'color:var(--body-quiet-color)">{}</span>',
+            user.get_username(), email,
+        )  # fmt: skip
+
+    @admin.display(description="tier")
+    def tier_name(self, user: Any) -> str:
+        standing = user._standing
+        if standing.tier is None:
+            return "none"
+        name = standing.tier.name if standing.quota else f"{standing.tier.name} (default)"
+        if standing.quota is not None and standing.quota.blocked:
+            return format_html("{}<br>{}", name, _BLOCKED)
+        return name
+
+    @admin.display(description="user quota")
+    def user_quota(self, user: Any) -> str:
+        may_add, may_view = getattr(user, "_quota_links", (False, False))
+        return _quota_link(user, _quota_of(user), may_add, may_view) or "—"
+
+    # -- the user's page (read-only)
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        return (
+            (None, {"fields": ("account",)}),
+            ("LLM quota", {"fields": ("standing", "limits_in_effect")}),
+            ("Live usage (Redis)", {"fields": ("live_usage",)}),
+        )
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return [
+            name for _, options in self.get_fieldsets(request, obj) for name in options["fields"]
+        ]
+
+    def get_object(self, request: HttpRequest, object_id: str, from_field: Any = None) -> Any:
+        user = super().get_object(request, object_id, from_field)
+        if user is not None:
+            user._quota_links = self._quota_links(request)
+        return user
+
+    @admin.display(description="user")
+    def account(self, user: Any) -> str:
+        """Who this is, without the user model's fields (its password hash among them)."""
+        parts = [user.get_username()]
+        full_name = user.get_full_name() if hasattr(user, "get_full_name") else ""
+        email = getattr(user, user.get_email_field_name(), "")
+        parts += [p for p in (full_name, email) if p]
+        if not getattr(user, "is_active", True):
+            parts.append("inactive")
+        return " · ".join(parts)
+
+    @admin.display(description="tier")
+    def standing(self, user: Any) -> str:
+        quota = _quota_of(user)
+        tier = _standing(quota, default_tier()).tier
+        may_add, may_view = getattr(user, "_quota_links", (False, False))
+        link = _quota_link(user, quota, may_add, may_view)
+        if tier is None:
+            text = "none: no tier is marked default and DEFAULT_TIER names none"
+        elif quota is None:
+            text = f"{tier.name} (the default tier: no user quota)"
+        else:
+            text = f"{tier.name} (user quota{', blocked' if quota.blocked else ''})"
+        return format_html("{} {}", text, link) if link else text
+
+    @admin.display(description="limits in effect")
+    def limits_in_effect(self, user: Any) -> str:
+        return _limits_table(_standing(_quota_of(user), default_tier()))
+
+    @admin.display(description="live usage")
+    def live_usage(self, user: Any) -> str:
+        return _live_usage(user.pk, _standing(_quota_of(user), default_tier()))
+
+
+def _quota_link(user: Any, quota: UserQuota | None, may_add: bool, may_view: bool) -> str:
+    """One click to a user's quota: open it, or create it with the user filled in."""
+    if quota is not None and may_view:
+        url = reverse("admin:llm_quota_userquota_change", args=[quota.pk])
+        return format_html('<a href="{}">Open</a>', url)
+    if quota is None and may_add:
+        url = reverse("admin:llm_quota_userquota_add") + f"?user={user.pk}"
+        return format_html('<a class="addlink" href="{}">Add</a>', url)
+    return ""
+
+
+# -- user quotas: the overrides, with live usage and actions ---------------------------
 
 
 @admin.register(UserQuota)
-class UserQuotaAdmin(admin.ModelAdmin):
-    list_display = (
-        "user", "tier", "blocked", "used_this_month", "reserved", "remaining", "budget_used",
-    )  # fmt: skip
+class UserQuotaAdmin(_LiveUsageColumns, admin.ModelAdmin):
+    # What is reserved by calls in flight is on each quota's page.
+    list_display = ("user", "tier", "blocked_flag", "today", "this_month", "remaining")
     list_filter = ("tier", "blocked")
+    search_help_text = (
+        "Search by username or email. All users, with or without a user quota, are under Users."
+    )
     list_select_related = ("user", "tier")
-    raw_id_fields = ("user",)
-    search_fields = ("user__username",)
-    readonly_fields = ("live_usage",)
+    raw_id_fields = ("user",)  # where the user model's admin cannot search (see below)
+    readonly_fields = ("limits_in_effect", "live_usage")
     actions = ("block_users", "unblock_users", "reset_period_usage")
 
-    # Live usage: fetched for the whole page at once, then read by the columns.
-    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
-        response = super().changelist_view(request, extra_context)
-        context = getattr(response, "context_data", None) or {}
-        cl = context.get("cl")
-        if cl is not None:
-            quotas = list(cl.result_list)
-            try:
-                live = get_ledger().usage_many([q.user_id for q in quotas])
-            except RedisError as exc:
-                self.message_user(request, f"Redis is unavailable: {exc}", messages.ERROR)
-                live = {}
-            for quota in quotas:
-                quota._live = live.get(str(quota.user_id))
-        return response
+    def _user_pk(self, quota: UserQuota) -> Any:
+        return quota.user_id
 
-    @staticmethod
-    def _live(quota: UserQuota) -> UserUsage | None:
-        return getattr(quota, "_live", None)
+    @admin.display(description="blocked", ordering="blocked")
+    def blocked_flag(self, quota: UserQuota) -> str:
+        # Words, not Django's boolean icons: a green tick for "blocked" reads as fine.
+        return _BLOCKED if quota.blocked else ""
 
-    @admin.display(description="used this month")
-    def used_this_month(self, quota: UserQuota) -> Any:
-        live = self._live(quota)
-        return "—" if live is None else f"{live.tokens_this_month:,}"
+    def _quota(self, quota: UserQuota) -> UserQuota | None:
+        return quota
 
-    @admin.display(description="reserved")
-    def reserved(self, quota: UserQuota) -> Any:
-        live = self._live(quota)
-        return "—" if live is None else f"{live.reserved:,}"
+    def get_search_fields(self, request: HttpRequest) -> list[str]:
+        model = QuotaUser
+        return [
+            f"user__{name}"
+            for name in _user_fields(model.USERNAME_FIELD, model.get_email_field_name())
+        ]
 
-    @admin.display(description="remaining")
-    def remaining(self, quota: UserQuota) -> Any:
-        live = self._live(quota)
-        return "—" if live is None else _left_of(quota.monthly_budget, live)
+    def get_autocomplete_fields(self, request: HttpRequest) -> list[str]:
+        """Type to find the user, where the project's user admin can search (Django's
+        ``UserAdmin`` can); else the raw id box with its lookup popup."""
+        user_admin = self.admin_site._registry.get(get_user_model())
+        return ["user"] if user_admin is not None and user_admin.search_fields else []
 
-    @admin.display(description="% of budget")
-    def budget_used(self, quota: UserQuota) -> Any:
-        live, budget = self._live(quota), quota.monthly_budget
-        if live is None or not budget:
-            return "—"
-        return _percent_bar(_share_of(budget, live))
+    def get_fieldsets(self, request: HttpRequest, obj: UserQuota | None = None) -> Any:
+        fieldsets: list[Any] = [
+            (None, {"fields": ("user", "tier", "blocked")}),
+            ("Overrides of the tier's limits", {"fields": LIMIT_FIELDS}),
+        ]
+        if obj is not None:  # nothing to show before the row exists
+            fieldsets.append(("In effect", {"fields": ("limits_in_effect", "live_usage")}))
+        return fieldsets
+
+    def get_changeform_initial_data(self, request: HttpRequest) -> dict[str, Any]:
+        """The default tier, so giving a user their own quota is one click and a save
+        (``?user=`` from the users list fills in the user)."""
+        initial = super().get_changeform_initial_data(request)
+        default = default_tier()
+        if "tier" not in initial and default is not None:
+            initial["tier"] = default.pk
+        return initial
+
+    @admin.display(description="limits in effect")
+    def limits_in_effect(self, quota: UserQuota) -> Any:
+        return _limits_table(_standing(quota, None))
 
     @admin.display(description="live usage (Redis)")
     def live_usage(self, quota: UserQuota) -> Any:
-        if quota.pk is None:
-            return "—"
-        ledger = get_ledger()
-        try:
-            live = ledger.usage(quota.user_id)
-            now_ms = ledger.now_ms()
-            run = last_run()
-        except RedisError as exc:
-            return f"Redis is unavailable: {exc}"
-        budget = quota.monthly_budget
-        period = first_day(live.month)
-        stored = sum(
-            UsageSnapshot.objects.filter(user_id=quota.user_id, period=period).values_list(
-                "base_tokens", flat=True
-            )
-        )
-        at_risk = max(0, live.settled_this_month - stored)
-        rows = [
-            ("Period", f"{period:%B %Y}"),
-            ("Used this month (incl. reserved)", f"{live.tokens_this_month:,}"),
-            (
-                "Share of the monthly budget",
-                "—" if not budget else f"{_share_of(budget, live):.1f}%",
-            ),
-            ("Used today", f"{live.tokens_today:,}"),
-            ("The day's budget starts again in", _duration((live.day_end_ms - now_ms) / 1000)),
-            ("The month's budget starts again in", _duration((live.month_end_ms - now_ms) / 1000)),
-            ("Reserved by calls in flight", f"{live.reserved:,} ({live.in_flight} calls)"),
-            ("Monthly budget", "unlimited" if budget is None else f"{budget:,}"),
-            ("Remaining", _left_of(budget, live)),
-            ("Settled cost this month", f"${cost_usd(live.settled_this_month)}"),
-            ("Settled, in the last snapshot", f"{stored:,}"),
-            ("Not yet snapshotted (lost if Redis loses its data now)", f"{at_risk:,}"),
-            ("Last snapshot run", _run_age(run)),
-        ]
-        models = format_html_join(
-            "", "<li>{}: {} requests, {} in / {} out, {} base tokens</li>",
-            (
-                (m.model, f"{m.requests:,}", f"{m.input_tokens:,}", f"{m.output_tokens:,}",
-                 f"{m.base_tokens:,}")
-                for m in live.by_model
-            ),
-        )  # fmt: skip
-        return format_html(
-            '<table class="llmq-live">{}</table><ul>{}</ul>',
-            format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows),
-            models or "no settled usage this month",
-        )
+        return _live_usage(quota.user_id, _standing(quota, None))
 
     # -- actions
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
@@ -395,23 +843,13 @@ class UserQuotaAdmin(admin.ModelAdmin):
         )
 
 
-def _duration(seconds: float) -> str:
-    """A wait or an age as a person reads it ("1 day, 3 hours", not "97143 s"):
-    Django's ``timesince``, two units deep; under a minute, in seconds."""
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    now = datetime.now(UTC)
-    return timesince(now - timedelta(seconds=seconds), now, depth=2)
-
-
 def _run_age(run: dict[str, Any] | None) -> str:
     if run is None:
         return "none recorded (none yet, or Redis lost it) — check the Celery beat"
     age = time.time() - run["recorded_at"]
     return (
-        f"{_duration(age)} ago: {run['users']} users read, {run['rows_written']} rows written "
-        f"(every {_duration(quota_settings.SNAPSHOT_INTERVAL)})"
+        f"{human_duration(age)} ago: {run['users']} users read, {run['rows_written']} rows written "
+        f"(every {human_duration(quota_settings.SNAPSHOT_INTERVAL)})"
     )
 
 
@@ -420,11 +858,13 @@ def _run_age(run: dict[str, Any] | None) -> str:
 
 @admin.register(UsageSnapshot)
 class UsageSnapshotAdmin(admin.ModelAdmin):
-    list_display = (
-        "user", "period", "model", "requests", "input_tokens", "output_tokens",
-        "base_tokens", "cost", "updated_at",
-    )  # fmt: skip
-    list_filter = ("period", "model", ("user__llm_quota__tier", admin.RelatedOnlyFieldListFilter))
+    # Input and output tokens are on each row's page and in the CSV: with them the list
+    # does not fit 1280 px beside the sidebar and the filters.
+    list_display = ("user", "month", "model", "request_count", "base", "cost")
+    list_per_page = 50
+    # The month is chosen by the date hierarchy: a date filter ("past 7 days") means
+    # nothing for rows that each hold a month.
+    list_filter = ("model", ("user__llm_quota__tier", admin.RelatedOnlyFieldListFilter))
     list_select_related = ("user",)
     search_fields = ("user__username", "model")
     date_hierarchy = "period"
@@ -440,7 +880,19 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
-    @admin.display(description="cost (USD)")
+    @admin.display(description="month", ordering="period")
+    def month(self, row: UsageSnapshot) -> str:
+        return f"{row.period:%b %Y}"
+
+    @admin.display(description="requests", ordering="requests")
+    def request_count(self, row: UsageSnapshot) -> str:
+        return f"{row.requests:,}"
+
+    @admin.display(description="base tokens", ordering="base_tokens")
+    def base(self, row: UsageSnapshot) -> str:
+        return f"{row.base_tokens:,}"
+
+    @admin.display(description="cost (USD)", ordering="base_tokens")
     def cost(self, row: UsageSnapshot) -> str:
         return str(cost_usd(row.base_tokens))
 
@@ -456,15 +908,10 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
             *super().get_urls(),
         ]
 
-    def _current_period(self) -> date:
-        ledger = get_ledger()
-        moment = ledger.clock() if ledger.clock is not None else time.time()
-        return first_day(ledger.periods(int(moment * 1000))[1])
-
     def report_view(self, request: HttpRequest) -> HttpResponse:
         if not self.has_view_permission(request):
             raise PermissionDenied
-        period = self._current_period()
+        period = _current_period()
         spend = snapshot_totals.monthly_spend(period)
         rate = float(quota_settings.BASE_TOKEN_USD_PER_MILLION) / 1e6
         spend_chart = charts.stacked_bars(
@@ -481,7 +928,7 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
         users = snapshot_totals.top_users(period)
         user_chart = charts.horizontal_bars(
             [
-                (u.username, u.base_tokens, "" if u.percent is None else f"({u.percent:.0f}%)")
+                (u.username, u.base_tokens, "" if u.percent is None else f"({u.percent}%)")
                 for u in users
             ],
             label=f"Top users, {period:%B %Y} (share of their monthly budget)",
@@ -502,10 +949,10 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
             "models": models,
             "users": users,
             "snapshot_age": _run_age(run),
-            "snapshot_interval": _duration(quota_settings.SNAPSHOT_INTERVAL),
+            "snapshot_interval": human_duration(quota_settings.SNAPSHOT_INTERVAL),
             "total_cost": cost_usd(sum(m.base_tokens for m in models)),
             "csv_url": reverse("admin:llm_quota_usage_csv"),
-            "quota_url": reverse("admin:llm_quota_userquota_changelist"),
+            "users_url": reverse("admin:llm_quota_quotauser_changelist"),
         }
         return TemplateResponse(request, "admin/llm_quota/usagesnapshot/report.html", context)
 
@@ -515,10 +962,15 @@ class UsageSnapshotAdmin(admin.ModelAdmin):
         queryset = UsageSnapshot.objects.all()
         months = request.GET.get("months")
         if months and months.isdigit():
-            queryset = queryset.filter(
-                period__gte=add_months(self._current_period(), 1 - int(months))
-            )
+            queryset = queryset.filter(period__gte=add_months(_current_period(), 1 - int(months)))
         return _csv_response(queryset, "llm-usage.csv")
+
+
+def _current_period() -> date:
+    """The first day of the ledger's current month (its clock, its timezone)."""
+    ledger = get_ledger()
+    moment = ledger.clock() if ledger.clock is not None else time.time()
+    return first_day(ledger.periods(int(moment * 1000))[1])
 
 
 def _csv_response(queryset: QuerySet[UsageSnapshot], filename: str) -> StreamingHttpResponse:

@@ -11,6 +11,8 @@ from typing import Any
 from rest_framework import status
 from rest_framework.exceptions import APIException, ErrorDetail, PermissionDenied, Throttled
 
+from llm_quota.durations import human_duration
+
 
 class RefusalBody(dict):
     """A refusal's ``detail``: ``{"detail", "limit", "retry_after", "upgrade"}``.
@@ -61,7 +63,9 @@ class QuotaExceeded(Throttled):
 
     @staticmethod
     def describe(limit: str, retry_after: int, upgrade: dict[str, str] | None) -> str:
-        text = f"Limit '{limit}' reached. Retry after {retry_after} s."
+        # In words for the person reading it; ``retry_after`` and the headers keep the
+        # seconds as a number for the program.
+        text = f"Limit '{limit}' reached. Retry after {human_duration(retry_after)}."
         if upgrade:
             text += f" Upgrade to the '{upgrade['tier']}' tier for more"
             text += f": {upgrade['url']}" if upgrade.get("url") else "."

@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
@@ -234,6 +235,21 @@ class UserQuota(models.Model):
     def monthly_budget(self) -> int | None:
         """The ``tokens_per_month`` in effect: the override, else the tier's (None: unlimited)."""
         return overridden(self.tier.tokens_per_month, self.tokens_per_month)
+
+
+class QuotaUser(get_user_model()):  # type: ignore[misc]
+    """Every user, with or without a ``UserQuota``, for the admin's list of users, their
+    tier and live usage: a proxy of ``AUTH_USER_MODEL`` (no table of its own).
+
+    Its own plain manager keeps its migration the same whatever user model the project
+    has (the user model's manager, ``use_in_migrations``, would be copied into it)."""
+
+    objects: models.Manager[QuotaUser] = models.Manager()
+
+    class Meta:
+        proxy = True
+        verbose_name = _("user")
+        verbose_name_plural = _("users")
 
 
 class UsageSnapshot(models.Model):

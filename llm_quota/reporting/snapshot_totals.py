@@ -15,6 +15,7 @@ from django.contrib.auth import get_user_model
 from django.db.models import Sum
 
 from llm_quota.models import UsageSnapshot, UserQuota
+from llm_quota.reporting.bars import whole_percent
 from llm_quota.rules.periods import add_months
 from llm_quota.rules.policy import default_tier
 
@@ -81,8 +82,9 @@ class UserTotal:
     budget: int | None  # tokens_per_month in effect (override or tier); None: unlimited
 
     @property
-    def percent(self) -> float | None:
-        return None if not self.budget else 100.0 * self.base_tokens / self.budget
+    def percent(self) -> int | None:
+        """Whole percent of the budget, rounded down as the admin's bars round it."""
+        return None if not self.budget else whole_percent(self.base_tokens, self.budget)
 
 
 def top_users(period: date, limit: int = 10) -> list[UserTotal]:

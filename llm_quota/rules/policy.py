@@ -58,8 +58,20 @@ def default_tier() -> Any:
     return config_cache.get("default-tier", _default_tier)
 
 
+def limits_in_effect(tier: Any, quota: Any) -> dict[str, int | None]:
+    """Each of ``LIMIT_FIELDS`` for a user on ``tier`` with ``quota`` (or None): the
+    tier's value unless the quota overrides it (None: unlimited). The policy and the
+    admin's "limits in effect" both read it, so they cannot disagree."""
+    from llm_quota.models import LIMIT_FIELDS, overridden
+
+    return {
+        name: overridden(getattr(tier, name, None), None if quota is None else getattr(quota, name))
+        for name in LIMIT_FIELDS
+    }
+
+
 def _load(user_pk: Any) -> UserPolicy:
-    from llm_quota.models import LIMIT_FIELDS, UserQuota, overridden
+    from llm_quota.models import UserQuota
 
     quota = (
         UserQuota.objects.select_related("tier", "tier__upgrade_to").filter(user_id=user_pk).first()
@@ -72,10 +84,7 @@ def _load(user_pk: Any) -> UserPolicy:
             blocked=True,
             blocked_reason="No default tier is configured.",
         )
-    values = {name: getattr(tier, name) for name in LIMIT_FIELDS}
-    if quota is not None:
-        for name in LIMIT_FIELDS:
-            values[name] = overridden(values[name], getattr(quota, name))
+    values = limits_in_effect(tier, quota)
     upgrade = None
     if tier.upgrade_to is not None:
         upgrade = {"tier": tier.upgrade_to.name, "url": tier.upgrade_url}

@@ -115,7 +115,7 @@ def test_refusals_of_drf_and_guarded_views_carry_limit_retry_after_upgrade_and_h
     response = refused(tiny)
     assert response.status_code == 429
     assert response.json() == {
-        "detail": "Limit 'requests_per_minute' reached. Retry after 60 s.",
+        "detail": "Limit 'requests_per_minute' reached. Retry after 1 minute.",
         "limit": "requests_per_minute",
         "retry_after": 60,
         "upgrade": None,

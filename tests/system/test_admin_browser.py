@@ -16,7 +16,7 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from llm_quota import quota_guard
-from llm_quota.models import Tier, UsageSnapshot
+from llm_quota.models import ModelPrice, Tier, UsageSnapshot, UserQuota
 from llm_quota.reporting.snapshot import snapshot_usage
 from tests.support import factories, periods
 
@@ -131,5 +131,89 @@ def test_admin_logs_in_edits_a_budget_and_sees_the_usage_chart(
     assert bars >= 12  # seven months of stacked bars, plus the legend swatches
     assert heading.startswith(f"{periods.month_start(clock):%B %Y} by model")
     assert shot.stat().st_size > 20_000
-    assert "USED THIS MONTH" in live_columns.upper() and "% OF BUDGET" in live_columns.upper()
+    assert "TODAY" in live_columns.upper() and "THIS MONTH" in live_columns.upper()
     assert "Not yet snapshotted" in live_detail
+
+
+#: Every table on the page fits its box, and no cell is narrower than its content
+#: (a clipped column scrolls or hides its text); the page itself has no sideways scroll.
+CLIPPED = """() => {
+  const found = [];
+  const page = document.documentElement;
+  if (page.scrollWidth > page.clientWidth)
+    found.push(`page: ${page.scrollWidth} > ${page.clientWidth}`);
+  for (const table of document.querySelectorAll('#content table')) {
+    const box = table.parentElement;
+    const name = table.id || box.className || box.tagName;
+    if (table.scrollWidth > box.clientWidth)
+      found.push(`table ${name}: ${table.scrollWidth} > ${box.clientWidth}`);
+    for (const cell of table.querySelectorAll('th, td')) {
+      if (cell.scrollWidth > cell.clientWidth + 1)
+        found.push(`${name} cell "${cell.textContent.trim().slice(0, 30)}": ` +
+                   `${cell.scrollWidth} > ${cell.clientWidth}`);
+    }
+  }
+  return found;
+}"""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_admin_page_is_screenshot_at_1280_px_with_no_column_clipped(
+    chromium, live_server, usage_data
+):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    free = usage_data
+    newcomer = get_user_model().objects.create_user(
+        "newcomer.with.a.long.name", "newcomer.with.a.long.name@example.com", "pw-123456"
+    )  # no user quota: on the default tier
+    capped = factories.user(free, tokens_per_day=20_000, blocked=True)
+    price = ModelPrice.objects.get(model="gpt-4o")
+    quota = UserQuota.objects.get(user=capped)
+    base = f"{live_server.url}/admin/llm_quota"
+    pages = {
+        "tiers": f"{base}/tier/",
+        "tier-form": f"{base}/tier/{free.pk}/change/",
+        "prices": f"{base}/modelprice/",
+        "price-form": f"{base}/modelprice/{price.pk}/change/",
+        "users": f"{base}/quotauser/",
+        "user-page": f"{base}/quotauser/{newcomer.pk}/change/",
+        "user-page-with-quota": f"{base}/quotauser/{capped.pk}/change/",
+        "user-quotas": f"{base}/userquota/",
+        "user-quota-form": f"{base}/userquota/{quota.pk}/change/",
+        "user-quota-add": f"{base}/userquota/add/?user={newcomer.pk}",
+        "snapshots": f"{base}/usagesnapshot/",
+        "report": f"{base}/usagesnapshot/report/",
+    }
+    clipped: dict[str, list[str]] = {}
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{live_server.url}/admin/login/")
+            page.fill("#id_username", "boss")
+            page.fill("#id_password", "pw-boss-123")
+            page.click("input[type=submit]")
+            page.wait_for_selector("#user-tools")
+            for name, url in pages.items():
+                response = page.goto(url)
+                assert response is not None and response.status == 200, (name, url)
+                page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+                clipped[name] = page.evaluate(CLIPPED)
+                page.screenshot(path=str(ARTIFACTS / f"admin-{name}.png"), full_page=True)
+            # The reset's confirmation page: two users selected, the action chosen.
+            page.goto(pages["user-quotas"])
+            page.locator("#result_list tbody input.action-select").nth(0).check()
+            page.locator("#result_list tbody input.action-select").nth(1).check()
+            page.select_option("select[name=action]", "reset_period_usage")
+            page.click("button[name=index]")
+            page.wait_for_selector("text=Yes, I’m sure")
+            clipped["reset-confirmation"] = page.evaluate(CLIPPED)
+            page.screenshot(path=str(ARTIFACTS / "admin-reset-confirmation.png"), full_page=True)
+            users_text = page.goto(pages["users"]) and page.inner_text("#result_list")
+        finally:
+            browser.close()
+
+    assert {name: found for name, found in clipped.items() if found} == {}
+    assert newcomer.username in users_text  # no user quota, still listed
+    assert all((ARTIFACTS / f"admin-{name}.png").stat().st_size > 10_000 for name in clipped)
