@@ -37,7 +37,9 @@ def quota_prefix(settings, redis_client):
     yield prefix
     set_default_ledger(None)
     config_cache.invalidate()
-    keys = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
+    # Every key the test made: "<prefix>:..." and the token throttle's "<prefix>-ip:...".
+    # Prefixes are all 13 characters, so this matches no other test's keys.
+    keys = list(redis_client.scan_iter(match=f"{prefix}*", count=1000))
     if keys:
         redis_client.delete(*keys)
 
