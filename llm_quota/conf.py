@@ -118,7 +118,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "UNKNOWN_MODEL",
         "reject",
-        'or `"default"`: price unknown models by the `*` row',
+        '`"reject"` a model with no price row (400), or `"default"`: price it by the `*` row',
         Rule(lambda v: v in ("reject", "default"), "is {value!r}; use 'reject' or 'default'."),
         "llm_quota.E004",
     ),

@@ -1,12 +1,12 @@
 """``@quota_gated``: a plain Django view (sync or async) as a gated LLM call.
 
-::
-
-    @quota_gated
-    def summarise(request):
-        quota = request.llm_quota            # the admitted QuotaGuard
-        ...                                  # call the LLM with quota.max_tokens
-        quota.settle(usage)                  # or return a JSON body with "usage" in it
+```python
+@quota_gated
+def summarise(request):
+    quota = request.llm_quota            # the admitted QuotaGuard
+    ...                                  # call the LLM with quota.max_tokens
+    quota.settle(usage)                  # or return a JSON body with "usage" in it
+```
 
 Before the view runs: authenticate (the session user, else DRF's
 ``DEFAULT_AUTHENTICATION_CLASSES``, so JWT and DRF tokens work on plain views too),

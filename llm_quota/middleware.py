@@ -66,6 +66,12 @@ RETIRED_HOOKS = ("get_quota_request", "get_authenticators", "authenticate", "adm
 
 
 class LLMQuotaMiddleware:
+    """Finish, by the release rule, a throttled reservation the view left open.
+
+    Also answers a quota refusal that escapes a plain view as 429 (not 500) and adds
+    the rate-limit headers DRF's exception handler does not know.
+    """
+
     sync_capable = True
     async_capable = True
 

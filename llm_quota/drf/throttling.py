@@ -55,6 +55,12 @@ def admission_headers(guard: QuotaGuard) -> Mapping[str, str]:
 
 
 class LLMQuotaThrottle(BaseThrottle):
+    """Reserve the OpenAI-shaped request body's estimate before the view runs.
+
+    The admitted guard is ``request.llm_quota``; a refusal is raised (429 or 403 with
+    the limit, ``retry_after`` and ``upgrade``), never answered ``False``.
+    """
+
     #: The scope the caller needs; ``None`` reads ``LLM_QUOTA["CHAT_SCOPE"]``, ``""``
     #: skips the check (when the view's permissions already do it).
     required_scope: str | None = None

@@ -1,11 +1,13 @@
 """``quota_guard``: reserve before an LLM call, settle after it.
 
-For views, Celery tasks and scripts that call an LLM themselves::
+For views, Celery tasks and scripts that call an LLM themselves:
 
-    with quota_guard(request.user, model="gpt-4o", messages=msgs, max_tokens=500) as quota:
-        reply = client.chat.completions.create(
-            model="gpt-4o", messages=msgs, max_tokens=quota.max_tokens)
-        quota.settle(reply.usage)
+```python
+with quota_guard(request.user, model="gpt-4o", messages=msgs, max_tokens=500) as quota:
+    reply = client.chat.completions.create(
+        model="gpt-4o", messages=msgs, max_tokens=quota.max_tokens)
+    quota.settle(reply.usage)
+```
 
 ``quota.max_tokens`` may be lower than asked (``CLAMP_MAX_TOKENS``): send it, so the
 output can never exceed what was reserved. ``async with`` works the same way
