@@ -86,6 +86,10 @@ class LedgerOperations:
         """The user's live counters; lost ones are restored first, as reserve would."""
         return self._run(self.ops.usage(user_id, restore_lost=self.restore_source is not None))
 
+    def key_usage(self, user_id: Any, api_key: Any) -> Any:
+        """An API key's live counters (``KeyUsage``)."""
+        return self._run(self.ops.key_usage(user_id, api_key))
+
     def global_usage(self) -> Any:
         """Everyone's tokens against the global caps, expired shares given back."""
         return self._run(self.ops.global_usage())

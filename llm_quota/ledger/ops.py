@@ -30,6 +30,7 @@ from llm_quota.ledger.plans import LoadMonth, Plan, ScriptCall
 from llm_quota.ledger.replies import (
     Decision,
     GlobalUsage,
+    KeyUsage,
     ModelUsage,
     PeriodReset,
     Reservation,
@@ -56,6 +57,7 @@ SCRIPTS = (
     "global_release",
     "global_renew",
     "global_usage",
+    "key_usage",
     "reset",
 )
 
@@ -114,10 +116,13 @@ class LedgerOps:
 
     # -- keys --------------------------------------------------------------------------
 
-    def _user_keys(self, uid: str) -> tuple[str, ...]:
-        """The user's base, plus the global base where one script may reach both."""
-        base = self.keyspace.user(uid)
-        return (base,) if self.cluster else (base, self.keyspace.global_())
+    def _user_keys(self, uid: str, api_key: str | None = None) -> tuple[str, ...]:
+        """The payers one script reaches: the user's base, the API key's (in the user's
+        slot) if the request came with one, and the global base on one Redis."""
+        payers: tuple[str, ...] = (self.keyspace.user(uid),)
+        if api_key is not None:
+            payers += (self.keyspace.api_key(uid, api_key),)
+        return payers if self.cluster else (*payers, self.keyspace.global_())
 
     def index_base(self, uid: str) -> str:
         """Where ``uid`` is listed as active: one key, or the user's slot's shard."""
@@ -154,9 +159,15 @@ class LedgerOps:
         probe: int | str = ""
         if probe_prompt_tokens is not None:
             probe = probe_prompt_tokens * estimate.price.input_micro
+        key_args: tuple[int, ...] = ()
+        if limits.api_key is not None:
+            key_args = (
+                _limit(limits.key_requests_per_minute), _limit(limits.key_tokens_per_day),
+                _limit(limits.key_tokens_per_month),
+            )  # fmt: skip
         call = ScriptCall(
             "reserve",
-            self._user_keys(uid),
+            self._user_keys(uid, limits.api_key),
             (
                 now_arg, rid, self.ttl_ms,
                 _limit(limits.requests_per_minute), _limit(limits.max_concurrent_requests),
@@ -166,7 +177,7 @@ class LedgerOps:
                 estimate.prompt_micro, estimate.price.output_micro, estimate.max_output_tokens,
                 minimum, 1 if clamp else 0,
                 model, days, day_starts, months, month_starts,
-                probe, 1 if probe_clamp else 0,
+                probe, 1 if probe_clamp else 0, *key_args,
             ),
         )  # fmt: skip
         reply = yield call
@@ -176,7 +187,9 @@ class LedgerOps:
         if int(reply[0]) == 3:
             raise ReservationIdSpent(f"reservation {rid} was released before it was made")
         wants_global = _uses_global(limits)
-        decision = parse_decision(reply, uid, rid, estimate, uses_global=wants_global)
+        decision = parse_decision(
+            reply, uid, rid, estimate, uses_global=wants_global, api_key=limits.api_key
+        )
         if self.cluster and wants_global and decision.allowed:
             decision = yield from self._reserve_global(
                 decision, reply, limits, estimate, clamp, minimum
@@ -249,9 +262,10 @@ class LedgerOps:
 
     def _amend(self, held: Reservation, amount: int) -> ScriptCall:
         now_arg, _ = self.now_arg()
-        return ScriptCall(
-            "amend", (self.keyspace.user(held.user_id),), (now_arg, held.id, self.ttl_ms, amount)
-        )
+        payers = (self.keyspace.user(held.user_id),)
+        if held.api_key is not None:
+            payers += (self.keyspace.api_key(held.user_id, held.api_key),)
+        return ScriptCall("amend", payers, (now_arg, held.id, self.ttl_ms, amount))
 
     # -- settle and release ------------------------------------------------------------
 
@@ -267,7 +281,8 @@ class LedgerOps:
         uid = keys.user_id(reservation.user_id)
         rid = keys.reservation_id(reservation.id)
         now_arg, _ = self.now_arg()
-        user_keys = self._user_keys(uid)
+        user_keys = self._user_keys(uid, reservation.api_key)
+        key_arg = () if reservation.api_key is None else (keys.api_key_id(reservation.api_key),)
         pattern = reservation.estimate.price.pattern
         reply = yield ScriptCall(
             "settle",
@@ -278,7 +293,7 @@ class LedgerOps:
                 reservation.day, reservation.month, reservation.month_end_ms,
                 1 if reservation.uses_global else 0, keys.model_name(reservation.model),
                 "" if pattern is None else keys.model_field(pattern),
-                int(quota_settings.MODEL_NAMES_PER_MONTH),
+                int(quota_settings.MODEL_NAMES_PER_MONTH), *key_arg,
             ),
         )  # fmt: skip
         outcome, delta, month_used, prior = (
@@ -343,7 +358,9 @@ class LedgerOps:
         rid = keys.reservation_id(reservation.id)
         now_arg, _ = self.now_arg()
         args = (now_arg, rid, self.ttl_ms)
-        done = int((yield ScriptCall(script, self._user_keys(uid), args))) == 1
+        with_key = 0 if reservation.api_key is None else 1
+        payers = self._user_keys(uid, reservation.api_key)
+        done = int((yield ScriptCall(script, payers, (*args, with_key)))) == 1
         if (done or global_always) and self.cluster and reservation.uses_global:
             yield ScriptCall(f"global_{script}", (self.keyspace.global_(),), args)
         return done
@@ -367,6 +384,25 @@ class LedgerOps:
             yield from self.restore(uid, text(r[2]))
             r = yield self.usage_call(uid)
         return parse_usage(r)
+
+    def key_usage(self, user_id: Any, api_key: Any) -> Plan[KeyUsage]:
+        """An API key's live counters, as the next decision with it would see them."""
+        now_arg, local_now = self.now_arg()
+        r = yield ScriptCall(
+            "key_usage",
+            (self.keyspace.api_key(user_id, api_key),),
+            (now_arg, self.ttl_ms, *period_args(local_now, self.timezone)),
+        )
+        month = {text(k): int(v) for k, v in zip(r[9][::2], r[9][1::2], strict=True)}
+        return KeyUsage(
+            **_periods(r),
+            reserved=int(r[7]),
+            requests_this_minute=int(r[8]),
+            requests=month.get("req", 0),
+            input_tokens=month.get("in", 0),
+            output_tokens=month.get("out", 0),
+            base_tokens=month.get("base", 0),
+        )
 
     def global_usage(self) -> Plan[GlobalUsage]:
         now_arg, local_now = self.now_arg()
@@ -449,7 +485,13 @@ def parse_usage(r: list[Any]) -> UserUsage:
 
 
 def parse_decision(
-    r: list[Any], uid: str, rid: str, estimate: Estimate, *, uses_global: bool
+    r: list[Any],
+    uid: str,
+    rid: str,
+    estimate: Estimate,
+    *,
+    uses_global: bool,
+    api_key: str | None = None,
 ) -> Decision:
     """``reserve.lua``'s reply as a ``Decision`` (and its ``Reservation`` if admitted)."""
     status, limit = int(r[0]), text(r[1]) or None
@@ -466,6 +508,7 @@ def parse_decision(
             month=text(r[7]),
             month_end_ms=int(r[14]),
             uses_global=uses_global,
+            api_key=api_key,
         )
     return Decision(
         allowed=status == 1,

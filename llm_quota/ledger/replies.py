@@ -20,6 +20,8 @@ BUDGET_LIMITS = frozenset(
         "global_tokens_per_day",
         "global_tokens_per_month",
         "max_tokens_per_request",
+        "key.tokens_per_day",
+        "key.tokens_per_month",
     }
 )
 
@@ -40,6 +42,8 @@ class Reservation:
     uses_global: bool
     #: Admitted without Redis (fail-open): settling it records nothing here.
     unmetered: bool = False
+    #: The API key that also holds a share of it (its id), or None.
+    api_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,19 @@ class UserUsage(PeriodUsage):
     def settled_this_month(self) -> int:
         """Base tokens settled this month (``tokens_this_month`` less what is reserved)."""
         return sum(row.base_tokens for row in self.by_model)
+
+
+@dataclass(frozen=True)
+class KeyUsage(PeriodUsage):
+    """An API key's live counters (settled plus reserved in the periods) and its
+    settled figures of the month."""
+
+    reserved: int
+    requests_this_minute: int
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    base_tokens: int = 0
 
 
 @dataclass(frozen=True)

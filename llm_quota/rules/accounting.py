@@ -79,6 +79,12 @@ class Limits:
     max_tokens_per_request: int | None = None
     global_tokens_per_day: int | None = None
     global_tokens_per_month: int | None = None
+    #: The API key the request came with (its id), whose own limits below are reserved
+    #: in the same step as the user's (contract section 9); None: no key.
+    api_key: str | None = None
+    key_requests_per_minute: int | None = None
+    key_tokens_per_day: int | None = None
+    key_tokens_per_month: int | None = None
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,11 @@
 -- On a cluster the global caps are checked after the user's reserve; when they clamp
 -- the output further this lowers the user's share to match, and when they refuse it
 -- takes the first step back.
--- KEYS[1] user base B.
+-- KEYS[1] user base B; KEYS[2] the API key's base K, for a reservation made with a key.
 -- ARGV: 1 now (0 = Redis' clock), 2 reservation id, 3 ttl, 4 new estimate (0 = withdraw).
 -- Returns 1 if amended, 0 if the reservation was no longer pending.
 
-local B = KEYS[1]
+local B, K = KEYS[1], KEYS[2]
 local now = now_ms(ARGV[1])
 local rid, ttl, amount = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 
@@ -23,6 +23,10 @@ if amount <= 0 then
   redis.call('ZREM', B .. ':w', rid)
   redis.call('HSET', B .. ':rr', rid, record('l', 0, day, month, month_end, g, model))
   redis.call('ZADD', B .. ':z', now + ttl, rid)
+  if K then
+    share_amend(K, rid, 0, now, ttl)
+    redis.call('ZREM', K .. ':w', rid)
+  end
   return 1
 end
 
@@ -33,4 +37,6 @@ adjust(B .. ':d:' .. day, -diff, now)
 adjust(B .. ':m:' .. month, -diff, now)
 adjust_window(B, rid, est, amount)
 redis.call('HSET', B .. ':rr', rid, record('p', amount, day, month, month_end, g, model))
+-- Step 3: the key's share follows the user's.
+if K then share_amend(K, rid, amount, now, ttl) end
 return 1
