@@ -54,6 +54,7 @@ from llm_quota.rules.accounting import (
     ReportedUsage,
     fewest_tokens,
 )
+from llm_quota.rules.api_keys import ApiKeyCredential, with_key
 from llm_quota.rules.config_cache import MISSING, config_cache
 from llm_quota.rules.estimation import (
     PromptBounds,
@@ -337,13 +338,15 @@ def admit_request_plan(
     prompt_tokens: int | None = None,
     max_tokens: int | None = None,
     choices: int = 1,
+    api_key: ApiKeyCredential | None = None,
     **billed: Any,
 ) -> Plan[tuple[Estimate, Decision]]:
     """A prompt over ``LAZY_COUNT_ABOVE`` bytes is reserved on its byte count, without
     clamping, carrying its lower bound as a probe: if the bound fits, that is the
     reservation (pessimistic, corrected at settle); if even the lower bound is refused,
     so is the request; only in between is the prompt counted and reserved again.
-    ``billed``: the body's other billed fields by name, counted with the messages."""
+    ``billed``: the body's other billed fields by name, counted with the messages.
+    ``api_key``: the key the request came with; its limits are reserved with the user's."""
     bounds = None
     if prompt_tokens is None and messages is not None:
         _check_model_name(model)
@@ -353,7 +356,7 @@ def admit_request_plan(
         if bounded is not None:
             estimate, lower = bounded
             estimate = per_choice(estimate, choices)
-            decision = yield from admit_plan(user, estimate, probe=lower)
+            decision = yield from admit_plan(user, estimate, probe=lower, api_key=api_key)
             if decision is not None:
                 return estimate, decision
     estimate = yield from estimate_plan(
@@ -361,7 +364,7 @@ def admit_request_plan(
         bounds=bounds, **billed,
     )  # fmt: skip
     estimate = per_choice(estimate, choices)
-    decision = yield from admit_plan(user, estimate)
+    decision = yield from admit_plan(user, estimate, api_key=api_key)
     assert decision is not None  # only a probe may leave the answer open
     return estimate, decision
 
@@ -386,15 +389,22 @@ class _Refusal(Exception):
 
 
 def admit_plan(
-    user: Any, estimate: Estimate, *, policy: UserPolicy | None = None, probe: int | None = None
+    user: Any,
+    estimate: Estimate,
+    *,
+    policy: UserPolicy | None = None,
+    probe: int | None = None,
+    api_key: ApiKeyCredential | None = None,
 ) -> Plan[Decision | None]:
     """Reserve ``estimate`` or raise the refusal. With ``probe`` (a lower bound of the
-    prompt, see ``admit_request_plan``) None means "count the prompt exactly"."""
+    prompt, see ``admit_request_plan``) None means "count the prompt exactly". With
+    ``api_key``, the key's limits are reserved in the same step as the user's."""
     pk = yield from pk_plan(user)
     if pk is None:
         raise NotAuthenticated()
     if policy is None:
         policy = yield from policy_plan(pk)
+    policy = with_key(policy, api_key)
     if _needs_count(policy, estimate, probe):
         return None
     try:
