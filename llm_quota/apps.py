@@ -27,12 +27,8 @@ class LLMQuotaConfig(AppConfig):
             post_delete.connect(
                 config_changed, sender=model, dispatch_uid=f"llmq-del-{model.__name__}"
             )
-        post_save.connect(
-            user_changed, sender=get_user_model(), dispatch_uid="llmq-save-user"
-        )
-        post_delete.connect(
-            config_changed, sender=get_user_model(), dispatch_uid="llmq-del-user"
-        )
+        post_save.connect(user_changed, sender=get_user_model(), dispatch_uid="llmq-save-user")
+        post_delete.connect(config_changed, sender=get_user_model(), dispatch_uid="llmq-del-user")
         # Started lazily on the first read, in each process: threads don't survive the
         # fork of a preloading gunicorn or a prefork Celery pool.
         config_cache.before_read = listener.ensure_running

@@ -66,4 +66,3 @@ def key_usage_report(key: ApiKey, *, ledger: Ledger | None = None) -> dict[str, 
         },
         "last_used_at": last_used,
     }
-

@@ -8,7 +8,9 @@ import json
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from llm_quota.models import ApiKey, hash_api_key
@@ -190,3 +192,55 @@ def test_a_warm_request_with_a_key_makes_no_sql_query(member, stream, django_ass
     assert _chat(plaintext, stream=stream).status_code == 200
     with django_assert_num_queries(0):
         assert _chat(plaintext, stream=stream).status_code == 200
+
+
+def test_the_snapshot_copies_key_usage_and_last_use_without_a_write_per_request(member):
+    from llm_quota.models import ApiKeyUsageSnapshot
+    from llm_quota.reporting.snapshot import snapshot_usage
+
+    key, plaintext = api_key(member)
+    with CaptureQueriesContext(connection) as queries:
+        for _ in range(3):
+            assert _chat(plaintext).status_code == 200
+    assert not [q for q in queries if "UPDATE" in q["sql"] and "apikey" in q["sql"]]
+    key.refresh_from_db()
+    assert key.last_used_at is None  # not written by the requests
+    run = snapshot_usage(full=True)
+    assert run.keys == 1
+    row = ApiKeyUsageSnapshot.objects.get(api_key=key)
+    assert row.requests == 3 and row.base_tokens > 0
+    key.refresh_from_db()
+    assert key.last_used_at is not None
+    snapshot_usage(full=True)  # again: the same figures, nothing doubled
+    assert ApiKeyUsageSnapshot.objects.get(api_key=key).requests == 3
+
+
+def test_the_admin_shows_a_new_key_once_and_lists_prefix_last_use_and_usage(member, admin_client):
+    from django.urls import reverse
+
+    added = admin_client.post(
+        reverse("admin:llm_quota_apikey_add"),
+        {"user": member.pk, "name": "from-admin", "scopes": "", "expires_at_0": "",
+         "expires_at_1": "", "requests_per_minute": "", "tokens_per_day": "",
+         "tokens_per_month": "", "snapshots-TOTAL_FORMS": "0",
+         "snapshots-INITIAL_FORMS": "0"},
+        follow=True,
+    )  # fmt: skip
+    assert added.status_code == 200
+    shown = [str(m) for m in added.context["messages"] if "<code>llmq_" in str(m)]
+    assert len(shown) == 1
+    plaintext = shown[0].split("<code>")[1].split("</code>")[0]
+    key = ApiKey.objects.get(name="from-admin")
+    assert key.key_hash == hash_api_key(plaintext)
+    assert _chat(plaintext).status_code == 200  # the key shown works
+    listing = admin_client.get(reverse("admin:llm_quota_apikey_changelist")).content.decode()
+    assert key.prefix in listing and plaintext not in listing and key.key_hash not in listing
+    page = admin_client.get(reverse("admin:llm_quota_apikey_change", args=[key.pk]))
+    assert (
+        plaintext not in page.content.decode() and "1 requests this month" in page.content.decode()
+    )
+    admin_client.post(
+        reverse("admin:llm_quota_apikey_changelist"),
+        {"action": "revoke_keys", "_selected_action": [key.pk]},
+    )
+    assert _chat(plaintext).status_code == 401
