@@ -72,10 +72,10 @@ def test_a_burst_with_one_key_over_several_workers_never_overspends_its_budget(
     quota_prefix,
     redis_client,
 ):
-    cost = estimate(site)
+    pk = admin(site, "seed", f"{quota_prefix}-burst", "tokens_per_month=100000000")
+    cost = estimate(site)  # after the seed, which prices gpt-4o
     calls = 20
     limit = calls * cost + 10  # room for 20 calls; too little to clamp a 21st
-    pk = admin(site, "seed", f"{quota_prefix}-burst", "tokens_per_month=100000000")
     key_id, key = admin(site, "key", pk, f"tokens_per_month={limit}").split()
     port = spare_port()
     with serving(gunicorn(site, 3, port), site, port, f"/policy/{pk}/") as url:
@@ -83,7 +83,9 @@ def test_a_burst_with_one_key_over_several_workers_never_overspends_its_budget(
             answers = list(pool.map(lambda _: chat(url, key), range(60)))
     statuses = [status for status, _ in answers]
     refused = [body for status, body in answers if status == 429]
-    assert statuses.count(200) == calls and len(refused) == 60 - calls
+    # At least the 20 calls the budget holds at their estimates; a few more where earlier
+    # calls settled below their estimate (the fake provider writes fewer tokens).
+    assert statuses.count(200) >= calls and statuses.count(200) + len(refused) == 60
     assert {("key.tokens_per_month" in body["error"]["message"]) for body in refused} == {True}
     ledger = Ledger(redis_client, prefix=quota_prefix)
     deadline = time.monotonic() + 5  # the last settles may trail the last answer a moment
