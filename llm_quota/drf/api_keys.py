@@ -64,3 +64,19 @@ class ApiKeyAuthentication(BaseAuthentication):
 
     def authenticate_header(self, request: Any) -> str:
         return f'{KEYWORD} realm="api"'
+
+
+try:  # the OpenAPI schema is an optional extra (drf-spectacular)
+    from drf_spectacular.extensions import OpenApiAuthenticationExtension
+except ImportError:  # pragma: no cover
+    pass
+else:
+
+    class ApiKeyScheme(OpenApiAuthenticationExtension):
+        """Documents ``Bearer llmq_...`` in ``/api/schema/`` (registered by subclassing)."""
+
+        target_class = ApiKeyAuthentication
+        name = "apiKey"
+
+        def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
+            return {"type": "http", "scheme": "bearer", "bearerFormat": "llmq_..."}

@@ -31,7 +31,7 @@ class ApiKeySerializer(serializers.ModelSerializer):
         )  # fmt: skip
         read_only_fields = fields
 
-    def get_team(self, key: ApiKey) -> None:
+    def get_team(self, key: ApiKey) -> str | None:
         return None
 
 

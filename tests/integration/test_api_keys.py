@@ -244,3 +244,9 @@ def test_the_admin_shows_a_new_key_once_and_lists_prefix_last_use_and_usage(memb
         {"action": "revoke_keys", "_selected_action": [key.pk]},
     )
     assert _chat(plaintext).status_code == 401
+
+
+def test_the_openapi_schema_documents_the_key_endpoints_and_the_key_scheme():
+    schema = Client().get("/api/schema/?format=json").json()
+    assert {"/api/llm-quota/keys/", "/api/llm-quota/keys/{key_id}/usage/"} <= set(schema["paths"])
+    assert schema["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
