@@ -250,3 +250,27 @@ def test_the_openapi_schema_documents_the_key_endpoints_and_the_key_scheme():
     schema = Client().get("/api/schema/?format=json").json()
     assert {"/api/llm-quota/keys/", "/api/llm-quota/keys/{key_id}/usage/"} <= set(schema["paths"])
     assert schema["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+
+
+@pytest.mark.urls("tests.integration.pipeline_urls")
+def test_the_throttle_in_a_host_view_reserves_the_keys_limits(member):
+    key, plaintext = api_key(member, requests_per_minute=1)
+    first = _api("post", "/drf/keyed", plaintext, BODY)
+    assert first.status_code == 200, first.content
+    refused = _api("post", "/drf/keyed", plaintext, BODY)
+    assert refused.status_code == 429 and refused.json()["limit"] == "key.requests_per_minute"
+    assert _api("post", "/drf/keyed", access_token(member), BODY).status_code == 200
+    from llm_quota.ledger.default import get_ledger
+
+    assert get_ledger().key_usage(member.pk, key.pk).requests == 1
+
+
+@pytest.mark.urls("tests.integration.pipeline_urls")
+def test_a_quota_gated_view_takes_a_key_and_charges_it(member):
+    from llm_quota.ledger.default import get_ledger
+
+    key, plaintext = api_key(member, tokens_per_day=10_000)
+    assert _api("post", "/plain", plaintext, BODY).status_code == 200
+    assert get_ledger().key_usage(member.pk, key.pk).requests == 1
+    _revoked, other = api_key(member, revoked_at=timezone.now())
+    assert _api("post", "/plain", other, BODY).status_code == 401
