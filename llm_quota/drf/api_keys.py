@@ -9,6 +9,7 @@ admission read. A warm request makes no database query (``rules.api_keys``).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
@@ -60,7 +61,9 @@ class ApiKeyAuthentication(BaseAuthentication):
             raise InvalidApiKey("This API key has expired.")
         if not credential.user.is_active:
             raise InvalidApiKey("The user of this API key is inactive.")
-        return credential.user, credential
+        # A copy per request: the cached instance is shared by every request of this
+        # process, and a view may set attributes on request.user.
+        return copy.copy(credential.user), credential
 
     def authenticate_header(self, request: Any) -> str:
         return f'{KEYWORD} realm="api"'

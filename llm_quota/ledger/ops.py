@@ -58,6 +58,7 @@ SCRIPTS = (
     "global_renew",
     "global_usage",
     "key_usage",
+    "key_restore",
     "reset",
 )
 
@@ -433,7 +434,26 @@ class LedgerOps:
         result = yield ScriptCall(
             "restore", (self.keyspace.user(uid), self.index_base(uid)), tuple(args)
         )
-        return int(result) == 1
+        if int(result) != 1:
+            return False  # another request restored first, its keys with it
+        yield from self._restore_keys(uid, month)
+        return True
+
+    def _restore_keys(self, uid: str, month: str) -> Plan[None]:
+        """The user's API keys' months, after the user's own restore (which ran once per
+        loss, so these are added once): one script per key that has any."""
+        per_key: dict[int, list[Any]] = {}
+        for period in (month, previous_month(month)):
+            for key_id, row in (yield LoadMonth(uid, period, api_keys=True)):
+                per_key.setdefault(key_id, []).extend((
+                    period, month_end_ms(period, self.timezone), row.base_tokens,
+                    row.requests, row.input_tokens, row.output_tokens,
+                ))  # fmt: skip
+        now_arg = self.now_arg()[0]
+        for key_id, groups in per_key.items():
+            yield ScriptCall(
+                "key_restore", (self.keyspace.api_key(uid, key_id),), (now_arg, *groups)
+            )
 
     # -- admin -------------------------------------------------------------------------
 

@@ -33,6 +33,9 @@ class Ledger(LedgerOperations):
     def perform(self, step: ScriptCall | LoadMonth) -> Any:
         """Send one step: a script by EVALSHA, or a month asked of the restore source."""
         if isinstance(step, LoadMonth):
+            if step.api_keys:
+                source = self.restore_keys_source
+                return [] if source is None else source(step.user_id, step.month)
             if self.restore_source is None:
                 return 0, []
             return self.restore_source(step.user_id, step.month)
