@@ -19,7 +19,7 @@ from typing import Any
 from django.utils import timezone
 
 from llm_quota.models import API_KEY_PREFIX, API_KEY_PREFIX_CHARS, hash_api_key
-from llm_quota.rules.config_cache import config_cache
+from llm_quota.rules.config_cache import MISSING, config_cache
 from llm_quota.rules.policy import UserPolicy
 
 #: Longer than any key ``ApiKey.issue`` makes; a longer bearer is not looked up.
@@ -78,14 +78,20 @@ def _load(prefix: str) -> ApiKeyCredential | None:
 
 
 def find_key(key: str) -> ApiKeyCredential | None:
-    """The credential ``key`` proves, usable or not, or None for no such key. Unknown
-    prefixes are cached too (as None): a key created later drops the cache on save."""
+    """The credential ``key`` proves, usable or not, or None for no such key.
+
+    Only keys that exist are cached: a flood of made-up keys costs one indexed query
+    each (as a bad JWT costs a signature check) and cannot fill the config cache,
+    whose overflow would drop every tier and price with it."""
     if not looks_like_key(key):
         return None
     prefix = key[: len(API_KEY_PREFIX) + API_KEY_PREFIX_CHARS]
-    credential = config_cache.get(("api-key", prefix), lambda: _load(prefix))
-    if credential is None:
-        return None
+    credential = config_cache.peek(("api-key", prefix))
+    if credential is MISSING:
+        credential = _load(prefix)
+        if credential is None:
+            return None
+        credential = config_cache.get(("api-key", prefix), lambda: credential)
     if not hmac.compare_digest(hash_api_key(key), credential.key_hash):
         return None
     return credential

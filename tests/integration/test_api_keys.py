@@ -274,3 +274,41 @@ def test_a_quota_gated_view_takes_a_key_and_charges_it(member):
     assert get_ledger().key_usage(member.pk, key.pk).requests == 1
     _revoked, other = api_key(member, revoked_at=timezone.now())
     assert _api("post", "/plain", other, BODY).status_code == 401
+
+
+def test_made_up_keys_are_not_cached(member):
+    from llm_quota.rules.config_cache import config_cache
+
+    for n in range(5):
+        assert _chat(f"llmq_madeup{n:03d}xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx").status_code == 401
+    assert not [k for k in config_cache._entries if isinstance(k, tuple) and k[0] == "api-key"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": ""},
+        {"name": "x" * 101},
+        {"name": "x", "requests_per_minute": 0},
+        {"name": "x", "tokens_per_day": -5},
+        {"name": "x", "tokens_per_month": "lots"},
+        {"name": "x", "expires_at": "yesterday"},
+        {"name": "x", "expires_at": "2001-01-01T00:00:00Z"},
+        {"name": "x", "team": "acme"},
+        {"name": "x", "scopes": 5},
+        ["not", "an", "object"],
+    ],
+)
+def test_bad_key_requests_get_400_and_make_no_key(member, body):
+    refused = _api("post", "/api/llm-quota/keys/", access_token(member), body)
+    assert refused.status_code == 400, refused.content
+    assert not ApiKey.objects.exists()
+
+
+def test_an_undecodable_or_oversized_bearer_is_a_401_not_a_500(member):
+    for header in (b"Bearer llmq_\xff\xfe", "Bearer llmq_" + "a" * 500):
+        response = Client().post(
+            "/v1/chat/completions", json.dumps(BODY), content_type="application/json",
+            HTTP_AUTHORIZATION=header,
+        )  # fmt: skip
+        assert response.status_code == 401
