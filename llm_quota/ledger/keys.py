@@ -150,6 +150,11 @@ class KeySpace:
         index shard holds its own, see ``index_shards``)."""
         return f"{self.index()}:k:{month}"
 
+    def team(self, team_id: Any) -> str:
+        """A team's base: its own hash tag, shared by its members wherever their own
+        slots are (on a cluster a second step, like the global caps)."""
+        return f"{self.prefix}:{{t:{api_key_id(team_id)}}}"
+
     def global_(self) -> str:
         return f"{self.prefix}:{{g}}"
 

@@ -94,6 +94,10 @@ class LedgerOperations:
         """An API key's live counters (``KeyUsage``)."""
         return self._run(self.ops.key_usage(user_id, api_key))
 
+    def team_usage(self, team: Any) -> Any:
+        """A team's live counters (``TeamUsage``)."""
+        return self._run(self.ops.team_usage(team))
+
     def global_usage(self) -> Any:
         """Everyone's tokens against the global caps, expired shares given back."""
         return self._run(self.ops.global_usage())

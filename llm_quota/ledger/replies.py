@@ -22,6 +22,9 @@ BUDGET_LIMITS = frozenset(
         "max_tokens_per_request",
         "key.tokens_per_day",
         "key.tokens_per_month",
+        "team.tokens_per_day",
+        "team.tokens_per_month",
+        "team.max_tokens_per_request",
     }
 )
 
@@ -44,6 +47,8 @@ class Reservation:
     unmetered: bool = False
     #: The API key that also holds a share of it (its id), or None.
     api_key: str | None = None
+    #: The team that also holds a share of it (its id), or None.
+    team: str | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,26 @@ class KeyUsage(PeriodUsage):
     input_tokens: int = 0
     output_tokens: int = 0
     base_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class MemberUsage:
+    user_id: str
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    base_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TeamUsage(PeriodUsage):
+    """A team's live counters and its settled month, by member and by model."""
+
+    reserved: int
+    requests_this_minute: int
+    in_flight: int
+    by_member: list[MemberUsage] = field(default_factory=list)
+    by_model: list[ModelUsage] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

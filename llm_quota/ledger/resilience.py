@@ -223,6 +223,7 @@ def lost_reservation(rid: str, pk: Any, limits: Limits, estimate: Estimate) -> R
         month_end_ms=0,
         uses_global=_uses_global(limits),
         api_key=limits.api_key,
+        team=limits.team,
     )
 
 
@@ -264,6 +265,7 @@ def _unmetered(uid: str, limits: Limits, estimate: Estimate, ledger: Any) -> Res
         uses_global=_uses_global(limits),
         unmetered=True,
         api_key=limits.api_key,
+        team=limits.team,
     )
 
 

@@ -24,10 +24,12 @@
 --   G:p, G:rr, G:z          the global shares' own leases, records and tombstones, so a
 --                           share expires with its lease even where no user script can
 --                           reach G (Redis Cluster) and no user returns to reclaim it
--- API key base K = B .. ":k:<key id>" (the user's hash tag, so the user's slot): a key's
--- share of each reservation it made (P below) and K:w ZSET reservation id -> admission
--- time (the key's sliding request window). K:n:<month> HASH "req", "in", "out", "base"
--- (settled, for the key's usage).
+-- Payers besides the user, each a share base P (below) with P:w ZSET reservation id ->
+-- admission time (its sliding request window) and P:n:<month> HASH of its settled
+-- usage ("req", "in", "out", "base", each followed by the caller's field suffixes):
+--   API key base K = B .. ":k:<key id>" (the user's hash tag, so the user's slot);
+--   team base T = "<prefix>:{t:<team id>}" (its own slot: on a cluster a second step,
+--   team_reserve.lua, as for the global caps).
 -- On one Redis the user scripts take G as a second key and do both in one round trip.
 -- On a cluster B and G are on different slots: the user's script runs first, then
 -- global_*.lua on G (global_reserve refusing means amend.lua withdraws the first step).
@@ -452,9 +454,9 @@ local function share_amend(P, rid, amount, now, ttl)
   return 1
 end
 
--- A key's request window: what it holds after the old entries leave, and when its
--- oldest entry leaves (ms from now; WINDOW when empty).
-local function key_window(K, now)
+-- A payer's request window (P:w): what it holds after the old entries leave, and when
+-- its oldest entry leaves (ms from now; WINDOW when empty).
+local function payer_window(K, now)
   redis.call('ZREMRANGEBYSCORE', K .. ':w', '-inf', now - WINDOW)
   local count = redis.call('ZCARD', K .. ':w')
   local reset = WINDOW
@@ -463,9 +465,9 @@ local function key_window(K, now)
   return count, reset
 end
 
--- The wait until a key's window has room for one more request under `rpm`: until its
+-- The wait until a payer's window has room for one more request under `rpm`: until its
 -- (count - rpm + 1)-th oldest entry leaves.
-local function key_window_wait(K, now, count, rpm, reset)
+local function payer_window_wait(K, now, count, rpm, reset)
   local nth = count - rpm
   if nth <= 0 then return reset end
   local entry = redis.call('ZRANGE', K .. ':w', nth, nth, 'WITHSCORES')
@@ -473,8 +475,66 @@ local function key_window_wait(K, now, count, rpm, reset)
   return reset
 end
 
--- Count an admitted request in the key's window; the window lives a minute past it.
-local function key_window_add(K, rid, now)
+-- Count an admitted request in a payer's window; the window lives a minute past it.
+local function payer_window_add(K, rid, now)
   redis.call('ZADD', K .. ':w', now, rid)
   redis.call('PEXPIRE', K .. ':w', WINDOW + 1000)
+end
+
+-- Payers as a reserve sees them: {label, base, rpm, conc, tpd, tpmo} (-1 = unlimited),
+-- read from ARGV from `at` on (five values each) with their bases from KEYS from 2 on.
+local function parse_payers(count, at)
+  local payers = {}
+  for i = 1, count do
+    local a = at + (i - 1) * 5
+    payers[i] = {label = ARGV[a], base = KEYS[1 + i], rpm = tonumber(ARGV[a + 1]),
+                 conc = tonumber(ARGV[a + 2]), tpd = tonumber(ARGV[a + 3]),
+                 tpmo = tonumber(ARGV[a + 4])}
+  end
+  return payers
+end
+
+-- Expire what is old in a payer's share and read what its limits depend on.
+local function payer_read(p, day, month, now, ttl)
+  share_housekeeping(p.base, now, ttl)
+  p.requests, p.reset = payer_window(p.base, now)
+  p.inflight = 0
+  if p.conc >= 0 then p.inflight = redis.call('ZCARD', p.base .. ':p') end
+  p.day, p.month = share_used(p.base, day, month)
+end
+
+-- A payer's request and concurrency limits, reported to `r` as refusals.
+local function payer_block_rates(p, r, now)
+  if p.rpm >= 0 and p.requests + 1 > p.rpm then
+    r.block(p.label .. 'requests_per_minute',
+      payer_window_wait(p.base, now, p.requests, p.rpm, p.reset))
+  end
+  if p.conc >= 0 and p.inflight + 1 > p.conc then
+    r.block(p.label .. 'max_concurrent_requests', 1000)
+  end
+end
+
+-- A payer's token limits, in fit_tokens()'s form.
+local function payer_token_limits(p, limits, day_end, month_end)
+  limits[#limits + 1] = {p.label .. 'tokens_per_day', p.tpd, p.day, day_end}
+  limits[#limits + 1] = {p.label .. 'tokens_per_month', p.tpmo, p.month, month_end}
+end
+
+-- Take a payer's share of an admitted request, and count it in its window.
+local function payer_take(p, rid, est, day, day_end, month, month_end, now, ttl)
+  share_take(p.base, rid, est, day, day_end, month, month_end, now, ttl)
+  payer_window_add(p.base, rid, now)
+end
+
+-- Record a settled request in a payer's month: "req", "in", "out", "base", each once
+-- per field suffix in the csv `suffixes` ('' for plain totals, '|u:<uid>' per member).
+local function payer_usage(P, month, month_end, suffixes, input, output, actual)
+  local n = P .. ':n:' .. month
+  for suffix in string.gmatch(suffixes .. ',', '([^,]*),') do
+    redis.call('HINCRBY', n, 'req' .. suffix, 1)
+    redis.call('HINCRBY', n, 'in' .. suffix, input)
+    redis.call('HINCRBY', n, 'out' .. suffix, output)
+    redis.call('HINCRBY', n, 'base' .. suffix, actual)
+  end
+  redis.call('PEXPIREAT', n, month_end + MONTH_GRACE)
 end

@@ -1,8 +1,10 @@
 -- reserve: check every limit and reserve the estimate in all of them, or in none.
--- Payers: the user always; the API key the request came with, if any; the global caps.
--- KEYS[1] user base B; then the key's base K (in B's slot) when ARGV[23] is given;
--- then the global base G, on one Redis only. On a cluster G is on another slot:
--- without it the global caps are left to global_reserve.lua.
+-- Payers: the user always; then the API key the request came with and the team it is
+-- charged to, if any (see parse_payers); the global caps.
+-- KEYS[1] user base B; then one base per payer (ARGV[23] of them: a key's K, in B's
+-- slot; a team's T, on one Redis only); then the global base G, on one Redis only. On
+-- a cluster T and G are on other slots: team_reserve.lua and global_reserve.lua
+-- check them in steps of their own.
 -- ARGV: 1 now (0 = Redis' clock), 2 reservation id, 3 ttl,
 --       4 requests/min, 5 concurrent, 6 tokens/min, 7 tokens/day, 8 tokens/month,
 --       9 global tokens/day, 10 global tokens/month   (-1 = unlimited),
@@ -10,7 +12,8 @@
 --       13 requested output tokens, 14 least output worth clamping to, 15 clamp (1/0),
 --       16 model, 17 day ids, 18 day starts, 19 month ids, 20 month starts,
 --       21 probe: a lower prompt cost in micro base tokens, or '' (none), 22 its clamp,
---       23 key requests/min, 24 key tokens/day, 25 key tokens/month (only with a key).
+--       23 how many payers follow, then five values each: label ('key.', 'team.'),
+--       requests/min, concurrent, tokens/day, tokens/month.
 -- Returns {status, limit, retry_ms, granted_output, reserved, now, day, month,
 --          requests_limit, requests_remaining, requests_reset_ms,
 --          tokens_limit, tokens_remaining, tokens_reset_ms, month_end, day_end,
@@ -29,8 +32,9 @@
 -- bound would be refused as well (probe_limit names the limit then, else ''), and so
 -- whether counting exactly could change the answer.
 
-local B, K, G = KEYS[1], nil, KEYS[2]
-if ARGV[23] then K, G = KEYS[2], KEYS[3] end
+local B = KEYS[1]
+local payers = parse_payers(tonumber(ARGV[23] or '0'), 24)
+local G = KEYS[2 + #payers]
 local now = now_ms(ARGV[1])
 local rid, ttl = ARGV[2], tonumber(ARGV[3])
 local rpm, conc, tpm = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -43,8 +47,6 @@ local day, day_end, day_start = pick_period(ARGV[17], ARGV[18], now)
 local month, month_end, month_start = pick_period(ARGV[19], ARGV[20], now)
 if G == nil then gtpd, gtpmo = -1, -1 end
 local use_global = gtpd >= 0 or gtpmo >= 0
-local krpm, ktpd, ktpmo = -1, -1, -1
-if K then krpm, ktpd, ktpmo = tonumber(ARGV[23]), tonumber(ARGV[24]), tonumber(ARGV[25]) end
 
 -- Step 1: an id with a finished record (or a tombstone) is not reserved again; one
 -- still pending is answered in step 3b.
@@ -67,7 +69,6 @@ local state = {wsum = num(s[3]), pdue = s[4], zdue = s[5], changed = {}}
 local freed, oldest = window_front(B, now)
 due_housekeeping(B, now, ttl, state)
 if use_global then share_housekeeping(G, now, ttl) end
-if K then share_housekeeping(K, now, ttl) end
 local used_min = state.wsum - freed
 local window_reset = WINDOW
 if oldest then window_reset = oldest + WINDOW - now end
@@ -79,11 +80,7 @@ local periods = redis.call('MGET', B .. ':d:' .. day, B .. ':m:' .. month)
 local used_day, used_month = num(periods[1]), num(periods[2])
 local g_day, g_month = 0, 0
 if use_global then g_day, g_month = share_used(G, day, month) end
-local k_requests, k_reset, k_day, k_month = 0, WINDOW, 0, 0
-if K then
-  k_requests, k_reset = key_window(K, now)
-  k_day, k_month = share_used(K, day, month)
-end
+for _, p in ipairs(payers) do payer_read(p, day, month, now, ttl) end
 
 -- What changed in B:s is written in one HSET, whatever the decision.
 local function save_state(wsum)
@@ -105,9 +102,11 @@ local function tokens_header(taken)
     {tpm, used_min, window_reset, WINDOW},
     {tpd, used_day, day_end - now, day_end - day_start},
     {tpmo, used_month, month_end - now, month_end - month_start},
-    {ktpd, k_day, day_end - now, day_end - day_start},
-    {ktpmo, k_month, month_end - now, month_end - month_start},
   }
+  for _, p in ipairs(payers) do
+    candidates[#candidates + 1] = {p.tpd, p.day, day_end - now, day_end - day_start}
+    candidates[#candidates + 1] = {p.tpmo, p.month, month_end - now, month_end - month_start}
+  end
   for _, c in ipairs(candidates) do
     local left = c[1] - c[2] - taken
     if c[1] >= 0 and (best[1] < 0 or left < best[2]) then best = {c[1], left, c[3], c[4]} end
@@ -115,13 +114,15 @@ local function tokens_header(taken)
   return best[1], math.max(best[2], -1), best[3], best[4]
 end
 
--- The request limit the headers describe: the user's or the key's, whichever has less
+-- The request limit the headers describe: the user's or a payer's, whichever has less
 -- left once `taken` more requests are counted. Returns limit (-1: none), left, reset.
 local function requests_header(taken)
   local limit, left, reset = -1, -1, window_reset
   if rpm >= 0 then limit, left = rpm, rpm - requests - taken end
-  if krpm >= 0 and (limit < 0 or krpm - k_requests - taken < left) then
-    limit, left, reset = krpm, krpm - k_requests - taken, k_reset
+  for _, p in ipairs(payers) do
+    if p.rpm >= 0 and (limit < 0 or p.rpm - p.requests - taken < left) then
+      limit, left, reset = p.rpm, p.rpm - p.requests - taken, p.reset
+    end
   end
   return limit, math.max(left, 0), reset
 end
@@ -160,10 +161,8 @@ local function block_rates(r)
   end
   -- A lease usually ends when its request finishes, long before it expires.
   if conc >= 0 and inflight + 1 > conc then r.block('max_concurrent_requests', 1000) end
-  -- The key's own request window, beside its user's.
-  if krpm >= 0 and k_requests + 1 > krpm then
-    r.block('key.requests_per_minute', key_window_wait(K, now, k_requests, krpm, k_reset))
-  end
+  -- Each payer's own request window and calls in flight, beside the user's.
+  for _, p in ipairs(payers) do payer_block_rates(p, r, now) end
 end
 local r = refusal()
 block_rates(r)
@@ -195,9 +194,8 @@ local token_limits = {
   {'tokens_per_month', tpmo, used_month, month_end},
   {'global_tokens_per_day', gtpd, g_day, day_end},
   {'global_tokens_per_month', gtpmo, g_month, month_end},
-  {'key.tokens_per_day', ktpd, k_day, day_end},
-  {'key.tokens_per_month', ktpmo, k_month, month_end},
 }
+for _, p in ipairs(payers) do payer_token_limits(p, token_limits, day_end, month_end) end
 local function token_wait(l, short)
   if l[4] == 0 then return window_wait(short) end
   return l[4] - now
@@ -235,15 +233,16 @@ if use_global then
   share_take(G, rid, est, day, day_end, month, month_end, now, ttl)
   g = '1'
 end
-if K then
-  share_take(K, rid, est, day, day_end, month, month_end, now, ttl)
-  key_window_add(K, rid, now)
+for _, p in ipairs(payers) do
+  payer_take(p, rid, est, day, day_end, month, month_end, now, ttl)
 end
 redis.call('HSET', B .. ':rr', rid, record('p', est, day, month, month_end, g, model))
 if tonumber(s[2]) ~= math.floor(now / 86400000) then touch(B, now) end
 
 if not oldest then window_reset = WINDOW end
-if K and k_requests == 0 then k_reset = WINDOW end
+for _, p in ipairs(payers) do
+  if p.requests == 0 then p.reset = WINDOW end
+end
 local r_limit, r_left, r_reset = requests_header(1)
 local t_limit, t_left, t_reset, t_window = tokens_header(est)
 return {1, '', 0, granted, est, now, day, month,
