@@ -563,7 +563,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     inlines = [ApiKeyUsageInline]
     readonly_fields = ("prefix", "created_at", "last_use", "revoked_at", "live_usage")
     fieldsets = (
-        (None, {"fields": ("user", "name", "scopes", "expires_at")}),
+        (None, {"fields": ("user", "name", "scopes", "team", "expires_at")}),
         ("Key limits (base tokens; empty = unlimited)", {
             "fields": ("requests_per_minute", "tokens_per_day", "tokens_per_month"),
         }),
@@ -645,3 +645,76 @@ class ApiKeyAdmin(admin.ModelAdmin):
             key.save(update_fields=["revoked_at"])  # post_save: every process is told
             revoked += 1
         self.message_user(request, f"{revoked} API key(s) revoked.", messages.SUCCESS)
+
+
+# -- teams (contract section 10) ---------------------------------------------------------
+# Members inline; the change list and page show the team's live usage from Redis.
+
+from llm_quota.models import Team, TeamMembership  # noqa: E402
+from llm_quota.reporting.team_usage import team_usage_report  # noqa: E402
+from llm_quota.rules.teams import team_policy  # noqa: E402
+
+
+class TeamMembershipInline(admin.TabularInline):
+    model = TeamMembership
+    raw_id_fields = ("user",)
+    extra = 1
+
+
+@admin.register(Team)
+class TeamAdmin(admin.ModelAdmin):
+    list_display = ("slug", "name", "tier", "member_count", "tokens_this_month", "blocked")
+    list_filter = ("tier", "blocked")
+    search_fields = ("slug", "name")
+    prepopulated_fields = {"slug": ("name",)}
+    inlines = [TeamMembershipInline]
+    readonly_fields = ("live_usage",)
+    fieldsets = (
+        (None, {"fields": ("slug", "name", "tier", "blocked")}),
+        ("Overrides of the tier (empty: the tier's; 0: unlimited)", {
+            "fields": (("requests_per_minute", "max_concurrent_requests"),
+                       ("tokens_per_day", "tokens_per_month"), "max_tokens_per_request"),
+        }),
+        ("Live usage", {"fields": ("live_usage",)}),
+    )  # fmt: skip
+
+    @staticmethod
+    def _report(team: Team) -> dict[str, Any] | None:
+        if not team.pk:
+            return None
+        if not hasattr(team, "_live"):
+            policy = team_policy(team.pk)
+            try:
+                team._live = team_usage_report(policy) if policy else None
+            except RedisError:
+                team._live = None
+        return team._live
+
+    @admin.display(description="members")
+    def member_count(self, team: Team) -> int:
+        return team.memberships.count()
+
+    @admin.display(description="tokens this month")
+    def tokens_this_month(self, team: Team) -> Any:
+        report = self._report(team)
+        return "?" if report is None else f"{report['usage']['tokens_this_month']:,}"
+
+    @admin.display(description="live usage")
+    def live_usage(self, team: Team) -> Any:
+        report = self._report(team)
+        if report is None:
+            return "-"
+        usage, remaining = report["usage"], report["remaining"]
+        members = format_html_join(
+            "", "<li>{}: {} base tokens in {} requests</li>",
+            ((m["user"]["username"] or m["user"]["id"], m["base_tokens"], m["requests"])
+             for m in report["by_member"]),
+        )  # fmt: skip
+        return format_html(
+            "{} base tokens today, {} this month ({} reserved, {} calls in flight); left this "
+            "month: {}.<ul>{}</ul>",
+            usage["tokens_today"], usage["tokens_this_month"], usage["reserved"],
+            usage["in_flight"],
+            "∞" if remaining["tokens_per_month"] is None else remaining["tokens_per_month"],
+            members,
+        )  # fmt: skip

@@ -12,7 +12,7 @@ class LLMQuotaConfig(AppConfig):
 
         from llm_quota import checks  # noqa: F401  (registers the system checks
         from llm_quota.ledger.config_broadcast import config_changed, listener, user_changed
-        from llm_quota.models import ApiKey, ModelPrice, Tier, UserQuota
+        from llm_quota.models import ApiKey, ModelPrice, Team, TeamMembership, Tier, UserQuota
         from llm_quota.quota.alerts import on_quota_refused
         from llm_quota.rules.config_cache import config_cache
         from llm_quota.signals import quota_refused
@@ -20,7 +20,7 @@ class LLMQuotaConfig(AppConfig):
         quota_refused.connect(on_quota_refused, dispatch_uid="llmq-budget-alert")
         # An API key is cached with its user: a revocation, or a user deactivated, is
         # announced like a tier edit (a login's last_login update is not).
-        for model in (Tier, ModelPrice, UserQuota, ApiKey):
+        for model in (Tier, ModelPrice, UserQuota, ApiKey, Team, TeamMembership):
             post_save.connect(
                 config_changed, sender=model, dispatch_uid=f"llmq-save-{model.__name__}"
             )

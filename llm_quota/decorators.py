@@ -101,7 +101,8 @@ def admission_plan(
         drf_request = Request(request, authenticators=_authenticators())
         user, auth = yield Blocking(authentication.authenticate, (drf_request,))
     _require_chat_scope((yield from scopes_plan(user, auth)))
-    guard = QuotaGuard(user, api_key=credential_of(auth), **quota_request(request))
+    team = request.headers.get("OpenAI-Organization") or None  # a team's slug
+    guard = QuotaGuard(user, api_key=credential_of(auth), team=team, **quota_request(request))
     return (yield from guard.admit_plan())
 
 

@@ -262,6 +262,66 @@ class UsageSnapshot(models.Model):
         return f"{self.user} {self.period:%Y-%m} {self.model}"
 
 
+class Team(models.Model):
+    """Members who share a budget (contract section 10): the team's tier sets limits
+    that apply to all its members' requests together, on top of each member's own."""
+
+    slug = models.SlugField(
+        _("slug"), max_length=64, unique=True,
+        help_text=_("What the OpenAI-Organization header (the SDK's organization=) names."),
+    )  # fmt: skip
+    name = models.CharField(_("name"), max_length=100)
+    tier = models.ForeignKey(Tier, on_delete=models.PROTECT, related_name="teams")
+    requests_per_minute = _override_field(_("requests per minute"))
+    tokens_per_day = _override_field(_("tokens per day"))
+    tokens_per_month = _override_field(_("tokens per month"))
+    max_concurrent_requests = _override_field(_("max concurrent requests"))
+    max_tokens_per_request = _override_field(_("max tokens per request"))
+    blocked = models.BooleanField(_("blocked"), default=False)
+    members = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, through="TeamMembership", related_name="llm_teams"
+    )
+
+    class Meta:
+        ordering = ["slug"]
+        verbose_name = _("team")
+        verbose_name_plural = _("teams")
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+#: What a team enforces of its tier's limits (the tokens-per-minute window is per user).
+TEAM_LIMIT_FIELDS = (
+    "requests_per_minute",
+    "tokens_per_day",
+    "tokens_per_month",
+    "max_concurrent_requests",
+    "max_tokens_per_request",
+)
+
+
+class TeamMembership(models.Model):
+    MEMBER, ADMIN = "member", "admin"
+    ROLES = [(MEMBER, _("member")), (ADMIN, _("admin"))]
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="llm_team_memberships"
+    )
+    role = models.CharField(_("role"), max_length=16, choices=ROLES, default=MEMBER)
+
+    class Meta:
+        verbose_name = _("team membership")
+        verbose_name_plural = _("team memberships")
+        constraints = [
+            models.UniqueConstraint(fields=["team", "user"], name="llm_quota_membership_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.team} ({self.role})"
+
+
 #: What every API key starts with: tells it apart from a JWT on sight.
 API_KEY_PREFIX = "llmq_"
 #: Random bytes in a key (contract section 9: at least 32), URL-safe base64 encoded.
@@ -296,6 +356,14 @@ class ApiKey(models.Model):
         max_length=255,
         blank=True,
         help_text=_("Space-separated; empty: the tier's. Never more than the tier grants."),
+    )
+    team = models.ForeignKey(
+        Team,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="api_keys",
+        help_text=_("The team this key's requests are charged to; its user must be a member."),
     )
     expires_at = models.DateTimeField(_("expires at"), null=True, blank=True)
     revoked_at = models.DateTimeField(_("revoked at"), null=True, blank=True)

@@ -85,7 +85,8 @@ class LLMQuotaThrottle(BaseThrottle):
             raise InsufficientScope(f"This endpoint requires the scope {scope}.")
         # A caller authenticated by an API key: the key's limits are reserved with the user's.
         api_key = credential_of(getattr(request, "auth", None))
-        guard = QuotaGuard(user, scope=scope, api_key=api_key, **params)
+        team = request.headers.get("OpenAI-Organization") or None  # a team's slug
+        guard = QuotaGuard(user, scope=scope, api_key=api_key, team=team, **params)
         try:
             guard.admit()
         except QuotaExceeded as exc:

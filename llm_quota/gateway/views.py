@@ -73,9 +73,16 @@ class ChatCompletionsView(OpenAIView):
     def post(self, request: Any, *args: Any, **kwargs: Any) -> HttpResponseBase:
         chat = ChatRequest.from_body(request.data)
         guard = QuotaGuard(
-            request.user, api_key=credential_of(request.auth), **chat.quota_kwargs()
-        ).admit()
+            request.user, api_key=credential_of(request.auth), team=organization(request),
+            **chat.quota_kwargs(),
+        ).admit()  # fmt: skip
         return ChatCall(chat, guard, request.user).answer()
+
+
+def organization(request: Any) -> str | None:
+    """The team a request names to pay: ``OpenAI-Organization`` (the SDK's
+    ``organization=``), a team's slug (contract section 10)."""
+    return request.headers.get("OpenAI-Organization") or None
 
 
 def _model(name: str) -> dict[str, Any]:

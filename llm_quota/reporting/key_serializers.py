@@ -8,7 +8,7 @@ from typing import Any
 from django.utils import timezone
 from rest_framework import serializers
 
-from llm_quota.models import ApiKey
+from llm_quota.models import ApiKey, Team
 from llm_quota.rules.policy import policy_for
 
 KEY_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_day", "tokens_per_month")
@@ -21,7 +21,9 @@ class ApiKeySerializer(serializers.ModelSerializer):
         child=serializers.CharField(), source="scope_list", read_only=True,
         help_text="Empty: the tier's scopes.",
     )  # fmt: skip
-    team = serializers.SerializerMethodField(help_text="Always null: teams are not built yet.")
+    team = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True, help_text="The team the key charges, or null."
+    )
 
     class Meta:
         model = ApiKey
@@ -30,9 +32,6 @@ class ApiKeySerializer(serializers.ModelSerializer):
             *KEY_LIMIT_FIELDS, "created_at", "last_used_at",
         )  # fmt: skip
         read_only_fields = fields
-
-    def get_team(self, key: ApiKey) -> str | None:
-        return None
 
 
 class ApiKeyCreateSerializer(serializers.ModelSerializer):
@@ -58,10 +57,16 @@ class ApiKeyCreateSerializer(serializers.ModelSerializer):
             )
         return " ".join(scopes)
 
-    def validate_team(self, value: Any) -> None:
-        if value not in (None, ""):
-            raise serializers.ValidationError("Teams are not available yet.")
-        return None
+    def validate_team(self, value: Any) -> Team | None:
+        """A team's slug; the caller must be a member (a key charges that team)."""
+        if value in (None, ""):
+            return None
+        team = Team.objects.filter(
+            slug=value, memberships__user_id=self.context["request"].user.pk
+        ).first()
+        if team is None:
+            raise serializers.ValidationError("You are not a member of this team.")
+        return team
 
     def validate_expires_at(self, value: Any) -> Any:
         if value is not None and value <= timezone.now():
@@ -69,7 +74,6 @@ class ApiKeyCreateSerializer(serializers.ModelSerializer):
         return value
 
     def create(self, validated_data: dict[str, Any]) -> ApiKey:
-        validated_data.pop("team", None)
         key = ApiKey(user=self.context["request"].user, **validated_data)
         self.plaintext = key.issue()
         key.save()
@@ -83,7 +87,7 @@ class ApiKeyCreateSerializer(serializers.ModelSerializer):
             "prefix": key.prefix,
             "key": self.plaintext,
             "scopes": key.scope_list,
-            "team": None,
+            "team": key.team.slug if key.team else None,
             "expires_at": serializers.DateTimeField().to_representation(key.expires_at)
             if key.expires_at
             else None,

@@ -59,7 +59,8 @@ class ApiKeyListView(ListCreateAPIView):
     pagination_class = None
 
     def get_queryset(self) -> QuerySet[ApiKey]:
-        return ApiKey.objects.filter(user_id=self.request.user.pk).order_by("-created_at")
+        keys = ApiKey.objects.filter(user_id=self.request.user.pk).select_related("team")
+        return keys.order_by("-created_at")
 
     def get_serializer_class(self) -> Any:
         return ApiKeyCreateSerializer if self.request.method == "POST" else ApiKeySerializer

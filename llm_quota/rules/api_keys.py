@@ -41,6 +41,8 @@ class ApiKeyCredential:
     requests_per_minute: int | None = None
     tokens_per_day: int | None = None
     tokens_per_month: int | None = None
+    #: The team the key's requests are charged to (contract section 10), or None.
+    team_id: int | None = None
 
     @property
     def user_id(self) -> Any:
@@ -74,6 +76,7 @@ def _load(prefix: str) -> ApiKeyCredential | None:
         requests_per_minute=row.requests_per_minute,
         tokens_per_day=row.tokens_per_day,
         tokens_per_month=row.tokens_per_month,
+        team_id=row.team_id,
     )
 
 
