@@ -64,3 +64,37 @@ def test_the_sdk_gets_an_authentication_error_for_a_revoked_key(either_gateway):
     with pytest.raises(openai.AuthenticationError) as refused:
         client.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=5)
     assert refused.value.code == "invalid_api_key"
+
+
+def test_the_sdk_with_a_key_and_organization_charges_the_team_streaming_included(either_gateway):
+    from llm_quota.models import Team, TeamMembership
+
+    factories.tier("free", is_default=True, tokens_per_month=10**6)
+    team_tier = factories.tier("team", tokens_per_month=10**6)
+    acme = Team.objects.create(slug="acme", name="Acme", tier=team_tier)
+    other = Team.objects.create(slug="other", name="Other", tier=team_tier)
+    user = factories.user()
+    for team in (acme, other):
+        TeamMembership.objects.create(team=team, user=user)
+    _key, plaintext = api_key(user)
+    client = openai.OpenAI(
+        base_url=either_gateway.base_url, api_key=plaintext, organization="acme", max_retries=0
+    )
+    either_gateway.clients.append(client)
+    client.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=20)
+    chunks = list(
+        client.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=20, stream=True)
+    )
+    assert chunks
+    ledger = get_ledger()
+    team = ledger.team_usage(acme.pk)
+    assert [m.requests for m in team.by_member] == [2] and team.reserved == 0
+    assert team.tokens_this_month == ledger.usage(user.pk).tokens_this_month > 0
+    assert ledger.team_usage(other.pk).tokens_this_month == 0
+    stranger = openai.OpenAI(
+        base_url=either_gateway.base_url, api_key=plaintext, organization="nope", max_retries=0
+    )
+    either_gateway.clients.append(stranger)
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        stranger.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=5)
+    assert refused.value.code == "team_not_allowed"
