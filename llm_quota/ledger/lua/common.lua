@@ -370,7 +370,8 @@ end
 -- a share expires with its own lease whoever comes back. P is G or a K.
 
 local function share_used(P, day, month)
-  return num(redis.call('GET', P .. ':d:' .. day)), num(redis.call('GET', P .. ':m:' .. month))
+  local used = redis.call('MGET', P .. ':d:' .. day, P .. ':m:' .. month)
+  return num(used[1]), num(used[2])
 end
 
 local function share_give_back(P, est, day, month, now)
@@ -395,7 +396,9 @@ local function share_take(P, rid, est, day, day_end, month, month_end, now, ttl)
   add_period(P .. ':m:' .. month, est, month_end + MONTH_GRACE)
   redis.call('ZADD', P .. ':p', now + ttl, rid)
   redis.call('HSET', P .. ':rr', rid, record('p', est, day, month, month_end, '1', ''))
-  share_touch(P, now)
+  -- The structures' lives are refreshed when the leases' set is new (no TTL yet), and
+  -- by every settle (share_settle): one PTTL here rather than three PEXPIREATs.
+  if redis.call('PTTL', P .. ':p') < 0 then share_touch(P, now) end
 end
 
 -- Replace a share's estimate by the actual usage, once. Without a record (lost,
