@@ -178,3 +178,32 @@ def test_a_warm_request_with_a_keys_team_makes_no_sql_query(world, django_assert
     assert chat(plaintext).status_code == 200
     with django_assert_num_queries(0):
         assert chat(plaintext).status_code == 200
+
+
+@pytest.mark.urls("tests.integration.pipeline_urls")
+@pytest.mark.parametrize("path", ["/drf/settle", "/plain"])
+def test_the_throttle_and_quota_gated_choose_the_team_alike(world, path):
+    _, acme, globex = world
+    user = member(globex, user=member(acme))
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {access_token(user)}"}
+    post = Client().post
+    assert post(path, json.dumps(BODY), content_type="application/json",
+                HTTP_OPENAI_ORGANIZATION="acme", **headers).status_code == 200  # fmt: skip
+    assert team_tokens(acme) > 0 and team_tokens(globex) == 0
+    refused = post(path, json.dumps(BODY), content_type="application/json",
+                   HTTP_OPENAI_ORGANIZATION="initech", **headers)  # fmt: skip
+    assert refused.status_code == 403
+
+
+def test_quota_guard_takes_a_team_by_slug_or_instance(world):
+    from llm_quota import quota_guard
+    from llm_quota.exceptions import TeamNotAllowed
+
+    _, acme, globex = world
+    user = member(globex, user=member(acme))
+    for team in ("acme", acme):
+        with quota_guard(user, model="gpt-4o", prompt_tokens=10, max_tokens=5, team=team) as q:
+            q.settle({"prompt_tokens": 10, "completion_tokens": 5})
+    assert get_ledger().team_usage(acme.pk).by_member[0].requests == 2
+    with pytest.raises(TeamNotAllowed):
+        quota_guard(factories.user(), model="gpt-4o", prompt_tokens=10, team="acme").admit()
