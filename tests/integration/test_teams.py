@@ -207,3 +207,31 @@ def test_quota_guard_takes_a_team_by_slug_or_instance(world):
     assert get_ledger().team_usage(acme.pk).by_member[0].requests == 2
     with pytest.raises(TeamNotAllowed):
         quota_guard(factories.user(), model="gpt-4o", prompt_tokens=10, team="acme").admit()
+
+
+def test_the_admin_lists_teams_with_live_usage_and_edits_members_inline(world, admin_client):
+    from django.urls import reverse
+
+    _, acme, _ = world
+    user = member(acme)
+    assert chat(access_token(user)).status_code == 200
+    listing = admin_client.get(reverse("admin:llm_quota_team_changelist")).content.decode()
+    assert "acme" in listing and f"{team_tokens(acme):,}" in listing
+    page = admin_client.get(reverse("admin:llm_quota_team_change", args=[acme.pk]))
+    html = page.content.decode()
+    assert page.status_code == 200 and user.username in html and "1 requests" in html
+    newcomer = factories.user()
+    saved = admin_client.post(
+        reverse("admin:llm_quota_team_change", args=[acme.pk]),
+        {"slug": "acme", "name": "Acme", "tier": acme.tier_id, "requests_per_minute": "",
+         "max_concurrent_requests": "", "tokens_per_day": "", "tokens_per_month": "",
+         "max_tokens_per_request": "",
+         "memberships-TOTAL_FORMS": "2", "memberships-INITIAL_FORMS": "1",
+         "memberships-0-id": acme.memberships.get().pk, "memberships-0-team": acme.pk,
+         "memberships-0-user": user.pk, "memberships-0-role": "member",
+         "memberships-1-team": acme.pk, "memberships-1-user": newcomer.pk,
+         "memberships-1-role": "admin"},
+    )  # fmt: skip
+    assert saved.status_code == 302, saved.content.decode()[:2000]
+    assert chat(access_token(newcomer)).status_code == 200  # the new member's only team pays
+    assert get_ledger().team_usage(acme.pk).by_member[-1].requests == 1
