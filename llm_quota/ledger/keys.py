@@ -199,6 +199,12 @@ class KeySpace:
             raise InvalidKeyPart("unsafe alert limit or period")
         return f"{self.user(uid)}:al:{limit}:{int(threshold)}:{period}"
 
+    def team_alert_sent(self, team_id: Any, threshold: int, period: str) -> str:
+        """Dedupe marker: one team soft-limit alert per team, threshold and month."""
+        if not _ALERT_PART.fullmatch(period):
+            raise InvalidKeyPart("unsafe alert period")
+        return f"{self.team(team_id)}:al:{int(threshold)}:{period}"
+
     def snapshot_lock(self) -> str:
         """Serialises snapshot runs (and period resets) of this deployment."""
         return f"{self.index()}:snap:lock"

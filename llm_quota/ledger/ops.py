@@ -405,8 +405,13 @@ class LedgerOps:
         outcome, delta, month_used, prior = (
             int(reply[0]), int(reply[1]), int(reply[2]), text(reply[3]),
         )  # fmt: skip
+        team_used = None
+        if reservation.team is not None and not self.cluster and len(reply) > 4:
+            team_used = int(reply[4][-1])  # the team is the last payer of the script
         if self.cluster and reservation.team is not None:
-            yield self._settle_team(reservation, rid, actual, prior, usage, uid, model)
+            answer = yield self._settle_team(reservation, rid, actual, prior, usage, uid, model)
+            if isinstance(answer, list | tuple):
+                team_used = int(answer[1])
         if self.cluster and reservation.uses_global:
             yield self._settle_global(reservation, rid, actual, prior)
         if outcome not in (1, 2):
@@ -418,6 +423,7 @@ class LedgerOps:
             month=reservation.month,
             month_used=month_used,
             base_tokens=actual,
+            team_month_used=None if team_used is None or team_used < 0 else team_used,
         )
 
     def _settle_global(
@@ -644,8 +650,8 @@ def _team_args(limits: Limits) -> tuple[Any, ...]:
 
 
 def _team_suffixes(uid: str, model: str) -> str:
-    """A team's usage is kept by member and by model (``payer_usage`` in common.lua)."""
-    return f"|u:{uid},|m:{model}"
+    """A team's usage is kept in total, by member and by model (``payer_usage``)."""
+    return f",|u:{uid},|m:{model}"
 
 
 def _plus(value: int | None, amount: int) -> int | None:

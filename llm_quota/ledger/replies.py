@@ -102,6 +102,8 @@ class Settlement:
     month_used: int | None = None
     #: Base tokens this settle charged for the request.
     base_tokens: int = 0
+    #: The paying team's month settled after this one (None: no team, or unchanged).
+    team_month_used: int | None = None
 
 
 @dataclass(frozen=True)

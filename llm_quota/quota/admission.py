@@ -697,16 +697,24 @@ def _soft_limit_alert(reservation: Reservation, settlement: Settlement) -> Plan[
         return
     try:
         policy = yield from policy_plan(alerts.user_pk(reservation.user_id))
-        if alerts.soft_limit_crossing(policy, settlement) is None:
-            return
+        user_crossed = alerts.soft_limit_crossing(policy, settlement) is not None
+        team = config_cache.peek(("team", int(reservation.team))) if reservation.team else None
+        team_crossed = settlement.team_month_used is not None and (
+            team is MISSING or alerts.team_soft_limit_crossing(team, settlement) is not None
+        )
     except Exception:  # an alert may never fail a request
         logger.exception("soft-limit alert failed for user %s", reservation.user_id)
+        return
+    if not user_crossed and not team_crossed:
         return
     ledger = yield USE_LEDGER
     # The marker is set with the sync client; receivers may write to the database:
     # thread-sensitive, as Django asks of ORM code.
     sync_ledger = ledger if isinstance(ledger, Ledger) else ledger.mirrors
-    yield Blocking(alerts.after_settle, (reservation, settlement, sync_ledger))
+    if user_crossed:
+        yield Blocking(alerts.after_settle, (reservation, settlement, sync_ledger))
+    if team_crossed:
+        yield Blocking(alerts.after_team_settle, (reservation, settlement, sync_ledger))
 
 
 __all__ = [

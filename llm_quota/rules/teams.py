@@ -32,6 +32,7 @@ class TeamPolicy:
     max_tokens_per_request: int | None = None
     upgrade: dict[str, str] | None = None
     blocked: bool = False
+    soft_limit_percent: int = 80
 
 
 def _load_team(team_id: int) -> TeamPolicy | None:
@@ -49,7 +50,8 @@ def _load_team(team_id: int) -> TeamPolicy | None:
     }
     return TeamPolicy(
         id=team.pk, slug=team.slug, name=team.name, tier=team.tier.name,
-        upgrade=upgrade, blocked=team.blocked, **limits,
+        upgrade=upgrade, blocked=team.blocked, soft_limit_percent=team.tier.soft_limit_percent,
+        **limits,
     )  # fmt: skip
 
 

@@ -82,3 +82,16 @@ def test_key_team_and_user_are_reserved_together_and_the_tightest_clamps(ledger)
     assert ledger.team_usage("9").tokens_today == 200
     assert ledger.key_usage(1, "4").tokens_today == 200
     assert ledger.usage(1).tokens_today == 200
+
+
+def test_a_settle_reports_the_teams_month_so_far(ledger):
+    limits = _team(team_tokens_per_month=10_000)
+    first = ledger.settle(ledger.reserve(1, limits, estimate(100, 100)).reservation,
+                          ActualUsage(100, 50))  # fmt: skip
+    second = ledger.settle(ledger.reserve(2, limits, estimate(100, 100)).reservation,
+                           ActualUsage(10, 10))  # fmt: skip
+    assert (first.team_month_used, second.team_month_used) == (150, 170)
+    again = ledger.settle(
+        ledger.reserve(3, Limits(), estimate(1, 1)).reservation, ActualUsage(1, 1)
+    )
+    assert again.team_month_used is None  # no team

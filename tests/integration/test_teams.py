@@ -235,3 +235,31 @@ def test_the_admin_lists_teams_with_live_usage_and_edits_members_inline(world, a
     assert saved.status_code == 302, saved.content.decode()[:2000]
     assert chat(access_token(newcomer)).status_code == 200  # the new member's only team pays
     assert get_ledger().team_usage(acme.pk).by_member[-1].requests == 1
+
+
+def test_crossing_the_team_soft_limit_alerts_its_admins_once(world):
+    from llm_quota import quota_guard
+    from llm_quota.signals import team_soft_limit_crossed
+
+    _, acme, _ = world
+    acme.tokens_per_month = 1000  # soft limit: 80% of it, 800
+    acme.save()
+    boss, worker = member(acme, role="admin"), member(acme)
+    seen = []
+
+    def receiver(**kwargs):
+        seen.append(kwargs)
+
+    team_soft_limit_crossed.connect(receiver, weak=False, dispatch_uid="team-alert-test")
+    try:
+        for _ in range(5):  # 5 x 200 = 1000: the 4th settle crosses 800
+            with quota_guard(worker, model="gpt-4o", prompt_tokens=100, max_tokens=25) as q:
+                q.settle({"prompt_tokens": 100, "completion_tokens": 25})
+    finally:
+        team_soft_limit_crossed.disconnect(dispatch_uid="team-alert-test")
+    assert len(seen) == 1
+    alert = seen[0]
+    assert (alert["team"], alert["limit"], alert["threshold"], alert["used"]) == (
+        "acme", "team.tokens_per_month", 800, 800,
+    )  # fmt: skip
+    assert alert["admins"] == [str(boss.pk)]

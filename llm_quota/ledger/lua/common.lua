@@ -531,13 +531,19 @@ end
 
 -- Record a settled request in a payer's month: "req", "in", "out", "base", each once
 -- per field suffix in the csv `suffixes` ('' for plain totals, '|u:<uid>' per member).
+-- Returns the month's settled base tokens after this one (its plain "base" total; -1
+-- without one): exactly one settle moves it over a soft limit, so the caller sees the
+-- crossing in the reply.
 local function payer_usage(P, month, month_end, suffixes, input, output, actual)
   local n = P .. ':n:' .. month
+  local total = -1
   for suffix in string.gmatch(suffixes .. ',', '([^,]*),') do
     redis.call('HINCRBY', n, 'req' .. suffix, 1)
     redis.call('HINCRBY', n, 'in' .. suffix, input)
     redis.call('HINCRBY', n, 'out' .. suffix, output)
-    redis.call('HINCRBY', n, 'base' .. suffix, actual)
+    local base = redis.call('HINCRBY', n, 'base' .. suffix, actual)
+    if suffix == '' then total = base end
   end
   redis.call('PEXPIREAT', n, month_end + MONTH_GRACE)
+  return total
 end

@@ -4,7 +4,8 @@
 --       5 day, 6 month, 7 month end, 8 charge a missing record (1/0, as in
 --       global_settle.lua), 9 usage field suffixes (csv, see payer_usage),
 --       10 input tokens, 11 output tokens.
--- Returns the amount the payer's counters moved by.
+-- Returns {the amount the payer's counters moved by, its month settled after this (-1
+-- when this settle changed nothing)}.
 
 local P = KEYS[1]
 local now, ttl = now_ms(ARGV[1]), tonumber(ARGV[3])
@@ -20,7 +21,9 @@ local fresh = (rec == false and ARGV[8] == '1') or (rec and string.sub(rec, 1, 1
   and string.sub(rec, 1, 1) ~= 'l')
 local delta = share_settle(P, ARGV[2], actual, ARGV[5], ARGV[6], tonumber(ARGV[7]),
   ARGV[8] == '1', now, ttl)
+local total = -1
 if fresh then
-  payer_usage(P, ARGV[6], tonumber(ARGV[7]), ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]), actual)
+  total = payer_usage(P, ARGV[6], tonumber(ARGV[7]), ARGV[9], tonumber(ARGV[10]),
+    tonumber(ARGV[11]), actual)
 end
-return delta
+return {delta, total}

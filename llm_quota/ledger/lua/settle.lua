@@ -11,7 +11,8 @@
 --       14 how many distinct names a month records before such names go under it,
 --       15 how many payers follow, then two values each: its usage field suffixes
 --       (csv, see payer_usage) and its member in the active-key index ('' for none).
--- Returns {outcome, charged, month_used, prior state}: outcome 1 settled, 0 already
+-- Returns {outcome, charged, month_used, prior state, {each payer's month settled
+-- after this, see payer_usage}}: outcome 1 settled, 0 already
 -- settled or released (nothing changed), 2 settled late: the estimate had expired, so
 -- the whole actual usage was charged on top. month_used is the settled base tokens of
 -- the reservation's month after this settle (-1 if nothing changed), so the caller can
@@ -94,8 +95,10 @@ end
 -- Step 6b: each payer's usage of the month; a key also goes into the index of active
 -- keys, scored by this settle's time: the snapshot copies both, and that score is the
 -- key's last use (no database write per request).
+local payer_totals = {}
 for i = 1, npayers do
-  payer_usage(KEYS[2 + i], month, month_end, ARGV[14 + 2 * i], input, output, actual)
+  payer_totals[i] = payer_usage(KEYS[2 + i], month, month_end, ARGV[14 + 2 * i], input, output,
+    actual)
   local member = ARGV[15 + 2 * i]
   if member ~= '' then
     local ka = I .. ':k:' .. month
@@ -111,5 +114,5 @@ redis.call('ZADD', B .. ':z', now + ttl, rid)
 -- A user who never comes back never runs reserve's daily refresh: the tombstones
 -- must expire on their own.
 redis.call('PEXPIREAT', B .. ':z', now + STRUCT_TTL)
-if state == 'p' then return {1, delta, month_used, state} end
-return {2, delta, month_used, state}
+if state == 'p' then return {1, delta, month_used, state, payer_totals} end
+return {2, delta, month_used, state, payer_totals}
