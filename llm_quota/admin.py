@@ -977,3 +977,196 @@ def _csv_response(queryset: QuerySet[UsageSnapshot], filename: str) -> Streaming
     response = StreamingHttpResponse(csv_rows(queryset), content_type="text/csv")
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response
+
+
+# -- API keys (contract section 9) -------------------------------------------------------
+# Kept in one block: the key is shown once, in the message after "Save" on the add
+# page; the lists show its prefix, last use and live usage, never the key or its hash.
+
+from django.utils import timezone  # noqa: E402
+
+from llm_quota.models import ApiKey, ApiKeyUsageSnapshot  # noqa: E402
+from llm_quota.reporting.key_usage import key_usage_report  # noqa: E402
+
+
+class ApiKeyUsageInline(admin.TabularInline):
+    model = ApiKeyUsageSnapshot
+    fields = ("period", "requests", "input_tokens", "output_tokens", "base_tokens", "updated_at")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    verbose_name_plural = "usage by month (as of the last snapshot)"
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = (
+        "name", "user", "prefix", "created_at", "last_use", "expires_at", "status",
+        "tokens_this_month", "requests_this_month",
+    )  # fmt: skip
+    list_filter = (("revoked_at", admin.EmptyFieldListFilter),)
+    search_fields = ("name", "prefix", "user__username")
+    raw_id_fields = ("user",)
+    list_per_page = 50
+    actions = ["revoke_keys"]
+    inlines = [ApiKeyUsageInline]
+    readonly_fields = ("prefix", "created_at", "last_use", "revoked_at", "live_usage")
+    fieldsets = (
+        (None, {"fields": ("user", "name", "scopes", "team", "expires_at")}),
+        ("Key limits (base tokens; empty = unlimited)", {
+            "fields": ("requests_per_minute", "tokens_per_day", "tokens_per_month"),
+        }),
+        ("State", {"fields": ("prefix", "created_at", "last_use", "revoked_at", "live_usage")}),
+    )  # fmt: skip
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
+        # The owner of an existing key is fixed: its counters live under that user.
+        return (*self.readonly_fields, "user") if obj is not None else self.readonly_fields
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        plaintext = None if change else obj.issue()
+        super().save_model(request, obj, form, change)
+        if plaintext is not None:
+            messages.warning(
+                request,
+                format_html(
+                    "The API key <code>{}</code> is shown this once: copy it now. Only its "
+                    "hash is stored.",
+                    plaintext,
+                ),
+            )
+
+    @staticmethod
+    def _report(key: ApiKey) -> dict[str, Any] | None:
+        """The key's live report, read once per object (a page's rows, the change form)."""
+        if not key.pk:
+            return None
+        if not hasattr(key, "_live"):
+            try:
+                key._live = key_usage_report(key)
+            except RedisError:
+                key._live = None
+        return key._live
+
+    @admin.display(description="last use")
+    def last_use(self, key: ApiKey) -> Any:
+        report = self._report(key)
+        return (report or {}).get("last_used_at") or key.last_used_at or "never"
+
+    @admin.display(description="status")
+    def status(self, key: ApiKey) -> str:
+        if key.revoked_at is not None:
+            return "revoked"
+        if key.expires_at is not None and key.expires_at <= timezone.now():
+            return "expired"
+        return "active"
+
+    @admin.display(description="tokens this month")
+    def tokens_this_month(self, key: ApiKey) -> Any:
+        report = self._report(key)
+        return "?" if report is None else report["usage"]["tokens_this_month"]
+
+    @admin.display(description="requests this month")
+    def requests_this_month(self, key: ApiKey) -> Any:
+        report = self._report(key)
+        return "?" if report is None else report["usage"]["requests_this_month"]
+
+    @admin.display(description="live usage")
+    def live_usage(self, key: ApiKey) -> Any:
+        report = self._report(key)
+        if report is None:
+            return "-"
+        usage, remaining = report["usage"], report["remaining"]
+        return format_html(
+            "{} base tokens today, {} this month ({} reserved); {} requests this month. "
+            "Left: {} today, {} this month.",
+            usage["tokens_today"], usage["tokens_this_month"], usage["reserved"],
+            usage["requests_this_month"],
+            remaining["tokens_per_day"] if remaining["tokens_per_day"] is not None else "∞",
+            remaining["tokens_per_month"] if remaining["tokens_per_month"] is not None else "∞",
+        )  # fmt: skip
+
+    @admin.action(description="Revoke selected API keys")
+    def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        revoked = 0
+        for key in queryset.filter(revoked_at__isnull=True):
+            key.revoked_at = timezone.now()
+            key.save(update_fields=["revoked_at"])  # post_save: every process is told
+            revoked += 1
+        self.message_user(request, f"{revoked} API key(s) revoked.", messages.SUCCESS)
+
+
+# -- teams (contract section 10) ---------------------------------------------------------
+# Members inline; the change list and page show the team's live usage from Redis.
+
+from llm_quota.models import Team, TeamMembership  # noqa: E402
+from llm_quota.reporting.team_usage import team_usage_report  # noqa: E402
+from llm_quota.rules.teams import team_policy  # noqa: E402
+
+
+class TeamMembershipInline(admin.TabularInline):
+    model = TeamMembership
+    raw_id_fields = ("user",)
+    extra = 1
+
+
+@admin.register(Team)
+class TeamAdmin(admin.ModelAdmin):
+    list_display = ("slug", "name", "tier", "member_count", "tokens_this_month", "blocked")
+    list_filter = ("tier", "blocked")
+    search_fields = ("slug", "name")
+    prepopulated_fields = {"slug": ("name",)}
+    inlines = [TeamMembershipInline]
+    readonly_fields = ("live_usage",)
+    fieldsets = (
+        (None, {"fields": ("slug", "name", "tier", "blocked")}),
+        ("Overrides of the tier (empty: the tier's; 0: unlimited)", {
+            "fields": (("requests_per_minute", "max_concurrent_requests"),
+                       ("tokens_per_day", "tokens_per_month"), "max_tokens_per_request"),
+        }),
+        ("Live usage", {"fields": ("live_usage",)}),
+    )  # fmt: skip
+
+    @staticmethod
+    def _report(team: Team) -> dict[str, Any] | None:
+        if not team.pk:
+            return None
+        if not hasattr(team, "_live"):
+            policy = team_policy(team.pk)
+            try:
+                team._live = team_usage_report(policy) if policy else None
+            except RedisError:
+                team._live = None
+        return team._live
+
+    @admin.display(description="members")
+    def member_count(self, team: Team) -> int:
+        return team.memberships.count()
+
+    @admin.display(description="tokens this month")
+    def tokens_this_month(self, team: Team) -> Any:
+        report = self._report(team)
+        return "?" if report is None else f"{report['usage']['tokens_this_month']:,}"
+
+    @admin.display(description="live usage")
+    def live_usage(self, team: Team) -> Any:
+        report = self._report(team)
+        if report is None:
+            return "-"
+        usage, remaining = report["usage"], report["remaining"]
+        members = format_html_join(
+            "", "<li>{}: {} base tokens in {} requests</li>",
+            ((m["user"]["username"] or m["user"]["id"], m["base_tokens"], m["requests"])
+             for m in report["by_member"]),
+        )  # fmt: skip
+        return format_html(
+            "{} base tokens today, {} this month ({} reserved, {} calls in flight); left this "
+            "month: {}.<ul>{}</ul>",
+            usage["tokens_today"], usage["tokens_this_month"], usage["reserved"],
+            usage["in_flight"],
+            "∞" if remaining["tokens_per_month"] is None else remaining["tokens_per_month"],
+            members,
+        )  # fmt: skip

@@ -47,6 +47,7 @@ from rest_framework.settings import api_settings
 
 from llm_quota.conf import quota_settings
 from llm_quota.drf import authenticate as authentication
+from llm_quota.drf.api_keys import ApiKeyAuthentication, credential_of
 from llm_quota.drf.errors import response_for_exception
 from llm_quota.drf.permissions import scopes_plan
 from llm_quota.drf.throttling import REQUEST_ATTRIBUTE, admission_headers
@@ -74,9 +75,12 @@ def chat_quota_request(request: HttpRequest) -> dict[str, Any]:
 
 def _authenticators() -> list[Any]:
     # The session user is already on request.user (``_session_user``, which checks CSRF).
-    # api_settings imports the dotted paths; the stubs type the setting as strings.
-    classes: list[type] = api_settings.DEFAULT_AUTHENTICATION_CLASSES  # type: ignore[assignment]
-    return [cls() for cls in classes if not issubclass(cls, SessionAuthentication)]
+    # An API key works wherever a JWT does (contract section 9): tried first, it passes
+    # any other bearer on. api_settings imports the dotted paths; the stubs type the
+    # setting as strings.
+    configured: list[type] = api_settings.DEFAULT_AUTHENTICATION_CLASSES  # type: ignore[assignment]
+    classes = [ApiKeyAuthentication, *configured]
+    return [cls() for cls in dict.fromkeys(classes) if not issubclass(cls, SessionAuthentication)]
 
 
 def _require_chat_scope(granted: set[str]) -> None:
@@ -99,7 +103,8 @@ def admission_plan(
         drf_request = Request(request, authenticators=_authenticators())
         user, auth = yield Blocking(authentication.authenticate, (drf_request,))
     _require_chat_scope((yield from scopes_plan(user, auth)))
-    guard = QuotaGuard(user, **quota_request(request))
+    team = request.headers.get("OpenAI-Organization") or None  # a team's slug
+    guard = QuotaGuard(user, api_key=credential_of(auth), team=team, **quota_request(request))
     return (yield from guard.admit_plan())
 
 

@@ -98,6 +98,19 @@ class QuotaBlocked(PermissionDenied):
     default_detail = "LLM access is blocked for this account."
 
 
+class TeamNotAllowed(PermissionDenied):
+    """403: the request names a team (``OpenAI-Organization``, ``team=``) the caller is
+    not a member of, or one that does not exist: the two are not told apart."""
+
+    default_code = "team_not_allowed"
+    default_detail = "You are not a member of this team."
+
+
+class TeamBlocked(PermissionDenied):
+    default_code = "team_blocked"
+    default_detail = "LLM access is blocked for this team."
+
+
 class InvalidRequest(APIException):
     """400 ``invalid_request_error``, as OpenAI answers it; ``param`` names the field."""
 

@@ -7,7 +7,9 @@ config cache is dropped on save, see ``ledger/config_broadcast.py``).
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
+import secrets
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -277,3 +279,166 @@ class UsageSnapshot(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} {self.period:%Y-%m} {self.model}"
+
+
+class Team(models.Model):
+    """Members who share a budget (contract section 10): the team's tier sets limits
+    that apply to all its members' requests together, on top of each member's own."""
+
+    slug = models.SlugField(
+        _("slug"), max_length=64, unique=True,
+        help_text=_("What the OpenAI-Organization header (the SDK's organization=) names."),
+    )  # fmt: skip
+    name = models.CharField(_("name"), max_length=100)
+    tier = models.ForeignKey(Tier, on_delete=models.PROTECT, related_name="teams")
+    requests_per_minute = _override_field(_("requests per minute"))
+    tokens_per_day = _override_field(_("tokens per day"))
+    tokens_per_month = _override_field(_("tokens per month"))
+    max_concurrent_requests = _override_field(_("max concurrent requests"))
+    max_tokens_per_request = _override_field(_("max tokens per request"))
+    blocked = models.BooleanField(_("blocked"), default=False)
+    members = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, through="TeamMembership", related_name="llm_teams"
+    )
+
+    class Meta:
+        ordering = ["slug"]
+        verbose_name = _("team")
+        verbose_name_plural = _("teams")
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+#: What a team enforces of its tier's limits (the tokens-per-minute window is per user).
+TEAM_LIMIT_FIELDS = (
+    "requests_per_minute",
+    "tokens_per_day",
+    "tokens_per_month",
+    "max_concurrent_requests",
+    "max_tokens_per_request",
+)
+
+
+class TeamMembership(models.Model):
+    MEMBER, ADMIN = "member", "admin"
+    ROLES = [(MEMBER, _("member")), (ADMIN, _("admin"))]
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="llm_team_memberships"
+    )
+    role = models.CharField(_("role"), max_length=16, choices=ROLES, default=MEMBER)
+
+    class Meta:
+        verbose_name = _("team membership")
+        verbose_name_plural = _("team memberships")
+        constraints = [
+            models.UniqueConstraint(fields=["team", "user"], name="llm_quota_membership_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.team} ({self.role})"
+
+
+#: What every API key starts with: tells it apart from a JWT on sight.
+API_KEY_PREFIX = "llmq_"
+#: Random bytes in a key (contract section 9: at least 32), URL-safe base64 encoded.
+API_KEY_BYTES = 32
+#: Characters of the random part kept in ``ApiKey.prefix``: shown, and how a key is
+#: found (48 bits, unique); the key's hash, not the prefix, is what proves it.
+API_KEY_PREFIX_CHARS = 8
+
+
+def hash_api_key(key: str) -> str:
+    """SHA-256 of the whole key, hex. A key has 256 random bits, so a fast hash is the
+    accepted practice (no password hasher: nothing to stretch, and none per request)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKey(models.Model):
+    """A long-lived credential for code that cannot refresh a JWT (contract section 9).
+
+    Only the key's hash is stored; the key itself is shown once, by ``issue()``'s
+    caller. A save (revocation too) is broadcast like a tier edit, so every process
+    refuses a revoked key on its next request.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="llm_api_keys"
+    )
+    name = models.CharField(_("name"), max_length=100)
+    prefix = models.CharField(_("prefix"), max_length=32, unique=True, editable=False)
+    key_hash = models.CharField(_("key hash"), max_length=64, unique=True, editable=False)
+    scopes = models.CharField(
+        _("scopes"),
+        max_length=255,
+        blank=True,
+        help_text=_("Space-separated; empty: the tier's. Never more than the tier grants."),
+    )
+    team = models.ForeignKey(
+        Team,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="api_keys",
+        help_text=_("The team this key's requests are charged to; its user must be a member."),
+    )
+    expires_at = models.DateTimeField(_("expires at"), null=True, blank=True)
+    revoked_at = models.DateTimeField(_("revoked at"), null=True, blank=True)
+    requests_per_minute = _limit_field(_("requests per minute"), "This key's own limit.")
+    tokens_per_day = _limit_field(_("tokens per day"), "Base tokens, this key's own limit.")
+    tokens_per_month = _limit_field(_("tokens per month"), "Base tokens, this key's own limit.")
+    created_at = models.DateTimeField(_("created at"), auto_now_add=True)
+    last_used_at = models.DateTimeField(
+        _("last used at"),
+        null=True,
+        blank=True,
+        editable=False,
+        help_text=_("As of the last usage snapshot."),
+    )
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = _("API key")
+        verbose_name_plural = _("API keys")
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def scope_list(self) -> list[str]:
+        return self.scopes.split()
+
+    def issue(self) -> str:
+        """Give this unsaved key a fresh secret; returns the plaintext, to show once."""
+        random_part = secrets.token_urlsafe(API_KEY_BYTES)
+        key = API_KEY_PREFIX + random_part
+        self.prefix = API_KEY_PREFIX + random_part[:API_KEY_PREFIX_CHARS]
+        self.key_hash = hash_api_key(key)
+        return key
+
+
+class ApiKeyUsageSnapshot(models.Model):
+    """An API key's usage of one month, copied from Redis by the snapshot task."""
+
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="snapshots")
+    period = models.DateField(_("period"), help_text=_("First day of the month."))
+    requests = models.PositiveBigIntegerField(default=0)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    base_tokens = models.PositiveBigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-period"]
+        verbose_name = _("API key usage snapshot")
+        verbose_name_plural = _("API key usage snapshots")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["api_key", "period"], name="llm_quota_key_snapshot_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.api_key} {self.period:%Y-%m}"

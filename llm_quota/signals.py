@@ -16,6 +16,12 @@ soft_limit_crossed = Signal()
 #: kwargs: user_id, limit, percent (100), period, retry_after, event.
 budget_exhausted = Signal()
 
+#: Sent once per team, month and threshold when the team's settled usage crosses its
+#: tier's soft limit. kwargs: team (slug), team_id, admins (user ids of the team's
+#: admins), limit ("team.tokens_per_month"), used, threshold, percent, budget, period,
+#: event (the same fields as the webhook's JSON body).
+team_soft_limit_crossed = Signal()
+
 #: Sent when a settled call used more than was reserved for it (an upstream that
 #: ignored the output cap, or billed a prompt above its estimate). It is charged in
 #: full all the same, so a limit may be passed by this much.

@@ -3,7 +3,8 @@
 A view lists ``required_scopes``. A JWT caller has the scopes in its token's claim,
 *intersected* with its tier's scopes now, so blocking a user or moving them to a
 smaller tier takes effect before their token expires. A caller authenticated any
-other way (session, DRF token) has its tier's scopes. Nothing here touches Redis.
+other way (session, DRF token) has its tier's scopes; an API key caller the key's
+scopes, intersected with its tier's the same way. Nothing here touches Redis.
 A claim that is neither a string nor a list of strings is a malformed credential:
 401, and no scope granted (``MalformedScopeClaim``).
 
@@ -24,6 +25,7 @@ from llm_quota.ledger.plans import Plan
 from llm_quota.quota.access import refuse_blocked, require_scopes
 from llm_quota.quota.admission import policy_plan
 from llm_quota.quota.drivers import run
+from llm_quota.rules.api_keys import ApiKeyCredential, key_scopes
 from llm_quota.rules.policy import UserPolicy
 
 
@@ -64,6 +66,8 @@ def _token_scopes(claim: Any) -> set[str]:
 
 def _scopes(policy: UserPolicy, auth: Any) -> set[str]:
     tier_scopes = set(policy.scopes)
+    if isinstance(auth, ApiKeyCredential):  # an API key: its scopes, within the tier's
+        return key_scopes(auth, tier_scopes)
     claim = _claim(auth)
     if claim is None:
         return tier_scopes

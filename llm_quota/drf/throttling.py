@@ -32,6 +32,7 @@ from rest_framework.permissions import SAFE_METHODS
 from rest_framework.throttling import BaseThrottle
 
 from llm_quota.conf import quota_settings
+from llm_quota.drf.api_keys import credential_of
 from llm_quota.drf.headers import headers_for, refusal_headers
 from llm_quota.drf.permissions import granted_scopes
 from llm_quota.exceptions import InsufficientScope, QuotaExceeded
@@ -88,7 +89,10 @@ class LLMQuotaThrottle(BaseThrottle):
         scope = quota_settings.CHAT_SCOPE if self.required_scope is None else self.required_scope
         if scope and scope not in granted_scopes(request):
             raise InsufficientScope(f"This endpoint requires the scope {scope}.")
-        guard = QuotaGuard(user, scope=scope, **params)
+        # A caller authenticated by an API key: the key's limits are reserved with the user's.
+        api_key = credential_of(getattr(request, "auth", None))
+        team = request.headers.get("OpenAI-Organization") or None  # a team's slug
+        guard = QuotaGuard(user, scope=scope, api_key=api_key, team=team, **params)
         try:
             guard.admit()
         except QuotaExceeded as exc:

@@ -31,11 +31,12 @@ from rest_framework.exceptions import MethodNotAllowed
 from rest_framework.request import Request
 
 from llm_quota.conf import quota_settings
+from llm_quota.drf.api_keys import credential_of
 from llm_quota.drf.authenticate import authenticate
 from llm_quota.drf.errors import response_for_exception
 from llm_quota.drf.permissions import require_scopes, scopes_plan
 from llm_quota.gateway.chat_call import ChatCall
-from llm_quota.gateway.views import OpenAIView
+from llm_quota.gateway.views import OpenAIView, organization
 from llm_quota.ledger.plans import Plan
 from llm_quota.quota.drivers import Blocking, arun
 from llm_quota.quota.guard import QuotaGuard
@@ -99,7 +100,9 @@ class AsyncChatCompletionsView(View):
         user, auth = yield Blocking(authenticate, (drf_request,))
         require_scopes(self.required_scopes, (yield from scopes_plan(user, auth)))
         chat = ChatRequest.from_body(drf_request.data)
-        guard = QuotaGuard(user, **chat.quota_kwargs())
+        guard = QuotaGuard(
+            user, api_key=credential_of(auth), team=organization(request), **chat.quota_kwargs()
+        )
         yield from guard.admit_plan()
         return chat, guard, user
 

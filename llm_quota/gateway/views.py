@@ -1,8 +1,9 @@
 """The OpenAI-compatible gateway: ``POST /v1/chat/completions`` and ``GET /v1/models``.
 
 Any OpenAI SDK gets per-user quotas by pointing ``base_url`` here and passing an
-access token from ``/api/token/`` as ``api_key``. The path of a chat request reads
-top to bottom: ``JWTAuthentication`` → ``HasScope`` (``llm:chat``) → the body parsed
+access token from ``/api/token/`` (or an API key, ``llm_quota/drf/api_keys.py``) as
+``api_key``. The path of a chat request reads top to bottom: ``ApiKeyAuthentication``
+or ``JWTAuthentication`` → ``HasScope`` (``llm:chat``) → the body parsed
 once (``ChatRequest``) → admission (``QuotaGuard``) → ``ChatCall``: the upstream call
 with the reserved cap, then settle. Every error, ours or the upstream's, is answered
 in OpenAI's shape (``drf.errors``).
@@ -27,6 +28,7 @@ from rest_framework.views import APIView
 from rest_framework_simplejwt.authentication import JWTAuthentication
 
 from llm_quota.conf import quota_settings
+from llm_quota.drf.api_keys import ApiKeyAuthentication, credential_of
 from llm_quota.drf.errors import error_response, exception_handler
 from llm_quota.drf.parsers import JSONParser
 from llm_quota.drf.permissions import HasScope
@@ -52,9 +54,10 @@ class IgnoreAccept(BaseContentNegotiation):
 
 
 class OpenAIView(APIView):
-    """Base of the ``/v1/`` views: JWT bearer auth, the chat scope, OpenAI errors."""
+    """Base of the ``/v1/`` views: an API key or a JWT as bearer, the chat scope, OpenAI
+    errors."""
 
-    authentication_classes = [JWTAuthentication]
+    authentication_classes = [ApiKeyAuthentication, JWTAuthentication]
     permission_classes = [HasScope]
     parser_classes = [JSONParser]
     renderer_classes = [JSONRenderer]
@@ -74,8 +77,17 @@ class ChatCompletionsView(OpenAIView):
     @gateway_schema.chat_completions
     def post(self, request: Any, *args: Any, **kwargs: Any) -> HttpResponseBase:
         chat = ChatRequest.from_body(request.data)
-        guard = QuotaGuard(request.user, **chat.quota_kwargs()).admit()
+        guard = QuotaGuard(
+            request.user, api_key=credential_of(request.auth), team=organization(request),
+            **chat.quota_kwargs(),
+        ).admit()  # fmt: skip
         return ChatCall(chat, guard, request.user).answer()
+
+
+def organization(request: Any) -> str | None:
+    """The team a request names to pay: ``OpenAI-Organization`` (the SDK's
+    ``organization=``), a team's slug (contract section 10)."""
+    return request.headers.get("OpenAI-Organization") or None
 
 
 def _model(name: str) -> dict[str, Any]:

@@ -54,6 +54,7 @@ class AsyncLedger(LedgerOperations):
             timezone=ledger.timezone,
             clock=ledger.clock,
             restore=ledger.restore_source,
+            restore_keys=ledger.restore_keys_source,
             cluster=ledger.cluster,
         )
         twin._mirrors = weakref.ref(ledger)  # weak: twins are cached by their ledger
@@ -69,6 +70,11 @@ class AsyncLedger(LedgerOperations):
 
     async def perform(self, step: ScriptCall | LoadMonth) -> Any:
         if isinstance(step, LoadMonth):
+            if step.api_keys:
+                source = self.restore_keys_source
+                return (
+                    [] if source is None else await sync_to_async(source)(step.user_id, step.month)
+                )
             if self.restore_source is None:
                 return 0, []
             # The restore source reads the ORM: off the event loop, as Django's own

@@ -72,6 +72,14 @@ def announce() -> None:
         )
 
 
+def user_changed(*args: Any, update_fields: Any = None, **kwargs: Any) -> None:
+    """A user saved: API keys cache their user (``rules.api_keys``), so a change of
+    ``is_active`` must reach every process; a login's ``last_login`` update need not."""
+    if update_fields is not None and set(update_fields) <= {"last_login"}:
+        return
+    config_changed(*args, **kwargs)
+
+
 def config_changed(*args: Any, using: str | None = None, **kwargs: Any) -> None:
     """Signal receiver for saves and deletes of Tier, ModelPrice and UserQuota."""
     config_cache.invalidate()  # this process, at once

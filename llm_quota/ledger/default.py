@@ -15,7 +15,7 @@ from llm_quota.conf import quota_settings, reset_on_change
 from llm_quota.ledger import resilience
 from llm_quota.ledger.async_driver import AsyncLedger, twin_of
 from llm_quota.ledger.connections import ledger_client
-from llm_quota.ledger.restore import month_from_snapshots
+from llm_quota.ledger.restore import key_months_from_snapshots, month_from_snapshots
 from llm_quota.ledger.sync_driver import Ledger
 
 _default: Ledger | None = None
@@ -35,6 +35,7 @@ def get_ledger() -> Ledger:
                     reservation_ttl=quota_settings.RESERVATION_TTL,
                     timezone=quota_settings.PERIOD_TIMEZONE,
                     restore=month_from_snapshots,
+                    restore_keys=key_months_from_snapshots,
                 )
     return _default
 

@@ -21,6 +21,8 @@ from typing import Any
 _USER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _RESERVATION_ID = re.compile(r"[0-9a-f]{32}")
+# An API key's id (its primary key) names its counters under its user's base.
+_API_KEY_ID = re.compile(r"[0-9]{1,20}")
 # Alert markers name a limit (a fixed vocabulary) and a period id (digits).
 _ALERT_PART = re.compile(r"[a-z0-9_]{1,64}")
 # Model names become hash *fields* (never key names); still refuse anything that
@@ -48,6 +50,14 @@ def user_id(value: Any) -> str:
     text = str(value)
     if not _USER_ID.fullmatch(text):
         raise InvalidKeyPart(f"unsafe user id {text[:80]!r}")
+    return text
+
+
+def api_key_id(value: Any) -> str:
+    """The canonical string form of an ``ApiKey``'s primary key, or ``InvalidKeyPart``."""
+    text = str(value)
+    if isinstance(value, bool) or not _API_KEY_ID.fullmatch(text):
+        raise InvalidKeyPart(f"unsafe API key id {text[:80]!r}")
     return text
 
 
@@ -130,6 +140,21 @@ class KeySpace:
     def user(self, uid: Any) -> str:
         return f"{self.prefix}:{{u:{user_id(uid)}}}"
 
+    def api_key(self, uid: Any, key_id: Any) -> str:
+        """An API key's base: under its user's hash tag, so on a cluster the key's
+        counters share the user's slot and one reserve script checks both."""
+        return f"{self.user(uid)}:k:{api_key_id(key_id)}"
+
+    def active_keys(self, month: str) -> str:
+        """ZSET ``<uid>:<key id>`` -> last settle time (one Redis; on a cluster each
+        index shard holds its own, see ``index_shards``)."""
+        return f"{self.index()}:k:{month}"
+
+    def team(self, team_id: Any) -> str:
+        """A team's base: its own hash tag, shared by its members wherever their own
+        slots are (on a cluster a second step, like the global caps)."""
+        return f"{self.prefix}:{{t:{api_key_id(team_id)}}}"
+
     def global_(self) -> str:
         return f"{self.prefix}:{{g}}"
 
@@ -173,6 +198,12 @@ class KeySpace:
         if not _ALERT_PART.fullmatch(limit) or not _ALERT_PART.fullmatch(period):
             raise InvalidKeyPart("unsafe alert limit or period")
         return f"{self.user(uid)}:al:{limit}:{int(threshold)}:{period}"
+
+    def team_alert_sent(self, team_id: Any, threshold: int, period: str) -> str:
+        """Dedupe marker: one team soft-limit alert per team, threshold and month."""
+        if not _ALERT_PART.fullmatch(period):
+            raise InvalidKeyPart("unsafe alert period")
+        return f"{self.team(team_id)}:al:{int(threshold)}:{period}"
 
     def snapshot_lock(self) -> str:
         """Serialises snapshot runs (and period resets) of this deployment."""

@@ -28,7 +28,8 @@ class LedgerOperations:
 
     ``clock`` pins time (seconds since the epoch) for tests and replays; without it the
     scripts use Redis' own clock. ``restore`` returns a user's month from the database
-    when Redis has lost it (``(base_tokens, [ModelUsage, ...])``). ``cluster`` defaults
+    when Redis has lost it (``(base_tokens, [ModelUsage, ...])``), ``restore_keys`` the
+    months of that user's API keys (``[(key id, ModelUsage), ...]``). ``cluster`` defaults
     to whether ``client`` is a ``RedisCluster``.
     """
 
@@ -41,6 +42,7 @@ class LedgerOperations:
         timezone: str = "UTC",
         clock: Callable[[], float] | None = None,
         restore: RestoreSource | None = None,
+        restore_keys: Callable[[str, str], Any] | None = None,
         cluster: bool | None = None,
     ) -> None:
         self.client = client
@@ -56,6 +58,8 @@ class LedgerOperations:
         self.ttl_ms = self.ops.ttl_ms
         self.timezone = timezone
         self.restore_source = restore
+        #: The months of a user's API keys, restored with the user's (``LoadMonth.api_keys``).
+        self.restore_keys_source = restore_keys
         self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
 
     @property
@@ -85,6 +89,14 @@ class LedgerOperations:
     def usage(self, user_id: Any) -> Any:
         """The user's live counters; lost ones are restored first, as reserve would."""
         return self._run(self.ops.usage(user_id, restore_lost=self.restore_source is not None))
+
+    def key_usage(self, user_id: Any, api_key: Any) -> Any:
+        """An API key's live counters (``KeyUsage``)."""
+        return self._run(self.ops.key_usage(user_id, api_key))
+
+    def team_usage(self, team: Any) -> Any:
+        """A team's live counters (``TeamUsage``)."""
+        return self._run(self.ops.team_usage(team))
 
     def global_usage(self) -> Any:
         """Everyone's tokens against the global caps, expired shares given back."""

@@ -30,16 +30,19 @@ from llm_quota.ledger.plans import LoadMonth, Plan, ScriptCall
 from llm_quota.ledger.replies import (
     Decision,
     GlobalUsage,
+    KeyUsage,
+    MemberUsage,
     ModelUsage,
     PeriodReset,
     Reservation,
     Settlement,
+    TeamUsage,
     UserUsage,
     parse_model_fields,
     text,
 )
 from llm_quota.rules.accounting import ActualUsage, Estimate, Limits
-from llm_quota.rules.periods import month_end_ms, period_args, previous_month
+from llm_quota.rules.periods import month_end_ms, month_start, period_args, previous_month
 
 LUA_DIR = Path(__file__).with_name("lua")
 
@@ -56,6 +59,10 @@ SCRIPTS = (
     "global_release",
     "global_renew",
     "global_usage",
+    "payer_usage",
+    "payer_settle",
+    "team_reserve",
+    "key_restore",
     "reset",
 )
 
@@ -114,10 +121,33 @@ class LedgerOps:
 
     # -- keys --------------------------------------------------------------------------
 
-    def _user_keys(self, uid: str) -> tuple[str, ...]:
-        """The user's base, plus the global base where one script may reach both."""
-        base = self.keyspace.user(uid)
-        return (base,) if self.cluster else (base, self.keyspace.global_())
+    def _payers(self, uid: str, api_key: str | None, team: str | None) -> list[str]:
+        """The bases of the payers besides the user that the user's own script reaches:
+        the API key's (always in the user's slot) and, on one Redis, the team's."""
+        bases = []
+        if api_key is not None:
+            bases.append(self.keyspace.api_key(uid, api_key))
+        if team is not None and not self.cluster:
+            bases.append(self.keyspace.team(team))
+        return bases
+
+    def _first_step_keys(self, uid: str, payers: list[str], *, index: bool = False) -> tuple:
+        """KEYS of a user script: B (and I), the payers' bases, then G on one Redis."""
+        head = [self.keyspace.user(uid)] + ([self.index_base(uid)] if index else [])
+        tail = [] if self.cluster else [self.keyspace.global_()]
+        return (*head, *payers, *tail)
+
+    def _payer_limits(self, limits: Limits) -> list[Any]:
+        """reserve.lua's payer arguments: how many, then label and four limits each."""
+        rows: list[Any] = []
+        if limits.api_key is not None:
+            rows.append((
+                "key.", _limit(limits.key_requests_per_minute), -1,
+                _limit(limits.key_tokens_per_day), _limit(limits.key_tokens_per_month),
+            ))  # fmt: skip
+        if limits.team is not None and not self.cluster:
+            rows.append(_team_args(limits))
+        return [len(rows), *(value for row in rows for value in row)]
 
     def index_base(self, uid: str) -> str:
         """Where ``uid`` is listed as active: one key, or the user's slot's shard."""
@@ -154,9 +184,10 @@ class LedgerOps:
         probe: int | str = ""
         if probe_prompt_tokens is not None:
             probe = probe_prompt_tokens * estimate.price.input_micro
+        payers = self._payers(uid, limits.api_key, limits.team)
         call = ScriptCall(
             "reserve",
-            self._user_keys(uid),
+            self._first_step_keys(uid, payers),
             (
                 now_arg, rid, self.ttl_ms,
                 _limit(limits.requests_per_minute), _limit(limits.max_concurrent_requests),
@@ -166,7 +197,7 @@ class LedgerOps:
                 estimate.prompt_micro, estimate.price.output_micro, estimate.max_output_tokens,
                 minimum, 1 if clamp else 0,
                 model, days, day_starts, months, month_starts,
-                probe, 1 if probe_clamp else 0,
+                probe, 1 if probe_clamp else 0, *self._payer_limits(limits),
             ),
         )  # fmt: skip
         reply = yield call
@@ -176,14 +207,28 @@ class LedgerOps:
         if int(reply[0]) == 3:
             raise ReservationIdSpent(f"reservation {rid} was released before it was made")
         wants_global = _uses_global(limits)
-        decision = parse_decision(reply, uid, rid, estimate, uses_global=wants_global)
-        if self.cluster and wants_global and decision.allowed:
-            decision = yield from self._reserve_global(
-                decision, reply, limits, estimate, clamp, minimum
-            )
+        decision = parse_decision(
+            reply, uid, rid, estimate, uses_global=wants_global, api_key=limits.api_key,
+            team=limits.team,
+        )  # fmt: skip
+        if self.cluster and decision.allowed:
+            # The payers in slots of their own, each a step that withdraws every step
+            # before it when it refuses: the team, then the global caps.
+            taken: list[ScriptCall] = []
+            if limits.team is not None:
+                decision = yield from self._reserve_apart(
+                    decision, self._team_call(decision, reply, limits, estimate, clamp, minimum),
+                    taken, self.keyspace.team(limits.team),
+                )  # fmt: skip
+            if wants_global and decision.allowed:
+                decision = yield from self._reserve_apart(
+                    decision,
+                    self._global_call(decision, reply, limits, estimate, clamp, minimum),
+                    taken, self.keyspace.global_(),
+                )  # fmt: skip
         return decision
 
-    def _reserve_global(
+    def _global_call(
         self,
         decision: Decision,
         reply: list[Any],
@@ -191,11 +236,11 @@ class LedgerOps:
         estimate: Estimate,
         clamp: bool,
         minimum: int,
-    ) -> Plan[Decision]:
-        """The cluster's second step: the global caps, in their own slot."""
+    ) -> ScriptCall:
+        """The cluster's step for the global caps, in their own slot."""
         held = decision.reservation
         assert held is not None
-        call = ScriptCall(
+        return ScriptCall(
             "global_reserve",
             (self.keyspace.global_(),),
             (
@@ -206,37 +251,77 @@ class LedgerOps:
                 held.day, int(reply[15]), held.month, held.month_end_ms,
             ),
         )  # fmt: skip
+
+    def _team_call(
+        self,
+        decision: Decision,
+        reply: list[Any],
+        limits: Limits,
+        estimate: Estimate,
+        clamp: bool,
+        minimum: int,
+    ) -> ScriptCall:
+        """The cluster's step for the team, in the team's own slot."""
+        held = decision.reservation
+        assert held is not None and limits.team is not None
+        return ScriptCall(
+            "team_reserve",
+            (self.keyspace.team(limits.team),),
+            (
+                int(reply[5]), held.id, self.ttl_ms, *_team_args(limits),
+                estimate.prompt_micro, estimate.price.output_micro, held.max_tokens,
+                minimum, 1 if clamp else 0,
+                held.day, int(reply[15]), held.month, held.month_end_ms,
+            ),
+        )  # fmt: skip
+
+    def _reserve_apart(
+        self, decision: Decision, call: ScriptCall, taken: list[ScriptCall], base: str
+    ) -> Plan[Decision]:
+        """One step in a payer's own slot, after the user's. Refused, or unanswered, it
+        withdraws the user's share and releases the shares ``taken`` in earlier steps;
+        admitted, it joins ``taken``. A harder clamp lowers the user's share to match
+        (an earlier step's share keeps the higher figure until settle: never less)."""
+        held = decision.reservation
+        assert held is not None
+        release = ScriptCall("global_release", (base,), (call.args[0], held.id, self.ttl_ms))
+
+        def undo() -> Plan[None]:
+            for step in (self._amend(held, 0), *taken):
+                try:
+                    yield step
+                except Exception:
+                    pass  # not undone: that share ends with its lease
+
         try:
             answer = yield call
         except GeneratorExit:
             raise
         except BaseException:
-            # No answer (Redis failed or the task was cancelled): withdraw the user's
-            # share instead of holding it for a lease. A global share that was taken
-            # all the same ends with its own lease.
-            yield self._amend(held, 0)
+            # No answer (Redis failed or the task was cancelled): withdraw the earlier
+            # steps instead of holding them for a lease. A share taken here all the same
+            # ends with its own lease.
+            yield from undo()
             raise
         if int(answer[0]) == 3:  # released here before this step came: take none of it
-            yield self._amend(held, 0)
+            yield from undo()
             raise ReservationIdSpent(f"reservation {held.id} was released before it was made")
         if int(answer[0]) == 1:
+            taken.append(release)
             granted, reserved = int(answer[3]), int(answer[4])
             if reserved < held.reserved:
-                # The global caps clamped harder: lower the user's share to match.
-                # Should this fail, the user holds a little more until settle corrects it.
                 try:
                     yield self._amend(held, reserved)
                 except Exception:
-                    pass
-            return dataclasses.replace(
+                    pass  # the user holds a little more until settle corrects it
+            decision = dataclasses.replace(
                 decision,
                 reservation=dataclasses.replace(held, reserved=reserved, max_tokens=granted),
                 tokens_remaining=_plus(decision.tokens_remaining, held.reserved - reserved),
             )
-        try:
-            yield self._amend(held, 0)
-        except Exception:
-            pass  # not withdrawn: the user's share ends with its lease
+            return self._tighter(decision, answer)
+        yield from undo()
+        decision = self._tighter(decision, answer)
         return dataclasses.replace(
             decision,
             allowed=False,
@@ -247,11 +332,41 @@ class LedgerOps:
             tokens_remaining=_plus(decision.tokens_remaining, held.reserved),
         )
 
+    def _tighter(self, decision: Decision, answer: list[Any]) -> Decision:
+        """The rate-limit figures of ``decision``, or of a step apart (a team's) where
+        its limits have less left: the headers show the tightest level."""
+        if len(answer) < 12:
+            return decision  # global_reserve.lua reports no figures
+        changes: dict[str, Any] = {}
+        t_limit, t_left = int(answer[5]), int(answer[6])
+        if t_limit >= 0 and (
+            decision.tokens_limit is None or t_left < (decision.tokens_remaining or 0)
+        ):
+            month = decision.reservation.month if decision.reservation else None
+            window = 86400.0
+            if text(answer[8]) == "m" and month:
+                start = month_start(month, self.timezone).timestamp()
+                window = month_end_ms(month, self.timezone) / 1000 - start
+            changes.update(
+                tokens_limit=t_limit, tokens_remaining=t_left,
+                tokens_reset=int(answer[7]) / 1000, tokens_window=window,
+            )  # fmt: skip
+        r_limit, r_left = int(answer[9]), int(answer[10])
+        if r_limit >= 0 and (
+            decision.requests_limit is None or r_left < (decision.requests_remaining or 0)
+        ):
+            changes.update(
+                requests_limit=r_limit, requests_remaining=r_left,
+                requests_reset=int(answer[11]) / 1000,
+            )  # fmt: skip
+        return dataclasses.replace(decision, **changes) if changes else decision
+
     def _amend(self, held: Reservation, amount: int) -> ScriptCall:
         now_arg, _ = self.now_arg()
-        return ScriptCall(
-            "amend", (self.keyspace.user(held.user_id),), (now_arg, held.id, self.ttl_ms, amount)
-        )
+        payers = (self.keyspace.user(held.user_id),)
+        if held.api_key is not None:  # the key's share was taken by the same script
+            payers += (self.keyspace.api_key(held.user_id, held.api_key),)
+        return ScriptCall("amend", payers, (now_arg, held.id, self.ttl_ms, amount))
 
     # -- settle and release ------------------------------------------------------------
 
@@ -267,23 +382,36 @@ class LedgerOps:
         uid = keys.user_id(reservation.user_id)
         rid = keys.reservation_id(reservation.id)
         now_arg, _ = self.now_arg()
-        user_keys = self._user_keys(uid)
+        payers = self._payers(uid, reservation.api_key, reservation.team)
+        model = keys.model_name(reservation.model)
+        payer_args: list[Any] = [len(payers)]
+        if reservation.api_key is not None:
+            payer_args += ["", f"{uid}:{keys.api_key_id(reservation.api_key)}"]
+        if reservation.team is not None and not self.cluster:
+            payer_args += [_team_suffixes(uid, model), ""]
         pattern = reservation.estimate.price.pattern
         reply = yield ScriptCall(
             "settle",
-            (user_keys[0], self.index_base(uid), *user_keys[1:]),
+            self._first_step_keys(uid, payers, index=True),
             (
                 now_arg, rid, self.ttl_ms, uid,
                 actual, usage.input_tokens, usage.output_tokens,
                 reservation.day, reservation.month, reservation.month_end_ms,
-                1 if reservation.uses_global else 0, keys.model_name(reservation.model),
+                1 if reservation.uses_global else 0, model,
                 "" if pattern is None else keys.model_field(pattern),
-                int(quota_settings.MODEL_NAMES_PER_MONTH),
+                int(quota_settings.MODEL_NAMES_PER_MONTH), *payer_args,
             ),
         )  # fmt: skip
         outcome, delta, month_used, prior = (
             int(reply[0]), int(reply[1]), int(reply[2]), text(reply[3]),
         )  # fmt: skip
+        team_used = None
+        if reservation.team is not None and not self.cluster and len(reply) > 4:
+            team_used = int(reply[4][-1])  # the team is the last payer of the script
+        if self.cluster and reservation.team is not None:
+            answer = yield self._settle_team(reservation, rid, actual, prior, usage, uid, model)
+            if isinstance(answer, list | tuple):
+                team_used = int(answer[1])
         if self.cluster and reservation.uses_global:
             yield self._settle_global(reservation, rid, actual, prior)
         if outcome not in (1, 2):
@@ -295,6 +423,7 @@ class LedgerOps:
             month=reservation.month,
             month_used=month_used,
             base_tokens=actual,
+            team_month_used=None if team_used is None or team_used < 0 else team_used,
         )
 
     def _settle_global(
@@ -313,6 +442,32 @@ class LedgerOps:
                 now_arg, rid, self.ttl_ms, actual,
                 reservation.day, reservation.month, reservation.month_end_ms,
                 0 if prior == "s" else 1,
+            ),
+        )  # fmt: skip
+
+    def _settle_team(
+        self,
+        reservation: Reservation,
+        rid: str,
+        actual: int,
+        prior: str,
+        usage: ActualUsage,
+        uid: str,
+        model: str,
+    ) -> ScriptCall:
+        """The team's share follows what the user's step found, as the global one does."""
+        now_arg, _ = self.now_arg()
+        team_keys = (self.keyspace.team(reservation.team),)
+        if prior == "l":
+            return ScriptCall("global_release", team_keys, (now_arg, rid, self.ttl_ms))
+        return ScriptCall(
+            "payer_settle",
+            team_keys,
+            (
+                now_arg, rid, self.ttl_ms, actual,
+                reservation.day, reservation.month, reservation.month_end_ms,
+                0 if prior == "s" else 1, _team_suffixes(uid, model),
+                usage.input_tokens, usage.output_tokens,
             ),
         )  # fmt: skip
 
@@ -343,9 +498,16 @@ class LedgerOps:
         rid = keys.reservation_id(reservation.id)
         now_arg, _ = self.now_arg()
         args = (now_arg, rid, self.ttl_ms)
-        done = int((yield ScriptCall(script, self._user_keys(uid), args))) == 1
-        if (done or global_always) and self.cluster and reservation.uses_global:
-            yield ScriptCall(f"global_{script}", (self.keyspace.global_(),), args)
+        payers = self._payers(uid, reservation.api_key, reservation.team)
+        step = ScriptCall(script, self._first_step_keys(uid, payers), (*args, len(payers)))
+        done = int((yield step)) == 1
+        if (done or global_always) and self.cluster:
+            # The shares in slots of their own: global_release/renew.lua work on any.
+            apart = [self.keyspace.team(reservation.team)] if reservation.team else []
+            if reservation.uses_global:
+                apart.append(self.keyspace.global_())
+            for base in apart:
+                yield ScriptCall(f"global_{script}", (base,), args)
         return done
 
     # -- reading -----------------------------------------------------------------------
@@ -367,6 +529,47 @@ class LedgerOps:
             yield from self.restore(uid, text(r[2]))
             r = yield self.usage_call(uid)
         return parse_usage(r)
+
+    def key_usage(self, user_id: Any, api_key: Any) -> Plan[KeyUsage]:
+        """An API key's live counters, as the next decision with it would see them."""
+        now_arg, local_now = self.now_arg()
+        r = yield self._payer_usage_call(self.keyspace.api_key(user_id, api_key))
+        month = {text(k): int(v) for k, v in zip(r[9][::2], r[9][1::2], strict=True)}
+        return KeyUsage(
+            **_periods(r),
+            reserved=int(r[7]),
+            requests_this_minute=int(r[8]),
+            requests=month.get("req", 0),
+            input_tokens=month.get("in", 0),
+            output_tokens=month.get("out", 0),
+            base_tokens=month.get("base", 0),
+        )
+
+    def _payer_usage_call(self, base: str) -> ScriptCall:
+        now_arg, local_now = self.now_arg()
+        return ScriptCall(
+            "payer_usage", (base,), (now_arg, self.ttl_ms, *period_args(local_now, self.timezone))
+        )
+
+    def team_usage(self, team: Any) -> Plan[TeamUsage]:
+        """A team's live counters, and its settled month by member and by model."""
+        r = yield self._payer_usage_call(self.keyspace.team(team))
+        members: dict[str, list[int]] = {}
+        models: dict[str, list[int]] = {}
+        slot = {"req": 0, "in": 1, "out": 2, "base": 3}
+        for name, value in zip(r[9][::2], r[9][1::2], strict=True):
+            kind, _, who = text(name).partition("|")
+            if kind in slot and who[:2] in ("u:", "m:"):
+                into = members if who[0] == "u" else models
+                into.setdefault(who[2:], [0, 0, 0, 0])[slot[kind]] = int(value)
+        return TeamUsage(
+            **_periods(r),
+            reserved=int(r[7]),
+            requests_this_minute=int(r[8]),
+            in_flight=int(r[10]),
+            by_member=[MemberUsage(uid, *c) for uid, c in sorted(members.items())],
+            by_model=[ModelUsage(name, *c) for name, c in sorted(models.items())],
+        )
 
     def global_usage(self) -> Plan[GlobalUsage]:
         now_arg, local_now = self.now_arg()
@@ -397,7 +600,26 @@ class LedgerOps:
         result = yield ScriptCall(
             "restore", (self.keyspace.user(uid), self.index_base(uid)), tuple(args)
         )
-        return int(result) == 1
+        if int(result) != 1:
+            return False  # another request restored first, its keys with it
+        yield from self._restore_keys(uid, month)
+        return True
+
+    def _restore_keys(self, uid: str, month: str) -> Plan[None]:
+        """The user's API keys' months, after the user's own restore (which ran once per
+        loss, so these are added once): one script per key that has any."""
+        per_key: dict[int, list[Any]] = {}
+        for period in (month, previous_month(month)):
+            for key_id, row in (yield LoadMonth(uid, period, api_keys=True)):
+                per_key.setdefault(key_id, []).extend((
+                    period, month_end_ms(period, self.timezone), row.base_tokens,
+                    row.requests, row.input_tokens, row.output_tokens,
+                ))  # fmt: skip
+        now_arg = self.now_arg()[0]
+        for key_id, groups in per_key.items():
+            yield ScriptCall(
+                "key_restore", (self.keyspace.api_key(uid, key_id),), (now_arg, *groups)
+            )
 
     # -- admin -------------------------------------------------------------------------
 
@@ -416,6 +638,20 @@ class LedgerOps:
             (now_arg, self.ttl_ms, uid, *period_args(local_now, self.timezone)),
         )
         return PeriodReset(text(r[0]), text(r[1]), int(r[2]), int(r[3]))
+
+
+def _team_args(limits: Limits) -> tuple[Any, ...]:
+    """A team's payer arguments: its label and its four limits."""
+    return (
+        "team.", _limit(limits.team_requests_per_minute),
+        _limit(limits.team_max_concurrent_requests), _limit(limits.team_tokens_per_day),
+        _limit(limits.team_tokens_per_month),
+    )  # fmt: skip
+
+
+def _team_suffixes(uid: str, model: str) -> str:
+    """A team's usage is kept in total, by member and by model (``payer_usage``)."""
+    return f",|u:{uid},|m:{model}"
 
 
 def _plus(value: int | None, amount: int) -> int | None:
@@ -449,7 +685,14 @@ def parse_usage(r: list[Any]) -> UserUsage:
 
 
 def parse_decision(
-    r: list[Any], uid: str, rid: str, estimate: Estimate, *, uses_global: bool
+    r: list[Any],
+    uid: str,
+    rid: str,
+    estimate: Estimate,
+    *,
+    uses_global: bool,
+    api_key: str | None = None,
+    team: str | None = None,
 ) -> Decision:
     """``reserve.lua``'s reply as a ``Decision`` (and its ``Reservation`` if admitted)."""
     status, limit = int(r[0]), text(r[1]) or None
@@ -466,6 +709,8 @@ def parse_decision(
             month=text(r[7]),
             month_end_ms=int(r[14]),
             uses_global=uses_global,
+            api_key=api_key,
+            team=team,
         )
     return Decision(
         allowed=status == 1,

@@ -32,6 +32,9 @@ class LoadMonth:
 
     user_id: str
     month: str
+    #: Ask for the month of each of the user's API keys instead, sent back as
+    #: ``[(key id, KeyMonth), ...]`` (``[]`` without a source).
+    api_keys: bool = False
 
 
 @dataclass(frozen=True)

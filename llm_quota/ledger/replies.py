@@ -20,6 +20,10 @@ BUDGET_LIMITS = frozenset(
         "global_tokens_per_day",
         "global_tokens_per_month",
         "max_tokens_per_request",
+        "key.tokens_per_day",
+        "key.tokens_per_month",
+        "team.tokens_per_day",
+        "team.tokens_per_month",
     }
 )
 
@@ -40,6 +44,10 @@ class Reservation:
     uses_global: bool
     #: Admitted without Redis (fail-open): settling it records nothing here.
     unmetered: bool = False
+    #: The API key that also holds a share of it (its id), or None.
+    api_key: str | None = None
+    #: The team that also holds a share of it (its id), or None.
+    team: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,8 @@ class Settlement:
     month_used: int | None = None
     #: Base tokens this settle charged for the request.
     base_tokens: int = 0
+    #: The paying team's month settled after this one (None: no team, or unchanged).
+    team_month_used: int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,39 @@ class UserUsage(PeriodUsage):
     def settled_this_month(self) -> int:
         """Base tokens settled this month (``tokens_this_month`` less what is reserved)."""
         return sum(row.base_tokens for row in self.by_model)
+
+
+@dataclass(frozen=True)
+class KeyUsage(PeriodUsage):
+    """An API key's live counters (settled plus reserved in the periods) and its
+    settled figures of the month."""
+
+    reserved: int
+    requests_this_minute: int
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    base_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class MemberUsage:
+    user_id: str
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    base_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TeamUsage(PeriodUsage):
+    """A team's live counters and its settled month, by member and by model."""
+
+    reserved: int
+    requests_this_minute: int
+    in_flight: int
+    by_member: list[MemberUsage] = field(default_factory=list)
+    by_model: list[ModelUsage] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,8 @@ def lost_reservation(rid: str, pk: Any, limits: Limits, estimate: Estimate) -> R
         month="",
         month_end_ms=0,
         uses_global=_uses_global(limits),
+        api_key=limits.api_key,
+        team=limits.team,
     )
 
 
@@ -262,6 +264,8 @@ def _unmetered(uid: str, limits: Limits, estimate: Estimate, ledger: Any) -> Res
         month_end_ms=month_end_ms(month, tz),
         uses_global=_uses_global(limits),
         unmetered=True,
+        api_key=limits.api_key,
+        team=limits.team,
     )
 
 

@@ -33,6 +33,9 @@ class Ledger(LedgerOperations):
     def perform(self, step: ScriptCall | LoadMonth) -> Any:
         """Send one step: a script by EVALSHA, or a month asked of the restore source."""
         if isinstance(step, LoadMonth):
+            if step.api_keys:
+                source = self.restore_keys_source
+                return [] if source is None else source(step.user_id, step.month)
             if self.restore_source is None:
                 return 0, []
             return self.restore_source(step.user_id, step.month)
@@ -120,3 +123,24 @@ class Ledger(LedgerOperations):
             for members in pipe.execute():
                 for member in members:
                     yield text(member)
+
+    # -- walking the active API keys (the snapshot) --------------------------------------
+
+    def active_keys(self, month: str, *, since_ms: int | None = None) -> Iterator[tuple[str, int]]:
+        """``("<user id>:<key id>", last settle ms)`` for every key that settled in
+        ``month``, at or after ``since_ms``: ``active_user_ids``' walk, on the key index."""
+        low = "-inf" if since_ms is None else int(since_ms)
+        if not self.cluster:
+            key = self.keyspace.active_keys(month)
+            for member, score in self.client.zscan_iter(key, count=1000):
+                if low == "-inf" or score >= low:
+                    yield text(member), int(score)
+            return
+        shards = self.keyspace.index_shards()
+        for start in range(0, len(shards), INDEX_BATCH):
+            pipe = self.client.pipeline(transaction=False)
+            for base in shards[start : start + INDEX_BATCH]:
+                pipe.zrangebyscore(f"{base}:k:{month}", low, "+inf", withscores=True)
+            for members in pipe.execute():
+                for member, score in members:
+                    yield text(member), int(score)

@@ -17,6 +17,7 @@ from rest_framework.exceptions import NotAuthenticated
 from llm_quota.exceptions import InsufficientScope, QuotaBlocked
 from llm_quota.ledger.plans import Plan
 from llm_quota.quota.admission import pk_plan, policy_plan
+from llm_quota.rules.api_keys import ApiKeyCredential, with_key
 from llm_quota.rules.policy import UserPolicy
 
 
@@ -33,14 +34,17 @@ def require_scopes(required: Iterable[str], granted: set[str]) -> None:
         raise InsufficientScope(f"This endpoint requires the scope(s) {' '.join(sorted(missing))}.")
 
 
-def tier_access_plan(user: Any, scope: str) -> Plan[UserPolicy]:
+def tier_access_plan(
+    user: Any, scope: str, api_key: ApiKeyCredential | None = None
+) -> Plan[UserPolicy]:
     """``user`` (a user or a service account's pk) may call: not blocked, and its tier
     grants ``scope`` (``""`` skips the scope). For callers with no token to read
-    (``quota_guard``): the tier's scopes are all they hold."""
+    (``quota_guard``): the tier's scopes are all they hold, or with ``api_key`` the
+    key's within them."""
     pk = yield from pk_plan(user)
     if pk is None:
         raise NotAuthenticated()
-    policy = yield from policy_plan(pk)
+    policy = with_key((yield from policy_plan(pk)), api_key)
     refuse_blocked(policy)
     if scope:
         require_scopes([scope], set(policy.scopes))

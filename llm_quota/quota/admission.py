@@ -55,6 +55,7 @@ from llm_quota.rules.accounting import (
     ReportedUsage,
     fewest_tokens,
 )
+from llm_quota.rules.api_keys import ApiKeyCredential, with_key
 from llm_quota.rules.config_cache import MISSING, config_cache
 from llm_quota.rules.estimation import (
     PromptBounds,
@@ -67,6 +68,7 @@ from llm_quota.rules.estimation import (
 )
 from llm_quota.rules.policy import UserPolicy, policy_for
 from llm_quota.rules.pricing import price_for, price_in
+from llm_quota.rules.teams import TeamPolicy, select_team, select_team_cached, with_team
 
 T = TypeVar("T")
 
@@ -340,13 +342,17 @@ def admit_request_plan(
     prompt_tokens: int | None = None,
     max_tokens: int | None = None,
     choices: int = 1,
+    api_key: ApiKeyCredential | None = None,
+    team: TeamPolicy | None = None,
     **billed: Any,
 ) -> Plan[tuple[Estimate, Decision]]:
     """A prompt over ``LAZY_COUNT_ABOVE`` bytes is reserved on its byte count, without
     clamping, carrying its lower bound as a probe: if the bound fits, that is the
     reservation (pessimistic, corrected at settle); if even the lower bound is refused,
     so is the request; only in between is the prompt counted and reserved again.
-    ``billed``: the body's other billed fields by name, counted with the messages."""
+    ``billed``: the body's other billed fields by name, counted with the messages.
+    ``api_key``, ``team``: the key the request came with and the team that pays; their
+    limits are reserved with the user's."""
     bounds = None
     if prompt_tokens is None and messages is not None:
         _check_model_name(model)
@@ -356,7 +362,9 @@ def admit_request_plan(
         if bounded is not None:
             estimate, lower = bounded
             estimate = per_choice(estimate, choices)
-            decision = yield from admit_plan(user, estimate, probe=lower)
+            decision = yield from admit_plan(
+                user, estimate, probe=lower, api_key=api_key, team=team
+            )
             if decision is not None:
                 return estimate, decision
     estimate = yield from estimate_plan(
@@ -364,7 +372,7 @@ def admit_request_plan(
         bounds=bounds, **billed,
     )  # fmt: skip
     estimate = per_choice(estimate, choices)
-    decision = yield from admit_plan(user, estimate)
+    decision = yield from admit_plan(user, estimate, api_key=api_key, team=team)
     assert decision is not None  # only a probe may leave the answer open
     return estimate, decision
 
@@ -394,15 +402,23 @@ def _decided(plan: Plan[Decision | None]) -> Plan[Decision]:
 
 
 def admit_plan(
-    user: Any, estimate: Estimate, *, policy: UserPolicy | None = None, probe: int | None = None
+    user: Any,
+    estimate: Estimate,
+    *,
+    policy: UserPolicy | None = None,
+    probe: int | None = None,
+    api_key: ApiKeyCredential | None = None,
+    team: TeamPolicy | None = None,
 ) -> Plan[Decision | None]:
     """Reserve ``estimate`` or raise the refusal. With ``probe`` (a lower bound of the
-    prompt, see ``admit_request_plan``) None means "count the prompt exactly"."""
+    prompt, see ``admit_request_plan``) None means "count the prompt exactly". With
+    ``api_key`` and ``team``, their limits are reserved in the same step as the user's."""
     pk = yield from pk_plan(user)
     if pk is None:
         raise NotAuthenticated()
     if policy is None:
         policy = yield from policy_plan(pk)
+    policy = with_team(with_key(policy, api_key), team)
     if _needs_count(policy, estimate, probe):
         return None
     try:
@@ -427,6 +443,19 @@ def admit_plan(
             },  # fmt: skip
         )
         raise exc from None
+
+
+def team_plan(pk: Any, api_key: ApiKeyCredential | None, named: Any) -> Plan[TeamPolicy | None]:
+    """The team that pays (``rules.teams``): from memory, else the database (in a
+    thread, for async). ``named``: a team's slug (the ``OpenAI-Organization`` header) or
+    a ``Team``, or None."""
+    key_team = api_key.team_id if api_key is not None else None
+    if named is not None and not isinstance(named, str):
+        named = named.slug
+    found = select_team_cached(pk, key_team, named or None)
+    if found is MISSING:
+        found = yield Blocking(select_team, (pk, key_team, named or None))
+    return found
 
 
 def pk_plan(user: Any) -> Plan[Any]:
@@ -534,9 +563,9 @@ def _conclude(admission: _Admission, decision: Decision) -> Decision | None:
 
 def _refusal(policy: UserPolicy, refusal: _Refusal) -> RateLimited | BudgetExceeded:
     error = BudgetExceeded if refusal.limit in BUDGET_LIMITS else RateLimited
-    return error(
-        refusal.limit, refusal.retry_after, upgrade=policy.upgrade, decision=refusal.decision
-    )
+    # A team's limit offers the team tier's upgrade, not the member's own.
+    upgrade = policy.team_upgrade if refusal.limit.startswith("team.") else policy.upgrade
+    return error(refusal.limit, refusal.retry_after, upgrade=upgrade, decision=refusal.decision)
 
 
 # -- settlement ----------------------------------------------------------------------
@@ -677,16 +706,24 @@ def _soft_limit_alert(reservation: Reservation, settlement: Settlement) -> Plan[
         return
     try:
         policy = yield from policy_plan(alerts.user_pk(reservation.user_id))
-        if alerts.soft_limit_crossing(policy, settlement) is None:
-            return
+        user_crossed = alerts.soft_limit_crossing(policy, settlement) is not None
+        team = config_cache.peek(("team", int(reservation.team))) if reservation.team else None
+        team_crossed = settlement.team_month_used is not None and (
+            team is MISSING or alerts.team_soft_limit_crossing(team, settlement) is not None
+        )
     except Exception:  # an alert may never fail a request
         logger.exception("soft-limit alert failed for user %s", reservation.user_id)
+        return
+    if not user_crossed and not team_crossed:
         return
     ledger = yield USE_LEDGER
     # The marker is set with the sync client; receivers may write to the database:
     # thread-sensitive, as Django asks of ORM code.
     sync_ledger = ledger if isinstance(ledger, Ledger) else ledger.mirrors
-    yield Blocking(alerts.after_settle, (reservation, settlement, sync_ledger))
+    if user_crossed:
+        yield Blocking(alerts.after_settle, (reservation, settlement, sync_ledger))
+    if team_crossed:
+        yield Blocking(alerts.after_team_settle, (reservation, settlement, sync_ledger))
 
 
 __all__ = [

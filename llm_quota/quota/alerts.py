@@ -80,11 +80,17 @@ def _user_pk(uid: str) -> Any:
 
 
 def _send_once(
-    ledger: Ledger, signal: Signal, sender: Any, event: dict[str, Any], ttl: int
+    ledger: Ledger,
+    signal: Signal,
+    sender: Any,
+    event: dict[str, Any],
+    ttl: int,
+    key: str | None = None,
 ) -> bool:
-    key = ledger.keyspace.alert_sent(
-        event["user_id"], event["limit"], event["percent"], event["period"]
-    )
+    if key is None:
+        key = ledger.keyspace.alert_sent(
+            event["user_id"], event["limit"], event["percent"], event["period"]
+        )
     if key in sent:
         return False
     first = ledger.client.set(key, event["at"], nx=True, ex=ttl)
@@ -146,6 +152,56 @@ def soft_limit_crossing(policy: Any, settlement: Settlement) -> tuple[int, int, 
     if not used - settlement.base_tokens < threshold <= used:
         return None
     return budget, percent, threshold
+
+
+def team_soft_limit_crossing(team: Any, settlement: Settlement) -> tuple[int, int, int] | None:
+    """``(budget, percent, threshold)`` if this settle took the paying team's month over
+    its soft limit, else None. Pure, like ``soft_limit_crossing``."""
+    used = settlement.team_month_used
+    if team is None or not settlement.settled or used is None or team.tokens_per_month is None:
+        return None
+    percent = int(team.soft_limit_percent)
+    threshold = math.ceil(team.tokens_per_month * percent / 100)
+    if not used - settlement.base_tokens < threshold <= used:
+        return None
+    return team.tokens_per_month, percent, threshold
+
+
+def after_team_settle(
+    reservation: Reservation, settlement: Settlement, ledger: Ledger | None = None
+) -> None:
+    """Send ``team_soft_limit_crossed`` to the team's admins (signal and webhook) if
+    this settle took the team's month over its soft limit."""
+    try:
+        from llm_quota.models import TeamMembership
+        from llm_quota.rules.teams import team_policy
+
+        ledger = ledger or get_ledger()
+        team = team_policy(int(reservation.team)) if reservation.team else None
+        crossing = team_soft_limit_crossing(team, settlement)
+        if team is None or crossing is None:
+            return
+        budget, percent, threshold = crossing
+        admins = TeamMembership.objects.filter(team_id=team.id, role=TeamMembership.ADMIN)
+        event = {
+            "event": "team_soft_limit_crossed",
+            "team": team.slug,
+            "team_id": team.id,
+            "admins": [str(pk) for pk in admins.values_list("user_id", flat=True)],
+            "limit": "team.tokens_per_month",
+            "percent": percent,
+            "threshold": threshold,
+            "budget": budget,
+            "used": settlement.team_month_used,
+            "period": settlement.month,
+            "at": _now_iso(ledger),
+        }
+        key = ledger.keyspace.team_alert_sent(team.id, threshold, settlement.month)
+        _send_once(
+            ledger, signals.team_soft_limit_crossed, Settlement, event, MONTH_MARKER_TTL, key
+        )
+    except Exception:
+        logger.exception("team soft-limit alert failed for team %s", reservation.team)
 
 
 def user_pk(uid: str) -> Any:

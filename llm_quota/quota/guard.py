@@ -44,7 +44,9 @@ from llm_quota.quota.access import tier_access_plan
 from llm_quota.quota.drivers import arun, run
 from llm_quota.quota.release_rule import unbilled_error
 from llm_quota.rules.accounting import ActualUsage, Estimate
+from llm_quota.rules.api_keys import ApiKeyCredential
 from llm_quota.rules.estimation import count_output
+from llm_quota.rules.teams import TeamPolicy
 
 logger = logging.getLogger("llm_quota")
 
@@ -60,6 +62,8 @@ class QuotaGuard:
         max_tokens: int | None = None,
         choices: int = 1,
         scope: str | None = None,
+        api_key: ApiKeyCredential | None = None,
+        team: Any = None,
         ledger: Ledger | None = None,
         aledger: AsyncLedger | None = None,
         **billed: Any,
@@ -78,6 +82,13 @@ class QuotaGuard:
         #: The scope the user's tier must grant: ``None`` reads ``CHAT_SCOPE``; an
         #: adapter that checked another scope itself (the throttle's) passes that one.
         self.scope = quota_settings.CHAT_SCOPE if scope is None else scope
+        #: The API key the call is made with (``request.auth`` of a key caller): its
+        #: scopes narrow the tier's, its limits are reserved with the user's.
+        self.api_key = api_key
+        #: The team named to pay (a slug, or a ``Team``); else the key's, else the user's
+        #: only team (``rules.teams``). Resolved at admission into ``team_policy``.
+        self.team = team
+        self.team_policy: TeamPolicy | None = None
         self.ledger = ledger
         # Given a sync ledger only, ``async with`` uses its twin (same Redis and clock).
         self.aledger = aledger
@@ -134,10 +145,13 @@ class QuotaGuard:
         """``admit`` as a plan, for adapters that admit as part of a larger plan."""
         # A blocked user, or a tier without the scope, is refused like on every other
         # path, before anything is priced or sent to Redis.
-        yield from tier_access_plan(self.user, self.scope)
+        yield from tier_access_plan(self.user, self.scope, self.api_key)
+        pk = yield from admission.pk_plan(self.user)
+        self.team_policy = yield from admission.team_plan(pk, self.api_key, self.team)
         _estimate, self.decision = yield from admission.admit_request_plan(
-            self.user, self.model, **self._estimate_args()
-        )
+            self.user, self.model, api_key=self.api_key, team=self.team_policy,
+            **self._estimate_args(),
+        )  # fmt: skip
         if self.max_tokens < 1:
             # Clamped below one token per choice: nothing useful could be sent.
             yield from self._release_plan()

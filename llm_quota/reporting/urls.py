@@ -2,6 +2,8 @@
 
 from django.urls import path
 
+from llm_quota.reporting.key_views import ApiKeyDetailView, ApiKeyListView, ApiKeyUsageView
+from llm_quota.reporting.team_views import TeamListView, TeamUsageView
 from llm_quota.reporting.views import TierListView, UsageHistoryView, UsageView, UserUsageView
 
 urlpatterns = [
@@ -9,4 +11,9 @@ urlpatterns = [
     path("usage/history/", UsageHistoryView.as_view(), name="llm_quota_usage_history"),
     path("users/<str:user_id>/usage/", UserUsageView.as_view(), name="llm_quota_user_usage"),
     path("tiers/", TierListView.as_view(), name="llm_quota_tiers"),
+    path("keys/", ApiKeyListView.as_view(), name="llm_quota_keys"),
+    path("keys/<int:key_id>/", ApiKeyDetailView.as_view(), name="llm_quota_key"),
+    path("keys/<int:key_id>/usage/", ApiKeyUsageView.as_view(), name="llm_quota_key_usage"),
+    path("teams/", TeamListView.as_view(), name="llm_quota_teams"),
+    path("teams/<slug:slug>/usage/", TeamUsageView.as_view(), name="llm_quota_team_usage"),
 ]

@@ -25,6 +25,7 @@ from llm_quota.conf import quota_settings
 from llm_quota.drf.permissions import HasScope
 from llm_quota.exceptions import QuotaUnavailable
 from llm_quota.models import Tier, UsageSnapshot
+from llm_quota.reporting.key_views import with_api_keys
 from llm_quota.reporting.live_usage import usage_report
 from llm_quota.reporting.serializers import (
     TierSerializer,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 
 class UsageScopeMixin:
+    authentication_classes = with_api_keys()  # Bearer llmq_... too (contract section 9)
     permission_classes: Sequence[_PermissionClass] = [IsAuthenticated, HasScope]
 
     @property

@@ -79,6 +79,19 @@ class Limits:
     max_tokens_per_request: int | None = None
     global_tokens_per_day: int | None = None
     global_tokens_per_month: int | None = None
+    #: The API key the request came with (its id), whose own limits below are reserved
+    #: in the same step as the user's (contract section 9); None: no key.
+    api_key: str | None = None
+    key_requests_per_minute: int | None = None
+    key_tokens_per_day: int | None = None
+    key_tokens_per_month: int | None = None
+    #: The team the request is charged to (its id; contract section 10), whose limits
+    #: below apply to the team as a whole, in the same step as the user's; None: none.
+    team: str | None = None
+    team_requests_per_minute: int | None = None
+    team_max_concurrent_requests: int | None = None
+    team_tokens_per_day: int | None = None
+    team_tokens_per_month: int | None = None
 
 
 @dataclass(frozen=True)

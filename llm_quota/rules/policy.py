@@ -26,6 +26,8 @@ class UserPolicy:
     upgrade: dict[str, str] | None = None
     blocked: bool = False
     blocked_reason: str = ""
+    #: The paying team's upgrade offer (``rules.teams.with_team``), for its refusals.
+    team_upgrade: dict[str, str] | None = None
 
     def allows_model(self, model: str) -> bool:
         return not self.allowed_models or any(

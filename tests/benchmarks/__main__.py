@@ -27,6 +27,7 @@ def main(argv: list[str]) -> int:
         end_to_end,
         estimation_cost,
         gate_cost,
+        key_cost,
         memory,
         scale_out,
         snapshot_time,
@@ -36,6 +37,7 @@ def main(argv: list[str]) -> int:
 
     sections = {
         "cost": gate_cost.run,
+        "keys": key_cost.run,
         "burst": burst.run,
         "e2e": end_to_end.run,
         "throughput": throughput.run,

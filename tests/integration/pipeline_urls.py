@@ -11,6 +11,7 @@ from rest_framework.views import APIView
 from rest_framework_simplejwt.authentication import JWTAuthentication
 
 from llm_quota import quota_guard
+from llm_quota.authentication import ApiKeyAuthentication
 from llm_quota.decorators import quota_gated
 from llm_quota.drf.throttling import LLMQuotaThrottle
 from llm_quota.shapes.chat import ChatRequest
@@ -35,6 +36,12 @@ class Gated(APIView):
         if self.outcome == "fail":
             return Response({"error": "upstream down"}, status=502)
         raise RuntimeError("a bug in the view")
+
+
+class Keyed(Gated):
+    """A host view taking API keys: ``request.auth`` is the key, the throttle reads it."""
+
+    authentication_classes = [ApiKeyAuthentication, JWTAuthentication]
 
 
 class Anonymous(Gated):
@@ -94,6 +101,7 @@ urlpatterns = [
     path("drf/fail", Gated.as_view(outcome="fail")),
     path("drf/raise", Gated.as_view(outcome="raise")),
     path("drf/anonymous", Anonymous.as_view()),
+    path("drf/keyed", Keyed.as_view(outcome="settle")),
     path("drf/guarded", Guarded.as_view()),
     path("plain/guarded", plain_guarded),
     path("plain", plain),

@@ -81,3 +81,31 @@ def global_burst(url, prefix, first_user, cap, prompt, output, threads, start, r
     for t in pool:
         t.join()
     results.put(admitted)
+
+
+def team_burst(url, prefix, users, per_user, user_cap, team_cap, prompt, output, start, results):
+    """``per_user`` threads for each of ``users``, all members of team 77: each reserves
+    (clamping allowed), then settles a random usage up to what it was granted."""
+    ledger = Ledger(connect(url, len(users) * per_user), prefix=prefix)
+    limits = Limits(tokens_per_month=user_cap, team="77", team_tokens_per_month=team_cap)
+    price = Price("gpt-4o", 1_000_000, 1_000_000)
+    charged: dict[int, int] = {uid: 0 for uid in users}
+    lock = threading.Lock()
+    rng = random.Random()
+
+    def one(uid):
+        start.wait()
+        decision = ledger.reserve(uid, limits, Estimate(price, prompt, output))
+        if not decision.allowed:
+            return
+        used = rng.randint(0, decision.reservation.max_tokens)
+        ledger.settle(decision.reservation, ActualUsage(prompt, used))
+        with lock:
+            charged[uid] += prompt + used
+
+    pool = [threading.Thread(target=one, args=(uid,)) for uid in users for _ in range(per_user)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    results.put(charged)

@@ -161,3 +161,41 @@ def test_concurrent_first_requests_restore_once(private_redis, quota_prefix, clo
     assert ledger.usage(5).tokens_this_month == 700 + 10 * sum(results)
     assert sum(results) == 16
     assert ledger.usage(5).by_model[0].requests == 7
+
+
+def test_a_keys_month_comes_back_with_its_user_and_still_refuses(
+    private_redis, quota_prefix, clock
+):
+    """A key's monthly budget must not start again from zero after a Redis loss."""
+    from llm_quota.exceptions import QuotaExceeded
+    from llm_quota.ledger.restore import key_months_from_snapshots
+    from llm_quota.rules.api_keys import find_key
+    from tests.support.api_keys import api_key
+
+    ledger = Ledger(
+        private_redis.client(), prefix=quota_prefix, clock=clock,
+        restore=month_from_snapshots, restore_keys=key_months_from_snapshots,
+    )  # fmt: skip
+    set_default_ledger(ledger)
+    factories.price("gpt-4o", "1", "4", default_max_output_tokens=100)
+    factories.tier("free", tokens_per_month=10_000, is_default=True)
+    user = factories.user()
+    key, plaintext = api_key(user, tokens_per_month=600)
+    credential = find_key(plaintext)
+
+    def ask_with_key():
+        with quota_guard(user, model="gpt-4o", prompt_tokens=50, max_tokens=50,
+                         api_key=credential) as q:  # fmt: skip
+            q.settle({"prompt_tokens": 50, "completion_tokens": 50})
+
+    ask_with_key()
+    ask_with_key()  # 2 x 250 = 500 of the key's 600
+    snapshot_usage(ledger=ledger)
+    ledger.client.flushall()
+
+    with pytest.raises(QuotaExceeded) as refused:
+        ask_with_key()
+    assert refused.value.limit == "key.tokens_per_month"
+    restored = ledger.key_usage(user.pk, key.pk)
+    assert (restored.tokens_this_month, restored.requests) == (500, 2)
+    assert ledger.usage(user.pk).tokens_this_month == 500

@@ -2,7 +2,8 @@
 -- On a cluster the global caps are checked after the user's reserve; when they clamp
 -- the output further this lowers the user's share to match, and when they refuse it
 -- takes the first step back.
--- KEYS[1] user base B.
+-- KEYS[1] user base B; then the bases of the payers whose shares the user's script
+-- took with it (an API key's K, in B's slot).
 -- ARGV: 1 now (0 = Redis' clock), 2 reservation id, 3 ttl, 4 new estimate (0 = withdraw).
 -- Returns 1 if amended, 0 if the reservation was no longer pending.
 
@@ -23,6 +24,10 @@ if amount <= 0 then
   redis.call('ZREM', B .. ':w', rid)
   redis.call('HSET', B .. ':rr', rid, record('l', 0, day, month, month_end, g, model))
   redis.call('ZADD', B .. ':z', now + ttl, rid)
+  for i = 2, #KEYS do
+    share_amend(KEYS[i], rid, 0, now, ttl)
+    redis.call('ZREM', KEYS[i] .. ':w', rid)
+  end
   return 1
 end
 
@@ -33,4 +38,6 @@ adjust(B .. ':d:' .. day, -diff, now)
 adjust(B .. ':m:' .. month, -diff, now)
 adjust_window(B, rid, est, amount)
 redis.call('HSET', B .. ':rr', rid, record('p', amount, day, month, month_end, g, model))
+-- Step 3: the payers' shares follow the user's.
+for i = 2, #KEYS do share_amend(KEYS[i], rid, amount, now, ttl) end
 return 1

@@ -24,6 +24,12 @@
 --   G:p, G:rr, G:z          the global shares' own leases, records and tombstones, so a
 --                           share expires with its lease even where no user script can
 --                           reach G (Redis Cluster) and no user returns to reclaim it
+-- Payers besides the user, each a share base P (below) with P:w ZSET reservation id ->
+-- admission time (its sliding request window) and P:n:<month> HASH of its settled
+-- usage ("req", "in", "out", "base", each followed by the caller's field suffixes):
+--   API key base K = B .. ":k:<key id>" (the user's hash tag, so the user's slot);
+--   team base T = "<prefix>:{t:<team id>}" (its own slot: on a cluster a second step,
+--   team_reserve.lua, as for the global caps).
 -- On one Redis the user scripts take G as a second key and do both in one round trip.
 -- On a cluster B and G are on different slots: the user's script runs first, then
 -- global_*.lua on G (global_reserve refusing means amend.lua withdraws the first step).
@@ -358,44 +364,50 @@ local function fit_tokens(limits, prompt_micro, out_micro, max_out, min_out, cla
   return max_out, est_full
 end
 
--- Global shares: the same lifecycle as a user's reservation, in G's own slot.
+-- Shares: a payer besides the user (the global caps in G, an API key in K) holds its
+-- own share of a reservation, with the same lifecycle as the user's: P:d:<day> and
+-- P:m:<month> counters, and P:p, P:rr, P:z for its leases, records and tombstones, so
+-- a share expires with its own lease whoever comes back. P is G or a K.
 
-local function global_used(G, day, month)
-  return num(redis.call('GET', G .. ':d:' .. day)), num(redis.call('GET', G .. ':m:' .. month))
+local function share_used(P, day, month)
+  local used = redis.call('MGET', P .. ':d:' .. day, P .. ':m:' .. month)
+  return num(used[1]), num(used[2])
 end
 
-local function global_give_back(G, est, day, month, now)
-  adjust(G .. ':d:' .. day, -est, now)
-  adjust(G .. ':m:' .. month, -est, now)
+local function share_give_back(P, est, day, month, now)
+  adjust(P .. ':d:' .. day, -est, now)
+  adjust(P .. ':m:' .. month, -est, now)
 end
 
-local function global_housekeeping(G, now, ttl)
-  reclaim(G, now, ttl, function(_, est, day, month) global_give_back(G, est, day, month, now) end)
-  forget(G, now)
+local function share_housekeeping(P, now, ttl)
+  reclaim(P, now, ttl, function(_, est, day, month) share_give_back(P, est, day, month, now) end)
+  forget(P, now)
 end
 
-local function global_touch(G, now)
+local function share_touch(P, now)
   local at = now + STRUCT_TTL
   for _, suffix in ipairs({':p', ':rr', ':z'}) do
-    redis.call('PEXPIREAT', G .. suffix, at)
+    redis.call('PEXPIREAT', P .. suffix, at)
   end
 end
 
-local function global_take(G, rid, est, day, day_end, month, month_end, now, ttl)
-  add_period(G .. ':d:' .. day, est, day_end + DAY_GRACE)
-  add_period(G .. ':m:' .. month, est, month_end + MONTH_GRACE)
-  redis.call('ZADD', G .. ':p', now + ttl, rid)
-  redis.call('HSET', G .. ':rr', rid, record('p', est, day, month, month_end, '1', ''))
-  global_touch(G, now)
+local function share_take(P, rid, est, day, day_end, month, month_end, now, ttl)
+  add_period(P .. ':d:' .. day, est, day_end + DAY_GRACE)
+  add_period(P .. ':m:' .. month, est, month_end + MONTH_GRACE)
+  redis.call('ZADD', P .. ':p', now + ttl, rid)
+  redis.call('HSET', P .. ':rr', rid, record('p', est, day, month, month_end, '1', ''))
+  -- The structures' lives are refreshed when the leases' set is new (no TTL yet), and
+  -- by every settle (share_settle): one PTTL here rather than three PEXPIREATs.
+  if redis.call('PTTL', P .. ':p') < 0 then share_touch(P, now) end
 end
 
--- Replace a global share's estimate by the actual usage, once. Without a record (lost,
+-- Replace a share's estimate by the actual usage, once. Without a record (lost,
 -- or long forgotten) the usage is charged whole only if the caller says the user's
 -- side was charged now (charge_missing); otherwise this only completes a share left
 -- pending by a settle that died between its two steps. Returns the delta applied.
-local function global_settle(G, rid, actual, day, month, month_end, charge_missing, now, ttl)
+local function share_settle(P, rid, actual, day, month, month_end, charge_missing, now, ttl)
   local state, est = 'x', 0
-  local rec = redis.call('HGET', G .. ':rr', rid)
+  local rec = redis.call('HGET', P .. ':rr', rid)
   if rec then
     state, est, day, month, month_end = parse_record(rec)
   elseif not charge_missing then
@@ -405,29 +417,133 @@ local function global_settle(G, rid, actual, day, month, month_end, charge_missi
   local delta = actual
   if state == 'p' then
     delta = actual - est
-    redis.call('ZREM', G .. ':p', rid)
+    redis.call('ZREM', P .. ':p', rid)
   end
-  adjust(G .. ':d:' .. day, delta, now)
-  adjust(G .. ':m:' .. month, delta, now)
-  redis.call('HSET', G .. ':rr', rid, record('s', actual, day, month, month_end, '1', ''))
-  redis.call('ZADD', G .. ':z', now + ttl, rid)
-  global_touch(G, now)
+  adjust(P .. ':d:' .. day, delta, now)
+  adjust(P .. ':m:' .. month, delta, now)
+  redis.call('HSET', P .. ':rr', rid, record('s', actual, day, month, month_end, '1', ''))
+  redis.call('ZADD', P .. ':z', now + ttl, rid)
+  share_touch(P, now)
   return delta
 end
 
--- Give a pending global share back whole. Returns 1 if it was pending. A share G has
+-- Give a pending share back whole. Returns 1 if it was pending. A share P has
 -- not seen yet is tombstoned: its global_reserve may still arrive, and must take nothing.
-local function global_release(G, rid, now, ttl)
-  local rec = redis.call('HGET', G .. ':rr', rid)
+local function share_release(P, rid, now, ttl)
+  local rec = redis.call('HGET', P .. ':rr', rid)
   if not rec then
-    tombstone(G, rid, now, ttl)
+    tombstone(P, rid, now, ttl)
     return 0
   end
   local state, est, day, month, month_end = parse_record(rec)
   if state ~= 'p' then return 0 end
-  global_give_back(G, est, day, month, now)
-  redis.call('ZREM', G .. ':p', rid)
-  redis.call('HSET', G .. ':rr', rid, record('l', 0, day, month, month_end, '1', ''))
-  redis.call('ZADD', G .. ':z', now + ttl, rid)
+  share_give_back(P, est, day, month, now)
+  redis.call('ZREM', P .. ':p', rid)
+  redis.call('HSET', P .. ':rr', rid, record('l', 0, day, month, month_end, '1', ''))
+  redis.call('ZADD', P .. ':z', now + ttl, rid)
   return 1
+end
+
+-- Lower a pending share to `amount` (a cluster's global step clamped harder than the
+-- user's), or withdraw it whole (amount 0: refused there, as if never admitted).
+local function share_amend(P, rid, amount, now, ttl)
+  if amount <= 0 then return share_release(P, rid, now, ttl) end
+  local rec = redis.call('HGET', P .. ':rr', rid)
+  if not rec then return 0 end
+  local state, est, day, month, month_end = parse_record(rec)
+  if state ~= 'p' or est <= amount then return 0 end
+  share_give_back(P, est - amount, day, month, now)
+  redis.call('HSET', P .. ':rr', rid, record('p', amount, day, month, month_end, '1', ''))
+  return 1
+end
+
+-- A payer's request window (P:w): what it holds after the old entries leave, and when
+-- its oldest entry leaves (ms from now; WINDOW when empty).
+local function payer_window(K, now)
+  redis.call('ZREMRANGEBYSCORE', K .. ':w', '-inf', now - WINDOW)
+  local count = redis.call('ZCARD', K .. ':w')
+  local reset = WINDOW
+  local first = redis.call('ZRANGE', K .. ':w', 0, 0, 'WITHSCORES')
+  if #first > 0 then reset = tonumber(first[2]) + WINDOW - now end
+  return count, reset
+end
+
+-- The wait until a payer's window has room for one more request under `rpm`: until its
+-- (count - rpm + 1)-th oldest entry leaves.
+local function payer_window_wait(K, now, count, rpm, reset)
+  local nth = count - rpm
+  if nth <= 0 then return reset end
+  local entry = redis.call('ZRANGE', K .. ':w', nth, nth, 'WITHSCORES')
+  if #entry > 0 then return tonumber(entry[2]) + WINDOW - now end
+  return reset
+end
+
+-- Count an admitted request in a payer's window; the window lives a minute past it.
+local function payer_window_add(K, rid, now)
+  redis.call('ZADD', K .. ':w', now, rid)
+  redis.call('PEXPIRE', K .. ':w', WINDOW + 1000)
+end
+
+-- Payers as a reserve sees them: {label, base, rpm, conc, tpd, tpmo} (-1 = unlimited),
+-- read from ARGV from `at` on (five values each) with their bases from KEYS from 2 on.
+local function parse_payers(count, at)
+  local payers = {}
+  for i = 1, count do
+    local a = at + (i - 1) * 5
+    payers[i] = {label = ARGV[a], base = KEYS[1 + i], rpm = tonumber(ARGV[a + 1]),
+                 conc = tonumber(ARGV[a + 2]), tpd = tonumber(ARGV[a + 3]),
+                 tpmo = tonumber(ARGV[a + 4])}
+  end
+  return payers
+end
+
+-- Expire what is old in a payer's share and read what its limits depend on.
+local function payer_read(p, day, month, now, ttl)
+  share_housekeeping(p.base, now, ttl)
+  p.requests, p.reset = payer_window(p.base, now)
+  p.inflight = 0
+  if p.conc >= 0 then p.inflight = redis.call('ZCARD', p.base .. ':p') end
+  p.day, p.month = share_used(p.base, day, month)
+end
+
+-- A payer's request and concurrency limits, reported to `r` as refusals.
+local function payer_block_rates(p, r, now)
+  if p.rpm >= 0 and p.requests + 1 > p.rpm then
+    r.block(p.label .. 'requests_per_minute',
+      payer_window_wait(p.base, now, p.requests, p.rpm, p.reset))
+  end
+  if p.conc >= 0 and p.inflight + 1 > p.conc then
+    r.block(p.label .. 'max_concurrent_requests', 1000)
+  end
+end
+
+-- A payer's token limits, in fit_tokens()'s form.
+local function payer_token_limits(p, limits, day_end, month_end)
+  limits[#limits + 1] = {p.label .. 'tokens_per_day', p.tpd, p.day, day_end}
+  limits[#limits + 1] = {p.label .. 'tokens_per_month', p.tpmo, p.month, month_end}
+end
+
+-- Take a payer's share of an admitted request, and count it in its window.
+local function payer_take(p, rid, est, day, day_end, month, month_end, now, ttl)
+  share_take(p.base, rid, est, day, day_end, month, month_end, now, ttl)
+  payer_window_add(p.base, rid, now)
+end
+
+-- Record a settled request in a payer's month: "req", "in", "out", "base", each once
+-- per field suffix in the csv `suffixes` ('' for plain totals, '|u:<uid>' per member).
+-- Returns the month's settled base tokens after this one (its plain "base" total; -1
+-- without one): exactly one settle moves it over a soft limit, so the caller sees the
+-- crossing in the reply.
+local function payer_usage(P, month, month_end, suffixes, input, output, actual)
+  local n = P .. ':n:' .. month
+  local total = -1
+  for suffix in string.gmatch(suffixes .. ',', '([^,]*),') do
+    redis.call('HINCRBY', n, 'req' .. suffix, 1)
+    redis.call('HINCRBY', n, 'in' .. suffix, input)
+    redis.call('HINCRBY', n, 'out' .. suffix, output)
+    local base = redis.call('HINCRBY', n, 'base' .. suffix, actual)
+    if suffix == '' then total = base end
+  end
+  redis.call('PEXPIREAT', n, month_end + MONTH_GRACE)
+  return total
 end

@@ -6,5 +6,5 @@
 local G = KEYS[1]
 local now = now_ms(ARGV[1])
 
--- Step 1: release once; global_release() keeps the tombstone.
-return global_release(G, ARGV[2], now, tonumber(ARGV[3]))
+-- Step 1: release once; share_release() keeps the tombstone.
+return share_release(G, ARGV[2], now, tonumber(ARGV[3]))

@@ -21,7 +21,7 @@ local day, day_end = ARGV[11], tonumber(ARGV[12])
 local month, month_end = ARGV[13], tonumber(ARGV[14])
 
 -- Step 1: shares whose lease ran out give their tokens back, and old tombstones go.
-global_housekeeping(G, now, ttl)
+share_housekeeping(G, now, ttl)
 
 -- Step 1b: an id G holds already is never taken twice: a pending share is answered as
 -- admitted again (the same step, sent again), a finished one or a tombstone refuses.
@@ -33,7 +33,7 @@ if prior then
 end
 
 -- Step 2: fit the request into what everyone has left today and this month.
-local g_day, g_month = global_used(G, day, month)
+local g_day, g_month = share_used(G, day, month)
 local r = refusal()
 local granted, est = fit_tokens({
   {'global_tokens_per_day', gtpd, g_day, day_end},
@@ -42,5 +42,5 @@ local granted, est = fit_tokens({
 if r.name then return {0, r.name, r.wait, 0, est} end
 
 -- Step 3: take the share under its own lease.
-global_take(G, rid, est, day, day_end, month, month_end, now, ttl)
+share_take(G, rid, est, day, day_end, month, month_end, now, ttl)
 return {1, '', 0, granted, est}

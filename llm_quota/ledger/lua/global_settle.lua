@@ -10,8 +10,8 @@ local G = KEYS[1]
 local now = now_ms(ARGV[1])
 
 -- Step 1: housekeeping first, so an expired share is settled as late (charged whole).
-global_housekeeping(G, now, tonumber(ARGV[3]))
+share_housekeeping(G, now, tonumber(ARGV[3]))
 
--- Step 2: settle once; global_settle() keeps the tombstone.
-return global_settle(G, ARGV[2], tonumber(ARGV[4]), ARGV[5], ARGV[6], tonumber(ARGV[7]),
+-- Step 2: settle once; share_settle() keeps the tombstone.
+return share_settle(G, ARGV[2], tonumber(ARGV[4]), ARGV[5], ARGV[6], tonumber(ARGV[7]),
   ARGV[8] == '1', now, tonumber(ARGV[3]))

@@ -11,8 +11,8 @@ local day, day_end = pick_period(ARGV[3], ARGV[4], now)
 local month, month_end = pick_period(ARGV[5], ARGV[6], now)
 
 -- Step 1: the same housekeeping as global_reserve, so expired shares are not counted.
-global_housekeeping(G, now, tonumber(ARGV[2]))
+share_housekeeping(G, now, tonumber(ARGV[2]))
 
 -- Step 2: read.
-local g_day, g_month = global_used(G, day, month)
+local g_day, g_month = share_used(G, day, month)
 return {now, day, month, day_end, month_end, g_day, g_month, redis.call('ZCARD', G .. ':p')}

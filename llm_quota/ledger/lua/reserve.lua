@@ -1,19 +1,26 @@
 -- reserve: check every limit and reserve the estimate in all of them, or in none.
--- KEYS[1] user base B; KEYS[2] global base G, on one Redis only. On a cluster G is on
--- another slot: without KEYS[2] the global caps are left to global_reserve.lua.
+-- Payers: the user always; then the API key the request came with and the team it is
+-- charged to, if any (see parse_payers); the global caps.
+-- KEYS[1] user base B; then one base per payer (ARGV[23] of them: a key's K, in B's
+-- slot; a team's T, on one Redis only); then the global base G, on one Redis only. On
+-- a cluster T and G are on other slots: team_reserve.lua and global_reserve.lua
+-- check them in steps of their own.
 -- ARGV: 1 now (0 = Redis' clock), 2 reservation id, 3 ttl,
 --       4 requests/min, 5 concurrent, 6 tokens/min, 7 tokens/day, 8 tokens/month,
 --       9 global tokens/day, 10 global tokens/month   (-1 = unlimited),
 --       11 prompt cost in micro base tokens, 12 micro base tokens per output token,
 --       13 requested output tokens, 14 least output worth clamping to, 15 clamp (1/0),
 --       16 model, 17 day ids, 18 day starts, 19 month ids, 20 month starts,
---       21 probe: a lower prompt cost in micro base tokens, or '' (none), 22 its clamp.
+--       21 probe: a lower prompt cost in micro base tokens, or '' (none), 22 its clamp,
+--       23 how many payers follow, then five values each: label ('key.', 'team.'),
+--       requests/min, concurrent, tokens/day, tokens/month.
 -- Returns {status, limit, retry_ms, granted_output, reserved, now, day, month,
 --          requests_limit, requests_remaining, requests_reset_ms,
 --          tokens_limit, tokens_remaining, tokens_reset_ms, month_end, day_end,
 --          probe_limit, probe_retry_ms, tokens_window_ms}
 -- The tokens_* fields describe the token limit with the least remaining (minute, day
--- or month; -1 when none is set) and tokens_window_ms its length, for the headers.
+-- or month, the key's too; -1 when none is set) and tokens_window_ms its length, for
+-- the headers; the requests_* fields the tighter of the user's and the key's rpm.
 -- status: 1 admitted, 0 refused (limit names the binding one), 2 restore counters first,
 --         3 this id is finished already (released before this reserve arrived).
 -- The id is the caller's, made before the call, so a reserve runs at most once per id:
@@ -25,7 +32,9 @@
 -- bound would be refused as well (probe_limit names the limit then, else ''), and so
 -- whether counting exactly could change the answer.
 
-local B, G = KEYS[1], KEYS[2]
+local B = KEYS[1]
+local payers = parse_payers(tonumber(ARGV[23] or '0'), 24)
+local G = KEYS[2 + #payers]
 local now = now_ms(ARGV[1])
 local rid, ttl = ARGV[2], tonumber(ARGV[3])
 local rpm, conc, tpm = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -59,7 +68,7 @@ local state = {wsum = num(s[3]), pdue = s[4], zdue = s[5], changed = {}}
 -- reservations, tombstones and global shares when their dates say some are due.
 local freed, oldest = window_front(B, now)
 due_housekeeping(B, now, ttl, state)
-if use_global then global_housekeeping(G, now, ttl) end
+if use_global then share_housekeeping(G, now, ttl) end
 local used_min = state.wsum - freed
 local window_reset = WINDOW
 if oldest then window_reset = oldest + WINDOW - now end
@@ -70,7 +79,8 @@ local inflight = redis.call('ZCARD', B .. ':p')
 local periods = redis.call('MGET', B .. ':d:' .. day, B .. ':m:' .. month)
 local used_day, used_month = num(periods[1]), num(periods[2])
 local g_day, g_month = 0, 0
-if use_global then g_day, g_month = global_used(G, day, month) end
+if use_global then g_day, g_month = share_used(G, day, month) end
+for _, p in ipairs(payers) do payer_read(p, day, month, now, ttl) end
 
 -- What changed in B:s is written in one HSET, whatever the decision.
 local function save_state(wsum)
@@ -93,11 +103,28 @@ local function tokens_header(taken)
     {tpd, used_day, day_end - now, day_end - day_start},
     {tpmo, used_month, month_end - now, month_end - month_start},
   }
+  for _, p in ipairs(payers) do
+    candidates[#candidates + 1] = {p.tpd, p.day, day_end - now, day_end - day_start}
+    candidates[#candidates + 1] = {p.tpmo, p.month, month_end - now, month_end - month_start}
+  end
   for _, c in ipairs(candidates) do
     local left = c[1] - c[2] - taken
     if c[1] >= 0 and (best[1] < 0 or left < best[2]) then best = {c[1], left, c[3], c[4]} end
   end
   return best[1], math.max(best[2], -1), best[3], best[4]
+end
+
+-- The request limit the headers describe: the user's or a payer's, whichever has less
+-- left once `taken` more requests are counted. Returns limit (-1: none), left, reset.
+local function requests_header(taken)
+  local limit, left, reset = -1, -1, window_reset
+  if rpm >= 0 then limit, left = rpm, rpm - requests - taken end
+  for _, p in ipairs(payers) do
+    if p.rpm >= 0 and (limit < 0 or p.rpm - p.requests - taken < left) then
+      limit, left, reset = p.rpm, p.rpm - p.requests - taken, p.reset
+    end
+  end
+  return limit, math.max(left, 0), reset
 end
 
 -- Step 3b: this id is reserved already (the same call, sent again): answer as admitted
@@ -111,11 +138,10 @@ if prior then
     return {3, '', 0, 0, 0, now, day, month, 0, 0, 0, 0, 0, 0, month_end, day_end}
   end
   local again = clamp_output(prompt_micro, out_micro, held, max_out)
-  local left = -1
-  if rpm >= 0 then left = math.max(rpm - requests, 0) end
+  local r_limit, r_left, r_reset = requests_header(0)
   local t_limit, t_left, t_reset, t_window = tokens_header(0)
   return {1, '', 0, again, held, now, held_day, held_month,
-          rpm, left, window_reset, t_limit, t_left, t_reset,
+          r_limit, r_left, r_reset, t_limit, t_left, t_reset,
           held_end, day_end, '', 0, t_window}
 end
 
@@ -135,6 +161,8 @@ local function block_rates(r)
   end
   -- A lease usually ends when its request finishes, long before it expires.
   if conc >= 0 and inflight + 1 > conc then r.block('max_concurrent_requests', 1000) end
+  -- Each payer's own request window and calls in flight, beside the user's.
+  for _, p in ipairs(payers) do payer_block_rates(p, r, now) end
 end
 local r = refusal()
 block_rates(r)
@@ -167,6 +195,7 @@ local token_limits = {
   {'global_tokens_per_day', gtpd, g_day, day_end},
   {'global_tokens_per_month', gtpmo, g_month, month_end},
 }
+for _, p in ipairs(payers) do payer_token_limits(p, token_limits, day_end, month_end) end
 local function token_wait(l, short)
   if l[4] == 0 then return window_wait(short) end
   return l[4] - now
@@ -176,8 +205,7 @@ local granted, est = fit_tokens(token_limits, prompt_micro, out_micro, max_out, 
 
 if r.name then
   save_state(used_min)
-  local left = -1
-  if rpm >= 0 then left = math.max(rpm - requests, 0) end
+  local r_limit, r_left, r_reset = requests_header(0)
   -- The probe: the same checks for the lower bound, nothing written.
   local probe = refusal()
   if ARGV[21] and ARGV[21] ~= '' then
@@ -187,11 +215,11 @@ if r.name then
   end
   local t_limit, t_left, t_reset, t_window = tokens_header(0)
   return {0, r.name, r.wait, 0, est, now, day, month,
-          rpm, left, window_reset, t_limit, t_left, t_reset,
+          r_limit, r_left, r_reset, t_limit, t_left, t_reset,
           month_end, day_end, probe.name or '', math.max(probe.wait, 0), t_window}
 end
 
--- Step 6: reserve in every window and period at once. The record remembers where
+-- Step 6: reserve in every window and period at once, for every payer. The record remembers where
 -- the estimate went, so settle and expiry can take back exactly that.
 redis.call('ZADD', B .. ':w', now, rid)
 redis.call('ZADD', B .. ':p', now + ttl, rid)
@@ -202,16 +230,21 @@ add_period(B .. ':d:' .. day, est, day_end + DAY_GRACE)
 add_period(B .. ':m:' .. month, est, month_end + MONTH_GRACE)
 local g = '0'
 if use_global then
-  global_take(G, rid, est, day, day_end, month, month_end, now, ttl)
+  share_take(G, rid, est, day, day_end, month, month_end, now, ttl)
   g = '1'
+end
+for _, p in ipairs(payers) do
+  payer_take(p, rid, est, day, day_end, month, month_end, now, ttl)
 end
 redis.call('HSET', B .. ':rr', rid, record('p', est, day, month, month_end, g, model))
 if tonumber(s[2]) ~= math.floor(now / 86400000) then touch(B, now) end
 
-local requests_left = -1
-if rpm >= 0 then requests_left = rpm - requests - 1 end
 if not oldest then window_reset = WINDOW end
+for _, p in ipairs(payers) do
+  if p.requests == 0 then p.reset = WINDOW end
+end
+local r_limit, r_left, r_reset = requests_header(1)
 local t_limit, t_left, t_reset, t_window = tokens_header(est)
 return {1, '', 0, granted, est, now, day, month,
-        rpm, requests_left, window_reset, t_limit, t_left, t_reset,
+        r_limit, r_left, r_reset, t_limit, t_left, t_reset,
         month_end, day_end, '', 0, t_window}

@@ -4,6 +4,8 @@
     edit <tier> key=value...   change a tier through the model, as the admin's save does
     price <model> <in> <out>   a price row (multipliers)
     token <pk>                 an access token for that user, as /api/token/ issues it
+    key <pk> key=value...      an API key of that user (its limits): prints "<id> <key>"
+    revoke <key id>            revoke an API key, as DELETE /api/llm-quota/keys/<id>/ does
     estimate <model> <max_tokens> <messages-json>   the request's estimate in base tokens
 """
 
@@ -52,6 +54,21 @@ def main(argv: list[str]) -> None:
 
         user = get_user_model().objects.get(pk=int(name))
         print(ScopedTokenObtainPairSerializer.get_token(user).access_token)
+    elif command == "key":
+        from llm_quota.models import ApiKey
+
+        key = ApiKey(user_id=int(name), name="scale", **_limits(pairs))
+        plaintext = key.issue()
+        key.save()
+        print(key.pk, plaintext)
+    elif command == "revoke":
+        from django.utils import timezone
+
+        from llm_quota.models import ApiKey
+
+        key = ApiKey.objects.get(pk=int(name))
+        key.revoked_at = timezone.now()
+        key.save(update_fields=["revoked_at"])
     elif command == "estimate":
         import json
 
