@@ -1044,12 +1044,13 @@ class ApiKeyAdmin(admin.ModelAdmin):
         """The key's live report, read once per object (a page's rows, the change form)."""
         if not key.pk:
             return None
-        if not hasattr(key, "_live"):
+        cache = vars(key)
+        if "_live" not in cache:
             try:
-                key._live = key_usage_report(key)
+                cache["_live"] = key_usage_report(key)
             except RedisError:
-                key._live = None
-        return key._live
+                cache["_live"] = None
+        return cache["_live"]
 
     @admin.display(description="last use")
     def last_use(self, key: ApiKey) -> Any:
@@ -1134,13 +1135,14 @@ class TeamAdmin(admin.ModelAdmin):
     def _report(team: Team) -> dict[str, Any] | None:
         if not team.pk:
             return None
-        if not hasattr(team, "_live"):
+        cache = vars(team)
+        if "_live" not in cache:
             policy = team_policy(team.pk)
             try:
-                team._live = team_usage_report(policy) if policy else None
+                cache["_live"] = team_usage_report(policy) if policy else None
             except RedisError:
-                team._live = None
-        return team._live
+                cache["_live"] = None
+        return cache["_live"]
 
     @admin.display(description="members")
     def member_count(self, team: Team) -> int:

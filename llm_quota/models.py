@@ -297,7 +297,7 @@ class Team(models.Model):
     max_concurrent_requests = _override_field(_("max concurrent requests"))
     max_tokens_per_request = _override_field(_("max tokens per request"))
     blocked = models.BooleanField(_("blocked"), default=False)
-    members = models.ManyToManyField(
+    members: models.ManyToManyField[Any, Any] = models.ManyToManyField(
         settings.AUTH_USER_MODEL, through="TeamMembership", related_name="llm_teams"
     )
 

@@ -363,7 +363,7 @@ class LedgerOps:
 
     def _amend(self, held: Reservation, amount: int) -> ScriptCall:
         now_arg, _ = self.now_arg()
-        payers = (self.keyspace.user(held.user_id),)
+        payers: tuple[str, ...] = (self.keyspace.user(held.user_id),)
         if held.api_key is not None:  # the key's share was taken by the same script
             payers += (self.keyspace.api_key(held.user_id, held.api_key),)
         return ScriptCall("amend", payers, (now_arg, held.id, self.ttl_ms, amount))

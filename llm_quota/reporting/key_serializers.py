@@ -21,7 +21,7 @@ class ApiKeySerializer(serializers.ModelSerializer):
         child=serializers.CharField(), source="scope_list", read_only=True,
         help_text="Empty: the tier's scopes.",
     )  # fmt: skip
-    team = serializers.SlugRelatedField(
+    team: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
         slug_field="slug", read_only=True, help_text="The team the key charges, or null."
     )
 

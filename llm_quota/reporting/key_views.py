@@ -7,7 +7,7 @@ A caller only ever sees their own keys: another user's id is a 404.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.db.models import QuerySet
 from django.http import Http404
@@ -36,7 +36,9 @@ from llm_quota.reporting.key_usage import key_usage_report
 
 def with_api_keys() -> list[Any]:
     """The host's authentication classes, with an API key accepted first."""
-    rest = [c for c in api_settings.DEFAULT_AUTHENTICATION_CLASSES if c is not ApiKeyAuthentication]
+    # api_settings imports the dotted paths; the stubs type the setting as strings.
+    configured = cast(list[Any], api_settings.DEFAULT_AUTHENTICATION_CLASSES)
+    rest = [c for c in configured if c is not ApiKeyAuthentication]
     return [ApiKeyAuthentication, *rest]
 
 
@@ -59,7 +61,7 @@ class ApiKeyListView(ListCreateAPIView):
     pagination_class = None
 
     def get_queryset(self) -> QuerySet[ApiKey]:
-        keys = ApiKey.objects.filter(user_id=self.request.user.pk).select_related("team")
+        keys = ApiKey.objects.filter(user_id=cast(int, self.request.user.pk)).select_related("team")
         return keys.order_by("-created_at")
 
     def get_serializer_class(self) -> Any:
@@ -74,7 +76,7 @@ class ApiKeyDetailView(GenericAPIView):
     serializer_class = ApiKeySerializer
 
     def delete(self, request: Request, key_id: int) -> Response:
-        key = ApiKey.objects.filter(pk=key_id, user_id=request.user.pk).first()
+        key = ApiKey.objects.filter(pk=key_id, user_id=cast(int, request.user.pk)).first()
         if key is None:
             raise Http404("No such API key.")
         if key.revoked_at is None:
@@ -98,7 +100,7 @@ class ApiKeyUsageView(GenericAPIView):
         credential = credential_of(request.auth)
         if credential is not None and credential.id != key_id:
             raise Http404("No such API key.")
-        key = ApiKey.objects.filter(pk=key_id, user_id=request.user.pk).first()
+        key = ApiKey.objects.filter(pk=key_id, user_id=cast(int, request.user.pk)).first()
         if key is None:
             raise Http404("No such API key.")
         try:

@@ -4,7 +4,7 @@ is a 404, whether or not it exists."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.http import Http404
 from redis.exceptions import RedisError
@@ -55,7 +55,7 @@ class TeamListView(ListAPIView):
 
     def get_queryset(self) -> Any:
         return (
-            TeamMembership.objects.filter(user_id=self.request.user.pk)
+            TeamMembership.objects.filter(user_id=cast(int, self.request.user.pk))
             .select_related("team", "team__tier")
             .order_by("team__slug")
         )
@@ -73,7 +73,9 @@ class TeamUsageView(GenericAPIView):
         if team is None:
             raise Http404("No such team.")
         if not request.user.is_staff:
-            role = TeamMembership.objects.filter(team=team, user_id=request.user.pk).first()
+            role = TeamMembership.objects.filter(
+                team=team, user_id=cast(int, request.user.pk)
+            ).first()
             if role is None:
                 raise Http404("No such team.")
             if role.role != TeamMembership.ADMIN:

@@ -15,6 +15,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import Http404
 from redis.exceptions import RedisError
+from rest_framework.authentication import BaseAuthentication
 from rest_framework.generics import GenericAPIView, ListAPIView
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.permissions import IsAdminUser, IsAuthenticated
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 
 
 class UsageScopeMixin:
-    authentication_classes = with_api_keys()  # Bearer llmq_... too (contract section 9)
+    # Bearer llmq_... too (contract section 9).
+    authentication_classes: Sequence[type[BaseAuthentication]] = with_api_keys()
     permission_classes: Sequence[_PermissionClass] = [IsAuthenticated, HasScope]
 
     @property

@@ -35,7 +35,7 @@ class UserPolicy:
         )
 
 
-def _global_limits() -> dict[str, int | None]:
+def _global_limits() -> dict[str, Any]:
     return {
         "global_tokens_per_day": quota_settings.GLOBAL_TOKENS_PER_DAY,
         "global_tokens_per_month": quota_settings.GLOBAL_TOKENS_PER_MONTH,
@@ -60,7 +60,7 @@ def default_tier() -> Any:
     return config_cache.get("default-tier", _default_tier)
 
 
-def limits_in_effect(tier: Any, quota: Any) -> dict[str, int | None]:
+def limits_in_effect(tier: Any, quota: Any) -> dict[str, Any]:
     """Each of ``LIMIT_FIELDS`` for a user on ``tier`` with ``quota`` (or None): the
     tier's value unless the quota overrides it (None: unlimited). The policy and the
     admin's "limits in effect" both read it, so they cannot disagree."""
