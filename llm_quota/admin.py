@@ -115,6 +115,10 @@ class TierAdmin(admin.ModelAdmin):
                 )
             },
         ),
+        (
+            "Runaway protection (empty = off)",
+            {"fields": (("burn_multiplier", "burn_floor", "burn_pause_seconds"),)},
+        ),
         ("Models", {"fields": ("allowed_models",)}),
         ("Upgrade", {"fields": ("upgrade_to", "upgrade_url")}),
     )

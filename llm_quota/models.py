@@ -102,6 +102,40 @@ class Tier(models.Model):
     soft_limit_percent = models.PositiveSmallIntegerField(
         _("soft limit percent"), default=80, validators=[MinValueValidator(1)]
     )
+    # The burn-rate breaker (contract §11, ledger/lua/burn.lua). The defaults suit a new
+    # user with no baseline yet: only the floor applies until a week of use has taught
+    # one, and a person's busiest minute is rarely a tenth of it.
+    burn_multiplier = models.DecimalField(
+        _("burn-rate multiplier"),
+        max_digits=6,
+        decimal_places=2,
+        null=True,
+        blank=True,
+        default=Decimal("10"),
+        validators=[MinValueValidator(Decimal("1"))],
+        help_text=_(
+            "Pause a caller whose last minute's spend exceeds this many times their "
+            "baseline (their busiest minute of recent days). Empty turns the breaker off."
+        ),
+    )
+    burn_floor = models.PositiveBigIntegerField(
+        _("burn-rate floor"),
+        null=True,
+        blank=True,
+        default=100_000,
+        validators=[MinValueValidator(1)],
+        help_text=_(
+            "Base tokens a minute below which the breaker never trips. Empty turns it off."
+        ),
+    )
+    burn_pause_seconds = models.PositiveIntegerField(
+        _("burn-rate pause (seconds)"),
+        null=True,
+        blank=True,
+        default=900,
+        validators=[MinValueValidator(1)],
+        help_text=_("How long a tripped caller is paused. Empty turns the breaker off."),
+    )
     upgrade_to = models.ForeignKey(
         "self",
         on_delete=models.SET_NULL,

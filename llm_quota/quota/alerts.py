@@ -210,3 +210,24 @@ def on_quota_refused(
         _send_once(ledger, signals.budget_exhausted, sender, event, ttl)
     except Exception:
         logger.exception("budget alert failed for %s", limit)
+
+
+def on_burn_rate_tripped(
+    sender: Any, user_id: str = "", tier: str | None = None, paused_seconds: int = 0, **kwargs: Any
+) -> None:
+    """Receiver of ``burn_rate_tripped``: the alert webhook. Every trip posts (a trip
+    pauses the caller, so they come minutes apart at the most)."""
+    try:
+        ledger = get_ledger()
+        deliver_webhook(
+            {
+                "event": "burn_rate_tripped",
+                "user_id": user_id,
+                "tier": tier,
+                "limit": "burn_rate_exceeded",
+                "paused_seconds": int(paused_seconds),
+                "at": _now_iso(ledger),
+            }
+        )
+    except Exception:
+        logger.exception("burn-rate alert failed for user %s", user_id)

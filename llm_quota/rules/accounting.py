@@ -79,6 +79,12 @@ class Limits:
     max_tokens_per_request: int | None = None
     global_tokens_per_day: int | None = None
     global_tokens_per_month: int | None = None
+    #: The burn-rate breaker (contract §11): a minute's spend above ``burn_multiplier``
+    #: x the caller's baseline and above ``burn_floor`` base tokens pauses the caller
+    #: for ``burn_pause`` seconds. Any of the three None: off.
+    burn_multiplier: float | None = None
+    burn_floor: int | None = None
+    burn_pause: float | None = None
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,16 @@ def _global_limits() -> dict[str, int | None]:
     }
 
 
+def _burn_limits(tier: Any) -> dict[str, Any]:
+    """The tier's burn-rate breaker (None: off)."""
+    mult = tier.burn_multiplier
+    return {
+        "burn_multiplier": None if mult is None else float(mult),
+        "burn_floor": tier.burn_floor,
+        "burn_pause": tier.burn_pause_seconds,
+    }
+
+
 def _default_tier() -> Any:
     from llm_quota.models import Tier
 
@@ -91,7 +101,7 @@ def _load(user_pk: Any) -> UserPolicy:
     blocked = bool(quota is not None and quota.blocked)
     return UserPolicy(
         tier=tier.name,
-        limits=Limits(**values, **_global_limits()),
+        limits=Limits(**values, **_global_limits(), **_burn_limits(tier)),
         scopes=() if blocked else tuple(tier.scope_list),
         allowed_models=tuple(tier.model_patterns),
         soft_limit_percent=tier.soft_limit_percent,

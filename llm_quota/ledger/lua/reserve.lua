@@ -7,11 +7,13 @@
 --       11 prompt cost in micro base tokens, 12 micro base tokens per output token,
 --       13 requested output tokens, 14 least output worth clamping to, 15 clamp (1/0),
 --       16 model, 17 day ids, 18 day starts, 19 month ids, 20 month starts,
---       21 probe: a lower prompt cost in micro base tokens, or '' (none), 22 its clamp.
+--       21 probe: a lower prompt cost in micro base tokens, or '' (none), 22 its clamp,
+--       23 burn multiplier, 24 burn floor (base tokens a minute), 25 burn pause (ms)
+--       (-1 = the breaker is off; burn.lua).
 -- Returns {status, limit, retry_ms, granted_output, reserved, now, day, month,
 --          requests_limit, requests_remaining, requests_reset_ms,
 --          tokens_limit, tokens_remaining, tokens_reset_ms, month_end, day_end,
---          probe_limit, probe_retry_ms, tokens_window_ms}
+--          probe_limit, probe_retry_ms, tokens_window_ms, burn_tripped}
 -- The tokens_* fields describe the token limit with the least remaining (minute, day
 -- or month; -1 when none is set) and tokens_window_ms its length, for the headers.
 -- status: 1 admitted, 0 refused (limit names the binding one), 2 restore counters first,
@@ -174,6 +176,11 @@ end
 local granted, est = fit_tokens(token_limits, prompt_micro, out_micro, max_out, min_out, clamp, r,
   token_wait)
 
+-- Step 5b (burn.lua): a paused caller is refused; a minute's spend far above the
+-- caller's own baseline pauses it now.
+local tripped = burn_check(B, now, used_min + est, tonumber(ARGV[23] or -1),
+  tonumber(ARGV[24] or -1), tonumber(ARGV[25] or -1), r)
+
 if r.name then
   save_state(used_min)
   local left = -1
@@ -188,7 +195,7 @@ if r.name then
   local t_limit, t_left, t_reset, t_window = tokens_header(0)
   return {0, r.name, r.wait, 0, est, now, day, month,
           rpm, left, window_reset, t_limit, t_left, t_reset,
-          month_end, day_end, probe.name or '', math.max(probe.wait, 0), t_window}
+          month_end, day_end, probe.name or '', math.max(probe.wait, 0), t_window, tripped}
 end
 
 -- Step 6: reserve in every window and period at once. The record remembers where
