@@ -53,6 +53,7 @@ from llm_quota.models import (
     UsageSnapshot,
     UserQuota,
 )
+from llm_quota.quota import runaway
 from llm_quota.reporting import charts, snapshot_totals
 from llm_quota.reporting.bars import usage_bar
 from llm_quota.reporting.cost import cost_usd
@@ -465,6 +466,27 @@ class _BlockedFilter(admin.SimpleListFilter):
         return queryset
 
 
+class _PausedFilter(admin.SimpleListFilter):
+    """Users the burn-rate breaker paused (contract §11), read from Redis' list of
+    them (``quota/runaway.py``): one round trip, whatever the user table's size."""
+
+    title = "burn-rate pause"
+    parameter_name = "paused"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "Paused now")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() != "yes":
+            return queryset
+        try:
+            uids = runaway.paused_user_ids(get_ledger())
+        except RedisError as exc:
+            raise IncorrectLookupParameters(f"Redis is unavailable: {exc}") from exc
+        to_pk = QuotaUser._meta.pk.to_python
+        return queryset.filter(pk__in=[to_pk(uid) for uid in uids])
+
+
 def _big(value: int | None) -> Value:
     return Value(value, output_field=BigIntegerField())
 
@@ -539,7 +561,8 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
     # reserved and remaining tokens are on each user's page.
     list_display = ("who", "tier_name", "today", "this_month", "user_quota")
     list_display_links = ("who",)
-    list_filter = (_TierFilter, _BlockedFilter, _MonthBudgetFilter)
+    list_filter = (_TierFilter, _BlockedFilter, _MonthBudgetFilter, _PausedFilter)
+    actions = ("resume_paused",)
     search_help_text = "Search by username, email or name."
     list_select_related = ("llm_quota__tier",)
     list_per_page = 50
@@ -567,6 +590,20 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def has_resume_permission(self, request: HttpRequest) -> bool:
+        """Resuming is changing a user's quota: whoever may edit user quotas."""
+        return request.user.has_perm("llm_quota.change_userquota")
+
+    @admin.action(description="Resume: end the burn-rate pause", permissions=["resume"])
+    def resume_paused(self, request: HttpRequest, queryset: QuerySet) -> None:
+        ledger = get_ledger()
+        try:
+            resumed = sum(runaway.resume(ledger, user.pk) for user in queryset)
+        except RedisError as exc:
+            self.message_user(request, f"Resume failed: {exc}", messages.ERROR)
+            return
+        self.message_user(request, f"Resumed {resumed} paused user(s) of {len(queryset)}.")
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
         response = super().changelist_view(request, extra_context)

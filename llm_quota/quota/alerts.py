@@ -32,6 +32,7 @@ from llm_quota.ledger import keys
 from llm_quota.ledger.default import get_ledger
 from llm_quota.ledger.replies import Reservation, Settlement
 from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.quota import runaway
 
 logger = logging.getLogger("llm_quota")
 
@@ -215,10 +216,12 @@ def on_quota_refused(
 def on_burn_rate_tripped(
     sender: Any, user_id: str = "", tier: str | None = None, paused_seconds: int = 0, **kwargs: Any
 ) -> None:
-    """Receiver of ``burn_rate_tripped``: the alert webhook. Every trip posts (a trip
-    pauses the caller, so they come minutes apart at the most)."""
+    """Receiver of ``burn_rate_tripped``: lists the user as paused (the admin's
+    filter) and posts the alert webhook. Every trip posts: a trip pauses the caller,
+    so trips come a pause apart at the least."""
     try:
         ledger = get_ledger()
+        runaway.list_paused(ledger, user_id, paused_seconds)
         deliver_webhook(
             {
                 "event": "burn_rate_tripped",
