@@ -21,6 +21,16 @@ from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.rules.accounting import ActualUsage, Estimate, Limits, Price
 
 DAY = 86_400
+#: The replay's daily budget: the week's 3x day uses 40% of it, an ordinary day 15%.
+DAILY_BUDGET = 3_000_000
+#: When the loop starts: the Monday after the week, 10:00 (seconds into the replay).
+LOOP_START = 7 * DAY + 10 * 3600
+#: Calls a second of the loop: a worker on a fast upstream (the in-process replay
+#: against the fake upstream runs faster still).
+LOOP_PACE = 20
+#: A Monday 00:00 UTC far ahead: Redis expires keys by its own clock, so a replay on a
+#: past date would see its counters vanish as they are written.
+REPLAY_MONDAY = 4_097_260_800  # 2099-11-02
 #: gpt-4o's price shape: an output token costs four input tokens.
 PRICE = Price("gpt-4o", 1_000_000, 4_000_000)
 
@@ -87,7 +97,7 @@ def synthetic_week(seed: int = 15) -> list[Call]:
     return sorted(calls, key=lambda c: c.at)
 
 
-def runaway_loop(start: float, seconds: float = 120, pace: float = 20) -> list[Call]:
+def runaway_loop(start: float, seconds: float = 120, pace: float = LOOP_PACE) -> list[Call]:
     """The incident: one worker calling as fast as it can (``pace`` calls a second,
     each answered in 1/pace s), the same request every time, for ``seconds``."""
     step = 1 / pace
@@ -157,3 +167,23 @@ def pinned_clock(origin: float) -> _Clock:
     """A clock for ``Ledger(clock=...)`` that ``replay`` moves; ``origin`` should be a
     Monday 00:00 in the ledger's time zone, for the week's hours to mean what they say."""
     return _Clock(origin)
+
+
+@dataclass(frozen=True)
+class Incident:
+    """The week, then the loop: what each replay saw."""
+
+    week: Replay
+    loop: Replay
+
+    @property
+    def seconds_to_stop(self) -> float | None:
+        if self.loop.first_refusal is None:
+            return None
+        return self.loop.first_refusal[0] - LOOP_START
+
+
+def replay_incident(ledger: Ledger, clock: _Clock, user_id: str, limits: Limits) -> Incident:
+    """The synthetic week, then the runaway loop, for one user under ``limits``."""
+    week = replay(ledger, clock, user_id, synthetic_week(), limits)
+    return Incident(week, replay(ledger, clock, user_id, runaway_loop(LOOP_START), limits))

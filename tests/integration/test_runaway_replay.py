@@ -12,11 +12,18 @@ import pytest
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.models import Tier
 from llm_quota.rules.accounting import Limits
-from llm_quota.testing.traffic import DAY, pinned_clock, replay, runaway_loop, synthetic_week
+from llm_quota.testing.traffic import (
+    DAILY_BUDGET,
+    DAY,
+    LOOP_START,
+    pinned_clock,
+    replay,
+    replay_incident,
+    runaway_loop,
+    synthetic_week,
+)
 
-BUDGET = 3_000_000  # base tokens a day: the week's 3x day uses 40% of it
 MONDAY = datetime(2099, 11, 2, tzinfo=UTC).timestamp()
-AFTER_THE_WEEK = 7 * DAY + 10 * 3600  # the next Monday, 10:00
 
 
 def default(name):
@@ -24,12 +31,12 @@ def default(name):
 
 
 DEFAULTS = Limits(
-    tokens_per_day=BUDGET,
+    tokens_per_day=DAILY_BUDGET,
     burn_multiplier=float(default("burn_multiplier")),
     burn_floor=default("burn_floor"),
     burn_pause=default("burn_pause_seconds"),
 )
-NO_BREAKER = Limits(tokens_per_day=BUDGET)
+NO_BREAKER = Limits(tokens_per_day=DAILY_BUDGET)
 
 
 @pytest.fixture
@@ -53,22 +60,20 @@ def test_the_synthetic_week_is_the_same_every_time_and_as_described():
 
 def test_a_week_of_heavy_use_never_trips_and_the_runaway_after_it_is_paused_in_seconds(replayer):
     ledger, clock = replayer
-    week = replay(ledger, clock, "7", synthetic_week(), DEFAULTS)
-    assert week.refused == {} and week.trips == []  # 0 false trips
-    loop = replay(ledger, clock, "7", runaway_loop(AFTER_THE_WEEK), DEFAULTS)
-    at, limit = loop.first_refusal
-    assert limit == "burn_rate_exceeded" and len(loop.trips) == 1
-    assert at - AFTER_THE_WEEK <= 10
-    assert loop.spent <= 0.05 * BUDGET
-    assert loop.refused == {"burn_rate_exceeded": len(runaway_loop(AFTER_THE_WEEK)) - loop.admitted}
+    incident = replay_incident(ledger, clock, "7", DEFAULTS)
+    assert incident.week.refused == {} and incident.week.trips == []  # 0 false trips
+    loop = incident.loop
+    assert loop.first_refusal[1] == "burn_rate_exceeded" and len(loop.trips) == 1
+    assert incident.seconds_to_stop <= 10
+    assert loop.spent <= 0.05 * DAILY_BUDGET
+    assert loop.refused == {"burn_rate_exceeded": len(runaway_loop(LOOP_START)) - loop.admitted}
 
 
 def test_without_the_breaker_the_runaway_spends_the_whole_budget(replayer):
     ledger, clock = replayer
-    replay(ledger, clock, "8", synthetic_week(), NO_BREAKER)
-    loop = replay(ledger, clock, "8", runaway_loop(AFTER_THE_WEEK), NO_BREAKER)
+    loop = replay_incident(ledger, clock, "8", NO_BREAKER).loop
     assert loop.first_refusal[1] == "tokens_per_day"
-    assert loop.spent > 0.99 * BUDGET
+    assert loop.spent > 0.99 * DAILY_BUDGET
 
 
 def test_a_new_account_with_no_baseline_is_stopped_at_the_floor(replayer):
