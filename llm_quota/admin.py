@@ -652,6 +652,7 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
             (None, {"fields": ("account",)}),
             ("LLM quota", {"fields": ("standing", "limits_in_effect")}),
             ("Live usage (Redis)", {"fields": ("live_usage",)}),
+            ("Runaway protection (Redis)", {"fields": ("burn_rate",)}),
         )
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
@@ -697,6 +698,41 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
     @admin.display(description="live usage")
     def live_usage(self, user: Any) -> str:
         return _live_usage(user.pk, _standing(_quota_of(user), default_tier()))
+
+    @admin.display(description="rate vs baseline")
+    def burn_rate(self, user: Any) -> str:
+        return _burn_rate(user.pk, _standing(_quota_of(user), default_tier()).tier)
+
+
+def _burn_rate(user_pk: Any, tier: Tier | None) -> str:
+    """The burn-rate breaker for one user: paused or not, and the last minute's spend
+    against their baseline and the line it trips at (``ledger/lua/burn.lua``)."""
+    try:
+        state = get_ledger().burn_state(user_pk)
+    except RedisError as exc:
+        return f"Redis is unavailable: {exc}"
+    if state.paused_until_ms is not None:
+        left = human_duration((state.paused_until_ms - state.now_ms) / 1000)
+        status = format_html(
+            "<strong>Paused</strong> for {} more. The Users list's Resume action ends it.", left
+        )
+    else:
+        status = "Not paused."
+    rows = [
+        ("Last minute", float(state.last_minute), "base tokens"),
+        ("Baseline (busiest minute)", float(state.baseline_per_minute), "base tokens"),
+    ]
+    settings = (tier.burn_multiplier, tier.burn_floor, tier.burn_pause_seconds) if tier else ()
+    if tier is None or None in settings:
+        status = format_html("{} The breaker is off for this user's tier.", status)
+    else:
+        multiplier, floor = float(tier.burn_multiplier or 0), int(tier.burn_floor or 0)
+        trips_at = max(floor, multiplier * state.baseline_per_minute)
+        rows.append(("Trips above", trips_at, f"({multiplier:g}x baseline, floor {floor:,})"))
+    chart = charts.horizontal_bars(
+        rows, label="The last minute's spend against the baseline", width=640
+    )
+    return format_html("<p>{}</p>{}", status, chart)
 
 
 def _quota_link(user: Any, quota: UserQuota | None, may_add: bool, may_view: bool) -> str:

@@ -147,3 +147,13 @@ def _staff(superuser: bool = False):
     if superuser:
         return User.objects.create_superuser(name, f"{name}@example.com", "pw")
     return User.objects.create_user(name, password="pw", is_staff=True)
+
+
+def test_the_users_page_shows_the_pause_and_the_rate_against_the_baseline(hair_trigger):
+    user = factories.user()
+    assert sync_post("project.urls", "/v1/chat/completions", access_token(user)).status_code == 429
+    client = Client()
+    client.force_login(_staff(superuser=True))
+    page = client.get(f"/admin/llm_quota/quotauser/{user.pk}/change/").content.decode()
+    assert "Runaway protection" in page and "<strong>Paused</strong> for 15 minutes" in page
+    assert '<svg class="llmq-chart"' in page and "Trips above" in page
