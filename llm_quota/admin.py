@@ -112,7 +112,7 @@ class TierAdmin(admin.ModelAdmin):
                     ("requests_per_minute", "max_concurrent_requests"),
                     ("tokens_per_minute", "tokens_per_day", "tokens_per_month"),
                     "max_tokens_per_request",
-                    "soft_limit_percent",
+                    ("soft_limit_percent", "soft_limit_mode"),
                 )
             },
         ),

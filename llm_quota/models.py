@@ -77,6 +77,13 @@ def _multiplier_field(verbose_name: StrOrPromise, **options: Any) -> models.Deci
     )
 
 
+class SoftLimitMode(models.TextChoices):
+    """What a tier does past its soft limit (contract §11)."""
+
+    ALERT = "alert", _("alert")
+    SLOW = "slow", _("slow down")
+
+
 class Tier(models.Model):
     name = models.SlugField(_("name"), max_length=64, unique=True)
     requests_per_minute = _limit_field(_("requests per minute"), "Sliding 60-second window.")
@@ -101,6 +108,16 @@ class Tier(models.Model):
     )
     soft_limit_percent = models.PositiveSmallIntegerField(
         _("soft limit percent"), default=80, validators=[MinValueValidator(1)]
+    )
+    soft_limit_mode = models.CharField(
+        _("past the soft limit"),
+        max_length=8,
+        choices=SoftLimitMode.choices,
+        default=SoftLimitMode.ALERT,
+        help_text=_(
+            "Alert: signal and webhook only. Slow: also shrink the request and token rates "
+            "as the rest of the month's budget runs out, so a loop slows before the hard stop."
+        ),
     )
     # The burn-rate breaker (contract §11, ledger/lua/burn.lua). The defaults suit a new
     # user with no baseline yet: only the floor applies until a week of use has taught

@@ -174,6 +174,8 @@ class LedgerOps:
                 probe, 1 if probe_clamp else 0,
                 # The burn-rate breaker (burn.lua): multiplier, floor, pause; -1 = off.
                 *_burn_args(limits),
+                # Adaptive slow-down past the soft limit (burn.lua); -1 = off.
+                _limit(limits.slow_soft_percent),
             ),
         )  # fmt: skip
         reply = yield call

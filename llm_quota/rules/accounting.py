@@ -85,6 +85,10 @@ class Limits:
     burn_multiplier: float | None = None
     burn_floor: int | None = None
     burn_pause: float | None = None
+    #: A tier that slows callers down past its soft limit (contract §11): the soft
+    #: limit, in percent of ``tokens_per_month``. Past it, the request and token rates
+    #: shrink as the rest of the budget runs out. None: the tier only alerts.
+    slow_soft_percent: int | None = None
 
 
 @dataclass(frozen=True)

@@ -41,12 +41,17 @@ def _global_limits() -> dict[str, int | None]:
 
 
 def _burn_limits(tier: Any) -> dict[str, Any]:
-    """The tier's burn-rate breaker (None: off)."""
+    """The tier's runaway protection: the burn-rate breaker (None: off) and the
+    slow-down past the soft limit (None: the tier only alerts)."""
+    from llm_quota.models import SoftLimitMode
+
     mult = tier.burn_multiplier
+    slow = tier.soft_limit_mode == SoftLimitMode.SLOW
     return {
         "burn_multiplier": None if mult is None else float(mult),
         "burn_floor": tier.burn_floor,
         "burn_pause": tier.burn_pause_seconds,
+        "slow_soft_percent": tier.soft_limit_percent if slow else None,
     }
 
 

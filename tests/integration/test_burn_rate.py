@@ -3,6 +3,8 @@ pinned clock: the baseline settle keeps, the trip inside reserve, the pause, res
 
 from __future__ import annotations
 
+import statistics
+
 from llm_quota.rules.accounting import ActualUsage, Limits
 from tests.support.factories import estimate
 
@@ -84,3 +86,57 @@ def test_another_refusal_is_not_a_trip(ledger):
     assert spend(ledger, limits, 400).allowed
     refused = spend(ledger, limits, 400)  # 800 in the minute, but the day refuses first
     assert refused.limit == "tokens_per_day" and not refused.burn_tripped
+
+
+# -- adaptive slow-down past the soft limit ----------------------------------------------
+
+SLOW = Limits(requests_per_minute=60, tokens_per_minute=60_000, tokens_per_month=100_000,
+              slow_soft_percent=50)  # fmt: skip
+
+
+def test_a_slow_tier_shrinks_its_rates_as_the_budget_past_the_soft_limit_runs_out(ledger, clock):
+    def limits_now():
+        d = ledger.reserve(1, SLOW, estimate(1, 0))
+        ledger.release(d.reservation)
+        clock.advance(61)  # an empty window for the next look
+        return d.requests_limit, d.tokens_limit
+
+    assert limits_now() == (60, 60_000)  # below the soft limit: whole
+    for used in (50_000, 40_000, 9_000):  # 50%, 90%, 99% of the month
+        spend(ledger, Limits(), used)
+        clock.advance(61)
+        if used == 50_000:
+            assert limits_now()[0] == 60  # at the soft limit: still whole
+        elif used == 40_000:
+            assert limits_now()[0] == 12  # a fifth of the rest is left
+        else:
+            assert limits_now()[0] == 1  # the last per cent: one a minute
+
+
+def test_a_loop_past_the_soft_limit_waits_longer_and_longer(ledger, clock):
+    spend(ledger, Limits(), 50_000)  # at the soft limit
+    admitted, waits = [], []
+    for second in range(1800):  # a loop: a call a second, 1,000 base tokens each
+        clock.advance(1)
+        d = spend(ledger, SLOW, 1_000)
+        if d.allowed:
+            admitted.append(second)
+        elif d.limit == "tokens_per_month":
+            break
+        else:
+            assert d.limit in ("requests_per_minute", "tokens_per_minute")
+            assert not d.is_budget  # a rate limit: retrying later works
+            waits.append((second, d.retry_after))
+    # The rest of the budget (50,000) is still spent, all of it, but over six minutes
+    # instead of 50 s: the calls thin out as it runs out.
+    assert len(admitted) == 50 and admitted[-1] >= 300
+    gaps = [b - a for a, b in zip(admitted, admitted[1:], strict=False)]
+    assert statistics.median(gaps[-10:]) >= 4 * statistics.median(gaps[:10])
+    assert max(wait for _, wait in waits) <= 60  # each refusal: wait for the window
+
+
+def test_an_alerting_tier_keeps_its_rates_past_the_soft_limit(ledger, clock):
+    alerting = Limits(requests_per_minute=60, tokens_per_month=100_000)
+    spend(ledger, Limits(), 99_000)
+    clock.advance(61)
+    assert ledger.reserve(1, alerting, estimate(1, 0)).requests_limit == 60

@@ -12,9 +12,11 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 
 from llm_quota.quota import alerts, runaway
+from llm_quota.rules.accounting import ActualUsage, Limits
 from llm_quota.signals import burn_rate_tripped
 from tests.integration.test_blocked_users import PIPELINE, async_post, sync_post
 from tests.support import factories
+from tests.support.factories import estimate
 from tests.support.gateway import access_token
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -157,3 +159,24 @@ def test_the_users_page_shows_the_pause_and_the_rate_against_the_baseline(hair_t
     page = client.get(f"/admin/llm_quota/quotauser/{user.pk}/change/").content.decode()
     assert "Runaway protection" in page and "<strong>Paused</strong> for 15 minutes" in page
     assert '<svg class="llmq-chart"' in page and "Trips above" in page
+
+
+def test_a_slow_tier_past_its_soft_limit_answers_rate_limits_not_budget_refusals(ledger, clock):
+    factories.price("gpt-4o", "1", "4")
+    slow = factories.tier("slow", requests_per_minute=60, tokens_per_month=100_000,
+                          soft_limit_percent=50, soft_limit_mode="slow")  # fmt: skip
+    for path in ("/plain", "/drf/settle"):
+        user = factories.user(slow)
+        spent = ledger.reserve(user.pk, Limits(), estimate(99_000, 0))
+        ledger.settle(spent.reservation, ActualUsage(99_000, 0))  # 1% of the budget left
+        clock.advance(61)  # that call has left the request window
+        token = access_token(user)
+        first = sync_post(PIPELINE, path, token)
+        assert first.status_code == 200, (path, first.content)
+        assert first["x-ratelimit-limit-requests"] == "1", path  # 60 shrunk to 1 a minute
+        second = sync_post(PIPELINE, path, token)
+        assert second.status_code == 429, path
+        assert "x-should-retry" not in second and 1 <= int(second["Retry-After"]) <= 60
+        body = second.json()
+        limit = body["error"]["limit"] if "error" in body else body["limit"]
+        assert limit == "requests_per_minute", path

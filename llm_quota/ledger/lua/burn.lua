@@ -98,3 +98,25 @@ local function burn_state(P, now)
   local base = burn_baseline(tonumber(f[2]), num(f[4]), num(f[3]), math.floor(now / BURN_BUCKET))
   return {bz, math.floor(base), num(f[5])}
 end
+
+-- Adaptive slow-down, a tier's choice (soft_limit_mode 'slow'). Past the soft limit of
+-- the month's budget, the request and token rates shrink in proportion to what is left
+-- of the budget beyond that limit: at the soft limit they are whole, at the budget's
+-- end they are 1. A loop crawls long before the hard stop, and a person far below the
+-- rates notices little. soft: the soft limit in percent, -1 = off (the tier alerts).
+-- Returns the rates to apply (-1 stays unlimited).
+local function slowed_rates(rpm, tpm, used_month, tpmo, soft)
+  if soft < 0 or tpmo < 0 then return rpm, tpm end
+  -- Step 1: below the soft limit (rounded up, as the alert rounds it) nothing changes.
+  local threshold = math.ceil(tpmo * soft / 100)
+  if used_month < threshold then return rpm, tpm end
+  -- Step 2: the share of the budget past the soft limit still left, 0 to 1.
+  local share = 0
+  if tpmo > threshold then share = math.max(tpmo - used_month, 0) / (tpmo - threshold) end
+  -- Step 3: each limit the tier sets shrinks by that share, never below 1.
+  local function shrink(rate)
+    if rate < 0 then return rate end
+    return math.max(1, math.floor(rate * share))
+  end
+  return shrink(rpm), shrink(tpm)
+end

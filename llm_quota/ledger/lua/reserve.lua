@@ -9,7 +9,8 @@
 --       16 model, 17 day ids, 18 day starts, 19 month ids, 20 month starts,
 --       21 probe: a lower prompt cost in micro base tokens, or '' (none), 22 its clamp,
 --       23 burn multiplier, 24 burn floor (base tokens a minute), 25 burn pause (ms)
---       (-1 = the breaker is off; burn.lua).
+--       (-1 = the breaker is off; burn.lua), 26 slow-down: the soft limit in percent
+--       of a 'slow' tier (-1 = off; burn.lua's slowed_rates).
 -- Returns {status, limit, retry_ms, granted_output, reserved, now, day, month,
 --          requests_limit, requests_remaining, requests_reset_ms,
 --          tokens_limit, tokens_remaining, tokens_reset_ms, month_end, day_end,
@@ -73,6 +74,10 @@ local periods = redis.call('MGET', B .. ':d:' .. day, B .. ':m:' .. month)
 local used_day, used_month = num(periods[1]), num(periods[2])
 local g_day, g_month = 0, 0
 if use_global then g_day, g_month = global_used(G, day, month) end
+
+-- Step 3c (burn.lua): a 'slow' tier past its soft limit shrinks the rates it checks
+-- (and reports in the headers) as the month's budget runs out.
+rpm, tpm = slowed_rates(rpm, tpm, used_month, tpmo, tonumber(ARGV[26] or -1))
 
 -- What changed in B:s is written in one HSET, whatever the decision.
 local function save_state(wsum)
