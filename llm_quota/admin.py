@@ -717,7 +717,7 @@ def _burn_rate(user_pk: Any, tier: Tier | None) -> str:
             "<strong>Paused</strong> for {} more. The Users list's Resume action ends it.", left
         )
     else:
-        status = "Not paused."
+        status = format_html("{}", "Not paused.")
     rows = [
         ("Last minute", float(state.last_minute), "base tokens"),
         ("Baseline (busiest minute)", float(state.baseline_per_minute), "base tokens"),

@@ -17,6 +17,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from llm_quota.ledger.replies import Reservation
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.rules.accounting import ActualUsage, Estimate, Limits, Price
 
@@ -124,7 +125,7 @@ def replay(
     seen = Replay()
     events: list[tuple[float, int, int, Call]] = [(c.at, 0, i, c) for i, c in enumerate(calls)]
     heapq.heapify(events)
-    held: dict[int, object] = {}
+    held: dict[int, Reservation] = {}
     while events:
         at, kind, i, call = heapq.heappop(events)
         clock.now = clock.origin + at
@@ -135,7 +136,7 @@ def replay(
         decision = ledger.reserve(
             user_id, limits, Estimate(PRICE, call.prompt_tokens, call.max_tokens), clamp=False
         )
-        if decision.allowed:
+        if decision.reservation is not None:
             seen.admitted += 1
             held[i] = decision.reservation
             heapq.heappush(events, (at + call.seconds, 1, i, call))

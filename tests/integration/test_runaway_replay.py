@@ -26,15 +26,12 @@ from llm_quota.testing.traffic import (
 MONDAY = datetime(2099, 11, 2, tzinfo=UTC).timestamp()
 
 
-def default(name):
-    return Tier._meta.get_field(name).default
-
-
+NEW_TIER = Tier()  # a new tier's defaults
 DEFAULTS = Limits(
     tokens_per_day=DAILY_BUDGET,
-    burn_multiplier=float(default("burn_multiplier")),
-    burn_floor=default("burn_floor"),
-    burn_pause=default("burn_pause_seconds"),
+    burn_multiplier=float(NEW_TIER.burn_multiplier),
+    burn_floor=NEW_TIER.burn_floor,
+    burn_pause=NEW_TIER.burn_pause_seconds,
 )
 NO_BREAKER = Limits(tokens_per_day=DAILY_BUDGET)
 

@@ -195,8 +195,11 @@ class Command(BaseCommand):
 
     def _breaker_report(self, tier_name: str) -> None:
         tier = Tier.objects.filter(name=tier_name).first()
+        source = tier_name if tier else "the defaults"
+        # A tier that does not exist: the breaker's defaults (a new tier's).
+        tier = tier or Tier(name=tier_name)
         settings = {
-            name: getattr(tier, name) if tier else Tier._meta.get_field(name).default
+            name: getattr(tier, name)
             for name in ("burn_multiplier", "burn_floor", "burn_pause_seconds")
         }
         if None in settings.values():
@@ -213,8 +216,8 @@ class Command(BaseCommand):
             f"The incident, replayed on the ledger with a simulated clock: a synthetic week "
             f"of ordinary heavy use (seed 15: {len(traffic.synthetic_week()):,} calls), then "
             f"a loop of {traffic.LOOP_PACE} calls a second.\nDaily budget: {budget:,} base "
-            f"tokens. Breaker ({tier_name if tier else 'the defaults'}): "
-            f"{settings['burn_multiplier']:g}x the baseline, floor "
+            f"tokens. Breaker ({source}): "
+            f"{float(settings['burn_multiplier']):g}x the baseline, floor "
             f"{settings['burn_floor']:,} base tokens a minute, pause "
             f"{settings['burn_pause_seconds']} s.\n"
         )
