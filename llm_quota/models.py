@@ -195,6 +195,20 @@ class Tier(models.Model):
                 raise ValidationError({"allowed_models": f"{pattern!r}: {exc}"}) from exc
         if self.upgrade_to_id is not None and self.upgrade_to_id == self.pk:
             raise ValidationError({"upgrade_to": _("A tier cannot upgrade to itself.")})
+        if self.soft_limit_mode == SoftLimitMode.SLOW and (
+            self.tokens_per_month is None
+            or (self.requests_per_minute is None and self.tokens_per_minute is None)
+        ):
+            # Slowing down shrinks the rates by what is left of the month's budget:
+            # without a budget or a rate there is nothing to shrink.
+            raise ValidationError(
+                {
+                    "soft_limit_mode": _(
+                        "Slowing down needs a monthly budget (tokens per month) and a rate "
+                        "to shrink (requests or tokens per minute)."
+                    )
+                }
+            )
 
 
 #: What ``ModelPrice.output_cap_field`` may say (blank: by the model's name).
