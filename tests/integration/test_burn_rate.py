@@ -20,12 +20,13 @@ def spend(ledger, limits, prompt, output=0, uid=1):
 
 
 def test_a_new_caller_is_paused_once_a_minute_spend_passes_the_floor(ledger, clock):
-    decisions = [spend(ledger, BREAKER, 300) for _ in range(5)]
-    assert [d.allowed for d in decisions] == [True, True, True, False, False]
-    tripped = decisions[3]
+    decisions = [spend(ledger, BREAKER, 300) for _ in range(6)]
+    # The fifth call finds 1,200 in the minute before it: over the floor.
+    assert [d.allowed for d in decisions] == [True, True, True, True, False, False]
+    tripped = decisions[4]
     assert tripped.limit == "burn_rate_exceeded" and tripped.burn_tripped and tripped.is_budget
     assert tripped.retry_after == 600
-    assert not decisions[4].burn_tripped  # paused already: the trip is reported once
+    assert not decisions[5].burn_tripped  # paused already: the trip is reported once
     clock.advance(599)
     assert ledger.reserve(1, BREAKER, estimate(1, 0)).retry_after == 1
     clock.advance(1)
@@ -37,28 +38,54 @@ def test_the_breaker_is_off_when_any_of_its_settings_is_none(ledger):
         assert all(spend(ledger, off, 300, uid=2).allowed for _ in range(10))
 
 
+def busy_buckets(ledger, clock, buckets=2):
+    """Busy 5-minute buckets: 4,000 base tokens in one minute of each. Settle keeps
+    the baseline whether the tier's breaker is on or not; a closed bucket may at most
+    double it (from 1,000 for a new caller), so two such buckets make it 4,000."""
+    for _ in range(buckets):
+        for _ in range(10):
+            assert spend(ledger, Limits(), 400).allowed
+        clock.advance(300)
+
+
 def test_a_caller_with_a_busy_baseline_is_not_paused_at_its_usual_pace(ledger, clock):
-    # A busy day: 4,000 base tokens in one minute, then quiet. Once that 5-minute
-    # bucket closes, 4,000 a minute is this caller's baseline. (Settle keeps the
-    # baseline whether the tier's breaker is on or not.)
-    for _ in range(10):
-        assert spend(ledger, Limits(), 400).allowed
+    busy_buckets(ledger, clock)
+    baseline = ledger.burn_state(1).baseline_per_minute
+    assert 3_950 < baseline <= 4_000  # a few buckets' decay at most
+    for _ in range(30):  # half an hour at its busiest pace: never paused
+        assert spend(ledger, BREAKER, 4_000).allowed
+        clock.advance(60)
     clock.advance(3600)
-    # Ten times that in a minute is still allowed, one more request is not.
-    decisions = [spend(ledger, BREAKER, 4_000) for _ in range(11)]
-    assert all(d.allowed for d in decisions[:10])
-    assert decisions[10].limit == "burn_rate_exceeded"
-    state = ledger.burn_state(1)
-    assert state.paused and state.baseline_per_minute == 4_000
+    baseline = ledger.burn_state(1).baseline_per_minute  # that half hour renewed it
+    # Ten times the baseline in the minute before a call is allowed; more is not.
+    allowed = 0
+    while (d := spend(ledger, BREAKER, 4_000)).allowed:
+        allowed += 1
+    assert d.limit == "burn_rate_exceeded"
+    assert 4_000 * (allowed - 1) <= 10 * baseline < 4_000 * allowed
+    assert ledger.burn_state(1).paused
 
 
 def test_the_baseline_decays_over_days(ledger, clock):
-    for _ in range(10):
-        spend(ledger, Limits(), 400)
-    clock.advance(600)
-    spend(ledger, Limits(), 1)  # closes the busy bucket
+    busy_buckets(ledger, clock)
+    spend(ledger, Limits(), 1)  # closes the last busy bucket
     clock.advance(7 * 86400)  # a week of silence: two half-lives
-    assert ledger.burn_state(1).baseline_per_minute == 4_000 // 4
+    assert 950 < ledger.burn_state(1).baseline_per_minute <= 4_000 // 4
+
+
+def test_a_runaway_whose_bucket_closes_before_it_trips_at_most_doubles_the_baseline(ledger, clock):
+    busy_buckets(ledger, clock)
+    clock.advance(300 - 30)  # 30 s before a bucket ends
+    for _ in range(30):  # 36,000 in the minute: under the 40,000 that trips
+        assert spend(ledger, BREAKER, 1_200).allowed
+        clock.advance(1)
+    assert 7_900 < ledger.burn_state(1).baseline_per_minute <= 8_000  # not 36,000
+    # The new bar is about 80,000: the loop, three times as fast now, trips it.
+    for _ in range(60):
+        clock.advance(1)
+        if not all(spend(ledger, BREAKER, 1_200).allowed for _ in range(3)):
+            break
+    assert ledger.burn_state(1).paused
 
 
 def test_the_spend_that_tripped_never_becomes_the_baseline(ledger, clock):
@@ -77,7 +104,7 @@ def test_staff_resume_ends_the_pause_and_waits_a_minute_before_tripping_again(le
     # The window still holds the spend that tripped it: no trip for one window.
     assert spend(ledger, BREAKER, 300).allowed
     clock.advance(61)
-    assert all(spend(ledger, BREAKER, 300).allowed for _ in range(3))
+    assert all(spend(ledger, BREAKER, 300).allowed for _ in range(4))
     assert spend(ledger, BREAKER, 300).limit == "burn_rate_exceeded"
 
 

@@ -24,11 +24,22 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture
 def hair_trigger(ledger):
-    """A tier whose breaker trips on a new user's first call (its estimate is over 50)."""
+    """A tier whose breaker trips on a new user's second call: the first one's estimate
+    (settled: 17 base tokens or more) is in the minute before it."""
     factories.price("gpt-4o", "1", "4")
     return factories.tier(
-        "hair", is_default=True, burn_multiplier=10, burn_floor=50, burn_pause_seconds=900
+        "hair", is_default=True, burn_multiplier=10, burn_floor=10, burn_pause_seconds=900
     )
+
+
+def gateway(token):
+    return sync_post("project.urls", "/v1/chat/completions", token)
+
+
+def trip(token):
+    """Two calls through the gateway: the second trips the hair trigger."""
+    assert gateway(token).status_code == 200
+    assert gateway(token).json()["error"]["code"] == "burn_rate_exceeded"
 
 
 @pytest.fixture
@@ -55,6 +66,7 @@ def test_a_trip_is_refused_as_burn_rate_exceeded_on_every_path(hair_trigger, clo
     for name, post in paths.items():
         user = factories.user()
         token = access_token(user)
+        assert post(token).status_code == 200, name
         tripped = post(token)
         clock.advance(100)
         paused = post(token)  # still paused: the rest of the pause
@@ -83,8 +95,9 @@ def test_a_trip_is_signalled_logged_listed_and_posted_once(
     user = factories.user()
     token = access_token(user)
     with caplog.at_level(logging.CRITICAL, logger="llm_quota"):
+        assert gateway(token).status_code == 200
         for _ in range(3):
-            assert sync_post("project.urls", "/v1/chat/completions", token).status_code == 429
+            assert gateway(token).status_code == 429
     assert [(t["user_id"], t["paused_seconds"], t["tier"]) for t in trips] == [
         (str(user.pk), 900, "hair")
     ]
@@ -99,7 +112,7 @@ def test_a_trip_is_signalled_logged_listed_and_posted_once(
 def test_staff_resume_through_the_api(hair_trigger, ledger):
     user = factories.user()
     token = access_token(user)
-    assert sync_post("project.urls", "/v1/chat/completions", token).status_code == 429
+    trip(token)
     url = f"/api/llm-quota/users/{user.pk}/resume/"
     # Not for the user themself: staff only, and refused before any Redis command.
     assert Client(headers={"Authorization": f"Bearer {token}"}).post(url).status_code == 403
@@ -121,9 +134,7 @@ def test_staff_resume_through_the_api(hair_trigger, ledger):
 
 def test_the_admin_filters_paused_users_and_resumes_them(hair_trigger, ledger):
     paused, calm = factories.user(), factories.user()
-    assert (
-        sync_post("project.urls", "/v1/chat/completions", access_token(paused)).status_code == 429
-    )
+    trip(access_token(paused))
     client = Client()
     client.force_login(_staff(superuser=True))
     listing = client.get("/admin/llm_quota/quotauser/?paused=yes")
@@ -153,7 +164,7 @@ def _staff(superuser: bool = False):
 
 def test_the_users_page_shows_the_pause_and_the_rate_against_the_baseline(hair_trigger):
     user = factories.user()
-    assert sync_post("project.urls", "/v1/chat/completions", access_token(user)).status_code == 429
+    trip(access_token(user))
     client = Client()
     client.force_login(_staff(superuser=True))
     page = client.get(f"/admin/llm_quota/quotauser/{user.pk}/change/").content.decode()

@@ -16,6 +16,8 @@
 
 local BURN_BUCKET = 300000         -- 5 minutes
 local BURN_HALF_LIFE = 1008        -- buckets in 3.5 days: a weekend halves nothing away
+local BURN_GROWTH = 2              -- a closed bucket may at most double the baseline...
+local BURN_SEED = 1000             -- ...or raise it to this (base tokens a minute)
 local BURN_LN2 = math.log(2)
 
 -- The baseline `bp` carried from bucket `bb` to bucket `bucket`: a gap of g buckets
@@ -26,11 +28,16 @@ local function burn_decayed(bp, bb, bucket)
 end
 
 -- The baseline at `bucket`, from the fields bb, bx, bp: a bucket before `bucket` is
--- closed, so its busiest minute counts even before a settle has folded it in.
+-- closed, so its busiest minute counts even before a settle has folded it in. It may
+-- raise the baseline to at most twice what it was (or BURN_SEED): a runaway whose
+-- bucket closes before it trips must not teach itself a bar ten times its own pace.
+-- A person's busier weeks still get in: the cap doubles with every busy bucket.
 local function burn_baseline(bb, bx, bp, bucket)
   if bb == nil then return 0 end
   local base = burn_decayed(bp, bb, bucket)
-  if bb < bucket then base = math.max(base, bx) end
+  if bb < bucket then
+    base = math.max(base, math.min(bx, BURN_GROWTH * math.max(base, BURN_SEED)))
+  end
   return base
 end
 
@@ -54,7 +61,7 @@ local function burn_settled(P, now)
 end
 
 -- Reserve's step, given the refusal `r` of the other limits and the one-minute spend
--- with this request (`minute`). mult and floor: -1 = off; pause_ms: -1 = off.
+-- before this request (`minute`). mult and floor: -1 = off; pause_ms: -1 = off.
 -- Returns 1 if this reserve tripped the breaker, else 0.
 local function burn_check(P, now, minute, mult, floor, pause_ms, r)
   if mult < 0 or floor < 0 or pause_ms < 0 then return 0 end

@@ -182,8 +182,9 @@ local granted, est = fit_tokens(token_limits, prompt_micro, out_micro, max_out, 
   token_wait)
 
 -- Step 5b (burn.lua): a paused caller is refused; a minute's spend far above the
--- caller's own baseline pauses it now.
-local tripped = burn_check(B, now, used_min + est, tonumber(ARGV[23] or -1),
+-- caller's own baseline pauses it now. The minute before this call: one call, however
+-- large (a huge prompt reserved on its byte bound), is not a rate.
+local tripped = burn_check(B, now, used_min, tonumber(ARGV[23] or -1),
   tonumber(ARGV[24] or -1), tonumber(ARGV[25] or -1), r)
 
 if r.name then
