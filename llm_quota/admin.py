@@ -53,6 +53,7 @@ from llm_quota.models import (
     UsageSnapshot,
     UserQuota,
 )
+from llm_quota.quota import runaway
 from llm_quota.reporting import charts, snapshot_totals
 from llm_quota.reporting.bars import usage_bar
 from llm_quota.reporting.cost import cost_usd
@@ -111,9 +112,13 @@ class TierAdmin(admin.ModelAdmin):
                     ("requests_per_minute", "max_concurrent_requests"),
                     ("tokens_per_minute", "tokens_per_day", "tokens_per_month"),
                     "max_tokens_per_request",
-                    "soft_limit_percent",
+                    ("soft_limit_percent", "soft_limit_mode"),
                 )
             },
+        ),
+        (
+            "Runaway protection (empty = off)",
+            {"fields": (("burn_multiplier", "burn_floor", "burn_pause_seconds"),)},
         ),
         ("Models", {"fields": ("allowed_models",)}),
         ("Upgrade", {"fields": ("upgrade_to", "upgrade_url")}),
@@ -461,6 +466,27 @@ class _BlockedFilter(admin.SimpleListFilter):
         return queryset
 
 
+class _PausedFilter(admin.SimpleListFilter):
+    """Users the burn-rate breaker paused (contract §11), read from Redis' list of
+    them (``quota/runaway.py``): one round trip, whatever the user table's size."""
+
+    title = "burn-rate pause"
+    parameter_name = "paused"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "Paused now")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() != "yes":
+            return queryset
+        try:
+            uids = runaway.paused_user_ids(get_ledger())
+        except RedisError as exc:
+            raise IncorrectLookupParameters(f"Redis is unavailable: {exc}") from exc
+        to_pk = QuotaUser._meta.pk.to_python
+        return queryset.filter(pk__in=[to_pk(uid) for uid in uids])
+
+
 def _big(value: int | None) -> Value:
     return Value(value, output_field=BigIntegerField())
 
@@ -535,7 +561,8 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
     # reserved and remaining tokens are on each user's page.
     list_display = ("who", "tier_name", "today", "this_month", "user_quota")
     list_display_links = ("who",)
-    list_filter = (_TierFilter, _BlockedFilter, _MonthBudgetFilter)
+    list_filter = (_TierFilter, _BlockedFilter, _MonthBudgetFilter, _PausedFilter)
+    actions = ("resume_paused",)
     search_help_text = "Search by username, email or name."
     list_select_related = ("llm_quota__tier",)
     list_per_page = 50
@@ -563,6 +590,20 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def has_resume_permission(self, request: HttpRequest) -> bool:
+        """Resuming is changing a user's quota: whoever may edit user quotas."""
+        return request.user.has_perm("llm_quota.change_userquota")
+
+    @admin.action(description="Resume: end the burn-rate pause", permissions=["resume"])
+    def resume_paused(self, request: HttpRequest, queryset: QuerySet) -> None:
+        ledger = get_ledger()
+        try:
+            resumed = sum(runaway.resume(ledger, user.pk) for user in queryset)
+        except RedisError as exc:
+            self.message_user(request, f"Resume failed: {exc}", messages.ERROR)
+            return
+        self.message_user(request, f"Resumed {resumed} paused user(s) of {len(queryset)}.")
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
         response = super().changelist_view(request, extra_context)
@@ -611,6 +652,7 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
             (None, {"fields": ("account",)}),
             ("LLM quota", {"fields": ("standing", "limits_in_effect")}),
             ("Live usage (Redis)", {"fields": ("live_usage",)}),
+            ("Runaway protection (Redis)", {"fields": ("burn_rate",)}),
         )
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
@@ -656,6 +698,41 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
     @admin.display(description="live usage")
     def live_usage(self, user: Any) -> str:
         return _live_usage(user.pk, _standing(_quota_of(user), default_tier()))
+
+    @admin.display(description="rate vs baseline")
+    def burn_rate(self, user: Any) -> str:
+        return _burn_rate(user.pk, _standing(_quota_of(user), default_tier()).tier)
+
+
+def _burn_rate(user_pk: Any, tier: Tier | None) -> str:
+    """The burn-rate breaker for one user: paused or not, and the last minute's spend
+    against their baseline and the line it trips at (``ledger/lua/burn.lua``)."""
+    try:
+        state = get_ledger().burn_state(user_pk)
+    except RedisError as exc:
+        return f"Redis is unavailable: {exc}"
+    if state.paused_until_ms is not None:
+        left = human_duration((state.paused_until_ms - state.now_ms) / 1000)
+        status = format_html(
+            "<strong>Paused</strong> for {} more. The Users list's Resume action ends it.", left
+        )
+    else:
+        status = format_html("{}", "Not paused.")
+    rows = [
+        ("Last minute", float(state.last_minute), "base tokens"),
+        ("Baseline (busiest minute)", float(state.baseline_per_minute), "base tokens"),
+    ]
+    settings = (tier.burn_multiplier, tier.burn_floor, tier.burn_pause_seconds) if tier else ()
+    if tier is None or None in settings:
+        status = format_html("{} The breaker is off for this user's tier.", status)
+    else:
+        multiplier, floor = float(tier.burn_multiplier or 0), int(tier.burn_floor or 0)
+        trips_at = max(floor, multiplier * state.baseline_per_minute)
+        rows.append(("Trips above", trips_at, f"({multiplier:g}x baseline, floor {floor:,})"))
+    chart = charts.horizontal_bars(
+        rows, label="The last minute's spend against the baseline", width=640
+    )
+    return format_html("<p>{}</p>{}", status, chart)
 
 
 def _quota_link(user: Any, quota: UserQuota | None, may_add: bool, may_view: bool) -> str:

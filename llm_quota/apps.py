@@ -13,11 +13,12 @@ class LLMQuotaConfig(AppConfig):
         from llm_quota import checks  # noqa: F401  (registers the system checks
         from llm_quota.ledger.config_broadcast import config_changed, listener, user_changed
         from llm_quota.models import ApiKey, ModelPrice, Team, TeamMembership, Tier, UserQuota
-        from llm_quota.quota.alerts import on_quota_refused
+        from llm_quota.quota.alerts import on_burn_rate_tripped, on_quota_refused
         from llm_quota.rules.config_cache import config_cache
-        from llm_quota.signals import quota_refused
+        from llm_quota.signals import burn_rate_tripped, quota_refused
 
         quota_refused.connect(on_quota_refused, dispatch_uid="llmq-budget-alert")
+        burn_rate_tripped.connect(on_burn_rate_tripped, dispatch_uid="llmq-burn-alert")
         # An API key is cached with its user: a revocation, or a user deactivated, is
         # announced like a tier edit (a login's last_login update is not).
         for model in (Tier, ModelPrice, UserQuota, ApiKey, Team, TeamMembership):

@@ -83,6 +83,20 @@ class BudgetExceeded(QuotaExceeded):
     default_code = "insufficient_quota"
 
 
+class BurnRateExceeded(BudgetExceeded):
+    """The caller spends far faster than its own baseline and is paused (contract §11):
+    a retry before the pause ends is refused again, and staff may resume it sooner."""
+
+    default_code = "burn_rate_exceeded"
+
+    @staticmethod
+    def describe(limit: str, retry_after: int, upgrade: dict[str, str] | None) -> str:
+        return (
+            "Spending far faster than this account usually does: paused for "
+            f"{human_duration(retry_after)} (a runaway loop?). Staff can resume it sooner."
+        )
+
+
 class InsufficientScope(PermissionDenied):
     default_code = "insufficient_scope"
     default_detail = "Your token lacks the scope this endpoint requires."

@@ -79,6 +79,13 @@ def _multiplier_field(verbose_name: StrOrPromise, **options: Any) -> models.Deci
     )
 
 
+class SoftLimitMode(models.TextChoices):
+    """What a tier does past its soft limit (contract §11)."""
+
+    ALERT = "alert", _("alert")
+    SLOW = "slow", _("slow down")
+
+
 class Tier(models.Model):
     name = models.SlugField(_("name"), max_length=64, unique=True)
     requests_per_minute = _limit_field(_("requests per minute"), "Sliding 60-second window.")
@@ -103,6 +110,50 @@ class Tier(models.Model):
     )
     soft_limit_percent = models.PositiveSmallIntegerField(
         _("soft limit percent"), default=80, validators=[MinValueValidator(1)]
+    )
+    soft_limit_mode = models.CharField(
+        _("past the soft limit"),
+        max_length=8,
+        choices=SoftLimitMode.choices,
+        default=SoftLimitMode.ALERT,
+        help_text=_(
+            "Alert: signal and webhook only. Slow: also shrink the request and token rates "
+            "as the rest of the month's budget runs out, so a loop slows before the hard stop."
+        ),
+    )
+    # The burn-rate breaker (contract §11, ledger/lua/burn.lua). The defaults suit a new
+    # user with no baseline yet: only the floor applies until a week of use has taught
+    # one, and a person's busiest minute is rarely a tenth of it.
+    burn_multiplier = models.DecimalField(
+        _("burn-rate multiplier"),
+        max_digits=6,
+        decimal_places=2,
+        null=True,
+        blank=True,
+        default=Decimal("10"),
+        validators=[MinValueValidator(Decimal("1"))],
+        help_text=_(
+            "Pause a caller whose last minute's spend exceeds this many times their "
+            "baseline (their busiest minute of recent days). Empty turns the breaker off."
+        ),
+    )
+    burn_floor = models.PositiveBigIntegerField(
+        _("burn-rate floor"),
+        null=True,
+        blank=True,
+        default=100_000,
+        validators=[MinValueValidator(1)],
+        help_text=_(
+            "Base tokens a minute below which the breaker never trips. Empty turns it off."
+        ),
+    )
+    burn_pause_seconds = models.PositiveIntegerField(
+        _("burn-rate pause (seconds)"),
+        null=True,
+        blank=True,
+        default=900,
+        validators=[MinValueValidator(1)],
+        help_text=_("How long a tripped caller is paused. Empty turns the breaker off."),
     )
     upgrade_to = models.ForeignKey(
         "self",
@@ -146,6 +197,20 @@ class Tier(models.Model):
                 raise ValidationError({"allowed_models": f"{pattern!r}: {exc}"}) from exc
         if self.upgrade_to_id is not None and self.upgrade_to_id == self.pk:
             raise ValidationError({"upgrade_to": _("A tier cannot upgrade to itself.")})
+        if self.soft_limit_mode == SoftLimitMode.SLOW and (
+            self.tokens_per_month is None
+            or (self.requests_per_minute is None and self.tokens_per_minute is None)
+        ):
+            # Slowing down shrinks the rates by what is left of the month's budget:
+            # without a budget or a rate there is nothing to shrink.
+            raise ValidationError(
+                {
+                    "soft_limit_mode": _(
+                        "Slowing down needs a monthly budget (tokens per month) and a rate "
+                        "to shrink (requests or tokens per minute)."
+                    )
+                }
+            )
 
 
 #: What ``ModelPrice.output_cap_field`` may say (blank: by the model's name).

@@ -28,3 +28,8 @@ team_soft_limit_crossed = Signal()
 #: kwargs: user_id, model, reservation_id, reserved and charged (base tokens),
 #: input_tokens, output_tokens (as charged), max_tokens (the output cap reserved).
 usage_overrun = Signal()
+
+#: Sent once when the burn-rate breaker pauses a caller (contract §11): its last
+#: minute's spend jumped far above its own baseline. kwargs: user_id, tier,
+#: paused_seconds. ``quota_refused`` fires as well, on this and every refusal after it.
+burn_rate_tripped = Signal()

@@ -78,7 +78,7 @@ def _quota_exceeded(exc: QuotaExceeded) -> JsonResponse:
         status.HTTP_429_TOO_MANY_REQUESTS,
         exc.message,
         type=exc.error_type,
-        code=exc.error_type,
+        code=exc.default_code,
         headers=refusal_headers(exc),
         **extra,
     )

@@ -189,6 +189,11 @@ class KeySpace:
     def active_users(self, month: str) -> str:
         return f"{self.index()}:a:{month}"
 
+    def paused(self) -> str:
+        """ZSET user id -> when their burn-rate pause ends (ms): a listing for the
+        admin's "paused" filter. The pause itself is the user's own (``burn.lua``)."""
+        return f"{self.index()}:paused"
+
     def user_state(self, uid: Any) -> str:
         """HASH with ``reserved`` and the ``seen`` marker (counters are trusted)."""
         return f"{self.user(uid)}:s"

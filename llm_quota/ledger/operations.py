@@ -109,3 +109,11 @@ class LedgerOperations:
     def reset_period(self, user_id: Any) -> Any:
         """Forgive the user's usage of the current day and month (see ``LedgerOps``)."""
         return self._run(self.ops.reset_period(user_id))
+
+    def burn_resume(self, user_id: Any) -> Any:
+        """End the user's burn-rate pause (staff); True if they were paused."""
+        return self._run(self.ops.burn_resume(user_id))
+
+    def burn_state(self, user_id: Any) -> Any:
+        """The user's burn-rate breaker (a ``BurnState``): paused, baseline, last minute."""
+        return self._run(self.ops.burn_state(user_id))

@@ -28,6 +28,7 @@ from llm_quota.conf import quota_settings
 from llm_quota.ledger import keys
 from llm_quota.ledger.plans import LoadMonth, Plan, ScriptCall
 from llm_quota.ledger.replies import (
+    BurnState,
     Decision,
     GlobalUsage,
     KeyUsage,
@@ -64,6 +65,8 @@ SCRIPTS = (
     "team_reserve",
     "key_restore",
     "reset",
+    "burn_resume",
+    "burn_state",
 )
 
 
@@ -74,8 +77,10 @@ class ReservationIdSpent(ResponseError):
 
 @cache
 def script_source(name: str) -> str:
-    """``common.lua`` followed by the script: the helpers are shared, never copied."""
-    return (LUA_DIR / "common.lua").read_text() + "\n" + (LUA_DIR / f"{name}.lua").read_text()
+    """``common.lua``, then ``burn.lua`` (the burn-rate breaker's functions, for any
+    payer), then the script: the helpers are shared, never copied."""
+    parts = ("common", "burn", name)
+    return "\n".join((LUA_DIR / f"{part}.lua").read_text() for part in parts)
 
 
 def _limit(value: int | None) -> int:
@@ -197,7 +202,13 @@ class LedgerOps:
                 estimate.prompt_micro, estimate.price.output_micro, estimate.max_output_tokens,
                 minimum, 1 if clamp else 0,
                 model, days, day_starts, months, month_starts,
-                probe, 1 if probe_clamp else 0, *self._payer_limits(limits),
+                probe, 1 if probe_clamp else 0,
+                # The burn-rate breaker (burn.lua): multiplier, floor, pause; -1 = off.
+                *_burn_args(limits),
+                # Adaptive slow-down past the soft limit (burn.lua); -1 = off.
+                _limit(limits.slow_soft_percent),
+                # The other payers (a key, a team): their count, then five values each.
+                *self._payer_limits(limits),
             ),
         )  # fmt: skip
         reply = yield call
@@ -623,6 +634,25 @@ class LedgerOps:
 
     # -- admin -------------------------------------------------------------------------
 
+    def burn_resume(self, user_id: Any) -> Plan[bool]:
+        """End the user's burn-rate pause (staff); True if they were paused. The
+        breaker then waits one minute, until the spend that tripped it has left the
+        window, before it may trip again."""
+        uid = keys.user_id(user_id)
+        reply = yield ScriptCall("burn_resume", (self.keyspace.user(uid),), (self.now_arg()[0],))
+        return int(reply) == 1
+
+    def burn_state(self, user_id: Any) -> Plan[BurnState]:
+        """The user's breaker: paused until when, their baseline and last minute."""
+        uid = keys.user_id(user_id)
+        r = yield ScriptCall("burn_state", (self.keyspace.user(uid),), (self.now_arg()[0],))
+        return BurnState(
+            paused_until_ms=int(r[0]) or None,
+            baseline_per_minute=int(r[1]),
+            last_minute=int(r[2]),
+            now_ms=int(r[3]),
+        )
+
     def reset_period(self, user_id: Any) -> Plan[PeriodReset]:
         """Forgive the user's usage of the current day and month, atomically.
 
@@ -652,6 +682,14 @@ def _team_args(limits: Limits) -> tuple[Any, ...]:
 def _team_suffixes(uid: str, model: str) -> str:
     """A team's usage is kept in total, by member and by model (``payer_usage``)."""
     return f",|u:{uid},|m:{model}"
+
+
+def _burn_args(limits: Limits) -> tuple[float | int, int, int]:
+    """The breaker's ARGV: all -1 (off) unless the tier sets all three."""
+    mult, floor, pause = limits.burn_multiplier, limits.burn_floor, limits.burn_pause
+    if mult is None or floor is None or pause is None:
+        return -1, -1, -1
+    return float(mult), int(floor), int(pause * 1000)
 
 
 def _plus(value: int | None, amount: int) -> int | None:
@@ -727,6 +765,7 @@ def parse_decision(
         probe_limit=(text(r[16]) or None) if len(r) > 16 else None,
         probe_retry_after=int(r[17]) / 1000 if len(r) > 17 else 0.0,
         tokens_window=int(r[18]) / 1000 if len(r) > 18 else 60.0,
+        burn_tripped=len(r) > 19 and int(r[19]) == 1,
     )
 
 

@@ -24,8 +24,12 @@ BUDGET_LIMITS = frozenset(
         "key.tokens_per_month",
         "team.tokens_per_day",
         "team.tokens_per_month",
+        "burn_rate_exceeded",
     }
 )
+
+#: The burn-rate breaker's refusal: the caller spends far faster than its baseline.
+BURN_RATE_LIMIT = "burn_rate_exceeded"
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,9 @@ class Decision:
     #: that would refuse the lower bound too, and when it clears; None if none would.
     probe_limit: str | None = None
     probe_retry_after: float = 0.0
+    #: This very reserve tripped the burn-rate breaker (the refusal is the pause, unless
+    #: a longer limit refused as well): the caller reports the trip, once.
+    burn_tripped: bool = False
 
     @property
     def retry_after_seconds(self) -> int:
@@ -89,6 +96,23 @@ class Decision:
     @property
     def clamped(self) -> bool:
         return self.reservation is not None and self.max_tokens < self.requested_max_tokens
+
+
+@dataclass(frozen=True)
+class BurnState:
+    """A payer's burn-rate breaker as Redis holds it (``burn_state.lua``)."""
+
+    #: When the pause ends (ms since the epoch), None if not paused.
+    paused_until_ms: int | None
+    #: The baseline: the decaying peak of one-minute spends, in base tokens a minute.
+    baseline_per_minute: int
+    #: The base tokens of the sliding minute, as last kept (settled and in flight).
+    last_minute: int
+    now_ms: int
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_until_ms is not None
 
 
 @dataclass(frozen=True)

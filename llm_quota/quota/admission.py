@@ -27,6 +27,7 @@ from llm_quota import signals
 from llm_quota.conf import quota_settings
 from llm_quota.exceptions import (
     BudgetExceeded,
+    BurnRateExceeded,
     InvalidRequest,
     ModelNotAllowed,
     QuotaBlocked,
@@ -36,7 +37,13 @@ from llm_quota.ledger import keys
 from llm_quota.ledger.async_driver import AsyncLedger
 from llm_quota.ledger.ops import LedgerOps
 from llm_quota.ledger.plans import CURRENT_LEDGER, USE_LEDGER, Plan
-from llm_quota.ledger.replies import BUDGET_LIMITS, Decision, Reservation, Settlement
+from llm_quota.ledger.replies import (
+    BUDGET_LIMITS,
+    BURN_RATE_LIMIT,
+    Decision,
+    Reservation,
+    Settlement,
+)
 from llm_quota.ledger.resilience import (
     BlindRefusal,
     lost_reservation,
@@ -431,6 +438,8 @@ def admit_plan(
         return _conclude(admission, decision)
     except _Refusal as refusal:
         exc = _refusal(policy, refusal)
+        if getattr(refusal.decision, "burn_tripped", False):
+            yield from _burn_tripped(pk, policy, exc)
         # Receivers may do I/O: async code sends it with ``asend``, off the loop.
         yield Notify(
             signals.quota_refused,
@@ -456,6 +465,28 @@ def team_plan(pk: Any, api_key: ApiKeyCredential | None, named: Any) -> Plan[Tea
     if found is MISSING:
         found = yield Blocking(select_team, (pk, key_team, named or None))
     return found
+
+
+def _burn_tripped(pk: Any, policy: UserPolicy, exc: BurnRateExceeded | Any) -> Plan[None]:
+    """This reserve paused the caller: said once, loudly (a CRITICAL log line, and
+    ``burn_rate_tripped``, whose receiver in ``alerts`` posts the webhook)."""
+    uid = keys.user_id(pk)
+    logger.critical(
+        "burn-rate breaker tripped: user %s (tier %s) paused for %d s",
+        uid, policy.tier, exc.retry_after,
+    )  # fmt: skip
+    try:
+        yield Notify(
+            signals.burn_rate_tripped,
+            {
+                "sender": BurnRateExceeded,
+                "user_id": uid,
+                "tier": policy.tier,
+                "paused_seconds": exc.retry_after,
+            },
+        )
+    except Exception:  # a receiver's failure may never turn a 429 into a 500
+        logger.exception("a burn_rate_tripped receiver failed for user %s", uid)
 
 
 def pk_plan(user: Any) -> Plan[Any]:
@@ -562,7 +593,11 @@ def _conclude(admission: _Admission, decision: Decision) -> Decision | None:
 
 
 def _refusal(policy: UserPolicy, refusal: _Refusal) -> RateLimited | BudgetExceeded:
-    error = BudgetExceeded if refusal.limit in BUDGET_LIMITS else RateLimited
+    error: type[RateLimited | BudgetExceeded] = RateLimited
+    if refusal.limit == BURN_RATE_LIMIT:
+        error = BurnRateExceeded
+    elif refusal.limit in BUDGET_LIMITS:
+        error = BudgetExceeded
     # A team's limit offers the team tier's upgrade, not the member's own.
     upgrade = policy.team_upgrade if refusal.limit.startswith("team.") else policy.upgrade
     return error(refusal.limit, refusal.retry_after, upgrade=upgrade, decision=refusal.decision)

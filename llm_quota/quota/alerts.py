@@ -32,6 +32,7 @@ from llm_quota.ledger import keys
 from llm_quota.ledger.default import get_ledger
 from llm_quota.ledger.replies import Reservation, Settlement
 from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.quota import runaway
 
 logger = logging.getLogger("llm_quota")
 
@@ -266,3 +267,26 @@ def on_quota_refused(
         _send_once(ledger, signals.budget_exhausted, sender, event, ttl)
     except Exception:
         logger.exception("budget alert failed for %s", limit)
+
+
+def on_burn_rate_tripped(
+    sender: Any, user_id: str = "", tier: str | None = None, paused_seconds: int = 0, **kwargs: Any
+) -> None:
+    """Receiver of ``burn_rate_tripped``: lists the user as paused (the admin's
+    filter) and posts the alert webhook. Every trip posts: a trip pauses the caller,
+    so trips come a pause apart at the least."""
+    try:
+        ledger = get_ledger()
+        runaway.list_paused(ledger, user_id, paused_seconds)
+        deliver_webhook(
+            {
+                "event": "burn_rate_tripped",
+                "user_id": user_id,
+                "tier": tier,
+                "limit": "burn_rate_exceeded",
+                "paused_seconds": int(paused_seconds),
+                "at": _now_iso(ledger),
+            }
+        )
+    except Exception:
+        logger.exception("burn-rate alert failed for user %s", user_id)

@@ -84,6 +84,13 @@ class UserUsageReportSerializer(UsageReportSerializer):
     user = UserRefSerializer()
 
 
+class ResumeSerializer(serializers.Serializer):
+    user = UserRefSerializer()
+    was_paused = serializers.BooleanField(
+        help_text="Whether the user was paused by the burn-rate breaker."
+    )
+
+
 class CostField(serializers.DecimalField):
     """Dollars of a base-token count, in the same decimal string form as the report."""
 

@@ -25,10 +25,13 @@ from rest_framework.response import Response
 from llm_quota.conf import quota_settings
 from llm_quota.drf.permissions import HasScope
 from llm_quota.exceptions import QuotaUnavailable
+from llm_quota.ledger.default import get_ledger
 from llm_quota.models import Tier, UsageSnapshot
+from llm_quota.quota import runaway
 from llm_quota.reporting.key_views import with_api_keys
 from llm_quota.reporting.live_usage import usage_report
 from llm_quota.reporting.serializers import (
+    ResumeSerializer,
     TierSerializer,
     UsageReportSerializer,
     UsageSnapshotSerializer,
@@ -83,6 +86,15 @@ class UsageHistoryView(UsageScopeMixin, ListAPIView):
         return UsageSnapshot.objects.filter(user_id=pk).order_by("-period", "model")
 
 
+def _user_or_404(user_id: str) -> Any:
+    User = get_user_model()
+    try:
+        pk = User._meta.pk.to_python(user_id)
+        return User._default_manager.get(pk=pk)
+    except (ValidationError, ValueError, User.DoesNotExist) as exc:
+        raise Http404("No such user.") from exc
+
+
 class UserUsageView(GenericAPIView):
     """Staff only: any user's usage report, in the same shape as ``/usage/``."""
 
@@ -90,12 +102,7 @@ class UserUsageView(GenericAPIView):
     serializer_class = UserUsageReportSerializer
 
     def get(self, request: Request, user_id: str) -> Response:
-        User = get_user_model()
-        try:
-            pk = User._meta.pk.to_python(user_id)
-            user = User._default_manager.get(pk=pk)
-        except (ValidationError, ValueError, User.DoesNotExist) as exc:
-            raise Http404("No such user.") from exc
+        user = _user_or_404(user_id)
         body = _report(user.pk)
         body["user"] = {"id": str(user.pk), "username": user.get_username()}
         return Response(self.get_serializer(body).data)
@@ -108,3 +115,21 @@ class TierListView(ListAPIView):
     serializer_class = TierSerializer
     pagination_class = None
     queryset = Tier.objects.select_related("upgrade_to").order_by("name")
+
+
+class UserResumeView(GenericAPIView):
+    """Staff only: end a user's burn-rate pause (contract §11). ``was_paused`` says
+    whether there was one; either way the breaker waits a minute before it may trip
+    again, until the spend that tripped it has left the window."""
+
+    permission_classes = [IsAdminUser]
+    serializer_class = ResumeSerializer
+
+    def post(self, request: Request, user_id: str) -> Response:
+        user = _user_or_404(user_id)
+        try:
+            was_paused = runaway.resume(get_ledger(), user.pk)
+        except RedisError as exc:
+            raise QuotaUnavailable() from exc
+        body = {"user": {"id": str(user.pk), "username": user.get_username()}}
+        return Response(self.get_serializer({**body, "was_paused": was_paused}).data)

@@ -92,6 +92,16 @@ class Limits:
     team_max_concurrent_requests: int | None = None
     team_tokens_per_day: int | None = None
     team_tokens_per_month: int | None = None
+    #: The burn-rate breaker (contract §11): a minute's spend above ``burn_multiplier``
+    #: x the caller's baseline and above ``burn_floor`` base tokens pauses the caller
+    #: for ``burn_pause`` seconds. Any of the three None: off.
+    burn_multiplier: float | None = None
+    burn_floor: int | None = None
+    burn_pause: float | None = None
+    #: A tier that slows callers down past its soft limit (contract §11): the soft
+    #: limit, in percent of ``tokens_per_month``. Past it, the request and token rates
+    #: shrink as the rest of the budget runs out. None: the tier only alerts.
+    slow_soft_percent: int | None = None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,21 @@ def _global_limits() -> dict[str, Any]:
     }
 
 
+def _burn_limits(tier: Any) -> dict[str, Any]:
+    """The tier's runaway protection: the burn-rate breaker (None: off) and the
+    slow-down past the soft limit (None: the tier only alerts)."""
+    from llm_quota.models import SoftLimitMode
+
+    mult = tier.burn_multiplier
+    slow = tier.soft_limit_mode == SoftLimitMode.SLOW
+    return {
+        "burn_multiplier": None if mult is None else float(mult),
+        "burn_floor": tier.burn_floor,
+        "burn_pause": tier.burn_pause_seconds,
+        "slow_soft_percent": tier.soft_limit_percent if slow else None,
+    }
+
+
 def _default_tier() -> Any:
     from llm_quota.models import Tier
 
@@ -93,7 +108,7 @@ def _load(user_pk: Any) -> UserPolicy:
     blocked = bool(quota is not None and quota.blocked)
     return UserPolicy(
         tier=tier.name,
-        limits=Limits(**values, **_global_limits()),
+        limits=Limits(**values, **_global_limits(), **_burn_limits(tier)),
         scopes=() if blocked else tuple(tier.scope_list),
         allowed_models=tuple(tier.model_patterns),
         soft_limit_percent=tier.soft_limit_percent,

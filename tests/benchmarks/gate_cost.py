@@ -8,6 +8,8 @@ request; ours reads and updates sorted sets and counters in one script.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import statistics
 import time
 import uuid
@@ -17,12 +19,15 @@ from django.core.cache import cache
 from django_redis import get_redis_connection
 from rest_framework.throttling import UserRateThrottle
 
+from llm_quota.ledger.ops import script_source
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.rules.accounting import ActualUsage, Estimate, Limits, Price
 from tests.benchmarks.measure import Table, per_call, us, verdict
 
 CALLS = 300
 ROUNDS = 9
+#: The breaker's share is a few per cent: many short rounds, so drift averages out.
+BREAKER_ROUNDS, BREAKER_CALLS_PER_ROUND = 41, 100
 ESTIMATE = Estimate(Price("gpt-4o", 1_000_000, 4_000_000), 500, 200)
 USAGE = ActualUsage(500, 120)
 
@@ -43,18 +48,46 @@ def five_limits(rate: int) -> Limits:
     )  # fmt: skip
 
 
+def with_breaker(limits: Limits) -> Limits:
+    """The burn-rate breaker on, with a floor never reached: every step of the check
+    runs, and no call is refused."""
+    return dataclasses.replace(limits, burn_multiplier=10, burn_floor=10**15, burn_pause=900)
+
+
+#: The breaker's call lines in reserve.lua and settle.lua (burn.lua's functions stay
+#: defined, uncalled): taking them out gives the scripts as they were before it.
+BREAKER_LINES = {
+    "reserve": (re.compile(r"local tripped = burn_check\(.*?, r\)\n", re.S), "local tripped = 0\n"),
+    "settle": (re.compile(r"burn_settled\(B, now\)\n"), ""),
+}
+
+
+def without_breaker(ledger: Ledger, client) -> Ledger:
+    """``ledger`` running the scripts minus the breaker's calls (today's cost before it)."""
+    for name, (pattern, replacement) in BREAKER_LINES.items():
+        source, found = pattern.subn(replacement, script_source(name))
+        assert found == 1, f"the breaker's call is no longer in {name}.lua"
+        ledger._scripts[name] = client.register_script(source)
+    return ledger
+
+
 class Ours:
     """Steady reserve + settle pairs at ``rate``; the reserve is also timed alone.
 
     Reserve is timed inside the pairs rather than in a loop of reserves: unsettled
     reservations are what a crashed worker leaves, and once their leases run out
-    each reserve would also be giving one back.
+    each reserve would also be giving one back. ``breaker``: None as configured by
+    default (off in ``five_limits``), True on, False with its calls taken out.
     """
 
-    def __init__(self, client, rate: int) -> None:
+    def __init__(self, client, rate: int, breaker: bool | None = None) -> None:
         self.client = client
         self.ledger = Ledger(client, prefix=f"bench{uuid.uuid4().hex[:8]}", clock=Clock(60 / rate))
         self.limits = five_limits(rate)
+        if breaker:
+            self.limits = with_breaker(self.limits)
+        elif breaker is False:
+            without_breaker(self.ledger, client)
         for _ in range(rate):  # fill the window to the rate
             self.pair()
 
@@ -127,6 +160,25 @@ def interleaved(client, rate: int) -> dict[str, float]:
     return out
 
 
+def breaker_cost(client, rate: int) -> dict[str, float]:
+    """The breaker's share of a reserve and a pair, against the same scripts minus its
+    calls, in the same run: short rounds alternate the two, in turn first (the VM's
+    drift within a round then favours neither), ratios per round, then medians."""
+    on, off = Ours(client, rate, breaker=True), Ours(client, rate, breaker=False)
+    ratios: dict[str, list[float]] = {"reserve": [], "pair": []}
+    try:
+        for n in range(BREAKER_ROUNDS):
+            first, second = (on, off) if n % 2 == 0 else (off, on)
+            a, b = first.round(BREAKER_CALLS_PER_ROUND), second.round(BREAKER_CALLS_PER_ROUND)
+            (reserve_on, pair_on), (reserve_off, pair_off) = (a, b) if first is on else (b, a)
+            ratios["reserve"].append(reserve_on / reserve_off)
+            ratios["pair"].append(pair_on / pair_off)
+    finally:
+        on.close()
+        off.close()
+    return {k: statistics.median(v) for k, v in ratios.items()}
+
+
 def commands_per_request(client) -> tuple[float, float]:
     """EVALSHA calls per reserve+settle (INFO commandstats) and commands the client sent.
 
@@ -195,6 +247,16 @@ def run(table: Table) -> None:
             f"{m['pair/drf']:.2f}x",
             "cheaper at high rates" if rate > 60 else "",
         )
+    for rate in (60, 10_000):
+        cost = breaker_cost(client, rate)
+        for step in ("reserve", "pair"):
+            what = "reserve" if step == "reserve" else "reserve + settle"
+            table.add(
+                "1 gate cost",
+                f"burn-rate breaker on vs its calls taken out: {what} at {rate}/min",
+                f"{cost[step]:.2f}x",
+                f"<= 1.1x: {verdict(cost[step] <= 1.1)}",
+            )
     evalsha, top = commands_per_request(client)
     table.add(
         "2 commands",

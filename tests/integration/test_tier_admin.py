@@ -57,7 +57,8 @@ def test_a_positive_override_replaces_the_tier_value(ledger):
 
 
 def tier_data(name, **fields):
-    data = {"name": name, "scopes": "llm:chat usage:read", "soft_limit_percent": 80}
+    data = {"name": name, "scopes": "llm:chat usage:read", "soft_limit_percent": 80,
+            "soft_limit_mode": "alert"}  # fmt: skip
     data.update(fields)
     return data
 
@@ -130,3 +131,26 @@ def test_check_is_quiet_before_the_first_migrate(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "llm_quota.W002" not in done.stdout + done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_tier_form_sets_the_runaway_protection_and_an_empty_field_turns_it_off(
+    admin_client, ledger
+):
+    add = reverse("admin:llm_quota_tier_add")
+    fields = {"soft_limit_mode": "slow", "soft_limit_percent": 70, "tokens_per_month": 1000,
+              "requests_per_minute": 60, "burn_multiplier": "5", "burn_floor": 20_000,
+              "burn_pause_seconds": 60}  # fmt: skip
+    assert admin_client.post(add, tier_data("careful", **fields)).status_code == 302
+    limits = policy_for(factories.user()).limits
+    assert (limits.burn_multiplier, limits.burn_floor, limits.burn_pause) == (5.0, 20_000, 60)
+    assert limits.slow_soft_percent == 70
+    change = reverse("admin:llm_quota_tier_change", args=[Tier.objects.get(name="careful").pk])
+    off = {**fields, "burn_floor": "", "soft_limit_mode": "alert", "is_default": "on"}
+    assert admin_client.post(change, tier_data("careful", **off)).status_code == 302
+    limits = policy_for(factories.user()).limits
+    assert limits.burn_floor is None and limits.slow_soft_percent is None
+    # Slowing down shrinks rates by the month's budget left: it needs both.
+    rateless = tier_data("rateless", soft_limit_mode="slow", tokens_per_month=1000)
+    response = admin_client.post(add, rateless)
+    assert response.status_code == 200
+    assert "Slowing down needs a monthly budget" in response.content.decode()

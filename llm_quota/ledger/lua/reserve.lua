@@ -1,7 +1,7 @@
 -- reserve: check every limit and reserve the estimate in all of them, or in none.
 -- Payers: the user always; then the API key the request came with and the team it is
 -- charged to, if any (see parse_payers); the global caps.
--- KEYS[1] user base B; then one base per payer (ARGV[23] of them: a key's K, in B's
+-- KEYS[1] user base B; then one base per payer (ARGV[27] of them: a key's K, in B's
 -- slot; a team's T, on one Redis only); then the global base G, on one Redis only. On
 -- a cluster T and G are on other slots: team_reserve.lua and global_reserve.lua
 -- check them in steps of their own.
@@ -12,12 +12,15 @@
 --       13 requested output tokens, 14 least output worth clamping to, 15 clamp (1/0),
 --       16 model, 17 day ids, 18 day starts, 19 month ids, 20 month starts,
 --       21 probe: a lower prompt cost in micro base tokens, or '' (none), 22 its clamp,
---       23 how many payers follow, then five values each: label ('key.', 'team.'),
+--       23 burn multiplier, 24 burn floor (base tokens a minute), 25 burn pause (ms)
+--       (-1 = the breaker is off; burn.lua), 26 slow-down: the soft limit in percent
+--       of a 'slow' tier (-1 = off; burn.lua's slowed_rates),
+--       27 how many payers follow, then five values each: label ('key.', 'team.'),
 --       requests/min, concurrent, tokens/day, tokens/month.
 -- Returns {status, limit, retry_ms, granted_output, reserved, now, day, month,
 --          requests_limit, requests_remaining, requests_reset_ms,
 --          tokens_limit, tokens_remaining, tokens_reset_ms, month_end, day_end,
---          probe_limit, probe_retry_ms, tokens_window_ms}
+--          probe_limit, probe_retry_ms, tokens_window_ms, burn_tripped}
 -- The tokens_* fields describe the token limit with the least remaining (minute, day
 -- or month, the key's too; -1 when none is set) and tokens_window_ms its length, for
 -- the headers; the requests_* fields the tighter of the user's and the key's rpm.
@@ -33,7 +36,7 @@
 -- whether counting exactly could change the answer.
 
 local B = KEYS[1]
-local payers = parse_payers(tonumber(ARGV[23] or '0'), 24)
+local payers = parse_payers(tonumber(ARGV[27] or '0'), 28)
 local G = KEYS[2 + #payers]
 local now = now_ms(ARGV[1])
 local rid, ttl = ARGV[2], tonumber(ARGV[3])
@@ -81,6 +84,10 @@ local used_day, used_month = num(periods[1]), num(periods[2])
 local g_day, g_month = 0, 0
 if use_global then g_day, g_month = share_used(G, day, month) end
 for _, p in ipairs(payers) do payer_read(p, day, month, now, ttl) end
+
+-- Step 3c (burn.lua): a 'slow' tier past its soft limit shrinks the rates it checks
+-- (and reports in the headers) as the month's budget runs out.
+rpm, tpm = slowed_rates(rpm, tpm, used_month, tpmo, tonumber(ARGV[26] or -1))
 
 -- What changed in B:s is written in one HSET, whatever the decision.
 local function save_state(wsum)
@@ -203,6 +210,12 @@ end
 local granted, est = fit_tokens(token_limits, prompt_micro, out_micro, max_out, min_out, clamp, r,
   token_wait)
 
+-- Step 5b (burn.lua): a paused caller is refused; a minute's spend far above the
+-- caller's own baseline pauses it now. The minute before this call: one call, however
+-- large (a huge prompt reserved on its byte bound), is not a rate.
+local tripped = burn_check(B, now, used_min, tonumber(ARGV[23] or -1),
+  tonumber(ARGV[24] or -1), tonumber(ARGV[25] or -1), r)
+
 if r.name then
   save_state(used_min)
   local r_limit, r_left, r_reset = requests_header(0)
@@ -216,7 +229,7 @@ if r.name then
   local t_limit, t_left, t_reset, t_window = tokens_header(0)
   return {0, r.name, r.wait, 0, est, now, day, month,
           r_limit, r_left, r_reset, t_limit, t_left, t_reset,
-          month_end, day_end, probe.name or '', math.max(probe.wait, 0), t_window}
+          month_end, day_end, probe.name or '', math.max(probe.wait, 0), t_window, tripped}
 end
 
 -- Step 6: reserve in every window and period at once, for every payer. The record remembers where

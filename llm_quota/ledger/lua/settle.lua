@@ -58,6 +58,9 @@ if state == 'p' then
   adjust_window(B, rid, est, actual)
 end
 
+-- Step 4b (burn.lua): the minute's spend, as it stands now, teaches the baseline.
+burn_settled(B, now)
+
 -- Step 5: per-model usage of the reservation's month, for reports and snapshots.
 -- The month's settled total is the sum over models (a few fields): summing here
 -- keeps it exact after restores and resets, which rewrite this hash.

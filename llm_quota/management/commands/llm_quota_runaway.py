@@ -11,12 +11,20 @@ By default a fresh service account on the ``--tier`` tier gets a daily budget of
 project is served in-process on a free loopback port, so the replay needs no
 running server; ``--base-url`` points it at one (``make demo``) instead. The loop is
 bounded (``--max-requests``, ``--max-seconds``).
+
+``--report`` replays the incident as the burn-rate breaker sees it (contract §11):
+a synthetic week of ordinary heavy use, then the loop, on the ledger with a simulated
+clock (``llm_quota.testing.traffic``), once without the breaker and once with the
+``--tier`` tier's settings. It prints how long each took to stop the loop and how much
+of the daily budget was spent by then. It writes under a key prefix of its own and
+deletes it afterwards.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +34,12 @@ from django.core.management.base import BaseCommand, CommandError
 from llm_quota.conf import quota_settings
 from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
 from llm_quota.ledger.default import get_ledger
+from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.management.progress import progress
 from llm_quota.models import Tier, UserQuota
+from llm_quota.rules.accounting import Limits
 from llm_quota.rules.pricing import price_for
+from llm_quota.testing import traffic
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
@@ -67,12 +78,21 @@ class Command(BaseCommand):
         parser.add_argument("--max-tokens", type=int, default=256)
         parser.add_argument("--max-requests", type=int, default=100_000)
         parser.add_argument("--max-seconds", type=float, default=300.0)
+        parser.add_argument(
+            "--report",
+            action="store_true",
+            help="replay a synthetic week and the loop on a simulated clock, "
+            "without and with the burn-rate breaker, and compare",
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
         try:
             import openai
         except ImportError as exc:  # pragma: no cover - pinned in requirements.txt
             raise CommandError("The replay drives the official SDK: pip install openai") from exc
+        if opts["report"]:
+            self._breaker_report(opts["tier"])
+            return
         if opts["budget"] < 1:
             raise CommandError("--budget must be a positive number of base tokens.")
         price = price_for(opts["model"])
@@ -172,3 +192,67 @@ class Command(BaseCommand):
                 f"Unstopped at this pace it would have spent {per_day:,.0f} base tokens a day "
                 f"(${per_day * float(usd):,.2f})."
             )
+
+    def _breaker_report(self, tier_name: str) -> None:
+        tier = Tier.objects.filter(name=tier_name).first()
+        source = tier_name if tier else "the defaults"
+        # A tier that does not exist: the breaker's defaults (a new tier's).
+        tier = tier or Tier(name=tier_name)
+        settings = {
+            name: getattr(tier, name)
+            for name in ("burn_multiplier", "burn_floor", "burn_pause_seconds")
+        }
+        if None in settings.values():
+            raise CommandError(f"The breaker is off on the tier {tier_name!r}.")
+        budget = traffic.DAILY_BUDGET
+        breaker = Limits(
+            tokens_per_day=budget,
+            burn_multiplier=float(settings["burn_multiplier"]),
+            burn_floor=int(settings["burn_floor"]),
+            burn_pause=int(settings["burn_pause_seconds"]),
+        )
+        out = self.stdout.write
+        out(
+            f"The incident, replayed on the ledger with a simulated clock: a synthetic week "
+            f"of ordinary heavy use (seed 15: {len(traffic.synthetic_week()):,} calls), then "
+            f"a loop of {traffic.LOOP_PACE} calls a second.\nDaily budget: {budget:,} base "
+            f"tokens. Breaker ({source}): "
+            f"{float(settings['burn_multiplier']):g}x the baseline, floor "
+            f"{settings['burn_floor']:,} base tokens a minute, pause "
+            f"{settings['burn_pause_seconds']} s.\n"
+        )
+        rows = [
+            ("without the breaker", self._replay(Limits(tokens_per_day=budget))),
+            ("with the breaker", self._replay(breaker)),
+        ]
+        out(f"{'':22}{'false trips':>13}{'stopped after':>16}  {'by':<20}{'spent by then':>22}")
+        for name, incident in rows:
+            loop, stop = incident.loop, incident.seconds_to_stop
+            by = loop.first_refusal[1] if loop.first_refusal else "nothing"
+            out(
+                f"{name:22}{len(incident.week.trips):>13}"
+                f"{'-' if stop is None else f'{stop:.1f} s':>16}  {by:<20}"
+                f"{loop.spent:>12,} ({100 * loop.spent / budget:5.1f}%)"
+            )
+
+    def _replay(self, limits: Limits) -> traffic.Incident:
+        ledger = get_ledger()
+        prefix = f"{ledger.keyspace.prefix}-replay-{uuid.uuid4().hex[:8]}"
+        clock = traffic.pinned_clock(traffic.REPLAY_MONDAY)
+        replayer = Ledger(ledger.client, prefix=prefix, clock=clock)
+        try:
+            return traffic.replay_incident(replayer, clock, "runaway", limits)
+        finally:
+            for batch in _batches(ledger.client.scan_iter(match=f"{prefix}:*", count=500)):
+                ledger.client.delete(*batch)
+
+
+def _batches(items: Any, size: int = 500) -> Any:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

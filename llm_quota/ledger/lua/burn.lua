@@ -1,0 +1,129 @@
+-- Burn-rate breaker. Time is in milliseconds, amounts in base tokens, as in common.lua.
+-- The ledger prepends this file (after common.lua) to every script. Every function
+-- takes a payer's base P (a user's B today; a key's or a team's base works the same,
+-- since each keeps the sliding window "wsum" in its P:s), so any payer may have one.
+--
+-- Fields in P:s (the payer's state hash, so no new key and no new expiry):
+--   bb  the 5-minute bucket being watched (now // BURN_BUCKET)
+--   bx  the highest one-minute spend ("wsum" after a settle) seen in bucket bb
+--   bp  the baseline: the busiest minute of the closed buckets, decaying with a
+--       half-life of BURN_HALF_LIFE buckets (3.5 days), as an integer
+--   bz  > now: paused until then; < 0: staff resumed, no trip before -bz
+-- Why a decaying peak of minutes and not a mean: a week's mean includes nights and
+-- weekends, so a person's ordinary busy minute is 10-20 times it; the trip compares
+-- one minute with one minute. Only closed buckets teach the baseline, so a runaway
+-- cannot raise its own bar before it trips (and the bucket it tripped in is dropped).
+
+local BURN_BUCKET = 300000         -- 5 minutes
+local BURN_HALF_LIFE = 1008        -- buckets in 3.5 days: a weekend halves nothing away
+local BURN_GROWTH = 2              -- a closed bucket may at most double the baseline...
+local BURN_SEED = 1000             -- ...or raise it to this (base tokens a minute)
+local BURN_LN2 = math.log(2)
+
+-- The baseline `bp` carried from bucket `bb` to bucket `bucket`: a gap of g buckets
+-- decays it by 2^(-g / half-life).
+local function burn_decayed(bp, bb, bucket)
+  if bb >= bucket then return bp end
+  return bp * math.exp(-BURN_LN2 * (bucket - bb) / BURN_HALF_LIFE)
+end
+
+-- The baseline at `bucket`, from the fields bb, bx, bp: a bucket before `bucket` is
+-- closed, so its busiest minute counts even before a settle has folded it in. It may
+-- raise the baseline to at most twice what it was (or BURN_SEED): a runaway whose
+-- bucket closes before it trips must not teach itself a bar ten times its own pace.
+-- A person's busier weeks still get in: the cap doubles with every busy bucket.
+local function burn_baseline(bb, bx, bp, bucket)
+  if bb == nil then return 0 end
+  local base = burn_decayed(bp, bb, bucket)
+  if bb < bucket then
+    base = math.max(base, math.min(bx, BURN_GROWTH * math.max(base, BURN_SEED)))
+  end
+  return base
+end
+
+-- Settle's step: fold the one-minute spend (the window's "wsum" after this settle:
+-- settled amounts, and estimates still pending) into the bucket's busiest minute;
+-- when a new bucket starts, the old one's busiest minute joins the baseline first.
+-- One HMGET, and one HSET only when something moved.
+local function burn_settled(P, now)
+  local f = redis.call('HMGET', P .. ':s', 'bb', 'bx', 'bp', 'wsum')
+  local bucket = math.floor(now / BURN_BUCKET)
+  local bb, bx, bp, minute = tonumber(f[1]), num(f[2]), num(f[3]), num(f[4])
+  if bb == nil or bucket > bb then
+    -- Step 1: close bucket bb: the baseline is the larger of the decayed baseline and
+    -- that bucket's busiest minute.
+    bp = burn_baseline(bb, bx, bp, bucket)
+    redis.call('HSET', P .. ':s', 'bb', bucket, 'bx', math.max(minute, 0), 'bp', math.floor(bp))
+  elseif minute > bx then
+    -- Step 2: same bucket, a busier minute than any so far.
+    redis.call('HSET', P .. ':s', 'bx', minute)
+  end
+end
+
+-- Reserve's step, given the refusal `r` of the other limits and the one-minute spend
+-- before this request (`minute`). mult and floor: -1 = off; pause_ms: -1 = off.
+-- Returns 1 if this reserve tripped the breaker, else 0.
+local function burn_check(P, now, minute, mult, floor, pause_ms, r)
+  if mult < 0 or floor < 0 or pause_ms < 0 then return 0 end
+  local f = redis.call('HMGET', P .. ':s', 'bz', 'bb', 'bp', 'bx')
+  local bz = num(f[1])
+  -- Step 1: paused: refused until the pause ends, whatever the rate is now.
+  if bz > now then
+    r.block('burn_rate_exceeded', bz - now)
+    return 0
+  end
+  -- Step 2: nothing to decide when another limit refuses (nothing is spent), or just
+  -- after a staff resume (the window still holds the spend that tripped it).
+  if r.name or -bz > now then return 0 end
+  -- Step 3: trip when the minute exceeds both the floor and mult x the baseline.
+  local bucket = math.floor(now / BURN_BUCKET)
+  local baseline = burn_baseline(tonumber(f[2]), num(f[4]), num(f[3]), bucket)
+  if minute <= floor or minute <= mult * baseline then return 0 end
+  -- Step 4: pause. The current bucket's busiest minute is forgotten: a runaway's
+  -- spend must not become the baseline once the bucket closes.
+  redis.call('HSET', P .. ':s', 'bz', now + pause_ms, 'bb', bucket, 'bx', 0,
+    'bp', math.floor(baseline))
+  r.block('burn_rate_exceeded', pause_ms)
+  return 1
+end
+
+-- Staff resume: the pause ends now, and the trip waits one window, until the spend
+-- that tripped it has left the minute. Returns 1 if the payer was paused.
+local function burn_resume(P, now)
+  local bz = num(redis.call('HGET', P .. ':s', 'bz'))
+  redis.call('HSET', P .. ':s', 'bz', -(now + WINDOW))
+  if bz > now then return 1 end
+  return 0
+end
+
+-- The breaker's state for reports: paused until (ms, 0 if not), the baseline per
+-- minute now, and the one-minute spend (wsum, as last kept).
+local function burn_state(P, now)
+  local f = redis.call('HMGET', P .. ':s', 'bz', 'bb', 'bp', 'bx', 'wsum')
+  local bz = num(f[1])
+  if bz <= now then bz = 0 end
+  local base = burn_baseline(tonumber(f[2]), num(f[4]), num(f[3]), math.floor(now / BURN_BUCKET))
+  return {bz, math.floor(base), num(f[5])}
+end
+
+-- Adaptive slow-down, a tier's choice (soft_limit_mode 'slow'). Past the soft limit of
+-- the month's budget, the request and token rates shrink in proportion to what is left
+-- of the budget beyond that limit: at the soft limit they are whole, at the budget's
+-- end they are 1. A loop crawls long before the hard stop, and a person far below the
+-- rates notices little. soft: the soft limit in percent, -1 = off (the tier alerts).
+-- Returns the rates to apply (-1 stays unlimited).
+local function slowed_rates(rpm, tpm, used_month, tpmo, soft)
+  if soft < 0 or tpmo < 0 then return rpm, tpm end
+  -- Step 1: below the soft limit (rounded up, as the alert rounds it) nothing changes.
+  local threshold = math.ceil(tpmo * soft / 100)
+  if used_month < threshold then return rpm, tpm end
+  -- Step 2: the share of the budget past the soft limit still left, 0 to 1.
+  local share = 0
+  if tpmo > threshold then share = math.max(tpmo - used_month, 0) / (tpmo - threshold) end
+  -- Step 3: each limit the tier sets shrinks by that share, never below 1.
+  local function shrink(rate)
+    if rate < 0 then return rate end
+    return math.max(1, math.floor(rate * share))
+  end
+  return shrink(rpm), shrink(tpm)
+end
