@@ -136,11 +136,15 @@ class JournalFile:
             self._written()
 
     def sync(self) -> None:
-        """fsync now (before an adopted file is unlinked: its entries must be safe here)."""
+        """fsync now (before an adopted file is unlinked: its entries must be safe here).
+        Outside the lock: appends go on while the disk works (what they write after the
+        flag is cleared sets it again, for the next round)."""
         with self._lock:
-            if self._fd is not None and self._pid == os.getpid():
-                os.fsync(self._fd)
-                self._unsynced.clear()
+            if self._fd is None or self._pid != os.getpid():
+                return
+            fd = self._fd
+            self._unsynced.clear()
+        os.fsync(fd)
 
     def _written(self) -> None:
         if self.fsync_interval <= 0:
@@ -176,7 +180,8 @@ class JournalFile:
             try:
                 self.sync()
             except OSError:
-                logger.exception("journal: fsync of %s failed", self._path)
+                if not self._closed.is_set():  # else close() synced it, and closed it
+                    logger.exception("journal: fsync of %s failed", self._path)
 
     def close(self) -> None:
         """Sync and close (settings changed, tests). The file stays if it holds entries."""
