@@ -52,6 +52,15 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
+def free_port(low: int = 27100, high: int = 27199) -> int:
+    """A free loopback port in ``low..high``: for a machine whose users each keep their
+    private servers to a range of their own."""
+    for port in range(low, high + 1):
+        if _port_is_free(port):
+            return port
+    raise RuntimeError(f"no free loopback port in {low}-{high}")
+
+
 def spare_ports(count: int, *, bus: bool = False) -> list[int]:
     """Free loopback ports; with ``bus``, ones whose cluster-bus twin (+10000) is free too."""
     ports: list[int] = []

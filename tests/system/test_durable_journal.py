@@ -22,25 +22,17 @@ from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.quota import admission
 from llm_quota.rules.accounting import Estimate, Limits, Price
 from tests.support import factories
-from tests.support.redis_server import RedisServer, _port_is_free
+from tests.support.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def loopback_port() -> int:
-    """A free port in the range this suite's private servers may use (27100-27199)."""
-    for port in range(27100, 27200):
-        if _port_is_free(port):
-            return port
-    raise RuntimeError("no free port in 27100-27199")
-
-
 @pytest.fixture
 def durable_redis(tmp_path):
     """Survives its own SIGKILL (append-only file, fsync always), as production Redis."""
-    server = RedisServer(tmp_path / "redis", port=loopback_port(), durable=True).start()
+    server = RedisServer(tmp_path / "redis", port=free_port(), durable=True).start()
     yield server
     server.stop()
 
