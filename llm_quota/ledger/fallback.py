@@ -138,6 +138,8 @@ class OutageJournal:
                 self.record(reservation, usage)
             self.store.sync()
             adopted += len(entries)
+            if not entries:
+                continue  # a file whose entries were all charged: nothing to say
             logger.warning(
                 "journal: adopted %d uncharged entries of a dead process (%s)",
                 len(entries), path.name,
