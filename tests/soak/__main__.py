@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,9 +189,12 @@ def main(argv: list[str]) -> int:
             gunicorn.wait(timeout=20)
         except subprocess.TimeoutExpired:
             gunicorn.kill()
-    report = _check(accounts, oracle, load, chaos, scratch)
-    oracle.stop()
-    redis_server.stop()
+    try:
+        report = _check(accounts, oracle, load, chaos, scratch)
+    finally:
+        oracle.stop()
+        redis_server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
     return 0 if report else 1
 
 
