@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint docs bench loadtest clean
+.PHONY: demo test test-fast lint docs bench loadtest soak clean
 
 $(STAMP): requirements.txt setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ bench: $(STAMP)
 # Bounded load (5,000 requests, 64 at once) through gunicorn; not part of `make test`.
 loadtest: $(STAMP)
 	$(BIN)/python -m tests.loadtest $(LOADTEST_ARGS)
+
+# The chaos soak: load through gunicorn while Redis and the workers are killed and
+# frozen at random, then every invariant checked and a table printed
+# (docs/pages/reliability.md). 10 minutes; `make soak SOAK_ARGS="--seconds 60"`.
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak $(SOAK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -9,6 +9,7 @@ when a test overrides the setting.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -301,6 +302,26 @@ SETTINGS: tuple[Setting, ...] = (
             "must be a positive integer (the number of processes serving requests).",
         ),
         "llm_quota.E031",
+    ),
+    Setting(
+        "JOURNAL_DIR",
+        None,
+        "directory of the outage journal files (one per process, on a disk local to the "
+        "host): what could not reach Redis outlives the process that ran it. `None`: kept "
+        "in memory only, lost if the process dies before Redis is back",
+        Rule(
+            lambda v: v is None or (isinstance(v, str | os.PathLike) and str(v) != ""),
+            "must be a directory path (a string or a Path) or None.",
+        ),
+        "llm_quota.E032",
+    ),
+    Setting(
+        "JOURNAL_FSYNC_INTERVAL",
+        0.05,
+        "longest a journal entry waits for `fsync` (seconds; 0: every entry): what a crash "
+        "of the whole host may lose. A killed process loses nothing either way",
+        Rule(lambda v: _is_number(v) and v >= 0, "must be a number of seconds, 0 or more."),
+        "llm_quota.E032",
     ),
     Setting(
         "TOKEN_REQUESTS_PER_MINUTE",

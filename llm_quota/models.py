@@ -507,3 +507,29 @@ class ApiKeyUsageSnapshot(models.Model):
 
     def __str__(self) -> str:
         return f"{self.api_key} {self.period:%Y-%m}"
+
+
+class DaySnapshot(models.Model):
+    """A user's day counter (base tokens, in ``PERIOD_TIMEZONE``), copied by the usage
+    snapshot beside the month's ``UsageSnapshot`` rows, so a Redis that lost its data
+    gets the day back as well as the month. Summed over users, the rows of a day (and
+    the month's ``UsageSnapshot`` rows) rebuild the global caps' counters."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="llm_day_snapshots"
+    )
+    day = models.DateField(_("day"))
+    base_tokens = models.PositiveBigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-day", "user"]
+        verbose_name = _("day snapshot")
+        verbose_name_plural = _("day snapshots")
+        constraints = [
+            models.UniqueConstraint(fields=["user", "day"], name="llm_quota_day_snapshot_unique")
+        ]
+        indexes = [models.Index(fields=["day", "user"])]
+
+    def __str__(self) -> str:
+        return f"{self.user} {self.day:%Y-%m-%d}"

@@ -99,6 +99,9 @@ CACHES = {
 LLM_QUOTA = {
     "KEY_PREFIX": os.environ.get("LLM_QUOTA_KEY_PREFIX", "llmq"),
     "FAIL_OPEN": os.environ.get("LLM_QUOTA_FAIL_OPEN", "1") == "1",
+    # Usage that could not reach Redis outlives the process (docs: reliability).
+    # LLMQ_JOURNAL_DIR="" keeps it in memory only (the test suite does).
+    "JOURNAL_DIR": os.environ.get("LLMQ_JOURNAL_DIR", str(VAR_DIR / "journal")) or None,
 }
 
 REST_FRAMEWORK = {

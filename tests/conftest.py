@@ -25,6 +25,23 @@ def fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def memory_journal():
+    """The outage journal in memory, as before ``JOURNAL_DIR``, unless a test sets a
+    directory of its own: the demo's ``var/journal`` is shared by every run, and a file
+    one test left would be adopted (and charged) by another. Servers the tests start
+    inherit the environment variable."""
+    import os
+
+    from django.conf import settings
+
+    from llm_quota.conf import quota_settings
+
+    os.environ["LLMQ_JOURNAL_DIR"] = ""
+    settings.LLM_QUOTA["JOURNAL_DIR"] = None
+    quota_settings.reload()
+
+
 @pytest.fixture(scope="session")
 def django_db_setup(django_db_setup, django_db_blocker):
     """pytest-django's, closing the connection pools (PostgreSQL, ``project/settings``)

@@ -9,7 +9,8 @@ tightest token limit per minute, summed over the processes.
 ``OutageJournal``: usage of calls that ran during the outage (admitted blind, or
 admitted by Redis but settled after it went away) is kept and charged once Redis is
 back. Settle is idempotent per reservation id, so replaying a settle that did reach
-Redis before the connection broke changes nothing.
+Redis before the connection broke changes nothing. With ``JOURNAL_DIR`` it is on disk
+too, and outlives the process (``journal_file``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
+from llm_quota.ledger.journal_file import JournalFile
 from llm_quota.ledger.plans import Plan
 from llm_quota.rules.accounting import ActualUsage, Estimate, Limits
 
@@ -73,11 +75,14 @@ class FallbackLimiter:
 
 class OutageJournal:
     """Settles (and releases: usage ``None``) that could not reach Redis, replayed in
-    order once it answers again."""
+    order once it answers again. With a ``store`` (``JOURNAL_DIR``) each entry is also
+    written to this process' file before ``record`` returns, so the process may die
+    without losing it (``journal_file``); the memory copy is what this process replays."""
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    def __init__(self, max_entries: int = 100_000, store: JournalFile | None = None) -> None:
         self.max_entries = max_entries
-        self._entries: deque[tuple[Any, ActualUsage | None]] = deque()
+        self.store = store
+        self._entries: deque[tuple[Any, ActualUsage | None, int]] = deque()
         self._lock = threading.Lock()
         self.dropped = 0
 
@@ -86,21 +91,64 @@ class OutageJournal:
 
     def record(self, reservation: Any, usage: ActualUsage | None) -> None:
         with self._lock:
+            seq = self._write(reservation, usage)
             if len(self._entries) >= self.max_entries:
-                self._entries.popleft()
+                _, _, oldest = self._entries.popleft()
+                self._charged(oldest, empty=False)  # the new entry is in the file
                 self.dropped += 1
                 if self.dropped == 1:
                     logger.critical("outage journal full: the oldest settles are dropped")
-            self._entries.append((reservation, usage))
+            self._entries.append((reservation, usage, seq))
 
-    def _peek(self) -> tuple[Any, ActualUsage | None] | None:
+    def _write(self, reservation: Any, usage: ActualUsage | None) -> int:
+        if self.store is None:
+            return 0
+        try:
+            return self.store.append(reservation, usage)
+        except OSError:
+            # Memory still holds it: lost only if this process dies before Redis is back.
+            logger.exception("journal: could not write reservation %s to disk", reservation.id)
+            return 0
+
+    def _charged(self, seq: int, *, empty: bool) -> None:
+        if self.store is not None and seq:
+            try:
+                self.store.charged([seq], empty=empty)
+            except OSError:
+                logger.exception("journal: could not mark entry %d charged", seq)
+
+    def _peek(self) -> tuple[Any, ActualUsage | None, int] | None:
         with self._lock:
             return self._entries[0] if self._entries else None
 
     def _done(self, reservation: Any) -> None:
         with self._lock:
             if self._entries and self._entries[0][0] is reservation:
-                self._entries.popleft()
+                _, _, seq = self._entries.popleft()
+                self._charged(seq, empty=not self._entries)
+
+    def adopt(self) -> int:
+        """Take the entries of dead processes' files into this journal (and this
+        process' file, synced before theirs is unlinked); returns how many."""
+        if self.store is None:
+            return 0
+        adopted = 0
+        for path, entries in self.store.orphans():
+            for reservation, usage in entries:
+                self.record(reservation, usage)
+            self.store.sync()
+            adopted += len(entries)
+            if not entries:
+                continue  # a file whose entries were all charged: nothing to say
+            logger.warning(
+                "journal: adopted %d uncharged entries of a dead process (%s)",
+                len(entries), path.name,
+            )  # fmt: skip
+        return adopted
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
     def replay(
         self, apply: Callable[[Any, ActualUsage | None], Plan[Any]], limit: int | None = None
@@ -112,7 +160,7 @@ class OutageJournal:
             entry = self._peek()
             if entry is None:
                 break
-            yield from apply(*entry)  # raises if Redis is gone again: keep the entry
+            yield from apply(entry[0], entry[1])  # raises if Redis is gone again: keep it
             self._done(entry[0])
             replayed += 1
         _log_replayed(replayed)

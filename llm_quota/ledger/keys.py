@@ -183,6 +183,9 @@ class KeySpace:
     def month_counter(self, uid: Any, month: str) -> str:
         return f"{self.user(uid)}:m:{month}"
 
+    def day_counter(self, uid: Any, day: str) -> str:
+        return f"{self.user(uid)}:d:{day}"
+
     def model_usage(self, uid: Any, month: str) -> str:
         return f"{self.user(uid)}:u:{month}"
 

@@ -42,8 +42,16 @@ from llm_quota.ledger.replies import (
     parse_model_fields,
     text,
 )
+from llm_quota.ledger.restore import EVERYONE
 from llm_quota.rules.accounting import ActualUsage, Estimate, Limits
-from llm_quota.rules.periods import month_end_ms, month_start, period_args, previous_month
+from llm_quota.rules.periods import (
+    day_and_month,
+    day_end_ms,
+    month_end_ms,
+    month_start,
+    period_args,
+    previous_month,
+)
 
 LUA_DIR = Path(__file__).with_name("lua")
 
@@ -64,6 +72,7 @@ SCRIPTS = (
     "payer_settle",
     "team_reserve",
     "key_restore",
+    "global_restore",
     "reset",
     "burn_resume",
     "burn_state",
@@ -212,8 +221,13 @@ class LedgerOps:
             ),
         )  # fmt: skip
         reply = yield call
-        if int(reply[0]) == 2:
-            yield from self.restore(uid, text(reply[7]))
+        for _ in range(2):  # the user's counters, then the global ones: each once
+            if int(reply[0]) == 2:
+                yield from self.restore(uid, text(reply[7]))
+            elif int(reply[0]) == 4:
+                yield from self.restore_global(text(reply[7]))
+            else:
+                break
             reply = yield call
         if int(reply[0]) == 3:
             raise ReservationIdSpent(f"reservation {rid} was released before it was made")
@@ -597,9 +611,14 @@ class LedgerOps:
         """Add the database's record of ``month`` (and the month before) back, once per
         loss: a late settle into the closed month must not leave it partial."""
         uid = keys.user_id(user_id)
-        args: list[Any] = [uid, self.now_arg()[0]]
+        now_arg, local_now = self.now_arg()
+        today, _ = day_and_month(local_now, self.timezone)
+        args: list[Any] = [uid, now_arg, today, day_end_ms(today, self.timezone), 0]
         for period in (month, previous_month(month)):
-            total, rows = yield LoadMonth(uid, period)
+            loaded = yield LoadMonth(uid, period)
+            total, rows = loaded[0], loaded[1]
+            if len(loaded) > 3 and loaded[2] == today:  # the day comes back with its month
+                args[4] = int(loaded[3])
             pairs: list[Any] = []
             for row in rows:
                 model = keys.model_field(row.model)  # a pattern too (MODEL_NAMES_PER_MONTH)
@@ -631,6 +650,23 @@ class LedgerOps:
             yield ScriptCall(
                 "key_restore", (self.keyspace.api_key(uid, key_id),), (now_arg, *groups)
             )
+
+    def restore_global(self, month: str) -> Plan[bool]:
+        """Add the database's record of everyone's ``month`` and today back into the
+        global caps' counters, once per loss (all users' snapshots summed)."""
+        now_arg, local_now = self.now_arg()
+        today, _ = day_and_month(local_now, self.timezone)
+        loaded = yield LoadMonth(EVERYONE, month)
+        day_total = int(loaded[3]) if len(loaded) > 3 and loaded[2] == today else 0
+        result = yield ScriptCall(
+            "global_restore",
+            (self.keyspace.global_(),),
+            (
+                now_arg, today, day_end_ms(today, self.timezone), day_total,
+                month, month_end_ms(month, self.timezone), int(loaded[0]),
+            ),
+        )  # fmt: skip
+        return int(result) == 1
 
     # -- admin -------------------------------------------------------------------------
 

@@ -27,8 +27,10 @@ class ScriptCall:
 
 @dataclass(frozen=True)
 class LoadMonth:
-    """Ask the restore source (the database) for a user's month; sent back as
-    ``(base_tokens, [ModelUsage, ...])``, or ``(0, [])`` without a source."""
+    """Ask the restore source (the database) for a user's month (``user_id`` ``""``:
+    everyone's, for the global caps); sent back as ``(base_tokens, [ModelUsage, ...])``
+    or a ``restore.Restored`` (which adds the month's last snapshotted day), or
+    ``(0, [])`` without a source."""
 
     user_id: str
     month: str

@@ -248,4 +248,6 @@ def parse_model_fields(pairs: Iterable[Any]) -> list[ModelUsage]:
 
 
 #: Where a user's month comes back from when Redis lost it: ``(base_tokens, rows)``.
-RestoreSource = Callable[[str, str], tuple[int, list[ModelUsage]]]
+#: ``(base_tokens, [ModelUsage, ...])`` of a user's month, or a longer tuple that adds
+#: the month's last snapshotted day and its base tokens (``restore.Restored``).
+RestoreSource = Callable[[str, str], tuple[Any, ...]]

@@ -12,7 +12,9 @@ is written once, here, and runs the same under the sync and the async driver. On
   tier's per-minute limits, never unlimited;
 - the ``OutageJournal``: the usage of calls that ran while Redis was away (admitted
   blind, or admitted by Redis and finished after it went) is charged once Redis
-  answers again, before that answer's own decision. A blind reservation carries its
+  answers again, before that answer's own decision. With ``JOURNAL_DIR`` it is also
+  on disk, and the files of processes that died are adopted and charged by the
+  living (``journal_file``). A blind reservation carries its
   day and month, computed here, so its settle is charged as a late settle into the
   right periods. A reserve whose reply was lost (``reply_lost_released``) is
   journaled as a release of its id: Redis may run it when it wakes.
@@ -42,6 +44,7 @@ from llm_quota.ledger import keys
 from llm_quota.ledger.breaker import HALF_OPEN, CircuitBreaker
 from llm_quota.ledger.connections import REDIS_ERRORS
 from llm_quota.ledger.fallback import FallbackLimiter, OutageJournal
+from llm_quota.ledger.journal_file import JournalFile
 from llm_quota.ledger.ops import LedgerOps
 from llm_quota.ledger.plans import USE_LEDGER, Plan
 from llm_quota.ledger.replies import Reservation
@@ -58,6 +61,10 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, C
 #: come back pays for a bounded batch, and the next ones carry on with the rest.
 REPLAY_BATCH = 200
 
+#: Seconds between two looks into ``JOURNAL_DIR`` for files of dead processes: one
+#: directory listing per process per interval.
+ADOPT_EVERY = 5.0
+
 T = TypeVar("T")
 
 
@@ -69,13 +76,16 @@ class BlindRefusal(NamedTuple):
 
 
 class Outage:
-    def __init__(self, cooldown: float = 2.0, divisor: int = 4) -> None:
+    def __init__(
+        self, cooldown: float = 2.0, divisor: int = 4, journal: JournalFile | None = None
+    ) -> None:
         self.breaker = CircuitBreaker(cooldown=cooldown)
         self.limiter = FallbackLimiter(divisor=divisor)
-        self.journal = OutageJournal()
+        self.journal = OutageJournal(store=journal)
         self.admitted_blind = 0
         self._count_lock = threading.Lock()
         self._replaying = threading.Lock()
+        self._adopt_at = 0.0  # monotonic time of the next look for dead processes' files
 
     # -- the breaker around each Redis call -------------------------------------------
 
@@ -145,6 +155,19 @@ class Outage:
         """Keep a settle (``usage``) or a release (``None``) for when Redis is back."""
         self.journal.record(reservation, usage)
 
+    def adopt_if_due(self) -> None:
+        """Every ``ADOPT_EVERY`` seconds (and on first use), take the journal files of
+        dead processes (``JOURNAL_DIR``) into this one, to be replayed with its own.
+        Without a directory, nothing to do."""
+        store = self.journal.store
+        if store is None or time.monotonic() < self._adopt_at:
+            return
+        self._adopt_at = time.monotonic() + ADOPT_EVERY
+        try:
+            self.journal.adopt()
+        except OSError:
+            logger.exception("journal: could not adopt the files in %s", store.directory)
+
     def replay(self, ops: LedgerOps) -> Plan[None]:
         """Charge a batch of the journal (a plan); one caller at a time per process.
         Raises what an unreachable Redis raised; the entry stays for the next call."""
@@ -174,6 +197,7 @@ def resilient(
     outage's usage, and no slot held by a reserve whose caller gave up on it.
     """
     state = outage()
+    state.adopt_if_due()
     if not state.may_call():
         return unavailable(None)
     try:
@@ -283,9 +307,13 @@ def outage() -> Outage:
     if _state is None:
         with _state_lock:
             if _state is None:
+                directory = quota_settings.JOURNAL_DIR
                 _state = Outage(
                     cooldown=float(quota_settings.BREAKER_COOLDOWN),
                     divisor=int(quota_settings.FAIL_OPEN_DIVISOR),
+                    journal=None
+                    if directory is None
+                    else JournalFile(directory, float(quota_settings.JOURNAL_FSYNC_INTERVAL)),
                 )
     return _state
 
@@ -295,4 +323,8 @@ def reset() -> None:
     """Forget the outage state (settings changed, or another ledger was installed)."""
     global _state
     with _state_lock:
+        if _state is not None:
+            # Synced and unlocked, not deleted: what it still owes is adopted by the
+            # next state (or process) that looks into the directory.
+            _state.journal.close()
         _state = None

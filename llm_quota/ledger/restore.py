@@ -1,20 +1,50 @@
 """Where Redis' counters come back from after Redis lost them: the snapshots.
 
-The ledger asks once per user per loss (the ``seen`` marker in ``lua/restore.lua``).
-What the last snapshot did not hold (at most one ``SNAPSHOT_INTERVAL`` of usage, and
-the current day's counter) cannot be restored; the admin shows each snapshot's age.
+The ledger asks once per user per loss (the ``seen`` marker in ``lua/restore.lua``),
+and once per loss for the global caps (``lua/global_restore.lua``). What the last
+snapshot did not hold (at most one ``SNAPSHOT_INTERVAL`` of usage) cannot be
+restored; the admin shows each snapshot's age.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from llm_quota.ledger.replies import ModelUsage
-from llm_quota.rules.periods import first_day
+from llm_quota.rules.periods import add_months, first_day
+
+#: The user id that asks for everyone's usage together: the global caps' counters.
+EVERYONE = ""
 
 
-def month_from_snapshots(user_id: str, month: str) -> tuple[int, list[ModelUsage]]:
-    from llm_quota.models import UsageSnapshot
+class Restored(NamedTuple):
+    """A month from the database: its base tokens and per-model rows, and the latest
+    day of it the snapshots hold (``day`` ``""``: none) with that day's base tokens.
+    A restore source may return only the first two (``(total, rows)``)."""
+
+    base_tokens: int
+    rows: list[ModelUsage]
+    day: str = ""
+    day_base_tokens: int = 0
+
+
+def month_from_snapshots(user_id: str, month: str) -> Restored:
+    """A user's ``month`` from ``UsageSnapshot`` and its last ``DaySnapshot``; with
+    ``EVERYONE``, all users' totals summed (the global caps)."""
+    from django.db.models import Sum
+
+    from llm_quota.models import DaySnapshot, UsageSnapshot
 
     period = first_day(month)
+    months = UsageSnapshot.objects.filter(period=period)
+    days = DaySnapshot.objects.filter(day__gte=period, day__lt=add_months(period, 1))
+    if user_id == EVERYONE:
+        total = months.aggregate(n=Sum("base_tokens"))["n"] or 0
+        last = days.order_by("-day").values_list("day", flat=True).first()
+        if last is None:
+            return Restored(total, [])
+        day_total = days.filter(day=last).aggregate(n=Sum("base_tokens"))["n"] or 0
+        return Restored(total, [], last.strftime("%Y%m%d"), day_total)
     rows = [
         ModelUsage(
             model=row.model,
@@ -23,9 +53,15 @@ def month_from_snapshots(user_id: str, month: str) -> tuple[int, list[ModelUsage
             output_tokens=row.output_tokens,
             base_tokens=row.base_tokens,
         )
-        for row in UsageSnapshot.objects.filter(user_id=user_id, period=period)
+        for row in months.filter(user_id=user_id)
     ]
-    return sum(row.base_tokens for row in rows), rows
+    day = days.filter(user_id=user_id).order_by("-day").first()
+    return Restored(
+        sum(row.base_tokens for row in rows),
+        rows,
+        day.day.strftime("%Y%m%d") if day else "",
+        day.base_tokens if day else 0,
+    )
 
 
 def key_months_from_snapshots(user_id: str, month: str) -> list[tuple[int, ModelUsage]]:

@@ -45,6 +45,7 @@ from llm_quota.ledger.default import get_ledger
 from llm_quota.ledger.replies import ModelUsage, parse_model_fields, text
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.reporting.key_snapshot import snapshot_keys
+from llm_quota.reporting.snapshot_days import day_date, upsert_days
 from llm_quota.reporting.snapshot_sql import Row, database, read_stored, upsert_rows
 from llm_quota.rules.periods import first_day, previous_month
 
@@ -86,6 +87,7 @@ class SnapshotRun:
     finished_ms: int = 0
     users: int = 0  # index entries read
     rows_written: int = 0  # rows inserted or changed
+    days_written: int = 0  # ``DaySnapshot`` rows inserted or changed
     lost: int = 0  # users skipped: counters lost, not restored yet
     unknown: int = 0  # ids with no such user in the database
     keys: int = 0  # API keys read (``key_snapshot``)
@@ -163,13 +165,15 @@ def snapshot_usage(
         )  # fmt: skip
         report = _ProgressLog(run)
         lost: dict[str, tuple[set[str], set[str]]] = {}
+        today, _ = ledger.periods(now_ms)
         for month in run.months:
             before = run.rows_written
             pending = set(_lost_ids(ledger, month))
             skipped: set[str] = set()
+            day = today if month == run.months[0] else ""  # the day, with its month
             batches = _batches(_walk(ledger, month, plan.since_ms, pending), batch_size)
-            for uids, users in _read_ahead(ledger, month, batches):
-                _copy_batch(month, uids, users, run, skipped)
+            for uids, users in _read_ahead(ledger, month, batches, day):
+                _copy_batch(month, uids, users, run, skipped, day)
                 lock.reacquire()  # still alive: keep others waiting
                 if progress is not None:
                     progress(len(uids))
@@ -205,9 +209,11 @@ def snapshot_users(user_ids: Iterable[Any], *, ledger: Ledger | None = None) -> 
     now_ms = ledger.now_ms()
     uids = [keys.user_id(uid) for uid in user_ids]
     run = SnapshotRun(months=months_to_copy(ledger, now_ms), started_ms=now_ms, full=False)
+    today, _ = ledger.periods(now_ms)
     for month in run.months:
         before = run.rows_written
-        _copy_batch(month, uids, _read_batch(ledger, month, uids), run, set())
+        day = today if month == run.months[0] else ""
+        _copy_batch(month, uids, _read_batch(ledger, month, uids, day), run, set(), day)
         run.per_month[month] = run.rows_written - before
     run.finished_ms = ledger.now_ms()
     return run
@@ -276,21 +282,36 @@ def _lost_ids(ledger: Ledger, month: str) -> Iterator[str]:
         yield text(member)
 
 
-def _read_batch(ledger: Ledger, month: str, uids: list[str]) -> list[tuple[bool, list[ModelUsage]]]:
-    """(seen, per-model rows) for each user, in one pipelined round trip."""
+#: What a batch read holds per user: seen, the month's per-model rows, and the day
+#: counter (None when the run does not copy a day for this month).
+UserRead = tuple[bool, list[ModelUsage], int | None]
+
+
+def _read_batch(ledger: Ledger, month: str, uids: list[str], day: str = "") -> list[UserRead]:
+    """(seen, per-model rows, day counter) for each user, in one pipelined round trip.
+    The day counter holds the estimates of calls in flight too: restored, it errs on
+    the side of refusing (by at most those estimates), never of overspending."""
     pipe = ledger.client.pipeline(transaction=False)
     for uid in uids:
         pipe.hexists(ledger.keyspace.user_state(uid), "seen")
         pipe.hgetall(ledger.keyspace.model_usage(uid, month))
+        if day:
+            pipe.get(ledger.keyspace.day_counter(uid, day))
     replies = pipe.execute()
+    step = 3 if day else 2
     return [
-        (bool(replies[i]), parse_model_fields(replies[i + 1])) for i in range(0, len(replies), 2)
+        (
+            bool(replies[i]),
+            parse_model_fields(replies[i + 1]),
+            int(replies[i + 2] or 0) if day else None,
+        )
+        for i in range(0, len(replies), step)
     ]
 
 
 def _read_ahead(
-    ledger: Ledger, month: str, batches: Iterable[list[str]]
-) -> Iterator[tuple[list[str], list[tuple[bool, list[ModelUsage]]]]]:
+    ledger: Ledger, month: str, batches: Iterable[list[str]], day: str = ""
+) -> Iterator[tuple[list[str], list[UserRead]]]:
     """Each batch with its Redis reads, the next batch read on a thread meanwhile.
 
     Reading (a pipeline, then parsing the replies) is client CPU; writing is mostly
@@ -299,9 +320,9 @@ def _read_ahead(
     Redis sees the same pipelines as before; the database is used by this thread only.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-quota-snapshot") as pool:
-        ahead: tuple[list[str], Future[list[tuple[bool, list[ModelUsage]]]]] | None = None
+        ahead: tuple[list[str], Future[list[UserRead]]] | None = None
         for uids in batches:
-            future = pool.submit(_read_batch, ledger, month, uids)
+            future = pool.submit(_read_batch, ledger, month, uids, day)
             if ahead is not None:
                 yield ahead[0], ahead[1].result()
             ahead = (uids, future)
@@ -312,9 +333,10 @@ def _read_ahead(
 def _copy_batch(
     month: str,
     uids: list[str],
-    users: list[tuple[bool, list[ModelUsage]]],
+    users: list[UserRead],
     run: SnapshotRun,
     lost: set[str],
+    day: str = "",
 ) -> None:
     """Write the rows of ``uids`` (read as ``users``) that differ from the database;
     ``lost`` collects the users skipped because their counters are gone."""
@@ -322,15 +344,20 @@ def _copy_batch(
     period = first_day(month)
     pk_field = get_user_model()._meta.pk
     wanted: dict[Any, list[ModelUsage]] = {}
-    for uid, (seen, models) in zip(uids, users, strict=True):
+    days: dict[Any, int] = {}
+    for uid, (seen, models, today) in zip(uids, users, strict=True):
         if not seen:
             run.lost += 1
             lost.add(uid)
             continue
         try:
-            wanted[pk_field.to_python(uid)] = models
+            pk = pk_field.to_python(uid)
         except ValidationError:
             run.unknown += 1
+            continue
+        wanted[pk] = models
+        if today is not None:
+            days[pk] = today
     if not wanted:
         return
     using = database()
@@ -352,6 +379,10 @@ def _copy_batch(
             if stored.get((pk, model)) != values
         ]
         run.rows_written += upsert_rows(changed, period, timezone.now(), using=using)
+        if day:
+            run.days_written += upsert_days(
+                {pk: n for pk, n in days.items() if pk in known}, day_date(day), using=using
+            )
 
 
 def _remember_lost(ledger: Ledger, lost: dict[str, tuple[set[str], set[str]]]) -> None:

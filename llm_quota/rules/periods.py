@@ -60,6 +60,12 @@ def month_end_ms(month: str, tz_name: str) -> int:
     return int(datetime(nxt.year, nxt.month, 1, tzinfo=ZoneInfo(tz_name)).timestamp() * 1000)
 
 
+def day_end_ms(day: str, tz_name: str) -> int:
+    """The instant (ms) the day ``YYYYMMDD`` ends in ``tz_name``."""
+    nxt = date(int(day[:4]), int(day[4:6]), int(day[6:8])) + timedelta(days=1)
+    return int(datetime(nxt.year, nxt.month, nxt.day, tzinfo=ZoneInfo(tz_name)).timestamp() * 1000)
+
+
 def previous_month(month: str) -> str:
     return add_months(first_day(month), -1).strftime("%Y%m")
 

@@ -52,6 +52,15 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
+def free_port(low: int = 27100, high: int = 27199) -> int:
+    """A free loopback port in ``low..high``: for a machine whose users each keep their
+    private servers to a range of their own."""
+    for port in range(low, high + 1):
+        if _port_is_free(port):
+            return port
+    raise RuntimeError(f"no free loopback port in {low}-{high}")
+
+
 def spare_ports(count: int, *, bus: bool = False) -> list[int]:
     """Free loopback ports; with ``bus``, ones whose cluster-bus twin (+10000) is free too."""
     ports: list[int] = []
@@ -93,7 +102,8 @@ class RedisServer:
     Nothing is persisted, so a ``restart`` comes back empty; ``durable=True`` writes
     every command to the append-only file before acknowledging it (a production Redis
     with ``appendfsync always``), so the data survives ``kill``. ``watch=server``
-    makes this a Sentinel watching that server; ``cluster=True`` a node for
+    makes this a Sentinel watching that server (``quorum``, ``down_after_ms`` for a
+    fast failover); ``replica_of=server`` a replica of that one; ``cluster=True`` a node for
     ``RedisCluster``. Without a ``workdir`` it makes a temporary one, removed by
     ``stop()`` (``stop(remove=False)`` keeps it for a later ``start``).
     """
@@ -107,6 +117,9 @@ class RedisServer:
         cluster: bool = False,
         watch: RedisServer | None = None,
         service: str = "mymaster",
+        replica_of: RedisServer | None = None,
+        quorum: int = 1,
+        down_after_ms: int | None = None,
     ) -> None:
         self.binary = shutil.which("redis-server") or _bundled("redis-server")
         if self.binary is None:
@@ -117,6 +130,8 @@ class RedisServer:
         self.port = port or spare_ports(1)[0]
         self.durable, self.cluster = durable, cluster
         self.watch, self.service = watch, service
+        self.replica_of = replica_of
+        self.quorum, self.down_after_ms = quorum, down_after_ms
         self.process: subprocess.Popen | None = None
 
     @property
@@ -130,10 +145,17 @@ class RedisServer:
         log = ["--logfile", str(self.dir / "redis.log")]
         if self.watch is not None:
             conf = self.dir / "sentinel.conf"
-            conf.write_text(
-                f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
-                f"sentinel monitor {self.service} 127.0.0.1 {self.watch.port} 1\n"
-            )
+            lines = [
+                f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}",
+                f"sentinel monitor {self.service} 127.0.0.1 {self.watch.port} {self.quorum}",
+            ]  # fmt: skip
+            if self.down_after_ms is not None:
+                # Fast failover for the tests: down after this long, failover retried soon.
+                lines += [
+                    f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}",
+                    f"sentinel failover-timeout {self.service} {max(1000, 3 * self.down_after_ms)}",
+                ]
+            conf.write_text("\n".join(lines) + "\n")
             return [self.binary, str(conf), "--sentinel", *log]
         command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                    "--dir", str(self.dir), "--save", "", *log]  # fmt: skip
@@ -141,6 +163,8 @@ class RedisServer:
             command += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             command += ["--appendonly", "no"]
+        if self.replica_of is not None:
+            command += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
         if self.cluster:
             command += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                         "--cluster-node-timeout", "5000"]  # fmt: skip

@@ -21,6 +21,7 @@ from llm_quota.models import UsageSnapshot
 from llm_quota.reporting.snapshot import snapshot_usage
 from llm_quota.rules.accounting import ActualUsage, Limits
 from tests.support import factories, periods
+from tests.support.redis_server import RedisServer, free_port
 from tests.support.spend import spend
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
@@ -199,3 +200,40 @@ def test_a_keys_month_comes_back_with_its_user_and_still_refuses(
     restored = ledger.key_usage(user.pk, key.pk)
     assert (restored.tokens_this_month, restored.requests) == (500, 2)
     assert ledger.usage(user.pk).tokens_this_month == 500
+
+
+def test_the_day_and_the_global_counters_survive_a_flushall(
+    tmp_path, quota_prefix, clock, settings
+):
+    """Issue 17: a user who spent the day's budget before the loss cannot spend it
+    again, and the global caps do not restart from zero."""
+    settings.LLM_QUOTA = {
+        **settings.LLM_QUOTA, "GLOBAL_TOKENS_PER_DAY": 1850, "GLOBAL_TOKENS_PER_MONTH": 10**6,
+    }  # fmt: skip
+    server = RedisServer(tmp_path, port=free_port()).start()
+    try:
+        ledger = Ledger(
+            server.client(), prefix=quota_prefix, clock=clock, restore=month_from_snapshots
+        )
+        set_default_ledger(ledger)
+        factories.price("gpt-4o", "1", "4", default_max_output_tokens=100)
+        factories.tier("free", tokens_per_day=1000, tokens_per_month=10**6, is_default=True)
+        spender, other, newcomer = factories.user(), factories.user(), factories.user()
+        spend(spender, 100, 200, max_tokens=200)  # 900 of the day's 1000
+        spend(other, 100, 200, max_tokens=200)  # everyone: 1800 of the day's 1850
+        snapshot_usage(ledger=ledger)
+
+        ledger.client.flushall()
+
+        with pytest.raises(BudgetExceeded) as refused:
+            ask(spender)  # at least 50 + 16 x 4 = 114 more: over the day's 1000
+        assert refused.value.limit == "tokens_per_day"
+        with pytest.raises(BudgetExceeded) as refused:
+            ask(newcomer)  # a fresh user, but everyone's day is spent
+        assert refused.value.limit == "global_tokens_per_day"
+        assert ledger.usage(spender.pk).tokens_today == 900
+        everyone = ledger.global_usage()
+        assert everyone.tokens_today == 1800 and everyone.tokens_this_month == 1800
+    finally:
+        set_default_ledger(None)
+        server.stop()

@@ -25,7 +25,8 @@
 -- or month, the key's too; -1 when none is set) and tokens_window_ms its length, for
 -- the headers; the requests_* fields the tighter of the user's and the key's rpm.
 -- status: 1 admitted, 0 refused (limit names the binding one), 2 restore counters first,
---         3 this id is finished already (released before this reserve arrived).
+--         3 this id is finished already (released before this reserve arrived),
+--         4 restore the global caps' counters first.
 -- The id is the caller's, made before the call, so a reserve runs at most once per id:
 -- one sent again (a client's retry after a lost reply) is answered from what the first
 -- one holds, and one that arrives after its caller gave up on it and released the id
@@ -65,6 +66,16 @@ if not s[1] then
   return {2, '', 0, 0, 0, now, day, month, 0, 0, 0, 0, 0, 0, month_end, day_end}
 end
 local state = {wsum = num(s[3]), pdue = s[4], zdue = s[5], changed = {}}
+
+-- Step 1c (issue 17): the global caps' counters, likewise (global_restore.lua). A
+-- missing marker with this month's counter present means counters that were never
+-- lost (kept from before the marker existed): mark them, restore nothing.
+if use_global and redis.call('HEXISTS', G .. ':s', 'seen') == 0 then
+  if redis.call('EXISTS', G .. ':m:' .. month) == 0 then
+    return {4, '', 0, 0, 0, now, day, month, 0, 0, 0, 0, 0, 0, month_end, day_end}
+  end
+  redis.call('HSET', G .. ':s', 'seen', '1')
+end
 
 -- Step 2: expire what is old before reading anything, so the decision sees only live
 -- usage: window entries always (the window is exact to the millisecond); abandoned

@@ -1,7 +1,9 @@
--- restore: bring back a user's months from the database after Redis lost them, once.
+-- restore: bring back a user's day and months from the database after Redis lost
+-- them, once.
 -- KEYS[1] user base B, KEYS[2] index base I (the user's shard on a cluster).
--- ARGV: 1 user id, 2 now (0 = Redis' clock), then one group per month, the month
---       the next decision needs first:
+-- ARGV: 1 user id, 2 now (0 = Redis' clock), 3 today, 4 its end, 5 its base tokens
+--       (0: the snapshots hold no figure for today), then one group per month, the
+--       month the next decision needs first:
 --       month, month end, base tokens of the month, n, then n field/value items
 --       ("req|<model>", count, "in|<model>", count, ...).
 -- Returns 1 if restored, 0 if another request restored first.
@@ -15,9 +17,16 @@ local now = now_ms(ARGV[2])
 -- Step 1: "seen" is set exactly once per loss, so concurrent restores cannot add the
 -- database's figures twice.
 if redis.call('HSETNX', B .. ':s', 'seen', '1') == 0 then return 0 end
-redis.call('PEXPIREAT', B .. ':s', tonumber(ARGV[4]) + STRUCT_TTL)
+redis.call('PEXPIREAT', B .. ':s', tonumber(ARGV[7]) + STRUCT_TTL)  -- the first month's end
 
-local i = 3
+-- Step 1b: today's counter, added (not overwritten) like the months below, so the
+-- day's budget is not handed out again. It expires with the day, as reserve's does.
+local day_end, day_total = tonumber(ARGV[4]), tonumber(ARGV[5])
+if day_total > 0 and day_end > now then
+  add_period(B .. ':d:' .. ARGV[3], day_total, day_end + DAY_GRACE)
+end
+
+local i = 6
 while i <= #ARGV do
   local month, month_end, total = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local n = tonumber(ARGV[i + 3])

@@ -1,0 +1,133 @@
+"""A Sentinel failover under traffic: what it costs, measured (issue 17, item 3).
+
+A primary, one replica and three Sentinels (quorum 2) on private loopback ports; three
+worker processes drive gated calls through the real admission path (django-redis'
+SentinelClient, breaker, fail-open, journal); the primary is SIGKILLed mid-run. The
+test reports requests failed, time to recover, usage lost (what the workers billed
+minus what Redis charged) and overspend, and checks the bounds in
+docs/pages/reliability.md. Bounded: about 30 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from llm_quota.ledger.restore import month_from_snapshots
+from llm_quota.ledger.sync_driver import Ledger
+from tests.support.redis_server import RedisServer, free_port, wait_for
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICE = "llmqfailover"
+PROCESSES, THREADS, SECONDS, KILL_AT = 3, 4, 9.0, 3.0
+USERS = list(range(9001, 9007))
+TOKENS_PER_MONTH = 150_000
+
+
+@pytest.fixture
+def sentinel_group(tmp_path):
+    """Primary, replica, three Sentinels; whatever started is stopped at the end."""
+    started: list[RedisServer] = []
+
+    def start(name: str, **options) -> RedisServer:
+        server = RedisServer(tmp_path / name, port=free_port(), **options).start()
+        started.append(server)
+        return server
+
+    try:
+        primary = start("primary")
+        replica = start("replica", replica_of=primary)
+        wait_for(
+            lambda: replica.client().info("replication")["master_link_status"] == "up",
+            "the replica's sync",
+        )
+        sentinels = [
+            start(f"sentinel{n}", watch=primary, service=SERVICE, quorum=2, down_after_ms=1000)
+            for n in range(3)
+        ]
+        for sentinel in sentinels:  # each knows the replica and the other two
+            client = sentinel.client()
+            wait_for(lambda c=client: c.sentinel_slaves(SERVICE), "the Sentinels' replica")
+            wait_for(lambda c=client: len(c.sentinel_sentinels(SERVICE)) == 2, "the Sentinels")
+        yield primary, replica, sentinels
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+def start_worker(config: dict, scratch: Path) -> subprocess.Popen:
+    env = {
+        **os.environ, "DJANGO_SETTINGS_MODULE": "project.settings",
+        "DATABASE_URL": f"sqlite:///{scratch}/unused.sqlite3",  # never read: policies given
+    }  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.system.failover_worker", json.dumps(config)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.django_db
+def test_a_sentinel_failover_under_traffic_costs_what_the_docs_say(
+    sentinel_group, quota_prefix, tmp_path
+):
+    primary, replica, sentinels = sentinel_group
+    config = {
+        "service": SERVICE, "sentinels": [s.port for s in sentinels], "prefix": quota_prefix,
+        "processes": PROCESSES, "threads": THREADS, "seconds": SECONDS, "users": USERS,
+        "tokens_per_month": TOKENS_PER_MONTH,
+    }  # fmt: skip
+    # The users' counters start trusted (as after their first request in a deployment),
+    # so the workers, which have no database, never need a restore.
+    before = Ledger(primary.client(), prefix=quota_prefix, restore=month_from_snapshots)
+    for user in USERS:
+        before.usage(user)
+    workers = [start_worker(config, tmp_path) for _ in range(PROCESSES)]
+    try:
+        for worker in workers:
+            assert worker.stdout.readline().strip() == "started"
+        time.sleep(KILL_AT)
+        killed_at = time.time()
+        primary.kill()
+        outputs = [json.loads(w.communicate(timeout=60)[0].splitlines()[-1]) for w in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(10)
+
+    promoted = redis.sentinel.Sentinel([("127.0.0.1", s.port) for s in sentinels])
+    address = promoted.discover_master(SERVICE)
+    assert address[1] == replica.port, "the replica was promoted"
+    ledger = Ledger(replica.client(), prefix=quota_prefix)
+
+    billed = {u: sum(o["billed"][str(u)] for o in outputs) for u in USERS}
+    usage = {u: ledger.usage(u) for u in USERS}
+    charged = {u: usage[u].settled_this_month for u in USERS}
+    ends = {k: sum(o["ends"][k] for o in outputs) for k in outputs[0]["ends"]}
+    # Recovered: every worker has had a call decided by Redis (the new primary) again.
+    firsts = [next((t for t in o["metered_at"] if t > killed_at), None) for o in outputs]
+    assert all(t is not None for t in firsts), "every worker reached the new primary"
+    recovered = max(firsts) - killed_at
+    lost = sum(billed.values()) - sum(charged.values())
+    overspend = max(max(0, billed[u] - TOKENS_PER_MONTH) for u in USERS)
+    held = sum(usage[u].reserved for u in USERS)
+    report = {
+        "requests": sum(ends.values()), **ends, "seconds_to_recover": round(recovered, 2),
+        "billed": sum(billed.values()), "charged": sum(charged.values()), "usage_lost": lost,
+        "max_overspend_per_user": overspend, "reserved_left": held,
+    }  # fmt: skip
+    print("\nSentinel failover:", json.dumps(report))
+
+    assert ends["error"] == 0, [o["errors"] for o in outputs]
+    assert all(o["journal_left"] == 0 for o in outputs)
+    assert ends["blind"] > 0, "the failover was felt: calls were admitted blind meanwhile"
+    assert recovered < 15
