@@ -14,6 +14,7 @@ from typing import Any
 from rest_framework import serializers
 
 from llm_quota.shapes.chat import CAP_FIELDS, MAX_CHOICES, ROLES
+from llm_quota.shapes.embeddings import MAX_INPUTS
 
 spectacular: ModuleType | None
 try:
@@ -109,6 +110,60 @@ class ModelListSerializer(serializers.Serializer):
     data = ModelSerializer(many=True)  # type: ignore[assignment]
 
 
+class ResponseRequestSerializer(serializers.Serializer):
+    model = serializers.CharField(max_length=128)
+    input = serializers.JSONField(help_text="A string, or an array of input items.")
+    instructions = serializers.CharField(required=False, allow_null=True)
+    tools = serializers.ListField(child=serializers.DictField(), required=False)
+    max_output_tokens = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    stream = serializers.BooleanField(required=False)
+
+
+class ResponseUsageSerializer(serializers.Serializer):
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField(help_text="Reasoning tokens included.")
+    total_tokens = serializers.IntegerField()
+
+
+class ResponseSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.CharField()
+    created_at = serializers.IntegerField()
+    status = serializers.CharField()
+    model = serializers.CharField()
+    output = serializers.ListField(child=serializers.DictField())
+    usage = ResponseUsageSerializer(required=False)
+
+
+class EmbeddingRequestSerializer(serializers.Serializer):
+    model = serializers.CharField(max_length=128)
+    input = serializers.JSONField(
+        help_text="A string, an array of strings, an array of token ids, or an array of "
+        f"token id arrays (at most {MAX_INPUTS} inputs)."
+    )
+    encoding_format = serializers.ChoiceField(choices=["float", "base64"], required=False)
+    dimensions = serializers.IntegerField(min_value=1, required=False)
+    user = serializers.CharField(required=False)
+
+
+class EmbeddingSerializer(serializers.Serializer):
+    object = serializers.CharField()
+    index = serializers.IntegerField()
+    embedding = serializers.JSONField(help_text="Floats, or base64 of float32.")
+
+
+class EmbeddingUsageSerializer(serializers.Serializer):
+    prompt_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class EmbeddingListSerializer(serializers.Serializer):
+    object = serializers.CharField()
+    data = EmbeddingSerializer(many=True)  # type: ignore[assignment]
+    model = serializers.CharField()
+    usage = EmbeddingUsageSerializer()
+
+
 def _errors(*statuses: int) -> dict[int, Any]:
     text = {
         400: "Invalid request (the field is named in `param`).",
@@ -145,4 +200,33 @@ list_models = extend_schema(
 retrieve_model = extend_schema(
     operation_id="models_retrieve",
     responses={200: ModelSerializer, **_errors(401, 403, 404)},
+)
+responses = extend_schema(
+    operation_id="responses_create",
+    summary="Create a model response (OpenAI Responses API), under the caller's quota",
+    description=(
+        "`max_output_tokens` (reasoning included) is always sent, perhaps lowered to what "
+        "the quota allows (header `x-llm-quota-max-tokens`). With `stream: true` the answer "
+        "is the API's typed server-sent events, ending with `response.completed`. "
+        "`previous_response_id` and `conversation` are refused (400): the gateway could "
+        "not count the stored input they bill."
+    ),
+    request=ResponseRequestSerializer,
+    responses={
+        200: OpenApiResponse(ResponseSerializer, description="The response."),
+        **_errors(400, 401, 403, 413, 429, 502, 503, 504),
+    },
+)
+embeddings = extend_schema(
+    operation_id="embeddings_create",
+    summary="Create embeddings (OpenAI Embeddings API), under the caller's quota",
+    description=(
+        "Priced by input tokens only, counted exactly (token arrays by their length); "
+        f"a batch of up to {MAX_INPUTS} inputs is one reservation."
+    ),
+    request=EmbeddingRequestSerializer,
+    responses={
+        200: OpenApiResponse(EmbeddingListSerializer, description="The embeddings."),
+        **_errors(400, 401, 403, 413, 429, 502, 503, 504),
+    },
 )

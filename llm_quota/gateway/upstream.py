@@ -1,8 +1,10 @@
 """The gateway's upstream: the OpenAI-compatible server at ``OPENAI_BASE_URL``, or the
 class ``LLM_QUOTA["UPSTREAM"]`` names.
 
-An upstream offers two calls over a Chat Completions body, each sync and async:
-``complete(body)``/``acomplete(body)`` return the JSON response;
+An upstream offers two calls over a request body, each sync and async, posted to
+``path`` under its base URL (``chat/completions`` unless told: ``responses``,
+``embeddings``; an upstream class written for chat alone is only ever called without
+it): ``complete(body)``/``acomplete(body)`` return the JSON response;
 ``stream(body)``/``astream(body)`` return a stream yielding the ``data`` of each
 server-sent event (``for``, then ``close()``; or ``async for``, then ``aclose()``),
 the final ``[DONE]`` included: a stream that stops without it was cut short, and the
@@ -36,6 +38,8 @@ from llm_quota.gateway import sse
 #: Upstream statuses that are about the gateway's own credentials: the caller cannot fix
 #: them, and passing a 401 on would make the SDK blame the caller's token.
 GATEWAY_FAULTS = frozenset({401, 403})
+#: The path of the Chat Completions API, the one every upstream serves.
+CHAT_PATH = "chat/completions"
 #: Upstream headers worth passing on with an error (when and whether to retry).
 PASSED_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
 
@@ -96,21 +100,22 @@ class AsyncUpstreamStream(Protocol):
 
 
 class Upstream(Protocol):
-    """What ``LLM_QUOTA["UPSTREAM"]`` names: a class built with no arguments."""
+    """What ``LLM_QUOTA["UPSTREAM"]`` names: a class built with no arguments. ``path``
+    is passed only for APIs besides chat (``gateway.call``)."""
 
-    def complete(self, body: dict[str, Any]) -> dict[str, Any]: ...
+    def complete(self, body: dict[str, Any], path: str = CHAT_PATH) -> dict[str, Any]: ...
 
-    def stream(self, body: dict[str, Any]) -> UpstreamStream: ...
+    def stream(self, body: dict[str, Any], path: str = CHAT_PATH) -> UpstreamStream: ...
 
-    async def acomplete(self, body: dict[str, Any]) -> dict[str, Any]: ...
+    async def acomplete(self, body: dict[str, Any], path: str = CHAT_PATH) -> dict[str, Any]: ...
 
-    async def astream(self, body: dict[str, Any]) -> AsyncUpstreamStream: ...
+    async def astream(self, body: dict[str, Any], path: str = CHAT_PATH) -> AsyncUpstreamStream: ...
 
 
 class NotConfigured:
     """The upstream when none is configured: every call is a 502, never an invented answer."""
 
-    def _refuse(self, body: dict[str, Any]) -> Any:
+    def _refuse(self, body: dict[str, Any], path: str = CHAT_PATH) -> Any:
         raise UpstreamError(
             502,
             "The gateway has no upstream: set LLM_QUOTA['OPENAI_BASE_URL'] "
@@ -120,10 +125,10 @@ class NotConfigured:
 
     complete = stream = _refuse
 
-    async def acomplete(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def acomplete(self, body: dict[str, Any], path: str = CHAT_PATH) -> dict[str, Any]:
         return self._refuse(body)
 
-    async def astream(self, body: dict[str, Any]) -> AsyncUpstreamStream:
+    async def astream(self, body: dict[str, Any], path: str = CHAT_PATH) -> AsyncUpstreamStream:
         return self._refuse(body)
 
 
@@ -144,8 +149,8 @@ def _client_options(
     }
 
 
-def _request(client: Any, body: dict[str, Any]) -> Any:
-    return client.build_request("POST", "chat/completions", json=body)
+def _request(client: Any, body: dict[str, Any], path: str) -> Any:
+    return client.build_request("POST", path, json=body)
 
 
 def _unreachable(exc: Exception) -> UpstreamError:
@@ -279,41 +284,41 @@ class HttpUpstream:
             client = self._async_clients.setdefault(loop, built)  # another may have won
         return client
 
-    def _send(self, body: dict[str, Any], *, stream: bool) -> Any:
+    def _send(self, body: dict[str, Any], path: str, *, stream: bool) -> Any:
         import httpx
 
         client = self.client
         try:
-            response = client.send(_request(client, body), stream=stream)
+            response = client.send(_request(client, body, path), stream=stream)
         except httpx.HTTPError as exc:
             raise _unreachable(exc) from exc
         if response.status_code >= 400:
             raise _refusal(response, _drained(response))
         return response
 
-    async def _asend(self, body: dict[str, Any], *, stream: bool) -> Any:
+    async def _asend(self, body: dict[str, Any], path: str, *, stream: bool) -> Any:
         import httpx
 
         client = await self.aclient()
         try:
-            response = await client.send(_request(client, body), stream=stream)
+            response = await client.send(_request(client, body, path), stream=stream)
         except httpx.HTTPError as exc:
             raise _unreachable(exc) from exc
         if response.status_code >= 400:
             raise _refusal(response, await _adrained(response))
         return response
 
-    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        return _completion(self._send(body, stream=False))
+    def complete(self, body: dict[str, Any], path: str = CHAT_PATH) -> dict[str, Any]:
+        return _completion(self._send(body, path, stream=False))
 
-    def stream(self, body: dict[str, Any]) -> HttpStream:
-        return HttpStream(self._send(body, stream=True))
+    def stream(self, body: dict[str, Any], path: str = CHAT_PATH) -> HttpStream:
+        return HttpStream(self._send(body, path, stream=True))
 
-    async def acomplete(self, body: dict[str, Any]) -> dict[str, Any]:
-        return _completion(await self._asend(body, stream=False))
+    async def acomplete(self, body: dict[str, Any], path: str = CHAT_PATH) -> dict[str, Any]:
+        return _completion(await self._asend(body, path, stream=False))
 
-    async def astream(self, body: dict[str, Any]) -> HttpStream:
-        return HttpStream(await self._asend(body, stream=True))
+    async def astream(self, body: dict[str, Any], path: str = CHAT_PATH) -> HttpStream:
+        return HttpStream(await self._asend(body, path, stream=True))
 
 
 def _async_client(options: tuple[Any, ...]) -> Any:

@@ -18,6 +18,8 @@ it, and where that cannot be known exactly, bounded from above:
   longest possible duration, never its base64 text), files by nothing but the model's
   context window (``PromptCount.unbounded``: a PDF's text and page images can't be
   bounded from its bytes);
+- ``inputs`` (an embeddings request's texts and token arrays): exactly, each text its
+  tokens and each token array its length, with nothing around them;
 - every other billed field (``tools``, ``functions``, ``tool_choice``,
   ``response_format``: the API shape says which) is rewritten by the provider before the
   model sees it (functions as a TypeScript-like namespace, schemas as types). Its JSON
@@ -518,12 +520,30 @@ def _messages(messages: Any, encoding: Any | None, model: str, budget: _Budget) 
                 budget.add(_structured(value, encoding, budget.left))
 
 
+#: The billed field of inputs counted as they are (``_inputs``): embeddings.
+INPUTS = "inputs"
+
+
+def _inputs(inputs: Any, encoding: Any | None, budget: _Budget) -> None:
+    """Texts by their tokens, token arrays by their length: exactly what an embeddings
+    call is billed, nothing added (no message wrapping, no reply priming)."""
+    for item in inputs:
+        if budget.exhausted:
+            return
+        budget.add(count_text(item, encoding, budget.left) if isinstance(item, str) else len(item))
+
+
 def _walk(billed: Mapping[str, Any], encoding: Any | None, model: str, budget: _Budget) -> None:
-    """Every billed part: the messages, then each other field (``tools``, ``functions``,
-    ``tool_choice``, ``response_format``...: whatever the API shape declares billed)."""
-    _messages(billed.get("messages"), encoding, model, budget)
+    """Every billed part: the messages (or the ``inputs``), then each other field
+    (``tools``, ``functions``, ``tool_choice``, ``response_format``...: whatever the API
+    shape declares billed)."""
+    inputs = billed.get(INPUTS)
+    if inputs is not None:
+        _inputs(inputs, encoding, budget)
+    if inputs is None or billed.get("messages") is not None:
+        _messages(billed.get("messages"), encoding, model, budget)
     for name, value in billed.items():
-        if name != "messages" and value is not None and not budget.exhausted:
+        if name not in ("messages", INPUTS) and value is not None and not budget.exhausted:
             budget.add(FIELD_TOKENS + _structured(value, encoding, budget.left))
 
 
