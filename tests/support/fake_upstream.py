@@ -23,6 +23,11 @@ The model name picks the behaviour, so one server serves every case:
 
 Every request body is recorded in ``requests``; streams are sent with chunked transfer
 encoding, as OpenAI does, so a dropped connection is an error and not an early end.
+
+``/responses`` behaves the same way in the Responses API's shape: a ``response`` object,
+or typed events (``response.output_text.delta`` per word) ending with
+``response.completed``, where ``up-truncate``/``up-drop`` stop before it and
+``up-no-usage`` sends it without ``usage``.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length))
         self.server.record(body, self.headers.get("Authorization"))
+        self.responses_api = self.path.endswith("/responses")
         model = body.get("model", "")
         if model == "up-500":
             self._json(500, {"error": {"message": "upstream exploded", "type": "server_error",
@@ -92,12 +98,18 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(LATENCY)
         if model == "up-long" and not body.get("stream"):
             time.sleep(LONG)
-        cap = body.get("max_completion_tokens") or body.get("max_tokens") or WORDS
+        cap = (
+            body.get("max_output_tokens") or body.get("max_completion_tokens")
+            or body.get("max_tokens") or WORDS
+        )  # fmt: skip
         count = min(WORDS, cap) + (EXTRA if model == "up-ignores-cap" else 0)
         if body.get("stream"):
             self._stream(body, model, count)
             return
         text = "".join(word(i) for i in range(count))
+        if self.responses_api:
+            self._json(200, response_object(model, text, count))
+            return
         reply: dict[str, Any] = {
             "id": "chatcmpl-up",
             "object": "chat.completion",
@@ -120,8 +132,13 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
-    def _chunk(self, data: str) -> None:
-        payload = f"data: {data}\n\n".encode()
+    def _event(self, data: dict[str, Any]) -> None:
+        """One named event, as the Responses API sends them."""
+        self._chunk(json.dumps(data), name=data["type"])
+
+    def _chunk(self, data: str, name: str | None = None) -> None:
+        head = f"event: {name}\n" if name else ""
+        payload = f"{head}data: {data}\n\n".encode()
         self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
         self.wfile.flush()
 
@@ -153,11 +170,21 @@ class Handler(BaseHTTPRequestHandler):
                     time.sleep(LONG / count)
                 if model == "up-hold" and i == 1:
                     self.server.hold.wait(HOLD_LIMIT)
-                delta = {"content": word(i)}
-                self._chunk(json.dumps({**base, "choices": [{"index": 0, "delta": delta,
-                                                             "finish_reason": None}]}))  # fmt: skip
+                if self.responses_api:
+                    self._event({"type": "response.output_text.delta", "item_id": "msg_up",
+                                 "output_index": 0, "content_index": 0, "delta": word(i),
+                                 "sequence_number": i + 1})  # fmt: skip
+                else:
+                    choice = {"index": 0, "delta": {"content": word(i)}, "finish_reason": None}
+                    self._chunk(json.dumps({**base, "choices": [choice]}))
                 sent += 1
                 self.server.sent[model] = sent
+            if self.responses_api:
+                text = "".join(word(i) for i in range(count))
+                self._event({"type": "response.completed", "sequence_number": count + 1,
+                             "response": response_object(model, text, count)})  # fmt: skip
+                self.wfile.write(b"0\r\n\r\n")
+                return
             include = (body.get("stream_options") or {}).get("include_usage")
             self._chunk(json.dumps({**base, "choices": [{"index": 0, "delta": {},
                                                          "finish_reason": "length"}]}))  # fmt: skip
@@ -169,6 +196,25 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             self.server.sent[model] = sent  # the gateway hung up on us
             self.close_connection = True
+
+
+def response_object(model: str, text: str, count: int) -> dict[str, Any]:
+    """A Responses API ``response`` of ``text`` (``count`` tokens), usage as ``usage``."""
+    response: dict[str, Any] = {
+        "id": "resp_up", "object": "response", "created_at": 1, "status": "completed",
+        "model": model,
+        "output": [{"type": "message", "id": "msg_up", "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+    }  # fmt: skip
+    if model != "up-no-usage":
+        reported = BAD_USAGE.get(model) or usage(count)
+        response["usage"] = {
+            "input_tokens": reported.get("prompt_tokens"),
+            "output_tokens": reported.get("completion_tokens"),
+            "total_tokens": reported.get("total_tokens"),
+        }
+    return response
 
 
 def usage(completion: int) -> dict[str, int]:
