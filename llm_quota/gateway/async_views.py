@@ -32,7 +32,8 @@ from rest_framework.exceptions import MethodNotAllowed
 from rest_framework.request import Request
 
 from llm_quota.conf import quota_settings
-from llm_quota.drf.authenticate import authenticate
+from llm_quota.drf.anthropic import anthropic_answer
+from llm_quota.drf.authenticate import api_key_as_bearer, authenticate
 from llm_quota.drf.errors import response_for_exception
 from llm_quota.drf.permissions import require_scopes, scopes_plan
 from llm_quota.gateway.call import GatedCall
@@ -44,6 +45,7 @@ from llm_quota.rules import estimation
 from llm_quota.shapes.base import ShapeRequest
 from llm_quota.shapes.chat import ChatRequest
 from llm_quota.shapes.embeddings import EmbeddingsRequest
+from llm_quota.shapes.messages import MessagesRequest
 from llm_quota.shapes.responses import ResponsesRequest
 
 #: The encodings OpenAI's current models use (``estimation.FALLBACK_ENCODING`` stands
@@ -115,8 +117,13 @@ class AsyncGatedView(View):
             response = response_for_exception(exc)
             if response is None:
                 raise
-            return response
-        return await GatedCall(call, guard, user).aanswer()
+            return self.shaped(response)
+        return await GatedCall(call, guard, user, self.shaped).aanswer()
+
+    @staticmethod
+    def shaped(response: HttpResponseBase) -> HttpResponseBase:
+        """An answer in this API's shape (made in OpenAI's)."""
+        return response
 
     def allow_header(self) -> str:
         # Django's View._allowed_methods (private, so not in the stubs), as APIView uses it.
@@ -125,6 +132,7 @@ class AsyncGatedView(View):
     def http_method_not_allowed(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
         response = response_for_exception(MethodNotAllowed(request.method or ""))
         assert response is not None
+        response = self.shaped(response)
         response["Allow"] = self.allow_header()
 
         async def answer() -> HttpResponseBase:
@@ -143,3 +151,14 @@ class AsyncResponsesView(AsyncGatedView):
 
 class AsyncEmbeddingsView(AsyncGatedView):
     shape = EmbeddingsRequest
+
+
+class AsyncMessagesView(AsyncGatedView):
+    """``views.MessagesView`` as an async view: ``x-api-key`` or Bearer, Anthropic's shape."""
+
+    shape = MessagesRequest
+    shaped = staticmethod(anthropic_answer)
+
+    def initialize_request(self, request: HttpRequest) -> Request:
+        api_key_as_bearer(request)
+        return super().initialize_request(request)

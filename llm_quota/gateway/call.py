@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 from django.http import HttpResponseBase, JsonResponse, StreamingHttpResponse
@@ -84,13 +85,28 @@ def _sent(upstream: Upstream, call: str, body: dict[str, Any], path: str) -> Any
     return method(body) if path == CHAT_PATH else method(body, path=path)
 
 
-class GatedCall:
-    """An admitted call: the upstream's body, and the answer to each way the call ends."""
+def as_openai(response: HttpResponseBase) -> HttpResponseBase:
+    """Answers are made in OpenAI's shape: nothing to change."""
+    return response
 
-    def __init__(self, request: ShapeRequest, guard: QuotaGuard, user: Any) -> None:
+
+class GatedCall:
+    """An admitted call: the upstream's body, and the answer to each way the call ends.
+
+    ``shaped`` rewrites each answer into its API's shape (``drf.anthropic.anthropic_answer``
+    for ``/v1/messages``); answers are made in OpenAI's."""
+
+    def __init__(
+        self,
+        request: ShapeRequest,
+        guard: QuotaGuard,
+        user: Any,
+        shaped: Callable[[HttpResponseBase], HttpResponseBase] = as_openai,
+    ) -> None:
         self.request = request
         self.guard = guard
         self.user = user
+        self.shaped = shaped
 
     def upstream_body(self) -> dict[str, Any]:
         """The body for the upstream, with the reserved cap under the field the price row
@@ -131,7 +147,7 @@ class GatedCall:
         """Every answer to an admitted call carries its rate-limit headers."""
         for name, value in admission_headers(self.guard).items():
             response[name] = value
-        return response
+        return self.shaped(response)
 
     def answer(self) -> HttpResponseBase:
         """Send the call upstream and answer it, on the guard's sync methods."""

@@ -32,7 +32,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 
 from asgiref.sync import async_to_sync
 
-from llm_quota.drf.errors import error_body
 from llm_quota.gateway import sse
 from llm_quota.gateway.settlement import asettle, settle
 from llm_quota.gateway.upstream import AsyncUpstreamStream, UpstreamError, UpstreamStream
@@ -48,9 +47,10 @@ TRUNCATED = UpstreamError(
 )
 
 
-def failure_event(exc: UpstreamError) -> bytes:
-    """The ``error`` event that ends a stream the upstream broke off."""
-    return sse.event(error_body(exc.message, type="upstream_error", code=exc.code))
+def failure_event(watch: Watch, exc: UpstreamError) -> bytes:
+    """The ``error`` event that ends a stream the upstream broke off, in its API's shape."""
+    name, payload = watch.failure(exc.message, exc.code)
+    return sse.event(payload, name)
 
 
 def last_event(watch: Watch, model: str) -> bytes | None:
@@ -62,7 +62,7 @@ def last_event(watch: Watch, model: str) -> bytes | None:
     if watch.ended:
         return None
     logger.warning("upstream stream for %s ended without its last event: cut short", model)
-    return failure_event(TRUNCATED)
+    return failure_event(watch, TRUNCATED)
 
 
 def event_for(watch: Watch, data: str) -> bytes | None:
@@ -113,7 +113,7 @@ class Relay:
         except UpstreamError as exc:
             self._settle()
             logger.warning("upstream stream for %s failed: %s", self.guard.model, exc)
-            yield failure_event(exc)
+            yield failure_event(self.watch, exc)
             return
         except BaseException:
             self._settle()
@@ -224,7 +224,7 @@ class AsyncRelay:
         except UpstreamError as exc:
             await self._ending.run()
             logger.warning("upstream stream for %s failed: %s", self.guard.model, exc)
-            yield failure_event(exc)
+            yield failure_event(self.watch, exc)
             return
         except BaseException:
             # CancelledError (the client left), GeneratorExit (aclose), or a bug.

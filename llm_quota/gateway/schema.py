@@ -164,7 +164,46 @@ class EmbeddingListSerializer(serializers.Serializer):
     usage = EmbeddingUsageSerializer()
 
 
-def _errors(*statuses: int) -> dict[int, Any]:
+class AnthropicMessageSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=["user", "assistant"])
+    content = serializers.JSONField(help_text="A string or an array of content blocks.")
+
+
+class MessagesRequestSerializer(serializers.Serializer):
+    model = serializers.CharField(max_length=128)
+    max_tokens = serializers.IntegerField(min_value=1)
+    messages = AnthropicMessageSerializer(many=True, allow_empty=False)
+    system = serializers.JSONField(required=False, help_text="A string or text blocks.")
+    tools = serializers.ListField(child=serializers.DictField(), required=False)
+    stream = serializers.BooleanField(required=False)
+
+
+class MessageUsageSerializer(serializers.Serializer):
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField()
+
+
+class MessageSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    type = serializers.CharField()
+    role = serializers.CharField()
+    model = serializers.CharField()
+    content = serializers.ListField(child=serializers.DictField())
+    stop_reason = serializers.CharField(allow_null=True)
+    usage = MessageUsageSerializer()
+
+
+class AnthropicErrorBodySerializer(serializers.Serializer):
+    type = serializers.CharField()
+    message = serializers.CharField()
+
+
+class AnthropicErrorSerializer(serializers.Serializer):
+    type = serializers.CharField()
+    error = AnthropicErrorBodySerializer()
+
+
+def _errors(*statuses: int, serializer: Any = ErrorSerializer) -> dict[int, Any]:
     text = {
         400: "Invalid request (the field is named in `param`).",
         401: "No or bad access token.",
@@ -176,7 +215,7 @@ def _errors(*statuses: int) -> dict[int, Any]:
         503: "The quota service is unavailable (FAIL_OPEN off).",
         504: "The upstream timed out.",
     }
-    return {s: OpenApiResponse(ErrorSerializer, description=text[s]) for s in statuses}
+    return {s: OpenApiResponse(serializer, description=text[s]) for s in statuses}
 
 
 chat_completions = extend_schema(
@@ -228,5 +267,21 @@ embeddings = extend_schema(
     responses={
         200: OpenApiResponse(EmbeddingListSerializer, description="The embeddings."),
         **_errors(400, 401, 403, 413, 429, 502, 503, 504),
+    },
+)
+messages = extend_schema(
+    operation_id="messages_create",
+    summary="Create a message (Anthropic Messages API), under the caller's quota",
+    description=(
+        "Authenticated by `x-api-key` or a Bearer token. `max_tokens` is required and may "
+        "be lowered to what the quota allows (header `x-llm-quota-max-tokens`). With "
+        "`stream: true` the answer is Anthropic's named server-sent events, from "
+        "`message_start` to `message_stop`. Errors are in Anthropic's shape, refusals "
+        "with `retry-after` and `anthropic-ratelimit-*` headers."
+    ),
+    request=MessagesRequestSerializer,
+    responses={
+        200: OpenApiResponse(MessageSerializer, description="The message."),
+        **_errors(400, 401, 403, 413, 429, 502, 503, 504, serializer=AnthropicErrorSerializer),
     },
 )

@@ -29,6 +29,7 @@ urlpatterns = [
     path("chat/completions", chat_completions_view(), name="llm_quota_chat"),
     path("responses", gated_view("ResponsesView"), name="llm_quota_responses"),
     path("embeddings", gated_view("EmbeddingsView"), name="llm_quota_embeddings"),
+    path("messages", gated_view("MessagesView"), name="llm_quota_messages"),
     path("models", gateway.ModelsView.as_view(), name="llm_quota_models"),
     path("models/<path:model>", gateway.ModelView.as_view(), name="llm_quota_model"),
     re_path(r"^.*$", gateway.not_found),

@@ -29,6 +29,8 @@ from rest_framework.views import APIView
 from rest_framework_simplejwt.authentication import JWTAuthentication
 
 from llm_quota.conf import quota_settings
+from llm_quota.drf.anthropic import anthropic_answer
+from llm_quota.drf.authenticate import api_key_as_bearer
 from llm_quota.drf.errors import error_response, exception_handler
 from llm_quota.drf.parsers import JSONParser
 from llm_quota.drf.permissions import HasScope
@@ -40,6 +42,7 @@ from llm_quota.rules.pricing import priced_models
 from llm_quota.shapes.base import ShapeRequest
 from llm_quota.shapes.chat import ChatRequest
 from llm_quota.shapes.embeddings import EmbeddingsRequest
+from llm_quota.shapes.messages import MessagesRequest
 from llm_quota.shapes.responses import ResponsesRequest
 
 
@@ -82,7 +85,12 @@ class GatedView(OpenAIView):
     def post(self, request: Any, *args: Any, **kwargs: Any) -> HttpResponseBase:
         call: ShapeRequest = self.shape.from_body(request.data)
         guard = QuotaGuard(request.user, **call.quota_kwargs()).admit()
-        return GatedCall(call, guard, request.user).answer()
+        return GatedCall(call, guard, request.user, self.shaped).answer()
+
+    @staticmethod
+    def shaped(response: HttpResponseBase) -> HttpResponseBase:
+        """An answer in this API's shape (made in OpenAI's)."""
+        return response
 
 
 class ChatCompletionsView(GatedView):
@@ -97,6 +105,29 @@ class ResponsesView(GatedView):
     shape = ResponsesRequest
 
     @gateway_schema.responses
+    def post(self, request: Any, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        return super().post(request, *args, **kwargs)
+
+
+def anthropic_exception_handler(exc: Exception, context: dict[str, Any]) -> Any:
+    """``exception_handler``, answered in Anthropic's shape."""
+    return anthropic_answer(exception_handler(exc, context))
+
+
+class MessagesView(GatedView):
+    """The Anthropic Messages API: ``x-api-key`` or Bearer, Anthropic's error shape."""
+
+    shape = MessagesRequest
+    shaped = staticmethod(anthropic_answer)
+
+    def initialize_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        api_key_as_bearer(request)
+        return super().initialize_request(request, *args, **kwargs)
+
+    def get_exception_handler(self) -> Any:
+        return anthropic_exception_handler
+
+    @gateway_schema.messages
     def post(self, request: Any, *args: Any, **kwargs: Any) -> HttpResponseBase:
         return super().post(request, *args, **kwargs)
 

@@ -31,6 +31,13 @@ def reported_usage(usage: Any) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
+def openai_failure(message: str, code: str | None) -> tuple[str | None, dict[str, Any]]:
+    """The event that ends an OpenAI stream the upstream broke off: an unnamed ``error``
+    payload, which the ``openai`` SDK raises as ``APIError``."""
+    error = {"message": message, "type": "upstream_error", "code": code, "param": None}
+    return None, {"error": error}
+
+
 class Watch(Protocol):
     """What happens to each event of a streamed answer (``shapes.chat.StreamWatch``).
 
@@ -38,7 +45,8 @@ class Watch(Protocol):
     SSE ``event:`` name of the payload just fed (None: data only); once ``ended`` the
     stream is over, and ``complete`` says it ended as the API ends a whole answer
     (else it was cut short). ``done`` is the payload that closes a whole stream
-    (chat's ``[DONE]``; None where the last event is the API's own).
+    (chat's ``[DONE]``; None where the last event is the API's own). ``failure`` is the
+    (event name, payload) that ends a stream the upstream broke off, in the API's shape.
     """
 
     ended: bool
@@ -50,6 +58,8 @@ class Watch(Protocol):
     def used(self) -> Used: ...
 
     def feed(self, data: str) -> str | None: ...
+
+    def failure(self, message: str, code: str | None) -> tuple[str | None, dict[str, Any]]: ...
 
 
 class ShapeRequest(Protocol):

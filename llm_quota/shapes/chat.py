@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 from llm_quota.exceptions import InvalidRequest
 from llm_quota.ledger import keys
-from llm_quota.shapes.base import Used, reported_usage
+from llm_quota.shapes.base import Used, openai_failure, reported_usage
 from llm_quota.shapes.json_limits import check_json
 
 #: The body fields OpenAI bills as input, each passed to the guard under its own name
@@ -278,6 +278,7 @@ class StreamWatch:
     #: Chat streams are data-only events, closed by ``[DONE]``.
     event_name: str | None = None
     done: str | None = DONE
+    failure = staticmethod(openai_failure)
 
     def __init__(self, include_usage: bool) -> None:
         self.include_usage = include_usage

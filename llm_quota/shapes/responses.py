@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from llm_quota.exceptions import InvalidRequest
 from llm_quota.ledger import keys
-from llm_quota.shapes.base import Used, reported_usage
+from llm_quota.shapes.base import Used, openai_failure, reported_usage
 from llm_quota.shapes.json_limits import check_json
 
 PATH = "responses"
@@ -190,6 +190,7 @@ class ResponsesWatch:
     """
 
     done: str | None = None
+    failure = staticmethod(openai_failure)
 
     def __init__(self) -> None:
         self.ended = False

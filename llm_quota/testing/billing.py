@@ -604,3 +604,63 @@ def embeddings_answer(body: Mapping[str, Any], prompt_tokens: int) -> dict[str, 
         "model": body.get("model"),
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
+
+
+# -- the Anthropic Messages API ------------------------------------------------------------
+
+#: Anthropic's tool-use system prompt on the Claude 4 models ("Tool use: pricing").
+CLAUDE_TOOL_PROMPT = 346
+#: No Claude tokenizer ships offline: the oracle bills Claude's text with cl100k_base, a
+#: byte-level BPE of about the same density, as a stand-in for Anthropic's count.
+CLAUDE_STAND_IN = "gpt-4"
+
+
+def claude_prompt_tokens(body: Mapping[str, Any]) -> int:
+    """What Anthropic bills as input for a Messages body, as the oracle reads it: the
+    system prompt and the messages by the chat formula, the tools' JSON and the tool-use
+    system prompt, text counted with ``CLAUDE_STAND_IN``'s encoding."""
+    count = _counter(CLAUDE_STAND_IN)
+    messages = list(body.get("messages") or [])
+    if body.get("system"):
+        messages.insert(0, {"role": "system", "content": body["system"]})
+    total = _messages(messages, CLAUDE_STAND_IN, count, Media(lenient=True))
+    if body.get("tools"):
+        total += CLAUDE_TOOL_PROMPT + count(_json(body["tools"]))
+    if body.get("tool_choice") is not None:
+        total += count(_json(body["tool_choice"]))
+    return total
+
+
+def message_object(
+    body: Mapping[str, Any], text: str, usage: dict[str, Any], stop_reason: str
+) -> dict[str, Any]:
+    """An Anthropic ``message`` answer of ``text``."""
+    return {
+        "id": "msg_fake", "type": "message", "role": "assistant", "model": body.get("model"),
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": stop_reason, "stop_sequence": None, "usage": usage,
+    }  # fmt: skip
+
+
+def message_events(message: dict[str, Any], pieces: list[str]) -> list[dict[str, Any]]:
+    """A streamed ``message`` as Anthropic sends it: ``message_start`` (input usage),
+    ``content_block_*``, ``message_delta`` (the output count), ``message_stop``."""
+    usage = message["usage"]
+    start = {**message, "content": [], "stop_reason": None,
+             "usage": {**usage, "output_tokens": 1}}  # fmt: skip
+    events = [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    ]
+    events += [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
+        for piece in pieces
+    ]
+    events += [
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"],
+                                            "stop_sequence": None},
+         "usage": {"output_tokens": usage["output_tokens"]}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+    return events

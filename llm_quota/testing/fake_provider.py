@@ -7,8 +7,9 @@ The gateway never falls back on it by itself: a project opts in with
 It answers Chat Completions like OpenAI does (bodies, SSE chunks, the final usage
 chunk, ``finish_reason: "length"`` at the cap), the Responses API (the same replies,
 as a ``response`` object or its typed events ending with ``response.completed``) and
-Embeddings (small deterministic vectors, usage counted exactly), so the demo and the
-tests exercise
+Embeddings (small deterministic vectors, usage counted exactly) and Anthropic's
+Messages API (a ``message``, or its events from ``message_start`` to ``message_stop``),
+so the demo and the tests exercise
 the real gateway path without a network. The same request always gets the same
 reply; its length depends on the prompt and never exceeds the ``max_tokens`` sent.
 Token counts are real: the prompt is billed as OpenAI bills it (``llm_quota.testing.billing``:
@@ -34,7 +35,7 @@ from asgiref.sync import sync_to_async
 
 from llm_quota.gateway.upstream import UpstreamError
 from llm_quota.rules.estimation import count_output
-from llm_quota.shapes import embeddings, responses
+from llm_quota.shapes import embeddings, messages, responses
 from llm_quota.shapes.chat import CAP_FIELDS, DONE
 from llm_quota.shapes.chat import PATH as CHAT_PATH
 from llm_quota.testing import billing
@@ -199,6 +200,19 @@ def _response_events(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield event(f"response.{final['status']}", response=final)
 
 
+def _message(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """An Anthropic ``message`` answering a Messages body, and its text's pieces."""
+    chat = {"model": body.get("model"), "messages": body.get("messages"),
+            "max_tokens": body.get(messages.CAP_FIELD)}  # fmt: skip
+    pieces, finish = reply(chat)
+    text = "".join(pieces)
+    usage = {"input_tokens": billing.claude_prompt_tokens(body),
+             "output_tokens": count_output(text, str(body.get("model"))),
+             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}  # fmt: skip
+    stop = "max_tokens" if finish == "length" else "end_turn"
+    return billing.message_object(body, text, usage, stop), pieces
+
+
 class FakeProvider:
     """An upstream with no network (see the module docstring)."""
 
@@ -212,6 +226,8 @@ class FakeProvider:
             return billing.embeddings_answer(body, tokens)
         if path == responses.PATH:
             return _response(body)
+        if path == messages.PATH:
+            return _message(body)[0]
         choices, texts = [], []
         for index in range(int(body.get("n") or 1)):
             pieces, finish = reply(body, index)
@@ -236,6 +252,9 @@ class FakeProvider:
     def stream(self, body: dict[str, Any], path: str = CHAT_PATH) -> FakeStream:
         if path == responses.PATH:
             return FakeStream(_response_events(body), done=None)
+        if path == messages.PATH:
+            events = billing.message_events(*_message(body))
+            return FakeStream((event for event in events), done=None)
         return FakeStream(self._chunks(body))
 
     async def acomplete(self, body: dict[str, Any], path: str = CHAT_PATH) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from llm_quota.decorators import quota_gated
 from llm_quota.gateway.async_views import (
     AsyncChatCompletionsView,
     AsyncEmbeddingsView,
+    AsyncMessagesView,
     AsyncResponsesView,
 )
 from tests.integration.pipeline_urls import USAGE
@@ -37,6 +38,7 @@ urlpatterns = [
     path("v1/chat/completions", AsyncChatCompletionsView.as_view()),
     path("v1/responses", AsyncResponsesView.as_view()),
     path("v1/embeddings", AsyncEmbeddingsView.as_view()),
+    path("v1/messages", AsyncMessagesView.as_view()),
     path("aplain", aplain),
     path("aplain/stream-unsettled", aplain_stream_unsettled),
     path("", include("project.urls")),

@@ -1,0 +1,172 @@
+"""``POST /v1/messages`` through the gateway, the official anthropic SDK as the client
+(``base_url`` and ``api_key`` changed, nothing else), on the sync and the async view:
+Claude's prompt reserved on its byte bound and settled on the reported usage, streams
+relayed as Anthropic's named events, refusals and bad bodies in Anthropic's shape."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import httpx
+import pytest
+from django.test import Client
+
+from llm_quota.rules.estimation import byte_bound
+from llm_quota.shapes.messages import TOOL_PROMPT_TOKENS
+from tests.support import factories
+from tests.support.gateway import access_token
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CLAUDE = "claude-sonnet-4-5"
+MSGS = [{"role": "user", "content": "Say hello in five words."}]
+SCHEMA = {"type": "object", "properties": {"id": {"type": "string"}}}
+TOOLS = [{"name": "lookup", "description": "Find an order by id.", "input_schema": SCHEMA}]
+
+
+@pytest.fixture
+def user(either_gateway):
+    factories.price(CLAUDE, "3", "15", context_window=200_000)
+    factories.tier("free", is_default=True, tokens_per_month=1_000_000, requests_per_minute=10)
+    return factories.user()
+
+
+def test_a_message_is_charged_what_the_upstream_reported(either_gateway, user):
+    raw = either_gateway.anthropic(user).messages.with_raw_response.create(
+        model=CLAUDE, max_tokens=40, messages=MSGS, system="Be brief."
+    )
+    message = raw.parse()
+    assert message.content[0].text.startswith("Fake reply from")
+    used = either_gateway.model_usage(user, CLAUDE)
+    assert (used.requests, used.input_tokens, used.output_tokens) == (
+        1, message.usage.input_tokens, message.usage.output_tokens,
+    )  # fmt: skip
+    live = either_gateway.usage(user)
+    assert live.tokens_this_month == 3 * used.input_tokens + 15 * used.output_tokens
+    assert live.reserved == 0
+    assert raw.headers["anthropic-ratelimit-requests-limit"] == "10"
+    assert raw.headers["anthropic-ratelimit-requests-remaining"] == "9"
+    assert raw.headers["anthropic-ratelimit-tokens-limit"] == "1000000"
+    assert "T" in raw.headers["anthropic-ratelimit-tokens-reset"]
+
+
+def test_the_stream_helper_gets_anthropics_events_and_the_usage_is_settled(
+    either_gateway, user
+):
+    with either_gateway.anthropic(user).messages.stream(
+        model=CLAUDE, max_tokens=40, messages=MSGS
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert final.content[0].text == text and text.startswith("Fake reply")
+    used = either_gateway.model_usage(user, CLAUDE)
+    assert (used.input_tokens, used.output_tokens) == (
+        final.usage.input_tokens, final.usage.output_tokens,
+    )  # fmt: skip
+    assert either_gateway.usage(user).reserved == 0
+
+
+def test_stream_true_relays_named_events(either_gateway, user):
+    events = list(either_gateway.anthropic(user).messages.create(
+        model=CLAUDE, max_tokens=10, messages=MSGS, stream=True
+    ))  # fmt: skip
+    kinds = [event.type for event in events]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert "content_block_delta" in kinds and "message_delta" in kinds
+
+
+def test_the_prompt_is_reserved_on_its_byte_bound_and_tools_on_their_system_prompt(
+    either_gateway, user
+):
+    raw = either_gateway.anthropic(user).messages.with_raw_response.create(
+        model=CLAUDE, max_tokens=40, messages=MSGS, tools=TOOLS
+    )
+    raw.parse()
+    reserved = 1_000_000 - int(raw.headers["anthropic-ratelimit-tokens-remaining"])
+    text_bytes = byte_bound(MSGS[0]["content"])
+    # At least every byte of the prompt and the tool prompt's bound, as input (3 each),
+    # and the whole cap as output (15 each).
+    assert reserved >= 3 * (text_bytes + TOOL_PROMPT_TOKENS) + 15 * 40
+
+
+def test_x_api_key_and_bearer_both_authenticate(either_gateway, user):
+    url = either_gateway.base_url + "/messages"
+    body = {"model": CLAUDE, "max_tokens": 5, "messages": MSGS}
+    token = access_token(user)
+    for headers in ({"x-api-key": token}, {"Authorization": f"Bearer {token}"}):
+        assert httpx.post(url, json=body, headers=headers).status_code == 200
+    refused = httpx.post(url, json=body, headers={"x-api-key": "not-a-token"})
+    assert refused.status_code == 401
+    assert refused.json()["type"] == "error"
+    assert refused.json()["error"]["type"] == "authentication_error"
+
+
+def test_a_budget_refusal_is_anthropics_rate_limit_error_and_never_retried(either_gateway):
+    factories.price(CLAUDE, "3", "15")
+    factories.tier("free", is_default=True, tokens_per_day=100, requests_per_minute=10)
+    user = factories.user()
+    with pytest.raises(anthropic.RateLimitError) as info:
+        either_gateway.anthropic(user, max_retries=3).messages.create(
+            model=CLAUDE, max_tokens=100, messages=MSGS
+        )
+    error = info.value
+    assert error.body["type"] == "error"
+    assert error.body["error"]["type"] == "rate_limit_error"
+    assert "tokens_per_day" in error.body["error"]["message"]
+    headers = error.response.headers
+    assert headers["x-should-retry"] == "false" and int(headers["retry-after"]) >= 1
+    assert headers["anthropic-ratelimit-requests-remaining"] == "10"
+    assert either_gateway.usage(user).requests_this_minute == 0  # one try, refused
+
+
+def test_a_forbidden_model_is_a_permission_error(either_gateway):
+    factories.price(CLAUDE, "3", "15")
+    factories.tier("free", is_default=True, allowed_models="gpt-4o")
+    with pytest.raises(anthropic.PermissionDeniedError) as info:
+        either_gateway.anthropic(factories.user()).messages.create(
+            model=CLAUDE, max_tokens=10, messages=MSGS
+        )
+    assert info.value.body["error"]["type"] == "permission_error"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": CLAUDE, "messages": MSGS},  # max_tokens is required
+        {"model": CLAUDE, "max_tokens": 0, "messages": MSGS},
+        {"model": CLAUDE, "max_tokens": "5", "messages": MSGS},
+        {"model": CLAUDE, "max_tokens": 5, "messages": []},
+        {"model": CLAUDE, "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]},
+        {"model": CLAUDE, "max_tokens": 5, "messages": [{"role": "user", "content": 5}]},
+        {"model": CLAUDE, "max_tokens": 5, "messages": MSGS, "system": 5},
+        {"model": CLAUDE, "max_tokens": 5, "messages": MSGS, "tools": {}},
+        {"model": CLAUDE, "max_tokens": 5, "messages": MSGS, "stream": "yes"},
+        {"model": CLAUDE, "max_tokens": 5, "messages": [{"role": "user", "content": "\ud800"}]},
+        {"max_tokens": 5, "messages": MSGS},
+        [],
+    ],
+)
+def test_bad_bodies_are_400_in_anthropics_shape_with_nothing_reserved(
+    either_gateway, user, body
+):
+    response = httpx.post(
+        either_gateway.base_url + "/messages", content=json.dumps(body),
+        headers={"x-api-key": access_token(user), "content-type": "application/json"},
+    )  # fmt: skip
+    assert response.status_code == 400
+    answer = response.json()
+    assert answer["type"] == "error" and answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["message"]
+    live = either_gateway.usage(user)
+    assert live.reserved == 0 and live.tokens_this_month == 0
+
+
+def test_bad_json_is_400_in_anthropics_shape(gateway):
+    factories.tier("free", is_default=True)
+    response = Client().post(
+        "/v1/messages", b"{not json", content_type="application/json",
+        headers={"x-api-key": access_token(factories.user())},
+    )  # fmt: skip
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
