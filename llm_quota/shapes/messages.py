@@ -196,9 +196,9 @@ class MessagesWatch:
     """What happens to each event of a streamed message (``shapes.base.Watch``).
 
     Every event is passed on as it came, under its ``type`` as the SSE event name (the
-    Anthropic SDK reads the name). The usage is ``message_start``'s, updated by each
-    ``message_delta``'s (its output count is cumulative); the text of every delta is
-    kept. The stream is whole at ``message_stop``; an ``error`` event ends it too.
+    Anthropic SDK reads the name). The usage is ``message_start``'s input counts,
+    updated by each ``message_delta``'s (its output count is cumulative); the text of
+    every delta is kept. The stream is whole at ``message_stop``; an ``error`` event ends it too.
     """
 
     done: str | None = None
@@ -234,7 +234,11 @@ class MessagesWatch:
         kind = event.get("type")
         self.event_name = kind if isinstance(kind, str) and kind.isprintable() else None
         if kind == "message_start" and isinstance(event.get("message"), dict):
-            self._merge(event["message"].get("usage"))
+            # Its output count is a placeholder (1): only message_delta's counts, so a
+            # stream cut before one is charged its counted text, not one token.
+            usage = event["message"].get("usage")
+            if isinstance(usage, dict):
+                self._merge({k: v for k, v in usage.items() if k != "output_tokens"})
         elif kind == "message_delta":
             self._merge(event.get("usage"))
         elif kind == "content_block_start":

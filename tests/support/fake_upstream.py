@@ -27,7 +27,9 @@ encoding, as OpenAI does, so a dropped connection is an error and not an early e
 ``/responses`` behaves the same way in the Responses API's shape: a ``response`` object,
 or typed events (``response.output_text.delta`` per word) ending with
 ``response.completed``, where ``up-truncate``/``up-drop`` stop before it and
-``up-no-usage`` sends it without ``usage``.
+``up-no-usage`` sends it without ``usage``. ``/messages`` likewise in Anthropic's shape:
+a ``message``, or ``message_start`` … ``content_block_delta`` per word …
+``message_delta`` (the output count), ``message_stop``.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(length))
         self.server.record(body, self.headers.get("Authorization"))
         self.responses_api = self.path.endswith("/responses")
+        self.messages_api = self.path.endswith("/messages")
         model = body.get("model", "")
         if model == "up-500":
             self._json(500, {"error": {"message": "upstream exploded", "type": "server_error",
@@ -109,6 +112,9 @@ class Handler(BaseHTTPRequestHandler):
         text = "".join(word(i) for i in range(count))
         if self.responses_api:
             self._json(200, response_object(model, text, count))
+            return
+        if self.messages_api:
+            self._json(200, message_object(model, text, count))
             return
         reply: dict[str, Any] = {
             "id": "chatcmpl-up",
@@ -150,6 +156,13 @@ class Handler(BaseHTTPRequestHandler):
         base = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1,
                 "model": model}  # fmt: skip
         sent = 0
+        if self.messages_api:
+            start = {**message_object(model, "", count), "content": [], "stop_reason": None}
+            if model != "up-no-usage":
+                start["usage"] = {"input_tokens": PROMPT, "output_tokens": 1}
+            self._event({"type": "message_start", "message": start})
+            self._event({"type": "content_block_start", "index": 0,
+                         "content_block": {"type": "text", "text": ""}})  # fmt: skip
         try:
             for i in range(count):
                 if model == "up-drop" and i == DROP_AFTER:
@@ -170,7 +183,10 @@ class Handler(BaseHTTPRequestHandler):
                     time.sleep(LONG / count)
                 if model == "up-hold" and i == 1:
                     self.server.hold.wait(HOLD_LIMIT)
-                if self.responses_api:
+                if self.messages_api:
+                    self._event({"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": word(i)}})  # fmt: skip
+                elif self.responses_api:
                     self._event({"type": "response.output_text.delta", "item_id": "msg_up",
                                  "output_index": 0, "content_index": 0, "delta": word(i),
                                  "sequence_number": i + 1})  # fmt: skip
@@ -179,6 +195,16 @@ class Handler(BaseHTTPRequestHandler):
                     self._chunk(json.dumps({**base, "choices": [choice]}))
                 sent += 1
                 self.server.sent[model] = sent
+            if self.messages_api:
+                self._event({"type": "content_block_stop", "index": 0})
+                delta: dict[str, Any] = {"type": "message_delta",
+                                         "delta": {"stop_reason": "max_tokens"}}  # fmt: skip
+                if model != "up-no-usage":
+                    delta["usage"] = {"output_tokens": count}
+                self._event(delta)
+                self._event({"type": "message_stop"})
+                self.wfile.write(b"0\r\n\r\n")
+                return
             if self.responses_api:
                 text = "".join(word(i) for i in range(count))
                 self._event({"type": "response.completed", "sequence_number": count + 1,
@@ -215,6 +241,18 @@ def response_object(model: str, text: str, count: int) -> dict[str, Any]:
             "total_tokens": reported.get("total_tokens"),
         }
     return response
+
+
+def message_object(model: str, text: str, count: int) -> dict[str, Any]:
+    """An Anthropic ``message`` of ``text`` (``count`` tokens)."""
+    message: dict[str, Any] = {
+        "id": "msg_up", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": text}], "stop_reason": "max_tokens",
+        "stop_sequence": None,
+    }  # fmt: skip
+    if model != "up-no-usage":
+        message["usage"] = {"input_tokens": PROMPT, "output_tokens": count}
+    return message
 
 
 def usage(completion: int) -> dict[str, int]:

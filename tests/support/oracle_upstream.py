@@ -1,7 +1,8 @@
 """An OpenAI-compatible upstream that bills like OpenAI: a real HTTP server on a free port.
 
 It serves ``/chat/completions``, ``/responses`` (every call writes its whole
-``max_output_tokens``) and ``/embeddings`` (each input's exact tokens).
+``max_output_tokens``), ``/embeddings`` (each input's exact tokens) and Anthropic's
+``/messages`` (the whole ``max_tokens``; the prompt by ``billing.claude_prompt_tokens``).
 
 Every call is billed by ``llm_quota.testing.billing`` (written apart from the estimator):
 each billed part of the body at OpenAI's published rules, images at their real size, and
@@ -38,6 +39,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.path.endswith("/responses"):
             self._responses(body)
+            return
+        if self.path.endswith("/messages"):
+            self._messages(body)
             return
         try:
             bill = billing.bill(body, self.server.media)
@@ -99,6 +103,25 @@ class Handler(BaseHTTPRequestHandler):
                          "delta": text[start : start + 400], "logprobs": []})  # fmt: skip
         self._named({"type": "response.incomplete", "sequence_number": 10**6,
                      "response": response})  # fmt: skip
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _messages(self, body: dict[str, Any]) -> None:
+        """Anthropic's bill, as the oracle reads it (``billing.claude_prompt_tokens``):
+        the whole ``max_tokens`` written, half of it thinking when thinking is on."""
+        cap = int(body.get("max_tokens") or 0)
+        thinking = cap // 2 if (body.get("thinking") or {}).get("type") == "enabled" else 0
+        usage = {"input_tokens": billing.claude_prompt_tokens(body), "output_tokens": cap,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}  # fmt: skip
+        self.server.record(body, usage)
+        text = "".join(" tok" if i else "tok" for i in range(cap - thinking))
+        message = billing.message_object(body, text, usage, "max_tokens")
+        if not body.get("stream"):
+            self._json(200, message)
+            return
+        self._start_stream()
+        for event in billing.message_events(message, [text[i : i + 400]
+                                                      for i in range(0, len(text), 400)]):
+            self._named(event)
         self.wfile.write(b"0\r\n\r\n")
 
     def _start_stream(self) -> None:

@@ -170,3 +170,146 @@ def test_bad_json_is_400_in_anthropics_shape(gateway):
     )  # fmt: skip
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+# -- against upstreams that bill, cut and trickle --------------------------------------
+
+LONG_SYSTEM = "You answer questions about orders, invoices and deliveries. " * 40
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_billed_by_the_oracle_is_at_most_what_was_reserved(gateway, oracle, stream):
+    """The oracle bills Claude's text with a real BPE, the tool-use prompt, and the whole
+    cap (half thinking): the byte bound holds it, and the usage is what is charged."""
+    factories.price(CLAUDE, "3", "15", context_window=200_000)
+    factories.tier("free", is_default=True, tokens_per_month=1_000_000)
+    user = factories.user()
+    client = gateway.anthropic(user)
+    options = {
+        "model": CLAUDE, "max_tokens": 300, "system": LONG_SYSTEM, "tools": TOOLS,
+        "thinking": {"type": "enabled", "budget_tokens": 150},
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Where is 42?"}]},
+                     {"role": "assistant", "content": "Let me look."},
+                     {"role": "user", "content": "ünïcödé ✓ " * 30}],
+    }  # fmt: skip
+    if stream:
+        with client.messages.stream(**options) as events:
+            headers = events.response.headers
+            reserved = 1_000_000 - int(headers["anthropic-ratelimit-tokens-remaining"])
+            final = events.get_final_message()
+    else:
+        raw = client.messages.with_raw_response.create(**options)
+        reserved = 1_000_000 - int(raw.headers["anthropic-ratelimit-tokens-remaining"])
+        final = raw.parse()
+    ((_body, usage),) = oracle.bills
+    billed = 3 * usage["input_tokens"] + 15 * usage["output_tokens"]
+    assert billed <= reserved
+    assert final.usage.output_tokens == usage["output_tokens"] == 300
+    assert gateway.usage(user).tokens_this_month == billed
+    assert gateway.usage(user).reserved == 0
+
+
+@pytest.fixture
+def up_user(either_gateway, upstream):
+    factories.tier("free", is_default=True)
+    return factories.user()
+
+
+@pytest.mark.parametrize("model", ["up-truncate", "up-drop"])
+def test_a_stream_cut_short_raises_in_the_sdk_and_is_charged_what_was_sent(
+    either_gateway, up_user, model
+):
+    from tests.support.fake_upstream import DROP_AFTER
+
+    seen = []
+    with pytest.raises(anthropic.APIStatusError) as info:
+        with either_gateway.anthropic(up_user).messages.stream(
+            model=model, max_tokens=30, messages=MSGS
+        ) as stream:
+            for text in stream.text_stream:
+                seen.append(text)
+    assert info.value.body["error"]["type"] == "api_error"
+    assert len(seen) == DROP_AFTER
+    used = either_gateway.model_usage(up_user, model)
+    assert (used.requests, used.output_tokens) == (1, DROP_AFTER)
+    assert either_gateway.usage(up_user).reserved == 0
+
+
+def test_a_client_leaving_mid_stream_is_charged_what_was_generated(
+    either_gateway, upstream, up_user
+):
+    import time
+
+    from tests.support.fake_upstream import WORDS
+
+    body = {"model": "up-trickle", "messages": MSGS, "max_tokens": WORDS, "stream": True}
+    received = 0
+    with httpx.Client(timeout=10) as client:
+        with client.stream("POST", either_gateway.base_url + "/messages", json=body,
+                           headers={"x-api-key": access_token(up_user)}) as answer:  # fmt: skip
+            assert answer.status_code == 200
+            for line in answer.iter_lines():
+                if line == "event: content_block_delta":
+                    received += 1
+                if received == 3:
+                    break  # the client hangs up
+    deadline = time.monotonic() + 10
+    while either_gateway.usage(up_user).reserved and time.monotonic() < deadline:
+        time.sleep(0.05)
+    live = either_gateway.usage(up_user)
+    assert live.reserved == 0 and live.in_flight == 0
+    used = either_gateway.model_usage(up_user, "up-trickle")
+    assert received <= used.output_tokens <= upstream.sent["up-trickle"] < WORDS
+    assert used.input_tokens > 0 and used.requests == 1
+
+
+def test_a_stream_without_usage_is_charged_its_counted_output(either_gateway, up_user):
+    events = either_gateway.anthropic(up_user).messages.create(
+        model="up-no-usage", max_tokens=12, messages=MSGS, stream=True
+    )  # the raw events: the SDK's stream helper needs the usage this upstream leaves out
+    text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
+    used = either_gateway.model_usage(up_user, "up-no-usage")
+    assert text and used.output_tokens >= 12  # counted from the text (its bytes, at most)
+    assert either_gateway.usage(up_user).reserved == 0
+
+
+BURST = 64
+LIMIT = 60_000
+
+
+def test_a_64_way_burst_stays_inside_the_budget_with_nothing_left_reserved(gateway, oracle):
+    import asyncio
+
+    from django.test import AsyncClient, override_settings
+
+    from tests.system.test_async_ledger import run_with_orm
+
+    factories.price(CLAUDE, "1", "5", context_window=200_000)
+    factories.tier("free", is_default=True, tokens_per_month=LIMIT)
+    user = factories.user()
+    headers = {"x-api-key": access_token(user)}
+
+    def body(i: int) -> str:
+        message = {"role": "user", "content": f"Request {i}: " + "w " * 300}
+        return json.dumps({"model": CLAUDE, "max_tokens": 100, "stream": bool(i % 2),
+                           "messages": [message]})  # fmt: skip
+
+    async def main() -> list[int]:
+        client = AsyncClient(raise_request_exception=False)
+        answers = await asyncio.gather(*(
+            client.post("/v1/messages", body(i), content_type="application/json",
+                        headers=headers)
+            for i in range(BURST)
+        ))  # fmt: skip
+        for answer in answers:
+            if answer.streaming:
+                async for _ in answer.streaming_content:
+                    pass
+        return [answer.status_code for answer in answers]
+
+    with override_settings(ROOT_URLCONF="tests.integration.gateway.async_gateway_urls"):
+        statuses = run_with_orm(main)
+    billed = sum(u["input_tokens"] + 5 * u["output_tokens"] for _, u in oracle.bills)
+    live = gateway.usage(user)
+    assert set(statuses) == {200, 429} and statuses.count(200) == len(oracle.bills)
+    assert live.reserved == 0 and live.tokens_this_month == billed <= LIMIT
