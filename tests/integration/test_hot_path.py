@@ -125,8 +125,12 @@ def test_settings_are_reread_after_an_override(settings):
         ("/v1/responses",
          {"model": "gpt-4o", "input": "hi", "max_output_tokens": 5, "stream": True}),
         ("/v1/embeddings", {"model": "text-embedding-3-small", "input": ["hi", [1, 2, 3]]}),
+        ("/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 5,
+                          "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 5, "stream": True,
+                          "messages": [{"role": "user", "content": "hi"}]}),
     ],
-    ids=["responses", "responses-stream", "embeddings"],
+    ids=["responses", "responses-stream", "embeddings", "messages", "messages-stream"],
 )  # fmt: skip
 def test_every_gated_api_is_one_round_trip_to_reserve_and_one_to_settle(
     private_redis, monkeypatch, path, body
@@ -134,6 +138,7 @@ def test_every_gated_api_is_one_round_trip_to_reserve_and_one_to_settle(
     client = private_redis.client()
     set_default_ledger(Ledger(client, prefix="hot"))
     factories.price("text-embedding-3-small", "1", "0")
+    factories.price("claude-haiku-4-5", "1", "5")
     _user, token = _gateway_user()
 
     def post():

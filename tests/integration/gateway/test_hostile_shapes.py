@@ -1,6 +1,7 @@
-"""Input built to break ``/v1/responses`` and ``/v1/embeddings``: a 400 in OpenAI's
-shape, never a 500, on the sync and the async view alike, nothing left reserved. Fuzzed
-with Hypothesis over JSON values in the places each body holds input."""
+"""Input built to break ``/v1/responses``, ``/v1/embeddings`` and ``/v1/messages``: a 400
+in the API's error shape (OpenAI's; Anthropic's for messages), never a 500, on the sync
+and the async view alike, nothing left reserved. Fuzzed with Hypothesis over JSON values
+in the places each body holds input."""
 
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 ASYNC_URLS = "tests.integration.gateway.async_gateway_urls"
 EMBED = "text-embedding-3-small"
+CLAUDE = "claude-haiku-4-5"
 
 
 @pytest.fixture
 def token(ledger):
     factories.price("gpt-4o", "1", "4", default_max_output_tokens=50)
     factories.price(EMBED, "1", "0")
+    factories.price(CLAUDE, "1", "5", context_window=200_000)
     factories.tier("free", is_default=True, requests_per_minute=10_000)
     user = factories.user()
     return user, access_token(user)
@@ -81,6 +84,20 @@ HOSTILE = {
         b'{"model": "' + EMBED.encode() + b'", "input": {"text": "x"}}',
         b"null",
     ],
+    "/v1/messages": [
+        b'{"model": "claude-haiku-4-5", "max_tokens": 5, '
+        b'"messages": [{"role": "user", "content": "\\ud800"}]}',
+        b'{"model": "claude-haiku-4-5", "max_tokens": 5, "system": "\\udfff", '
+        b'"messages": [{"role": "user", "content": "x"}]}',
+        b'{"model": "claude-haiku-4-5", "max_tokens": 1e400, '
+        b'"messages": [{"role": "user", "content": "x"}]}',
+        b'{"model": "claude-haiku-4-5", "max_tokens": 5, "messages": '
+        + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", '
+        b'"content": ' + b"[" * 200 + b"]" * 200 + b"}]}",
+        b'{"model": "claude-haiku-4-5", "max_tokens": -1, "messages": []}',
+        b"{",
+    ],
 }
 
 
@@ -95,7 +112,11 @@ def test_hostile_bodies_are_400_never_500_and_nothing_is_held(
     response = VIEWS[view](path, payload, {"Authorization": f"Bearer {access}"})
     assert response.status_code == 400, response.body[:300]
     error = json.loads(response.body)["error"]
-    assert set(error) >= {"message", "type", "code", "param"}
+    if path.endswith("messages"):
+        assert json.loads(response.body)["type"] == "error"
+        assert set(error) == {"type", "message"}
+    else:
+        assert set(error) >= {"message", "type", "code", "param"}
     assert error["type"] == "invalid_request_error"
     live = ledger.usage(user.pk)
     assert live.reserved == 0 and live.in_flight == 0 and live.requests_this_minute == 0
@@ -112,12 +133,13 @@ JSON = st.recursive(
 def test_fuzzed_bodies_never_get_a_500_nor_leak_a_reservation(ledger, token, path):
     user, access = token
     headers = {"Authorization": f"Bearer {access}"}
-    model = "gpt-4o" if path.endswith("responses") else EMBED
+    model = {"responses": "gpt-4o", "embeddings": EMBED, "messages": CLAUDE}[path.split("/")[-1]]
 
     @given(
         fields=st.dictionaries(
             st.sampled_from(["input", "instructions", "tools", "max_output_tokens", "stream",
-                             "text", "tool_choice", "dimensions", "encoding_format"]),
+                             "text", "tool_choice", "dimensions", "encoding_format",
+                             "messages", "system", "max_tokens", "thinking"]),
             JSON, max_size=4,
         ),  # fmt: skip
     )
