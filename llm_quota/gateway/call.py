@@ -153,7 +153,7 @@ class GatedCall:
         """Send the call upstream and answer it, on the guard's sync methods."""
         request, guard = self.request, self.guard
         try:  # nothing is sent yet: any failure here releases
-            upstream, body = get_upstream(), self.upstream_body()
+            upstream, body = get_upstream(request.path), self.upstream_body()
             hand_back()  # a pooled database connection is not held while the LLM writes
         except APIException as exc:
             guard.release()
@@ -188,7 +188,7 @@ class GatedCall:
         """``answer`` for the async view: nothing waits in a thread."""
         request, guard = self.request, self.guard
         try:  # nothing is sent yet: any failure here releases
-            upstream, body = get_upstream(), self.upstream_body()
+            upstream, body = get_upstream(request.path), self.upstream_body()
             await ahand_back()  # nor here, where the ORM ran in the request's sync thread
         except APIException as exc:
             await asyncio.shield(guard.arelease())

@@ -85,6 +85,7 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length))
         self.server.record(body, self.headers.get("Authorization"))
+        self.server.paths.append((self.path, dict(self.headers)))
         self.responses_api = self.path.endswith("/responses")
         self.messages_api = self.path.endswith("/messages")
         model = body.get("model", "")
@@ -268,6 +269,8 @@ class UpstreamServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.requests: list[dict[str, Any]] = []
         self.authorizations: list[str | None] = []
+        #: Each request's path and headers.
+        self.paths: list[tuple[str, dict[str, str]]] = []
         self.sent: dict[str, int] = {}
         self.hold = threading.Event()
         self._lock = threading.Lock()

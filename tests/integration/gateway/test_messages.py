@@ -313,3 +313,22 @@ def test_a_64_way_burst_stays_inside_the_budget_with_nothing_left_reserved(gatew
     live = gateway.usage(user)
     assert set(statuses) == {200, 429} and statuses.count(200) == len(oracle.bills)
     assert live.reserved == 0 and live.tokens_this_month == billed <= LIMIT
+
+
+def test_messages_go_to_anthropics_api_with_its_key_and_version_where_set(
+    either_gateway, upstream, up_user, settings
+):
+    """``ANTHROPIC_BASE_URL``: ``x-api-key`` and ``anthropic-version``, no bearer; unset,
+    the OpenAI-compatible upstream's ``messages`` with its bearer key."""
+    client = either_gateway.anthropic(up_user)
+    client.messages.create(model="up-normal", max_tokens=5, messages=MSGS)
+    path, headers = upstream.paths[-1]
+    assert path == "/v1/messages" and headers["Authorization"] == "Bearer sk-gateway-key"
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "ANTHROPIC_BASE_URL": upstream.url,
+                          "ANTHROPIC_API_KEY": "sk-ant-gateway"}  # fmt: skip
+    client.messages.create(model="up-normal", max_tokens=5, messages=MSGS)
+    path, headers = upstream.paths[-1]
+    assert path == "/v1/messages" and "Authorization" not in headers
+    assert headers["x-api-key"] == "sk-ant-gateway"
+    assert headers["anthropic-version"] == "2023-06-01"
+    assert either_gateway.usage(up_user).reserved == 0
