@@ -130,9 +130,9 @@ class AsyncGatedView(View):
         return ", ".join(self._allowed_methods())  # type: ignore[attr-defined]
 
     def http_method_not_allowed(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
-        response = response_for_exception(MethodNotAllowed(request.method or ""))
-        assert response is not None
-        response = self.shaped(response)
+        refused = response_for_exception(MethodNotAllowed(request.method or ""))
+        assert refused is not None
+        response = self.shaped(refused)
         response["Allow"] = self.allow_header()
 
         async def answer() -> HttpResponseBase:

@@ -587,8 +587,9 @@ def embeddings_answer(body: Mapping[str, Any], prompt_tokens: int) -> dict[str, 
     """An embeddings answer in OpenAI's shape: a small deterministic vector per input,
     as floats or as base64 of little-endian float32 (what the SDK asks for)."""
     value = body.get("input")
-    count = 1 if isinstance(value, str) or all(isinstance(v, int) for v in value) else len(value)
-    dimensions = body.get("dimensions") if isinstance(body.get("dimensions"), int) else 8
+    items = value if isinstance(value, list) else [value]
+    count = 1 if all(isinstance(v, int) for v in items) else len(items)
+    dimensions: int = body["dimensions"] if isinstance(body.get("dimensions"), int) else 8
     data = []
     for index in range(count):
         vector = [round(math.sin(index + d + 1), 6) for d in range(max(1, min(dimensions, 64)))]
@@ -648,7 +649,7 @@ def message_events(message: dict[str, Any], pieces: list[str]) -> list[dict[str,
     usage = message["usage"]
     start = {**message, "content": [], "stop_reason": None,
              "usage": {**usage, "output_tokens": 1}}  # fmt: skip
-    events = [
+    events: list[dict[str, Any]] = [
         {"type": "message_start", "message": start},
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
     ]
