@@ -332,3 +332,31 @@ def test_messages_go_to_anthropics_api_with_its_key_and_version_where_set(
     assert headers["x-api-key"] == "sk-ant-gateway"
     assert headers["anthropic-version"] == "2023-06-01"
     assert either_gateway.usage(up_user).reserved == 0
+
+
+def test_a_rate_limit_is_retried_by_the_sdk_after_retry_after(gateway):
+    """``rate_limit_exceeded`` carries no ``x-should-retry: false``: the anthropic SDK
+    waits ``retry-after`` (1 s) and gets in once the held call ends."""
+    import threading
+    import time
+
+    from llm_quota import quota_guard
+
+    factories.price(CLAUDE, "3", "15")
+    factories.tier("free", is_default=True, max_concurrent_requests=1)
+    user = factories.user()
+    held = quota_guard(user, model=CLAUDE, messages=MSGS, max_tokens=10).admit()
+    with pytest.raises(anthropic.RateLimitError) as info:
+        gateway.anthropic(user).messages.create(model=CLAUDE, max_tokens=10, messages=MSGS)
+    assert info.value.response.headers["retry-after"] == "1"
+    assert "x-should-retry" not in info.value.response.headers
+    assert "max_concurrent_requests" in info.value.body["error"]["message"]
+
+    threading.Timer(0.5, held.release).start()
+    started = time.monotonic()
+    message = gateway.anthropic(user, max_retries=2).messages.create(
+        model=CLAUDE, max_tokens=10, messages=MSGS
+    )
+    assert message.usage.output_tokens > 0
+    assert time.monotonic() - started >= 1.0
+    assert gateway.usage(user).reserved == 0
