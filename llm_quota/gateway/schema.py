@@ -248,7 +248,8 @@ responses = extend_schema(
         "the quota allows (header `x-llm-quota-max-tokens`). With `stream: true` the answer "
         "is the API's typed server-sent events, ending with `response.completed`. "
         "`previous_response_id` and `conversation` are refused (400): the gateway could "
-        "not count the stored input they bill."
+        "not count the stored input they bill; so is `background: true`, billed after "
+        "the call returns."
     ),
     request=ResponseRequestSerializer,
     responses={

@@ -6,7 +6,8 @@
   includes reasoning tokens), ``stream``. Other fields pass through untouched.
   ``previous_response_id`` and ``conversation`` are refused: the upstream would bill a
   stored conversation as input that the gateway cannot see, so it could not be
-  reserved (send the items instead).
+  reserved (send the items instead); so is ``background: true``, billed after the call
+  returns.
 - What is billed: the instructions as a system message and the input items as
   messages (``rules.estimation`` counts items part by part, like chat messages), plus
   ``tools``, ``tool_choice`` and ``text`` (its format's schema) as structured fields.
@@ -95,6 +96,13 @@ class ResponsesRequest:
                     code="unsupported_parameter",
                     param=name,
                 )
+        if body.get("background"):
+            raise InvalidRequest(
+                "'background' is not supported by this gateway: a background response is "
+                "billed after the call returns, when nothing is left to settle it.",
+                code="unsupported_parameter",
+                param="background",
+            )
         instructions = body.get("instructions")
         if instructions is not None and not isinstance(instructions, str):
             raise InvalidRequest("'instructions' must be a string.", param="instructions")

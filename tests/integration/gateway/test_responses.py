@@ -205,6 +205,7 @@ def test_refusals_are_rate_limit_errors_the_sdk_does_not_retry(gateway):
         ({"model": "gpt-4o", "input": "x", "previous_response_id": "resp_1"},
          "previous_response_id"),
         ({"model": "gpt-4o", "input": "x", "conversation": "conv_1"}, "conversation"),
+        ({"model": "gpt-4o", "input": "x", "background": True}, "background"),
         ({"model": "gpt-4o", "input": "\ud800"}, "input"),
         ({"model": None, "input": "x"}, "model"),
     ],
