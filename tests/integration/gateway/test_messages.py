@@ -277,7 +277,13 @@ BURST = 64
 LIMIT = 60_000
 
 
-def test_a_64_way_burst_stays_inside_the_budget_with_nothing_left_reserved(gateway, oracle):
+def test_a_64_way_burst_stays_inside_the_budget_with_nothing_left_reserved(
+    gateway, oracle, settings
+):
+    # The demo settings FAIL_OPEN: a reserve slower than Redis's 1 s socket timeout (a
+    # loaded machine) would admit blind, past the budget, as the contract allows. Closed,
+    # it is a 503 instead, and the budget is a hard invariant.
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "FAIL_OPEN": False}
     import asyncio
 
     from django.test import AsyncClient, override_settings
@@ -311,7 +317,8 @@ def test_a_64_way_burst_stays_inside_the_budget_with_nothing_left_reserved(gatew
         statuses = run_with_orm(main)
     billed = sum(u["input_tokens"] + 5 * u["output_tokens"] for _, u in oracle.bills)
     live = gateway.usage(user)
-    assert set(statuses) == {200, 429} and statuses.count(200) == len(oracle.bills)
+    assert {200, 429} <= set(statuses) <= {200, 429, 503}
+    assert statuses.count(200) == len(oracle.bills)
     assert live.reserved == 0 and live.tokens_this_month == billed <= LIMIT
 
 
