@@ -13,7 +13,7 @@ Text is counted in four tiers of exactness, tried in order:
 
 Claude models are counted in bytes on purpose (``BYTES_ENCODING``): Anthropic ships no
 tokenizer, and its tokens, like every byte-level BPE's, cover at least one byte each.
-The bound is loose (about 3 to 4 times the real count for English) but never low, and
+The bound is loose (2.4 to 6 times a BPE count: code to English prose) but never low, and
 settlement charges the usage Anthropic reports.
 
 Every billed part of a request counts (contract section 5), each as the provider bills
