@@ -246,6 +246,28 @@ SETTINGS: tuple[Setting, ...] = (
         area="gateway",
     ),
     Setting(
+        "ANTHROPIC_BASE_URL",
+        None,
+        "where `/v1/messages` goes (`https://api.anthropic.com/v1`), with "
+        "`ANTHROPIC_API_KEY` as `x-api-key`; `None`: `OPENAI_BASE_URL`'s `messages` (a "
+        "proxy that serves both APIs)",
+        Rule(
+            lambda v: not v or _is_http_url(v),
+            "{value!r} is not an http(s) URL.",
+            hint="For example https://api.anthropic.com/v1",
+        ),
+        "llm_quota.E060",
+        area="gateway",
+    ),
+    Setting(
+        "ANTHROPIC_API_KEY",
+        None,
+        "the key sent to `ANTHROPIC_BASE_URL`",
+        Rule(lambda v: v is None or isinstance(v, str), "must be a string or None."),
+        "llm_quota.E061",
+        area="gateway",
+    ),
+    Setting(
         "UPSTREAM_CONNECT_TIMEOUT",
         10.0,
         "seconds to connect to the upstream",

@@ -17,6 +17,16 @@ from rest_framework.exceptions import AuthenticationFailed, NotAuthenticated
 from rest_framework.request import Request
 
 
+def api_key_as_bearer(request: Any) -> None:
+    """Read ``x-api-key`` (how the ``anthropic`` SDK sends its key) as the bearer token,
+    when no ``Authorization`` header came: the same credential, checked by the same
+    authentication as every other ``/v1/`` request."""
+    meta = request.META
+    key = meta.get("HTTP_X_API_KEY")
+    if key and not meta.get("HTTP_AUTHORIZATION"):
+        meta["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+
+
 def _authenticate_header(request: Request) -> str | None:
     for authenticator in request.authenticators or ():
         # Never the test client's ForcedAuthentication here: these requests are built

@@ -1,7 +1,7 @@
-"""The async gateway: ``POST /v1/chat/completions`` as a Django async view, for ASGI.
+"""The async gateway: the gated ``POST``s of ``/v1/`` as Django async views, for ASGI.
 
-The same request path as ``views.ChatCompletionsView`` (JWT, the chat scope, the
-body parsed once, admission, then ``ChatCall``: the upstream call, settle) and the
+The same request path as ``views.GatedView`` (JWT, the chat scope, the body parsed
+once by its API's shape, admission, then ``GatedCall``: the upstream call, settle) and the
 same answers: statuses, OpenAI-shaped errors, rate-limit headers, ``Retry-After``,
 ``x-should-retry``. What differs is that no thread waits: admission and settle go
 through the guard's async methods (``AsyncLedger``), the upstream through its async
@@ -14,7 +14,8 @@ pieces rather than a copy of them: its ``Request`` parses the body and authentic
 exactly as the sync view's does, ``HasScope``'s check is ``require_scopes``, and
 every error goes through ``drf.errors.response_for_exception``.
 
-``LLM_QUOTA["ASYNC_GATEWAY"] = True`` routes ``/v1/chat/completions`` here; serve the
+``LLM_QUOTA["ASYNC_GATEWAY"] = True`` routes ``/v1/chat/completions``,
+``/v1/responses`` and ``/v1/embeddings`` here; serve the
 project with an ASGI server (uvicorn), or every request runs its own event loop. Call
 ``warm_up()`` in the ASGI module, after ``get_asgi_application()``, so that a worker's
 first requests find the URLs imported and the tokenizers loaded.
@@ -31,17 +32,22 @@ from rest_framework.exceptions import MethodNotAllowed
 from rest_framework.request import Request
 
 from llm_quota.conf import quota_settings
+from llm_quota.drf.anthropic import anthropic_answer
 from llm_quota.drf.api_keys import credential_of
-from llm_quota.drf.authenticate import authenticate
+from llm_quota.drf.authenticate import api_key_as_bearer, authenticate
 from llm_quota.drf.errors import response_for_exception
 from llm_quota.drf.permissions import require_scopes, scopes_plan
-from llm_quota.gateway.chat_call import ChatCall
+from llm_quota.gateway.call import GatedCall
 from llm_quota.gateway.views import OpenAIView, organization
 from llm_quota.ledger.plans import Plan
 from llm_quota.quota.drivers import Blocking, arun
 from llm_quota.quota.guard import QuotaGuard
 from llm_quota.rules import estimation
+from llm_quota.shapes.base import ShapeRequest
 from llm_quota.shapes.chat import ChatRequest
+from llm_quota.shapes.embeddings import EmbeddingsRequest
+from llm_quota.shapes.messages import MessagesRequest
+from llm_quota.shapes.responses import ResponsesRequest
 
 #: The encodings OpenAI's current models use (``estimation.FALLBACK_ENCODING`` stands
 #: in for unknown models).
@@ -63,9 +69,10 @@ def warm_up(encodings: tuple[str, ...] = WARM_ENCODINGS) -> None:
         estimation.load_encoding(name)
 
 
-class AsyncChatCompletionsView(View):
-    """``ChatCompletionsView`` as an async view (see the module docstring)."""
+class AsyncGatedView(View):
+    """``views.GatedView`` as an async view (see the module docstring)."""
 
+    shape: Any = ChatRequest  # a ``ShapeRequest`` class: ``shape.from_body(data)``
     http_method_names = ["post", "options"]
     authentication_classes = OpenAIView.authentication_classes
     parser_classes = OpenAIView.parser_classes
@@ -93,39 +100,68 @@ class AsyncChatCompletionsView(View):
         response["Allow"] = self.allow_header()  # DRF sends it on every response too
         return response
 
-    def admission_plan(self, request: HttpRequest) -> Plan[tuple[ChatRequest, QuotaGuard, Any]]:
+    def admission_plan(self, request: HttpRequest) -> Plan[tuple[ShapeRequest, QuotaGuard, Any]]:
         """Authenticate (simplejwt reads the token's user: in a thread), check the scope,
         parse the body once and admit: the sync view's steps, as one plan."""
         drf_request = self.initialize_request(request)
         user, auth = yield Blocking(authenticate, (drf_request,))
         require_scopes(self.required_scopes, (yield from scopes_plan(user, auth)))
-        chat = ChatRequest.from_body(drf_request.data)
+        call: ShapeRequest = self.shape.from_body(drf_request.data)
         guard = QuotaGuard(
-            user, api_key=credential_of(auth), team=organization(request), **chat.quota_kwargs()
+            user, api_key=credential_of(auth), team=organization(request), **call.quota_kwargs()
         )
         yield from guard.admit_plan()
-        return chat, guard, user
+        return call, guard, user
 
     async def answer(self, request: HttpRequest) -> HttpResponseBase:
         try:
-            chat, guard, user = await arun(self.admission_plan(request))
+            call, guard, user = await arun(self.admission_plan(request))
         except Exception as exc:
             response = response_for_exception(exc)
             if response is None:
                 raise
-            return response
-        return await ChatCall(chat, guard, user).aanswer()
+            return self.shaped(response)
+        return await GatedCall(call, guard, user, self.shaped).aanswer()
+
+    @staticmethod
+    def shaped(response: HttpResponseBase) -> HttpResponseBase:
+        """An answer in this API's shape (made in OpenAI's)."""
+        return response
 
     def allow_header(self) -> str:
         # Django's View._allowed_methods (private, so not in the stubs), as APIView uses it.
         return ", ".join(self._allowed_methods())  # type: ignore[attr-defined]
 
     def http_method_not_allowed(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
-        response = response_for_exception(MethodNotAllowed(request.method or ""))
-        assert response is not None
+        refused = response_for_exception(MethodNotAllowed(request.method or ""))
+        assert refused is not None
+        response = self.shaped(refused)
         response["Allow"] = self.allow_header()
 
         async def answer() -> HttpResponseBase:
             return response
 
         return answer()
+
+
+class AsyncChatCompletionsView(AsyncGatedView):
+    shape = ChatRequest
+
+
+class AsyncResponsesView(AsyncGatedView):
+    shape = ResponsesRequest
+
+
+class AsyncEmbeddingsView(AsyncGatedView):
+    shape = EmbeddingsRequest
+
+
+class AsyncMessagesView(AsyncGatedView):
+    """``views.MessagesView`` as an async view: ``x-api-key`` or Bearer, Anthropic's shape."""
+
+    shape = MessagesRequest
+    shaped = staticmethod(anthropic_answer)
+
+    def initialize_request(self, request: HttpRequest) -> Request:
+        api_key_as_bearer(request)
+        return super().initialize_request(request)

@@ -3,20 +3,22 @@
 Nothing is buffered: each upstream event is re-emitted as soon as it is read. The
 relay watches what passes through, so that the reservation is settled
 
-- from the upstream's final usage chunk (the gateway always asks for one with
-  ``stream_options.include_usage``), or, when the upstream sends none, from the text
-  it streamed as counted by ``estimation.count_output``;
+- from the upstream's final usage (chat's usage chunk, which the gateway always asks
+  for with ``stream_options.include_usage``; Responses' ``response.completed``), or,
+  when the upstream sends none, from the text it streamed as counted by
+  ``estimation.count_output``;
 - when the client disconnects, from what had been generated until then; closing the
   upstream response stops the generation, so nothing is generated, or reserved,
   after that;
 - when the upstream drops the connection mid-stream, or ends the stream without its
-  ``[DONE]`` (cut short, however cleanly the connection closed), from what it had
-  sent; the client then gets an ``error`` event instead of ``[DONE]``, which the
+  last event (cut short, however cleanly the connection closed), from what it had
+  sent; the client then gets an ``error`` event instead of the closing one, which the
   OpenAI SDKs raise as ``APIError``, so a cut-off answer never looks whole.
 
 The usage-only final chunk is passed on only to a client that asked for it.
 
-What happens to each event is the chat shape's ``StreamWatch``, with no I/O; ``Relay``
+What happens to each event is the API shape's ``Watch`` (``shapes.base``: chat's
+``StreamWatch``, the Responses and Messages watches), with no I/O; ``Relay``
 (the sync gateway, a generator) and ``AsyncRelay`` (the async gateway, an async
 generator) only move the events and settle through the guard's sync or async methods.
 """
@@ -30,43 +32,43 @@ from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 
 from asgiref.sync import async_to_sync
 
-from llm_quota.drf.errors import error_body
 from llm_quota.gateway import sse
 from llm_quota.gateway.settlement import asettle, settle
 from llm_quota.gateway.upstream import AsyncUpstreamStream, UpstreamError, UpstreamStream
 from llm_quota.quota.guard import QuotaGuard
-from llm_quota.shapes.chat import DONE, StreamWatch
+from llm_quota.shapes.base import Watch
 
 logger = logging.getLogger("llm_quota")
 
 
-#: The upstream stopped streaming before its ``[DONE]``.
+#: The upstream stopped streaming before its last event.
 TRUNCATED = UpstreamError(
     502, "The upstream ended the stream before the answer was complete.", code="upstream_truncated"
 )
 
 
-def failure_event(exc: UpstreamError) -> bytes:
-    """The ``error`` event that ends a stream the upstream broke off."""
-    return sse.event(error_body(exc.message, type="upstream_error", code=exc.code))
+def failure_event(watch: Watch, exc: UpstreamError) -> bytes:
+    """The ``error`` event that ends a stream the upstream broke off, in its API's shape."""
+    name, payload = watch.failure(exc.message, exc.code)
+    return sse.event(payload, name)
 
 
-def last_event(watch: StreamWatch, model: str) -> bytes | None:
-    """What ends the client's stream once the upstream's stopped: ``[DONE]`` after the
-    upstream's own, nothing after an error chunk it sent (already passed on), else an
-    ``error`` event: the stream was cut short."""
+def last_event(watch: Watch, model: str) -> bytes | None:
+    """What ends the client's stream once the upstream's stopped: the shape's closing
+    payload (chat's ``[DONE]``) after the upstream's own end, nothing after an error it
+    sent (already passed on), else an ``error`` event: the stream was cut short."""
     if watch.complete:
-        return sse.event(DONE)
+        return None if watch.done is None else sse.event(watch.done)
     if watch.ended:
         return None
-    logger.warning("upstream stream for %s ended without [DONE]: cut short", model)
-    return failure_event(TRUNCATED)
+    logger.warning("upstream stream for %s ended without its last event: cut short", model)
+    return failure_event(watch, TRUNCATED)
 
 
-def event_for(watch: StreamWatch, data: str) -> bytes | None:
+def event_for(watch: Watch, data: str) -> bytes | None:
     """The event to send the client for one upstream payload, or None to send nothing."""
     payload = watch.feed(data)
-    return None if payload is None else sse.event(payload)
+    return None if payload is None else sse.event(payload, watch.event_name)
 
 
 class Relay:
@@ -77,10 +79,10 @@ class Relay:
     reservation is settled and the upstream connection closed in every case.
     """
 
-    def __init__(self, stream: UpstreamStream, guard: QuotaGuard, *, include_usage: bool):
+    def __init__(self, stream: UpstreamStream, guard: QuotaGuard, watch: Watch):
         self.stream = stream
         self.guard = guard
-        self.watch = StreamWatch(include_usage)
+        self.watch = watch
         self._events = self._relay()
 
     def __iter__(self) -> Iterator[bytes]:
@@ -111,7 +113,7 @@ class Relay:
         except UpstreamError as exc:
             self._settle()
             logger.warning("upstream stream for %s failed: %s", self.guard.model, exc)
-            yield failure_event(exc)
+            yield failure_event(self.watch, exc)
             return
         except BaseException:
             self._settle()
@@ -131,7 +133,7 @@ class _Ending:
     can still be ended once it is garbage (see ``AsyncRelay``).
     """
 
-    def __init__(self, stream: AsyncUpstreamStream, guard: QuotaGuard, watch: StreamWatch):
+    def __init__(self, stream: AsyncUpstreamStream, guard: QuotaGuard, watch: Watch):
         self.stream = stream
         self.guard = guard
         self.watch = watch
@@ -181,8 +183,8 @@ class AsyncRelay:
     The stream ends one of five ways, and each goes through ``_Ending.run``, which
     closes the upstream and settles once (a second call awaits the first):
 
-    - the upstream finished: from its usage, before ``[DONE]`` is sent;
-    - the upstream failed, or stopped without its ``[DONE]``: from what it sent, then
+    - the upstream finished: from its usage, before the closing event is sent;
+    - the upstream failed, or stopped without its last event: from what it sent, then
       an ``error`` event;
     - the client left while the relay awaited the upstream: the ASGI handler cancels
       the request's task, ``CancelledError`` arrives here, and the settle runs in a
@@ -197,12 +199,10 @@ class AsyncRelay:
       ends it on its loop rather than leave it reserved until ``RESERVATION_TTL``.
     """
 
-    def __init__(
-        self, stream: AsyncUpstreamStream, guard: QuotaGuard, *, include_usage: bool
-    ) -> None:
+    def __init__(self, stream: AsyncUpstreamStream, guard: QuotaGuard, watch: Watch) -> None:
         self.stream = stream
         self.guard = guard
-        self.watch = StreamWatch(include_usage)
+        self.watch = watch
         self._ending = _Ending(stream, guard, self.watch)
         self._events = self._relay()
         self._closing: asyncio.Task[None] | None = None
@@ -224,7 +224,7 @@ class AsyncRelay:
         except UpstreamError as exc:
             await self._ending.run()
             logger.warning("upstream stream for %s failed: %s", self.guard.model, exc)
-            yield failure_event(exc)
+            yield failure_event(self.watch, exc)
             return
         except BaseException:
             # CancelledError (the client left), GeneratorExit (aclose), or a bug.

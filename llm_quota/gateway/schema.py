@@ -14,6 +14,7 @@ from typing import Any
 from rest_framework import serializers
 
 from llm_quota.shapes.chat import CAP_FIELDS, MAX_CHOICES, ROLES
+from llm_quota.shapes.embeddings import MAX_INPUTS
 
 spectacular: ModuleType | None
 try:
@@ -109,7 +110,100 @@ class ModelListSerializer(serializers.Serializer):
     data = ModelSerializer(many=True)  # type: ignore[assignment]
 
 
-def _errors(*statuses: int) -> dict[int, Any]:
+class ResponseRequestSerializer(serializers.Serializer):
+    model = serializers.CharField(max_length=128)
+    input = serializers.JSONField(help_text="A string, or an array of input items.")
+    instructions = serializers.CharField(required=False, allow_null=True)
+    tools = serializers.ListField(child=serializers.DictField(), required=False)
+    max_output_tokens = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    stream = serializers.BooleanField(required=False)
+
+
+class ResponseUsageSerializer(serializers.Serializer):
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField(help_text="Reasoning tokens included.")
+    total_tokens = serializers.IntegerField()
+
+
+class ResponseSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.CharField()
+    created_at = serializers.IntegerField()
+    status = serializers.CharField()
+    model = serializers.CharField()
+    output = serializers.ListField(child=serializers.DictField())
+    usage = ResponseUsageSerializer(required=False)
+
+
+class EmbeddingRequestSerializer(serializers.Serializer):
+    model = serializers.CharField(max_length=128)
+    input = serializers.JSONField(
+        help_text="A string, an array of strings, an array of token ids, or an array of "
+        f"token id arrays (at most {MAX_INPUTS} inputs)."
+    )
+    encoding_format = serializers.ChoiceField(choices=["float", "base64"], required=False)
+    dimensions = serializers.IntegerField(min_value=1, required=False)
+    user = serializers.CharField(required=False)
+
+
+class EmbeddingSerializer(serializers.Serializer):
+    object = serializers.CharField()
+    index = serializers.IntegerField()
+    embedding = serializers.JSONField(help_text="Floats, or base64 of float32.")
+
+
+class EmbeddingUsageSerializer(serializers.Serializer):
+    prompt_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class EmbeddingListSerializer(serializers.Serializer):
+    object = serializers.CharField()
+    data = EmbeddingSerializer(many=True)  # type: ignore[assignment]
+    model = serializers.CharField()
+    usage = EmbeddingUsageSerializer()
+
+
+class AnthropicMessageSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=["user", "assistant"])
+    content = serializers.JSONField(help_text="A string or an array of content blocks.")
+
+
+class MessagesRequestSerializer(serializers.Serializer):
+    model = serializers.CharField(max_length=128)
+    max_tokens = serializers.IntegerField(min_value=1)
+    messages = AnthropicMessageSerializer(many=True, allow_empty=False)
+    system = serializers.JSONField(required=False, help_text="A string or text blocks.")
+    tools = serializers.ListField(child=serializers.DictField(), required=False)
+    stream = serializers.BooleanField(required=False)
+
+
+class MessageUsageSerializer(serializers.Serializer):
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField()
+
+
+class MessageSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    type = serializers.CharField()
+    role = serializers.CharField()
+    model = serializers.CharField()
+    content = serializers.ListField(child=serializers.DictField())
+    stop_reason = serializers.CharField(allow_null=True)
+    usage = MessageUsageSerializer()
+
+
+class AnthropicErrorBodySerializer(serializers.Serializer):
+    type = serializers.CharField()
+    message = serializers.CharField()
+
+
+class AnthropicErrorSerializer(serializers.Serializer):
+    type = serializers.CharField()
+    error = AnthropicErrorBodySerializer()
+
+
+def _errors(*statuses: int, serializer: Any = ErrorSerializer) -> dict[int, Any]:
     text = {
         400: "Invalid request (the field is named in `param`).",
         401: "No or bad access token.",
@@ -121,7 +215,7 @@ def _errors(*statuses: int) -> dict[int, Any]:
         503: "The quota service is unavailable (FAIL_OPEN off).",
         504: "The upstream timed out.",
     }
-    return {s: OpenApiResponse(ErrorSerializer, description=text[s]) for s in statuses}
+    return {s: OpenApiResponse(serializer, description=text[s]) for s in statuses}
 
 
 chat_completions = extend_schema(
@@ -145,4 +239,50 @@ list_models = extend_schema(
 retrieve_model = extend_schema(
     operation_id="models_retrieve",
     responses={200: ModelSerializer, **_errors(401, 403, 404)},
+)
+responses = extend_schema(
+    operation_id="responses_create",
+    summary="Create a model response (OpenAI Responses API), under the caller's quota",
+    description=(
+        "`max_output_tokens` (reasoning included) is always sent, perhaps lowered to what "
+        "the quota allows (header `x-llm-quota-max-tokens`). With `stream: true` the answer "
+        "is the API's typed server-sent events, ending with `response.completed`. "
+        "`previous_response_id` and `conversation` are refused (400): the gateway could "
+        "not count the stored input they bill; so is `background: true`, billed after "
+        "the call returns."
+    ),
+    request=ResponseRequestSerializer,
+    responses={
+        200: OpenApiResponse(ResponseSerializer, description="The response."),
+        **_errors(400, 401, 403, 413, 429, 502, 503, 504),
+    },
+)
+embeddings = extend_schema(
+    operation_id="embeddings_create",
+    summary="Create embeddings (OpenAI Embeddings API), under the caller's quota",
+    description=(
+        "Priced by input tokens only, counted exactly (token arrays by their length); "
+        f"a batch of up to {MAX_INPUTS} inputs is one reservation."
+    ),
+    request=EmbeddingRequestSerializer,
+    responses={
+        200: OpenApiResponse(EmbeddingListSerializer, description="The embeddings."),
+        **_errors(400, 401, 403, 413, 429, 502, 503, 504),
+    },
+)
+messages = extend_schema(
+    operation_id="messages_create",
+    summary="Create a message (Anthropic Messages API), under the caller's quota",
+    description=(
+        "Authenticated by `x-api-key` or a Bearer token. `max_tokens` is required and may "
+        "be lowered to what the quota allows (header `x-llm-quota-max-tokens`). With "
+        "`stream: true` the answer is Anthropic's named server-sent events, from "
+        "`message_start` to `message_stop`. Errors are in Anthropic's shape, refusals "
+        "with `retry-after` and `anthropic-ratelimit-*` headers."
+    ),
+    request=MessagesRequestSerializer,
+    responses={
+        200: OpenApiResponse(MessageSerializer, description="The message."),
+        **_errors(400, 401, 403, 413, 429, 502, 503, 504, serializer=AnthropicErrorSerializer),
+    },
 )

@@ -1,4 +1,4 @@
-"""Settle a call from what its answer says it used (``shapes.chat.Used``).
+"""Settle a call from what its answer says it used (``shapes.base.Used``).
 
 Which of the two the answer supports is decided by the shape (``Used.usage`` when the
 upstream reported one, else the generated text); a reported usage goes with the text,
@@ -9,7 +9,7 @@ sync or async, and do nothing for a guard already finished.
 from __future__ import annotations
 
 from llm_quota.quota.guard import QuotaGuard
-from llm_quota.shapes.chat import Used
+from llm_quota.shapes.base import Used
 
 
 def settle(guard: QuotaGuard, used: Used) -> None:

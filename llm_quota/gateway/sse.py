@@ -1,7 +1,10 @@
-"""Server-sent events, as the Chat Completions API streams them.
+"""Server-sent events, as the OpenAI and Anthropic APIs stream them.
 
 Only what the gateway needs: read the ``data`` of each event from an upstream's lines
-(``event``/``id``/comments are dropped, multi-line data joined), and write one event.
+(``event``/``id``/comments are dropped, multi-line data joined: every API the gateway
+serves repeats the event's name in its data's ``type``), and write one event, named
+where the API names them (the Responses and Messages APIs; the Anthropic SDK reads
+the name).
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ async def aiter_data(lines: AsyncIterable[str]) -> AsyncIterator[str]:
         yield data
 
 
-def event(data: str | dict[str, Any]) -> bytes:
-    """One event carrying ``data`` (a JSON-able dict, or text such as ``[DONE]``)."""
+def event(data: str | dict[str, Any], name: str | None = None) -> bytes:
+    """One event carrying ``data`` (a JSON-able dict, or text such as ``[DONE]``),
+    named ``name`` where given."""
     text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
+    head = f"event: {name}\n" if name else ""
+    return f"{head}data: {text}\n\n".encode()

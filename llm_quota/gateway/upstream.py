@@ -1,8 +1,11 @@
-"""The gateway's upstream: the OpenAI-compatible server at ``OPENAI_BASE_URL``, or the
+"""The gateway's upstream: the OpenAI-compatible server at ``OPENAI_BASE_URL`` (and,
+for Anthropic's Messages API, the one at ``ANTHROPIC_BASE_URL`` where set), or the
 class ``LLM_QUOTA["UPSTREAM"]`` names.
 
-An upstream offers two calls over a Chat Completions body, each sync and async:
-``complete(body)``/``acomplete(body)`` return the JSON response;
+An upstream offers two calls over a request body, each sync and async, posted to
+``path`` under its base URL (``chat/completions`` unless told: ``responses``,
+``embeddings``, ``messages``; an upstream class written for chat alone is only ever
+called without it): ``complete(body)``/``acomplete(body)`` return the JSON response;
 ``stream(body)``/``astream(body)`` return a stream yielding the ``data`` of each
 server-sent event (``for``, then ``close()``; or ``async for``, then ``aclose()``),
 the final ``[DONE]`` included: a stream that stops without it was cut short, and the
@@ -36,6 +39,8 @@ from llm_quota.gateway import sse
 #: Upstream statuses that are about the gateway's own credentials: the caller cannot fix
 #: them, and passing a 401 on would make the SDK blame the caller's token.
 GATEWAY_FAULTS = frozenset({401, 403})
+#: The path of the Chat Completions API, the one every upstream serves.
+CHAT_PATH = "chat/completions"
 #: Upstream headers worth passing on with an error (when and whether to retry).
 PASSED_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
 
@@ -96,21 +101,22 @@ class AsyncUpstreamStream(Protocol):
 
 
 class Upstream(Protocol):
-    """What ``LLM_QUOTA["UPSTREAM"]`` names: a class built with no arguments."""
+    """What ``LLM_QUOTA["UPSTREAM"]`` names: a class built with no arguments. ``path``
+    is passed only for APIs besides chat (``gateway.call``)."""
 
-    def complete(self, body: dict[str, Any]) -> dict[str, Any]: ...
+    def complete(self, body: dict[str, Any], path: str = CHAT_PATH) -> dict[str, Any]: ...
 
-    def stream(self, body: dict[str, Any]) -> UpstreamStream: ...
+    def stream(self, body: dict[str, Any], path: str = CHAT_PATH) -> UpstreamStream: ...
 
-    async def acomplete(self, body: dict[str, Any]) -> dict[str, Any]: ...
+    async def acomplete(self, body: dict[str, Any], path: str = CHAT_PATH) -> dict[str, Any]: ...
 
-    async def astream(self, body: dict[str, Any]) -> AsyncUpstreamStream: ...
+    async def astream(self, body: dict[str, Any], path: str = CHAT_PATH) -> AsyncUpstreamStream: ...
 
 
 class NotConfigured:
     """The upstream when none is configured: every call is a 502, never an invented answer."""
 
-    def _refuse(self, body: dict[str, Any]) -> Any:
+    def _refuse(self, body: dict[str, Any], path: str = CHAT_PATH) -> Any:
         raise UpstreamError(
             502,
             "The gateway has no upstream: set LLM_QUOTA['OPENAI_BASE_URL'] "
@@ -120,32 +126,51 @@ class NotConfigured:
 
     complete = stream = _refuse
 
-    async def acomplete(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def acomplete(self, body: dict[str, Any], path: str = CHAT_PATH) -> dict[str, Any]:
         return self._refuse(body)
 
-    async def astream(self, body: dict[str, Any]) -> AsyncUpstreamStream:
+    async def astream(self, body: dict[str, Any], path: str = CHAT_PATH) -> AsyncUpstreamStream:
         return self._refuse(body)
 
 
 # -- what the sync and async HTTP clients share ------------------------------------------
 
 
+#: The path of Anthropic's Messages API, sent to ``ANTHROPIC_BASE_URL`` where one is set.
+MESSAGES_PATH = "messages"
+#: The Messages API version the gateway speaks (the ``anthropic`` SDK's default).
+ANTHROPIC_VERSION = "2023-06-01"
+
+
+def _auth_headers(api_key: str | None, scheme: str) -> dict[str, str]:
+    """An OpenAI-compatible server takes a bearer key; Anthropic's API ``x-api-key``
+    and the version of the API spoken."""
+    if scheme == "anthropic":
+        headers = {"anthropic-version": ANTHROPIC_VERSION}
+        return {**headers, "x-api-key": api_key} if api_key else headers
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def _client_options(
-    base_url: str, api_key: str | None, connect_timeout: float, read_timeout: float
+    base_url: str,
+    api_key: str | None,
+    connect_timeout: float,
+    read_timeout: float,
+    scheme: str = "openai",
 ) -> dict[str, Any]:
     """``httpx.Client``/``AsyncClient`` arguments: one pool per process (per loop)."""
     import httpx
 
     return {
         "base_url": base_url,
-        "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {},
+        "headers": _auth_headers(api_key, scheme),
         "timeout": httpx.Timeout(read_timeout, connect=connect_timeout),
         "limits": httpx.Limits(max_connections=200, max_keepalive_connections=50),
     }
 
 
-def _request(client: Any, body: dict[str, Any]) -> Any:
-    return client.build_request("POST", "chat/completions", json=body)
+def _request(client: Any, body: dict[str, Any], path: str) -> Any:
+    return client.build_request("POST", path, json=body)
 
 
 def _unreachable(exc: Exception) -> UpstreamError:
@@ -250,9 +275,15 @@ class HttpUpstream:
     """
 
     def __init__(
-        self, base_url: str, api_key: str | None, *, connect_timeout: float, read_timeout: float
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        scheme: str = "openai",
     ) -> None:
-        self.options = (base_url, api_key, connect_timeout, read_timeout)
+        self.options = (base_url, api_key, connect_timeout, read_timeout, scheme)
         self._client: Any = None
         self._lock = threading.Lock()
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
@@ -279,41 +310,41 @@ class HttpUpstream:
             client = self._async_clients.setdefault(loop, built)  # another may have won
         return client
 
-    def _send(self, body: dict[str, Any], *, stream: bool) -> Any:
+    def _send(self, body: dict[str, Any], path: str, *, stream: bool) -> Any:
         import httpx
 
         client = self.client
         try:
-            response = client.send(_request(client, body), stream=stream)
+            response = client.send(_request(client, body, path), stream=stream)
         except httpx.HTTPError as exc:
             raise _unreachable(exc) from exc
         if response.status_code >= 400:
             raise _refusal(response, _drained(response))
         return response
 
-    async def _asend(self, body: dict[str, Any], *, stream: bool) -> Any:
+    async def _asend(self, body: dict[str, Any], path: str, *, stream: bool) -> Any:
         import httpx
 
         client = await self.aclient()
         try:
-            response = await client.send(_request(client, body), stream=stream)
+            response = await client.send(_request(client, body, path), stream=stream)
         except httpx.HTTPError as exc:
             raise _unreachable(exc) from exc
         if response.status_code >= 400:
             raise _refusal(response, await _adrained(response))
         return response
 
-    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        return _completion(self._send(body, stream=False))
+    def complete(self, body: dict[str, Any], path: str = CHAT_PATH) -> dict[str, Any]:
+        return _completion(self._send(body, path, stream=False))
 
-    def stream(self, body: dict[str, Any]) -> HttpStream:
-        return HttpStream(self._send(body, stream=True))
+    def stream(self, body: dict[str, Any], path: str = CHAT_PATH) -> HttpStream:
+        return HttpStream(self._send(body, path, stream=True))
 
-    async def acomplete(self, body: dict[str, Any]) -> dict[str, Any]:
-        return _completion(await self._asend(body, stream=False))
+    async def acomplete(self, body: dict[str, Any], path: str = CHAT_PATH) -> dict[str, Any]:
+        return _completion(await self._asend(body, path, stream=False))
 
-    async def astream(self, body: dict[str, Any]) -> HttpStream:
-        return HttpStream(await self._asend(body, stream=True))
+    async def astream(self, body: dict[str, Any], path: str = CHAT_PATH) -> HttpStream:
+        return HttpStream(await self._asend(body, path, stream=True))
 
 
 def _async_client(options: tuple[Any, ...]) -> Any:
@@ -327,18 +358,21 @@ _configured_upstreams: dict[str, Upstream] = {}
 _lock = threading.Lock()
 
 
-def _http_upstream(base_url: str) -> HttpUpstream:
+def _http_upstream(base_url: str, api_key: str | None, scheme: str = "openai") -> HttpUpstream:
     """The ``HttpUpstream`` of the current settings, one per configuration and process."""
     key = (
         str(base_url),
-        quota_settings.OPENAI_API_KEY,
+        api_key,
         float(quota_settings.UPSTREAM_CONNECT_TIMEOUT),
         float(quota_settings.UPSTREAM_READ_TIMEOUT),
+        scheme,
     )
     with _lock:
         upstream = _clients.get(key)
         if upstream is None:
-            upstream = HttpUpstream(key[0], key[1], connect_timeout=key[2], read_timeout=key[3])
+            upstream = HttpUpstream(
+                key[0], key[1], connect_timeout=key[2], read_timeout=key[3], scheme=scheme
+            )
             _clients[key] = upstream
     return upstream
 
@@ -352,13 +386,17 @@ def _configured(dotted: str) -> Upstream:
     return upstream
 
 
-def get_upstream() -> Upstream:
-    """The configured upstream: an instance of ``UPSTREAM``'s class where one is named,
-    else the server at ``OPENAI_BASE_URL``, else ``NotConfigured``."""
+def get_upstream(path: str = CHAT_PATH) -> Upstream:
+    """The configured upstream for ``path``: an instance of ``UPSTREAM``'s class where one
+    is named; for Anthropic's ``messages``, the API at ``ANTHROPIC_BASE_URL`` where one is
+    set; else the server at ``OPENAI_BASE_URL``; else ``NotConfigured``."""
     dotted = quota_settings.UPSTREAM
     if dotted:
         return _configured(dotted)
+    anthropic_url = quota_settings.ANTHROPIC_BASE_URL
+    if path == MESSAGES_PATH and anthropic_url:
+        return _http_upstream(anthropic_url, quota_settings.ANTHROPIC_API_KEY, "anthropic")
     base_url = quota_settings.OPENAI_BASE_URL
     if not base_url:
         return NotConfigured()
-    return _http_upstream(base_url)
+    return _http_upstream(base_url, quota_settings.OPENAI_API_KEY)

@@ -1,16 +1,18 @@
-"""The OpenAI-compatible gateway: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+"""The OpenAI-compatible gateway: ``POST /v1/chat/completions``, ``/v1/responses``,
+``/v1/embeddings``, and ``GET /v1/models``.
 
 Any OpenAI SDK gets per-user quotas by pointing ``base_url`` here and passing an
 access token from ``/api/token/`` (or an API key, ``llm_quota/drf/api_keys.py``) as
-``api_key``. The path of a chat request reads top to bottom: ``ApiKeyAuthentication``
-or ``JWTAuthentication`` → ``HasScope`` (``llm:chat``) → the body parsed
-once (``ChatRequest``) → admission (``QuotaGuard``) → ``ChatCall``: the upstream call
-with the reserved cap, then settle. Every error, ours or the upstream's, is answered
-in OpenAI's shape (``drf.errors``).
+``api_key``. The path of a request reads top to bottom: ``ApiKeyAuthentication`` or
+``JWTAuthentication`` → ``HasScope`` (``llm:chat``) → the body parsed once by its API's
+shape (``ChatRequest``, ``ResponsesRequest``, ``EmbeddingsRequest``, ``MessagesRequest``)
+→ admission (``QuotaGuard``, with the key and the team that pay) → ``GatedCall``: the
+upstream call with the reserved cap, then settle. Every error, ours or the upstream's,
+is answered in OpenAI's shape (``drf.errors``), or Anthropic's on ``/v1/messages``.
 
-The view owns its reservation from admission to settle (``chat_call``); no throttle
-and no middleware touches it. ``async_views`` is the same endpoint as a Django async
-view, for ASGI servers (``LLM_QUOTA["ASYNC_GATEWAY"]``), sharing every step but the
+The view owns its reservation from admission to settle (``call``); no throttle
+and no middleware touches it. ``async_views`` is the same endpoints as Django async
+views, for ASGI servers (``LLM_QUOTA["ASYNC_GATEWAY"]``), sharing every step but the
 waiting.
 """
 
@@ -28,16 +30,22 @@ from rest_framework.views import APIView
 from rest_framework_simplejwt.authentication import JWTAuthentication
 
 from llm_quota.conf import quota_settings
+from llm_quota.drf.anthropic import anthropic_answer
 from llm_quota.drf.api_keys import ApiKeyAuthentication, credential_of
+from llm_quota.drf.authenticate import api_key_as_bearer
 from llm_quota.drf.errors import error_response, exception_handler
 from llm_quota.drf.parsers import JSONParser
 from llm_quota.drf.permissions import HasScope
 from llm_quota.gateway import schema as gateway_schema
-from llm_quota.gateway.chat_call import ChatCall
+from llm_quota.gateway.call import GatedCall
 from llm_quota.quota.guard import QuotaGuard
 from llm_quota.rules.policy import policy_for
 from llm_quota.rules.pricing import priced_models
+from llm_quota.shapes.base import ShapeRequest
 from llm_quota.shapes.chat import ChatRequest
+from llm_quota.shapes.embeddings import EmbeddingsRequest
+from llm_quota.shapes.messages import MessagesRequest
+from llm_quota.shapes.responses import ResponsesRequest
 
 
 class IgnoreAccept(BaseContentNegotiation):
@@ -71,17 +79,71 @@ class OpenAIView(APIView):
         return exception_handler
 
 
-class ChatCompletionsView(OpenAIView):
+class GatedView(OpenAIView):
+    """A gated ``POST`` of one API: its ``shape`` reads the body; the rest is shared."""
+
     throttle_classes: list[Any] = []  # the view admits the call itself, below
+    shape: Any = ChatRequest  # a ``ShapeRequest`` class: ``shape.from_body(data)``
+
+    def post(self, request: Any, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        call: ShapeRequest = self.shape.from_body(request.data)
+        guard = QuotaGuard(
+            request.user, api_key=credential_of(request.auth), team=organization(request),
+            **call.quota_kwargs(),
+        ).admit()  # fmt: skip
+        return GatedCall(call, guard, request.user, self.shaped).answer()
+
+    @staticmethod
+    def shaped(response: HttpResponseBase) -> HttpResponseBase:
+        """An answer in this API's shape (made in OpenAI's)."""
+        return response
+
+
+class ChatCompletionsView(GatedView):
+    shape = ChatRequest
 
     @gateway_schema.chat_completions
     def post(self, request: Any, *args: Any, **kwargs: Any) -> HttpResponseBase:
-        chat = ChatRequest.from_body(request.data)
-        guard = QuotaGuard(
-            request.user, api_key=credential_of(request.auth), team=organization(request),
-            **chat.quota_kwargs(),
-        ).admit()  # fmt: skip
-        return ChatCall(chat, guard, request.user).answer()
+        return super().post(request, *args, **kwargs)
+
+
+class ResponsesView(GatedView):
+    shape = ResponsesRequest
+
+    @gateway_schema.responses
+    def post(self, request: Any, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        return super().post(request, *args, **kwargs)
+
+
+def anthropic_exception_handler(exc: Exception, context: dict[str, Any]) -> Any:
+    """``exception_handler``, answered in Anthropic's shape."""
+    return anthropic_answer(exception_handler(exc, context))
+
+
+class MessagesView(GatedView):
+    """The Anthropic Messages API: ``x-api-key`` or Bearer, Anthropic's error shape."""
+
+    shape = MessagesRequest
+    shaped = staticmethod(anthropic_answer)
+
+    def initialize_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        api_key_as_bearer(request)
+        return super().initialize_request(request, *args, **kwargs)
+
+    def get_exception_handler(self) -> Any:
+        return anthropic_exception_handler
+
+    @gateway_schema.messages
+    def post(self, request: Any, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        return super().post(request, *args, **kwargs)
+
+
+class EmbeddingsView(GatedView):
+    shape = EmbeddingsRequest
+
+    @gateway_schema.embeddings
+    def post(self, request: Any, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        return super().post(request, *args, **kwargs)
 
 
 def organization(request: Any) -> str | None:

@@ -297,10 +297,11 @@ def _check_model_name(model: Any) -> None:
 
 
 def _check_max_tokens(max_tokens: Any) -> None:
+    """A cap of 0 is a call with no output at all (embeddings): only its input is priced."""
     if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0
     ):
-        raise InvalidRequest("'max_tokens' must be a positive integer.", param="max_tokens")
+        raise InvalidRequest("'max_tokens' must be a non-negative integer.", param="max_tokens")
     if max_tokens is not None and max_tokens > MAX_OUTPUT_TOKENS:
         raise InvalidRequest(
             f"'max_tokens' may be at most {MAX_OUTPUT_TOKENS}.", param="max_tokens"

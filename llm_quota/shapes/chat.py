@@ -25,10 +25,11 @@ import copy
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from llm_quota.exceptions import InvalidRequest
 from llm_quota.ledger import keys
+from llm_quota.shapes.base import Used, openai_failure, reported_usage
 from llm_quota.shapes.json_limits import check_json
 
 #: The body fields OpenAI bills as input, each passed to the guard under its own name
@@ -51,6 +52,8 @@ COMPLETION_CAP_MODELS = re.compile(r"^(?:ft:|[\w.-]+/)?(?:o\d|gpt-5)")
 MAX_CHOICES = 128
 #: The final event of a Chat Completions stream (not JSON); the relay sends its own.
 DONE = "[DONE]"
+#: Where the upstream serves the API, under its base URL.
+PATH = "chat/completions"
 
 
 def _positive_int(body: dict[str, Any], name: str, upper: int | None = None) -> int | None:
@@ -88,6 +91,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class ChatRequest:
+    path: ClassVar[str] = PATH
     body: dict[str, Any]
     model: str
     messages: list[dict[str, Any]]
@@ -185,6 +189,12 @@ class ChatRequest:
             body["stream_options"] = options
         return body
 
+    def read(self, answer: Any) -> Used:
+        return read_completion(answer)
+
+    def watch(self) -> StreamWatch:
+        return StreamWatch(self.include_usage)
+
 
 def cap_field_for(model: str, configured: str = "") -> str:
     """The field that caps ``model``'s output: the price row's ``output_cap_field`` when
@@ -223,24 +233,6 @@ def _choice_parts(body: Any, field: str) -> list[str]:
         if isinstance(choice, dict):
             parts += _parts(choice.get(field))
     return parts
-
-
-def reported_usage(usage: Any) -> dict[str, Any] | None:
-    """An upstream's ``usage`` object, else None: the caller then settles from the
-    generated text. Its counts are checked when settled: one that cannot be charged
-    (a string, a negative, 0 for a long answer, ``1e20``) is replaced there, field by
-    field (``quota.admission.usage_plan``)."""
-    return usage if isinstance(usage, dict) else None
-
-
-@dataclass(frozen=True)
-class Used:
-    """What a call used, as its answer tells: settle from ``usage`` when the upstream
-    reported one (``text`` standing in for a bad output count), else from ``text``,
-    what it generated (counted with the model's encoding)."""
-
-    usage: dict[str, Any] | None
-    text: str
 
 
 def read_completion(completion: Any) -> Used:
@@ -282,6 +274,11 @@ class StreamWatch:
     cleanly its connection closed. The usage-only final chunk (the gateway always asks
     for one) is passed on only to a client that asked for it (``include_usage``).
     """
+
+    #: Chat streams are data-only events, closed by ``[DONE]``.
+    event_name: str | None = None
+    done: str | None = DONE
+    failure = staticmethod(openai_failure)
 
     def __init__(self, include_usage: bool) -> None:
         self.include_usage = include_usage

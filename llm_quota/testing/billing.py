@@ -501,3 +501,167 @@ def _response_format(value: Any, count: Callable[[str], int]) -> int:
             shown = ""
         readings.append(count(shown))
     return max(readings)
+
+
+# -- the Responses and Embeddings APIs -----------------------------------------------------
+
+#: OpenAI's embedding models read at most this many tokens of one input.
+EMBEDDING_INPUT_TOKENS = 8192
+
+
+def response_messages(body: Mapping[str, Any]) -> list[Any]:
+    """A Responses body's prompt as the model reads it: the instructions as a system
+    message, then the input items (a string input is one user message)."""
+    items = body.get("input")
+    messages = [{"role": "user", "content": items}] if isinstance(items, str) else list(items or [])
+    if body.get("instructions"):
+        messages.insert(0, {"role": "system", "content": body["instructions"]})
+    return [_chat_item(item) for item in messages]
+
+
+def _chat_item(item: Any) -> Any:
+    """A Responses item with its parts renamed to chat's (``input_text`` is ``text``)."""
+    if not isinstance(item, dict) or not isinstance(item.get("content"), list):
+        return item
+    parts = []
+    for part in item["content"]:
+        if isinstance(part, dict) and part.get("type") in ("input_text", "output_text"):
+            part = {"type": "text", "text": part.get("text")}
+        elif isinstance(part, dict) and part.get("type") == "input_image":
+            part = {"type": "image_url", "image_url": {"url": part.get("image_url"),
+                                                      "detail": part.get("detail")}}  # fmt: skip
+        parts.append(part)
+    return {**item, "content": parts}
+
+
+def bill_response(body: Mapping[str, Any], media: Media | None = None) -> Bill:
+    """A Responses call: the prompt as chat bills it, the whole ``max_output_tokens``
+    written (half of it reasoning, for a reasoning model)."""
+    chat = {
+        "model": body.get("model"),
+        "messages": response_messages(body),
+        "tools": body.get("tools"),
+        "tool_choice": body.get("tool_choice"),
+        "max_completion_tokens": body.get("max_output_tokens"),
+    }
+    if isinstance(body.get("text"), dict) and body["text"].get("format") is not None:
+        chat["response_format"] = body["text"]["format"]
+    return bill({key: value for key, value in chat.items() if value is not None}, media)
+
+
+def response_usage(bill: Bill) -> dict[str, Any]:
+    return {
+        "input_tokens": bill.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": bill.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": bill.reasoning_tokens},
+        "total_tokens": bill.prompt_tokens + bill.completion_tokens,
+    }
+
+
+def embedding_tokens(body: Mapping[str, Any]) -> int:
+    """What OpenAI bills for an embeddings body: each text's tokens, each token array's
+    length; an input over ``EMBEDDING_INPUT_TOKENS`` is refused."""
+    value = body.get("input")
+    if isinstance(value, str) or (
+        isinstance(value, list) and value and all(isinstance(v, int) for v in value)
+    ):
+        value = [value]
+    if not isinstance(value, list) or not value or len(value) > 2048:
+        raise Refused("'$.input' is invalid.", code="invalid_input", param="input")
+    count = _counter(str(body.get("model")))
+    total = 0
+    for item in value:
+        tokens = count(item) if isinstance(item, str) else len(item)
+        if tokens > EMBEDDING_INPUT_TOKENS:
+            raise Refused(
+                f"This model's maximum context length is {EMBEDDING_INPUT_TOKENS} tokens, "
+                f"however you requested {tokens} tokens in the input.",
+                code="context_length_exceeded", param="input",
+            )  # fmt: skip
+        total += tokens
+    return total
+
+
+def embeddings_answer(body: Mapping[str, Any], prompt_tokens: int) -> dict[str, Any]:
+    """An embeddings answer in OpenAI's shape: a small deterministic vector per input,
+    as floats or as base64 of little-endian float32 (what the SDK asks for)."""
+    value = body.get("input")
+    items = value if isinstance(value, list) else [value]
+    count = 1 if all(isinstance(v, int) for v in items) else len(items)
+    dimensions: int = body["dimensions"] if isinstance(body.get("dimensions"), int) else 8
+    data = []
+    for index in range(count):
+        vector = [round(math.sin(index + d + 1), 6) for d in range(max(1, min(dimensions, 64)))]
+        if body.get("encoding_format") == "base64":
+            packed = struct.pack(f"<{len(vector)}f", *vector)
+            embedding: Any = base64.b64encode(packed).decode()
+        else:
+            embedding = vector
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    return {
+        "object": "list",
+        "data": data,
+        "model": body.get("model"),
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
+# -- the Anthropic Messages API ------------------------------------------------------------
+
+#: Anthropic's tool-use system prompt on the Claude 4 models ("Tool use: pricing").
+CLAUDE_TOOL_PROMPT = 346
+#: No Claude tokenizer ships offline: the oracle bills Claude's text with cl100k_base, a
+#: byte-level BPE of about the same density, as a stand-in for Anthropic's count.
+CLAUDE_STAND_IN = "gpt-4"
+
+
+def claude_prompt_tokens(body: Mapping[str, Any]) -> int:
+    """What Anthropic bills as input for a Messages body, as the oracle reads it: the
+    system prompt and the messages by the chat formula, the tools' JSON and the tool-use
+    system prompt, text counted with ``CLAUDE_STAND_IN``'s encoding."""
+    count = _counter(CLAUDE_STAND_IN)
+    messages = list(body.get("messages") or [])
+    if body.get("system"):
+        messages.insert(0, {"role": "system", "content": body["system"]})
+    total = _messages(messages, CLAUDE_STAND_IN, count, Media(lenient=True))
+    if body.get("tools"):
+        total += CLAUDE_TOOL_PROMPT + count(_json(body["tools"]))
+    if body.get("tool_choice") is not None:
+        total += count(_json(body["tool_choice"]))
+    return total
+
+
+def message_object(
+    body: Mapping[str, Any], text: str, usage: dict[str, Any], stop_reason: str
+) -> dict[str, Any]:
+    """An Anthropic ``message`` answer of ``text``."""
+    return {
+        "id": "msg_fake", "type": "message", "role": "assistant", "model": body.get("model"),
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": stop_reason, "stop_sequence": None, "usage": usage,
+    }  # fmt: skip
+
+
+def message_events(message: dict[str, Any], pieces: list[str]) -> list[dict[str, Any]]:
+    """A streamed ``message`` as Anthropic sends it: ``message_start`` (input usage),
+    ``content_block_*``, ``message_delta`` (the output count), ``message_stop``."""
+    usage = message["usage"]
+    start = {**message, "content": [], "stop_reason": None,
+             "usage": {**usage, "output_tokens": 1}}  # fmt: skip
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    ]
+    events += [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
+        for piece in pieces
+    ]
+    events += [
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"],
+                                            "stop_sequence": None},
+         "usage": {"output_tokens": usage["output_tokens"]}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+    return events

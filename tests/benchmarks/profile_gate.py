@@ -37,7 +37,7 @@ PARTS = (
     ("    bound_prompt", "llm_quota.quota.admission:bound_prompt"),
     ("    count_prompt", "llm_quota.quota.admission:count_prompt"),
     ("    Ledger.perform (each Redis round trip)", "llm_quota.ledger.sync_driver:Ledger.perform"),
-    ("  ChatCall.answer", "llm_quota.gateway.chat_call:ChatCall.answer"),
+    ("  GatedCall.answer", "llm_quota.gateway.call:GatedCall.answer"),
     ("    upstream_body", "llm_quota.shapes.chat:ChatRequest.upstream_body"),
     ("    fake provider complete", "llm_quota.testing.fake_provider:FakeProvider.complete"),
     ("    HTTP upstream complete", "llm_quota.gateway.upstream:HttpUpstream.complete"),

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from llm_quota.exceptions import BudgetExceeded, InvalidRequest, RateLimited
-from llm_quota.gateway.chat_call import ChatCall
+from llm_quota.gateway.call import GatedCall
 from llm_quota.quota.guard import QuotaGuard
 from llm_quota.shapes.chat import ChatRequest
 from llm_quota.testing import billing
@@ -37,7 +37,7 @@ def call(user, body: dict, oracle: billing.Media) -> int:
     except (InvalidRequest, BudgetExceeded, RateLimited) as refused:
         event(f"refused: {type(refused).__name__}")
         return 0  # refused before the call: nothing billed, nothing held
-    sent = ChatCall(chat, guard, user).upstream_body()
+    sent = GatedCall(chat, guard, user).upstream_body()
     try:
         bill = billing.bill(sent, oracle)
     except billing.Refused as refused:

@@ -150,7 +150,7 @@ def test_closing_the_relay_mid_stream_charges_what_was_generated(ledger):
     guard = quota_guard(user, model="gpt-4o", messages=MSGS, max_tokens=60).admit()
     body = {"model": "gpt-4o", "messages": MSGS, "max_tokens": 60, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
-    relay = Relay(FakeProvider().stream(body), guard, include_usage=False)
+    relay = Relay(FakeProvider().stream(body), guard, StreamWatch(include_usage=False))
     events = iter(relay)
     received = [next(events) for _ in range(6)]  # role chunk + 5 words
     assert ledger.usage(user.pk).reserved == guard.reservation.reserved
@@ -181,7 +181,7 @@ def test_a_stream_closed_before_its_first_byte_still_ends_its_reservation(ledger
     user = factories.user()
     guard = quota_guard(user, model="gpt-4o", messages=MSGS, max_tokens=60).admit()
     stream = FakeProvider().stream({"model": "gpt-4o", "messages": MSGS, "max_tokens": 60})
-    Relay(stream, guard, include_usage=False).close()
+    Relay(stream, guard, StreamWatch(include_usage=False)).close()
     used = ledger.usage(user.pk)
     assert used.reserved == 0 and used.in_flight == 0
     assert used.by_model[0].output_tokens == 0  # nothing was read, nothing is charged for it
@@ -211,7 +211,8 @@ def test_done_ends_only_a_complete_stream_and_nothing_follows_an_upstream_error(
     factories.price("gpt-4o", "1", "4")
     factories.tier("free", is_default=True)
     guard = quota_guard(factories.user(), model="gpt-4o", messages=MSGS, max_tokens=60).admit()
-    events = [event.decode() for event in Relay(_Stream(payloads), guard, include_usage=False)]
+    relay = Relay(_Stream(payloads), guard, StreamWatch(include_usage=False))
+    events = [event.decode() for event in relay]
     assert last in events[-1] and "late" not in "".join(events)
     assert sum("[DONE]" in event for event in events) == (last == "data: [DONE]\n\n")
     assert guard.finished

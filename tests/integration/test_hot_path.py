@@ -116,3 +116,52 @@ def test_settings_are_reread_after_an_override(settings):
     assert quota_settings.MIN_OUTPUT_TOKENS == 9
     with pytest.raises(AttributeError):
         quota_settings.NOT_A_SETTING  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/responses", {"model": "gpt-4o", "input": "hi", "max_output_tokens": 5}),
+        ("/v1/responses",
+         {"model": "gpt-4o", "input": "hi", "max_output_tokens": 5, "stream": True}),
+        ("/v1/embeddings", {"model": "text-embedding-3-small", "input": ["hi", [1, 2, 3]]}),
+        ("/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 5,
+                          "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 5, "stream": True,
+                          "messages": [{"role": "user", "content": "hi"}]}),
+    ],
+    ids=["responses", "responses-stream", "embeddings", "messages", "messages-stream"],
+)  # fmt: skip
+def test_every_gated_api_is_one_round_trip_to_reserve_and_one_to_settle(
+    private_redis, monkeypatch, path, body
+):
+    client = private_redis.client()
+    set_default_ledger(Ledger(client, prefix="hot"))
+    factories.price("text-embedding-3-small", "1", "0")
+    factories.price("claude-haiku-4-5", "1", "5")
+    _user, token = _gateway_user()
+
+    def post():
+        response = Client().post(
+            path, json.dumps(body), content_type="application/json",
+            HTTP_AUTHORIZATION=f"Bearer {token}",
+        )  # fmt: skip
+        if response.streaming:
+            b"".join(response.streaming_content)  # the relay settles as the stream ends
+        return response
+
+    assert post().status_code == 200  # first request: scripts load, the user is restored
+    sent: list[bytes] = []
+    conn = client.connection_pool.get_connection()
+    client.connection_pool.release(conn)
+    original = type(conn).send_packed_command
+
+    def counting(self, command, check_health=True):
+        sent.append(command if isinstance(command, bytes) else b"".join(command))
+        return original(self, command, check_health)
+
+    monkeypatch.setattr(type(conn), "send_packed_command", counting)
+    assert post().status_code == 200
+    monkeypatch.undo()
+    assert len(sent) == 2
+    assert all(b"EVALSHA" in command[:40] for command in sent)

@@ -35,6 +35,8 @@ def keep_test_connection():
 def caller(db, ledger):
     for model in ("gpt-4o", "gpt-4o-mini"):
         factories.price(model, "1", "4", default_max_output_tokens=64, context_window=8192)
+    factories.price("text-embedding-3-small", "1", "0")
+    factories.price("claude-haiku-4-5", "1", "5", context_window=200_000)
     tier = factories.tier("fuzz", is_default=True, requests_per_minute=100_000,
                           tokens_per_month=10**9, max_concurrent_requests=1000)  # fmt: skip
     user = factories.user(tier)
@@ -50,7 +52,8 @@ def test_no_server_errors_and_no_leaked_reservations(caller, mode):
     schema = schemathesis.openapi.from_wsgi("/api/schema/", get_wsgi_application())
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {
-        "/v1/chat/completions", "/v1/models", "/api/llm-quota/usage/", "/api/token/",
+        "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/messages", "/v1/models",
+        "/api/llm-quota/usage/", "/api/token/",
     }  # fmt: skip
     for operation in operations:
 
@@ -58,7 +61,9 @@ def test_no_server_errors_and_no_leaked_reservations(caller, mode):
         # reaches admission, the upstream call and settlement, not only validation.
         @given(
             case=operation.as_strategy(generation_mode=mode),
-            model=st.sampled_from([None, "gpt-4o", "gpt-4o-mini"]),
+            model=st.sampled_from(
+                [None, "gpt-4o", "gpt-4o-mini", "text-embedding-3-small", "claude-haiku-4-5"]
+            ),
         )
         @settings(
             max_examples=30,

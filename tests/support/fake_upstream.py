@@ -23,6 +23,13 @@ The model name picks the behaviour, so one server serves every case:
 
 Every request body is recorded in ``requests``; streams are sent with chunked transfer
 encoding, as OpenAI does, so a dropped connection is an error and not an early end.
+
+``/responses`` behaves the same way in the Responses API's shape: a ``response`` object,
+or typed events (``response.output_text.delta`` per word) ending with
+``response.completed``, where ``up-truncate``/``up-drop`` stop before it and
+``up-no-usage`` sends it without ``usage``. ``/messages`` likewise in Anthropic's shape:
+a ``message``, or ``message_start`` … ``content_block_delta`` per word …
+``message_delta`` (the output count), ``message_stop``.
 """
 
 from __future__ import annotations
@@ -78,6 +85,9 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length))
         self.server.record(body, self.headers.get("Authorization"))
+        self.server.paths.append((self.path, dict(self.headers)))
+        self.responses_api = self.path.endswith("/responses")
+        self.messages_api = self.path.endswith("/messages")
         model = body.get("model", "")
         if model == "up-500":
             self._json(500, {"error": {"message": "upstream exploded", "type": "server_error",
@@ -92,12 +102,21 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(LATENCY)
         if model == "up-long" and not body.get("stream"):
             time.sleep(LONG)
-        cap = body.get("max_completion_tokens") or body.get("max_tokens") or WORDS
+        cap = (
+            body.get("max_output_tokens") or body.get("max_completion_tokens")
+            or body.get("max_tokens") or WORDS
+        )  # fmt: skip
         count = min(WORDS, cap) + (EXTRA if model == "up-ignores-cap" else 0)
         if body.get("stream"):
             self._stream(body, model, count)
             return
         text = "".join(word(i) for i in range(count))
+        if self.responses_api:
+            self._json(200, response_object(model, text, count))
+            return
+        if self.messages_api:
+            self._json(200, message_object(model, text, count))
+            return
         reply: dict[str, Any] = {
             "id": "chatcmpl-up",
             "object": "chat.completion",
@@ -120,8 +139,13 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
-    def _chunk(self, data: str) -> None:
-        payload = f"data: {data}\n\n".encode()
+    def _event(self, data: dict[str, Any]) -> None:
+        """One named event, as the Responses API sends them."""
+        self._chunk(json.dumps(data), name=data["type"])
+
+    def _chunk(self, data: str, name: str | None = None) -> None:
+        head = f"event: {name}\n" if name else ""
+        payload = f"{head}data: {data}\n\n".encode()
         self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
         self.wfile.flush()
 
@@ -133,6 +157,13 @@ class Handler(BaseHTTPRequestHandler):
         base = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1,
                 "model": model}  # fmt: skip
         sent = 0
+        if self.messages_api:
+            start = {**message_object(model, "", count), "content": [], "stop_reason": None}
+            if model != "up-no-usage":
+                start["usage"] = {"input_tokens": PROMPT, "output_tokens": 1}
+            self._event({"type": "message_start", "message": start})
+            self._event({"type": "content_block_start", "index": 0,
+                         "content_block": {"type": "text", "text": ""}})  # fmt: skip
         try:
             for i in range(count):
                 if model == "up-drop" and i == DROP_AFTER:
@@ -153,11 +184,34 @@ class Handler(BaseHTTPRequestHandler):
                     time.sleep(LONG / count)
                 if model == "up-hold" and i == 1:
                     self.server.hold.wait(HOLD_LIMIT)
-                delta = {"content": word(i)}
-                self._chunk(json.dumps({**base, "choices": [{"index": 0, "delta": delta,
-                                                             "finish_reason": None}]}))  # fmt: skip
+                if self.messages_api:
+                    self._event({"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": word(i)}})  # fmt: skip
+                elif self.responses_api:
+                    self._event({"type": "response.output_text.delta", "item_id": "msg_up",
+                                 "output_index": 0, "content_index": 0, "delta": word(i),
+                                 "sequence_number": i + 1})  # fmt: skip
+                else:
+                    choice = {"index": 0, "delta": {"content": word(i)}, "finish_reason": None}
+                    self._chunk(json.dumps({**base, "choices": [choice]}))
                 sent += 1
                 self.server.sent[model] = sent
+            if self.messages_api:
+                self._event({"type": "content_block_stop", "index": 0})
+                delta: dict[str, Any] = {"type": "message_delta",
+                                         "delta": {"stop_reason": "max_tokens"}}  # fmt: skip
+                if model != "up-no-usage":
+                    delta["usage"] = {"output_tokens": count}
+                self._event(delta)
+                self._event({"type": "message_stop"})
+                self.wfile.write(b"0\r\n\r\n")
+                return
+            if self.responses_api:
+                text = "".join(word(i) for i in range(count))
+                self._event({"type": "response.completed", "sequence_number": count + 1,
+                             "response": response_object(model, text, count)})  # fmt: skip
+                self.wfile.write(b"0\r\n\r\n")
+                return
             include = (body.get("stream_options") or {}).get("include_usage")
             self._chunk(json.dumps({**base, "choices": [{"index": 0, "delta": {},
                                                          "finish_reason": "length"}]}))  # fmt: skip
@@ -169,6 +223,37 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             self.server.sent[model] = sent  # the gateway hung up on us
             self.close_connection = True
+
+
+def response_object(model: str, text: str, count: int) -> dict[str, Any]:
+    """A Responses API ``response`` of ``text`` (``count`` tokens), usage as ``usage``."""
+    response: dict[str, Any] = {
+        "id": "resp_up", "object": "response", "created_at": 1, "status": "completed",
+        "model": model,
+        "output": [{"type": "message", "id": "msg_up", "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+    }  # fmt: skip
+    if model != "up-no-usage":
+        reported = BAD_USAGE.get(model) or usage(count)
+        response["usage"] = {
+            "input_tokens": reported.get("prompt_tokens"),
+            "output_tokens": reported.get("completion_tokens"),
+            "total_tokens": reported.get("total_tokens"),
+        }
+    return response
+
+
+def message_object(model: str, text: str, count: int) -> dict[str, Any]:
+    """An Anthropic ``message`` of ``text`` (``count`` tokens)."""
+    message: dict[str, Any] = {
+        "id": "msg_up", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": text}], "stop_reason": "max_tokens",
+        "stop_sequence": None,
+    }  # fmt: skip
+    if model != "up-no-usage":
+        message["usage"] = {"input_tokens": PROMPT, "output_tokens": count}
+    return message
 
 
 def usage(completion: int) -> dict[str, int]:
@@ -184,6 +269,8 @@ class UpstreamServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.requests: list[dict[str, Any]] = []
         self.authorizations: list[str | None] = []
+        #: Each request's path and headers.
+        self.paths: list[tuple[str, dict[str, str]]] = []
         self.sent: dict[str, int] = {}
         self.hold = threading.Event()
         self._lock = threading.Lock()

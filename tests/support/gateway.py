@@ -1,10 +1,12 @@
-"""Driving the gateway with the openai SDK (its fixtures: ``tests/integration/gateway``)."""
+"""Driving the gateway with the openai and anthropic SDKs (its fixtures:
+``tests/integration/gateway``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+import anthropic
 import openai
 
 from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
@@ -20,11 +22,20 @@ def access_token(user: Any) -> str:
 @dataclass
 class Gateway:
     base_url: str
-    clients: list[openai.OpenAI] = field(default_factory=list)
+    clients: list[Any] = field(default_factory=list)
 
     def client(self, user: Any, **kwargs: Any) -> openai.OpenAI:
         kwargs.setdefault("max_retries", 0)
         client = openai.OpenAI(base_url=self.base_url, api_key=access_token(user), **kwargs)
+        self.clients.append(client)
+        return client
+
+    def anthropic(self, user: Any, **kwargs: Any) -> anthropic.Anthropic:
+        """The ``anthropic`` SDK on the gateway (it adds ``/v1`` itself), the access
+        token as its ``api_key`` (sent as ``x-api-key``)."""
+        kwargs.setdefault("max_retries", 0)
+        root = self.base_url.removesuffix("/v1")
+        client = anthropic.Anthropic(base_url=root, api_key=access_token(user), **kwargs)
         self.clients.append(client)
         return client
 

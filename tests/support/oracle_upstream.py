@@ -1,5 +1,9 @@
 """An OpenAI-compatible upstream that bills like OpenAI: a real HTTP server on a free port.
 
+It serves ``/chat/completions``, ``/responses`` (every call writes its whole
+``max_output_tokens``), ``/embeddings`` (each input's exact tokens) and Anthropic's
+``/messages`` (the whole ``max_tokens``; the prompt by ``billing.claude_prompt_tokens``).
+
 Every call is billed by ``llm_quota.testing.billing`` (written apart from the estimator):
 each billed part of the body at OpenAI's published rules, images at their real size, and
 every choice writing its whole cap. Usage is reported exactly, in completions and in the
@@ -30,6 +34,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        if self.path.endswith("/embeddings"):
+            self._embeddings(body)
+            return
+        if self.path.endswith("/responses"):
+            self._responses(body)
+            return
+        if self.path.endswith("/messages"):
+            self._messages(body)
+            return
         try:
             bill = billing.bill(body, self.server.media)
         except billing.Refused as refused:
@@ -49,11 +62,79 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._stream(body, base, bill)
 
-    def _stream(self, body: dict[str, Any], base: dict[str, Any], bill: billing.Bill) -> None:
+    def _embeddings(self, body: dict[str, Any]) -> None:
+        try:
+            tokens = billing.embedding_tokens(body)
+        except billing.Refused as refused:
+            self.server.record(body, None)
+            self._json(400, {"error": refused.error()})
+            return
+        answer = billing.embeddings_answer(body, tokens)
+        self.server.record(body, answer["usage"])
+        self._json(200, answer)
+
+    def _responses(self, body: dict[str, Any]) -> None:
+        try:
+            bill = billing.bill_response(body, self.server.media)
+        except billing.Refused as refused:
+            self.server.record(body, None)
+            self._json(400, {"error": refused.error()})
+            return
+        usage = billing.response_usage(bill)
+        self.server.record(body, usage)
+        text = bill.texts[0]
+        message = {"type": "message", "id": "msg_oracle", "status": "completed",
+                   "role": "assistant",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        response = {"id": "resp_oracle", "object": "response", "created_at": 1,
+                    "status": "incomplete", "model": body.get("model"),
+                    "incomplete_details": {"reason": "max_output_tokens"},
+                    "output": [message], "usage": usage}  # fmt: skip
+        if not body.get("stream"):
+            self._json(200, response)
+            return
+        self._start_stream()
+        self._named({"type": "response.created", "sequence_number": 0,
+                     "response": {**response, "status": "in_progress", "output": [],
+                                  "usage": None}})  # fmt: skip
+        for number, start in enumerate(range(0, len(text), 400), 1):
+            self._named({"type": "response.output_text.delta", "sequence_number": number,
+                         "item_id": "msg_oracle", "output_index": 0, "content_index": 0,
+                         "delta": text[start : start + 400], "logprobs": []})  # fmt: skip
+        self._named({"type": "response.incomplete", "sequence_number": 10**6,
+                     "response": response})  # fmt: skip
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _messages(self, body: dict[str, Any]) -> None:
+        """Anthropic's bill, as the oracle reads it (``billing.claude_prompt_tokens``):
+        the whole ``max_tokens`` written, half of it thinking when thinking is on."""
+        cap = int(body.get("max_tokens") or 0)
+        thinking = cap // 2 if (body.get("thinking") or {}).get("type") == "enabled" else 0
+        usage = {"input_tokens": billing.claude_prompt_tokens(body), "output_tokens": cap,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}  # fmt: skip
+        self.server.record(body, usage)
+        text = "".join(" tok" if i else "tok" for i in range(cap - thinking))
+        message = billing.message_object(body, text, usage, "max_tokens")
+        if not body.get("stream"):
+            self._json(200, message)
+            return
+        self._start_stream()
+        for event in billing.message_events(message, [text[i : i + 400]
+                                                      for i in range(0, len(text), 400)]):
+            self._named(event)
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _start_stream(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+
+    def _named(self, data: dict[str, Any]) -> None:
+        self._write(f"event: {data['type']}\ndata: {json.dumps(data)}\n\n")
+
+    def _stream(self, body: dict[str, Any], base: dict[str, Any], bill: billing.Bill) -> None:
+        self._start_stream()
         chunk = {**base, "object": "chat.completion.chunk"}
         for index, text in enumerate(bill.texts):
             for start in range(0, len(text), 400):

@@ -7,7 +7,10 @@ from django.core.management.base import BaseCommand
 from llm_quota.models import Tier, UserQuota
 
 #: The free tier may use the cheap models only; pro may use every priced model.
-FREE_MODELS = "gpt-4o-mini\ngpt-4.1-mini\ngpt-4.1-nano\ngpt-5-mini\ngpt-5-nano\nclaude-haiku-4-5*"
+FREE_MODELS = (
+    "gpt-4o-mini\ngpt-4.1-mini\ngpt-4.1-nano\ngpt-5-mini\ngpt-5-nano\nclaude-haiku-4-5*\n"
+    "text-embedding-3-small"
+)
 
 #: username, password, tier. Passwords are for the demo on 127.0.0.1 only.
 USERS = [("alice", "alice", "free"), ("bob", "bob", "pro")]

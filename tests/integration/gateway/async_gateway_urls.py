@@ -1,5 +1,5 @@
-"""The demo project's URLs with the async chat view in front (as ``ASYNC_GATEWAY``
-routes it), and async plain views gated by the middleware in its async mode."""
+"""The demo project's URLs with the async gated views in front (as ``ASYNC_GATEWAY``
+routes them), and async plain views gated by the middleware in its async mode."""
 
 import asyncio
 
@@ -8,7 +8,12 @@ from django.urls import include, path
 from django.views.decorators.csrf import csrf_exempt
 
 from llm_quota.decorators import quota_gated
-from llm_quota.gateway.async_views import AsyncChatCompletionsView
+from llm_quota.gateway.async_views import (
+    AsyncChatCompletionsView,
+    AsyncEmbeddingsView,
+    AsyncMessagesView,
+    AsyncResponsesView,
+)
 from tests.integration.pipeline_urls import USAGE
 
 
@@ -31,6 +36,9 @@ async def aplain_stream_unsettled(request):
 
 urlpatterns = [
     path("v1/chat/completions", AsyncChatCompletionsView.as_view()),
+    path("v1/responses", AsyncResponsesView.as_view()),
+    path("v1/embeddings", AsyncEmbeddingsView.as_view()),
+    path("v1/messages", AsyncMessagesView.as_view()),
     path("aplain", aplain),
     path("aplain/stream-unsettled", aplain_stream_unsettled),
     path("", include("project.urls")),

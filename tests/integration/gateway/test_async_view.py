@@ -27,6 +27,7 @@ from llm_quota.middleware import LLMQuotaMiddleware
 from llm_quota.quota import admission
 from llm_quota.quota.guard import QuotaGuard
 from llm_quota.rules.estimation import count_output
+from llm_quota.shapes.chat import StreamWatch
 from tests.support import factories, fake_upstream
 from tests.support.fake_upstream import WORDS
 from tests.support.gateway import MSGS, access_token
@@ -408,7 +409,7 @@ PROMPT = 10
 async def _relay(user, stream) -> AsyncRelay:
     guard = QuotaGuard(user.pk, model="gpt-4o", prompt_tokens=PROMPT, max_tokens=50)
     await guard.aadmit()
-    return AsyncRelay(stream, guard, include_usage=False)
+    return AsyncRelay(stream, guard, StreamWatch(include_usage=False))
 
 
 def _charged(ledger, user, text: str) -> None:

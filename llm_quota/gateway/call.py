@@ -1,10 +1,12 @@
-"""One admitted chat call, from its reservation to its answer: what both chat views share.
+"""One admitted call, from its reservation to its answer: what every gated view shares.
 
-Both views read top to bottom: authenticate → scope → parse once (``ChatRequest``) →
-admit (``QuotaGuard``) → ``ChatCall(...).answer()`` (or ``aanswer()``). From admission
+Every view, of every API shape (chat completions, responses, embeddings: one request
+adapter each, ``shapes.base.ShapeRequest``), sync or async, reads top to bottom:
+authenticate → scope → parse once (``ChatRequest``, ``ResponsesRequest``...) → admit
+(``QuotaGuard``) → ``GatedCall(...).answer()`` (or ``aanswer()``). From admission
 on, the call owns the reservation and ends it exactly once, whatever happens: settled
 from the answer (a stream settles itself as it ends, ``relay``), released when the
-upstream fails or anything raises, even building the upstream's body. ``ChatCall``
+upstream fails or anything raises, even building the upstream's body. ``GatedCall``
 makes every decision; ``answer`` and ``aanswer`` add only the waiting.
 
 A failed upstream call is released by the release rule (``quota.release_rule``): its
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 from django.http import HttpResponseBase, JsonResponse, StreamingHttpResponse
@@ -28,14 +31,16 @@ from llm_quota.gateway.database import ahand_back, hand_back
 from llm_quota.gateway.relay import AsyncRelay, Relay
 from llm_quota.gateway.settlement import asettle, settle
 from llm_quota.gateway.upstream import (
+    CHAT_PATH,
     AsyncUpstreamStream,
+    Upstream,
     UpstreamError,
     UpstreamStream,
     get_upstream,
 )
 from llm_quota.quota.guard import QuotaGuard
 from llm_quota.quota.release_rule import unbilled_error
-from llm_quota.shapes.chat import ChatRequest, read_completion
+from llm_quota.shapes.base import ShapeRequest
 
 logger = logging.getLogger("llm_quota")
 
@@ -73,13 +78,35 @@ def stream_response(content: Any) -> StreamingHttpResponse:
     return response
 
 
-class ChatCall:
-    """An admitted call: the upstream's body, and the answer to each way the call ends."""
+def _sent(upstream: Upstream, call: str, body: dict[str, Any], path: str) -> Any:
+    """``upstream.<call>(body)``, with the path for APIs besides chat only, so an
+    ``UPSTREAM`` class written for chat alone keeps working."""
+    method = getattr(upstream, call)
+    return method(body) if path == CHAT_PATH else method(body, path=path)
 
-    def __init__(self, chat: ChatRequest, guard: QuotaGuard, user: Any) -> None:
-        self.chat = chat
+
+def as_openai(response: HttpResponseBase) -> HttpResponseBase:
+    """Answers are made in OpenAI's shape: nothing to change."""
+    return response
+
+
+class GatedCall:
+    """An admitted call: the upstream's body, and the answer to each way the call ends.
+
+    ``shaped`` rewrites each answer into its API's shape (``drf.anthropic.anthropic_answer``
+    for ``/v1/messages``); answers are made in OpenAI's."""
+
+    def __init__(
+        self,
+        request: ShapeRequest,
+        guard: QuotaGuard,
+        user: Any,
+        shaped: Callable[[HttpResponseBase], HttpResponseBase] = as_openai,
+    ) -> None:
+        self.request = request
         self.guard = guard
         self.user = user
+        self.shaped = shaped
 
     def upstream_body(self) -> dict[str, Any]:
         """The body for the upstream, with the reserved cap under the field the price row
@@ -88,13 +115,13 @@ class ChatCall:
         try:
             estimate = self.guard.reservation.estimate
             cap_field = estimate.price.output_cap_field if estimate is not None else ""
-            return self.chat.upstream_body(self.guard.max_tokens, cap_field)
+            return self.request.upstream_body(self.guard.max_tokens, cap_field)
         except RecursionError as exc:  # ``json_limits`` bounds nesting: a second line
             raise InvalidRequest(
                 "The request body is nested too deeply.", code="nesting_too_deep"
             ) from exc
         except Exception as exc:
-            logger.exception("could not build the upstream body for %s", self.chat.model)
+            logger.exception("could not build the upstream body for %s", self.request.model)
             raise APIException(
                 "The gateway could not build the upstream request.", code="gateway_error"
             ) from exc
@@ -107,7 +134,7 @@ class ChatCall:
 
     def failed(self, exc: UpstreamError) -> HttpResponseBase:
         """The answer to a call the upstream refused or failed (its reservation ended)."""
-        logger.warning("upstream refused %s for user %s: %s", self.chat.model, self.user.pk, exc)
+        logger.warning("upstream refused %s for user %s: %s", self.request.model, self.user.pk, exc)
         return self.headed(upstream_error_response(exc))
 
     def streamed(self, relay: Relay | AsyncRelay) -> HttpResponseBase:
@@ -120,13 +147,13 @@ class ChatCall:
         """Every answer to an admitted call carries its rate-limit headers."""
         for name, value in admission_headers(self.guard).items():
             response[name] = value
-        return response
+        return self.shaped(response)
 
     def answer(self) -> HttpResponseBase:
         """Send the call upstream and answer it, on the guard's sync methods."""
-        chat, guard = self.chat, self.guard
+        request, guard = self.request, self.guard
         try:  # nothing is sent yet: any failure here releases
-            upstream, body = get_upstream(), self.upstream_body()
+            upstream, body = get_upstream(request.path), self.upstream_body()
             hand_back()  # a pooled database connection is not held while the LLM writes
         except APIException as exc:
             guard.release()
@@ -135,7 +162,7 @@ class ChatCall:
             guard.release()
             raise
         try:
-            reply = upstream.stream(body) if chat.stream else upstream.complete(body)
+            reply = _sent(upstream, "stream" if request.stream else "complete", body, request.path)
         except UpstreamError as exc:
             if billed_nothing(exc):
                 guard.release()
@@ -146,11 +173,11 @@ class ChatCall:
             guard.fail(exc)  # the release rule: released only if provably unbilled
             raise
         try:
-            if chat.stream:
+            if request.stream:
                 stream = cast(UpstreamStream, reply)
-                return self.streamed(Relay(stream, guard, include_usage=chat.include_usage))
+                return self.streamed(Relay(stream, guard, request.watch()))
             completion = cast(dict[str, Any], reply)
-            settle(guard, read_completion(completion))
+            settle(guard, request.read(completion))
             return self.completed(completion)
         except BaseException:
             if not guard.finished:
@@ -159,9 +186,9 @@ class ChatCall:
 
     async def aanswer(self) -> HttpResponseBase:
         """``answer`` for the async view: nothing waits in a thread."""
-        chat, guard = self.chat, self.guard
+        request, guard = self.request, self.guard
         try:  # nothing is sent yet: any failure here releases
-            upstream, body = get_upstream(), self.upstream_body()
+            upstream, body = get_upstream(request.path), self.upstream_body()
             await ahand_back()  # nor here, where the ORM ran in the request's sync thread
         except APIException as exc:
             await asyncio.shield(guard.arelease())
@@ -170,7 +197,8 @@ class ChatCall:
             await asyncio.shield(guard.arelease())
             raise
         try:
-            reply = await (upstream.astream(body) if chat.stream else upstream.acomplete(body))
+            call = "astream" if request.stream else "acomplete"
+            reply = await _sent(upstream, call, body, request.path)
         except UpstreamError as exc:
             ending = guard.arelease() if billed_nothing(exc) else guard.acharge_estimate()
             await asyncio.shield(ending)
@@ -181,13 +209,13 @@ class ChatCall:
             # the estimate: it may all have been generated.
             await asyncio.shield(guard.afail(exc))
             raise
-        if chat.stream:
+        if request.stream:
             stream = cast(AsyncUpstreamStream, reply)
-            return self.streamed(AsyncRelay(stream, guard, include_usage=chat.include_usage))
+            return self.streamed(AsyncRelay(stream, guard, request.watch()))
         completion = cast(dict[str, Any], reply)
         try:
             # Shielded: a client leaving now cannot undo the charge of an answer received.
-            await asyncio.shield(asettle(guard, read_completion(completion)))
+            await asyncio.shield(asettle(guard, request.read(completion)))
             return self.completed(completion)
         except Exception:
             if not guard.finished:
