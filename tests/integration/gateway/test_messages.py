@@ -367,3 +367,28 @@ def test_a_rate_limit_is_retried_by_the_sdk_after_retry_after(gateway):
     assert message.usage.output_tokens > 0
     assert time.monotonic() - started >= 1.0
     assert gateway.usage(user).reserved == 0
+
+
+def test_an_api_key_as_x_api_key_is_charged_to_the_key_and_its_limit_refuses(
+    either_gateway, user
+):
+    """The anthropic SDK sends its api_key as x-api-key: an llmq_ key works there as it
+    does as a Bearer on /v1/chat/completions, and its own limits apply."""
+    from llm_quota.ledger.default import get_ledger
+    from tests.support.api_keys import api_key
+
+    key, plaintext = api_key(user, requests_per_minute=1)
+    root = either_gateway.base_url.removesuffix("/v1")
+    client = anthropic.Anthropic(base_url=root, api_key=plaintext, max_retries=0)
+    either_gateway.clients.append(client)
+    message = client.messages.create(model=CLAUDE, max_tokens=40, messages=MSGS)
+    assert message.usage.output_tokens > 0
+    assert get_ledger().key_usage(user.pk, key.pk).requests == 1
+    with pytest.raises(anthropic.RateLimitError) as refused:
+        client.messages.create(model=CLAUDE, max_tokens=40, messages=MSGS)
+    assert refused.value.body["error"]["type"] == "rate_limit_error"
+    assert "key.requests_per_minute" in refused.value.body["error"]["message"]
+    key.revoked_at = key.created_at
+    key.save()
+    with pytest.raises(anthropic.AuthenticationError):
+        client.messages.create(model=CLAUDE, max_tokens=40, messages=MSGS)
