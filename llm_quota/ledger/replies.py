@@ -24,6 +24,7 @@ BUDGET_LIMITS = frozenset(
         "key.tokens_per_month",
         "team.tokens_per_day",
         "team.tokens_per_month",
+        "team.max_tokens_per_request",
     }
 )
 

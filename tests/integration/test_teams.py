@@ -127,6 +127,18 @@ def test_a_team_budget_refuses_with_its_name_and_the_team_tiers_upgrade(world):
     assert refused["x-should-retry"] == "false"
 
 
+def test_a_refusal_by_the_teams_per_request_cap_names_the_team(world):
+    _, acme, _ = world
+    acme.max_tokens_per_request = 20
+    acme.save()
+    refused = chat(access_token(member(acme)), max_tokens=500)
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["type"] == "insufficient_quota"
+    assert "team.max_tokens_per_request" in error["message"]
+    assert error["upgrade"] == {"tier": "enterprise", "url": "https://example.com/up"}
+
+
 def test_a_blocked_team_is_refused_before_redis(world):
     _, acme, _ = world
     acme.blocked = True
