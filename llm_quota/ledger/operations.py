@@ -29,7 +29,8 @@ class LedgerOperations:
     ``clock`` pins time (seconds since the epoch) for tests and replays; without it the
     scripts use Redis' own clock. ``restore`` returns a user's month from the database
     when Redis has lost it (``(base_tokens, [ModelUsage, ...])``), ``restore_keys`` the
-    months of that user's API keys (``[(key id, ModelUsage), ...]``). ``cluster`` defaults
+    months of that user's API keys (``[(key id, ModelUsage), ...]``), ``restore_teams`` a
+    team's month (a ``TeamMonth``, or None). ``cluster`` defaults
     to whether ``client`` is a ``RedisCluster``.
     """
 
@@ -43,6 +44,7 @@ class LedgerOperations:
         clock: Callable[[], float] | None = None,
         restore: RestoreSource | None = None,
         restore_keys: Callable[[str, str], Any] | None = None,
+        restore_teams: Callable[[str, str], Any] | None = None,
         cluster: bool | None = None,
     ) -> None:
         self.client = client
@@ -60,6 +62,8 @@ class LedgerOperations:
         self.restore_source = restore
         #: The months of a user's API keys, restored with the user's (``LoadMonth.api_keys``).
         self.restore_keys_source = restore_keys
+        #: A team's month (``LoadTeamMonth``): a ``TeamMonth`` or None.
+        self.restore_teams_source = restore_teams
         self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
 
     @property
@@ -106,6 +110,12 @@ class LedgerOperations:
         """Add the database's record of ``month`` (and the month before) back, once."""
         return self._run(self.ops.restore(user_id, month))
 
+    def restore_team(self, team: Any, month: str) -> Any:
+        """Add the database's record of a team's ``month`` (and the month before) back,
+        once per loss."""
+        return self._run(self.ops.restore_team(team, month))
+
     def reset_period(self, user_id: Any) -> Any:
         """Forgive the user's usage of the current day and month (see ``LedgerOps``)."""
         return self._run(self.ops.reset_period(user_id))
+

@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 
 from llm_quota.conf import quota_settings
 from llm_quota.ledger import keys
-from llm_quota.ledger.plans import LoadMonth, Plan, ScriptCall
+from llm_quota.ledger.plans import LoadMonth, LoadTeamMonth, Plan, ScriptCall
 from llm_quota.ledger.replies import (
     Decision,
     GlobalUsage,
@@ -63,6 +63,7 @@ SCRIPTS = (
     "payer_settle",
     "team_reserve",
     "key_restore",
+    "team_restore",
     "reset",
 )
 
@@ -201,8 +202,13 @@ class LedgerOps:
             ),
         )  # fmt: skip
         reply = yield call
-        if int(reply[0]) == 2:
-            yield from self.restore(uid, text(reply[7]))
+        for _ in range(2):  # the user's counters, then the team's, once each per loss
+            if int(reply[0]) != 2:
+                break
+            if text(reply[1]) == "team." and limits.team is not None:
+                yield from self.restore_team(limits.team, text(reply[7]))
+            else:
+                yield from self.restore(uid, text(reply[7]))
             reply = yield call
         if int(reply[0]) == 3:
             raise ReservationIdSpent(f"reservation {rid} was released before it was made")
@@ -219,6 +225,7 @@ class LedgerOps:
                 decision = yield from self._reserve_apart(
                     decision, self._team_call(decision, reply, limits, estimate, clamp, minimum),
                     taken, self.keyspace.team(limits.team),
+                    restore=self.restore_team(limits.team, text(reply[7])),
                 )  # fmt: skip
             if wants_global and decision.allowed:
                 decision = yield from self._reserve_apart(
@@ -276,12 +283,18 @@ class LedgerOps:
         )  # fmt: skip
 
     def _reserve_apart(
-        self, decision: Decision, call: ScriptCall, taken: list[ScriptCall], base: str
+        self,
+        decision: Decision,
+        call: ScriptCall,
+        taken: list[ScriptCall],
+        base: str,
+        restore: Plan[bool] | None = None,
     ) -> Plan[Decision]:
         """One step in a payer's own slot, after the user's. Refused, or unanswered, it
         withdraws the user's share and releases the shares ``taken`` in earlier steps;
         admitted, it joins ``taken``. A harder clamp lowers the user's share to match
-        (an earlier step's share keeps the higher figure until settle: never less)."""
+        (an earlier step's share keeps the higher figure until settle: never less).
+        A payer whose counters were lost (a team's) runs ``restore``, then the step again."""
         held = decision.reservation
         assert held is not None
         release = ScriptCall("global_release", (base,), (call.args[0], held.id, self.ttl_ms))
@@ -295,6 +308,9 @@ class LedgerOps:
 
         try:
             answer = yield call
+            if int(answer[0]) == 2 and restore is not None:
+                yield from restore
+                answer = yield call
         except GeneratorExit:
             raise
         except BaseException:
@@ -620,6 +636,29 @@ class LedgerOps:
             yield ScriptCall(
                 "key_restore", (self.keyspace.api_key(uid, key_id),), (now_arg, *groups)
             )
+
+    def restore_team(self, team: Any, month: str) -> Plan[bool]:
+        """Add the database's record of a team's ``month`` (and the month before) back,
+        once per loss (``team_restore.lua``): its total, by member and by model, in the
+        fields settle keeps (``_team_suffixes``)."""
+        args: list[Any] = [self.now_arg()[0]]
+        for period in (month, previous_month(month)):
+            snapshot = yield LoadTeamMonth(keys.api_key_id(team), period)
+            pairs: list[Any] = []
+            total = 0
+            if snapshot is not None:
+                total = snapshot.total.base_tokens
+                parts = [("", snapshot.total)]
+                parts += [(f"|u:{keys.user_id(m.user_id)}", m) for m in snapshot.by_member]
+                parts += [(f"|m:{keys.model_name(m.model)}", m) for m in snapshot.by_model]
+                for suffix, c in parts:
+                    pairs += [
+                        f"req{suffix}", c.requests, f"in{suffix}", c.input_tokens,
+                        f"out{suffix}", c.output_tokens, f"base{suffix}", c.base_tokens,
+                    ]  # fmt: skip
+            args += [period, month_end_ms(period, self.timezone), int(total), len(pairs), *pairs]
+        result = yield ScriptCall("team_restore", (self.keyspace.team(team),), tuple(args))
+        return int(result) == 1
 
     # -- admin -------------------------------------------------------------------------
 

@@ -178,6 +178,16 @@ class TeamUsage(PeriodUsage):
 
 
 @dataclass(frozen=True)
+class TeamMonth:
+    """A team's month as the database last saw it (``TeamUsageSnapshot``): what comes
+    back into Redis after a loss."""
+
+    total: ModelUsage
+    by_member: list[MemberUsage] = field(default_factory=list)
+    by_model: list[ModelUsage] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class PeriodReset:
     """What ``reset_period`` did: the month counter before and what stays in flight."""
 
