@@ -119,3 +119,10 @@ class LedgerOperations:
         """Forgive the user's usage of the current day and month (see ``LedgerOps``)."""
         return self._run(self.ops.reset_period(user_id))
 
+    def reset_keys(self, user_id: Any, key_ids: list[Any]) -> Any:
+        """Forgive the current day and month of the user's API keys (with the user's)."""
+        return self._run(self.ops.reset_keys(user_id, key_ids))
+
+    def reset_team(self, team: Any) -> Any:
+        """Forgive a team's current day and month (the admin's team reset)."""
+        return self._run(self.ops.reset_team(team))

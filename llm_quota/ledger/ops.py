@@ -65,6 +65,7 @@ SCRIPTS = (
     "key_restore",
     "team_restore",
     "reset",
+    "share_reset",
 )
 
 
@@ -677,6 +678,31 @@ class LedgerOps:
             (now_arg, self.ttl_ms, uid, *period_args(local_now, self.timezone)),
         )
         return PeriodReset(text(r[0]), text(r[1]), int(r[2]), int(r[3]))
+
+    def reset_shares(self, bases: list[str], *, trusted: bool = False) -> Plan[list[int]]:
+        """Forgive the current day and month of payers in one slot (a user's API keys,
+        or a team), as ``reset_period`` does a user's; ``trusted`` marks a team's
+        counters restored. Returns each payer's month counter before."""
+        if not bases:
+            return []
+        now_arg, local_now = self.now_arg()
+        r = yield ScriptCall(
+            "share_reset",
+            tuple(bases),
+            (now_arg, self.ttl_ms, *period_args(local_now, self.timezone), 1 if trusted else 0),
+        )
+        return [int(value) for value in r[2:]]
+
+    def reset_keys(self, user_id: Any, key_ids: list[Any]) -> Plan[list[int]]:
+        """Forgive the current day and month of the user's API keys: their spend is part
+        of the user's (the admin's reset)."""
+        bases = [self.keyspace.api_key(user_id, key_id) for key_id in key_ids]
+        return (yield from self.reset_shares(bases))
+
+    def reset_team(self, team: Any) -> Plan[int]:
+        """Forgive a team's current day and month; returns its month counter before."""
+        before = yield from self.reset_shares([self.keyspace.team(team)], trusted=True)
+        return before[0]
 
 
 def _team_args(limits: Limits) -> tuple[Any, ...]:

@@ -26,10 +26,12 @@ COUNTERS = {"req": "requests", "in": "input_tokens", "out": "output_tokens", "ba
 FIELDS = [*COUNTERS.values(), "by_member", "by_model"]
 
 
-def snapshot_teams(ledger: Ledger, month: str) -> int:
-    """Copy ``month`` of every team whose counters are trusted; returns the rows written."""
+def snapshot_teams(ledger: Ledger, month: str, pks: list[int] | None = None) -> int:
+    """Copy ``month`` of every team (or of ``pks``) whose counters are trusted; returns
+    the rows written."""
     written = 0
-    pks = list(Team.objects.order_by("pk").values_list("pk", flat=True))
+    if pks is None:
+        pks = list(Team.objects.order_by("pk").values_list("pk", flat=True))
     for start in range(0, len(pks), BATCH_TEAMS):
         written += _copy(ledger, month, pks[start : start + BATCH_TEAMS])
     return written
