@@ -1122,6 +1122,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 # Members inline; the change list and page show the team's live usage from Redis.
 
 from llm_quota.models import Team, TeamMembership, TeamUsageSnapshot  # noqa: E402
+from llm_quota.reporting.team_charts import team_usage_chart  # noqa: E402
 from llm_quota.reporting.team_snapshot import snapshot_teams  # noqa: E402
 from llm_quota.reporting.team_usage import team_usage_report  # noqa: E402
 from llm_quota.rules.teams import team_policy  # noqa: E402
@@ -1140,7 +1141,7 @@ class TeamAdmin(admin.ModelAdmin):
     search_fields = ("slug", "name")
     prepopulated_fields = {"slug": ("name",)}
     inlines = [TeamMembershipInline]
-    readonly_fields = ("live_usage",)
+    readonly_fields = ("live_usage", "usage_chart")
     fieldsets = (
         (None, {"fields": ("slug", "name", "tier", "blocked")}),
         ("Overrides of the tier (empty: the tier's; 0: unlimited)", {
@@ -1148,7 +1149,19 @@ class TeamAdmin(admin.ModelAdmin):
                        ("tokens_per_day", "tokens_per_month"), "max_tokens_per_request"),
         }),
         ("Live usage", {"fields": ("live_usage",)}),
+        ("Usage by month and member (snapshots)", {"fields": ("usage_chart",)}),
     )  # fmt: skip
+
+    @admin.display(description="chart")
+    def usage_chart(self, team: Team) -> Any:
+        if not team.pk:
+            return "-"
+        try:
+            _, month = get_ledger().periods()
+            last = first_day(month)
+        except RedisError:
+            last = date.today().replace(day=1)
+        return team_usage_chart(team.pk, last)
 
     @staticmethod
     def _report(team: Team) -> dict[str, Any] | None:
