@@ -99,8 +99,9 @@ class LedgerOperations:
         return self._run(self.ops.key_usage(user_id, api_key))
 
     def team_usage(self, team: Any) -> Any:
-        """A team's live counters (``TeamUsage``)."""
-        return self._run(self.ops.team_usage(team))
+        """A team's live counters (``TeamUsage``); lost ones are restored first."""
+        restore_lost = self.restore_teams_source is not None
+        return self._run(self.ops.team_usage(team, restore_lost=restore_lost))
 
     def global_usage(self) -> Any:
         """Everyone's tokens against the global caps, expired shares given back."""

@@ -568,9 +568,14 @@ class LedgerOps:
             "payer_usage", (base,), (now_arg, self.ttl_ms, *period_args(local_now, self.timezone))
         )
 
-    def team_usage(self, team: Any) -> Plan[TeamUsage]:
-        """A team's live counters, and its settled month by member and by model."""
+    def team_usage(self, team: Any, *, restore_lost: bool = False) -> Plan[TeamUsage]:
+        """A team's live counters, and its settled month by member and by model; with
+        ``restore_lost``, counters Redis lost are restored first, as the next reserve
+        charged to the team would."""
         r = yield self._payer_usage_call(self.keyspace.team(team))
+        if restore_lost and not int(r[11]):
+            yield from self.restore_team(team, text(r[2]))
+            r = yield self._payer_usage_call(self.keyspace.team(team))
         members: dict[str, list[int]] = {}
         models: dict[str, list[int]] = {}
         slot = {"req": 0, "in": 1, "out": 2, "base": 3}

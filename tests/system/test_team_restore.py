@@ -103,3 +103,12 @@ def test_a_lost_team_is_not_snapshotted_over_its_full_month(team_world):
     ledger.client.hincrby(ledger.keyspace.team_usage(team.pk, ledger.periods()[1]), "base", 7)
     snapshot_usage(ledger=ledger)
     assert TeamUsageSnapshot.objects.get(team=team).base_tokens == 500
+
+
+def test_reading_a_lost_teams_usage_restores_it_first(team_world):
+    """The usage endpoint and the admin show the team's month, not a fresh one."""
+    ledger, team, (alice, _) = team_world
+    ask(alice, 100, 100, max_tokens=100)
+    snapshot_usage(ledger=ledger)
+    ledger.client.flushall()
+    assert ledger.team_usage(team.pk).tokens_this_month == 500
