@@ -1273,3 +1273,27 @@ class TeamAdmin(admin.ModelAdmin):
             "∞" if remaining["tokens_per_month"] is None else remaining["tokens_per_month"],
             members,
         )  # fmt: skip
+
+
+@admin.register(TeamUsageSnapshot)
+class TeamUsageSnapshotAdmin(admin.ModelAdmin):
+    """Teams' months as the snapshot task copied them: read-only, like users'."""
+
+    list_display = ("team", "month", "requests", "base_tokens", "updated_at")
+    list_select_related = ("team",)
+    search_fields = ("team__slug", "team__name")
+    date_hierarchy = "period"
+
+    # Snapshots are written by the snapshot task (and zeroed by a team reset) only.
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="month", ordering="period")
+    def month(self, row: TeamUsageSnapshot) -> str:
+        return f"{row.period:%b %Y}"

@@ -114,3 +114,18 @@ def test_a_team_reset_needs_the_right_to_change_teams(client, world, ledger):
     )
     assert ledger.team_usage(team.pk).tokens_this_month == 500
     assert not LogEntry.objects.filter(object_id=str(team.pk)).exists()
+
+
+def test_team_snapshots_are_listed_read_only(admin_client, world, ledger):
+    _, team = world
+    alice = factories.user()
+    TeamMembership.objects.create(team=team, user=alice)
+    spend_in_team(alice, team)
+    snapshot_usage(ledger=ledger)
+    row = TeamUsageSnapshot.objects.get(team=team)
+    listing = admin_client.get(reverse("admin:llm_quota_teamusagesnapshot_changelist"))
+    assert listing.status_code == 200 and "acme" in listing.content.decode().lower()
+    change = reverse("admin:llm_quota_teamusagesnapshot_change", args=[row.pk])
+    admin_client.post(change, {"base_tokens": "1"})
+    assert TeamUsageSnapshot.objects.get(pk=row.pk).base_tokens == 500
+    assert admin_client.get(reverse("admin:llm_quota_teamusagesnapshot_add")).status_code == 403
