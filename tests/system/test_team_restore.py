@@ -4,10 +4,15 @@ shared Redis is never flushed)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
 
 from llm_quota import quota_guard
 from llm_quota.exceptions import BudgetExceeded
+from llm_quota.ledger.async_driver import AsyncLedger
 from llm_quota.ledger.default import set_default_ledger
 from llm_quota.ledger.restore import key_months_from_snapshots, month_from_snapshots
 from llm_quota.ledger.sync_driver import Ledger
@@ -112,3 +117,22 @@ def test_reading_a_lost_teams_usage_restores_it_first(team_world):
     snapshot_usage(ledger=ledger)
     ledger.client.flushall()
     assert ledger.team_usage(team.pk).tokens_this_month == 500
+
+
+@pytest.mark.django_db(transaction=True)  # the async ledger reads the database in a thread
+def test_the_async_ledger_restores_a_lost_team_too(team_world):
+    ledger, team, (alice, _) = team_world
+    ask(alice, 100, 100, max_tokens=100)
+    snapshot_usage(ledger=ledger)
+    ledger.client.flushall()
+
+    async def read():
+        twin = AsyncLedger.mirroring(ledger)
+        try:
+            return await twin.team_usage(team.pk)
+        finally:
+            await twin.aclose()
+            # The restore read the database in sync_to_async's thread: its connection.
+            await sync_to_async(connections.close_all)()
+
+    assert asyncio.run(read()).tokens_this_month == 500
