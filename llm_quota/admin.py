@@ -889,7 +889,8 @@ class UserQuotaAdmin(_LiveUsageColumns, admin.ModelAdmin):
         rows.update(requests=0, input_tokens=0, output_tokens=0, base_tokens=0)
         self.log_change(
             request, quota, f"Reset the usage of {period:%B %Y} "
-            f"({reset.tokens_before:,} base tokens): {forgiven or 'nothing settled'}.",
+            f"({reset.tokens_before:,} base tokens): {forgiven or 'nothing settled'}."
+            f"{_reset_keys(ledger, quota.user_id, period)}",
         )  # fmt: skip
 
     def _reset_confirmation(self, request: HttpRequest, quotas: list[UserQuota]) -> HttpResponse:
@@ -918,6 +919,23 @@ class UserQuotaAdmin(_LiveUsageColumns, admin.ModelAdmin):
         return TemplateResponse(
             request, "admin/llm_quota/userquota/reset_confirmation.html", context
         )
+
+
+def _reset_keys(ledger: Any, user_id: Any, period: date) -> str:
+    """The user's API keys go with the user's reset: their spend is part of the user's,
+    and a key still refusing by ``key.tokens_per_month`` would undo the reset. Their
+    month's snapshot rows are zeroed with the user's; returns the history's sentence."""
+    from llm_quota.models import ApiKey, ApiKeyUsageSnapshot
+
+    api_keys = list(ApiKey.objects.filter(user_id=user_id).order_by("pk"))
+    if not api_keys:
+        return ""
+    before = ledger.reset_keys(user_id, [k.pk for k in api_keys])
+    ApiKeyUsageSnapshot.objects.filter(api_key__in=api_keys, period=period).update(
+        requests=0, input_tokens=0, output_tokens=0, base_tokens=0
+    )
+    spent = ", ".join(f"{k.prefix}: {n:,}" for k, n in zip(api_keys, before, strict=True) if n)
+    return f" API keys reset with it ({spent or 'none had usage'})."
 
 
 def _run_age(run: dict[str, Any] | None) -> str:
@@ -1180,7 +1198,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
 # -- teams (contract section 10) ---------------------------------------------------------
 # Members inline; the change list and page show the team's live usage from Redis.
 
-from llm_quota.models import Team, TeamMembership  # noqa: E402
+from llm_quota.models import Team, TeamMembership, TeamUsageSnapshot  # noqa: E402
+from llm_quota.reporting.team_charts import team_usage_chart  # noqa: E402
+from llm_quota.reporting.team_snapshot import snapshot_teams  # noqa: E402
 from llm_quota.reporting.team_usage import team_usage_report  # noqa: E402
 from llm_quota.rules.teams import team_policy  # noqa: E402
 
@@ -1198,7 +1218,7 @@ class TeamAdmin(admin.ModelAdmin):
     search_fields = ("slug", "name")
     prepopulated_fields = {"slug": ("name",)}
     inlines = [TeamMembershipInline]
-    readonly_fields = ("live_usage",)
+    readonly_fields = ("live_usage", "usage_chart")
     fieldsets = (
         (None, {"fields": ("slug", "name", "tier", "blocked")}),
         ("Overrides of the tier (empty: the tier's; 0: unlimited)", {
@@ -1206,7 +1226,19 @@ class TeamAdmin(admin.ModelAdmin):
                        ("tokens_per_day", "tokens_per_month"), "max_tokens_per_request"),
         }),
         ("Live usage", {"fields": ("live_usage",)}),
+        ("Usage by month and member (snapshots)", {"fields": ("usage_chart",)}),
     )  # fmt: skip
+
+    @admin.display(description="chart")
+    def usage_chart(self, team: Team) -> Any:
+        if not team.pk:
+            return "-"
+        try:
+            _, month = get_ledger().periods()
+            last = first_day(month)
+        except RedisError:
+            last = date.today().replace(day=1)
+        return team_usage_chart(team.pk, last)
 
     @staticmethod
     def _report(team: Team) -> dict[str, Any] | None:
@@ -1220,6 +1252,75 @@ class TeamAdmin(admin.ModelAdmin):
             except RedisError:
                 cache["_live"] = None
         return cache["_live"]
+
+    actions = ("reset_team_usage",)
+
+    @admin.action(description="Reset this period's usage (day and month)", permissions=["change"])
+    def reset_team_usage(
+        self, request: HttpRequest, queryset: QuerySet[Team]
+    ) -> HttpResponse | None:
+        """As the user quotas' reset: a confirmation page first; on confirm, each team's
+        month is snapshotted and written to its admin history, then forgiven (the
+        members' own counters and the global caps keep the usage)."""
+        teams = list(queryset)
+        if request.POST.get("post") != "yes":
+            return self._reset_confirmation(request, teams)
+        ledger = get_ledger()
+        try:
+            # Holding the snapshot lock: no run copies pre-reset figures back after this.
+            with ledger.client.lock(
+                ledger.keyspace.snapshot_lock(), timeout=60, blocking_timeout=10
+            ):
+                _, month = ledger.periods()
+                snapshot_teams(ledger, month, [t.pk for t in teams])
+                for team in teams:
+                    self._reset_one(request, ledger, team, first_day(month))
+        except (RedisError, LockError) as exc:
+            self.message_user(request, f"Reset failed: {exc}", messages.ERROR)
+            return None
+        self.message_user(
+            request, f"Reset this period's usage of {len(teams)} team(s); the usage "
+            "forgiven is in each team's history.",
+        )  # fmt: skip
+        return None
+
+    def _reset_one(self, request: HttpRequest, ledger: Any, team: Team, period: date) -> None:
+        before = ledger.reset_team(team.pk)
+        row = TeamUsageSnapshot.objects.filter(team=team, period=period).first()
+        forgiven = "nothing settled"
+        if row is not None:
+            forgiven = f"{row.requests:,} requests, {row.base_tokens:,} base tokens " + (
+                f"(${cost_usd(row.base_tokens)})"
+            )
+            TeamUsageSnapshot.objects.filter(pk=row.pk).update(
+                requests=0, input_tokens=0, output_tokens=0, base_tokens=0,
+                by_member={}, by_model={},
+            )  # fmt: skip
+        self.log_change(
+            request, team, f"Reset the team's usage of {period:%B %Y} "
+            f"({before:,} base tokens): {forgiven}.",
+        )  # fmt: skip
+
+    def _reset_confirmation(self, request: HttpRequest, teams: list[Team]) -> HttpResponse:
+        rows = []
+        for team in teams:
+            report = self._report(team)
+            usage = None if report is None else report["usage"]
+            rows.append(
+                (team, "—" if usage is None else f"{usage['tokens_today']:,}",
+                 "—" if usage is None else f"{usage['tokens_this_month']:,}")
+            )  # fmt: skip
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Reset this period's usage?",
+            "opts": self.model._meta,
+            "rows": rows,
+            "queryset": teams,
+            "action_checkbox_name": ACTION_CHECKBOX_NAME,
+            "media": self.media,
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/llm_quota/team/reset_confirmation.html", context)
 
     @admin.display(description="members")
     def member_count(self, team: Team) -> int:
@@ -1249,3 +1350,27 @@ class TeamAdmin(admin.ModelAdmin):
             "∞" if remaining["tokens_per_month"] is None else remaining["tokens_per_month"],
             members,
         )  # fmt: skip
+
+
+@admin.register(TeamUsageSnapshot)
+class TeamUsageSnapshotAdmin(admin.ModelAdmin):
+    """Teams' months as the snapshot task copied them: read-only, like users'."""
+
+    list_display = ("team", "month", "requests", "base_tokens", "updated_at")
+    list_select_related = ("team",)
+    search_fields = ("team__slug", "team__name")
+    date_hierarchy = "period"
+
+    # Snapshots are written by the snapshot task (and zeroed by a team reset) only.
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="month", ordering="period")
+    def month(self, row: TeamUsageSnapshot) -> str:
+        return f"{row.period:%b %Y}"

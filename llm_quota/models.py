@@ -533,3 +533,34 @@ class DaySnapshot(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} {self.day:%Y-%m-%d}"
+
+
+class TeamUsageSnapshot(models.Model):
+    """A team's usage of one month, copied from Redis by the snapshot task: what a
+    team's month comes back from after Redis lost it (``ledger/team_restore.py``).
+    ``by_member`` and ``by_model`` map a user id or a model name to its ``requests``,
+    ``input_tokens``, ``output_tokens`` and ``base_tokens``: one row per team and month,
+    however many members, and the admin's chart reads them."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="snapshots")
+    period = models.DateField(_("period"), help_text=_("First day of the month."))
+    requests = models.PositiveBigIntegerField(default=0)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    base_tokens = models.PositiveBigIntegerField(default=0)
+    by_member = models.JSONField(_("by member"), default=dict, blank=True)
+    by_model = models.JSONField(_("by model"), default=dict, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-period"]
+        verbose_name = _("team usage snapshot")
+        verbose_name_plural = _("team usage snapshots")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["team", "period"], name="llm_quota_team_snapshot_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.team} {self.period:%Y-%m}"

@@ -18,7 +18,7 @@ from asgiref.sync import sync_to_async
 
 from llm_quota.ledger.connections import ASYNC_POOL_SIZE, async_client_like
 from llm_quota.ledger.operations import LedgerOperations
-from llm_quota.ledger.plans import LoadMonth, Plan, ScriptCall, adrive
+from llm_quota.ledger.plans import LoadMonth, LoadTeamMonth, Plan, ScriptCall, adrive
 from llm_quota.ledger.sync_driver import Ledger
 
 
@@ -55,6 +55,7 @@ class AsyncLedger(LedgerOperations):
             clock=ledger.clock,
             restore=ledger.restore_source,
             restore_keys=ledger.restore_keys_source,
+            restore_teams=ledger.restore_teams_source,
             cluster=ledger.cluster,
         )
         twin._mirrors = weakref.ref(ledger)  # weak: twins are cached by their ledger
@@ -68,7 +69,12 @@ class AsyncLedger(LedgerOperations):
     def _run(self, plan: Plan[Any]) -> Any:
         return adrive(plan, self.perform)
 
-    async def perform(self, step: ScriptCall | LoadMonth) -> Any:
+    async def perform(self, step: ScriptCall | LoadMonth | LoadTeamMonth) -> Any:
+        if isinstance(step, LoadTeamMonth):
+            team_source = self.restore_teams_source
+            if team_source is None:
+                return None
+            return await sync_to_async(team_source)(step.team, step.month)
         if isinstance(step, LoadMonth):
             if step.api_keys:
                 source = self.restore_keys_source

@@ -17,6 +17,7 @@ from llm_quota.ledger.async_driver import AsyncLedger, twin_of
 from llm_quota.ledger.connections import ledger_client
 from llm_quota.ledger.restore import key_months_from_snapshots, month_from_snapshots
 from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.ledger.team_restore import team_month_from_snapshots
 
 _default: Ledger | None = None
 _default_lock = threading.Lock()
@@ -36,6 +37,7 @@ def get_ledger() -> Ledger:
                     timezone=quota_settings.PERIOD_TIMEZONE,
                     restore=month_from_snapshots,
                     restore_keys=key_months_from_snapshots,
+                    restore_teams=team_month_from_snapshots,
                 )
     return _default
 

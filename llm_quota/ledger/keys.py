@@ -155,6 +155,14 @@ class KeySpace:
         slots are (on a cluster a second step, like the global caps)."""
         return f"{self.prefix}:{{t:{api_key_id(team_id)}}}"
 
+    def team_state(self, team_id: Any) -> str:
+        """HASH with the team's ``seen`` marker (its counters are trusted)."""
+        return f"{self.team(team_id)}:s"
+
+    def team_usage(self, team_id: Any, month: str) -> str:
+        """HASH of the team's settled month: totals, ``|u:<uid>``, ``|m:<model>``."""
+        return f"{self.team(team_id)}:n:{month}"
+
     def global_(self) -> str:
         return f"{self.prefix}:{{g}}"
 

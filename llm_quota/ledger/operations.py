@@ -29,7 +29,8 @@ class LedgerOperations:
     ``clock`` pins time (seconds since the epoch) for tests and replays; without it the
     scripts use Redis' own clock. ``restore`` returns a user's month from the database
     when Redis has lost it (``(base_tokens, [ModelUsage, ...])``), ``restore_keys`` the
-    months of that user's API keys (``[(key id, ModelUsage), ...]``). ``cluster`` defaults
+    months of that user's API keys (``[(key id, ModelUsage), ...]``), ``restore_teams`` a
+    team's month (a ``TeamMonth``, or None). ``cluster`` defaults
     to whether ``client`` is a ``RedisCluster``.
     """
 
@@ -43,6 +44,7 @@ class LedgerOperations:
         clock: Callable[[], float] | None = None,
         restore: RestoreSource | None = None,
         restore_keys: Callable[[str, str], Any] | None = None,
+        restore_teams: Callable[[str, str], Any] | None = None,
         cluster: bool | None = None,
     ) -> None:
         self.client = client
@@ -60,6 +62,8 @@ class LedgerOperations:
         self.restore_source = restore
         #: The months of a user's API keys, restored with the user's (``LoadMonth.api_keys``).
         self.restore_keys_source = restore_keys
+        #: A team's month (``LoadTeamMonth``): a ``TeamMonth`` or None.
+        self.restore_teams_source = restore_teams
         self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
 
     @property
@@ -95,8 +99,9 @@ class LedgerOperations:
         return self._run(self.ops.key_usage(user_id, api_key))
 
     def team_usage(self, team: Any) -> Any:
-        """A team's live counters (``TeamUsage``)."""
-        return self._run(self.ops.team_usage(team))
+        """A team's live counters (``TeamUsage``); lost ones are restored first."""
+        restore_lost = self.restore_teams_source is not None
+        return self._run(self.ops.team_usage(team, restore_lost=restore_lost))
 
     def global_usage(self) -> Any:
         """Everyone's tokens against the global caps, expired shares given back."""
@@ -105,6 +110,11 @@ class LedgerOperations:
     def restore(self, user_id: Any, month: str) -> Any:
         """Add the database's record of ``month`` (and the month before) back, once."""
         return self._run(self.ops.restore(user_id, month))
+
+    def restore_team(self, team: Any, month: str) -> Any:
+        """Add the database's record of a team's ``month`` (and the month before) back,
+        once per loss."""
+        return self._run(self.ops.restore_team(team, month))
 
     def reset_period(self, user_id: Any) -> Any:
         """Forgive the user's usage of the current day and month (see ``LedgerOps``)."""
@@ -117,3 +127,11 @@ class LedgerOperations:
     def burn_state(self, user_id: Any) -> Any:
         """The user's burn-rate breaker (a ``BurnState``): paused, baseline, last minute."""
         return self._run(self.ops.burn_state(user_id))
+
+    def reset_keys(self, user_id: Any, key_ids: list[Any]) -> Any:
+        """Forgive the current day and month of the user's API keys (with the user's)."""
+        return self._run(self.ops.reset_keys(user_id, key_ids))
+
+    def reset_team(self, team: Any) -> Any:
+        """Forgive a team's current day and month (the admin's team reset)."""
+        return self._run(self.ops.reset_team(team))

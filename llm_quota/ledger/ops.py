@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 
 from llm_quota.conf import quota_settings
 from llm_quota.ledger import keys
-from llm_quota.ledger.plans import LoadMonth, Plan, ScriptCall
+from llm_quota.ledger.plans import LoadMonth, LoadTeamMonth, Plan, ScriptCall
 from llm_quota.ledger.replies import (
     BurnState,
     Decision,
@@ -73,7 +73,9 @@ SCRIPTS = (
     "team_reserve",
     "key_restore",
     "global_restore",
+    "team_restore",
     "reset",
+    "share_reset",
     "burn_resume",
     "burn_state",
 )
@@ -221,10 +223,14 @@ class LedgerOps:
             ),
         )  # fmt: skip
         reply = yield call
-        for _ in range(2):  # the user's counters, then the global ones: each once
-            if int(reply[0]) == 2:
+        # The user's counters, the team's, the global caps': each restored once per loss.
+        for _ in range(3):
+            status = int(reply[0])
+            if status == 2 and text(reply[1]) == "team." and limits.team is not None:
+                yield from self.restore_team(limits.team, text(reply[7]))
+            elif status == 2:
                 yield from self.restore(uid, text(reply[7]))
-            elif int(reply[0]) == 4:
+            elif status == 4:
                 yield from self.restore_global(text(reply[7]))
             else:
                 break
@@ -244,6 +250,7 @@ class LedgerOps:
                 decision = yield from self._reserve_apart(
                     decision, self._team_call(decision, reply, limits, estimate, clamp, minimum),
                     taken, self.keyspace.team(limits.team),
+                    restore=self.restore_team(limits.team, text(reply[7])),
                 )  # fmt: skip
             if wants_global and decision.allowed:
                 decision = yield from self._reserve_apart(
@@ -301,12 +308,18 @@ class LedgerOps:
         )  # fmt: skip
 
     def _reserve_apart(
-        self, decision: Decision, call: ScriptCall, taken: list[ScriptCall], base: str
+        self,
+        decision: Decision,
+        call: ScriptCall,
+        taken: list[ScriptCall],
+        base: str,
+        restore: Plan[bool] | None = None,
     ) -> Plan[Decision]:
         """One step in a payer's own slot, after the user's. Refused, or unanswered, it
         withdraws the user's share and releases the shares ``taken`` in earlier steps;
         admitted, it joins ``taken``. A harder clamp lowers the user's share to match
-        (an earlier step's share keeps the higher figure until settle: never less)."""
+        (an earlier step's share keeps the higher figure until settle: never less).
+        A payer whose counters were lost (a team's) runs ``restore``, then the step again."""
         held = decision.reservation
         assert held is not None
         release = ScriptCall("global_release", (base,), (call.args[0], held.id, self.ttl_ms))
@@ -320,6 +333,9 @@ class LedgerOps:
 
         try:
             answer = yield call
+            if int(answer[0]) == 2 and restore is not None:
+                yield from restore
+                answer = yield call
         except GeneratorExit:
             raise
         except BaseException:
@@ -576,9 +592,14 @@ class LedgerOps:
             "payer_usage", (base,), (now_arg, self.ttl_ms, *period_args(local_now, self.timezone))
         )
 
-    def team_usage(self, team: Any) -> Plan[TeamUsage]:
-        """A team's live counters, and its settled month by member and by model."""
+    def team_usage(self, team: Any, *, restore_lost: bool = False) -> Plan[TeamUsage]:
+        """A team's live counters, and its settled month by member and by model; with
+        ``restore_lost``, counters Redis lost are restored first, as the next reserve
+        charged to the team would."""
         r = yield self._payer_usage_call(self.keyspace.team(team))
+        if restore_lost and not int(r[11]):
+            yield from self.restore_team(team, text(r[2]))
+            r = yield self._payer_usage_call(self.keyspace.team(team))
         members: dict[str, list[int]] = {}
         models: dict[str, list[int]] = {}
         slot = {"req": 0, "in": 1, "out": 2, "base": 3}
@@ -668,6 +689,29 @@ class LedgerOps:
         )  # fmt: skip
         return int(result) == 1
 
+    def restore_team(self, team: Any, month: str) -> Plan[bool]:
+        """Add the database's record of a team's ``month`` (and the month before) back,
+        once per loss (``team_restore.lua``): its total, by member and by model, in the
+        fields settle keeps (``_team_suffixes``)."""
+        args: list[Any] = [self.now_arg()[0]]
+        for period in (month, previous_month(month)):
+            snapshot = yield LoadTeamMonth(keys.api_key_id(team), period)
+            pairs: list[Any] = []
+            total = 0
+            if snapshot is not None:
+                total = snapshot.total.base_tokens
+                parts = [("", snapshot.total)]
+                parts += [(f"|u:{keys.user_id(m.user_id)}", m) for m in snapshot.by_member]
+                parts += [(f"|m:{keys.model_name(m.model)}", m) for m in snapshot.by_model]
+                for suffix, c in parts:
+                    pairs += [
+                        f"req{suffix}", c.requests, f"in{suffix}", c.input_tokens,
+                        f"out{suffix}", c.output_tokens, f"base{suffix}", c.base_tokens,
+                    ]  # fmt: skip
+            args += [period, month_end_ms(period, self.timezone), int(total), len(pairs), *pairs]
+        result = yield ScriptCall("team_restore", (self.keyspace.team(team),), tuple(args))
+        return int(result) == 1
+
     # -- admin -------------------------------------------------------------------------
 
     def burn_resume(self, user_id: Any) -> Plan[bool]:
@@ -704,6 +748,31 @@ class LedgerOps:
             (now_arg, self.ttl_ms, uid, *period_args(local_now, self.timezone)),
         )
         return PeriodReset(text(r[0]), text(r[1]), int(r[2]), int(r[3]))
+
+    def reset_shares(self, bases: list[str], *, trusted: bool = False) -> Plan[list[int]]:
+        """Forgive the current day and month of payers in one slot (a user's API keys,
+        or a team), as ``reset_period`` does a user's; ``trusted`` marks a team's
+        counters restored. Returns each payer's month counter before."""
+        if not bases:
+            return []
+        now_arg, local_now = self.now_arg()
+        r = yield ScriptCall(
+            "share_reset",
+            tuple(bases),
+            (now_arg, self.ttl_ms, *period_args(local_now, self.timezone), 1 if trusted else 0),
+        )
+        return [int(value) for value in r[2:]]
+
+    def reset_keys(self, user_id: Any, key_ids: list[Any]) -> Plan[list[int]]:
+        """Forgive the current day and month of the user's API keys: their spend is part
+        of the user's (the admin's reset)."""
+        bases = [self.keyspace.api_key(user_id, key_id) for key_id in key_ids]
+        return (yield from self.reset_shares(bases))
+
+    def reset_team(self, team: Any) -> Plan[int]:
+        """Forgive a team's current day and month; returns its month counter before."""
+        before = yield from self.reset_shares([self.keyspace.team(team)], trusted=True)
+        return before[0]
 
 
 def _team_args(limits: Limits) -> tuple[Any, ...]:

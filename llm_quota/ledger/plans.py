@@ -40,6 +40,15 @@ class LoadMonth:
 
 
 @dataclass(frozen=True)
+class LoadTeamMonth:
+    """Ask the team restore source (the database) for a team's month; sent back as a
+    ``TeamMonth``, or None (no snapshot, or no source)."""
+
+    team: str
+    month: str
+
+
+@dataclass(frozen=True)
 class UseLedger:
     """Hand the plan the ledger it runs on, built on first use: a plan that may not
     touch Redis at all (the breaker is open) asks only when it will. ``build=False``

@@ -25,6 +25,7 @@ BUDGET_LIMITS = frozenset(
         "team.tokens_per_day",
         "team.tokens_per_month",
         "burn_rate_exceeded",
+        "team.max_tokens_per_request",
     }
 )
 
@@ -196,6 +197,16 @@ class TeamUsage(PeriodUsage):
     reserved: int
     requests_this_minute: int
     in_flight: int
+    by_member: list[MemberUsage] = field(default_factory=list)
+    by_model: list[ModelUsage] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TeamMonth:
+    """A team's month as the database last saw it (``TeamUsageSnapshot``): what comes
+    back into Redis after a loss."""
+
+    total: ModelUsage
     by_member: list[MemberUsage] = field(default_factory=list)
     by_model: list[ModelUsage] = field(default_factory=list)
 

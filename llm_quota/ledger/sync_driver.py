@@ -16,7 +16,7 @@ from redis.exceptions import NoScriptError
 from llm_quota.ledger import keys
 from llm_quota.ledger.operations import LedgerOperations
 from llm_quota.ledger.ops import parse_usage, usage_is_trusted
-from llm_quota.ledger.plans import LoadMonth, Plan, ScriptCall, drive
+from llm_quota.ledger.plans import LoadMonth, LoadTeamMonth, Plan, ScriptCall, drive
 from llm_quota.ledger.replies import UserUsage, text
 from llm_quota.rules.periods import day_and_month
 
@@ -30,8 +30,11 @@ class Ledger(LedgerOperations):
     def _run(self, plan: Plan[Any]) -> Any:
         return drive(plan, self.perform)
 
-    def perform(self, step: ScriptCall | LoadMonth) -> Any:
+    def perform(self, step: ScriptCall | LoadMonth | LoadTeamMonth) -> Any:
         """Send one step: a script by EVALSHA, or a month asked of the restore source."""
+        if isinstance(step, LoadTeamMonth):
+            team_source = self.restore_teams_source
+            return None if team_source is None else team_source(step.team, step.month)
         if isinstance(step, LoadMonth):
             if step.api_keys:
                 source = self.restore_keys_source

@@ -514,7 +514,7 @@ def _prepare(pk: Any, policy: UserPolicy, estimate: Estimate, probe: int | None)
     if cap is not None:
         fitted = _fit_per_request(estimate, cap, clamp, minimum)
         if fitted is None:
-            raise _Refusal("max_tokens_per_request", PER_REQUEST_RETRY)
+            raise _Refusal(policy.limits.max_tokens_per_request_name, PER_REQUEST_RETRY)
         estimate = fitted
     return _Admission(pk, policy, estimate, requested, clamp, minimum, probe)
 

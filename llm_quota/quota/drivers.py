@@ -25,13 +25,21 @@ from django.dispatch import Signal
 
 from llm_quota.ledger.async_driver import AsyncLedger
 from llm_quota.ledger.default import current_ledger, get_async_ledger, get_ledger
-from llm_quota.ledger.plans import LoadMonth, Plan, ScriptCall, UseLedger, adrive, drive
+from llm_quota.ledger.plans import (
+    LoadMonth,
+    LoadTeamMonth,
+    Plan,
+    ScriptCall,
+    UseLedger,
+    adrive,
+    drive,
+)
 from llm_quota.ledger.sync_driver import Ledger
 
 T = TypeVar("T")
 
 #: Steps the ledger itself performs (a tuple: the cheapest ``isinstance`` check).
-_LEDGER_STEPS = (ScriptCall, LoadMonth)
+_LEDGER_STEPS = (ScriptCall, LoadMonth, LoadTeamMonth)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.reporting.key_snapshot import snapshot_keys
 from llm_quota.reporting.snapshot_days import day_date, upsert_days
 from llm_quota.reporting.snapshot_sql import Row, database, read_stored, upsert_rows
+from llm_quota.reporting.team_snapshot import snapshot_teams
 from llm_quota.rules.periods import first_day, previous_month
 
 logger = logging.getLogger("llm_quota")
@@ -91,6 +92,7 @@ class SnapshotRun:
     lost: int = 0  # users skipped: counters lost, not restored yet
     unknown: int = 0  # ids with no such user in the database
     keys: int = 0  # API keys read (``key_snapshot``)
+    teams: int = 0  # team rows written (``team_snapshot``)
     per_month: dict[str, int] = field(default_factory=dict)
     full: bool = True  # walked the whole index (else: users active since ``since_ms``)
     since_ms: int | None = None
@@ -181,6 +183,7 @@ def snapshot_usage(
             run.per_month[month] = run.rows_written - before
             lost[month] = (pending, skipped)
             run.keys += snapshot_keys(ledger, month, since_ms=plan.since_ms)
+            run.teams += snapshot_teams(ledger, month)
             lock.reacquire()
         run.finished_ms = ledger.now_ms()
         _remember_lost(ledger, lost)

@@ -77,6 +77,9 @@ class Limits:
     tokens_per_month: int | None = None
     max_concurrent_requests: int | None = None
     max_tokens_per_request: int | None = None
+    #: Whose cap ``max_tokens_per_request`` is, as a refusal names it: the user's, or
+    #: ``team.max_tokens_per_request`` where the team's is the lower.
+    max_tokens_per_request_name: str = "max_tokens_per_request"
     global_tokens_per_day: int | None = None
     global_tokens_per_month: int | None = None
     #: The API key the request came with (its id), whose own limits below are reserved

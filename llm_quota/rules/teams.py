@@ -119,9 +119,10 @@ def with_team(policy: UserPolicy, team: TeamPolicy | None) -> UserPolicy:
     to be reserved in the same step; one request's cap is the lower of the two."""
     if team is None:
         return policy
-    cap = policy.limits.max_tokens_per_request
-    if team.max_tokens_per_request is not None:
-        cap = team.max_tokens_per_request if cap is None else min(cap, team.max_tokens_per_request)
+    cap, cap_name = policy.limits.max_tokens_per_request, policy.limits.max_tokens_per_request_name
+    team_cap = team.max_tokens_per_request
+    if team_cap is not None and (cap is None or team_cap < cap):
+        cap, cap_name = team_cap, "team.max_tokens_per_request"
     limits = dataclasses.replace(
         policy.limits,
         team=str(team.id),
@@ -130,5 +131,6 @@ def with_team(policy: UserPolicy, team: TeamPolicy | None) -> UserPolicy:
         team_tokens_per_day=team.tokens_per_day,
         team_tokens_per_month=team.tokens_per_month,
         max_tokens_per_request=cap,
+        max_tokens_per_request_name=cap_name,
     )
     return dataclasses.replace(policy, limits=limits, team_upgrade=team.upgrade)

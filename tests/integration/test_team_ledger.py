@@ -4,6 +4,7 @@ version runs these very tests in tests/system/test_cluster_teams.py)."""
 
 from __future__ import annotations
 
+from llm_quota.ledger.replies import MemberUsage, ModelUsage, TeamMonth
 from llm_quota.rules.accounting import ActualUsage, Limits
 from tests.support.factories import estimate
 
@@ -95,3 +96,31 @@ def test_a_settle_reports_the_teams_month_so_far(ledger):
         ledger.reserve(3, Limits(), estimate(1, 1)).reservation, ActualUsage(1, 1)
     )
     assert again.team_month_used is None  # no team
+
+
+def test_a_lost_teams_month_comes_back_once_before_the_next_decision(ledger):
+    """A team with no counters in Redis (lost with its data, or its slot's primary) is
+    restored from its source before anything is decided against it, once."""
+    month = ledger.periods()[1]
+    asked = []
+
+    def from_snapshot(team, period):
+        asked.append((team, period))
+        if period != month:
+            return None
+        return TeamMonth(
+            total=ModelUsage("", 3, 300, 600, 900),
+            by_member=[MemberUsage("1", 3, 300, 600, 900)],
+            by_model=[ModelUsage("gpt-4o", 3, 300, 600, 900)],
+        )
+
+    ledger.restore_teams_source = from_snapshot
+    limits = _team(team_tokens_per_month=1000)
+    refused = ledger.reserve(2, limits, estimate(200, 0), clamp=False)
+    assert not refused.allowed and refused.limit == "team.tokens_per_month"
+    assert ledger.reserve(2, limits, estimate(100, 0), clamp=False).allowed
+    assert len(asked) == 2  # this month and the one before, once
+    team = ledger.team_usage("9")
+    assert (team.tokens_this_month, team.reserved) == (1000, 100)
+    assert [(m.user_id, m.base_tokens) for m in team.by_member] == [("1", 900)]
+    assert ledger.usage(1).tokens_this_month == 0  # the member's own month is their own

@@ -5,12 +5,15 @@ team endpoints, and no SQL on a warm request (real Redis)."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 from django.test import Client
+from django.urls import reverse
 
 from llm_quota.ledger.default import get_ledger
-from llm_quota.models import Team, TeamMembership
+from llm_quota.models import Team, TeamMembership, TeamUsageSnapshot
+from llm_quota.rules.periods import add_months
 from tests.support import factories
 from tests.support.api_keys import api_key
 from tests.support.gateway import access_token
@@ -125,6 +128,18 @@ def test_a_team_budget_refuses_with_its_name_and_the_team_tiers_upgrade(world):
         "url": "https://example.com/up",
     }
     assert refused["x-should-retry"] == "false"
+
+
+def test_a_refusal_by_the_teams_per_request_cap_names_the_team(world):
+    _, acme, _ = world
+    acme.max_tokens_per_request = 20
+    acme.save()
+    refused = chat(access_token(member(acme)), max_tokens=500)
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["type"] == "insufficient_quota"
+    assert "team.max_tokens_per_request" in error["message"]
+    assert error["upgrade"] == {"tier": "enterprise", "url": "https://example.com/up"}
 
 
 def test_a_blocked_team_is_refused_before_redis(world):
@@ -263,3 +278,22 @@ def test_crossing_the_team_soft_limit_alerts_its_admins_once(world):
         "acme", "team.tokens_per_month", 800, 800,
     )  # fmt: skip
     assert alert["admins"] == [str(boss.pk)]
+
+
+def test_the_team_page_charts_its_monthly_usage_by_member_from_the_snapshots(world, admin_client):
+    _, acme, _ = world
+    alice, bob = member(acme), member(acme)
+    this = datetime.now(UTC).date().replace(day=1)
+    before = add_months(this, -1)
+    TeamUsageSnapshot.objects.create(
+        team=acme, period=before, base_tokens=700,
+        by_member={str(alice.pk): {"base_tokens": 500}, str(bob.pk): {"base_tokens": 200}},
+    )  # fmt: skip
+    TeamUsageSnapshot.objects.create(
+        team=acme, period=this, base_tokens=300, by_member={str(bob.pk): {"base_tokens": 300}}
+    )
+    page = admin_client.get(reverse("admin:llm_quota_team_change", args=[acme.pk]))
+    text = page.content.decode()
+    assert page.status_code == 200 and text.count('<svg class="llmq-chart"') == 1
+    assert f"{before:%b %Y} · {alice.username}: 500" in text
+    assert f"{this:%b %Y} · {bob.username}: 300" in text

@@ -547,3 +547,17 @@ local function payer_usage(P, month, month_end, suffixes, input, output, actual)
   redis.call('PEXPIREAT', n, month_end + MONTH_GRACE)
   return total
 end
+
+-- A team's counters are trusted once team_restore.lua has run since the last loss:
+-- P:s "seen", as B:s for a user. Its life is refreshed once a day ("t"), so an idle
+-- team's marker outlives every month counter it vouches for, and then goes.
+local function payer_seen(P, now)
+  local s = redis.call('HMGET', P .. ':s', 'seen', 't')
+  if not s[1] then return false end
+  local today = math.floor(now / 86400000)
+  if tonumber(s[2]) ~= today then
+    redis.call('HSET', P .. ':s', 't', today)
+    redis.call('PEXPIREAT', P .. ':s', now + STRUCT_TTL)
+  end
+  return true
+end

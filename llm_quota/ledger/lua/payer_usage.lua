@@ -4,7 +4,9 @@
 -- ARGV: 1 now (0 = Redis' clock), 2 ttl, 3 day ids, 4 day starts, 5 month ids,
 --       6 month starts.
 -- Returns {now, day, month, day_end, month_end, tokens_today, tokens_this_month,
---          reserved, requests_this_minute, {P:n:<month> fields and values}, in_flight}
+--          reserved, requests_this_minute, {P:n:<month> fields and values}, in_flight,
+--          seen (1/0: a team's counters are trusted; always 0 for a key, restored with
+--          its user)}
 
 local P = KEYS[1]
 local now = now_ms(ARGV[1])
@@ -35,4 +37,5 @@ return {
   now, day, month, day_end, month_end, used_day, used_month, reserved, requests,
   redis.call('HGETALL', P .. ':n:' .. month),
   redis.call('ZCARD', P .. ':p'),
+  redis.call('HEXISTS', P .. ':s', 'seen'),
 }

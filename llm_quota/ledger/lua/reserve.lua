@@ -24,7 +24,8 @@
 -- The tokens_* fields describe the token limit with the least remaining (minute, day
 -- or month, the key's too; -1 when none is set) and tokens_window_ms its length, for
 -- the headers; the requests_* fields the tighter of the user's and the key's rpm.
--- status: 1 admitted, 0 refused (limit names the binding one), 2 restore counters first,
+-- status: 1 admitted, 0 refused (limit names the binding one), 2 restore counters first
+--         (the user's; the team's where limit is 'team.'),
 --         3 this id is finished already (released before this reserve arrived),
 --         4 restore the global caps' counters first.
 -- The id is the caller's, made before the call, so a reserve runs at most once per id:
@@ -64,6 +65,12 @@ end
 local s = redis.call('HMGET', B .. ':s', 'seen', 't', 'wsum', 'pdue', 'zdue')
 if not s[1] then
   return {2, '', 0, 0, 0, now, day, month, 0, 0, 0, 0, 0, 0, month_end, day_end}
+end
+-- So must a team's (team_restore.lua): the reply names it, so the caller restores it.
+for _, p in ipairs(payers) do
+  if p.label == 'team.' and not payer_seen(p.base, now) then
+    return {2, p.label, 0, 0, 0, now, day, month, 0, 0, 0, 0, 0, 0, month_end, day_end}
+  end
 end
 local state = {wsum = num(s[3]), pdue = s[4], zdue = s[5], changed = {}}
 

@@ -10,9 +10,9 @@
 --       16 month, 17 month end.
 -- Returns {status, limit, retry_ms, granted_output, reserved, tokens_limit, tokens_left,
 -- tokens_reset_ms, period ('d' or 'm'), requests_limit, requests_left, requests_reset_ms}:
--- status 1 admitted (perhaps clamped lower than the first step), 0 refused, 3 this id is
--- finished here already (released before this step arrived: its reply was lost, see
--- reserve.lua). The tokens_* and requests_* fields describe the payer's tightest limits
+-- status 1 admitted (perhaps clamped lower than the first step), 0 refused, 2 restore the
+-- team's counters first, 3 this id is finished here already (released before this step
+-- arrived: its reply was lost, see reserve.lua). The tokens_* and requests_* fields describe the payer's tightest limits
 -- (-1: none), which the caller compares with the user's for the rate-limit headers.
 
 local now = now_ms(ARGV[1])
@@ -32,6 +32,10 @@ if prior then
   if state ~= 'p' then return {3, '', 0, 0, 0} end
   return {1, '', 0, clamp_output(prompt_micro, out_micro, held, max_out), held}
 end
+
+-- Step 1b: counters lost with Redis' data are restored first (team_restore.lua); the
+-- caller restores once and sends this step again.
+if not payer_seen(p.base, now) then return {2, '', 0, 0, 0} end
 
 -- Step 2: expired shares give their tokens back; read the payer's counters.
 payer_read(p, day, month, now, ttl)
