@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
     from django_redis import get_redis_connection
 
     from tests.benchmarks import (
+        async_gateway,
         burst,
         end_to_end,
         estimation_cost,
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> int:
         "snapshot": snapshot_time.run,
         "memory": memory.run,
         "scale": scale_out.run,
+        "async": async_gateway.run,
     }
     chosen = argv or list(sections)
     info = get_redis_connection("default").info("server")

@@ -42,6 +42,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tests.support.ports import spare_port
+
 WORDS = 40
 PROMPT = 11
 EXTRA = 25
@@ -266,7 +268,7 @@ class UpstreamServer(ThreadingHTTPServer):
     request_queue_size = 128  # a burst of 64 connections must not wait for SYN retries
 
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
+        super().__init__(("127.0.0.1", spare_port()), Handler)
         self.requests: list[dict[str, Any]] = []
         self.authorizations: list[str | None] = []
         #: Each request's path and headers.

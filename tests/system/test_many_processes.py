@@ -11,20 +11,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 
 from llm_quota.ledger.sync_driver import Ledger
+from tests.support import ports
 
 ROOT = Path(__file__).resolve().parents[2]
 COST = 100 + 50 * 4  # every gated call of tests/system/scale_site: 300 base tokens
@@ -64,9 +64,7 @@ def admin(env, *argv) -> str:
 
 
 def spare_port() -> int:
-    with closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return ports.spare_port()
 
 
 def get(url: str, method: str = "GET") -> tuple[int, dict]:

@@ -56,6 +56,13 @@ def test_the_celery_extra_brings_the_redis_broker_client():
     importlib.import_module("kombu.transport.redis")
 
 
+def test_the_asgi_extra_brings_uvloop_for_the_uvicorn_recipe():
+    """The recipe names ``--loop uvloop``: on asyncio's loop, uvicorn's ``--workers N``
+    leaves ``TCP_NODELAY`` off and Nagle stalls every keep-alive request (operations.md)."""
+    brought = brought_by(extra("asgi"))
+    assert {"uvicorn", "uvloop", "httptools"} <= brought, brought
+
+
 def metadata_of_setup_cfg(monkeypatch) -> Distribution:
     """setup.cfg as setuptools reads it for a build (from the repository root, where
     package discovery runs), without building anything."""
