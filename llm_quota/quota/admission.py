@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any, NamedTuple, TypeVar, cast
 
 from django.utils.functional import LazyObject, empty
@@ -247,6 +248,15 @@ def charged_prompt(price: Price, count: PromptCount) -> int:
     return count.tokens
 
 
+def at_premium(estimate: Estimate, premium: Decimal | None) -> Estimate:
+    """The prompt reserved as ``premium`` input tokens per token, rounded up: what it costs
+    if the upstream bills it all at that premium (settle charges what it did bill)."""
+    if premium is None or premium <= 1:
+        return estimate
+    scaled = -int(-(estimate.prompt_tokens * premium) // 1)
+    return dataclasses.replace(estimate, prompt_tokens=scaled)
+
+
 def per_choice(estimate: Estimate, choices: int) -> Estimate:
     """``n`` completions of one prompt: the output cap is reserved once per choice."""
     if choices <= 1:
@@ -352,6 +362,7 @@ def admit_request_plan(
     choices: int = 1,
     api_key: ApiKeyCredential | None = None,
     team: TeamPolicy | None = None,
+    prompt_premium: Decimal | None = None,
     **billed: Any,
 ) -> Plan[tuple[Estimate, Decision]]:
     """A prompt over ``LAZY_COUNT_ABOVE`` bytes is reserved on its byte count, without
@@ -360,7 +371,9 @@ def admit_request_plan(
     so is the request; only in between is the prompt counted and reserved again.
     ``billed``: the body's other billed fields by name, counted with the messages.
     ``api_key``, ``team``: the key the request came with and the team that pays; their
-    limits are reserved with the user's."""
+    limits are reserved with the user's. ``prompt_premium``: the most the upstream may
+    charge per prompt token, in input tokens (Anthropic's cache writes); the prompt is
+    reserved at it, after the context window was checked on the tokens themselves."""
     bounds = None
     if prompt_tokens is None and messages is not None:
         _check_model_name(model)
@@ -369,7 +382,7 @@ def admit_request_plan(
         bounded = _bounded(price, bounds, max_tokens)
         if bounded is not None:
             estimate, lower = bounded
-            estimate = per_choice(estimate, choices)
+            estimate = at_premium(per_choice(estimate, choices), prompt_premium)
             decision = yield from admit_plan(
                 user, estimate, probe=lower, api_key=api_key, team=team
             )
@@ -379,7 +392,7 @@ def admit_request_plan(
         model, messages=messages, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
         bounds=bounds, **billed,
     )  # fmt: skip
-    estimate = per_choice(estimate, choices)
+    estimate = at_premium(per_choice(estimate, choices), prompt_premium)
     decision = yield from admit_plan(user, estimate, api_key=api_key, team=team)
     assert decision is not None  # only a probe may leave the answer open
     return estimate, decision

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from decimal import Decimal
 from types import TracebackType
 from typing import Any
 
@@ -64,6 +65,7 @@ class QuotaGuard:
         scope: str | None = None,
         api_key: ApiKeyCredential | None = None,
         team: Any = None,
+        prompt_premium: Decimal | None = None,
         ledger: Ledger | None = None,
         aledger: AsyncLedger | None = None,
         **billed: Any,
@@ -89,6 +91,9 @@ class QuotaGuard:
         #: only team (``rules.teams``). Resolved at admission into ``team_policy``.
         self.team = team
         self.team_policy: TeamPolicy | None = None
+        #: The most the upstream may bill per prompt token, in input tokens (Anthropic's
+        #: cache writes, ``shapes.messages.cache_write_premium``); None: the token itself.
+        self.prompt_premium = prompt_premium
         self.ledger = ledger
         # Given a sync ledger only, ``async with`` uses its twin (same Redis and clock).
         self.aledger = aledger
@@ -138,6 +143,7 @@ class QuotaGuard:
             "prompt_tokens": self.prompt_tokens,
             "max_tokens": self.requested_max_tokens,
             "choices": self.choices,
+            "prompt_premium": self.prompt_premium,
             **self.billed,
         }
 

@@ -9,7 +9,9 @@
   token covers at least one byte, so the bytes bound the count from above; images at
   the estimator's worst case, documents at the context window); ``tools`` and
   ``tool_choice`` as structured fields, plus ``TOOL_PROMPT_TOKENS`` for the system
-  prompt Anthropic adds when tools are given.
+  prompt Anthropic adds when tools are given. A body that asks for prompt caching has
+  its prompt reserved at the cache-write premium of the longest TTL it names
+  (``cache_write_premium``: 1.25x for 5 minutes, 2x for an hour).
 - The cap: ``max_tokens``, set to what was reserved (clamped like chat's).
 - What it used: ``usage`` from the answer, or from the stream's ``message_start``
   (input) and ``message_delta`` (output, cumulative); cache reads as cached input, cache
@@ -123,6 +125,9 @@ class MessagesRequest:
         }
         if self.body.get("tools"):
             billed[FIXED_TOKENS] = TOOL_PROMPT_TOKENS
+        premium = cache_write_premium(self.body)
+        if premium is not None:
+            billed["prompt_premium"] = premium
         return {"model": self.model, "messages": messages, "max_tokens": self.max_tokens, **billed}
 
     def upstream_body(self, max_tokens: int, cap_field: str = "") -> dict[str, Any]:
@@ -136,6 +141,27 @@ class MessagesRequest:
 
     def watch(self) -> MessagesWatch:
         return MessagesWatch()
+
+
+def cache_write_premium(body: Any) -> Decimal | None:
+    """What a prompt may cost per token when the body asks for prompt caching (a
+    ``cache_control`` anywhere: system, messages, tools): Anthropic may bill all of it as
+    cache writes, at the premium of the longest TTL named. None: no caching asked."""
+    ttls: set[str] = set()
+    stack = [body]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            control = item.get("cache_control")
+            if control is not None:
+                ttl = control.get("ttl") if isinstance(control, dict) else None
+                ttls.add(
+                    "ephemeral_1h_input_tokens" if ttl == "1h" else "ephemeral_5m_input_tokens"
+                )
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return max((CACHE_WRITE_PREMIUM[ttl] for ttl in ttls), default=None)
 
 
 # -- what an answer used -------------------------------------------------------------------

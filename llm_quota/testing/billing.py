@@ -632,6 +632,48 @@ def claude_prompt_tokens(body: Mapping[str, Any]) -> int:
     return total
 
 
+def _cache_ttls(value: Any) -> set[str]:
+    """The TTLs of every ``cache_control`` in a Messages body ("5m" unless it says "1h")."""
+    found: set[str] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            control = item.get("cache_control")
+            if isinstance(control, Mapping):
+                found.add("1h" if control.get("ttl") == "1h" else "5m")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
+def claude_usage(body: Mapping[str, Any], output_tokens: int) -> dict[str, Any]:
+    """Anthropic's ``usage`` for a Messages body, at its dearest: a body that asks for
+    prompt caching has its whole prompt written to the cache, at the longest TTL it
+    names (1.25x the input price for 5 minutes, 2x for an hour)."""
+    prompt = claude_prompt_tokens(body)
+    ttls = _cache_ttls(body)
+    if not ttls:
+        return {"input_tokens": prompt, "output_tokens": output_tokens,
+                "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}  # fmt: skip
+    ttl = "1h" if "1h" in ttls else "5m"
+    return {
+        "input_tokens": 0, "output_tokens": output_tokens,
+        "cache_creation_input_tokens": prompt, "cache_read_input_tokens": 0,
+        "cache_creation": {"ephemeral_5m_input_tokens": prompt if ttl == "5m" else 0,
+                           "ephemeral_1h_input_tokens": prompt if ttl == "1h" else 0},
+    }  # fmt: skip
+
+
+def claude_charged_input(usage: Mapping[str, Any]) -> int:
+    """The input tokens ``usage`` costs, cache writes at their premium, rounded up."""
+    written = usage.get("cache_creation") or {}
+    premium = (written.get("ephemeral_5m_input_tokens", 0) * 5 + 3) // 4  # 1.25x, up
+    premium += written.get("ephemeral_1h_input_tokens", 0) * 2
+    return usage["input_tokens"] + usage.get("cache_read_input_tokens", 0) + premium
+
+
 def message_object(
     body: Mapping[str, Any], text: str, usage: dict[str, Any], stop_reason: str
 ) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from llm_quota.exceptions import BudgetExceeded, InvalidRequest, RateLimited
 from llm_quota.gateway.call import GatedCall
 from llm_quota.quota.guard import QuotaGuard
-from llm_quota.shapes.messages import MessagesRequest
+from llm_quota.shapes.messages import MessagesRequest, charged_usage
 from llm_quota.shapes.responses import ResponsesRequest
 from llm_quota.testing import billing
 from tests.support import factories
@@ -95,9 +95,17 @@ claude_tools = st.builds(
                                                         "properties": {"x": schema}}},
     names, texts, schemas,
 )  # fmt: skip
+#: A system prompt that asks for prompt caching, at either TTL (or the default, 5m):
+#: Anthropic may then bill the whole prompt as cache writes, at up to 2x the input price.
+cached_system = st.builds(
+    lambda text, ttl: [{"type": "text", "text": text,
+                        "cache_control": {"type": "ephemeral", **({"ttl": ttl} if ttl else {})}}],
+    texts, st.sampled_from([None, "5m", "1h"]),
+)  # fmt: skip
 message_bodies = st.fixed_dictionaries(
     {"model": st.sampled_from(CLAUDE), "messages": turns, "max_tokens": st.integers(1, 400)},
-    optional={"system": texts, "tools": st.lists(claude_tools, min_size=1, max_size=3)},
+    optional={"system": st.one_of(texts, cached_system),
+              "tools": st.lists(claude_tools, min_size=1, max_size=3)},
 )  # fmt: skip
 
 
@@ -108,8 +116,37 @@ def test_no_messages_bill_passes_its_reservation(prices, ledger, body):
     guard, sent = admitted(user, MessagesRequest, body)
     if guard is None:
         return
-    prompt, output = billing.claude_prompt_tokens(sent), sent["max_tokens"]
-    billed = guard.estimate.price.base_tokens(prompt, output)
-    assert billed <= guard.reservation.reserved, (prompt, output, guard.estimate)
-    guard.settle({"input_tokens": prompt, "output_tokens": output})
+    output = sent["max_tokens"]
+    usage = billing.claude_usage(sent, output)  # cache writes at their premium, if asked
+    charged_input = billing.claude_charged_input(usage)
+    event("prompt caching" if usage["cache_creation_input_tokens"] else "no caching")
+    billed = guard.estimate.price.base_tokens(charged_input, output)
+    assert billed <= guard.reservation.reserved, (charged_input, output, guard.estimate)
+    guard.settle(charged_usage(usage))
+    assert ledger.usage(user.pk).reserved == 0
+
+
+@pytest.mark.parametrize("ttl", ["5m", "1h"])
+def test_a_prompt_cached_at_the_dearest_rate_stays_within_its_reservation(prices, ledger, ttl):
+    """Text that tokenizes near one token per byte (random printable ASCII: about 1.3
+    bytes a token) leaves the byte bound little room, and a cache write bills each token
+    at up to twice the input price: the premium must be reserved, not hoped for."""
+    import random
+    import string
+
+    rng = random.Random(17)
+    text = "".join(rng.choice(string.printable[:94]) for _ in range(4000))
+    body = {
+        "model": CLAUDE[0], "max_tokens": 50,
+        "system": [{"type": "text", "text": text,
+                    "cache_control": {"type": "ephemeral", "ttl": ttl}}],
+        "messages": [{"role": "user", "content": "Summarise the system prompt."}],
+    }  # fmt: skip
+    user = factories.user(factories.tier(tokens_per_month=10**7))
+    guard, sent = admitted(user, MessagesRequest, body)
+    usage = billing.claude_usage(sent, sent["max_tokens"])
+    assert usage["cache_creation_input_tokens"] > 0
+    billed = guard.estimate.price.base_tokens(billing.claude_charged_input(usage), 50)
+    assert billed <= guard.reservation.reserved
+    guard.settle(charged_usage(usage))
     assert ledger.usage(user.pk).reserved == 0

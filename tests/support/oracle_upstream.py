@@ -106,12 +106,12 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
 
     def _messages(self, body: dict[str, Any]) -> None:
-        """Anthropic's bill, as the oracle reads it (``billing.claude_prompt_tokens``):
-        the whole ``max_tokens`` written, half of it thinking when thinking is on."""
+        """Anthropic's bill, as the oracle reads it (``billing.claude_usage``): the whole
+        ``max_tokens`` written, half of it thinking when thinking is on, and the whole
+        prompt written to the cache at its longest TTL when the body asks for caching."""
         cap = int(body.get("max_tokens") or 0)
         thinking = cap // 2 if (body.get("thinking") or {}).get("type") == "enabled" else 0
-        usage = {"input_tokens": billing.claude_prompt_tokens(body), "output_tokens": cap,
-                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}  # fmt: skip
+        usage = billing.claude_usage(body, cap)  # a body asking for caching: all written
         self.server.record(body, usage)
         text = "".join(" tok" if i else "tok" for i in range(cap - thinking))
         message = billing.message_object(body, text, usage, "max_tokens")
