@@ -7,7 +7,8 @@
   ``previous_response_id`` and ``conversation`` are refused: the upstream would bill a
   stored conversation as input that the gateway cannot see, so it could not be
   reserved (send the items instead); so is ``background: true``, billed after the call
-  returns.
+  returns. So are hosted tools (``CLIENT_TOOL_TYPES``: only tools the caller runs):
+  their per-call fees and fetched content cannot be bounded before the call.
 - What is billed: the instructions as a system message and the input items as
   messages (``rules.estimation`` counts items part by part, like chat messages), plus
   ``tools``, ``tool_choice`` and ``text`` (its format's schema) as structured fields.
@@ -35,8 +36,26 @@ CAP_FIELD = "max_output_tokens"
 STORED_CONTEXT = ("previous_response_id", "conversation")
 #: Billed as structured fields besides the input (``rules.estimation``).
 BILLED_FIELDS = ("tools", "tool_choice", "text")
+#: Tools the caller runs itself: the upstream bills only the tokens of their definitions,
+#: calls and outputs, which the estimate counts. Hosted tools (``web_search``,
+#: ``file_search``, ``code_interpreter``, ``image_generation``, ``mcp``...) bill per call
+#: and add content the gateway never sees, so no reservation could bound them.
+CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
 #: The events that end a whole stream, each carrying the final ``response`` (and its usage).
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def _check_tools(tools: list[Any]) -> None:
+    for index, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in CLIENT_TOOL_TYPES:
+            raise InvalidRequest(
+                f"'tools[{index}]': a {str(kind)[:40]!r} tool is not supported by this "
+                "gateway: a hosted tool bills per call and for content no reservation can "
+                "bound. Use function tools and run them yourself.",
+                code="unsupported_tool",
+                param=f"tools[{index}]",
+            )
 
 
 def _cap(body: dict[str, Any]) -> int | None:
@@ -108,6 +127,7 @@ class ResponsesRequest:
             raise InvalidRequest("'instructions' must be a string.", param="instructions")
         if body.get("tools") is not None and not isinstance(body["tools"], list):
             raise InvalidRequest("'tools' must be an array.", param="tools")
+        _check_tools(body.get("tools") or [])
         stream = body.get("stream")
         if stream is not None and not isinstance(stream, bool):
             raise InvalidRequest("'stream' must be a boolean.", param="stream")
