@@ -641,7 +641,7 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
             return format_html("{}<br>{}", name, _BLOCKED)
         return name
 
-    @admin.display(description="user quota")
+    @admin.display(description="quota")  # short: the list fits beside the filters
     def user_quota(self, user: Any) -> str:
         may_add, may_view = getattr(user, "_quota_links", (False, False))
         return _quota_link(user, _quota_of(user), may_add, may_view) or "—"
