@@ -64,12 +64,19 @@ def test_a_key_is_paused_by_its_users_tier_only(ledger, clock):
 
 def test_staff_resume_a_paused_key(ledger, clock):
     busy_user(ledger, clock)
-    while spend(ledger, KEY, 300).allowed:
+    for _ in range(60):  # bounded: a breaker that never trips fails, not hangs
+        if not spend(ledger, KEY, 300).allowed:
+            break
         clock.advance(1)
     assert ledger.key_burn_resume(1, "7") is True
     assert ledger.key_burn_resume(1, "7") is False
     assert not ledger.key_burn_state(1, "7").paused
     assert spend(ledger, KEY, 300).allowed  # a minute's grace after a resume
+
+
+def test_resuming_a_key_never_used_leaves_no_key_without_expiry(ledger):
+    assert ledger.key_burn_resume(1, "5") is False
+    assert 0 < ledger.client.pttl(ledger.keyspace.api_key(1, "5") + ":s")
 
 
 def test_members_together_trip_their_teams_breaker(ledger, clock):
@@ -90,7 +97,9 @@ def test_members_together_trip_their_teams_breaker(ledger, clock):
 
 
 def test_staff_resume_a_paused_team(ledger, clock):
-    while spend(ledger, TEAM, 400, uid=1).allowed:
+    for _ in range(60):
+        if not spend(ledger, TEAM, 400, uid=1).allowed:
+            break
         clock.advance(1)
     assert ledger.team_burn_resume("9") is True
     assert not ledger.team_burn_state("9").paused

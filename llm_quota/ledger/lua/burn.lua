@@ -123,6 +123,8 @@ end
 local function burn_resume(P, now)
   local bz = num(redis.call('HGET', P .. ':s', 'bz'))
   redis.call('HSET', P .. ':s', 'bz', -(now + WINDOW))
+  -- A key never settled has no state hash yet: the resume must not leave one forever.
+  if redis.call('PTTL', P .. ':s') == -1 then redis.call('PEXPIRE', P .. ':s', STRUCT_TTL) end
   if bz > now then return 1 end
   return 0
 end
