@@ -31,5 +31,7 @@ usage_overrun = Signal()
 
 #: Sent once when the burn-rate breaker pauses a caller (contract §11): its last
 #: minute's spend jumped far above its own baseline. kwargs: user_id, tier,
-#: paused_seconds. ``quota_refused`` fires as well, on this and every refusal after it.
+#: paused_seconds, limit (``burn_rate_exceeded``, or ``key.``/``team.`` before it), and
+#: ``api_key_id`` for a key's breaker or ``team`` for a team's (the payer paused; the
+#: user is the one whose request tripped it). ``quota_refused`` fires as well.
 burn_rate_tripped = Signal()

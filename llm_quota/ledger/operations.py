@@ -128,6 +128,22 @@ class LedgerOperations:
         """The user's burn-rate breaker (a ``BurnState``): paused, baseline, last minute."""
         return self._run(self.ops.burn_state(user_id))
 
+    def key_burn_resume(self, user_id: Any, key_id: Any) -> Any:
+        """End an API key's burn-rate pause (staff); True if it was paused."""
+        return self._run(self.ops.key_burn_resume(user_id, key_id))
+
+    def team_burn_resume(self, team_id: Any) -> Any:
+        """End a team's burn-rate pause (staff); True if it was paused."""
+        return self._run(self.ops.team_burn_resume(team_id))
+
+    def key_burn_state(self, user_id: Any, key_id: Any) -> Any:
+        """An API key's burn-rate breaker (a ``BurnState``)."""
+        return self._run(self.ops.key_burn_state(user_id, key_id))
+
+    def team_burn_state(self, team_id: Any) -> Any:
+        """A team's burn-rate breaker (a ``BurnState``)."""
+        return self._run(self.ops.team_burn_state(team_id))
+
     def reset_keys(self, user_id: Any, key_ids: list[Any]) -> Any:
         """Forgive the current day and month of the user's API keys (with the user's)."""
         return self._run(self.ops.reset_keys(user_id, key_ids))

@@ -154,15 +154,17 @@ class LedgerOps:
         return (*head, *payers, *tail)
 
     def _payer_limits(self, limits: Limits) -> list[Any]:
-        """reserve.lua's payer arguments: how many, then label and four limits each."""
+        """reserve.lua's payer arguments: how many, then label, four limits and the
+        burn-rate breaker each (a key's is its user's tier's, a team's its tier's)."""
         rows: list[Any] = []
         if limits.api_key is not None:
             rows.append((
                 "key.", _limit(limits.key_requests_per_minute), -1,
                 _limit(limits.key_tokens_per_day), _limit(limits.key_tokens_per_month),
+                *_burn_args(limits),
             ))  # fmt: skip
         if limits.team is not None and not self.cluster:
-            rows.append(_team_args(limits))
+            rows.append((*_team_args(limits), *_team_burn_args(limits)))
         return [len(rows), *(value for row in rows for value in row)]
 
     def index_base(self, uid: str) -> str:
@@ -218,7 +220,7 @@ class LedgerOps:
                 *_burn_args(limits),
                 # Adaptive slow-down past the soft limit (burn.lua); -1 = off.
                 _limit(limits.slow_soft_percent),
-                # The other payers (a key, a team): their count, then five values each.
+                # The other payers (a key, a team): their count, then eight values each.
                 *self._payer_limits(limits),
             ),
         )  # fmt: skip
@@ -304,6 +306,7 @@ class LedgerOps:
                 estimate.prompt_micro, estimate.price.output_micro, held.max_tokens,
                 minimum, 1 if clamp else 0,
                 held.day, int(reply[15]), held.month, held.month_end_ms,
+                *_team_burn_args(limits),
             ),
         )  # fmt: skip
 
@@ -369,6 +372,7 @@ class LedgerOps:
             limit=text(answer[1]),
             retry_after=int(answer[2]) / 1000,
             reservation=None,
+            burn_tripped=len(answer) > 12 and int(answer[12]) == 1,
             requests_remaining=_plus(decision.requests_remaining, 1),
             tokens_remaining=_plus(decision.tokens_remaining, held.reserved),
         )
@@ -718,14 +722,34 @@ class LedgerOps:
         """End the user's burn-rate pause (staff); True if they were paused. The
         breaker then waits one minute, until the spend that tripped it has left the
         window, before it may trip again."""
-        uid = keys.user_id(user_id)
-        reply = yield ScriptCall("burn_resume", (self.keyspace.user(uid),), (self.now_arg()[0],))
+        return (yield from self._burn_resume(self.keyspace.user(keys.user_id(user_id))))
+
+    def key_burn_resume(self, user_id: Any, key_id: Any) -> Plan[bool]:
+        """End an API key's burn-rate pause (staff), as ``burn_resume`` a user's."""
+        return (yield from self._burn_resume(self.keyspace.api_key(user_id, key_id)))
+
+    def team_burn_resume(self, team_id: Any) -> Plan[bool]:
+        """End a team's burn-rate pause (staff), as ``burn_resume`` a user's."""
+        return (yield from self._burn_resume(self.keyspace.team(team_id)))
+
+    def _burn_resume(self, base: str) -> Plan[bool]:
+        reply = yield ScriptCall("burn_resume", (base,), (self.now_arg()[0],))
         return int(reply) == 1
 
     def burn_state(self, user_id: Any) -> Plan[BurnState]:
         """The user's breaker: paused until when, their baseline and last minute."""
-        uid = keys.user_id(user_id)
-        r = yield ScriptCall("burn_state", (self.keyspace.user(uid),), (self.now_arg()[0],))
+        return (yield from self._burn_state(self.keyspace.user(keys.user_id(user_id))))
+
+    def key_burn_state(self, user_id: Any, key_id: Any) -> Plan[BurnState]:
+        """An API key's breaker, as ``burn_state`` a user's."""
+        return (yield from self._burn_state(self.keyspace.api_key(user_id, key_id)))
+
+    def team_burn_state(self, team_id: Any) -> Plan[BurnState]:
+        """A team's breaker, as ``burn_state`` a user's."""
+        return (yield from self._burn_state(self.keyspace.team(team_id)))
+
+    def _burn_state(self, base: str) -> Plan[BurnState]:
+        r = yield ScriptCall("burn_state", (base,), (self.now_arg()[0],))
         return BurnState(
             paused_until_ms=int(r[0]) or None,
             baseline_per_minute=int(r[1]),
@@ -791,7 +815,17 @@ def _team_suffixes(uid: str, model: str) -> str:
 
 def _burn_args(limits: Limits) -> tuple[float | int, int, int]:
     """The breaker's ARGV: all -1 (off) unless the tier sets all three."""
-    mult, floor, pause = limits.burn_multiplier, limits.burn_floor, limits.burn_pause
+    return _breaker(limits.burn_multiplier, limits.burn_floor, limits.burn_pause)
+
+
+def _team_burn_args(limits: Limits) -> tuple[float | int, int, int]:
+    """The team's breaker's ARGV, from the team's tier, as ``_burn_args``."""
+    return _breaker(limits.team_burn_multiplier, limits.team_burn_floor, limits.team_burn_pause)
+
+
+def _breaker(
+    mult: float | None, floor: int | None, pause: float | None
+) -> tuple[float | int, int, int]:
     if mult is None or floor is None or pause is None:
         return -1, -1, -1
     return float(mult), int(floor), int(pause * 1000)

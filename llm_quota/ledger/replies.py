@@ -25,12 +25,16 @@ BUDGET_LIMITS = frozenset(
         "team.tokens_per_day",
         "team.tokens_per_month",
         "burn_rate_exceeded",
+        "key.burn_rate_exceeded",
+        "team.burn_rate_exceeded",
         "team.max_tokens_per_request",
     }
 )
 
 #: The burn-rate breaker's refusal: the caller spends far faster than its baseline.
 BURN_RATE_LIMIT = "burn_rate_exceeded"
+#: The same refusal for each payer: the user's, an API key's, a team's.
+BURN_RATE_LIMITS = frozenset({BURN_RATE_LIMIT, "key." + BURN_RATE_LIMIT, "team." + BURN_RATE_LIMIT})
 
 
 @dataclass(frozen=True)

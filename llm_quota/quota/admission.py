@@ -40,7 +40,7 @@ from llm_quota.ledger.ops import LedgerOps
 from llm_quota.ledger.plans import CURRENT_LEDGER, USE_LEDGER, Plan
 from llm_quota.ledger.replies import (
     BUDGET_LIMITS,
-    BURN_RATE_LIMIT,
+    BURN_RATE_LIMITS,
     Decision,
     Reservation,
     Settlement,
@@ -483,11 +483,18 @@ def team_plan(pk: Any, api_key: ApiKeyCredential | None, named: Any) -> Plan[Tea
 
 def _burn_tripped(pk: Any, policy: UserPolicy, exc: BurnRateExceeded | Any) -> Plan[None]:
     """This reserve paused the caller: said once, loudly (a CRITICAL log line, and
-    ``burn_rate_tripped``, whose receiver in ``alerts`` posts the webhook)."""
+    ``burn_rate_tripped``, whose receiver in ``alerts`` posts the webhook). The
+    refusal's name says whose breaker it was: the user's, the API key's or the team's."""
     uid = keys.user_id(pk)
+    payer: dict[str, Any] = {}
+    if exc.limit.startswith("key."):
+        payer["api_key_id"] = policy.limits.api_key
+    elif exc.limit.startswith("team."):
+        payer["team"] = policy.limits.team
+    whose = "".join(f", {name} {value}" for name, value in payer.items())
     logger.critical(
-        "burn-rate breaker tripped: user %s (tier %s) paused for %d s",
-        uid, policy.tier, exc.retry_after,
+        "burn-rate breaker tripped: user %s%s (tier %s) paused for %d s",
+        uid, whose, policy.tier, exc.retry_after,
     )  # fmt: skip
     try:
         yield Notify(
@@ -497,6 +504,8 @@ def _burn_tripped(pk: Any, policy: UserPolicy, exc: BurnRateExceeded | Any) -> P
                 "user_id": uid,
                 "tier": policy.tier,
                 "paused_seconds": exc.retry_after,
+                "limit": exc.limit,
+                **payer,
             },
         )
     except Exception:  # a receiver's failure may never turn a 429 into a 500
@@ -608,7 +617,7 @@ def _conclude(admission: _Admission, decision: Decision) -> Decision | None:
 
 def _refusal(policy: UserPolicy, refusal: _Refusal) -> RateLimited | BudgetExceeded:
     error: type[RateLimited | BudgetExceeded] = RateLimited
-    if refusal.limit == BURN_RATE_LIMIT:
+    if refusal.limit in BURN_RATE_LIMITS:
         error = BurnRateExceeded
     elif refusal.limit in BUDGET_LIMITS:
         error = BudgetExceeded

@@ -270,20 +270,29 @@ def on_quota_refused(
 
 
 def on_burn_rate_tripped(
-    sender: Any, user_id: str = "", tier: str | None = None, paused_seconds: int = 0, **kwargs: Any
+    sender: Any,
+    user_id: str = "",
+    tier: str | None = None,
+    paused_seconds: int = 0,
+    limit: str = "burn_rate_exceeded",
+    **kwargs: Any,
 ) -> None:
     """Receiver of ``burn_rate_tripped``: lists the user as paused (the admin's
-    filter) and posts the alert webhook. Every trip posts: a trip pauses the caller,
-    so trips come a pause apart at the least."""
+    filter) when the breaker was the user's own, and posts the alert webhook, naming
+    the key or the team when it was theirs. Every trip posts: a trip pauses the
+    caller, so trips come a pause apart at the least."""
     try:
         ledger = get_ledger()
-        runaway.list_paused(ledger, user_id, paused_seconds)
+        if limit == "burn_rate_exceeded":
+            runaway.list_paused(ledger, user_id, paused_seconds)
+        payer = {name: kwargs[name] for name in ("api_key_id", "team") if name in kwargs}
         deliver_webhook(
             {
                 "event": "burn_rate_tripped",
                 "user_id": user_id,
+                **payer,
                 "tier": tier,
-                "limit": "burn_rate_exceeded",
+                "limit": limit,
                 "paused_seconds": int(paused_seconds),
                 "at": _now_iso(ledger),
             }

@@ -40,3 +40,14 @@ def resume(ledger: Ledger, user_id: Any) -> bool:
     was_paused = bool(ledger.burn_resume(user_id))
     ledger.client.zrem(ledger.keyspace.paused(), keys.user_id(user_id))
     return was_paused
+
+
+def resume_key(ledger: Ledger, user_id: Any, key_id: Any) -> bool:
+    """End an API key's pause (staff), as ``resume`` a user's; True if it was paused.
+    A key's breaker is its own: its user was never listed as paused for it."""
+    return bool(ledger.key_burn_resume(user_id, key_id))
+
+
+def resume_team(ledger: Ledger, team_id: Any) -> bool:
+    """End a team's pause (staff), as ``resume`` a user's; True if it was paused."""
+    return bool(ledger.team_burn_resume(team_id))

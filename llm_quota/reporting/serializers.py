@@ -91,6 +91,21 @@ class ResumeSerializer(serializers.Serializer):
     )
 
 
+class KeyResumeSerializer(serializers.Serializer):
+    api_key = serializers.CharField(help_text="The API key's id.")
+    user = UserRefSerializer()
+    was_paused = serializers.BooleanField(
+        help_text="Whether the key was paused by its own burn-rate breaker."
+    )
+
+
+class TeamResumeSerializer(serializers.Serializer):
+    team = serializers.SlugField(help_text="The team's slug.")
+    was_paused = serializers.BooleanField(
+        help_text="Whether the team was paused by its own burn-rate breaker."
+    )
+
+
 class CostField(serializers.DecimalField):
     """Dollars of a base-token count, in the same decimal string form as the report."""
 

@@ -26,12 +26,14 @@ from llm_quota.conf import quota_settings
 from llm_quota.drf.permissions import HasScope
 from llm_quota.exceptions import QuotaUnavailable
 from llm_quota.ledger.default import get_ledger
-from llm_quota.models import Tier, UsageSnapshot
+from llm_quota.models import ApiKey, Team, Tier, UsageSnapshot
 from llm_quota.quota import runaway
 from llm_quota.reporting.key_views import with_api_keys
 from llm_quota.reporting.live_usage import usage_report
 from llm_quota.reporting.serializers import (
+    KeyResumeSerializer,
     ResumeSerializer,
+    TeamResumeSerializer,
     TierSerializer,
     UsageReportSerializer,
     UsageSnapshotSerializer,
@@ -133,3 +135,41 @@ class UserResumeView(GenericAPIView):
             raise QuotaUnavailable() from exc
         body = {"user": {"id": str(user.pk), "username": user.get_username()}}
         return Response(self.get_serializer({**body, "was_paused": was_paused}).data)
+
+
+class KeyResumeView(GenericAPIView):
+    """Staff only: end an API key's burn-rate pause (contract §11), as
+    ``UserResumeView`` a user's; the key's user is not paused by it."""
+
+    permission_classes = [IsAdminUser]
+    serializer_class = KeyResumeSerializer
+
+    def post(self, request: Request, key_id: int) -> Response:
+        key = ApiKey.objects.select_related("user").filter(pk=key_id).first()
+        if key is None:
+            raise Http404("No such API key.")
+        try:
+            was_paused = runaway.resume_key(get_ledger(), key.user_id, key.pk)
+        except RedisError as exc:
+            raise QuotaUnavailable() from exc
+        user = {"id": str(key.user_id), "username": key.user.get_username()}
+        body = {"api_key": str(key.pk), "user": user, "was_paused": was_paused}
+        return Response(self.get_serializer(body).data)
+
+
+class TeamResumeView(GenericAPIView):
+    """Staff only: end a team's burn-rate pause (contract §11), as ``UserResumeView``
+    a user's."""
+
+    permission_classes = [IsAdminUser]
+    serializer_class = TeamResumeSerializer
+
+    def post(self, request: Request, slug: str) -> Response:
+        team = Team.objects.filter(slug=slug).first()
+        if team is None:
+            raise Http404("No such team.")
+        try:
+            was_paused = runaway.resume_team(get_ledger(), team.pk)
+        except RedisError as exc:
+            raise QuotaUnavailable() from exc
+        return Response(self.get_serializer({"team": team.slug, "was_paused": was_paused}).data)

@@ -101,6 +101,11 @@ class Limits:
     burn_multiplier: float | None = None
     burn_floor: int | None = None
     burn_pause: float | None = None
+    #: The team's own breaker, from the team's tier (an API key's is its user's tier's,
+    #: the three above); None: off.
+    team_burn_multiplier: float | None = None
+    team_burn_floor: int | None = None
+    team_burn_pause: float | None = None
     #: A tier that slows callers down past its soft limit (contract §11): the soft
     #: limit, in percent of ``tokens_per_month``. Past it, the request and token rates
     #: shrink as the rest of the budget runs out. None: the tier only alerts.

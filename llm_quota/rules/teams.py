@@ -33,6 +33,10 @@ class TeamPolicy:
     upgrade: dict[str, str] | None = None
     blocked: bool = False
     soft_limit_percent: int = 80
+    #: The team tier's burn-rate breaker (contract §11); None: off.
+    burn_multiplier: float | None = None
+    burn_floor: int | None = None
+    burn_pause: float | None = None
 
 
 def _load_team(team_id: int) -> TeamPolicy | None:
@@ -48,9 +52,12 @@ def _load_team(team_id: int) -> TeamPolicy | None:
         name: overridden(getattr(team.tier, name), getattr(team, name))
         for name in TEAM_LIMIT_FIELDS
     }
+    mult = team.tier.burn_multiplier
     return TeamPolicy(
         id=team.pk, slug=team.slug, name=team.name, tier=team.tier.name,
         upgrade=upgrade, blocked=team.blocked, soft_limit_percent=team.tier.soft_limit_percent,
+        burn_multiplier=None if mult is None else float(mult),
+        burn_floor=team.tier.burn_floor, burn_pause=team.tier.burn_pause_seconds,
         **limits,
     )  # fmt: skip
 
@@ -130,6 +137,9 @@ def with_team(policy: UserPolicy, team: TeamPolicy | None) -> UserPolicy:
         team_max_concurrent_requests=team.max_concurrent_requests,
         team_tokens_per_day=team.tokens_per_day,
         team_tokens_per_month=team.tokens_per_month,
+        team_burn_multiplier=team.burn_multiplier,
+        team_burn_floor=team.burn_floor,
+        team_burn_pause=team.burn_pause,
         max_tokens_per_request=cap,
         max_tokens_per_request_name=cap_name,
     )

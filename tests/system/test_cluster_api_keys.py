@@ -10,7 +10,7 @@ import pytest
 
 from llm_quota.ledger import keys
 from llm_quota.rules.accounting import Limits
-from tests.integration import test_key_ledger
+from tests.integration import test_key_ledger, test_payer_burn_rate
 from tests.support.factories import estimate
 
 pytestmark = pytest.mark.slow
@@ -24,6 +24,20 @@ PORTED = [
 @pytest.mark.parametrize("case", PORTED)
 def test_single_redis_key_behaviour_holds_on_the_cluster(case, cluster_ledger, clock):
     test = getattr(test_key_ledger, case)
+    available = {"ledger": cluster_ledger, "clock": clock}
+    test(**{name: available[name] for name in inspect.signature(test).parameters})
+
+
+BURN_PORTED = [
+    name for name, fn in inspect.getmembers(test_payer_burn_rate, inspect.isfunction)
+    if name.startswith("test_") and "key" in name and "week" not in name
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BURN_PORTED)
+def test_a_keys_burn_rate_breaker_holds_on_the_cluster(case, cluster_ledger, clock):
+    """The key's breaker is checked in its user's own reserve step, in the same slot."""
+    test = getattr(test_payer_burn_rate, case)
     available = {"ledger": cluster_ledger, "clock": clock}
     test(**{name: available[name] for name in inspect.signature(test).parameters})
 

@@ -10,7 +10,7 @@ import pytest
 
 from llm_quota.ledger import keys
 from llm_quota.rules.accounting import ActualUsage, Limits
-from tests.integration import test_team_ledger
+from tests.integration import test_payer_burn_rate, test_team_ledger
 from tests.support.factories import estimate
 
 pytestmark = pytest.mark.slow
@@ -26,6 +26,19 @@ def test_single_redis_team_behaviour_holds_on_the_cluster(case, cluster_ledger, 
     test = getattr(test_team_ledger, case)
     available = {"ledger": cluster_ledger, "clock": clock}
     test(**{name: available[name] for name in inspect.signature(test).parameters})
+
+
+BURN_PORTED = [
+    name for name, fn in inspect.getmembers(test_payer_burn_rate, inspect.isfunction)
+    if name.startswith("test_") and "team" in name
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BURN_PORTED)
+def test_a_teams_burn_rate_breaker_holds_on_the_cluster(case, cluster_ledger, clock):
+    """The team's breaker is checked in team_reserve.lua, its step apart."""
+    test = getattr(test_payer_burn_rate, case)
+    test(ledger=cluster_ledger, clock=clock)
 
 
 def test_the_team_lives_in_its_own_slot(cluster_ledger):

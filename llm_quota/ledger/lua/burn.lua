@@ -1,7 +1,7 @@
 -- Burn-rate breaker. Time is in milliseconds, amounts in base tokens, as in common.lua.
 -- The ledger prepends this file (after common.lua) to every script. Every function
--- takes a payer's base P (a user's B today; a key's or a team's base works the same,
--- since each keeps the sliding window "wsum" in its P:s), so any payer may have one.
+-- takes a payer's base P: a user's B, whose minute spend is the sliding window "wsum"
+-- in B:s, or an API key's K or a team's T, whose minute spend payer_minute() keeps.
 --
 -- Fields in P:s (the payer's state hash, so no new key and no new expiry):
 --   bb  the 5-minute bucket being watched (now // BURN_BUCKET)
@@ -9,6 +9,8 @@
 --   bp  the baseline: the busiest minute of the closed buckets, decaying with a
 --       half-life of BURN_HALF_LIFE buckets (3.5 days), as an integer
 --   bz  > now: paused until then; < 0: staff resumed, no trip before -bz
+--   mm, mc, mp (a key's or a team's only): the minute (now // WINDOW) being counted,
+--       its settled spend, and the spend of the minute before it
 -- Why a decaying peak of minutes and not a mean: a week's mean includes nights and
 -- weekends, so a person's ordinary busy minute is 10-20 times it; the trip compares
 -- one minute with one minute. Only closed buckets teach the baseline, so a runaway
@@ -41,14 +43,41 @@ local function burn_baseline(bb, bx, bp, bucket)
   return base
 end
 
+-- A key's or a team's minute spend. Payers keep no per-request amounts in their
+-- window, so the spend is counted in whole minutes: the current one (mc) and the one
+-- before (mp), the latter weighted by how much of it still lies in the last 60 s. Three
+-- fields, no new key; exact enough to compare a minute with a ten-times-busier one.
+-- `add`: base tokens settled now (0 to only read). Returns the minute's spend.
+local function payer_minute(P, now, add)
+  local f = redis.call('HMGET', P .. ':s', 'mm', 'mc', 'mp')
+  local mm, mc, mp = tonumber(f[1]), num(f[2]), num(f[3])
+  local m = math.floor(now / WINDOW)
+  if mm == nil or m > mm then
+    -- A new minute: the one before is the last counted one only if it was m - 1.
+    if mm == m - 1 then mp = mc else mp = 0 end
+    mc = 0
+  elseif m < mm then
+    m = mm  -- a settle stamped before the last one (the caller's clock): count it now
+  end
+  local spend = mc + add + math.floor(mp * (1 - (now % WINDOW) / WINDOW))
+  if add ~= 0 then
+    redis.call('HSET', P .. ':s', 'mm', m, 'mc', mc + add, 'mp', mp)
+    -- A key's state has no other refresh: it lives a STRUCT_TTL past its last settle.
+    if mm ~= m then redis.call('PEXPIREAT', P .. ':s', now + STRUCT_TTL) end
+  end
+  return spend
+end
+
 -- Settle's step: fold the one-minute spend (the window's "wsum" after this settle:
 -- settled amounts, and estimates still pending) into the bucket's busiest minute;
 -- when a new bucket starts, the old one's busiest minute joins the baseline first.
--- One HMGET, and one HSET only when something moved.
-local function burn_settled(P, now)
+-- One HMGET, and one HSET only when something moved. `minute`: the payer's minute
+-- spend where the caller knows it (payer_minute), else B:s "wsum" (a user's).
+local function burn_settled(P, now, minute)
   local f = redis.call('HMGET', P .. ':s', 'bb', 'bx', 'bp', 'wsum')
   local bucket = math.floor(now / BURN_BUCKET)
-  local bb, bx, bp, minute = tonumber(f[1]), num(f[2]), num(f[3]), num(f[4])
+  local bb, bx, bp = tonumber(f[1]), num(f[2]), num(f[3])
+  minute = minute or num(f[4])
   if bb == nil or bucket > bb then
     -- Step 1: close bucket bb: the baseline is the larger of the decayed baseline and
     -- that bucket's busiest minute.
@@ -62,14 +91,16 @@ end
 
 -- Reserve's step, given the refusal `r` of the other limits and the one-minute spend
 -- before this request (`minute`). mult and floor: -1 = off; pause_ms: -1 = off.
+-- `label` prefixes the refusal's name with the payer's ('key.', 'team.'; '' a user's).
 -- Returns 1 if this reserve tripped the breaker, else 0.
-local function burn_check(P, now, minute, mult, floor, pause_ms, r)
+local function burn_check(P, now, minute, mult, floor, pause_ms, r, label)
+  label = label or ''
   if mult < 0 or floor < 0 or pause_ms < 0 then return 0 end
   local f = redis.call('HMGET', P .. ':s', 'bz', 'bb', 'bp', 'bx')
   local bz = num(f[1])
   -- Step 1: paused: refused until the pause ends, whatever the rate is now.
   if bz > now then
-    r.block('burn_rate_exceeded', bz - now)
+    r.block(label .. 'burn_rate_exceeded', bz - now)
     return 0
   end
   -- Step 2: nothing to decide when another limit refuses (nothing is spent), or just
@@ -83,7 +114,7 @@ local function burn_check(P, now, minute, mult, floor, pause_ms, r)
   -- spend must not become the baseline once the bucket closes.
   redis.call('HSET', P .. ':s', 'bz', now + pause_ms, 'bb', bucket, 'bx', 0,
     'bp', math.floor(baseline))
-  r.block('burn_rate_exceeded', pause_ms)
+  r.block(label .. 'burn_rate_exceeded', pause_ms)
   return 1
 end
 
@@ -92,18 +123,23 @@ end
 local function burn_resume(P, now)
   local bz = num(redis.call('HGET', P .. ':s', 'bz'))
   redis.call('HSET', P .. ':s', 'bz', -(now + WINDOW))
+  -- A key never settled has no state hash yet: the resume must not leave one forever.
+  if redis.call('PTTL', P .. ':s') == -1 then redis.call('PEXPIRE', P .. ':s', STRUCT_TTL) end
   if bz > now then return 1 end
   return 0
 end
 
 -- The breaker's state for reports: paused until (ms, 0 if not), the baseline per
--- minute now, and the one-minute spend (wsum, as last kept).
+-- minute now, and the one-minute spend (a user's wsum as last kept; a key's or a
+-- team's from payer_minute()).
 local function burn_state(P, now)
-  local f = redis.call('HMGET', P .. ':s', 'bz', 'bb', 'bp', 'bx', 'wsum')
+  local f = redis.call('HMGET', P .. ':s', 'bz', 'bb', 'bp', 'bx', 'wsum', 'mm')
   local bz = num(f[1])
   if bz <= now then bz = 0 end
   local base = burn_baseline(tonumber(f[2]), num(f[4]), num(f[3]), math.floor(now / BURN_BUCKET))
-  return {bz, math.floor(base), num(f[5])}
+  local minute = num(f[5])
+  if f[6] then minute = payer_minute(P, now, 0) end
+  return {bz, math.floor(base), minute}
 end
 
 -- Adaptive slow-down, a tier's choice (soft_limit_mode 'slow'). Past the soft limit of

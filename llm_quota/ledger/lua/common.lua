@@ -484,15 +484,18 @@ local function payer_window_add(K, rid, now)
   redis.call('PEXPIRE', K .. ':w', WINDOW + 1000)
 end
 
--- Payers as a reserve sees them: {label, base, rpm, conc, tpd, tpmo} (-1 = unlimited),
--- read from ARGV from `at` on (five values each) with their bases from KEYS from 2 on.
+-- Payers as a reserve sees them: {label, base, rpm, conc, tpd, tpmo} (-1 = unlimited)
+-- and their burn-rate breaker {mult, floor, pause} (-1 = off; burn.lua), read from
+-- ARGV from `at` on (eight values each) with their bases from KEYS from 2 on.
+local PAYER_ARGS = 8
 local function parse_payers(count, at)
   local payers = {}
   for i = 1, count do
-    local a = at + (i - 1) * 5
+    local a = at + (i - 1) * PAYER_ARGS
     payers[i] = {label = ARGV[a], base = KEYS[1 + i], rpm = tonumber(ARGV[a + 1]),
                  conc = tonumber(ARGV[a + 2]), tpd = tonumber(ARGV[a + 3]),
-                 tpmo = tonumber(ARGV[a + 4])}
+                 tpmo = tonumber(ARGV[a + 4]), mult = tonumber(ARGV[a + 5]),
+                 floor = tonumber(ARGV[a + 6]), pause = tonumber(ARGV[a + 7])}
   end
   return payers
 end

@@ -25,5 +25,7 @@ local total = -1
 if fresh then
   total = payer_usage(P, ARGV[6], tonumber(ARGV[7]), ARGV[9], tonumber(ARGV[10]),
     tonumber(ARGV[11]), actual)
+  -- Step 3 (burn.lua): the payer's minute counts it, and teaches its baseline.
+  burn_settled(P, now, payer_minute(P, now, actual))
 end
 return {delta, total}

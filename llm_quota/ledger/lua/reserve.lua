@@ -15,8 +15,9 @@
 --       23 burn multiplier, 24 burn floor (base tokens a minute), 25 burn pause (ms)
 --       (-1 = the breaker is off; burn.lua), 26 slow-down: the soft limit in percent
 --       of a 'slow' tier (-1 = off; burn.lua's slowed_rates),
---       27 how many payers follow, then five values each: label ('key.', 'team.'),
---       requests/min, concurrent, tokens/day, tokens/month.
+--       27 how many payers follow, then eight values each: label ('key.', 'team.'),
+--       requests/min, concurrent, tokens/day, tokens/month, and its burn multiplier,
+--       floor and pause (-1 = off; a key's are its user's tier's, a team's its own).
 -- Returns {status, limit, retry_ms, granted_output, reserved, now, day, month,
 --          requests_limit, requests_remaining, requests_reset_ms,
 --          tokens_limit, tokens_remaining, tokens_reset_ms, month_end, day_end,
@@ -233,6 +234,16 @@ local granted, est = fit_tokens(token_limits, prompt_micro, out_micro, max_out, 
 -- large (a huge prompt reserved on its byte bound), is not a rate.
 local tripped = burn_check(B, now, used_min, tonumber(ARGV[23] or -1),
   tonumber(ARGV[24] or -1), tonumber(ARGV[25] or -1), r)
+-- So is a paused key or team, or one whose minute (payer_minute: settled spend) runs
+-- far above its own baseline; the refusal names it ('key.burn_rate_exceeded').
+for _, p in ipairs(payers) do
+  if p.mult >= 0 and p.floor >= 0 and p.pause >= 0 then
+    local minute = payer_minute(p.base, now, 0)
+    if burn_check(p.base, now, minute, p.mult, p.floor, p.pause, r, p.label) == 1 then
+      tripped = 1
+    end
+  end
+end
 
 if r.name then
   save_state(used_min)

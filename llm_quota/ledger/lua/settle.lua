@@ -58,8 +58,13 @@ if state == 'p' then
   adjust_window(B, rid, est, actual)
 end
 
--- Step 4b (burn.lua): the minute's spend, as it stands now, teaches the baseline.
+-- Step 4b (burn.lua): the minute's spend, as it stands now, teaches the baseline;
+-- each payer's (a key's, a team's) counts this settle in its own minute first.
 burn_settled(B, now)
+for i = 1, npayers do
+  local P = KEYS[2 + i]
+  burn_settled(P, now, payer_minute(P, now, actual))
+end
 
 -- Step 5: per-model usage of the reservation's month, for reports and snapshots.
 -- The month's settled total is the sum over models (a few fields): summing here

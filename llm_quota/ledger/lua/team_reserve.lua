@@ -7,9 +7,11 @@
 --       8 tokens/month (-1 = unlimited), 9 prompt cost in micro base tokens,
 --       10 micro base tokens per output token, 11 output tokens the first step granted,
 --       12 least output worth clamping to, 13 clamp (1/0), 14 day, 15 day end,
---       16 month, 17 month end.
+--       16 month, 17 month end, 18 burn multiplier, 19 floor, 20 pause (ms; -1 = the
+--       team's breaker is off; burn.lua).
 -- Returns {status, limit, retry_ms, granted_output, reserved, tokens_limit, tokens_left,
--- tokens_reset_ms, period ('d' or 'm'), requests_limit, requests_left, requests_reset_ms}:
+-- tokens_reset_ms, period ('d' or 'm'), requests_limit, requests_left, requests_reset_ms,
+-- burn_tripped (on a refusal: 1 if this step paused the team)}:
 -- status 1 admitted (perhaps clamped lower than the first step), 0 refused, 2 restore the
 -- team's counters first, 3 this id is finished here already (released before this step
 -- arrived: its reply was lost, see reserve.lua). The tokens_* and requests_* fields describe the payer's tightest limits
@@ -47,6 +49,14 @@ local limits = {}
 payer_token_limits(p, limits, day_end, month_end)
 local granted, est = fit_tokens(limits, prompt_micro, out_micro, max_out, min_out, clamp, r,
   function(l) return l[4] - now end)
+-- Step 3b (burn.lua): the team's breaker, as reserve.lua checks it on one Redis.
+local mult, floor, pause = tonumber(ARGV[18] or -1), tonumber(ARGV[19] or -1),
+  tonumber(ARGV[20] or -1)
+local tripped = 0
+if mult >= 0 and floor >= 0 and pause >= 0 then
+  tripped = burn_check(p.base, now, payer_minute(p.base, now, 0), mult, floor, pause, r,
+    p.label)
+end
 -- The payer's figures for the headers, once `taken` tokens and `counted` requests more
 -- are held.
 local function headers(taken, counted)
@@ -62,7 +72,8 @@ end
 
 if r.name then
   local t, q = headers(0, 0)
-  return {0, r.name, r.wait, 0, est, t[1], math.max(t[2], 0), t[3], t[4], q[1], q[2], q[3]}
+  return {0, r.name, r.wait, 0, est, t[1], math.max(t[2], 0), t[3], t[4], q[1], q[2], q[3],
+          tripped}
 end
 
 -- Step 4: take the share under its own lease, and count the request.
