@@ -106,8 +106,8 @@ LLM_QUOTA = {
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        # simplejwt's JWTAuthentication with the user from the config cache (llm_quota.drf.jwt)
-        "llm_quota.drf.jwt.CachedJWTAuthentication",
+        # simplejwt's JWTAuthentication, its user from the config cache (no query once warm)
+        "llm_quota.authentication.CachedJWTAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
