@@ -38,7 +38,7 @@ class _CachedUsers:
         user = config_cache.peek(key)
         if user is MISSING:
             ensure_may_load()
-            user = self.model._default_manager.get(**lookup)  # DoesNotExist: not cached
+            user = self.model.objects.get(**lookup)  # as simplejwt; DoesNotExist: not cached
             user = config_cache.get(key, lambda: user)
         # A copy per request: the cached instance is shared by every request of this
         # process, and a view may set attributes on request.user.
