@@ -1,6 +1,9 @@
-"""``llm_quota.authentication.ApiKeyAuthentication``: the contract's import path (section
-9) for host projects' DRF settings; the class lives with the other DRF adapters."""
+"""The contract's import paths for host projects' DRF settings:
+``llm_quota.authentication.ApiKeyAuthentication`` (section 9) and
+``CachedJWTAuthentication`` (simplejwt's, its user from the config cache); the
+classes live with the other DRF adapters."""
 
 from llm_quota.drf.api_keys import ApiKeyAuthentication
+from llm_quota.drf.jwt import CachedJWTAuthentication
 
-__all__ = ["ApiKeyAuthentication"]
+__all__ = ["ApiKeyAuthentication", "CachedJWTAuthentication"]

@@ -5,9 +5,9 @@ once by its API's shape, admission, then ``GatedCall``: the upstream call, settl
 same answers: statuses, OpenAI-shaped errors, rate-limit headers, ``Retry-After``,
 ``x-should-retry``. What differs is that no thread waits: admission and settle go
 through the guard's async methods (``AsyncLedger``), the upstream through its async
-calls (``httpx.AsyncClient``), and a stream through ``AsyncRelay``. Only
-authentication runs in a thread, since simplejwt reads the token's user from the
-database.
+calls (``httpx.AsyncClient``), and a stream through ``AsyncRelay``. A warm request
+makes no hop to a thread at all: the token's user, the tier and the price come from
+the config cache; only a miss reads the database, in a thread.
 
 DRF's ``APIView`` is sync-only, so this is a plain Django ``View`` built from DRF's
 pieces rather than a copy of them: its ``Request`` parses the body and authenticates
@@ -34,13 +34,13 @@ from rest_framework.request import Request
 from llm_quota.conf import quota_settings
 from llm_quota.drf.anthropic import anthropic_answer
 from llm_quota.drf.api_keys import credential_of
-from llm_quota.drf.authenticate import api_key_as_bearer, authenticate
+from llm_quota.drf.authenticate import api_key_as_bearer, authenticate_plan
 from llm_quota.drf.errors import response_for_exception
 from llm_quota.drf.permissions import require_scopes, scopes_plan
 from llm_quota.gateway.call import GatedCall
 from llm_quota.gateway.views import OpenAIView, organization
 from llm_quota.ledger.plans import Plan
-from llm_quota.quota.drivers import Blocking, arun
+from llm_quota.quota.drivers import arun, track_sync_work
 from llm_quota.quota.guard import QuotaGuard
 from llm_quota.rules import estimation
 from llm_quota.shapes.base import ShapeRequest
@@ -101,10 +101,10 @@ class AsyncGatedView(View):
         return response
 
     def admission_plan(self, request: HttpRequest) -> Plan[tuple[ShapeRequest, QuotaGuard, Any]]:
-        """Authenticate (simplejwt reads the token's user: in a thread), check the scope,
-        parse the body once and admit: the sync view's steps, as one plan."""
+        """Authenticate (the token's user from memory, else in a thread), check the
+        scope, parse the body once and admit: the sync view's steps, as one plan."""
         drf_request = self.initialize_request(request)
-        user, auth = yield Blocking(authenticate, (drf_request,))
+        user, auth = yield from authenticate_plan(drf_request)
         require_scopes(self.required_scopes, (yield from scopes_plan(user, auth)))
         call: ShapeRequest = self.shape.from_body(drf_request.data)
         guard = QuotaGuard(
@@ -114,6 +114,7 @@ class AsyncGatedView(View):
         return call, guard, user
 
     async def answer(self, request: HttpRequest) -> HttpResponseBase:
+        track_sync_work()  # so that a warm request skips ``ahand_back``'s thread hop
         try:
             call, guard, user = await arun(self.admission_plan(request))
         except Exception as exc:

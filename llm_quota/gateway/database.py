@@ -16,6 +16,8 @@ from __future__ import annotations
 from asgiref.sync import sync_to_async
 from django.db import connections
 
+from llm_quota.quota.drivers import sync_work
+
 
 def pooled() -> bool:
     """Whether any configured database is pooled."""
@@ -35,7 +37,16 @@ def hand_back() -> None:
             connection.close()
 
 
+def sync_thread_used() -> bool:
+    """Whether the request's plans ran sync code (the ORM) in its thread; True when
+    nothing recorded it (``drivers.track_sync_work``). A connection a sync middleware
+    opened is left to the request's end, as Django does."""
+    work = sync_work()
+    return work is None or work.ran
+
+
 async def ahand_back() -> None:
-    """``hand_back`` in the thread where the request's sync code (and the ORM) ran."""
-    if pooled():
+    """``hand_back`` in the thread where the request's sync code (and the ORM) ran, if
+    it ran: a warm request (everything from the config cache) makes no hop here."""
+    if pooled() and sync_thread_used():
         await sync_to_async(hand_back)()

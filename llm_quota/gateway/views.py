@@ -27,13 +27,13 @@ from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.parsers import BaseParser
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.views import APIView
-from rest_framework_simplejwt.authentication import JWTAuthentication
 
 from llm_quota.conf import quota_settings
 from llm_quota.drf.anthropic import anthropic_answer
 from llm_quota.drf.api_keys import ApiKeyAuthentication, credential_of
 from llm_quota.drf.authenticate import api_key_as_bearer
 from llm_quota.drf.errors import error_response, exception_handler
+from llm_quota.drf.jwt import CachedJWTAuthentication
 from llm_quota.drf.parsers import JSONParser
 from llm_quota.drf.permissions import HasScope
 from llm_quota.gateway import schema as gateway_schema
@@ -65,7 +65,7 @@ class OpenAIView(APIView):
     """Base of the ``/v1/`` views: an API key or a JWT as bearer, the chat scope, OpenAI
     errors."""
 
-    authentication_classes = [ApiKeyAuthentication, JWTAuthentication]
+    authentication_classes = [ApiKeyAuthentication, CachedJWTAuthentication]
     permission_classes = [HasScope]
     parser_classes = [JSONParser]
     renderer_classes = [JSONRenderer]

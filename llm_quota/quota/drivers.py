@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -109,6 +110,34 @@ class _Sync:
         raise TypeError(f"unknown step {step!r}")
 
 
+class SyncWork:
+    """Whether a request's plans ran sync code in its thread (the ORM, a signal's sync
+    receivers), and so may hold a database connection there."""
+
+    ran = False
+
+
+_sync_work: ContextVar[SyncWork | None] = ContextVar("llmq_sync_work", default=None)
+
+
+def track_sync_work() -> SyncWork:
+    """Start recording, for this request (its task and the tasks it starts)."""
+    work = SyncWork()
+    _sync_work.set(work)
+    return work
+
+
+def sync_work() -> SyncWork | None:
+    """What this request recorded, or None when nothing was recording."""
+    return _sync_work.get()
+
+
+def _ran_sync() -> None:
+    work = _sync_work.get()
+    if work is not None:
+        work.ran = True
+
+
 #: Undoing plans of cancelled callers, kept until they finish (the event loop holds
 #: only weak references to tasks).
 _orphans: set[asyncio.Task[Any]] = set()
@@ -129,11 +158,14 @@ class _Async:
         if isinstance(step, Blocking):
             if step.inline is not None and step.inline():
                 return step.function(*step.args, **step.kwargs)
+            if step.thread_sensitive:
+                _ran_sync()
             call = sync_to_async(step.function, thread_sensitive=step.thread_sensitive)
             return await call(*step.args, **step.kwargs)
         if isinstance(step, UseLedger):
             return await self.use_ledger() if step.build else self.ledger or current_ledger()
         if isinstance(step, Notify):
+            _ran_sync()  # its sync receivers run in the request's thread
             return await step.signal.asend(**step.kwargs)
         if isinstance(step, Shielded):
             return await self.shielded(step)

@@ -19,7 +19,7 @@ from typing import Any
 from django.utils import timezone
 
 from llm_quota.models import API_KEY_PREFIX, API_KEY_PREFIX_CHARS, hash_api_key
-from llm_quota.rules.config_cache import MISSING, config_cache
+from llm_quota.rules.config_cache import MISSING, config_cache, ensure_may_load
 from llm_quota.rules.policy import UserPolicy
 
 #: Longer than any key ``ApiKey.issue`` makes; a longer bearer is not looked up.
@@ -91,6 +91,7 @@ def find_key(key: str) -> ApiKeyCredential | None:
     prefix = key[: len(API_KEY_PREFIX) + API_KEY_PREFIX_CHARS]
     credential = config_cache.peek(("api-key", prefix))
     if credential is MISSING:
+        ensure_may_load()
         credential = _load(prefix)
         if credential is None:
             return None

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from llm_quota.conf import quota_settings, reset_on_change
@@ -20,6 +22,31 @@ T = TypeVar("T")
 
 #: What ``peek`` returns for a key that must be loaded.
 MISSING: Any = object()
+
+
+class MustLoad(Exception):
+    """Raised instead of a load inside ``memory_only()``: the caller retries where a
+    load may block (in a thread, for async code)."""
+
+
+_memory_only: ContextVar[bool] = ContextVar("llmq_config_memory_only", default=False)
+
+
+@contextmanager
+def memory_only() -> Iterator[None]:
+    """Within it, a cache miss raises ``MustLoad`` rather than reading the database:
+    async code runs a step on the event loop this way, and in a thread only on a miss."""
+    token = _memory_only.set(True)
+    try:
+        yield
+    finally:
+        _memory_only.reset(token)
+
+
+def ensure_may_load() -> None:
+    """Call before a load that bypasses ``ConfigCache.get`` (see ``memory_only``)."""
+    if _memory_only.get():
+        raise MustLoad
 
 
 class ConfigCache:
@@ -47,6 +74,7 @@ class ConfigCache:
         found = self.peek(key)
         if found is not MISSING:
             return found
+        ensure_may_load()
         generation = self._generation
         now = time.monotonic()
         value = load()

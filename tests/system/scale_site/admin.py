@@ -6,6 +6,8 @@
     token <pk>                 an access token for that user, as /api/token/ issues it
     key <pk> key=value...      an API key of that user (its limits): prints "<id> <key>"
     revoke <key id>            revoke an API key, as DELETE /api/llm-quota/keys/<id>/ does
+    deactivate <pk>            set a user's is_active to False, as the admin's save does
+    delete <pk>                delete a user
     estimate <model> <max_tokens> <messages-json>   the request's estimate in base tokens
 """
 
@@ -69,6 +71,12 @@ def main(argv: list[str]) -> None:
         key = ApiKey.objects.get(pk=int(name))
         key.revoked_at = timezone.now()
         key.save(update_fields=["revoked_at"])
+    elif command == "deactivate":
+        user = get_user_model().objects.get(pk=int(name))
+        user.is_active = False
+        user.save()
+    elif command == "delete":
+        get_user_model().objects.get(pk=int(name)).delete()
     elif command == "estimate":
         import json
 
