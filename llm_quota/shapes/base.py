@@ -12,6 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+from llm_quota.exceptions import InvalidRequest
+from llm_quota.ledger import keys
+from llm_quota.shapes.json_limits import check_json
+
 
 @dataclass(frozen=True)
 class Used:
@@ -21,6 +25,27 @@ class Used:
 
     usage: dict[str, Any] | None
     text: str
+
+
+def checked_body(
+    body: Any,
+    *,
+    missing_model: str = "'model' is required and must be a string.",
+    bad_model: str = "'{model}' is not a valid model name.",
+) -> tuple[dict[str, Any], str]:
+    """The checks every API's body starts with: a JSON object that can be sent on
+    (``check_json``: nesting bounded, no lone surrogates) and a valid model name. The
+    messages are the API's own (``bad_model`` is formatted with the name's first 80
+    characters). Returns the body and its model."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    check_json(body)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest(missing_model, param="model")
+    if not keys.is_valid_model_name(model):
+        raise InvalidRequest(bad_model.format(model=model[:80]), param="model")
+    return body, model
 
 
 def reported_usage(usage: Any) -> dict[str, Any] | None:

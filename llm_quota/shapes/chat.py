@@ -28,9 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from llm_quota.exceptions import InvalidRequest
-from llm_quota.ledger import keys
-from llm_quota.shapes.base import Used, openai_failure, reported_usage
-from llm_quota.shapes.json_limits import check_json
+from llm_quota.shapes.base import Used, checked_body, openai_failure, reported_usage
 
 #: The body fields OpenAI bills as input, each passed to the guard under its own name
 #: (``QuotaGuard(messages=..., tools=...)``). The one place that decides what is billed:
@@ -104,14 +102,7 @@ class ChatRequest:
     @classmethod
     def from_body(cls, body: Any) -> ChatRequest:
         """Validate a parsed JSON body, or raise ``InvalidRequest`` naming the field."""
-        if not isinstance(body, dict):
-            raise InvalidRequest("The request body must be a JSON object.")
-        check_json(body)  # sendable: nesting bounded, no lone surrogates
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("'model' is required and must be a string.", param="model")
-        if not keys.is_valid_model_name(model):
-            raise InvalidRequest(f"'{model[:80]}' is not a valid model name.", param="model")
+        body, model = checked_body(body)
         messages = _messages(body.get("messages"))
         caps = [cap for cap in (_positive_int(body, name) for name in CAP_FIELDS) if cap]
         choices = _positive_int(body, "n", MAX_CHOICES) or 1

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from llm_quota.exceptions import InvalidRequest
-from llm_quota.ledger import keys
 from llm_quota.rules.estimation import INPUTS
-from llm_quota.shapes.base import Used
-from llm_quota.shapes.json_limits import check_json
+from llm_quota.shapes.base import Used, checked_body
 
 PATH = "embeddings"
 #: OpenAI's limit of inputs in one request ("must be 2048 dimensions or less").
@@ -83,14 +81,7 @@ class EmbeddingsRequest:
     @classmethod
     def from_body(cls, body: Any) -> EmbeddingsRequest:
         """Validate a parsed JSON body, or raise ``InvalidRequest`` naming the field."""
-        if not isinstance(body, dict):
-            raise InvalidRequest("The request body must be a JSON object.")
-        check_json(body)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("'model' is required and must be a string.", param="model")
-        if not keys.is_valid_model_name(model):
-            raise InvalidRequest(f"'{model[:80]}' is not a valid model name.", param="model")
+        body, model = checked_body(body)
         return cls(body=body, model=model, inputs=read_inputs(body.get("input")))
 
     def quota_kwargs(self) -> dict[str, Any]:

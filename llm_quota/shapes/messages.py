@@ -27,11 +27,9 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 from llm_quota.exceptions import InvalidRequest
-from llm_quota.ledger import keys
 from llm_quota.rules.accounting import token_count
 from llm_quota.rules.estimation import FIXED_TOKENS
-from llm_quota.shapes.base import Used
-from llm_quota.shapes.json_limits import check_json
+from llm_quota.shapes.base import Used, checked_body
 
 PATH = "messages"
 CAP_FIELD = "max_tokens"
@@ -88,14 +86,11 @@ class MessagesRequest:
     @classmethod
     def from_body(cls, body: Any) -> MessagesRequest:
         """Validate a parsed JSON body, or raise ``InvalidRequest`` naming the field."""
-        if not isinstance(body, dict):
-            raise InvalidRequest("The request body must be a JSON object.")
-        check_json(body)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("model: Field required (a string).", param="model")
-        if not keys.is_valid_model_name(model):
-            raise InvalidRequest(f"model: '{model[:80]}' is not a valid model name.", param="model")
+        body, model = checked_body(
+            body,
+            missing_model="model: Field required (a string).",
+            bad_model="model: '{model}' is not a valid model name.",
+        )
         max_tokens = _positive_int(body, CAP_FIELD, required=True)
         assert max_tokens is not None
         system = body.get("system")

@@ -26,9 +26,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from llm_quota.exceptions import InvalidRequest
-from llm_quota.ledger import keys
-from llm_quota.shapes.base import Used, openai_failure, reported_usage
-from llm_quota.shapes.json_limits import check_json
+from llm_quota.shapes.base import Used, checked_body, openai_failure, reported_usage
 
 PATH = "responses"
 CAP_FIELD = "max_output_tokens"
@@ -99,14 +97,7 @@ class ResponsesRequest:
     @classmethod
     def from_body(cls, body: Any) -> ResponsesRequest:
         """Validate a parsed JSON body, or raise ``InvalidRequest`` naming the field."""
-        if not isinstance(body, dict):
-            raise InvalidRequest("The request body must be a JSON object.")
-        check_json(body)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("'model' is required and must be a string.", param="model")
-        if not keys.is_valid_model_name(model):
-            raise InvalidRequest(f"'{model[:80]}' is not a valid model name.", param="model")
+        body, model = checked_body(body)
         for name in STORED_CONTEXT:
             if body.get(name) is not None:
                 raise InvalidRequest(
