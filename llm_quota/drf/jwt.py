@@ -59,9 +59,14 @@ class CachedJWTAuthentication(JWTAuthentication):
 
 try:  # the OpenAPI schema is an optional extra (drf-spectacular)
     from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
+    from drf_spectacular.drainage import set_override
 except ImportError:  # pragma: no cover
     pass
 else:
+    # The same bearer scheme as simplejwt's: where a host's own views keep simplejwt's
+    # class and the gateway uses this one, both are the one ``jwtAuth`` component, so
+    # drf-spectacular's warning about two classes under one name does not apply.
+    set_override(CachedJWTAuthentication, "suppress_collision_warning", True)
 
     class CachedJWTScheme(SimpleJWTScheme):
         """Documents it in ``/api/schema/`` as simplejwt's bearer (registered by subclassing)."""
