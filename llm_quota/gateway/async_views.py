@@ -67,6 +67,18 @@ def warm_up(encodings: tuple[str, ...] = WARM_ENCODINGS) -> None:
     get_resolver().url_patterns  # noqa: B018 - imports every URL module now
     for name in encodings:
         estimation.load_encoding(name)
+    # A warm request authenticates on the loop (``authenticate_plan``): simplejwt loads
+    # its token classes and PyJWT its algorithms on first use, so do that here.
+    from rest_framework_simplejwt.settings import api_settings as jwt_settings
+    from rest_framework_simplejwt.state import token_backend
+
+    for authentication in OpenAIView.authentication_classes:
+        authentication()
+    jwt_settings.AUTH_TOKEN_CLASSES  # noqa: B018 - imports the token classes now
+    try:
+        token_backend.decode("warm.up.token")  # type: ignore[arg-type]  # the stub says Token; simplejwt passes the raw str
+    except Exception:  # noqa: BLE001 - an invalid token is the point: only the import path runs
+        pass
 
 
 class AsyncGatedView(View):
