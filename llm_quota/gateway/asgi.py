@@ -1,0 +1,92 @@
+"""An ASGI entry point whose requests keep their thread for sync code, as WSGI threads do.
+
+Django's ``ASGIHandler`` wraps each request in a fresh ``ThreadSensitiveContext``. A
+request's first hop to sync code starts a new thread for it, and every ASGI request
+makes hops even when its view is async: ``request_started``'s receivers (Django's own
+``close_old_connections``), then ``response.close()``. At the request's end another
+thread is started to join the first (asgiref 3.13). That is two thread starts per
+request: most of what the async gateway burned above the sync one in section 10 of
+the benchmarks.
+
+``ThreadedASGIHandler`` gives each request one single-thread executor from a pool
+(asgiref's ``ThreadSensitiveContext(executor=...)``) and takes it back at the end. A
+request in flight still has a thread of its own, never shared with another request;
+it is only kept for a later request, as a gunicorn thread is. So thread-bound state
+(database connections) lives as under WSGI, and Django's ``request_started`` and
+``request_finished`` receivers manage it the same way. At most ``idle`` executors are
+kept; the rest end their thread once done.
+
+An opt-in for the host project's ASGI module, like ``warm_up``::
+
+    from llm_quota.gateway.asgi import get_asgi_application
+    application = get_asgi_application()
+
+On an asgiref without the ``executor`` argument it is Django's own handler.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import django
+from asgiref.sync import ThreadSensitiveContext
+from django.core.handlers.asgi import ASGIHandler
+
+#: Whether this asgiref lets a context use an executor the caller keeps (3.13+).
+POOLABLE = "executor" in inspect.signature(ThreadSensitiveContext.__init__).parameters
+
+#: Idle threads a worker keeps for later requests; beyond them, a thread ends.
+IDLE_THREADS = 64
+
+
+class ThreadPool:
+    """Single-thread executors, each lent to one request at a time."""
+
+    def __init__(self, idle: int = IDLE_THREADS) -> None:
+        self.idle = idle
+        self.free: list[ThreadPoolExecutor] = []
+        self.numbers = itertools.count()
+
+    def new(self) -> ThreadPoolExecutor:
+        # A name per thread, for py-spy and logs: "llmq-request-3_0".
+        return ThreadPoolExecutor(1, f"llmq-request-{next(self.numbers)}")
+
+    def take(self) -> ThreadPoolExecutor:
+        # Last in, first out: the thread that served the previous request is warm.
+        return self.free.pop() if self.free else self.new()
+
+    def give_back(self, executor: ThreadPoolExecutor) -> None:
+        if len(self.free) < self.idle:
+            self.free.append(executor)
+        else:
+            executor.shutdown(wait=False)  # its thread ends after its last call: no join
+
+
+class ThreadedASGIHandler(ASGIHandler):
+    """Django's ``ASGIHandler``, each request's sync code in a pooled thread (above)."""
+
+    def __init__(self, idle: int = IDLE_THREADS) -> None:
+        super().__init__()
+        self.threads = ThreadPool(idle)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if not POOLABLE or scope["type"] != "http":
+            await super().__call__(scope, receive, send)  # Django's checks and context
+            return
+        executor = self.threads.take()
+        try:
+            async with ThreadSensitiveContext(executor=executor):
+                await self.handle(scope, receive, send)
+        finally:
+            # A sync call the request abandoned (it was cancelled) may still run there:
+            # the next request's calls queue behind it, one at a time, never beside it.
+            self.threads.give_back(executor)
+
+
+def get_asgi_application(idle: int = IDLE_THREADS) -> ThreadedASGIHandler:
+    """``django.core.asgi.get_asgi_application``, served by ``ThreadedASGIHandler``."""
+    django.setup(set_prefix=False)
+    return ThreadedASGIHandler(idle)

@@ -1,0 +1,144 @@
+"""``gateway.asgi.ThreadedASGIHandler``: each request's sync code in a thread of its own
+while it is in flight, the thread kept for later requests (Django's handler starts one,
+and another to join it, per request), and the database connections that thread opened
+closed at the request's end as under WSGI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+from asgiref.sync import sync_to_async
+from asgiref.testing import ApplicationCommunicator
+from django.core.handlers.asgi import ASGIHandler
+from django.db import connections
+from django.http import JsonResponse
+from django.urls import path
+
+from llm_quota.gateway.asgi import POOLABLE, ThreadedASGIHandler, ThreadPool
+
+pytestmark = [
+    pytest.mark.skipif(not POOLABLE, reason="asgiref without ThreadSensitiveContext(executor=)"),
+    pytest.mark.urls(__name__),
+]
+
+
+class Rendezvous:
+    """Holds each request until ``expected`` of them are in flight at once."""
+
+    def __init__(self) -> None:
+        self.expected, self.arrived, self.all_in = 1, 0, asyncio.Event()
+
+    async def wait(self) -> None:
+        self.arrived += 1
+        if self.arrived >= self.expected:
+            self.all_in.set()
+        await self.all_in.wait()
+
+
+rendezvous = Rendezvous()
+
+
+async def thread_of_sync_code(request):
+    await rendezvous.wait()
+    name = await sync_to_async(lambda: threading.current_thread().name)()
+    return JsonResponse({"thread": name})
+
+
+def query_then_thread(request):
+    """A sync view: reads the database in the request's thread, says which it was."""
+    from django.contrib.auth import get_user_model
+
+    get_user_model().objects.exists()
+    return JsonResponse({"thread": threading.current_thread().name})
+
+
+urlpatterns = [
+    path("thread", thread_of_sync_code),
+    path("query", query_then_thread),
+]
+
+
+def _scope(url: str) -> dict:
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": url, "raw_path": url.encode(), "root_path": "",
+        "query_string": b"", "headers": [], "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }  # fmt: skip
+
+
+async def _get(app, url: str = "/thread") -> str:
+    client = ApplicationCommunicator(app, _scope(url))
+    await client.send_input({"type": "http.request", "body": b""})
+    start = await client.receive_output(10)
+    assert start["status"] == 200, start
+    body = await client.receive_output(10)
+    await client.wait(10)
+    return json.loads(body["body"])["thread"]
+
+
+def _threads_of(app, at_once: int, rounds: int = 2) -> list[list[str]]:
+    """Per round, the threads that ``at_once`` requests in flight together ran in."""
+
+    async def main():
+        names = []
+        for _ in range(rounds):
+            rendezvous.__init__()
+            rendezvous.expected = at_once
+            names.append(await asyncio.gather(*(_get(app) for _ in range(at_once))))
+        return names
+
+    return asyncio.run(main())
+
+
+def test_later_requests_run_their_sync_code_in_a_thread_kept_from_earlier_ones():
+    pooled = _threads_of(ThreadedASGIHandler(), at_once=1, rounds=3)
+    assert pooled[0] == pooled[1] == pooled[2]
+    # Django's own handler: a new thread for each request (what this handler saves).
+    fresh = _threads_of(ASGIHandler(), at_once=1, rounds=3)
+    assert len({names[0] for names in fresh}) == 3
+
+
+def test_requests_in_flight_at_once_never_share_a_thread():
+    rounds = _threads_of(ThreadedASGIHandler(), at_once=4, rounds=2)
+    assert all(len(set(names)) == 4 for names in rounds)
+    assert set(rounds[0]) == set(rounds[1])  # the same four, kept
+
+
+def test_idle_threads_beyond_the_bound_end():
+    pool = ThreadPool(idle=1)
+    lent = [pool.take() for _ in range(3)]
+    threads = [executor.submit(threading.current_thread) for executor in lent]
+    threads = [future.result(5) for future in threads]
+    for executor in lent:
+        pool.give_back(executor)
+    assert pool.free == [lent[0]]
+    for thread in threads[1:]:
+        thread.join(5)
+        assert not thread.is_alive()
+    assert threads[0].is_alive()
+    lent[0].shutdown()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_connection_the_request_opened_is_closed_at_its_end_though_its_thread_lives_on(
+    monkeypatch,
+):
+    """Django's ``request_finished`` receiver (``close_old_connections``) runs in the
+    request's thread: with ``CONN_MAX_AGE = 0`` the connection is not left open there."""
+    monkeypatch.setitem(connections["default"].settings_dict, "CONN_MAX_AGE", 0)
+    app = ThreadedASGIHandler()
+
+    async def main():
+        thread = await _get(app, "/query")
+        (executor,) = app.threads.free
+        left_open = await asyncio.wrap_future(
+            executor.submit(lambda: connections["default"].connection is not None)
+        )
+        return thread, left_open
+
+    thread, left_open = asyncio.run(main())
+    assert thread.startswith("llmq-request-") and not left_open
