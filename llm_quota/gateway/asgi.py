@@ -14,7 +14,8 @@ request in flight still has a thread of its own, never shared with another reque
 it is only kept for a later request, as a gunicorn thread is. So thread-bound state
 (database connections) lives as under WSGI, and Django's ``request_started`` and
 ``request_finished`` receivers manage it the same way. At most ``idle`` executors are
-kept; the rest end their thread once done.
+kept; the rest end their thread once done, and so does one that a cancelled request
+left running a call.
 
 An opt-in for the host project's ASGI module, like ``warm_up``::
 
@@ -28,7 +29,8 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import django
@@ -42,26 +44,51 @@ POOLABLE = "executor" in inspect.signature(ThreadSensitiveContext.__init__).para
 IDLE_THREADS = 64
 
 
+class RequestThread(ThreadPoolExecutor):
+    """A single-thread executor that knows whether a call is still queued or running.
+
+    A request cancelled while its sync code runs (the client left during an ORM query)
+    leaves that call running: its thread must not be lent to the next request, which
+    would wait behind it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(1, name)
+        self.pending = 0
+        self.counting = threading.Lock()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        with self.counting:
+            self.pending += 1
+        future = super().submit(fn, *args, **kwargs)
+        # Added before asgiref's own callback, so the count is down when the loop resumes.
+        future.add_done_callback(self.done)
+        return future
+
+    def done(self, future: Future[Any]) -> None:
+        with self.counting:
+            self.pending -= 1
+
+
 class ThreadPool:
     """Single-thread executors, each lent to one request at a time."""
 
     def __init__(self, idle: int = IDLE_THREADS) -> None:
         self.idle = idle
-        self.free: list[ThreadPoolExecutor] = []
+        self.free: list[RequestThread] = []
         self.numbers = itertools.count()
 
-    def new(self) -> ThreadPoolExecutor:
+    def new(self) -> RequestThread:
         # A name per thread, for py-spy and logs: "llmq-request-3_0".
-        return ThreadPoolExecutor(1, f"llmq-request-{next(self.numbers)}")
+        return RequestThread(f"llmq-request-{next(self.numbers)}")
 
-    def take(self) -> ThreadPoolExecutor:
+    def take(self) -> RequestThread:
         # Last in, first out: the thread that served the previous request is warm.
         return self.free.pop() if self.free else self.new()
 
-    def give_back(self, executor: ThreadPoolExecutor) -> None:
-        if len(self.free) < self.idle:
+    def give_back(self, executor: RequestThread) -> None:
+        if executor.pending == 0 and len(self.free) < self.idle:
             self.free.append(executor)
-        else:
+        else:  # busy with an abandoned call, or one too many idle
             executor.shutdown(wait=False)  # its thread ends after its last call: no join
 
 
@@ -81,8 +108,6 @@ class ThreadedASGIHandler(ASGIHandler):
             async with ThreadSensitiveContext(executor=executor):
                 await self.handle(scope, receive, send)
         finally:
-            # A sync call the request abandoned (it was cancelled) may still run there:
-            # the next request's calls queue behind it, one at a time, never beside it.
             self.threads.give_back(executor)
 
 

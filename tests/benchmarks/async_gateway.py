@@ -159,10 +159,13 @@ def stack():
         port_fresh = spare_port()
         fresh_command = commands(0, port_fresh, "tests.benchmarks.django_asgi")["async"]
         fresh = stack.enter_context(server(fresh_command, env, port_fresh))
+        port_chain = spare_port()
+        chain_env = {**env, "DJANGO_SETTINGS_MODULE": "tests.benchmarks.sync_chain_settings"}
+        chain = stack.enter_context(server(commands(0, port_chain)["async"], chain_env, port_chain))
         port_lean = spare_port()
         lean_env = {**env, "DJANGO_SETTINGS_MODULE": "tests.benchmarks.lean_settings"}
         lean = stack.enter_context(server(commands(0, port_lean)["async"], lean_env, port_lean))
-        servers = {"sync": sync, "async": aio, "async, Django's ASGIHandler": fresh,
+        servers = {"sync": sync, "async": aio, "async, Django's ASGIHandler": fresh, "async, sync chain": chain,
                    "async, lean middleware": lean}  # fmt: skip
         yield servers, tokens, upstream.url
 

@@ -123,6 +123,23 @@ def test_idle_threads_beyond_the_bound_end():
     lent[0].shutdown()
 
 
+def test_a_thread_still_running_an_abandoned_call_is_not_lent_again():
+    """A request cancelled while its sync code ran (the client left) leaves the call
+    running: the next request gets another thread rather than waiting behind it."""
+    pool, release = ThreadPool(), threading.Event()
+    busy = pool.take()
+    busy.submit(release.wait, 5)
+    pool.give_back(busy)
+    assert pool.free == [] and pool.take() is not busy
+    release.set()
+    busy.shutdown()
+    idle = pool.take()
+    idle.submit(lambda: None).result(5)
+    pool.give_back(idle)
+    assert pool.free == [idle]
+    idle.shutdown()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_connection_the_request_opened_is_closed_at_its_end_though_its_thread_lives_on(
     monkeypatch,
