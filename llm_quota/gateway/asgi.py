@@ -111,6 +111,19 @@ class ThreadedASGIHandler(ASGIHandler):
             self.threads.give_back(executor)
 
 
+def sync_only(middleware: type) -> type:
+    """``middleware`` (a Django ``MiddlewareMixin`` class) marked sync-only.
+
+    Under ASGI Django runs each ``MiddlewareMixin`` hook through ``sync_to_async``: its
+    ``process_request``, then its ``process_response``, two thread hops a request for
+    each of Django's own middleware (``SessionMiddleware``, ``CsrfViewMiddleware``...).
+    A run of sync-only middleware is one sync chain instead: Django enters it with one
+    hop and leaves it to the async view with one (``async_to_sync``, which a client
+    leaving still cancels). The class keeps its name and is a subclass, so Django's
+    checks (the admin's "needs SessionMiddleware") still find it."""
+    return type(middleware.__name__, (middleware,), {"async_capable": False})
+
+
 def get_asgi_application(idle: int = IDLE_THREADS) -> ThreadedASGIHandler:
     """``django.core.asgi.get_asgi_application``, served by ``ThreadedASGIHandler``."""
     django.setup(set_prefix=False)

@@ -6,18 +6,24 @@ closed at the request's end as under WSGI."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import AsyncToSync, SyncToAsync, sync_to_async
 from asgiref.testing import ApplicationCommunicator
 from django.core.handlers.asgi import ASGIHandler
 from django.db import connections
 from django.http import JsonResponse
 from django.urls import path
 
-from llm_quota.gateway.asgi import POOLABLE, ThreadedASGIHandler, ThreadPool
+from llm_quota.gateway.asgi import (
+    POOLABLE,
+    ThreadedASGIHandler,
+    ThreadPool,
+    sync_only,
+)
 
 pytestmark = [
     pytest.mark.skipif(not POOLABLE, reason="asgiref without ThreadSensitiveContext(executor=)"),
@@ -55,7 +61,12 @@ def query_then_thread(request):
     return JsonResponse({"thread": threading.current_thread().name})
 
 
+async def no_sync_code(request):
+    return JsonResponse({"thread": None})
+
+
 urlpatterns = [
+    path("async", no_sync_code),
     path("thread", thread_of_sync_code),
     path("query", query_then_thread),
 ]
@@ -78,6 +89,37 @@ async def _get(app, url: str = "/thread") -> str:
     body = await client.receive_output(10)
     await client.wait(10)
     return json.loads(body["body"])["thread"]
+
+
+DJANGOS_SEVEN = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+
+def _hops(settings, monkeypatch, middleware: list[str]) -> int:
+    """Switches between the loop and the request's thread (``sync_to_async`` one way,
+    ``async_to_sync`` the other) while serving one async view."""
+    settings.MIDDLEWARE = [*middleware, "llm_quota.middleware.LLMQuotaMiddleware"]
+    app, calls = ThreadedASGIHandler(), []
+    for bridge in (SyncToAsync, AsyncToSync):
+        monkeypatch.setattr(bridge, "__call__", _counted(bridge.__call__, calls))
+    asyncio.run(_get(app, "/async"))
+    return len(calls)
+
+
+def _counted(call, calls: list):
+    @functools.wraps(call)
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return call(self, *args, **kwargs)
+
+    return counted
 
 
 def _threads_of(app, at_once: int, rounds: int = 2) -> list[list[str]]:
@@ -106,6 +148,27 @@ def test_requests_in_flight_at_once_never_share_a_thread():
     rounds = _threads_of(ThreadedASGIHandler(), at_once=4, rounds=2)
     assert all(len(set(names)) == 4 for names in rounds)
     assert set(rounds[0]) == set(rounds[1])  # the same four, kept
+
+
+def test_djangos_middleware_marked_sync_only_run_as_one_chain_under_asgi(settings, monkeypatch):
+    """Django's seven as shipped hop to the thread and back for each hook (15 switches
+    on Django 5.2); marked sync-only (the demo's ``project.middleware``) they are one
+    chain: in, out to the async view and back (5 in all, with ``request_started``,
+    ``CsrfViewMiddleware.process_view`` and ``response.close()``)."""
+    shipped = _hops(settings, monkeypatch, DJANGOS_SEVEN)
+    chained = _hops(
+        settings, monkeypatch, [f"project.middleware.{p.rsplit('.', 1)[1]}" for p in DJANGOS_SEVEN]
+    )
+    assert chained <= 5 < 14 <= shipped
+
+
+def test_sync_only_keeps_the_class_for_djangos_checks():
+    from django.contrib.sessions.middleware import SessionMiddleware
+
+    marked = sync_only(SessionMiddleware)
+    assert issubclass(marked, SessionMiddleware) and marked.__name__ == "SessionMiddleware"
+    assert (marked.sync_capable, marked.async_capable) == (True, False)
+    assert SessionMiddleware.async_capable  # the original is untouched
 
 
 def test_idle_threads_beyond_the_bound_end():
