@@ -34,16 +34,14 @@ INSTALLED_APPS = [
     "project",
 ]
 
-# Django's own seven, each marked sync-only (project/middleware.py): under ASGI they run
-# as one sync chain, two thread hops a request rather than two each.
 MIDDLEWARE = [
-    "project.middleware.SecurityMiddleware",
-    "project.middleware.SessionMiddleware",
-    "project.middleware.CommonMiddleware",
-    "project.middleware.CsrfViewMiddleware",
-    "project.middleware.AuthenticationMiddleware",
-    "project.middleware.MessageMiddleware",
-    "project.middleware.XFrameOptionsMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "project.urls"

@@ -4,13 +4,12 @@ Django's ``ASGIHandler`` wraps each request in a fresh ``ThreadSensitiveContext`
 request's first hop to sync code starts a new thread for it, and every ASGI request
 makes hops even when its view is async: ``request_started``'s receivers (Django's own
 ``close_old_connections``), then ``response.close()``. At the request's end another
-thread is started to join the first (asgiref 3.13). That is two thread starts per
-request: most of what the async gateway burned above the sync one in section 10 of
-the benchmarks.
+thread is started to join the first (asgiref 3.13): two thread starts per request
+(0.5 ms of CPU in section 10 of the benchmarks).
 
-``ThreadedASGIHandler`` gives each request one single-thread executor from a pool
-(asgiref's ``ThreadSensitiveContext(executor=...)``) and takes it back at the end. A
-request in flight still has a thread of its own, never shared with another request;
+``ThreadedASGIHandler`` gives each request's context one single-thread executor from a
+pool and takes it back at the end. A request in flight still has a thread of its own,
+never shared with another request;
 it is only kept for a later request, as a gunicorn thread is. So thread-bound state
 (database connections) lives as under WSGI, and Django's ``request_started`` and
 ``request_finished`` receivers manage it the same way. At most ``idle`` executors are
@@ -22,23 +21,26 @@ An opt-in for the host project's ASGI module, like ``warm_up``::
     from llm_quota.gateway.asgi import get_asgi_application
     application = get_asgi_application()
 
-On an asgiref without the ``executor`` argument it is Django's own handler.
+It lends the executor through asgiref's ``SyncToAsync.context_to_thread_executor``
+(asgiref 3.x; not a documented API): on an asgiref without it, it is Django's own
+handler, and ``tests/integration/gateway/test_asgi_threads.py`` fails.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import threading
+from collections.abc import MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import django
-from asgiref.sync import ThreadSensitiveContext
+from asgiref.sync import SyncToAsync, ThreadSensitiveContext
 from django.core.handlers.asgi import ASGIHandler
 
-#: Whether this asgiref lets a context use an executor the caller keeps (3.13+).
-POOLABLE = "executor" in inspect.signature(ThreadSensitiveContext.__init__).parameters
+#: Whether this asgiref maps each thread-sensitive context to its executor, where a
+#: request's executor can be lent (asgiref 3.x; not a documented API).
+POOLABLE = isinstance(getattr(SyncToAsync, "context_to_thread_executor", None), MutableMapping)
 
 #: Idle threads a worker keeps for later requests; beyond them, a thread ends.
 IDLE_THREADS = 64
@@ -104,24 +106,31 @@ class ThreadedASGIHandler(ASGIHandler):
             await super().__call__(scope, receive, send)  # Django's checks and context
             return
         executor = self.threads.take()
+        context = ThreadSensitiveContext()  # Django's, as its __call__ opens it
         try:
-            async with ThreadSensitiveContext(executor=executor):
-                await self.handle(scope, receive, send)
+            async with context:
+                await self.handle_in(context, executor, scope, receive, send)
         finally:
             self.threads.give_back(executor)
 
+    async def handle_in(
+        self, context: ThreadSensitiveContext, executor: RequestThread, *args: Any
+    ) -> None:
+        """``handle``, the context's sync code in ``executor``.
 
-def sync_only(middleware: type) -> type:
-    """``middleware`` (a Django ``MiddlewareMixin`` class) marked sync-only.
-
-    Under ASGI Django runs each ``MiddlewareMixin`` hook through ``sync_to_async``: its
-    ``process_request``, then its ``process_response``, two thread hops a request for
-    each of Django's own middleware (``SessionMiddleware``, ``CsrfViewMiddleware``...).
-    A run of sync-only middleware is one sync chain instead: Django enters it with one
-    hop and leaves it to the async view with one (``async_to_sync``, which a client
-    leaving still cancels). The class keeps its name and is a subclass, so Django's
-    checks (the admin's "needs SessionMiddleware") still find it."""
-    return type(middleware.__name__, (middleware,), {"async_capable": False})
+        Not ``ThreadSensitiveContext(executor=...)``: a task that outlives the request
+        (a settle shielded from a client that left, its alert's receivers) would get a
+        RuntimeError from its next thread-sensitive call. Lent through asgiref's map of
+        contexts to executors instead, taken back before the context ends, a late call
+        gets a thread of its own, as under Django's handler."""
+        lent = context.token is not None  # else an outer context (a test client) rules
+        if lent:
+            SyncToAsync.context_to_thread_executor[context] = executor
+        try:
+            await self.handle(*args)
+        finally:
+            if lent and SyncToAsync.context_to_thread_executor.get(context) is executor:
+                del SyncToAsync.context_to_thread_executor[context]
 
 
 def get_asgi_application(idle: int = IDLE_THREADS) -> ThreadedASGIHandler:

@@ -13,11 +13,10 @@ shared machine hits both alike. Per path it reports:
   and what the path adds over calling the upstream directly (also interleaved);
 - **16 at once**: requests per second and p50/p99.
 
-A third server is the async one as it was before issue #18's changes: Django's own
-``ASGIHandler`` (``django_asgi``: a fresh thread per request, where ``project.asgi``
-keeps one) and Django's seven middleware as shipped (``hopping_settings``: two thread
-hops each, where the demo marks them sync-only, one chain). A fourth has only
-``LLMQuotaMiddleware`` (``lean_settings``): what the seven still cost.
+A third server is the async one on Django's own ``ASGIHandler`` (``django_asgi``): a
+fresh thread per request, where ``project.asgi`` keeps one (``llm_quota.gateway.asgi``).
+A fourth has only ``LLMQuotaMiddleware`` (``lean_settings``): the price of the demo's
+seven ``MiddlewareMixin`` middleware, two thread hops each under ASGI.
 """
 
 from __future__ import annotations
@@ -156,14 +155,13 @@ def stack():
         sync = stack.enter_context(server(commands(port_sync, 0)["sync"], env, port_sync))
         port_async = spare_port()
         aio = stack.enter_context(server(commands(0, port_async)["async"], env, port_async))
-        port_before = spare_port()
-        before_command = commands(0, port_before, "tests.benchmarks.django_asgi")["async"]
-        before_env = {**env, "DJANGO_SETTINGS_MODULE": "tests.benchmarks.hopping_settings"}
-        before = stack.enter_context(server(before_command, before_env, port_before))
+        port_fresh = spare_port()
+        fresh_command = commands(0, port_fresh, "tests.benchmarks.django_asgi")["async"]
+        fresh = stack.enter_context(server(fresh_command, env, port_fresh))
         port_lean = spare_port()
         lean_env = {**env, "DJANGO_SETTINGS_MODULE": "tests.benchmarks.lean_settings"}
         lean = stack.enter_context(server(commands(0, port_lean)["async"], lean_env, port_lean))
-        servers = {"sync": sync, "async": aio, "async, before (Django's handler, hops)": before,
+        servers = {"sync": sync, "async": aio, "async, Django's ASGIHandler": fresh,
                    "async, lean middleware": lean}  # fmt: skip
         yield servers, tokens, upstream.url
 

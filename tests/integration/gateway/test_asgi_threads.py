@@ -22,13 +22,9 @@ from llm_quota.gateway.asgi import (
     POOLABLE,
     ThreadedASGIHandler,
     ThreadPool,
-    sync_only,
 )
 
-pytestmark = [
-    pytest.mark.skipif(not POOLABLE, reason="asgiref without ThreadSensitiveContext(executor=)"),
-    pytest.mark.urls(__name__),
-]
+pytestmark = pytest.mark.urls(__name__)
 
 
 class Rendezvous:
@@ -61,12 +57,27 @@ def query_then_thread(request):
     return JsonResponse({"thread": threading.current_thread().name})
 
 
+late_work: list[asyncio.Task] = []
+
+
+async def leaves_work_behind(request):
+    """Starts a task that runs sync code after the response (a shielded settle does)."""
+
+    async def later():
+        await asyncio.sleep(0.05)
+        return await sync_to_async(lambda: threading.current_thread().name)()
+
+    late_work.append(asyncio.ensure_future(later()))
+    return JsonResponse({"thread": None})
+
+
 async def no_sync_code(request):
     return JsonResponse({"thread": None})
 
 
 urlpatterns = [
     path("async", no_sync_code),
+    path("late", leaves_work_behind),
     path("thread", thread_of_sync_code),
     path("query", query_then_thread),
 ]
@@ -150,25 +161,12 @@ def test_requests_in_flight_at_once_never_share_a_thread():
     assert set(rounds[0]) == set(rounds[1])  # the same four, kept
 
 
-def test_djangos_middleware_marked_sync_only_run_as_one_chain_under_asgi(settings, monkeypatch):
-    """Django's seven as shipped hop to the thread and back for each hook (15 switches
-    on Django 5.2); marked sync-only (the demo's ``project.middleware``) they are one
-    chain: in, out to the async view and back (5 in all, with ``request_started``,
-    ``CsrfViewMiddleware.process_view`` and ``response.close()``)."""
-    shipped = _hops(settings, monkeypatch, DJANGOS_SEVEN)
-    chained = _hops(
-        settings, monkeypatch, [f"project.middleware.{p.rsplit('.', 1)[1]}" for p in DJANGOS_SEVEN]
-    )
-    assert chained <= 5 < 14 <= shipped
-
-
-def test_sync_only_keeps_the_class_for_djangos_checks():
-    from django.contrib.sessions.middleware import SessionMiddleware
-
-    marked = sync_only(SessionMiddleware)
-    assert issubclass(marked, SessionMiddleware) and marked.__name__ == "SessionMiddleware"
-    assert (marked.sync_capable, marked.async_capable) == (True, False)
-    assert SessionMiddleware.async_capable  # the original is untouched
+def test_llm_quota_middleware_adds_no_switch_to_a_thread_under_asgi(settings, monkeypatch):
+    """Only Django's own two are left with ``LLMQuotaMiddleware`` alone
+    (``request_started``'s receivers, ``response.close()``); each of Django's seven
+    ``MiddlewareMixin`` middleware hops for each of its hooks (15 switches on 5.2)."""
+    assert _hops(settings, monkeypatch, []) == 2
+    assert _hops(settings, monkeypatch, DJANGOS_SEVEN) >= 14
 
 
 def test_idle_threads_beyond_the_bound_end():
@@ -184,6 +182,30 @@ def test_idle_threads_beyond_the_bound_end():
         assert not thread.is_alive()
     assert threads[0].is_alive()
     lent[0].shutdown()
+
+
+def test_asgiref_still_maps_contexts_to_executors():
+    assert POOLABLE  # else the handler is Django's, and nothing here is kept
+
+
+def test_a_task_that_outlives_its_request_still_runs_sync_code_in_a_thread_of_its_own(
+    settings,
+):
+    """A settle shielded from a client that left runs on after the request: its sync
+    calls get a thread (as under Django's handler), never a RuntimeError, and never the
+    pooled thread another request may be using by then."""
+    settings.MIDDLEWARE = [*DJANGOS_SEVEN, "llm_quota.middleware.LLMQuotaMiddleware"]
+    app = ThreadedASGIHandler()
+
+    async def main():
+        late_work.clear()
+        await _get(app, "/late")
+        (request_thread,) = app.threads.free
+        return await late_work[0], request_thread
+
+    thread, request_thread = asyncio.run(main())
+    assert thread and not thread.startswith("llmq-request-")
+    request_thread.shutdown()
 
 
 def test_a_thread_still_running_an_abandoned_call_is_not_lent_again():
