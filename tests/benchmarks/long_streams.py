@@ -23,7 +23,9 @@ Per path and N it reports errors (a status other than 200, an ``error`` event, o
 percentile), the p99 and largest gap between two events, the server's CPU per stream
 (over the streams that had a first event: the sync path serves only some), memory per
 stream (the workers' peak RSS during the run less their RSS just before it,
-over N), the event-loop lag (how late a 50 ms sleep woke, p99 and worst, over the
+over N), the server's CPU per event relayed and in all (cores used over the run: near
+2, the workers had all the machine's CPU; well below, with errors or delays, other
+processes held it), the event-loop lag (how late a 50 ms sleep woke, p99 and worst, over the
 run), and, once every client is done, what the ledger still holds: the base tokens
 reserved and the calls in flight over every user, which must both come back to 0.
 """
@@ -293,6 +295,11 @@ def _report(table: Table, phase: Phase, direct: Phase, goals: bool) -> None:
                   f"{(peak - before) / phase.count / 1024:.0f} KiB",
                   f"RSS {before / 2**20:.0f} → {peak / 2**20:.0f} MiB, "
                   f"load {phase.load:.1f}")  # fmt: skip
+        events = sum(s["events"] for s in phase.streams)
+        table.add(SECTION, f"{name}: server CPU per event relayed; CPU used",
+                  f"{phase.server_cpu / max(events, 1) * 1e6:.0f} µs; "
+                  f"{phase.server_cpu / phase.wall:.2f} cores",
+                  f"{events} events in {phase.wall:.0f} s")  # fmt: skip
     if phase.lag:
         table.add(SECTION, f"{name}: event-loop lag p99 / max",
                   f"{_p(phase.lag, 0.99):.1f} / {phase.lag[-1]:.1f} ms",
