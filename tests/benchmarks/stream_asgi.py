@@ -6,11 +6,13 @@ woke. Lateness is the time callbacks ready to run waited behind others: what eve
 stream on the worker waits too, for its next chunk or its first. Each worker appends
 ``<monotonic time> <lag ms>`` lines to ``$LLMQ_BENCH_LAG_DIR/<pid>`` about once a
 second (CLOCK_MONOTONIC is the machine's, so the bench cuts out each phase's window).
+A 500's traceback goes to the terminal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from typing import Any
@@ -18,6 +20,10 @@ from typing import Any
 from project.asgi import application as django_application
 
 INTERVAL = 0.05
+
+# With DEBUG off Django logs a 500's traceback only to ``mail_admins``: the bench
+# wants it on the terminal, to say what failed.
+logging.getLogger("django.request").addHandler(logging.StreamHandler())
 _sampler: asyncio.Task[None] | None = None
 
 
