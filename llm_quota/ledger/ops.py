@@ -260,6 +260,7 @@ class LedgerOps:
                     decision,
                     self._global_call(decision, reply, limits, estimate, clamp, minimum),
                     taken, self.keyspace.global_(),
+                    restore=self.restore_global(text(reply[7])),
                 )  # fmt: skip
         return decision
 
@@ -323,7 +324,8 @@ class LedgerOps:
         withdraws the user's share and releases the shares ``taken`` in earlier steps;
         admitted, it joins ``taken``. A harder clamp lowers the user's share to match
         (an earlier step's share keeps the higher figure until settle: never less).
-        A payer whose counters were lost (a team's) runs ``restore``, then the step again."""
+        A payer whose counters were lost (a team's, the global caps') runs ``restore``,
+        then the step again."""
         held = decision.reservation
         assert held is not None
         release = ScriptCall("global_release", (base,), (call.args[0], held.id, self.ttl_ms))
@@ -337,7 +339,7 @@ class LedgerOps:
 
         try:
             answer = yield call
-            if int(answer[0]) == 2 and restore is not None:
+            if int(answer[0]) in (2, 4) and restore is not None:
                 yield from restore
                 answer = yield call
         except GeneratorExit:
