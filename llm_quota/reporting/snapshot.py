@@ -5,7 +5,8 @@ Redis is the only counter but may lose its data; the snapshots are what
 
 - it finds users through the index ``settle.lua`` keeps (a ZSET per month, user ->
   time of their last settle), walked with ZSCAN in batches, never ``KEYS``;
-- it only reads Redis (a pipeline, no script), so it never changes a counter;
+- it reads Redis in pipelines, and changes a counter only where Redis is behind the
+  database (below, ``raise.lua``: to a maximum, so a repeat changes nothing);
 - it writes absolute values, and only the rows that differ, with an upsert on
   (user, period, model) (``snapshot_sql.py``): a duplicate or concurrent run writes
   the same rows or nothing;
