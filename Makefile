@@ -29,12 +29,15 @@ demo: $(STAMP)
 # mypy (settings in pyproject.toml): about 40 s cold, 2 s with its cache in .venv.
 # The docs site is built with --strict (a broken link or a settings page whose
 # marker is gone fails), into a temporary folder that is removed afterwards.
+# Last, the chaos soak for one minute (about 90 s with its set-up): the same
+# invariants as `make soak`'s ten minutes (docs/pages/reliability.md).
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	site=$$(mktemp -d) && trap 'rm -rf "$$site"' EXIT && \
 	  $(BIN)/mkdocs build --strict --quiet -f docs/mkdocs.yml -d "$$site"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m tests.soak --seconds 60
 
 # The docs site in var/site (ignored by git); open var/site/index.html.
 docs: $(STAMP)

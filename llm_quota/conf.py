@@ -318,7 +318,8 @@ SETTINGS: tuple[Setting, ...] = (
         "FAIL_OPEN_DIVISOR",
         4,
         "with `FAIL_OPEN`, each process admits a 1/divisor share of the tier's per-minute "
-        "limits while Redis is down: set it to the number of processes",
+        "limits (a day or month budget spread over the minutes left in it) while Redis is "
+        "down: set it to the number of processes",
         Rule(
             _is_positive_int,
             "must be a positive integer (the number of processes serving requests).",

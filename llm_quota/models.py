@@ -329,6 +329,11 @@ class UsageSnapshot(models.Model):
     input_tokens = models.PositiveBigIntegerField(default=0)
     output_tokens = models.PositiveBigIntegerField(default=0)
     base_tokens = models.PositiveBigIntegerField(default=0)
+    generation = models.BigIntegerField(
+        _("generation"), default=0,
+        help_text=_("The user's counters' generation when copied: a reset starts a new "
+                    "one, so Redis below this row in the same one has lost writes."),
+    )  # fmt: skip
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

@@ -3,8 +3,10 @@
 ``FallbackLimiter``: fail-open must not mean unlimited. Each process keeps its own
 sliding minute per user, with the tier's per-minute limits divided by the number of
 processes that share the load (``FAIL_OPEN_DIVISOR``). Budgets per day or month can't
-be checked without Redis, so a user's spend during an outage is bounded by the
-tightest token limit per minute, summed over the processes.
+be checked without Redis (what was spent is unknown), so each is spread over the
+minutes left in its period (``token_share``): an outage of k minutes admits a user at
+most about k / minutes-left of that budget, summed over the processes, instead of the
+whole budget per minute per process.
 
 ``OutageJournal``: usage of calls that ran during the outage (admitted blind, or
 admitted by Redis but settled after it went away) is kept and charged once Redis is
@@ -26,6 +28,7 @@ from typing import Any
 from llm_quota.ledger.journal_file import JournalFile
 from llm_quota.ledger.plans import Plan
 from llm_quota.rules.accounting import ActualUsage, Estimate, Limits
+from llm_quota.rules.periods import day_and_month, day_end_ms, month_end_ms
 
 logger = logging.getLogger("llm_quota")
 
@@ -34,10 +37,48 @@ def _share(limit: int | None, divisor: int) -> int | None:
     return None if limit is None else max(1, math.ceil(limit / divisor))
 
 
+def _minutes_left(end_ms: int, now_ms: float) -> int:
+    return max(1, math.ceil((end_ms - now_ms) / 60_000))
+
+
+def token_share(limits: Limits, divisor: int, now: float, timezone: str = "UTC") -> int | None:
+    """Base tokens one process may admit a user blind per minute, ``now`` (seconds since
+    the epoch) in ``timezone``'s periods: the minute limit, the day's limit over the
+    minutes left in the day, the month's over the minutes left in the month, whichever
+    is least, divided among the processes (at least 1). None: no token limit."""
+    now_ms = now * 1000
+    day, month = day_and_month(now_ms, timezone)
+    rates: list[float] = []
+    if limits.tokens_per_minute is not None:
+        rates.append(limits.tokens_per_minute)
+    if limits.tokens_per_day is not None:
+        rates.append(limits.tokens_per_day / _minutes_left(day_end_ms(day, timezone), now_ms))
+    if limits.tokens_per_month is not None:
+        left = _minutes_left(month_end_ms(month, timezone), now_ms)
+        rates.append(limits.tokens_per_month / left)
+    return max(1, math.ceil(min(rates) / divisor)) if rates else None
+
+
 class FallbackLimiter:
-    def __init__(self, divisor: int = 4, clock: Callable[[], float] = time.monotonic) -> None:
+    """Admits calls blind while Redis is away: a sliding minute per user, per process.
+
+    The token share (``token_share``) has a floor: a user with nothing in this
+    process' window is admitted one call whatever its size, so a budget whose share is
+    smaller than one call (a small month) still lets one call a minute through per
+    process instead of turning fail-open into fail-closed for that tier."""
+
+    def __init__(
+        self,
+        divisor: int = 4,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        timezone: str = "UTC",
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.divisor = max(1, int(divisor))
         self.clock = clock
+        self.timezone = timezone
+        self.wall_clock = wall_clock
         self._windows: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
         self._in_flight: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
@@ -45,11 +86,7 @@ class FallbackLimiter:
     def admit(self, user_id: str, limits: Limits, estimate: Estimate) -> str | None:
         """None if admitted (and counted), else the name of the local limit that refused."""
         rpm = _share(limits.requests_per_minute, self.divisor)
-        token_limits = [
-            v for v in (limits.tokens_per_minute, limits.tokens_per_day, limits.tokens_per_month)
-            if v is not None
-        ]  # fmt: skip
-        tpm = _share(min(token_limits), self.divisor) if token_limits else None
+        tpm = token_share(limits, self.divisor, self.wall_clock(), self.timezone)
         concurrent = _share(limits.max_concurrent_requests, self.divisor)
         cost = estimate.base_tokens
         now = self.clock()
@@ -61,7 +98,8 @@ class FallbackLimiter:
                 return "requests_per_minute"
             if concurrent is not None and self._in_flight[user_id] + 1 > concurrent:
                 return "max_concurrent_requests"
-            if tpm is not None and sum(t for _, t in window) + cost > tpm:
+            used = sum(t for _, t in window)
+            if tpm is not None and used + cost > tpm and used > 0:  # the floor: one call
                 return "tokens_per_minute"
             window.append((now, cost))
             self._in_flight[user_id] += 1

@@ -116,6 +116,13 @@ class LedgerOperations:
         once per loss."""
         return self._run(self.ops.restore_team(team, month))
 
+    def raise_to_snapshot(
+        self, user_id: Any, generation: int, month: str, fields: dict[str, int]
+    ) -> Any:
+        """Raise the user's settled ``month`` to a snapshot's figures where Redis is
+        behind them in the same generation (see ``LedgerOps.raise_to_snapshot``)."""
+        return self._run(self.ops.raise_to_snapshot(user_id, generation, month, fields))
+
     def reset_period(self, user_id: Any) -> Any:
         """Forgive the user's usage of the current day and month (see ``LedgerOps``)."""
         return self._run(self.ops.reset_period(user_id))

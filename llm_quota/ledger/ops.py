@@ -74,6 +74,7 @@ SCRIPTS = (
     "key_restore",
     "global_restore",
     "team_restore",
+    "raise",
     "reset",
     "share_reset",
     "burn_resume",
@@ -259,6 +260,7 @@ class LedgerOps:
                     decision,
                     self._global_call(decision, reply, limits, estimate, clamp, minimum),
                     taken, self.keyspace.global_(),
+                    restore=self.restore_global(text(reply[7])),
                 )  # fmt: skip
         return decision
 
@@ -322,7 +324,8 @@ class LedgerOps:
         withdraws the user's share and releases the shares ``taken`` in earlier steps;
         admitted, it joins ``taken``. A harder clamp lowers the user's share to match
         (an earlier step's share keeps the higher figure until settle: never less).
-        A payer whose counters were lost (a team's) runs ``restore``, then the step again."""
+        A payer whose counters were lost (a team's, the global caps') runs ``restore``,
+        then the step again."""
         held = decision.reservation
         assert held is not None
         release = ScriptCall("global_release", (base,), (call.args[0], held.id, self.ttl_ms))
@@ -336,7 +339,7 @@ class LedgerOps:
 
         try:
             answer = yield call
-            if int(answer[0]) == 2 and restore is not None:
+            if int(answer[0]) in (2, 4) and restore is not None:
                 yield from restore
                 answer = yield call
         except GeneratorExit:
@@ -716,6 +719,29 @@ class LedgerOps:
         result = yield ScriptCall("team_restore", (self.keyspace.team(team),), tuple(args))
         return int(result) == 1
 
+    def raise_to_snapshot(
+        self, user_id: Any, generation: int, month: str, fields: dict[str, int]
+    ) -> Plan[int]:
+        """Raise the user's settled ``month`` to the snapshot's ``fields``
+        (``"base|<model>"`` -> count, ...) where Redis is behind them in the same
+        ``generation`` (a promoted replica's missed writes; ``raise.lua``). Returns the
+        base tokens added, also to the month's and today's counters; a reset since the
+        snapshot (another generation) or counters lost whole (restore's) add nothing."""
+        uid = keys.user_id(user_id)
+        now_arg, local_now = self.now_arg()
+        today, current = day_and_month(local_now, self.timezone)
+        day = today if month == current else ""
+        pairs = [value for field, n in fields.items() for value in (field, int(n))]
+        reply = yield ScriptCall(
+            "raise",
+            (self.keyspace.user(uid), self.index_base(uid)),
+            (
+                uid, now_arg, int(generation), month, month_end_ms(month, self.timezone),
+                day, day_end_ms(today, self.timezone), *pairs,
+            ),
+        )  # fmt: skip
+        return int(reply)
+
     # -- admin -------------------------------------------------------------------------
 
     def burn_resume(self, user_id: Any) -> Plan[bool]:
@@ -771,7 +797,7 @@ class LedgerOps:
             (self.keyspace.user(uid), self.index_base(uid)),
             (now_arg, self.ttl_ms, uid, *period_args(local_now, self.timezone)),
         )
-        return PeriodReset(text(r[0]), text(r[1]), int(r[2]), int(r[3]))
+        return PeriodReset(text(r[0]), text(r[1]), int(r[2]), int(r[3]), int(r[4]))
 
     def reset_shares(self, bases: list[str], *, trusted: bool = False) -> Plan[list[int]]:
         """Forgive the current day and month of payers in one slot (a user's API keys,

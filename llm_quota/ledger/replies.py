@@ -223,6 +223,8 @@ class PeriodReset:
     month: str
     tokens_before: int
     tokens_after: int
+    #: The user's new generation (``reset.lua``): what the next snapshot copies.
+    generation: int = 0
 
 
 @dataclass(frozen=True)

@@ -77,10 +77,14 @@ class BlindRefusal(NamedTuple):
 
 class Outage:
     def __init__(
-        self, cooldown: float = 2.0, divisor: int = 4, journal: JournalFile | None = None
+        self,
+        cooldown: float = 2.0,
+        divisor: int = 4,
+        journal: JournalFile | None = None,
+        timezone: str = "UTC",
     ) -> None:
         self.breaker = CircuitBreaker(cooldown=cooldown)
-        self.limiter = FallbackLimiter(divisor=divisor)
+        self.limiter = FallbackLimiter(divisor=divisor, timezone=timezone)
         self.journal = OutageJournal(store=journal)
         self.admitted_blind = 0
         self._count_lock = threading.Lock()
@@ -311,6 +315,7 @@ def outage() -> Outage:
                 _state = Outage(
                     cooldown=float(quota_settings.BREAKER_COOLDOWN),
                     divisor=int(quota_settings.FAIL_OPEN_DIVISOR),
+                    timezone=str(quota_settings.PERIOD_TIMEZONE),
                     journal=None
                     if directory is None
                     else JournalFile(directory, float(quota_settings.JOURNAL_FSYNC_INTERVAL)),

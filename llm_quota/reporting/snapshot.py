@@ -5,7 +5,8 @@ Redis is the only counter but may lose its data; the snapshots are what
 
 - it finds users through the index ``settle.lua`` keeps (a ZSET per month, user ->
   time of their last settle), walked with ZSCAN in batches, never ``KEYS``;
-- it only reads Redis (a pipeline, no script), so it never changes a counter;
+- it reads Redis in pipelines, and changes a counter only where Redis is behind the
+  database (below, ``raise.lua``: to a maximum, so a repeat changes nothing);
 - it writes absolute values, and only the rows that differ, with an upsert on
   (user, period, model) (``snapshot_sql.py``): a duplicate or concurrent run writes
   the same rows or nothing;
@@ -22,6 +23,13 @@ A user whose ``seen`` marker is missing lost their counters with Redis and has n
 been restored yet: their partial figures are never copied over the full ones in the
 database. A set the next runs read whatever the watermark remembers them until their
 counters are back and copied.
+
+A user whose counters are *behind* the database in the same generation (a promoted
+replica missed the last writes; a reset starts a new generation, ``reset.lua``) is
+raised back to it (``raise.lua``), and the database keeps the higher figures. Every
+run does this for the users it reads; a run that finds Redis' replication id changed
+since the last one (a failover, a restart) reads every user too, the database's as
+well as the index's, since a stale replica's index misses the same writes.
 """
 
 from __future__ import annotations
@@ -38,12 +46,13 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
-from redis.exceptions import LockError
+from redis.exceptions import LockError, ResponseError
 
 from llm_quota.ledger import keys
 from llm_quota.ledger.default import get_ledger
 from llm_quota.ledger.replies import ModelUsage, parse_model_fields, text
 from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.models import UsageSnapshot
 from llm_quota.reporting.key_snapshot import snapshot_keys
 from llm_quota.reporting.snapshot_days import day_date, upsert_days
 from llm_quota.reporting.snapshot_sql import Row, database, read_stored, upsert_rows
@@ -93,6 +102,9 @@ class SnapshotRun:
     unknown: int = 0  # ids with no such user in the database
     keys: int = 0  # API keys read (``key_snapshot``)
     teams: int = 0  # team rows written (``team_snapshot``)
+    raised_users: int = 0  # users whose counters were behind the database and raised
+    raised_tokens: int = 0  # base tokens those raises added back (writes Redis lost)
+    replication_changed: bool = False  # Redis' replication id changed: every user read
     per_month: dict[str, int] = field(default_factory=dict)
     full: bool = True  # walked the whole index (else: users active since ``since_ms``)
     since_ms: int | None = None
@@ -108,6 +120,8 @@ class RunPlan:
     months: list[str]
     since_ms: int | None
     last_full_ms: int  # when the last full walk started (this one's start if full)
+    replication_id: str = ""  # Redis' now (``replication_id``), kept with the watermark
+    replication_changed: bool = False  # not the last run's: read the database's users too
 
 
 def months_to_copy(ledger: Ledger, now_ms: int) -> list[str]:
@@ -119,16 +133,35 @@ def months_to_copy(ledger: Ledger, now_ms: int) -> list[str]:
 def plan_run(ledger: Ledger, now_ms: int, *, full: bool = False) -> RunPlan:
     """Full walk or incremental, from the watermark the last successful run left."""
     months = months_to_copy(ledger, now_ms)
-    since, last_full = ledger.client.hmget(
-        ledger.keyspace.snapshot_watermark(), "since_ms", "full_ms"
+    since, last_full, last_id = ledger.client.hmget(
+        ledger.keyspace.snapshot_watermark(), "since_ms", "full_ms", "replid"
     )
-    if full or since is None or last_full is None:  # first run, or Redis lost it
-        return RunPlan(months, None, now_ms)
+    current = replication_id(ledger)
+    # The watermark came from another data set (a replica promoted since, a restart
+    # from disk): that one may have missed writes anywhere, so every user is read.
+    changed = last_id is not None and text(last_id) != current
+    if full or changed or since is None or last_full is None:  # first run, or Redis lost it
+        return RunPlan(months, None, now_ms, current, changed)
     if not int(since) <= now_ms < int(last_full) + FULL_WALK_EVERY_MS:
         # Due for a full walk, or the clock went back past the last run: a watermark
         # from the future would hide the settles in between.
-        return RunPlan(months, None, now_ms)
-    return RunPlan(months, int(since) - WATERMARK_OVERLAP_MS, int(last_full))
+        return RunPlan(months, None, now_ms, current)
+    return RunPlan(months, int(since) - WATERMARK_OVERLAP_MS, int(last_full), current)
+
+
+def replication_id(ledger: Ledger) -> str:
+    """Which data set Redis holds: INFO's ``master_replid``, which a replica promoted
+    to primary, or a server restarted, changes (each primary's, on a cluster); ``""``
+    where INFO is not allowed (the check then rests on the runs' own reads)."""
+    try:
+        if ledger.cluster:
+            reply = ledger.client.info("replication", target_nodes=ledger.client.PRIMARIES)
+        else:
+            reply = ledger.client.info("replication")
+    except ResponseError:
+        return ""
+    infos = [reply] if "master_replid" in reply else list(reply.values())
+    return ",".join(sorted(str(info.get("master_replid", "")) for info in infos))
 
 
 def count_active(ledger: Ledger | None = None, *, full: bool = False) -> int:
@@ -163,7 +196,7 @@ def snapshot_usage(
         plan = plan_run(ledger, now_ms, full=full)
         run = SnapshotRun(
             months=plan.months, started_ms=now_ms, full=plan.since_ms is None,
-            since_ms=plan.since_ms,
+            since_ms=plan.since_ms, replication_changed=plan.replication_changed,
         )  # fmt: skip
         report = _ProgressLog(run)
         lost: dict[str, tuple[set[str], set[str]]] = {}
@@ -173,9 +206,12 @@ def snapshot_usage(
             pending = set(_lost_ids(ledger, month))
             skipped: set[str] = set()
             day = today if month == run.months[0] else ""  # the day, with its month
-            batches = _batches(_walk(ledger, month, plan.since_ms, pending), batch_size)
+            walk = _walk(ledger, month, plan.since_ms, pending)
+            if plan.replication_changed:
+                walk = _and_stored(walk, month)
+            batches = _batches(walk, batch_size)
             for uids, users in _read_ahead(ledger, month, batches, day):
-                _copy_batch(month, uids, users, run, skipped, day)
+                _copy_batch(ledger, month, uids, users, run, skipped, day)
                 lock.reacquire()  # still alive: keep others waiting
                 if progress is not None:
                     progress(len(uids))
@@ -198,6 +234,12 @@ def snapshot_usage(
         "full" if run.full else "incremental", run.users, run.rows_written, run.lost,
         run.unknown, ",".join(run.months), (run.finished_ms - run.started_ms) / 1000,
     )  # fmt: skip
+    if run.raised_users:
+        logger.warning(
+            "usage snapshot: %d users' counters were behind the database (writes Redis "
+            "lost: a failover or a restart); raised by %d base tokens",
+            run.raised_users, run.raised_tokens,
+        )  # fmt: skip
     return run
 
 
@@ -216,7 +258,7 @@ def snapshot_users(user_ids: Iterable[Any], *, ledger: Ledger | None = None) -> 
     for month in run.months:
         before = run.rows_written
         day = today if month == run.months[0] else ""
-        _copy_batch(month, uids, _read_batch(ledger, month, uids, day), run, set(), day)
+        _copy_batch(ledger, month, uids, _read_batch(ledger, month, uids, day), run, set(), day)
         run.per_month[month] = run.rows_written - before
     run.finished_ms = ledger.now_ms()
     return run
@@ -268,6 +310,27 @@ def _walk(ledger: Ledger, month: str, since_ms: int | None, pending: set[str]) -
     return chain(found, sorted(pending))
 
 
+def _and_stored(walk: Iterable[str], month: str) -> Iterator[str]:
+    """The index's users, then those the database has a row of ``month`` for and the
+    index does not list: a replica that missed a user's first settle of the month
+    misses its index entry too. Only after a failover or a restart (a set of ids)."""
+    listed: set[str] = set()
+    for uid in walk:
+        listed.add(uid)
+        yield uid
+    stored = (
+        UsageSnapshot.objects.using(database())
+        .filter(period=first_day(month))
+        .order_by()
+        .values_list("user_id", flat=True)
+        .distinct()
+    )
+    for pk in stored.iterator(chunk_size=BATCH_USERS):
+        uid = keys.user_id(pk)
+        if uid not in listed:
+            yield uid
+
+
 def _batches(ids: Iterable[str], size: int) -> Iterator[list[str]]:
     batch: list[str] = []
     for uid in ids:
@@ -285,18 +348,19 @@ def _lost_ids(ledger: Ledger, month: str) -> Iterator[str]:
         yield text(member)
 
 
-#: What a batch read holds per user: seen, the month's per-model rows, and the day
-#: counter (None when the run does not copy a day for this month).
-UserRead = tuple[bool, list[ModelUsage], int | None]
+#: What a batch read holds per user: seen, the generation, the month's per-model rows,
+#: and the day counter (None when the run does not copy a day for this month).
+UserRead = tuple[bool, int, list[ModelUsage], int | None]
 
 
 def _read_batch(ledger: Ledger, month: str, uids: list[str], day: str = "") -> list[UserRead]:
-    """(seen, per-model rows, day counter) for each user, in one pipelined round trip.
+    """(seen, generation, per-model rows, day counter) for each user, in one pipelined
+    round trip.
     The day counter holds the estimates of calls in flight too: restored, it errs on
     the side of refusing (by at most those estimates), never of overspending."""
     pipe = ledger.client.pipeline(transaction=False)
     for uid in uids:
-        pipe.hexists(ledger.keyspace.user_state(uid), "seen")
+        pipe.hmget(ledger.keyspace.user_state(uid), "seen", "gen")
         pipe.hgetall(ledger.keyspace.model_usage(uid, month))
         if day:
             pipe.get(ledger.keyspace.day_counter(uid, day))
@@ -304,7 +368,8 @@ def _read_batch(ledger: Ledger, month: str, uids: list[str], day: str = "") -> l
     step = 3 if day else 2
     return [
         (
-            bool(replies[i]),
+            replies[i][0] is not None,
+            int(replies[i][1] or 0),
             parse_model_fields(replies[i + 1]),
             int(replies[i + 2] or 0) if day else None,
         )
@@ -334,6 +399,7 @@ def _read_ahead(
 
 
 def _copy_batch(
+    ledger: Ledger,
     month: str,
     uids: list[str],
     users: list[UserRead],
@@ -342,13 +408,14 @@ def _copy_batch(
     day: str = "",
 ) -> None:
     """Write the rows of ``uids`` (read as ``users``) that differ from the database;
-    ``lost`` collects the users skipped because their counters are gone."""
+    ``lost`` collects the users skipped because their counters are gone. A user Redis
+    holds below the database in the same generation is raised first (``_catch_up``)."""
     run.users += len(uids)
     period = first_day(month)
     pk_field = get_user_model()._meta.pk
-    wanted: dict[Any, list[ModelUsage]] = {}
+    wanted: dict[Any, tuple[str, int, list[ModelUsage]]] = {}
     days: dict[Any, int] = {}
-    for uid, (seen, models, today) in zip(uids, users, strict=True):
+    for uid, (seen, generation, models, today) in zip(uids, users, strict=True):
         if not seen:
             run.lost += 1
             lost.add(uid)
@@ -358,7 +425,7 @@ def _copy_batch(
         except ValidationError:
             run.unknown += 1
             continue
-        wanted[pk] = models
+        wanted[pk] = (uid, generation, models)
         if today is not None:
             days[pk] = today
     if not wanted:
@@ -369,13 +436,22 @@ def _copy_batch(
         run.unknown += len(wanted) - len(known)
         desired: dict[tuple[Any, str], tuple[int, ...]] = {}
         for pk in known:
-            for usage in wanted[pk]:
+            _, generation, models = wanted[pk]
+            for usage in models:
                 desired[(pk, usage.model)] = (
-                    usage.requests, usage.input_tokens, usage.output_tokens, usage.base_tokens
+                    usage.requests, usage.input_tokens, usage.output_tokens,
+                    usage.base_tokens, generation,
                 )  # fmt: skip
-        # A model the database has but Redis no longer has was reset: it is zero now.
-        for key in stored:
-            desired.setdefault(key, (0, 0, 0, 0))
+        # A model the database has but Redis does not: reset (another generation: it
+        # is zero now), or lost with the last writes (the same one: _catch_up).
+        for pk, model in stored:
+            if pk in wanted:
+                desired.setdefault((pk, model), (0, 0, 0, 0, wanted[pk][1]))
+        for pk, added in _catch_up(ledger, month, wanted, stored, desired).items():
+            run.raised_users += 1
+            run.raised_tokens += added
+            if pk in days:
+                days[pk] += added
         changed: list[Row] = [
             (pk, model, *values)
             for (pk, model), values in desired.items()
@@ -386,6 +462,46 @@ def _copy_batch(
             run.days_written += upsert_days(
                 {pk: n for pk, n in days.items() if pk in known}, day_date(day), using=using
             )
+
+
+#: A ``UsageSnapshot`` row's counters as the fields of the user's usage hash in Redis.
+FIELD_KINDS = ("req", "in", "out", "base")
+
+
+def _catch_up(
+    ledger: Ledger,
+    month: str,
+    wanted: dict[Any, tuple[str, int, list[ModelUsage]]],
+    stored: dict[tuple[Any, str], tuple[int, ...]],
+    desired: dict[tuple[Any, str], tuple[int, ...]],
+) -> dict[Any, int]:
+    """Raise in Redis every user whose ``desired`` rows (read from Redis) are below the
+    ``stored`` ones of the same generation, and keep the higher figures in ``desired``.
+
+    Settled usage only grows within a generation, so a lower figure is a write Redis
+    lost (a promoted replica, a restart from an old file), never a legitimate change.
+    Returns the base tokens added per user pk (only users actually raised)."""
+    behind: dict[Any, dict[str, int]] = {}
+    for (pk, model), old in stored.items():
+        new = desired.get((pk, model))
+        if (
+            new is None
+            or old[4] != new[4]
+            or all(o <= n for o, n in zip(old[:4], new[:4], strict=True))
+        ):
+            continue
+        fields = behind.setdefault(pk, {})
+        for kind, o, n in zip(FIELD_KINDS, old[:4], new[:4], strict=True):
+            if o > n:
+                fields[f"{kind}|{model}"] = o
+        desired[(pk, model)] = (*map(max, old[:4], new[:4]), new[4])
+    raised: dict[Any, int] = {}
+    for pk, fields in behind.items():
+        uid, generation, _ = wanted[pk]
+        added = ledger.raise_to_snapshot(uid, generation, month, fields)
+        if added:
+            raised[pk] = added
+    return raised
 
 
 def _remember_lost(ledger: Ledger, lost: dict[str, tuple[set[str], set[str]]]) -> None:
@@ -425,6 +541,12 @@ def _record(ledger: Ledger, run: SnapshotRun, plan: RunPlan) -> None:
         },
     )
     pipe.expire(key, STATUS_TTL)
-    pipe.hset(mark, mapping={"since_ms": run.started_ms, "full_ms": plan.last_full_ms})
+    pipe.hset(
+        mark,
+        mapping={
+            "since_ms": run.started_ms, "full_ms": plan.last_full_ms,
+            "replid": plan.replication_id,
+        },
+    )  # fmt: skip
     pipe.expire(mark, WATERMARK_TTL)
     pipe.execute()

@@ -25,11 +25,12 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.db import connections, router
 
-#: The counters a snapshot row holds, in the order of a row tuple after user and model.
-SNAPSHOT_FIELDS = ("requests", "input_tokens", "output_tokens", "base_tokens")
+#: What a snapshot row holds, in the order of a row tuple after user and model: the
+#: counters, then the generation they were copied in (``UsageSnapshot.generation``).
+SNAPSHOT_FIELDS = ("requests", "input_tokens", "output_tokens", "base_tokens", "generation")
 
-#: (user pk, model, requests, input tokens, output tokens, base tokens)
-Row = tuple[Any, str, int, int, int, int]
+#: (user pk, model, requests, input tokens, output tokens, base tokens, generation)
+Row = tuple[Any, str, int, int, int, int, int]
 
 
 def _model() -> Any:
@@ -177,7 +178,7 @@ def upsert_rows(rows: Sequence[Row], period: date, now: datetime, *, using: str)
     db_users = [user_pk.get_db_prep_value(row[0], connection) for row in rows]
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            columns = [db_users, *([row[i] for row in rows] for i in range(1, 6))]
+            columns = [db_users, *([row[i] for row in rows] for i in range(1, 7))]
             cursor.execute(upsert_statement(connection), [db_period, db_now, *columns])
         else:
             params = [

@@ -15,8 +15,9 @@ printed (docs/pages/reliability.md keeps the last run's):
 - nothing reserved once the reservations' TTL has passed;
 - no 5xx (``FAIL_OPEN`` admits blind; a killed worker's calls fail as connection
   errors, counted apart);
-- no day budget passed by more than fail-open's shares allow (each process admits
-  1/FAIL_OPEN_DIVISOR of the tightest token limit per minute while Redis is away).
+- no day budget passed by more than fail-open's shares allow (each process admits a
+  user, per minute while Redis is away, 1/FAIL_OPEN_DIVISOR of the least of the minute
+  limit and the day's limit over the minutes left in the day, or one call).
 """
 
 from __future__ import annotations
@@ -252,17 +253,24 @@ def _check(accounts, oracle, load, chaos, scratch: Path) -> bool:
         lost += billed[pk] - usage.settled_this_month
         over = max(over, usage.settled_this_month - TIER["tokens_per_day"])
         rows.append((pk, billed[pk], usage.settled_this_month))
-    # Fail-open's documented bound: while Redis is away each process admits a user
-    # 1/FAIL_OPEN_DIVISOR of the tightest token limit per sliding minute; each Redis
-    # fault is shorter than a minute.
+    # Fail-open's documented bound: while Redis is away each process admits a user, per
+    # sliding minute, its share (llm_quota.ledger.fallback.token_share: the day spread
+    # over the minutes left in it, capped by the minute limit), or one call when its
+    # window is empty; each Redis fault is shorter than a minute. The share grows as the
+    # day ends: the largest over the run (sampled every 30 s back to 11 minutes ago).
     from llm_quota.conf import quota_settings
+    from llm_quota.ledger.fallback import token_share
+    from llm_quota.rules.accounting import Limits
 
-    share = -(-min(TIER["tokens_per_minute"], TIER["tokens_per_day"])
-              // int(quota_settings.FAIL_OPEN_DIVISOR))  # fmt: skip
-    redis_faults = chaos.faults["redis SIGKILL"] + chaos.faults["redis SIGSTOP 2 s"]
-    over_bound = redis_faults * WORKERS * share
-    kills = chaos.faults["gunicorn worker SIGKILL"]
+    limits = Limits(tokens_per_minute=TIER["tokens_per_minute"],
+                    tokens_per_day=TIER["tokens_per_day"])  # fmt: skip
+    divisor, zone = int(quota_settings.FAIL_OPEN_DIVISOR), str(quota_settings.PERIOD_TIMEZONE)
+    end = time.time()
+    share = max(token_share(limits, divisor, end - 30 * n, zone) or 0 for n in range(23))
     most = price.base_tokens(200, max(MAX_TOKENS))  # a call's largest bill, about
+    redis_faults = chaos.faults["redis SIGKILL"] + chaos.faults["redis SIGSTOP 2 s"]
+    over_bound = redis_faults * WORKERS * max(share, most)
+    kills = chaos.faults["gunicorn worker SIGKILL"]
     bound = kills * THREADS * most
     five = sum(n for status, n in load.statuses.items() if status.isdigit() and int(status) >= 500)
     left = list((scratch / "journal").glob("*.journal"))

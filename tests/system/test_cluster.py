@@ -192,7 +192,9 @@ def test_restore_on_the_cluster_lists_the_user_in_its_shard(cluster_client, quot
 def test_reserve_is_one_script_without_global_caps_and_two_with(
     cluster_ledger, monkeypatch, clock
 ):
-    cluster_ledger.restore(1, periods.month_id(clock))  # a known user: no restore step below
+    month = periods.month_id(clock)
+    cluster_ledger.restore(1, month)  # a known user: no restore step below
+    cluster_ledger._run(cluster_ledger.ops.restore_global(month))  # nor for the global caps
     sent = []
     original = cluster_ledger.perform
 
@@ -327,6 +329,8 @@ def test_a_global_step_whose_reply_was_lost_holds_nothing_once_released(cluster_
     global slot before or after the frozen step runs there. Either way nothing is held."""
     u = users_on_distinct_nodes(cluster_ledger, 1)[0]
     limits = Limits(global_tokens_per_month=1000, max_concurrent_requests=1)
+    # The global counters known (restored once): the frozen step then takes its share.
+    cluster_ledger._run(cluster_ledger.ops.restore_global(cluster_ledger.periods()[1]))
     rid = keys.reservation_id()
     plan = cluster_ledger.ops.reserve(u, limits, estimate(100, 400), reservation_id=rid)
     global_step = next(plan)

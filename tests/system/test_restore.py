@@ -237,3 +237,33 @@ def test_the_day_and_the_global_counters_survive_a_flushall(
     finally:
         set_default_ledger(None)
         server.stop()
+
+
+def test_the_global_counters_survive_a_loss_on_a_cluster_too(
+    cluster_client, quota_prefix, clock, settings
+):
+    """On a cluster the global caps live in a slot of their own, checked by a second
+    step (global_reserve.lua): that step restores them from the snapshots too."""
+    settings.LLM_QUOTA = {
+        **settings.LLM_QUOTA, "GLOBAL_TOKENS_PER_DAY": 1850, "GLOBAL_TOKENS_PER_MONTH": 10**6,
+    }  # fmt: skip
+    ledger = Ledger(cluster_client, prefix=quota_prefix, clock=clock, restore=month_from_snapshots)
+    set_default_ledger(ledger)
+    factories.price("gpt-4o", "1", "4", default_max_output_tokens=100)
+    factories.tier("free", tokens_per_day=1000, tokens_per_month=10**6, is_default=True)
+    spender, other, newcomer = factories.user(), factories.user(), factories.user()
+    spend(spender, 100, 200, max_tokens=200)  # 900
+    spend(other, 100, 200, max_tokens=200)  # everyone: 1800 of the day's 1850
+    snapshot_usage(ledger=ledger)
+
+    # The cluster loses this deployment's data (on every primary).
+    for key in list(cluster_client.scan_iter(match=f"{quota_prefix}*", count=1000)):
+        cluster_client.delete(key)
+    assert ledger.global_usage().tokens_today == 0
+
+    with pytest.raises(BudgetExceeded) as refused:
+        ask(newcomer)  # a fresh user, but everyone's day is spent
+    assert refused.value.limit == "global_tokens_per_day"
+    everyone = ledger.global_usage()
+    assert everyone.tokens_today == 1800 and everyone.tokens_this_month == 1800
+    assert ledger.usage(newcomer.pk).reserved == 0  # the first step was withdrawn

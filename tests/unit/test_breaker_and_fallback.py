@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
+
 from llm_quota.ledger.breaker import CircuitBreaker
-from llm_quota.ledger.fallback import FallbackLimiter, OutageJournal
+from llm_quota.ledger.fallback import FallbackLimiter, OutageJournal, token_share
 from llm_quota.ledger.plans import drive
 from llm_quota.rules.accounting import ActualUsage, Limits
 from tests.support.factories import estimate
@@ -48,10 +51,14 @@ def test_fallback_limiter_divides_the_tier_limits():
     assert limiter.admit("1", limits, estimate(1, 1)) is None
 
 
+#: Noon on 27 November 2099 (UTC): 720 minutes left in the day, 5,040 in the month.
+NOON = datetime(2099, 11, 27, 12, 0, tzinfo=UTC).timestamp()
+
+
 def test_fallback_limiter_bounds_tokens_by_the_tightest_limit_and_concurrency():
     tick = Tick()
-    limiter = FallbackLimiter(divisor=2, clock=tick)
-    limits = Limits(tokens_per_month=1000, tokens_per_day=400, max_concurrent_requests=2)
+    limiter = FallbackLimiter(divisor=2, clock=tick, wall_clock=lambda: NOON)
+    limits = Limits(tokens_per_minute=400, tokens_per_day=720_000, max_concurrent_requests=2)
     assert limiter.admit("1", limits, estimate(100, 50)) is None  # 150 of 400 / 2
     limiter.done("1")
     assert limiter.admit("1", limits, estimate(100, 50)) == "tokens_per_minute"
@@ -59,6 +66,39 @@ def test_fallback_limiter_bounds_tokens_by_the_tightest_limit_and_concurrency():
     assert limiter.admit("2", limits, estimate(10, 10)) == "max_concurrent_requests"
     limiter.done("2")
     assert limiter.admit("2", limits, estimate(10, 10)) is None
+
+
+def test_the_blind_share_spreads_each_budget_over_the_minutes_left_in_its_period():
+    day, month = Limits(tokens_per_day=720_000), Limits(tokens_per_month=5_040_000)
+    assert token_share(day, 2, NOON) == 720_000 // 720 // 2
+    assert token_share(month, 2, NOON) == 5_040_000 // 5_040 // 2
+    # The least of them, and never more than the minute limit.
+    both = Limits(tokens_per_minute=300, tokens_per_day=720_000, tokens_per_month=5_040)
+    assert token_share(both, 2, NOON) == 1  # a month of 5,040 over 5,040 minutes
+    assert token_share(Limits(tokens_per_minute=300, tokens_per_day=720_000), 2, NOON) == 150
+    # What is left of the day grows its share as the day ends: the last minute, all of it.
+    last_minute = datetime(2099, 11, 27, 23, 59, 30, tzinfo=UTC).timestamp()
+    assert token_share(day, 1, last_minute) == 720_000
+    # In the period's own time zone: noon UTC is 7:00 in New York, 17 hours left.
+    assert token_share(day, 1, NOON, "America/New_York") == math.ceil(720_000 / (17 * 60))
+    assert token_share(Limits(), 2, NOON) is None
+
+
+def test_a_month_only_tier_no_longer_gets_its_month_per_minute_per_process():
+    """The Sentinel test's tier: 150,000 a month and nothing else, three processes. The
+    old share was the month itself a minute: 50,000 per process, 200 calls of 250."""
+    tick = Tick()
+    limiter = FallbackLimiter(divisor=3, clock=tick, wall_clock=lambda: NOON)
+    limits = Limits(tokens_per_month=150_000)
+    admitted = []
+    for _ in range(10):
+        admitted.append(limiter.admit("1", limits, estimate(50, 200)) is None)
+        limiter.done("1")
+    # The share (150,000 / 5,040 minutes / 3 = 10 a minute) is below one call: the
+    # floor lets one call a minute through, not zero and not 200.
+    assert admitted == [True] + [False] * 9
+    tick.now += 60
+    assert limiter.admit("1", limits, estimate(50, 200)) is None
 
 
 def test_journal_replays_in_order_and_keeps_what_fails():

@@ -9,7 +9,8 @@
 --       10 clamp (1/0), 11 day, 12 day end, 13 month, 14 month end.
 -- Returns {status, limit, retry_ms, granted_output, reserved}: status 1 admitted
 -- (perhaps clamped lower than the first step), 0 refused, 3 this id is finished here
--- already (released before this step arrived: its reply was lost, see reserve.lua).
+-- already (released before this step arrived: its reply was lost, see reserve.lua),
+-- 4 restore the global caps' counters first (global_restore.lua), then ask again.
 
 local G = KEYS[1]
 local now = now_ms(ARGV[1])
@@ -30,6 +31,15 @@ if prior then
   local state, held = parse_record(prior)
   if state ~= 'p' then return {3, '', 0, 0, 0} end
   return {1, '', 0, clamp_output(prompt_micro, out_micro, held, max_out), held}
+end
+
+-- Step 1c (issue 17): counters lost with Redis' data come back from the database
+-- before they are trusted, as reserve.lua's step 1c does on one Redis. A missing
+-- marker with this month's counter present means counters that were never lost
+-- (kept from before the marker existed): mark them, restore nothing.
+if redis.call('HEXISTS', G .. ':s', 'seen') == 0 then
+  if redis.call('EXISTS', G .. ':m:' .. month) == 0 then return {4, '', 0, 0, 0} end
+  redis.call('HSET', G .. ':s', 'seen', '1')
 end
 
 -- Step 2: fit the request into what everyone has left today and this month.

@@ -2,8 +2,11 @@
 -- KEYS[1] user base B, KEYS[2] index base I (the user's shard on a cluster).
 -- ARGV: 1 now (0 = Redis' clock), 2 ttl, 3 user id, 4 day ids, 5 day starts,
 --       6 month ids, 7 month starts.
--- Returns {day, month, month counter before, month counter after}.
+-- Returns {day, month, month counter before, month counter after, generation}.
 -- Global counters keep the usage: the money was spent, only this user is forgiven.
+-- The reset starts a new generation (B:s "gen"): the snapshot keeps the generation
+-- it copied, so a counter found below its snapshot tells a reset (a new generation:
+-- Redis' figure stands) from writes a promoted replica missed (the same: raise.lua).
 
 local B, I = KEYS[1], KEYS[2]
 local now = now_ms(ARGV[1])
@@ -53,7 +56,10 @@ redis.call('ZADD', a, now, uid)
 redis.call('PEXPIREAT', a, month_end + MONTH_GRACE)
 
 -- Step 5: the counters are authoritative, not lost: restore must not add the
--- database's old figures back.
-redis.call('HSET', B .. ':s', 'seen', '1')
+-- database's old figures back. The new generation is the reset's time (at least the
+-- old one plus one): unique even where a reset itself was lost with a failover and
+-- another one followed, so two resets never share a number.
+local gen = math.max(num(redis.call('HGET', B .. ':s', 'gen')) + 1, now)
+redis.call('HSET', B .. ':s', 'seen', '1', 'gen', gen)
 touch(B, now)
-return {day, month, before, held_month}
+return {day, month, before, held_month, gen}
