@@ -2,8 +2,9 @@
 
 ``FallbackLimiter``: fail-open must not mean unlimited. Each process keeps its own
 sliding minute per user, with the tier's per-minute limits divided by the number of
-processes that share the load (``FAIL_OPEN_DIVISOR``). Budgets per day or month can't
-be checked without Redis (what was spent is unknown), so each is spread over the
+processes that share the load (``FAIL_OPEN_DIVISOR``), and the same per API key and
+per team beside the user (a blind call passes every level or none). Budgets per day or
+month can't be checked without Redis (what was spent is unknown), so each is spread over the
 minutes left in its period (``token_share``): an outage of k minutes admits a user at
 most about k / minutes-left of that budget, summed over the processes, instead of the
 whole budget per minute per process.
@@ -23,6 +24,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from llm_quota.ledger.journal_file import JournalFile
@@ -46,17 +48,70 @@ def token_share(limits: Limits, divisor: int, now: float, timezone: str = "UTC")
     the epoch) in ``timezone``'s periods: the minute limit, the day's limit over the
     minutes left in the day, the month's over the minutes left in the month, whichever
     is least, divided among the processes (at least 1). None: no token limit."""
+    return _spread(
+        limits.tokens_per_minute, limits.tokens_per_day, limits.tokens_per_month,
+        divisor, now, timezone,
+    )  # fmt: skip
+
+
+def _spread(
+    per_minute: int | None,
+    per_day: int | None,
+    per_month: int | None,
+    divisor: int,
+    now: float,
+    timezone: str,
+) -> int | None:
     now_ms = now * 1000
     day, month = day_and_month(now_ms, timezone)
     rates: list[float] = []
-    if limits.tokens_per_minute is not None:
-        rates.append(limits.tokens_per_minute)
-    if limits.tokens_per_day is not None:
-        rates.append(limits.tokens_per_day / _minutes_left(day_end_ms(day, timezone), now_ms))
-    if limits.tokens_per_month is not None:
-        left = _minutes_left(month_end_ms(month, timezone), now_ms)
-        rates.append(limits.tokens_per_month / left)
+    if per_minute is not None:
+        rates.append(per_minute)
+    if per_day is not None:
+        rates.append(per_day / _minutes_left(day_end_ms(day, timezone), now_ms))
+    if per_month is not None:
+        rates.append(per_month / _minutes_left(month_end_ms(month, timezone), now_ms))
     return max(1, math.ceil(min(rates) / divisor)) if rates else None
+
+
+@dataclass(frozen=True)
+class _Level:
+    """One payer's blind limits in this process: the user, or the API key or the team
+    beside it. ``window``: the key of its sliding minute; ``label``: its refusals'
+    prefix ('', 'key.', 'team.')."""
+
+    window: str
+    label: str
+    rpm: int | None
+    concurrent: int | None
+    tpm: int | None
+
+
+def _levels(user_id: str, limits: Limits, divisor: int, now: float, timezone: str) -> list[_Level]:
+    """The user's level, then the key's and the team's where the call has them: a blind
+    call, like a reserve, passes every payer's limits or none."""
+    levels = [
+        _Level(
+            user_id, "", _share(limits.requests_per_minute, divisor),
+            _share(limits.max_concurrent_requests, divisor),
+            token_share(limits, divisor, now, timezone),
+        )
+    ]  # fmt: skip
+    if limits.api_key is not None:
+        levels.append(_Level(
+            f"k:{user_id}:{limits.api_key}", "key.",
+            _share(limits.key_requests_per_minute, divisor), None,
+            _spread(None, limits.key_tokens_per_day, limits.key_tokens_per_month, divisor,
+                    now, timezone),
+        ))  # fmt: skip
+    if limits.team is not None:
+        levels.append(_Level(
+            f"t:{limits.team}", "team.", _share(limits.team_requests_per_minute, divisor),
+            _share(limits.team_max_concurrent_requests, divisor),
+            _spread(None, limits.team_tokens_per_day, limits.team_tokens_per_month, divisor,
+                    now, timezone),
+        ))  # fmt: skip
+    return levels
 
 
 class FallbackLimiter:
@@ -84,31 +139,45 @@ class FallbackLimiter:
         self._lock = threading.Lock()
 
     def admit(self, user_id: str, limits: Limits, estimate: Estimate) -> str | None:
-        """None if admitted (and counted), else the name of the local limit that refused."""
-        rpm = _share(limits.requests_per_minute, self.divisor)
-        tpm = token_share(limits, self.divisor, self.wall_clock(), self.timezone)
-        concurrent = _share(limits.max_concurrent_requests, self.divisor)
+        """None if admitted (and counted at every level), else the name of the local
+        limit that refused (``key.``/``team.`` before a key's or a team's)."""
+        levels = _levels(user_id, limits, self.divisor, self.wall_clock(), self.timezone)
         cost = estimate.base_tokens
         now = self.clock()
         with self._lock:
-            window = self._windows[user_id]
-            while window and window[0][0] <= now - 60:
-                window.popleft()
-            if rpm is not None and len(window) + 1 > rpm:
-                return "requests_per_minute"
-            if concurrent is not None and self._in_flight[user_id] + 1 > concurrent:
-                return "max_concurrent_requests"
-            used = sum(t for _, t in window)
-            if tpm is not None and used + cost > tpm and used > 0:  # the floor: one call
-                return "tokens_per_minute"
-            window.append((now, cost))
-            self._in_flight[user_id] += 1
+            for level in levels:
+                refused = self._refusal(level, cost, now)
+                if refused is not None:
+                    return level.label + refused
+            for level in levels:
+                self._windows[level.window].append((now, cost))
+                self._in_flight[level.window] += 1
         return None
 
-    def done(self, user_id: str) -> None:
+    def _refusal(self, level: _Level, cost: int, now: float) -> str | None:
+        window = self._windows[level.window]
+        while window and window[0][0] <= now - 60:
+            window.popleft()
+        if level.rpm is not None and len(window) + 1 > level.rpm:
+            return "requests_per_minute"
+        if level.concurrent is not None and self._in_flight[level.window] + 1 > level.concurrent:
+            return "max_concurrent_requests"
+        used = sum(t for _, t in window)
+        if level.tpm is not None and used + cost > level.tpm and used > 0:  # the floor
+            return "tokens_per_minute"
+        return None
+
+    def done(self, user_id: str, api_key: str | None = None, team: str | None = None) -> None:
+        """A blind call ended: free its concurrency slot at every level it took one."""
+        names = [user_id]
+        if api_key is not None:
+            names.append(f"k:{user_id}:{api_key}")
+        if team is not None:
+            names.append(f"t:{team}")
         with self._lock:
-            if self._in_flight.get(user_id, 0) > 0:
-                self._in_flight[user_id] -= 1
+            for name in names:
+                if self._in_flight.get(name, 0) > 0:
+                    self._in_flight[name] -= 1
 
 
 class OutageJournal:

@@ -151,7 +151,7 @@ class Outage:
     def blind_call_ended(self, reservation: Reservation) -> None:
         """Settle or release of a blind reservation: free its fallback concurrency slot."""
         if reservation.unmetered:
-            self.limiter.done(reservation.user_id)
+            self.limiter.done(reservation.user_id, reservation.api_key, reservation.team)
 
     # -- the journal --------------------------------------------------------------------
 

@@ -129,3 +129,28 @@ def test_journal_is_bounded():
     for n in range(5):
         journal.record(n, ActualUsage(1, 1))
     assert len(journal) == 2 and journal.dropped == 3
+
+
+def test_a_blind_call_passes_the_keys_and_the_teams_limits_too():
+    """During an outage the key's and the team's limits hold as the user's do, per
+    process: a member refused by the team's share is refused for every member, and a
+    refusal at one level counts the call at none."""
+    tick = Tick()
+    limiter = FallbackLimiter(divisor=1, clock=tick, wall_clock=lambda: NOON)
+    key = Limits(api_key="7", key_requests_per_minute=2)
+    assert [limiter.admit("1", key, estimate(1, 1)) for _ in range(3)] == [
+        None, None, "key.requests_per_minute",
+    ]  # fmt: skip
+    assert limiter.admit("1", Limits(api_key="8"), estimate(1, 1)) is None  # another key
+    team = Limits(team="3", team_max_concurrent_requests=2, requests_per_minute=100)
+    assert limiter.admit("1", team, estimate(1, 1)) is None
+    assert limiter.admit("2", team, estimate(1, 1)) is None
+    assert limiter.admit("3", team, estimate(1, 1)) == "team.max_concurrent_requests"
+    limiter.done("2", team="3")
+    assert limiter.admit("3", team, estimate(1, 1)) is None
+    # The team's month spread over the minutes left (5,040 at NOON): one call, then the
+    # floor; user 4's own window was not charged by the refusal.
+    month = Limits(team="9", team_tokens_per_month=5_040 * 100)
+    assert limiter.admit("4", month, estimate(50, 40)) is None
+    assert limiter.admit("5", month, estimate(50, 40)) == "team.tokens_per_minute"
+    assert limiter.admit("5", Limits(), estimate(50, 40)) is None
