@@ -932,7 +932,7 @@ def _reset_keys(ledger: Any, user_id: Any, period: date) -> str:
         return ""
     before = ledger.reset_keys(user_id, [k.pk for k in api_keys])
     ApiKeyUsageSnapshot.objects.filter(api_key__in=api_keys, period=period).update(
-        requests=0, input_tokens=0, output_tokens=0, base_tokens=0
+        requests=0, input_tokens=0, output_tokens=0, base_tokens=0, day_base_tokens=0
     )
     spent = ", ".join(f"{k.prefix}: {n:,}" for k, n in zip(api_keys, before, strict=True) if n)
     return f" API keys reset with it ({spent or 'none had usage'})."
@@ -1294,7 +1294,7 @@ class TeamAdmin(admin.ModelAdmin):
             )
             TeamUsageSnapshot.objects.filter(pk=row.pk).update(
                 requests=0, input_tokens=0, output_tokens=0, base_tokens=0,
-                by_member={}, by_model={},
+                by_member={}, by_model={}, day_base_tokens=0,
             )  # fmt: skip
         self.log_change(
             request, team, f"Reset the team's usage of {period:%B %Y} "
