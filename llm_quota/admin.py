@@ -1086,7 +1086,10 @@ from llm_quota.reporting.key_usage import key_usage_report  # noqa: E402
 
 class ApiKeyUsageInline(admin.TabularInline):
     model = ApiKeyUsageSnapshot
-    fields = ("period", "requests", "input_tokens", "output_tokens", "base_tokens", "updated_at")
+    fields = (
+        "period", "requests", "input_tokens", "output_tokens", "base_tokens", "day",
+        "day_base_tokens", "updated_at",
+    )  # fmt: skip
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -1356,7 +1359,8 @@ class TeamAdmin(admin.ModelAdmin):
 class TeamUsageSnapshotAdmin(admin.ModelAdmin):
     """Teams' months as the snapshot task copied them: read-only, like users'."""
 
-    list_display = ("team", "month", "requests", "base_tokens", "updated_at")
+    list_display = ("team", "month", "requests", "base_tokens", "day", "day_base_tokens",
+                    "updated_at")  # fmt: skip
     list_select_related = ("team",)
     search_fields = ("team__slug", "team__name")
     date_hierarchy = "period"
