@@ -47,6 +47,7 @@ from llm_quota.ledger.replies import UserUsage
 from llm_quota.models import (
     LIMIT_FIELDS,
     UNLIMITED,
+    DaySnapshot,
     ModelPrice,
     QuotaUser,
     Tier,
@@ -59,6 +60,7 @@ from llm_quota.reporting.bars import usage_bar
 from llm_quota.reporting.cost import cost_usd
 from llm_quota.reporting.snapshot import last_run, snapshot_users
 from llm_quota.reporting.snapshot_csv import csv_rows
+from llm_quota.reporting.snapshot_days import day_date
 from llm_quota.rules.periods import add_months, first_day
 from llm_quota.rules.policy import default_tier, limits_in_effect
 
@@ -887,6 +889,11 @@ class UserQuotaAdmin(_LiveUsageColumns, admin.ModelAdmin):
             for row in rows.order_by("model")
         )
         rows.update(requests=0, input_tokens=0, output_tokens=0, base_tokens=0)
+        # The day too: a Redis loss before the user's next snapshot must not restore the
+        # day that was forgiven.
+        DaySnapshot.objects.filter(user_id=quota.user_id, day=day_date(reset.day)).update(
+            base_tokens=0
+        )
         self.log_change(
             request, quota, f"Reset the usage of {period:%B %Y} "
             f"({reset.tokens_before:,} base tokens): {forgiven or 'nothing settled'}."
