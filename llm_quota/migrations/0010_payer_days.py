@@ -4,30 +4,47 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('llm_quota', '0009_team_usage_snapshot'),
+        ("llm_quota", "0009_team_usage_snapshot"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='apikeyusagesnapshot',
-            name='day',
-            field=models.DateField(blank=True, help_text="The month's latest day whose counter the snapshot copied.", null=True, verbose_name='day'),
+            model_name="apikeyusagesnapshot",
+            name="day",
+            field=models.DateField(
+                blank=True,
+                help_text="The month's latest day whose counter the snapshot copied.",
+                null=True,
+                verbose_name="day",
+            ),
         ),
         migrations.AddField(
-            model_name='apikeyusagesnapshot',
-            name='day_base_tokens',
-            field=models.PositiveBigIntegerField(default=0, help_text="That day's counter: settled usage plus the estimates of calls in flight. It comes back into Redis after a loss if the day is still today.", verbose_name='base tokens of the day'),
+            model_name="apikeyusagesnapshot",
+            name="day_base_tokens",
+            field=models.PositiveBigIntegerField(
+                default=0,
+                help_text="That day's counter: settled usage plus the estimates of calls in flight. It comes back into Redis after a loss if the day is still today.",
+                verbose_name="base tokens of the day",
+            ),
         ),
         migrations.AddField(
-            model_name='teamusagesnapshot',
-            name='day',
-            field=models.DateField(blank=True, help_text="The month's latest day whose counter the snapshot copied.", null=True, verbose_name='day'),
+            model_name="teamusagesnapshot",
+            name="day",
+            field=models.DateField(
+                blank=True,
+                help_text="The month's latest day whose counter the snapshot copied.",
+                null=True,
+                verbose_name="day",
+            ),
         ),
         migrations.AddField(
-            model_name='teamusagesnapshot',
-            name='day_base_tokens',
-            field=models.PositiveBigIntegerField(default=0, help_text="That day's counter: settled usage plus the estimates of calls in flight. It comes back into Redis after a loss if the day is still today.", verbose_name='base tokens of the day'),
+            model_name="teamusagesnapshot",
+            name="day_base_tokens",
+            field=models.PositiveBigIntegerField(
+                default=0,
+                help_text="That day's counter: settled usage plus the estimates of calls in flight. It comes back into Redis after a loss if the day is still today.",
+                verbose_name="base tokens of the day",
+            ),
         ),
     ]
