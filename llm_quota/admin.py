@@ -47,6 +47,7 @@ from llm_quota.ledger.replies import UserUsage
 from llm_quota.models import (
     LIMIT_FIELDS,
     UNLIMITED,
+    DaySnapshot,
     ModelPrice,
     QuotaUser,
     Tier,
@@ -59,6 +60,7 @@ from llm_quota.reporting.bars import usage_bar
 from llm_quota.reporting.cost import cost_usd
 from llm_quota.reporting.snapshot import last_run, snapshot_users
 from llm_quota.reporting.snapshot_csv import csv_rows
+from llm_quota.reporting.snapshot_days import day_date
 from llm_quota.rules.periods import add_months, first_day
 from llm_quota.rules.policy import default_tier, limits_in_effect
 
@@ -887,6 +889,11 @@ class UserQuotaAdmin(_LiveUsageColumns, admin.ModelAdmin):
             for row in rows.order_by("model")
         )
         rows.update(requests=0, input_tokens=0, output_tokens=0, base_tokens=0)
+        # The day too: a Redis loss before the user's next snapshot must not restore the
+        # day that was forgiven.
+        DaySnapshot.objects.filter(user_id=quota.user_id, day=day_date(reset.day)).update(
+            base_tokens=0
+        )
         self.log_change(
             request, quota, f"Reset the usage of {period:%B %Y} "
             f"({reset.tokens_before:,} base tokens): {forgiven or 'nothing settled'}."
@@ -932,7 +939,7 @@ def _reset_keys(ledger: Any, user_id: Any, period: date) -> str:
         return ""
     before = ledger.reset_keys(user_id, [k.pk for k in api_keys])
     ApiKeyUsageSnapshot.objects.filter(api_key__in=api_keys, period=period).update(
-        requests=0, input_tokens=0, output_tokens=0, base_tokens=0
+        requests=0, input_tokens=0, output_tokens=0, base_tokens=0, day_base_tokens=0
     )
     spent = ", ".join(f"{k.prefix}: {n:,}" for k, n in zip(api_keys, before, strict=True) if n)
     return f" API keys reset with it ({spent or 'none had usage'})."
@@ -1086,7 +1093,10 @@ from llm_quota.reporting.key_usage import key_usage_report  # noqa: E402
 
 class ApiKeyUsageInline(admin.TabularInline):
     model = ApiKeyUsageSnapshot
-    fields = ("period", "requests", "input_tokens", "output_tokens", "base_tokens", "updated_at")
+    fields = (
+        "period", "requests", "input_tokens", "output_tokens", "base_tokens", "day",
+        "day_base_tokens", "updated_at",
+    )  # fmt: skip
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -1294,7 +1304,7 @@ class TeamAdmin(admin.ModelAdmin):
             )
             TeamUsageSnapshot.objects.filter(pk=row.pk).update(
                 requests=0, input_tokens=0, output_tokens=0, base_tokens=0,
-                by_member={}, by_model={},
+                by_member={}, by_model={}, day_base_tokens=0,
             )  # fmt: skip
         self.log_change(
             request, team, f"Reset the team's usage of {period:%B %Y} "
@@ -1356,7 +1366,8 @@ class TeamAdmin(admin.ModelAdmin):
 class TeamUsageSnapshotAdmin(admin.ModelAdmin):
     """Teams' months as the snapshot task copied them: read-only, like users'."""
 
-    list_display = ("team", "month", "requests", "base_tokens", "updated_at")
+    list_display = ("team", "month", "requests", "base_tokens", "day", "day_base_tokens",
+                    "updated_at")  # fmt: skip
     list_select_related = ("team",)
     search_fields = ("team__slug", "team__name")
     date_hierarchy = "period"

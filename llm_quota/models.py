@@ -489,8 +489,19 @@ class ApiKey(models.Model):
         return key
 
 
+#: The day columns of the key and team month snapshots.
+DAY_HELP = _("The month's latest day whose counter the snapshot copied.")
+DAY_TOKENS_HELP = _(
+    "That day's counter: settled usage plus the estimates of calls in flight. It comes "
+    "back into Redis after a loss if the day is still today."
+)
+
+
 class ApiKeyUsageSnapshot(models.Model):
-    """An API key's usage of one month, copied from Redis by the snapshot task."""
+    """An API key's usage of one month, copied from Redis by the snapshot task, with
+    the day counter of the month's latest day the task copied (``day``,
+    ``day_base_tokens``): a Redis that lost its data gets the key's day back too, and
+    one row per key and month is all a run writes."""
 
     api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="snapshots")
     period = models.DateField(_("period"), help_text=_("First day of the month."))
@@ -498,6 +509,10 @@ class ApiKeyUsageSnapshot(models.Model):
     input_tokens = models.PositiveBigIntegerField(default=0)
     output_tokens = models.PositiveBigIntegerField(default=0)
     base_tokens = models.PositiveBigIntegerField(default=0)
+    day = models.DateField(_("day"), null=True, blank=True, help_text=DAY_HELP)
+    day_base_tokens = models.PositiveBigIntegerField(
+        _("base tokens of the day"), default=0, help_text=DAY_TOKENS_HELP
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -545,7 +560,8 @@ class TeamUsageSnapshot(models.Model):
     team's month comes back from after Redis lost it (``ledger/team_restore.py``).
     ``by_member`` and ``by_model`` map a user id or a model name to its ``requests``,
     ``input_tokens``, ``output_tokens`` and ``base_tokens``: one row per team and month,
-    however many members, and the admin's chart reads them."""
+    however many members, and the admin's chart reads them. ``day`` and
+    ``day_base_tokens`` hold the team's day counter, as on ``ApiKeyUsageSnapshot``."""
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="snapshots")
     period = models.DateField(_("period"), help_text=_("First day of the month."))
@@ -555,6 +571,10 @@ class TeamUsageSnapshot(models.Model):
     base_tokens = models.PositiveBigIntegerField(default=0)
     by_member = models.JSONField(_("by member"), default=dict, blank=True)
     by_model = models.JSONField(_("by model"), default=dict, blank=True)
+    day = models.DateField(_("day"), null=True, blank=True, help_text=DAY_HELP)
+    day_base_tokens = models.PositiveBigIntegerField(
+        _("base tokens of the day"), default=0, help_text=DAY_TOKENS_HELP
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

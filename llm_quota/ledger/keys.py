@@ -163,6 +163,14 @@ class KeySpace:
         """HASH of the team's settled month: totals, ``|u:<uid>``, ``|m:<model>``."""
         return f"{self.team(team_id)}:n:{month}"
 
+    def team_day(self, team_id: Any, day: str) -> str:
+        """The team's day counter (settled plus reserved base tokens)."""
+        return f"{self.team(team_id)}:d:{day}"
+
+    def api_key_day(self, uid: Any, key_id: Any, day: str) -> str:
+        """An API key's day counter (settled plus reserved base tokens)."""
+        return f"{self.api_key(uid, key_id)}:d:{day}"
+
     def global_(self) -> str:
         return f"{self.prefix}:{{g}}"
 

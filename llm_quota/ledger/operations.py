@@ -29,8 +29,9 @@ class LedgerOperations:
     ``clock`` pins time (seconds since the epoch) for tests and replays; without it the
     scripts use Redis' own clock. ``restore`` returns a user's month from the database
     when Redis has lost it (``(base_tokens, [ModelUsage, ...])``), ``restore_keys`` the
-    months of that user's API keys (``[(key id, ModelUsage), ...]``), ``restore_teams`` a
-    team's month (a ``TeamMonth``, or None). ``cluster`` defaults
+    months of that user's API keys (``[(key id, KeyMonth), ...]``), ``restore_teams`` a
+    team's month (a ``TeamMonth``, or None); a ``KeyMonth`` or ``TeamMonth`` whose
+    ``day`` is today brings the day counter back too. ``cluster`` defaults
     to whether ``client`` is a ``RedisCluster``.
     """
 

@@ -664,19 +664,26 @@ class LedgerOps:
         return True
 
     def _restore_keys(self, uid: str, month: str) -> Plan[None]:
-        """The user's API keys' months, after the user's own restore (which ran once per
-        loss, so these are added once): one script per key that has any."""
+        """The user's API keys' days and months, after the user's own restore (which ran
+        once per loss, so these are added once): one script per key that has any."""
+        now_arg, local_now = self.now_arg()
+        today, _ = day_and_month(local_now, self.timezone)
         per_key: dict[int, list[Any]] = {}
+        day_totals: dict[int, int] = {}
         for period in (month, previous_month(month)):
             for key_id, row in (yield LoadMonth(uid, period, api_keys=True)):
                 per_key.setdefault(key_id, []).extend((
                     period, month_end_ms(period, self.timezone), row.base_tokens,
                     row.requests, row.input_tokens, row.output_tokens,
                 ))  # fmt: skip
-        now_arg = self.now_arg()[0]
+                if row.day == today:  # the day comes back with its month
+                    day_totals[key_id] = int(row.day_base_tokens)
+        day_args = (today, day_end_ms(today, self.timezone))
         for key_id, groups in per_key.items():
             yield ScriptCall(
-                "key_restore", (self.keyspace.api_key(uid, key_id),), (now_arg, *groups)
+                "key_restore",
+                (self.keyspace.api_key(uid, key_id),),
+                (now_arg, *day_args, day_totals.get(key_id, 0), *groups),
             )
 
     def restore_global(self, month: str) -> Plan[bool]:
@@ -699,13 +706,17 @@ class LedgerOps:
     def restore_team(self, team: Any, month: str) -> Plan[bool]:
         """Add the database's record of a team's ``month`` (and the month before) back,
         once per loss (``team_restore.lua``): its total, by member and by model, in the
-        fields settle keeps (``_team_suffixes``)."""
-        args: list[Any] = [self.now_arg()[0]]
+        fields settle keeps (``_team_suffixes``), and its day if that is still today."""
+        now_arg, local_now = self.now_arg()
+        today, _ = day_and_month(local_now, self.timezone)
+        args: list[Any] = [now_arg, today, day_end_ms(today, self.timezone), 0]
         for period in (month, previous_month(month)):
             snapshot = yield LoadTeamMonth(keys.api_key_id(team), period)
             pairs: list[Any] = []
             total = 0
             if snapshot is not None:
+                if snapshot.day == today:  # the day comes back with its month
+                    args[3] = int(snapshot.day_base_tokens)
                 total = snapshot.total.base_tokens
                 parts = [("", snapshot.total)]
                 parts += [(f"|u:{keys.user_id(m.user_id)}", m) for m in snapshot.by_member]

@@ -213,6 +213,23 @@ class TeamMonth:
     total: ModelUsage
     by_member: list[MemberUsage] = field(default_factory=list)
     by_model: list[ModelUsage] = field(default_factory=list)
+    #: The month's latest day the snapshot copied (``YYYYMMDD``, ``""``: none) and that
+    #: day's counter: it comes back too if it is still today.
+    day: str = ""
+    day_base_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class KeyMonth:
+    """An API key's month as the database last saw it (``ApiKeyUsageSnapshot``), with its
+    latest copied day as ``TeamMonth`` has it: what comes back into Redis after a loss."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    base_tokens: int = 0
+    day: str = ""
+    day_base_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from llm_quota.ledger.replies import ModelUsage
-from llm_quota.rules.periods import add_months, first_day
+from llm_quota.ledger.replies import KeyMonth, ModelUsage
+from llm_quota.rules.periods import add_months, day_id, first_day
 
 #: The user id that asks for everyone's usage together: the global caps' counters.
 EVERYONE = ""
@@ -44,7 +44,7 @@ def month_from_snapshots(user_id: str, month: str) -> Restored:
         if last is None:
             return Restored(total, [])
         day_total = days.filter(day=last).aggregate(n=Sum("base_tokens"))["n"] or 0
-        return Restored(total, [], last.strftime("%Y%m%d"), day_total)
+        return Restored(total, [], day_id(last), day_total)
     rows = [
         ModelUsage(
             model=row.model,
@@ -59,26 +59,28 @@ def month_from_snapshots(user_id: str, month: str) -> Restored:
     return Restored(
         sum(row.base_tokens for row in rows),
         rows,
-        day.day.strftime("%Y%m%d") if day else "",
+        day_id(day.day) if day else "",
         day.base_tokens if day else 0,
     )
 
 
-def key_months_from_snapshots(user_id: str, month: str) -> list[tuple[int, ModelUsage]]:
-    """The month of each of the user's API keys (``ApiKeyUsageSnapshot``): a key's
-    budget must not start again from zero because Redis lost its counters."""
+def key_months_from_snapshots(user_id: str, month: str) -> list[tuple[int, KeyMonth]]:
+    """The month of each of the user's API keys (``ApiKeyUsageSnapshot``), with its
+    latest copied day: a key's budgets must not start again from zero because Redis
+    lost its counters."""
     from llm_quota.models import ApiKeyUsageSnapshot
 
     rows = ApiKeyUsageSnapshot.objects.filter(api_key__user_id=user_id, period=first_day(month))
     return [
         (
             row.api_key_id,
-            ModelUsage(
-                model="",
+            KeyMonth(
                 requests=row.requests,
                 input_tokens=row.input_tokens,
                 output_tokens=row.output_tokens,
                 base_tokens=row.base_tokens,
+                day=day_id(row.day),
+                day_base_tokens=row.day_base_tokens,
             ),
         )
         for row in rows

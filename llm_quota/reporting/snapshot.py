@@ -218,8 +218,8 @@ def snapshot_usage(
                 report.tick()
             run.per_month[month] = run.rows_written - before
             lost[month] = (pending, skipped)
-            run.keys += snapshot_keys(ledger, month, since_ms=plan.since_ms)
-            run.teams += snapshot_teams(ledger, month)
+            run.keys += snapshot_keys(ledger, month, since_ms=plan.since_ms, day=day)
+            run.teams += snapshot_teams(ledger, month, day=day)
             lock.reacquire()
         run.finished_ms = ledger.now_ms()
         _remember_lost(ledger, lost)

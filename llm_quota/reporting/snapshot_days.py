@@ -1,4 +1,6 @@
 """Write ``DaySnapshot`` rows: each active user's day counter, beside the month rows.
+(A key's and a team's day are two columns of their month row instead: one row per
+payer and month is all a run writes for them; see ``DAY_FIELDS``.)
 
 One row per user and day, few per batch: the ORM's upsert is cheap enough here (the
 month rows, many per user, have the raw SQL of ``snapshot_sql``). Values are absolute
@@ -13,6 +15,11 @@ from typing import Any
 from django.utils import timezone
 
 from llm_quota.models import DaySnapshot
+
+#: The day columns of the key and team month rows (``ApiKeyUsageSnapshot``,
+#: ``TeamUsageSnapshot``): written by a run's current month only, so the month just
+#: closed keeps its last day.
+DAY_FIELDS = ("day", "day_base_tokens")
 
 
 def day_date(day: str) -> date:

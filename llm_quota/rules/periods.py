@@ -66,6 +66,11 @@ def day_end_ms(day: str, tz_name: str) -> int:
     return int(datetime(nxt.year, nxt.month, nxt.day, tzinfo=ZoneInfo(tz_name)).timestamp() * 1000)
 
 
+def day_id(day: date | None) -> str:
+    """A stored date as the ledger names days (``YYYYMMDD``); ``""`` for none."""
+    return "" if day is None else day.strftime("%Y%m%d")
+
+
 def previous_month(month: str) -> str:
     return add_months(first_day(month), -1).strftime("%Y%m")
 

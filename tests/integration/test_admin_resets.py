@@ -13,7 +13,14 @@ from django.test import Client
 from django.urls import reverse
 
 from llm_quota import quota_guard
-from llm_quota.models import ApiKeyUsageSnapshot, Team, TeamMembership, TeamUsageSnapshot, UserQuota
+from llm_quota.models import (
+    ApiKeyUsageSnapshot,
+    DaySnapshot,
+    Team,
+    TeamMembership,
+    TeamUsageSnapshot,
+    UserQuota,
+)
 from llm_quota.reporting.snapshot import snapshot_usage
 from tests.support import factories
 from tests.support.api_keys import api_key
@@ -52,7 +59,9 @@ def test_a_users_reset_resets_their_keys_so_a_key_budget_no_longer_refuses(
     refused = chat(plaintext)
     assert refused.status_code == 429 and "key.tokens_per_month" in refused.content.decode()
     snapshot_usage(ledger=ledger)
-    assert ApiKeyUsageSnapshot.objects.get(api_key=key).base_tokens > 0
+    row = ApiKeyUsageSnapshot.objects.get(api_key=key)
+    assert row.base_tokens > 0 and row.day_base_tokens > 0
+    assert DaySnapshot.objects.get(user=alice).base_tokens > 0
     quota = UserQuota.objects.get(user=alice)
 
     admin_client.post(
@@ -61,7 +70,10 @@ def test_a_users_reset_resets_their_keys_so_a_key_budget_no_longer_refuses(
     )
 
     assert ledger.key_usage(alice.pk, key.pk).tokens_this_month == 0
-    assert ApiKeyUsageSnapshot.objects.get(api_key=key).base_tokens == 0
+    row = ApiKeyUsageSnapshot.objects.get(api_key=key)
+    # The day is forgiven in the database too: a Redis loss must not bring it back.
+    assert (row.base_tokens, row.day_base_tokens) == (0, 0)
+    assert DaySnapshot.objects.get(user=alice).base_tokens == 0
     assert chat(plaintext).status_code == 200
     entry = LogEntry.objects.get(object_id=str(quota.pk))
     assert f"API keys reset with it ({key.prefix}: " in entry.get_change_message()
@@ -91,7 +103,7 @@ def test_a_team_reset_asks_first_then_records_and_forgives_the_teams_month(
     assert (usage.tokens_this_month, usage.by_member) == (0, [])
     assert ledger.usage(alice.pk).tokens_this_month == 550  # the member's own spend stays
     row = TeamUsageSnapshot.objects.get(team=team)
-    assert (row.base_tokens, row.by_member) == (0, {})
+    assert (row.base_tokens, row.by_member, row.day_base_tokens) == (0, {}, 0)
     entry = LogEntry.objects.get(object_id=str(team.pk))
     assert "2 requests, 550 base tokens" in entry.get_change_message()
     snapshot_usage(ledger=ledger)  # the reset holds through the next run

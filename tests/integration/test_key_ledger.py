@@ -3,6 +3,9 @@ script step as its user's, settled, released and expired with them (real Redis).
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
+from llm_quota.ledger.replies import KeyMonth
 from llm_quota.rules.accounting import ActualUsage, Limits
 from tests.support.factories import estimate
 
@@ -68,6 +71,47 @@ def test_a_key_clamps_the_output_to_its_budget(ledger):
     decision = ledger.reserve(1, _with_key(key_tokens_per_day=300), estimate(100, 1000))
     assert decision.allowed and decision.reservation.max_tokens == 200
     assert decision.tokens_limit == 300 and decision.tokens_remaining == 0
+
+
+def _day_before(day: str) -> str:
+    return (datetime.strptime(day, "%Y%m%d") - timedelta(days=1)).strftime("%Y%m%d")
+
+
+def test_a_lost_keys_day_comes_back_with_its_user_once(ledger):
+    """Redis lost the key's counters (issue 17): its day as the snapshot holds it is
+    added back with its user's restore, once, before the next decision, so the key's
+    day budget is not handed out a second time."""
+    today, month = ledger.periods()
+    asked = []
+
+    def from_snapshot(uid, period):
+        asked.append((uid, period))
+        if period != month:
+            return []
+        return [(7, KeyMonth(requests=3, base_tokens=900, day=today, day_base_tokens=800))]
+
+    ledger.restore_keys_source = from_snapshot
+    limits = _with_key(key_tokens_per_day=1000)
+    refused = ledger.reserve(1, limits, estimate(150, 100), clamp=False)  # 250 > 200 left
+    assert not refused.allowed and refused.limit == "key.tokens_per_day"
+    assert ledger.reserve(1, limits, estimate(100, 100), clamp=False).allowed  # 200 fits
+    assert len(asked) == 2  # this month and the one before, once
+    key = ledger.key_usage(1, "7")
+    assert (key.tokens_today, key.tokens_this_month, key.requests) == (1000, 1100, 3)
+
+
+def test_a_keys_day_that_is_over_is_not_restored(ledger):
+    """The snapshot's day was yesterday: the month comes back, the day starts afresh."""
+    today, month = ledger.periods()
+    ledger.restore_keys_source = lambda uid, period: (
+        [(7, KeyMonth(base_tokens=900, day=_day_before(today), day_base_tokens=800))]
+        if period == month
+        else []
+    )
+    limits = _with_key(key_tokens_per_day=1000)
+    assert ledger.reserve(1, limits, estimate(500, 500), clamp=False).allowed  # all of today
+    key = ledger.key_usage(1, "7")
+    assert (key.tokens_today, key.tokens_this_month) == (1000, 1900)
 
 
 def test_a_keys_housekeeping_runs_when_its_dates_say_so(ledger, clock):

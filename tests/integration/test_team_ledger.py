@@ -4,6 +4,8 @@ version runs these very tests in tests/system/test_cluster_teams.py)."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 from llm_quota.ledger.replies import MemberUsage, ModelUsage, TeamMonth
 from llm_quota.rules.accounting import ActualUsage, Limits
 from tests.support.factories import estimate
@@ -124,3 +126,42 @@ def test_a_lost_teams_month_comes_back_once_before_the_next_decision(ledger):
     assert (team.tokens_this_month, team.reserved) == (1000, 100)
     assert [(m.user_id, m.base_tokens) for m in team.by_member] == [("1", 900)]
     assert ledger.usage(1).tokens_this_month == 0  # the member's own month is their own
+
+
+def test_a_lost_teams_day_comes_back_with_its_month_once(ledger):
+    """Redis lost the team's counters (issue 17): its day as the snapshot holds it is
+    added back once, before the next decision charged to the team (on a cluster, in the
+    team's own slot), so the team's day budget is not handed out a second time."""
+    today, month = ledger.periods()
+    asked = []
+
+    def from_snapshot(team, period):
+        asked.append(period)
+        if period != month:
+            return None
+        total = ModelUsage("", 3, 300, 600, 900)
+        return TeamMonth(total=total, day=today, day_base_tokens=800)
+
+    ledger.restore_teams_source = from_snapshot
+    limits = _team(team_tokens_per_day=1000)
+    refused = ledger.reserve(2, limits, estimate(150, 100), clamp=False)  # 250 > 200 left
+    assert not refused.allowed and refused.limit == "team.tokens_per_day"
+    assert ledger.reserve(2, limits, estimate(100, 100), clamp=False).allowed  # 200 fits
+    assert len(asked) == 2  # this month and the one before, once
+    team = ledger.team_usage("9")
+    assert (team.tokens_today, team.tokens_this_month) == (1000, 1100)
+
+
+def test_a_teams_day_that_is_over_is_not_restored(ledger):
+    """The snapshot's day was yesterday: the month comes back, the day starts afresh."""
+    today, month = ledger.periods()
+    yesterday = (datetime.strptime(today, "%Y%m%d") - timedelta(days=1)).strftime("%Y%m%d")
+    ledger.restore_teams_source = lambda team, period: (
+        TeamMonth(ModelUsage("", 3, 300, 600, 900), day=yesterday, day_base_tokens=800)
+        if period == month
+        else None
+    )
+    limits = _team(team_tokens_per_day=1000)
+    assert ledger.reserve(2, limits, estimate(500, 500), clamp=False).allowed  # all of today
+    team = ledger.team_usage("9")
+    assert (team.tokens_today, team.tokens_this_month) == (1000, 1900)

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -52,22 +52,52 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
-def free_port(low: int = 27100, high: int = 27199) -> int:
-    """A free loopback port in ``low..high``: for a machine whose users each keep their
-    private servers to a range of their own."""
-    for port in range(low, high + 1):
+#: The last port handed out from a range: the next search starts after it, so two
+#: servers made before either listens never get the same port.
+_last_given: dict[tuple[int, int], int] = {}
+
+
+def _test_range() -> tuple[int, int] | None:
+    """``LLMQ_TEST_PORTS`` ("27200-27249") as a range, or None when unset."""
+    first, _, last = os.environ.get("LLMQ_TEST_PORTS", "").partition("-")
+    return (int(first), int(last or first)) if first else None
+
+
+def _in_range(low: int, high: int) -> Iterator[int]:
+    """The free ports of ``low..high``, round robin from after the last one given."""
+    size = high - low + 1
+    start = _last_given.get((low, high), high) - low + 1
+    for step in range(size):
+        port = low + (start + step) % size
         if _port_is_free(port):
-            return port
+            _last_given[(low, high)] = port
+            yield port
+
+
+def free_port(low: int = 27100, high: int = 27199) -> int:
+    """A free loopback port in ``low..high`` (in ``LLMQ_TEST_PORTS`` when set): for a
+    machine whose users each keep their private servers to a range of their own."""
+    low, high = _test_range() or (low, high)
+    for port in _in_range(low, high):
+        return port
     raise RuntimeError(f"no free loopback port in {low}-{high}")
 
 
 def spare_ports(count: int, *, bus: bool = False) -> list[int]:
-    """Free loopback ports; with ``bus``, ones whose cluster-bus twin (+10000) is free too."""
+    """Free loopback ports; with ``bus``, ones whose cluster-bus twin (+10000) is free too.
+    The kernel picks them, unless ``LLMQ_TEST_PORTS`` gives a range (a shared machine)."""
     ports: list[int] = []
+    wanted = _test_range()
+    candidates = _in_range(*wanted) if wanted else None
     while len(ports) < count:
-        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        if candidates is not None:
+            port = next(candidates, 0)
+            if not port:
+                raise RuntimeError(f"not {count} free ports in LLMQ_TEST_PORTS")
+        else:
+            with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
         if port in ports:
             continue
         if bus and not (port + 10000 < 65536 and _port_is_free(port + 10000)):

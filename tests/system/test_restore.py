@@ -202,6 +202,75 @@ def test_a_keys_month_comes_back_with_its_user_and_still_refuses(
     assert ledger.usage(user.pk).tokens_this_month == 500
 
 
+def test_a_keys_day_comes_back_with_its_user_and_still_clamps(private_redis, quota_prefix, clock):
+    """Issue 17: a key that spent most of its day before the loss cannot spend the day
+    again: the next request is clamped to what was left, as before the loss."""
+    from llm_quota.exceptions import QuotaExceeded
+    from llm_quota.ledger.restore import key_months_from_snapshots
+    from llm_quota.models import ApiKeyUsageSnapshot
+    from llm_quota.rules.api_keys import find_key
+    from tests.support.api_keys import api_key
+
+    ledger = Ledger(
+        private_redis.client(), prefix=quota_prefix, clock=clock,
+        restore=month_from_snapshots, restore_keys=key_months_from_snapshots,
+    )  # fmt: skip
+    set_default_ledger(ledger)
+    factories.price("gpt-4o", "1", "4", default_max_output_tokens=100)
+    factories.tier("free", tokens_per_month=10_000, is_default=True)
+    user = factories.user()
+    key, plaintext = api_key(user, tokens_per_day=600)
+    credential = find_key(plaintext)
+
+    def ask_with_key(prompt=50, max_tokens=50):
+        with quota_guard(user, model="gpt-4o", prompt_tokens=prompt, max_tokens=max_tokens,
+                         api_key=credential) as q:  # fmt: skip
+            q.settle({"prompt_tokens": prompt, "completion_tokens": q.decision.max_tokens})
+            return q.decision
+
+    ask_with_key()
+    ask_with_key()  # 2 x 250 = 500 of the key's day of 600
+    snapshot_usage(ledger=ledger)
+    row = ApiKeyUsageSnapshot.objects.get(api_key=key)
+    assert (row.day, row.day_base_tokens) == (periods.now(clock).date(), 500)
+    ledger.client.flushall()
+
+    assert ask_with_key(prompt=20).max_tokens == 20  # 20 + 20 x 4 = the 100 left
+    with pytest.raises(QuotaExceeded) as refused:
+        ask_with_key()
+    assert refused.value.limit == "key.tokens_per_day"
+    restored = ledger.key_usage(user.pk, key.pk)
+    assert (restored.tokens_today, restored.tokens_this_month) == (600, 600)
+
+
+def test_a_lost_users_key_is_not_snapshotted_over_its_full_figures(
+    private_redis, quota_prefix, clock
+):
+    """A settle that reaches Redis after the loss, before any request restored the user,
+    leaves the key a partial month and day: the snapshot must not copy them."""
+    from llm_quota.ledger.restore import key_months_from_snapshots
+    from llm_quota.models import ApiKeyUsageSnapshot
+    from tests.support.api_keys import api_key
+
+    ledger = Ledger(
+        private_redis.client(), prefix=quota_prefix, clock=clock,
+        restore=month_from_snapshots, restore_keys=key_months_from_snapshots,
+    )  # fmt: skip
+    user = factories.user()
+    key, _ = api_key(user)
+    limits = Limits(tokens_per_month=10_000, api_key=str(key.pk))
+    first = ledger.reserve(user.pk, limits, factories.estimate(300, 0))
+    ledger.settle(first.reservation, ActualUsage(300, 0))
+    late = ledger.reserve(user.pk, limits, factories.estimate(7, 0))  # in flight at the loss
+    snapshot_usage(ledger=ledger)
+    ledger.client.flushall()
+
+    ledger.settle(late.reservation, ActualUsage(7, 0))
+    snapshot_usage(ledger=ledger)
+    row = ApiKeyUsageSnapshot.objects.get(api_key=key)
+    assert (row.base_tokens, row.requests, row.day_base_tokens) == (300, 1, 307)
+
+
 def test_the_day_and_the_global_counters_survive_a_flushall(
     tmp_path, quota_prefix, clock, settings
 ):

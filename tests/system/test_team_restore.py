@@ -5,6 +5,7 @@ shared Redis is never flushed)."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, time
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -19,7 +20,7 @@ from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.ledger.team_restore import team_month_from_snapshots
 from llm_quota.models import Team, TeamMembership, TeamUsageSnapshot
 from llm_quota.reporting.snapshot import snapshot_usage
-from tests.support import factories
+from tests.support import factories, periods
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
@@ -136,3 +137,59 @@ def test_the_async_ledger_restores_a_lost_team_too(team_world):
             await sync_to_async(connections.close_all)()
 
     assert asyncio.run(read()).tokens_this_month == 500
+
+
+def test_a_teams_day_survives_a_flush_and_refuses_the_next_request(team_world, clock):
+    """Issue 17: a team that spent most of its day before the loss cannot spend the day
+    again, though its month has plenty left."""
+    ledger, team, (alice, bob) = team_world
+    team.tokens_per_day, team.tokens_per_month = 1000, 10**6
+    team.save()
+    ask(alice, 100, 100, max_tokens=100)  # 500
+    ask(bob, 100, 75, max_tokens=100)  # 400: the team has used 900 of its day's 1000
+    snapshot_usage(ledger=ledger)
+    row = TeamUsageSnapshot.objects.get(team=team)
+    assert (row.day, row.day_base_tokens) == (periods.now(clock).date(), 900)
+
+    ledger.client.flushall()
+
+    with pytest.raises(BudgetExceeded) as refused:
+        ask(alice)  # 250 does not fit in the 100 left (nor clamped: 50 + 16 x 4 > 100)
+    assert refused.value.limit == "team.tokens_per_day"
+    clamped = ask(bob, 20, 20, max_tokens=50)  # 20 + 50 x 4 clamped to 20 + 20 x 4 = 100
+    assert clamped.decision.max_tokens == 20
+    usage = ledger.team_usage(team.pk)
+    assert (usage.tokens_today, usage.tokens_this_month) == (1000, 1000)
+
+
+def test_a_teams_day_that_is_over_does_not_come_back(team_world, clock):
+    """The snapshot's day is yesterday's once the clock passes midnight: after a loss
+    the team's month comes back, its day starts afresh (as a user's)."""
+    ledger, team, (alice, _) = team_world
+    team.tokens_per_day, team.tokens_per_month = 1000, 10**6
+    team.save()
+    periods.keep_room(clock, days=1)
+    ask(alice, 100, 200, max_tokens=200)  # 900 of the day
+    snapshot_usage(ledger=ledger)
+    clock.advance(86400)
+    ledger.client.flushall()
+
+    ask(alice, 100, 200, max_tokens=200)  # the new day's 1000 has room for 900 again
+    usage = ledger.team_usage(team.pk)
+    assert (usage.tokens_today, usage.tokens_this_month) == (900, 1800)
+
+
+def test_the_closed_months_row_keeps_its_last_day(team_world, clock):
+    """Only the current month's row takes today's counter: the month just closed keeps
+    the last day it was copied with."""
+    ledger, team, (alice, _) = team_world
+    ask(alice, 100, 100, max_tokens=100)
+    snapshot_usage(ledger=ledger)
+    last_day = periods.now(clock).date()
+    clock.set(datetime.combine(periods.next_month_start(clock), time(12), tzinfo=UTC))
+    ask(alice, 10, 0, max_tokens=10)
+    snapshot_usage(ledger=ledger)
+    rows = {r.period: r for r in TeamUsageSnapshot.objects.filter(team=team)}
+    closed, current = rows[periods.month_start(clock, back=1)], rows[periods.month_start(clock)]
+    assert (closed.day, closed.day_base_tokens, closed.base_tokens) == (last_day, 500, 500)
+    assert (current.day, current.day_base_tokens) == (periods.now(clock).date(), 10)

@@ -1,8 +1,11 @@
--- team_restore: bring back a team's months from the database after Redis lost them, once.
+-- team_restore: bring back a team's day and months from the database after Redis lost
+-- them, once.
+-- Time is in milliseconds in this script.
 -- KEYS[1] the team's base T (its own slot on a cluster).
--- ARGV: 1 now (0 = Redis' clock), then one group per month, the month the next
---       decision needs first: month, month end, base tokens of the month, n, then n
---       field/value items of T:n:<month> ("req", count, "base|u:<uid>", count, ...).
+-- ARGV: 1 now (0 = Redis' clock), 2 today, 3 its end, 4 its base tokens (0: the
+--       snapshot holds no figure for today), then one group per month, the month the
+--       next decision needs first: month, month end, base tokens of the month, n, then
+--       n field/value items of T:n:<month> ("req", count, "base|u:<uid>", count, ...).
 -- Returns 1 if restored, 0 if another request restored first.
 -- The just-closed month comes back too, as for users (restore.lua).
 
@@ -15,7 +18,15 @@ if redis.call('HSETNX', T .. ':s', 'seen', '1') == 0 then return 0 end
 redis.call('HSET', T .. ':s', 't', math.floor(now / 86400000))
 redis.call('PEXPIREAT', T .. ':s', now + STRUCT_TTL)
 
-local i = 2
+-- Step 1b: today's counter, added (not overwritten) like the months below, so the
+-- team's day budget is not handed out again. It expires with the day, as reserve's
+-- does; a day already over (the caller's guess of today was late) stays out.
+local day_end, day_total = tonumber(ARGV[3]), tonumber(ARGV[4])
+if day_total > 0 and day_end > now then
+  add_period(T .. ':d:' .. ARGV[2], day_total, day_end + DAY_GRACE)
+end
+
+local i = 5
 while i <= #ARGV do
   local month, month_end, total = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local n = tonumber(ARGV[i + 3])
