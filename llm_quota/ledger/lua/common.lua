@@ -534,16 +534,18 @@ end
 -- is due ("pdue", "zdue", kept as B:s keeps a user's), and the breaker's and minute's
 -- fields (burn.lua), so that no later step reads the hash again.
 -- Only the fields the payer uses are read: a small hash is searched field by field.
-local PAYER_DUE = {'pdue', 'zdue'}
-local PAYER_TEAM = {'seen', 't'}
-local PAYER_BURN = {'bz', 'bb', 'bp', 'bx', 'mm', 'mc', 'mp'}
+-- (The lists are built here, not as file-level constants: every script call runs this
+-- file, and a reserve without payers should not pay for them.)
 local function payer_state(p)
-  local names = {unpack(PAYER_DUE)}
+  local names = {'pdue', 'zdue'}
   if p.label == 'team.' then
-    for _, name in ipairs(PAYER_TEAM) do names[#names + 1] = name end
+    names[#names + 1] = 'seen'
+    names[#names + 1] = 't'
   end
   if p.mult >= 0 then
-    for _, name in ipairs(PAYER_BURN) do names[#names + 1] = name end
+    for _, name in ipairs({'bz', 'bb', 'bp', 'bx', 'mm', 'mc', 'mp'}) do
+      names[#names + 1] = name
+    end
   end
   local f = redis.call('HMGET', p.base .. ':s', unpack(names))
   p.state = {changed = {}}

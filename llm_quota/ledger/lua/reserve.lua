@@ -105,12 +105,17 @@ if oldest then window_reset = oldest + WINDOW - now end
 -- of every payer in one MGET.
 local requests = redis.call('ZCARD', B .. ':w')
 local inflight = redis.call('ZCARD', B .. ':p')
-local period_keys = {B .. ':d:' .. day, B .. ':m:' .. month}
-for _, p in ipairs(payers) do
-  period_keys[#period_keys + 1] = p.base .. ':d:' .. day
-  period_keys[#period_keys + 1] = p.base .. ':m:' .. month
+local periods
+if #payers == 0 then
+  periods = redis.call('MGET', B .. ':d:' .. day, B .. ':m:' .. month)
+else
+  local period_keys = {B .. ':d:' .. day, B .. ':m:' .. month}
+  for _, p in ipairs(payers) do
+    period_keys[#period_keys + 1] = p.base .. ':d:' .. day
+    period_keys[#period_keys + 1] = p.base .. ':m:' .. month
+  end
+  periods = redis.call('MGET', unpack(period_keys))
 end
-local periods = redis.call('MGET', unpack(period_keys))
 local used_day, used_month = num(periods[1]), num(periods[2])
 local g_day, g_month = 0, 0
 if use_global then g_day, g_month = share_used(G, day, month) end
