@@ -25,14 +25,15 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 import uuid
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from decimal import Decimal
+from typing import IO
 
 import httpx
 
-from tests.benchmarks.end_to_end import _bodies, _p, fire
+from tests.benchmarks.end_to_end import _bodies, _p, _post, fire
 from tests.benchmarks.measure import Table
 from tests.loadtest.harness import ROOT, _cleanup, wait_for_port
 from tests.support.ports import spare_port
@@ -97,10 +98,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def server(command: list[str], env: dict, port: int):
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+def server(command: list[str], env: dict, port: int, output: IO | None = None, timeout: float = 60):
+    """(pid, base url) of ``command`` listening on ``port`` within ``timeout`` s; its whole
+    process group is stopped on exit. ``output`` takes its stdout and stderr (a
+    banner-printing peer)."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=output, stderr=output)  # fmt: skip
     try:
-        wait_for_port(port, timeout=60)
+        wait_for_port(port, timeout=timeout)
         yield proc.pid, f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -124,18 +129,17 @@ def commands(port_sync: int, port_async: int) -> dict[str, list[str]]:
 
 
 def sequential(client: httpx.Client, tokens: list[str], bodies: list[dict], path: str) -> list:
-    times = []
-    for n, body in enumerate(bodies):
-        headers = {"Authorization": f"Bearer {tokens[n % len(tokens)]}"} if tokens else {}
-        start = time.perf_counter()
-        client.post(path, json=body, headers=headers).raise_for_status()
-        times.append(time.perf_counter() - start)
-    return times
+    """Seconds per call, one at a time on one connection (no tokens: the upstream)."""
+    return [
+        _post(client, path, tokens[n % len(tokens)] if tokens else None, body)
+        for n, body in enumerate(bodies)
+    ]
 
 
 @contextmanager
-def stack():
-    """(servers: name → (pid, url), tokens, upstream url), both servers up."""
+def environment(stack: ExitStack) -> Iterator[tuple[dict, list[str], str]]:
+    """(the servers' environment, tokens, upstream url): seeded users and a running fake
+    upstream, both gone (and the run's Redis keys) when ``stack`` closes."""
     from django.core.management import call_command
 
     import tests.support.fake_upstream as fake_upstream
@@ -147,9 +151,16 @@ def stack():
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", "DJANGO_DEBUG": "0",
            "LLM_QUOTA_KEY_PREFIX": prefix, "OPENAI_BASE_URL": upstream.url,
            "OPENAI_API_KEY": "bench"}  # fmt: skip
+    stack.callback(_cleanup, prefix)
+    stack.callback(upstream.stop)
+    yield env, tokens, upstream.url
+
+
+@contextmanager
+def stack():
+    """(servers: name → (pid, url), tokens, upstream url), both servers up."""
     with ExitStack() as stack:
-        stack.callback(_cleanup, prefix)
-        stack.callback(upstream.stop)
+        env, tokens, upstream_url = stack.enter_context(environment(stack))
         port_sync = spare_port()
         sync = stack.enter_context(server(commands(port_sync, 0)["sync"], env, port_sync))
         port_async = spare_port()
@@ -157,7 +168,7 @@ def stack():
         port_lean = spare_port()
         lean_env = {**env, "DJANGO_SETTINGS_MODULE": "tests.benchmarks.lean_settings"}
         lean = stack.enter_context(server(commands(0, port_lean)["async"], lean_env, port_lean))
-        yield {"sync": sync, "async": aio, "async, lean middleware": lean}, tokens, upstream.url
+        yield {"sync": sync, "async": aio, "async, lean middleware": lean}, tokens, upstream_url
 
 
 def run(table: Table) -> None:
@@ -170,7 +181,7 @@ def run(table: Table) -> None:
         for _pid, url in servers.values():  # warm both workers of each
             fire(url, PATH, tokens, bodies[:200], CONCURRENCY)
         for n in range(ROUNDS):
-            order = list(servers)[n % len(servers):] + list(servers)[: n % len(servers)]
+            order = list(servers)[n % len(servers) :] + list(servers)[: n % len(servers)]
             for name in order:
                 pid, url = servers[name]
                 with httpx.Client(base_url=url, timeout=60) as client:
