@@ -20,6 +20,8 @@ def main(argv: list[str]) -> int:
                         help="where results.md, results.json and litellm.log go")  # fmt: skip
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/pages/img/peers.svg",
                         help="the SVG to write ('-': none)")  # fmt: skip
+    parser.add_argument("--litellm-redis", metavar="REDIS_URL",
+                        help="also a LiteLLM whose counters live in this Redis")  # fmt: skip
     args = parser.parse_args(argv)
     setup()
     from tests.benchmarks.peers import bench
@@ -32,6 +34,7 @@ def main(argv: list[str]) -> int:
         long_stream=None if args.no_long else bench.long_streams,
         out=args.out,
         plot=None if str(args.plot) == "-" else args.plot,
+        litellm_redis=args.litellm_redis,
     )
     return 0
 

@@ -54,6 +54,7 @@ LONG_MODEL, CHUNK_EVERY = "up-long", 0.1
 DIRECT, SYNC, ASYNC, LITELLM = (
     "direct", "ours, gunicorn 2x8 threads", "ours, uvicorn 2 workers (async)", "LiteLLM proxy",
 )  # fmt: skip
+LITELLM_REDIS = "LiteLLM proxy, limits in Redis"
 KINDS = ("plain", "stream")
 
 
@@ -133,12 +134,17 @@ def litellm_command(port: int) -> list[str]:
             "--log_config", str(HERE / "log_config.json")]  # fmt: skip
 
 
-def litellm_env(upstream_url: str) -> dict[str, str]:
+def litellm_env(upstream_url: str, redis_url: str | None = None) -> dict[str, str]:
     """A clean environment: LiteLLM reads ``DATABASE_URL`` and would start Prisma, and
-    fetches its model price map from the network unless told to use its own copy."""
+    fetches its model price map from the network unless told to use its own copy. With
+    ``REDIS_URL`` its rpm/tpm counters are shared by its workers through that Redis (its
+    "coordination Redis"), as ours always are; without, each worker counts alone."""
     kept = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
-    return {**kept, "PEER_UPSTREAM_URL": upstream_url, "LITELLM_LOG": "ERROR",
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # fmt: skip
+    env = {**kept, "PEER_UPSTREAM_URL": upstream_url, "LITELLM_LOG": "ERROR",
+           "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # fmt: skip
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    return env
 
 
 def wait_until_answers(target: Target, timeout: float = 180) -> None:
@@ -169,8 +175,10 @@ def _seed_long_model() -> None:
 
 
 @contextmanager
-def targets(log: Path) -> Iterator[list[Target]]:
-    """The four targets, every server up and answering; all stopped on exit."""
+def targets(out: Path, litellm_redis: str | None = None) -> Iterator[list[Target]]:
+    """The four targets (five with ``litellm_redis``, a Redis URL for a second LiteLLM),
+    every server up and answering; all stopped on exit. LiteLLM's output goes to
+    ``out``/litellm*.log."""
     with ExitStack() as stack:
         env, tokens, upstream_url = stack.enter_context(environment(stack))
         _seed_long_model()
@@ -181,13 +189,17 @@ def targets(log: Path) -> Iterator[list[Target]]:
         port = spare_port()
         pid, url = stack.enter_context(server(commands(0, port)["async"], env, port))
         found.append(Target(ASYNC, url, PATH, tokens, pid))
-        port = spare_port()
-        output = stack.enter_context(open(log, "w"))
-        command, peer_env = litellm_command(port), litellm_env(upstream_url)
-        # LiteLLM imports for 30-90 s on this VM before it binds its port.
-        pid, url = stack.enter_context(server(command, peer_env, port, output, timeout=300))
         keys = [f"sk-bench-{n}" for n in range(len(tokens))]
-        found.append(Target(LITELLM, url, PATH, keys, pid))
+        peers = [(LITELLM, None, "litellm.log")]
+        if litellm_redis:
+            peers.append((LITELLM_REDIS, litellm_redis, "litellm-redis.log"))
+        for name, redis_url, log in peers:
+            port = spare_port()
+            output = stack.enter_context(open(out / log, "w"))
+            command, peer_env = litellm_command(port), litellm_env(upstream_url, redis_url)
+            # LiteLLM imports for 30-90 s on this VM before it binds its port.
+            pid, url = stack.enter_context(server(command, peer_env, port, output, timeout=300))
+            found.append(Target(name, url, PATH, keys, pid))
         for target in found:
             wait_until_answers(target)
         yield found
@@ -346,16 +358,16 @@ def versions() -> dict[str, str]:
     return found
 
 
-def run(sizes: Sizes, *, long_stream: LongStreams | None = long_streams,
-        out: Path, plot: Path | None) -> Report:  # fmt: skip
+def run(sizes: Sizes, *, long_stream: LongStreams | None = long_streams, out: Path,
+        plot: Path | None, litellm_redis: str | None = None) -> Report:  # fmt: skip
     """Measure every target and write ``out``/results.{md,json} and the plot."""
     report = Report(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine(), versions(),
                     [os.getloadavg()], sizes)  # fmt: skip
     print(f"peers bench, {report.started}; {report.machine}", flush=True)
     print("  " + ", ".join(f"{k} {v}" for k, v in report.versions.items()), flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    with targets(out / "litellm.log") as found:
-        print(f"  all four answer; load average {_load(os.getloadavg())}", flush=True)
+    with targets(out, litellm_redis) as found:
+        print(f"  all {len(found)} answer; load average {_load(os.getloadavg())}", flush=True)
         report.short = short_requests(found, sizes)
         report.load.append(os.getloadavg())
         if long_stream is not None:
