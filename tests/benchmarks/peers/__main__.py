@@ -1,9 +1,11 @@
-"""``python -m tests.benchmarks.peers [--quick] [--no-long]`` (``make bench-peers``)."""
+"""``python -m tests.benchmarks.peers [--quick] [--no-long] ...`` (``make bench-peers``;
+``--help`` lists the options)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tests.benchmarks.__main__ import setup
@@ -20,6 +22,8 @@ def main(argv: list[str]) -> int:
                         help="where results.md, results.json and litellm.log go")  # fmt: skip
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/pages/img/peers.svg",
                         help="the SVG to write ('-': none)")  # fmt: skip
+    parser.add_argument("--streams", type=int, help="long streams at once (100; quick 30)")
+    parser.add_argument("--stream-seconds", type=float, help="each long stream's length")
     parser.add_argument("--litellm-redis", metavar="REDIS_URL",
                         help="also a LiteLLM whose counters live in this Redis")  # fmt: skip
     args = parser.parse_args(argv)
@@ -29,8 +33,14 @@ def main(argv: list[str]) -> int:
     if not (bench.PEERS_VENV / "bin" / "litellm").exists():
         print(f"no LiteLLM in {bench.PEERS_VENV}: run `make bench-peers`", file=sys.stderr)
         return 2
+    sizes = bench.QUICK if args.quick else bench.FULL
+    sizes = replace(
+        sizes,
+        streams=args.streams or sizes.streams,
+        stream_seconds=args.stream_seconds or sizes.stream_seconds,
+    )
     bench.run(
-        bench.QUICK if args.quick else bench.FULL,
+        sizes,
         long_stream=None if args.no_long else bench.long_streams,
         out=args.out,
         plot=None if str(args.plot) == "-" else args.plot,
