@@ -128,10 +128,13 @@ def litellm_version() -> str:
 
 def litellm_command(port: int) -> list[str]:
     """As benchmarks.md describes it: 2 uvicorn workers (LiteLLM picks uvloop), the
-    config beside this file, uvicorn's access log off."""
+    config beside this file, uvicorn's access log off. uvicorn kills a worker that does
+    not answer its health-check ping within 5 s, and a LiteLLM worker still importing
+    on a busy 2-core VM can miss it: it was killed and respawned for 5 minutes."""
     return [str(PEERS_VENV / "bin" / "litellm"), "--config", str(HERE / "litellm_config.yaml"),
             "--host", "127.0.0.1", "--port", str(port), "--num_workers", "2",
-            "--log_config", str(HERE / "log_config.json")]  # fmt: skip
+            "--log_config", str(HERE / "log_config.json"),
+            "--timeout_worker_healthcheck", "300"]  # fmt: skip
 
 
 def litellm_env(upstream_url: str, redis_url: str | None = None) -> dict[str, str]:
@@ -197,9 +200,11 @@ def targets(out: Path, litellm_redis: str | None = None) -> Iterator[list[Target
             port = spare_port()
             output = stack.enter_context(open(out / log, "w"))
             command, peer_env = litellm_command(port), litellm_env(upstream_url, redis_url)
-            # LiteLLM imports for 30-90 s on this VM before it binds its port.
-            pid, url = stack.enter_context(server(command, peer_env, port, output, timeout=300))
+            # LiteLLM imports for 30-300 s on this shared VM before it binds its port, and
+            # two starting at once on 2 cores take longer still: one at a time.
+            pid, url = stack.enter_context(server(command, peer_env, port, output, timeout=600))
             found.append(Target(name, url, PATH, keys, pid))
+            wait_until_answers(found[-1], timeout=600)
         for target in found:
             wait_until_answers(target)
         yield found
