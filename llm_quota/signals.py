@@ -2,7 +2,8 @@
 
 from django.dispatch import Signal
 
-#: Sent when a request is refused. kwargs: user, limit, retry_after, error_type.
+#: Sent when a request is refused. kwargs: user, limit, retry_after, error_type, and
+#: the payers beside the user: api_key_id and team_id (None when there is none).
 quota_refused = Signal()
 
 #: Sent once per user, period and threshold when the month's settled usage crosses
@@ -13,8 +14,16 @@ soft_limit_crossed = Signal()
 
 #: Sent once per user, limit and period when a day, month or global budget first
 #: refuses a request (``quota_refused`` fires on every refusal).
-#: kwargs: user_id, limit, percent (100), period, retry_after, event.
+#: An API key's own budget alerts its owner the same way, once per key (limit
+#: "key.tokens_per_day" or "key.tokens_per_month", with api_key_id).
+#: kwargs: user_id, limit, percent (100), period, retry_after, event (api_key_id).
 budget_exhausted = Signal()
+
+#: Sent once per team, limit and period when the team's day or month budget first
+#: refuses a request (``quota_refused`` fires on every refusal). kwargs: team (slug),
+#: team_id, admins (user ids of the team's admins), limit ("team.tokens_per_day" or
+#: "team.tokens_per_month"), percent (100), period, retry_after, event.
+team_budget_exhausted = Signal()
 
 #: Sent once per team, month and threshold when the team's settled usage crosses its
 #: tier's soft limit. kwargs: team (slug), team_id, admins (user ids of the team's

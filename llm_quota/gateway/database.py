@@ -14,33 +14,18 @@ Only pooled connections, outside a transaction: a connection kept across request
 from __future__ import annotations
 
 from asgiref.sync import sync_to_async
-from django.db import connections
 
 from llm_quota.quota.drivers import sync_work
+from llm_quota.quota.pooled_connections import hand_back, pooled
 
-
-def pooled() -> bool:
-    """Whether any configured database is pooled."""
-    return any(
-        (options.get("OPTIONS") or {}).get("pool") for options in connections.settings.values()
-    )
-
-
-def hand_back() -> None:
-    """Return this thread's pooled connections to their pools, outside transactions."""
-    for connection in connections.all(initialized_only=True):
-        if (
-            connection.connection is not None
-            and getattr(connection, "pool", None) is not None
-            and not connection.in_atomic_block
-        ):
-            connection.close()
+__all__ = ["ahand_back", "hand_back", "pooled", "sync_thread_used"]
 
 
 def sync_thread_used() -> bool:
-    """Whether the request's plans ran sync code (the ORM) in its thread; True when
-    nothing recorded it (``drivers.track_sync_work``). A connection a sync middleware
-    opened is left to the request's end, as Django does."""
+    """Whether the request's plans ran sync code that may still hold a connection in its
+    thread (a signal's receivers; a plan's ``Blocking`` step hands its connections back
+    itself); True when nothing recorded it (``drivers.track_sync_work``). A connection a
+    sync middleware opened is left to the request's end, as Django does."""
     work = sync_work()
     return work is None or work.ran
 

@@ -221,6 +221,12 @@ class KeySpace:
             raise InvalidKeyPart("unsafe alert period")
         return f"{self.team(team_id)}:al:{int(threshold)}:{period}"
 
+    def team_budget_alert_sent(self, team_id: Any, limit: str, period: str) -> str:
+        """Dedupe marker: one team budget alert per team, limit and period."""
+        if not _ALERT_PART.fullmatch(limit) or not _ALERT_PART.fullmatch(period):
+            raise InvalidKeyPart("unsafe alert limit or period")
+        return f"{self.team(team_id)}:ab:{limit}:{period}"
+
     def snapshot_lock(self) -> str:
         """Serialises snapshot runs (and period resets) of this deployment."""
         return f"{self.index()}:snap:lock"

@@ -463,6 +463,8 @@ def admit_plan(
                 "limit": exc.limit,
                 "retry_after": exc.retry_after,
                 "error_type": exc.error_type,
+                "api_key_id": policy.limits.api_key,
+                "team_id": policy.limits.team,
             },  # fmt: skip
         )
         raise exc from None

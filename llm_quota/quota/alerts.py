@@ -46,6 +46,13 @@ BUDGET_PERIODS = {
     "global_tokens_per_day": "day",
     "global_tokens_per_month": "month",
 }
+#: The same for the payers beside the user: an API key's budgets alert its owner,
+#: a team's its admins.
+PAYER_BUDGET_PERIODS = {
+    f"{payer}.{limit}": period
+    for payer in ("key", "team")
+    for limit, period in (("tokens_per_day", "day"), ("tokens_per_month", "month"))
+}
 DAY_MARKER_TTL = 2 * 86400
 MONTH_MARKER_TTL = 40 * 86400
 
@@ -92,15 +99,24 @@ def _send_once(
         key = ledger.keyspace.alert_sent(
             event["user_id"], event["limit"], event["percent"], event["period"]
         )
+    if not _claim(ledger, key, event["at"], ttl):
+        return False
+    _emit(signal, sender, event)
+    return True
+
+
+def _claim(ledger: Ledger, key: str, at: str, ttl: int) -> bool:
+    """True for the one caller, in any process, that sets the dedupe marker ``key``."""
     if key in sent:
         return False
-    first = ledger.client.set(key, event["at"], nx=True, ex=ttl)
+    first = ledger.client.set(key, at, nx=True, ex=ttl)
     sent.add(key, ttl)
-    if not first:
-        return False
+    return bool(first)
+
+
+def _emit(signal: Signal, sender: Any, event: dict[str, Any]) -> None:
     signal.send(sender=sender, event=event, **{k: v for k, v in event.items() if k != "event"})
     deliver_webhook(event)
-    return True
 
 
 # One background thread hands webhooks to Celery: publishing is a broker round trip,
@@ -242,10 +258,23 @@ def after_settle(
 
 
 def on_quota_refused(
-    sender: Any, user: Any = None, limit: str | None = None, retry_after: int = 0, **kwargs: Any
+    sender: Any,
+    user: Any = None,
+    limit: str | None = None,
+    retry_after: int = 0,
+    api_key_id: str | None = None,
+    team_id: str | None = None,
+    **kwargs: Any,
 ) -> None:
-    """Receiver of ``quota_refused``: the first refusal by a budget in a period alerts."""
+    """Receiver of ``quota_refused``: the first refusal by a budget in a period alerts
+    (a user's or the global caps' to the user, a key's to its owner, a team's to its
+    admins)."""
+    if (limit or "").startswith("team.") and team_id is not None:
+        _team_budget_exhausted(sender, limit or "", retry_after, team_id)
+        return
     kind = BUDGET_PERIODS.get(limit or "")
+    if kind is None and api_key_id is not None:
+        kind = PAYER_BUDGET_PERIODS.get(limit or "")
     if kind is None or user is None:
         return
     try:
@@ -263,10 +292,57 @@ def on_quota_refused(
             "retry_after": int(retry_after),
             "at": _now_iso(ledger),
         }
+        marker = None
+        if limit in PAYER_BUDGET_PERIODS:  # one alert per key, not per user
+            key_id = keys.api_key_id(api_key_id)
+            event["api_key_id"] = key_id
+            part = f"key_{key_id}_{(limit or '').removeprefix('key.')}"
+            marker = ledger.keyspace.alert_sent(uid, part, 100, day if kind == "day" else month)
         ttl = DAY_MARKER_TTL if kind == "day" else MONTH_MARKER_TTL
-        _send_once(ledger, signals.budget_exhausted, sender, event, ttl)
+        _send_once(ledger, signals.budget_exhausted, sender, event, ttl, marker)
     except Exception:
         logger.exception("budget alert failed for %s", limit)
+
+
+def _team_budget_exhausted(sender: Any, limit: str, retry_after: int, team_id: str) -> None:
+    """Send ``team_budget_exhausted`` to the team's admins (signal and webhook) on the
+    first refusal by the team's day or month budget in that period, as a user's budget
+    alerts the user. The admins are read only by the one caller that sends it."""
+    kind = PAYER_BUDGET_PERIODS.get(limit)
+    if kind is None:
+        return
+    try:
+        from llm_quota.models import TeamMembership
+        from llm_quota.rules.teams import team_policy
+
+        ledger = get_ledger()
+        moment = ledger.clock() if ledger.clock is not None else time.time()
+        day, month = ledger.periods(int(moment * 1000))
+        period = day if kind == "day" else month
+        at = _now_iso(ledger)
+        ttl = DAY_MARKER_TTL if kind == "day" else MONTH_MARKER_TTL
+        part = limit.removeprefix("team.")
+        marker = ledger.keyspace.team_budget_alert_sent(team_id, part, period)
+        if not _claim(ledger, marker, at, ttl):
+            return
+        team = team_policy(int(team_id))
+        if team is None:
+            return
+        admins = TeamMembership.objects.filter(team_id=team.id, role=TeamMembership.ADMIN)
+        event = {
+            "event": "team_budget_exhausted",
+            "team": team.slug,
+            "team_id": team.id,
+            "admins": [str(pk) for pk in admins.values_list("user_id", flat=True)],
+            "limit": limit,
+            "percent": 100,
+            "period": period,
+            "retry_after": int(retry_after),
+            "at": at,
+        }
+        _emit(signals.team_budget_exhausted, sender, event)
+    except Exception:
+        logger.exception("team budget alert failed for team %s", team_id)
 
 
 def on_burn_rate_tripped(

@@ -16,6 +16,7 @@ everything; these drivers only wait. Besides the ledger's own steps a plan may a
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from llm_quota.ledger.plans import (
     drive,
 )
 from llm_quota.ledger.sync_driver import Ledger
+from llm_quota.quota import pooled_connections
 
 T = TypeVar("T")
 
@@ -138,6 +140,23 @@ def _ran_sync() -> None:
         work.ran = True
 
 
+def _handing_back(function: Callable[..., T]) -> Callable[..., T]:
+    """``function``, then this thread's pooled connections back to their pools, in the
+    same hop: the loop goes on (admission, the upstream call) without holding one, and a
+    loop running late under load does not keep the pool from the requests waiting on
+    it (``pooled_connections``)."""
+
+    @functools.wraps(function)
+    def step(*args: Any, **kwargs: Any) -> T:
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if pooled_connections.pooled():
+                pooled_connections.hand_back()
+
+    return step
+
+
 #: Undoing plans of cancelled callers, kept until they finish (the event loop holds
 #: only weak references to tasks).
 _orphans: set[asyncio.Task[Any]] = set()
@@ -158,9 +177,10 @@ class _Async:
         if isinstance(step, Blocking):
             if step.inline is not None and step.inline():
                 return step.function(*step.args, **step.kwargs)
+            function = step.function
             if step.thread_sensitive:
-                _ran_sync()
-            call = sync_to_async(step.function, thread_sensitive=step.thread_sensitive)
+                function = _handing_back(function)
+            call = sync_to_async(function, thread_sensitive=step.thread_sensitive)
             return await call(*step.args, **step.kwargs)
         if isinstance(step, UseLedger):
             return await self.use_ledger() if step.build else self.ledger or current_ledger()

@@ -34,6 +34,7 @@ def main(argv: list[str]) -> int:
         estimation_cost,
         gate_cost,
         key_cost,
+        long_streams,
         memory,
         scale_out,
         snapshot_time,
@@ -52,6 +53,7 @@ def main(argv: list[str]) -> int:
         "memory": memory.run,
         "scale": scale_out.run,
         "async": async_gateway.run,
+        "streams": long_streams.run,
     }
     chosen = argv or list(sections)
     info = get_redis_connection("default").info("server")

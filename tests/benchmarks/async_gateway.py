@@ -13,9 +13,10 @@ shared machine hits both alike. Per path it reports:
   and what the path adds over calling the upstream directly (also interleaved);
 - **16 at once**: requests per second and p50/p99.
 
-A third server is the async one with only ``LLMQuotaMiddleware`` (``lean_settings``):
-the price of the demo's seven ``MiddlewareMixin`` middleware, two thread hops each
-under ASGI.
+A third server is the async one on Django's own ``ASGIHandler`` (``django_asgi``): a
+fresh thread per request, where ``project.asgi`` keeps one (``llm_quota.gateway.asgi``).
+A fourth has only ``LLMQuotaMiddleware`` (``lean_settings``): the price of the demo's
+seven ``MiddlewareMixin`` middleware, two thread hops each under ASGI.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from tests.loadtest.harness import ROOT, _cleanup, wait_for_port
 from tests.support.ports import spare_port
 
 MODEL, USERS, WORKERS, THREADS, CONCURRENCY = "up-normal", 16, 2, 8, 16
-ROUNDS, SEQUENTIAL, PER_ROUND = 3, 150, 600
+ROUNDS, SEQUENTIAL, PER_ROUND = 4, 150, 600
 PATH = "/v1/chat/completions"
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -116,12 +117,12 @@ def server(command: list[str], env: dict, port: int, output: IO | None = None, t
             proc.wait()
 
 
-def commands(port_sync: int, port_async: int) -> dict[str, list[str]]:
+def commands(port_sync: int, port_async: int, app: str = "project.asgi") -> dict[str, list[str]]:
     return {
         "sync": [sys.executable, "-m", "gunicorn", "project.wsgi", "-w", str(WORKERS),
                  "-k", "gthread", "--threads", str(THREADS), "-b", f"127.0.0.1:{port_sync}",
                  "--log-level", "warning"],
-        "async": [sys.executable, "-m", "uvicorn", "project.asgi:application",
+        "async": [sys.executable, "-m", "uvicorn", f"{app}:application",
                   "--workers", str(WORKERS), "--loop", "uvloop", "--http", "httptools",
                   "--host", "127.0.0.1", "--port", str(port_async),
                   "--no-access-log", "--log-level", "warning"],
@@ -165,10 +166,15 @@ def stack():
         sync = stack.enter_context(server(commands(port_sync, 0)["sync"], env, port_sync))
         port_async = spare_port()
         aio = stack.enter_context(server(commands(0, port_async)["async"], env, port_async))
+        port_fresh = spare_port()
+        fresh_command = commands(0, port_fresh, "tests.benchmarks.django_asgi")["async"]
+        fresh = stack.enter_context(server(fresh_command, env, port_fresh))
         port_lean = spare_port()
         lean_env = {**env, "DJANGO_SETTINGS_MODULE": "tests.benchmarks.lean_settings"}
         lean = stack.enter_context(server(commands(0, port_lean)["async"], lean_env, port_lean))
-        yield {"sync": sync, "async": aio, "async, lean middleware": lean}, tokens, upstream_url
+        servers = {"sync": sync, "async": aio, "async, Django's ASGIHandler": fresh,
+                   "async, lean middleware": lean}  # fmt: skip
+        yield servers, tokens, upstream_url
 
 
 def run(table: Table) -> None:

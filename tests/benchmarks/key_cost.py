@@ -3,8 +3,10 @@ one run (issue #14's goal: at most 1.2x on one Redis).
 
 On one Redis the key's and the team's limits are reserved in the user's own script
 step, so they cost no round trip; what they add is the work inside Redis (each payer's
-window, period counters, lease and record). Rounds alternate the ledgers and each ratio
-is taken per round, so the loopback's drift cancels out.
+window, period counters, lease and record) and a few more arguments. Rounds alternate
+the ledgers and each ratio is taken per round, so the loopback's drift cancels out.
+Where valgrind is installed, the same reserves are also counted in instructions that
+Redis executes (``redis_instructions``): the figure a busy machine cannot move.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import uuid
 
 from django_redis import get_redis_connection
 
+from tests.benchmarks import redis_instructions
 from tests.benchmarks.gate_cost import ESTIMATE, ROUNDS, USAGE, Clock, _drop, five_limits
 from tests.benchmarks.measure import Table, us, verdict
 
@@ -46,6 +49,21 @@ class Pairs:
             )  # fmt: skip
         for _ in range(RATE):
             self.pair()
+
+    def counted_pair(self, client, settle_source: str) -> None:
+        """A pair whose reserve goes by EVALSHA (counted) and whose settle by EVAL (not)."""
+        ops = self.ledger.ops
+        plan = ops.reserve(1, self.limits, ESTIMATE)
+        call = next(plan)
+        reply = client.evalsha(self.ledger._scripts["reserve"].sha, len(call.keys), *call.keys,
+                               *call.args)  # fmt: skip
+        try:
+            plan.send(reply)
+        except StopIteration as done:
+            decision = done.value
+        settle = ops.settle(decision.reservation, USAGE)
+        step = next(settle)
+        client.eval(settle_source, len(step.keys), *step.keys, *step.args)
 
     def pair(self) -> float:
         start = time.perf_counter()
@@ -88,3 +106,26 @@ def run(table: Table) -> None:
         f"{both:.2f}x",
         f"{us(statistics.median(times['team']))}; <= 1.2x: {verdict(both <= 1.2)}",
     )
+    if redis_instructions.available():
+        instructions(table)
+
+
+def instructions(table: Table) -> None:
+    """Redis' instructions per reserve for each ledger, each on a fresh counted server."""
+    from llm_quota.ledger.ops import script_source
+
+    counts = {}
+    for name, key, team in (("user", False, False), ("key", True, False), ("team", True, True)):
+        with redis_instructions.counted_redis() as (client, zero, total):
+            pairs = Pairs(client, key, with_team=team)  # its warm-up is not counted
+            zero()
+            for _ in range(CALLS):
+                pairs.counted_pair(client, script_source("settle"))
+            counts[name] = total() / CALLS
+    section = "9 API keys"
+    table.add(section, "Redis instructions per reserve, user alone (callgrind)",
+              f"{counts['user'] / 1000:.0f}k")  # fmt: skip
+    for name, what in (("key", "+ a key's 3"), ("team", "+ a key's 3 + a team's 4")):
+        ratio = counts[name] / counts["user"]
+        table.add(section, f"Redis instructions per reserve, {what}", f"{ratio:.2f}x",
+                  f"{counts[name] / 1000:.0f}k")  # fmt: skip

@@ -312,3 +312,32 @@ def test_an_undecodable_or_oversized_bearer_is_a_401_not_a_500(member):
             HTTP_AUTHORIZATION=header,
         )  # fmt: skip
         assert response.status_code == 401
+
+
+def test_a_keys_budget_alerts_its_owner_once_per_key_and_period(member):
+    """The first refusal by a key's own budget sends ``budget_exhausted`` to the key's
+    owner, naming the key; more refusals in the period, and another key's, do not
+    repeat it for this key."""
+    from llm_quota.quota.alerts import sent
+    from llm_quota.signals import budget_exhausted
+
+    first, first_plain = api_key(member, tokens_per_month=10)
+    second, second_plain = api_key(member, name="other", tokens_per_month=10)
+    seen = []
+
+    def receiver(**kwargs):
+        seen.append(kwargs)
+
+    budget_exhausted.connect(receiver, weak=False, dispatch_uid="key-budget-test")
+    try:
+        for _ in range(3):
+            assert _chat(first_plain, max_tokens=100).status_code == 429
+        assert _chat(second_plain, max_tokens=100).status_code == 429
+    finally:
+        budget_exhausted.disconnect(dispatch_uid="key-budget-test")
+        sent.clear()
+    assert [(a["user_id"], a["limit"], a["api_key_id"]) for a in seen] == [
+        (str(member.pk), "key.tokens_per_month", str(first.pk)),
+        (str(member.pk), "key.tokens_per_month", str(second.pk)),
+    ]
+    assert seen[0]["event"]["event"] == "budget_exhausted"

@@ -68,3 +68,20 @@ def test_a_key_clamps_the_output_to_its_budget(ledger):
     decision = ledger.reserve(1, _with_key(key_tokens_per_day=300), estimate(100, 1000))
     assert decision.allowed and decision.reservation.max_tokens == 200
     assert decision.tokens_limit == 300 and decision.tokens_remaining == 0
+
+
+def test_a_keys_housekeeping_runs_when_its_dates_say_so(ledger, clock):
+    """A key's expired leases and finished records are looked for only when the dates
+    in its state hash are due (one HMGET per reserve, not two scans), and then go."""
+    limits = _with_key(key_tokens_per_month=10**6)
+    for _ in range(3):
+        held = ledger.reserve(1, limits, estimate(10, 10)).reservation
+        ledger.settle(held, ActualUsage(10, 10))
+    base = ledger.keyspace.api_key("1", "7")
+    due = ledger.client.hmget(base + ":s", "pdue", "zdue")
+    assert all(int(d) > 0 for d in due)
+    assert ledger.client.hlen(base + ":rr") == 3
+    clock.advance(ledger.ops.ttl_ms / 1000 + 6)  # past the records' TTL and FORGET_EVERY
+    assert ledger.reserve(1, limits, estimate(10, 10)).allowed
+    assert ledger.client.hlen(base + ":rr") == 1  # only the new share's record
+    assert ledger.client.pttl(base + ":s") > 0

@@ -297,3 +297,40 @@ def test_the_team_page_charts_its_monthly_usage_by_member_from_the_snapshots(wor
     assert page.status_code == 200 and text.count('<svg class="llmq-chart"') == 1
     assert f"{before:%b %Y} · {alice.username}: 500" in text
     assert f"{this:%b %Y} · {bob.username}: 300" in text
+
+
+def test_a_team_budget_refusal_alerts_its_admins_once_per_period(world):
+    """The team's month budget refusing a member sends ``team_budget_exhausted`` to the
+    team's admins once, however many members are refused after it."""
+    from llm_quota.quota.alerts import sent
+    from llm_quota.signals import budget_exhausted, team_budget_exhausted
+
+    _, acme, _ = world
+    acme.tokens_per_month = 10
+    acme.save()
+    boss, worker = member(acme, role="admin"), member(acme)
+    seen, personal = [], []
+
+    def receiver(**kwargs):
+        seen.append(kwargs)
+
+    def user_receiver(**kwargs):
+        personal.append(kwargs)
+
+    team_budget_exhausted.connect(receiver, weak=False, dispatch_uid="team-budget-test")
+    budget_exhausted.connect(user_receiver, weak=False, dispatch_uid="team-budget-user")
+    try:
+        for bearer in (access_token(worker), access_token(boss), access_token(worker)):
+            refused = chat(bearer, max_tokens=100)
+            assert refused.status_code == 429
+            assert "team.tokens_per_month" in refused.content.decode()
+    finally:
+        team_budget_exhausted.disconnect(dispatch_uid="team-budget-test")
+        budget_exhausted.disconnect(dispatch_uid="team-budget-user")
+        sent.clear()
+    assert len(seen) == 1 and personal == []  # the team's budget, not the members'
+    alert = seen[0]
+    assert (alert["team"], alert["limit"], alert["percent"], alert["admins"]) == (
+        "acme", "team.tokens_per_month", 100, [str(boss.pk)],
+    )  # fmt: skip
+    assert alert["event"]["event"] == "team_budget_exhausted" and alert["retry_after"] >= 1

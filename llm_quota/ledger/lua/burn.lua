@@ -47,9 +47,10 @@ end
 -- window, so the spend is counted in whole minutes: the current one (mc) and the one
 -- before (mp), the latter weighted by how much of it still lies in the last 60 s. Three
 -- fields, no new key; exact enough to compare a minute with a ten-times-busier one.
--- `add`: base tokens settled now (0 to only read). Returns the minute's spend.
-local function payer_minute(P, now, add)
-  local f = redis.call('HMGET', P .. ':s', 'mm', 'mc', 'mp')
+-- `add`: base tokens settled now (0 to only read). `pre`: the three fields where the
+-- caller has read them already (payer_state). Returns the minute's spend.
+local function payer_minute(P, now, add, pre)
+  local f = pre or redis.call('HMGET', P .. ':s', 'mm', 'mc', 'mp')
   local mm, mc, mp = tonumber(f[1]), num(f[2]), num(f[3])
   local m = math.floor(now / WINDOW)
   if mm == nil or m > mm then
@@ -92,11 +93,12 @@ end
 -- Reserve's step, given the refusal `r` of the other limits and the one-minute spend
 -- before this request (`minute`). mult and floor: -1 = off; pause_ms: -1 = off.
 -- `label` prefixes the refusal's name with the payer's ('key.', 'team.'; '' a user's).
+-- `pre`: P:s's bz, bb, bp, bx where the caller has read them already (payer_state).
 -- Returns 1 if this reserve tripped the breaker, else 0.
-local function burn_check(P, now, minute, mult, floor, pause_ms, r, label)
+local function burn_check(P, now, minute, mult, floor, pause_ms, r, label, pre)
   label = label or ''
   if mult < 0 or floor < 0 or pause_ms < 0 then return 0 end
-  local f = redis.call('HMGET', P .. ':s', 'bz', 'bb', 'bp', 'bx')
+  local f = pre or redis.call('HMGET', P .. ':s', 'bz', 'bb', 'bp', 'bx')
   local bz = num(f[1])
   -- Step 1: paused: refused until the pause ends, whatever the rate is now.
   if bz > now then
@@ -116,6 +118,17 @@ local function burn_check(P, now, minute, mult, floor, pause_ms, r, label)
     'bp', math.floor(baseline))
   r.block(label .. 'burn_rate_exceeded', pause_ms)
   return 1
+end
+
+-- A key's or a team's breaker at reserve: `p` from parse_payers, its state hash read
+-- by payer_state; its minute is its settled spend (payer_minute). Returns 1 if this
+-- reserve tripped it.
+local function payer_burn_check(p, now, r)
+  if p.mult < 0 or p.floor < 0 or p.pause < 0 then return 0 end
+  local s = p.state
+  local minute = payer_minute(p.base, now, 0, {s.mm, s.mc, s.mp})
+  return burn_check(p.base, now, minute, p.mult, p.floor, p.pause, r, p.label,
+    {s.bz, s.bb, s.bp, s.bx})
 end
 
 -- Staff resume: the pause ends now, and the trip waits one window, until the spend

@@ -42,6 +42,7 @@ local DAY_GRACE = 86400000           -- a day counter outlives its day by one da
 local MONTH_GRACE = 8 * 86400000     -- a month counter stays for the snapshot of a closed month
 local STRUCT_TTL = 40 * 86400000     -- outlives every month counter, so "seen" is never stale
 local BATCH = 200                    -- bounded work per step; unpack() has a stack limit
+local WINDOW_LIFE = '61000'          -- a payer's window outlives its newest entry by this
 local FRONT = 8                      -- window entries reserve reads at once (see window_front)
 local FORGET_EVERY = 5000            -- tombstones may outlive their TTL by this much (ms)
 local FORGET_ROUNDS = 5              -- batches of tombstones one reserve may drop
@@ -96,9 +97,10 @@ local function record(state, amount, day, month, month_end, g, model)
   return state .. '|' .. amount .. '|' .. day .. '|' .. month .. '|' .. month_end .. '|' .. g .. '|' .. model
 end
 
--- Add to a period counter, giving a new counter the expiry of its period.
-local function add_period(key, amount, expire_at)
-  if redis.call('INCRBY', key, amount) == amount then
+-- Add to a period counter, giving a new counter the expiry of its period. `sent`:
+-- the amount as a string, where the caller has formatted it once (see taking()).
+local function add_period(key, amount, expire_at, sent)
+  if redis.call('INCRBY', key, sent or amount) == amount then
     redis.call('PEXPIREAT', key, expire_at)
   end
 end
@@ -256,30 +258,41 @@ local function housekeeping(B, now, ttl)
 end
 
 -- Reserve's housekeeping of leases and tombstones runs only when the dates kept in
--- B:s say something is due; `state` holds their values and collects what changed.
--- An old hash without the dates simply runs it once.
-local function due_housekeeping(B, now, ttl, state)
+-- the state hash (a user's B:s, a payer's P:s) say something is due; `state` holds
+-- their values and collects what changed, `give_back` undoes an expired lease in P's
+-- counters. An old hash without the dates simply runs it once. Returns true if
+-- expired leases were looked for (and perhaps given back).
+local function due_housekeeping(P, now, ttl, state, give_back)
   local pdue = tonumber(state.pdue)
+  local reclaimed = false
   if pdue == nil or (pdue >= 0 and now >= pdue) then
-    reclaim(B, now, ttl, function(rid, est, day, month) unreserve(B, rid, est, day, month, now) end)
-    local first = redis.call('ZRANGE', B .. ':p', 0, 0, 'WITHSCORES')
+    reclaim(P, now, ttl, give_back)
+    local first = redis.call('ZRANGE', P .. ':p', 0, 0, 'WITHSCORES')
     state.pdue = -1
     if #first > 0 then state.pdue = tonumber(first[2]) end
     state.changed.pdue = state.pdue
-    state.wsum = num(redis.call('HGET', B .. ':s', 'wsum'))  -- unreserve may have moved it
+    reclaimed = true
   end
   local zdue = tonumber(state.zdue)
   if zdue == nil or now >= zdue then
     -- A tombstone written from now on is due at now + ttl at the earliest.
     local next_due = now + ttl
-    if forget(B, now, FORGET_ROUNDS) then
+    if forget(P, now, FORGET_ROUNDS) then
       next_due = now
     else
-      local first = redis.call('ZRANGE', B .. ':z', 0, 0, 'WITHSCORES')
+      local first = redis.call('ZRANGE', P .. ':z', 0, 0, 'WITHSCORES')
       if #first > 0 then next_due = math.max(tonumber(first[2]), now + FORGET_EVERY) end
     end
     state.changed.zdue = next_due
   end
+  return reclaimed
+end
+
+-- A lease taken now is due at now + ttl: the state's due date moves in to it if the
+-- date is later, or none is set (-1: no lease was pending at the last look).
+local function lease_due(state, now, ttl)
+  local pdue = tonumber(state.pdue)
+  if pdue == nil or pdue < 0 or pdue > now + ttl then state.changed.pdue = now + ttl end
 end
 
 -- The estimates of the reservations still pending (their count is the concurrency).
@@ -391,11 +404,25 @@ local function share_touch(P, now)
   end
 end
 
-local function share_take(P, rid, est, day, day_end, month, month_end, now, ttl)
-  add_period(P .. ':d:' .. day, est, day_end + DAY_GRACE)
-  add_period(P .. ':m:' .. month, est, month_end + MONTH_GRACE)
-  redis.call('ZADD', P .. ':p', now + ttl, rid)
-  redis.call('HSET', P .. ':rr', rid, record('p', est, day, month, month_end, '1', ''))
+-- What an admitted request takes: its id, estimate, periods and lease, with the
+-- numbers that the user's and every payer's commands send formatted once (Lua
+-- formats a number anew each time it is passed to redis.call or joined to a string,
+-- and that is a large share of a script's work).
+local function taking(rid, est, day, day_end, month, month_end, now, ttl)
+  local t = {rid = rid, est = est, est_s = tostring(est), now_s = tostring(now),
+             lease_s = tostring(now + ttl), day = day, day_expire = day_end + DAY_GRACE,
+             month = month, month_expire = month_end + MONTH_GRACE,
+             month_end_s = tostring(month_end)}
+  t.share_record = record('p', t.est_s, day, month, t.month_end_s, '1', '')
+  return t
+end
+
+-- Take a share `t` (taking()) in P.
+local function share_take(P, t, now)
+  add_period(P .. ':d:' .. t.day, t.est, t.day_expire, t.est_s)
+  add_period(P .. ':m:' .. t.month, t.est, t.month_expire, t.est_s)
+  redis.call('ZADD', P .. ':p', t.lease_s, t.rid)
+  redis.call('HSET', P .. ':rr', t.rid, t.share_record)
   -- The structures' lives are refreshed when the leases' set is new (no TTL yet), and
   -- by every settle (share_settle): one PTTL here rather than three PEXPIREATs.
   if redis.call('PTTL', P .. ':p') < 0 then share_touch(P, now) end
@@ -478,42 +505,97 @@ local function payer_window_wait(K, now, count, rpm, reset)
   return reset
 end
 
--- Count an admitted request in a payer's window; the window lives a minute past it.
-local function payer_window_add(K, rid, now)
-  redis.call('ZADD', K .. ':w', now, rid)
-  redis.call('PEXPIRE', K .. ':w', WINDOW + 1000)
-end
 
 -- Payers as a reserve sees them: {label, base, rpm, conc, tpd, tpmo} (-1 = unlimited)
 -- and their burn-rate breaker {mult, floor, pause} (-1 = off; burn.lua), read from
 -- ARGV from `at` on (eight values each) with their bases from KEYS from 2 on.
+-- The breaker's three values are read only when it is on (a multiplier of '-1': off).
 local PAYER_ARGS = 8
 local function parse_payers(count, at)
   local payers = {}
   for i = 1, count do
     local a = at + (i - 1) * PAYER_ARGS
-    payers[i] = {label = ARGV[a], base = KEYS[1 + i], rpm = tonumber(ARGV[a + 1]),
-                 conc = tonumber(ARGV[a + 2]), tpd = tonumber(ARGV[a + 3]),
-                 tpmo = tonumber(ARGV[a + 4]), mult = tonumber(ARGV[a + 5]),
-                 floor = tonumber(ARGV[a + 6]), pause = tonumber(ARGV[a + 7])}
+    local base = KEYS[1 + i]
+    local p = {label = ARGV[a], base = base, rpm = tonumber(ARGV[a + 1]),
+               conc = tonumber(ARGV[a + 2]), tpd = tonumber(ARGV[a + 3]),
+               tpmo = tonumber(ARGV[a + 4]), mult = -1, floor = -1, pause = -1,
+               win = base .. ':w'}
+    if ARGV[a + 5] ~= '-1' then
+      p.mult, p.floor, p.pause = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]),
+        tonumber(ARGV[a + 7])
+    end
+    payers[i] = p
   end
   return payers
 end
 
--- Expire what is old in a payer's share and read what its limits depend on.
-local function payer_read(p, day, month, now, ttl)
-  share_housekeeping(p.base, now, ttl)
-  p.requests, p.reset = payer_window(p.base, now)
+-- A payer's state hash P:s, read once per reserve: a team's restore marker ("seen",
+-- its life refreshed daily through "t"; see payer_trusted), the dates its housekeeping
+-- is due ("pdue", "zdue", kept as B:s keeps a user's), and the breaker's and minute's
+-- fields (burn.lua), so that no later step reads the hash again.
+-- Only the fields the payer uses are read: a small hash is searched field by field.
+local PAYER_DUE = {'pdue', 'zdue'}
+local PAYER_TEAM = {'seen', 't'}
+local PAYER_BURN = {'bz', 'bb', 'bp', 'bx', 'mm', 'mc', 'mp'}
+local function payer_state(p)
+  local names = {unpack(PAYER_DUE)}
+  if p.label == 'team.' then
+    for _, name in ipairs(PAYER_TEAM) do names[#names + 1] = name end
+  end
+  if p.mult >= 0 then
+    for _, name in ipairs(PAYER_BURN) do names[#names + 1] = name end
+  end
+  local f = redis.call('HMGET', p.base .. ':s', unpack(names))
+  p.state = {changed = {}}
+  for i, name in ipairs(names) do p.state[name] = f[i] end
+end
+
+-- A team's counters are trusted once team_restore.lua has run since the last loss:
+-- "seen" in P:s, as B:s has for a user. Its life is refreshed once a day ("t"), so an
+-- idle team's marker outlives every month counter it vouches for, and then goes.
+local function payer_trusted(p, now)
+  if not p.state.seen then return false end
+  local today = math.floor(now / 86400000)
+  if tonumber(p.state.t) ~= today then
+    redis.call('HSET', p.base .. ':s', 't', today)
+    redis.call('PEXPIREAT', p.base .. ':s', now + STRUCT_TTL)
+  end
+  return true
+end
+
+-- Expired shares give their tokens back and old records go, when the payer's dates
+-- say some are due (due_housekeeping, as for a user).
+local function payer_housekeeping(p, now, ttl)
+  due_housekeeping(p.base, now, ttl, p.state,
+    function(_, est, day, month) share_give_back(p.base, est, day, month, now) end)
+end
+
+-- Count a payer's request window (old entries leave first) and its calls in flight.
+-- Its period counters (p.day, p.month) are the caller's to read: reserve.lua reads
+-- them in one MGET with the user's. `cut`: now - WINDOW, as a string (see taking()).
+local function payer_read(p, now, cut)
+  redis.call('ZREMRANGEBYSCORE', p.win, '-inf', cut or (now - WINDOW))
+  p.requests = redis.call('ZCARD', p.win)
   p.inflight = 0
   if p.conc >= 0 then p.inflight = redis.call('ZCARD', p.base .. ':p') end
-  p.day, p.month = share_used(p.base, day, month)
+end
+
+-- When a payer's oldest window entry leaves (ms from now; WINDOW when empty): read
+-- only when a refusal or the headers need it.
+local function payer_reset(p, now)
+  if p.reset == nil then
+    p.reset = WINDOW
+    local first = redis.call('ZRANGE', p.win, 0, 0, 'WITHSCORES')
+    if #first > 0 then p.reset = tonumber(first[2]) + WINDOW - now end
+  end
+  return p.reset
 end
 
 -- A payer's request and concurrency limits, reported to `r` as refusals.
 local function payer_block_rates(p, r, now)
   if p.rpm >= 0 and p.requests + 1 > p.rpm then
     r.block(p.label .. 'requests_per_minute',
-      payer_window_wait(p.base, now, p.requests, p.rpm, p.reset))
+      payer_window_wait(p.base, now, p.requests, p.rpm, payer_reset(p, now)))
   end
   if p.conc >= 0 and p.inflight + 1 > p.conc then
     r.block(p.label .. 'max_concurrent_requests', 1000)
@@ -526,10 +608,28 @@ local function payer_token_limits(p, limits, day_end, month_end)
   limits[#limits + 1] = {p.label .. 'tokens_per_month', p.tpmo, p.month, month_end}
 end
 
--- Take a payer's share of an admitted request, and count it in its window.
-local function payer_take(p, rid, est, day, day_end, month, month_end, now, ttl)
-  share_take(p.base, rid, est, day, day_end, month, month_end, now, ttl)
-  payer_window_add(p.base, rid, now)
+-- Take a payer's share `t` (taking()) of an admitted request, and count it in its
+-- window, which lives a minute past it.
+local function payer_take(p, t, now, ttl)
+  share_take(p.base, t, now)
+  redis.call('ZADD', p.win, t.now_s, t.rid)
+  redis.call('PEXPIRE', p.win, WINDOW_LIFE)
+  lease_due(p.state, now, ttl)
+end
+
+-- Write what changed in a payer's state hash, in one HSET, whatever the decision. Such
+-- a write is rare (housekeeping ran, or a lease brought the due date in), and the
+-- hash lives STRUCT_TTL past it.
+local function payer_save(p, now)
+  local fields = {}
+  for name, value in pairs(p.state.changed) do
+    fields[#fields + 1] = name
+    fields[#fields + 1] = value
+  end
+  if #fields > 0 then
+    redis.call('HSET', p.base .. ':s', unpack(fields))
+    redis.call('PEXPIREAT', p.base .. ':s', now + STRUCT_TTL)
+  end
 end
 
 -- Record a settled request in a payer's month: "req", "in", "out", "base", each once
@@ -549,18 +649,4 @@ local function payer_usage(P, month, month_end, suffixes, input, output, actual)
   end
   redis.call('PEXPIREAT', n, month_end + MONTH_GRACE)
   return total
-end
-
--- A team's counters are trusted once team_restore.lua has run since the last loss:
--- P:s "seen", as B:s for a user. Its life is refreshed once a day ("t"), so an idle
--- team's marker outlives every month counter it vouches for, and then goes.
-local function payer_seen(P, now)
-  local s = redis.call('HMGET', P .. ':s', 'seen', 't')
-  if not s[1] then return false end
-  local today = math.floor(now / 86400000)
-  if tonumber(s[2]) ~= today then
-    redis.call('HSET', P .. ':s', 't', today)
-    redis.call('PEXPIREAT', P .. ':s', now + STRUCT_TTL)
-  end
-  return true
 end

@@ -42,5 +42,5 @@ local granted, est = fit_tokens({
 if r.name then return {0, r.name, r.wait, 0, est} end
 
 -- Step 3: take the share under its own lease.
-share_take(G, rid, est, day, day_end, month, month_end, now, ttl)
+share_take(G, taking(rid, est, day, day_end, month, month_end, now, ttl), now)
 return {1, '', 0, granted, est}

@@ -68,8 +68,10 @@ if not s[1] then
   return {2, '', 0, 0, 0, now, day, month, 0, 0, 0, 0, 0, 0, month_end, day_end}
 end
 -- So must a team's (team_restore.lua): the reply names it, so the caller restores it.
+-- Each payer's state hash is read here, once (payer_state).
 for _, p in ipairs(payers) do
-  if p.label == 'team.' and not payer_seen(p.base, now) then
+  payer_state(p)
+  if p.label == 'team.' and not payer_trusted(p, now) then
     return {2, p.label, 0, 0, 0, now, day, month, 0, 0, 0, 0, 0, 0, month_end, day_end}
   end
 end
@@ -89,27 +91,44 @@ end
 -- usage: window entries always (the window is exact to the millisecond); abandoned
 -- reservations, tombstones and global shares when their dates say some are due.
 local freed, oldest = window_front(B, now)
-due_housekeeping(B, now, ttl, state)
+if due_housekeeping(B, now, ttl, state,
+    function(rid, est, d, m) unreserve(B, rid, est, d, m, now) end) then
+  state.wsum = num(redis.call('HGET', B .. ':s', 'wsum'))  -- unreserve may have moved it
+end
 if use_global then share_housekeeping(G, now, ttl) end
+for _, p in ipairs(payers) do payer_housekeeping(p, now, ttl) end
 local used_min = state.wsum - freed
 local window_reset = WINDOW
 if oldest then window_reset = oldest + WINDOW - now end
 
--- Step 3: read every counter the decision depends on.
+-- Step 3: read every counter the decision depends on; the periods of the user and
+-- of every payer in one MGET.
 local requests = redis.call('ZCARD', B .. ':w')
 local inflight = redis.call('ZCARD', B .. ':p')
-local periods = redis.call('MGET', B .. ':d:' .. day, B .. ':m:' .. month)
+local period_keys = {B .. ':d:' .. day, B .. ':m:' .. month}
+for _, p in ipairs(payers) do
+  period_keys[#period_keys + 1] = p.base .. ':d:' .. day
+  period_keys[#period_keys + 1] = p.base .. ':m:' .. month
+end
+local periods = redis.call('MGET', unpack(period_keys))
 local used_day, used_month = num(periods[1]), num(periods[2])
 local g_day, g_month = 0, 0
 if use_global then g_day, g_month = share_used(G, day, month) end
-for _, p in ipairs(payers) do payer_read(p, day, month, now, ttl) end
+local cut = nil
+if #payers > 1 then cut = tostring(now - WINDOW) end  -- formatted once for all of them
+for i, p in ipairs(payers) do
+  p.day, p.month = num(periods[2 * i + 1]), num(periods[2 * i + 2])
+  payer_read(p, now, cut)
+end
 
 -- Step 3c (burn.lua): a 'slow' tier past its soft limit shrinks the rates it checks
 -- (and reports in the headers) as the month's budget runs out.
 rpm, tpm = slowed_rates(rpm, tpm, used_month, tpmo, tonumber(ARGV[26] or -1))
 
--- What changed in B:s is written in one HSET, whatever the decision.
+-- What changed in B:s is written in one HSET, whatever the decision; so is what
+-- changed in each payer's P:s.
 local function save_state(wsum)
+  for _, p in ipairs(payers) do payer_save(p, now) end
   local fields = {}
   if wsum ~= state.wsum then fields[#fields + 1] = 'wsum'; fields[#fields + 1] = wsum end
   for name, value in pairs(state.changed) do
@@ -147,7 +166,7 @@ local function requests_header(taken)
   if rpm >= 0 then limit, left = rpm, rpm - requests - taken end
   for _, p in ipairs(payers) do
     if p.rpm >= 0 and (limit < 0 or p.rpm - p.requests - taken < left) then
-      limit, left, reset = p.rpm, p.rpm - p.requests - taken, p.reset
+      limit, left, reset = p.rpm, p.rpm - p.requests - taken, payer_reset(p, now)
     end
   end
   return limit, math.max(left, 0), reset
@@ -237,12 +256,7 @@ local tripped = burn_check(B, now, used_min, tonumber(ARGV[23] or -1),
 -- So is a paused key or team, or one whose minute (payer_minute: settled spend) runs
 -- far above its own baseline; the refusal names it ('key.burn_rate_exceeded').
 for _, p in ipairs(payers) do
-  if p.mult >= 0 and p.floor >= 0 and p.pause >= 0 then
-    local minute = payer_minute(p.base, now, 0)
-    if burn_check(p.base, now, minute, p.mult, p.floor, p.pause, r, p.label) == 1 then
-      tripped = 1
-    end
-  end
+  if payer_burn_check(p, now, r) == 1 then tripped = 1 end
 end
 
 if r.name then
@@ -265,18 +279,17 @@ end
 -- the estimate went, so settle and expiry can take back exactly that.
 redis.call('ZADD', B .. ':w', now, rid)
 redis.call('ZADD', B .. ':p', now + ttl, rid)
-local pdue = tonumber(state.pdue)
-if pdue == nil or pdue < 0 or pdue > now + ttl then state.changed.pdue = now + ttl end
+lease_due(state, now, ttl)
+local t = nil  -- the shares' figures, formatted once for all of them
+if use_global or #payers > 0 then t = taking(rid, est, day, day_end, month, month_end, now, ttl) end
+for _, p in ipairs(payers) do payer_take(p, t, now, ttl) end
 save_state(used_min + est)
 add_period(B .. ':d:' .. day, est, day_end + DAY_GRACE)
 add_period(B .. ':m:' .. month, est, month_end + MONTH_GRACE)
 local g = '0'
 if use_global then
-  share_take(G, rid, est, day, day_end, month, month_end, now, ttl)
+  share_take(G, t, now)
   g = '1'
-end
-for _, p in ipairs(payers) do
-  payer_take(p, rid, est, day, day_end, month, month_end, now, ttl)
 end
 redis.call('HSET', B .. ':rr', rid, record('p', est, day, month, month_end, g, model))
 if tonumber(s[2]) ~= math.floor(now / 86400000) then touch(B, now) end

@@ -2,7 +2,7 @@
 -- action): a user's API keys with the user's reset, or a team.
 -- KEYS: the payers' bases (all in one slot: a user's keys, or one team).
 -- ARGV: 1 now (0 = Redis' clock), 2 ttl, 3 day ids, 4 day starts, 5 month ids,
---       6 month starts, 7 mark the counters trusted (1 for a team: see payer_seen).
+--       6 month starts, 7 mark the counters trusted (1 for a team: see payer_trusted).
 -- Returns {day, month, then each payer's month counter before}.
 -- As reset.lua: calls in flight keep their shares; the settled month's usage goes.
 

@@ -20,7 +20,9 @@
 local now = now_ms(ARGV[1])
 local rid, ttl = ARGV[2], tonumber(ARGV[3])
 local p = {label = ARGV[4], base = KEYS[1], rpm = tonumber(ARGV[5]), conc = tonumber(ARGV[6]),
-           tpd = tonumber(ARGV[7]), tpmo = tonumber(ARGV[8])}
+           tpd = tonumber(ARGV[7]), tpmo = tonumber(ARGV[8]), mult = tonumber(ARGV[18] or -1),
+           floor = tonumber(ARGV[19] or -1), pause = tonumber(ARGV[20] or -1),
+           win = KEYS[1] .. ':w'}
 local prompt_micro, out_micro = tonumber(ARGV[9]), tonumber(ARGV[10])
 local max_out, min_out, clamp = tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13] == '1'
 local day, day_end = ARGV[14], tonumber(ARGV[15])
@@ -37,10 +39,13 @@ end
 
 -- Step 1b: counters lost with Redis' data are restored first (team_restore.lua); the
 -- caller restores once and sends this step again.
-if not payer_seen(p.base, now) then return {2, '', 0, 0, 0} end
+payer_state(p)
+if not payer_trusted(p, now) then return {2, '', 0, 0, 0} end
 
--- Step 2: expired shares give their tokens back; read the payer's counters.
-payer_read(p, day, month, now, ttl)
+-- Step 2: expired shares give their tokens back (when due); read the payer's counters.
+payer_housekeeping(p, now, ttl)
+payer_read(p, now)
+p.day, p.month = share_used(p.base, day, month)
 
 -- Step 3: its request window, calls in flight and token budgets, as reserve.lua would.
 local r = refusal()
@@ -50,13 +55,7 @@ payer_token_limits(p, limits, day_end, month_end)
 local granted, est = fit_tokens(limits, prompt_micro, out_micro, max_out, min_out, clamp, r,
   function(l) return l[4] - now end)
 -- Step 3b (burn.lua): the team's breaker, as reserve.lua checks it on one Redis.
-local mult, floor, pause = tonumber(ARGV[18] or -1), tonumber(ARGV[19] or -1),
-  tonumber(ARGV[20] or -1)
-local tripped = 0
-if mult >= 0 and floor >= 0 and pause >= 0 then
-  tripped = burn_check(p.base, now, payer_minute(p.base, now, 0), mult, floor, pause, r,
-    p.label)
-end
+local tripped = payer_burn_check(p, now, r)
 -- The payer's figures for the headers, once `taken` tokens and `counted` requests more
 -- are held.
 local function headers(taken, counted)
@@ -65,19 +64,23 @@ local function headers(taken, counted)
     local left = c[1] - c[2] - taken
     if c[1] >= 0 and (t[1] < 0 or left < t[2]) then t = {c[1], left, c[3] - now, c[4]} end
   end
-  local q = {-1, -1, p.reset}
-  if p.rpm >= 0 then q = {p.rpm, math.max(p.rpm - p.requests - counted, 0), p.reset} end
+  local q = {-1, -1, WINDOW}
+  if p.rpm >= 0 then
+    q = {p.rpm, math.max(p.rpm - p.requests - counted, 0), payer_reset(p, now)}
+  end
   return t, q
 end
 
 if r.name then
+  payer_save(p, now)
   local t, q = headers(0, 0)
   return {0, r.name, r.wait, 0, est, t[1], math.max(t[2], 0), t[3], t[4], q[1], q[2], q[3],
           tripped}
 end
 
 -- Step 4: take the share under its own lease, and count the request.
-payer_take(p, rid, est, day, day_end, month, month_end, now, ttl)
+payer_take(p, taking(rid, est, day, day_end, month, month_end, now, ttl), now, ttl)
+payer_save(p, now)
 if p.requests == 0 then p.reset = WINDOW end
 local t, q = headers(est, 1)
 return {1, '', 0, granted, est, t[1], math.max(t[2], 0), t[3], t[4], q[1], q[2], q[3]}

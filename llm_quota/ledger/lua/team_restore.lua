@@ -10,7 +10,7 @@ local T = KEYS[1]
 local now = now_ms(ARGV[1])
 
 -- Step 1: "seen" is set exactly once per loss, so concurrent restores cannot add the
--- database's figures twice; it lives as payer_seen() keeps it.
+-- database's figures twice; it lives as payer_trusted() keeps it.
 if redis.call('HSETNX', T .. ':s', 'seen', '1') == 0 then return 0 end
 redis.call('HSET', T .. ':s', 't', math.floor(now / 86400000))
 redis.call('PEXPIREAT', T .. ':s', now + STRUCT_TTL)

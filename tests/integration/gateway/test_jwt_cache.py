@@ -13,7 +13,7 @@ from django.test import AsyncClient, Client, override_settings
 from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
 from llm_quota.gateway import database
 from llm_quota.ledger.config_broadcast import listener
-from llm_quota.quota import drivers
+from llm_quota.quota import drivers, pooled_connections
 from llm_quota.rules.config_cache import config_cache
 from tests.support import factories
 
@@ -83,6 +83,14 @@ def hops(monkeypatch):
     counting(drivers)
     counting(database)
     monkeypatch.setattr(database, "pooled", lambda: True)
+    monkeypatch.setattr(pooled_connections, "pooled", lambda: True)
+    original = pooled_connections.hand_back
+
+    def handing_back():
+        made.append("(handed back in the same hop)")
+        original()
+
+    monkeypatch.setattr(pooled_connections, "hand_back", handing_back)
     return made
 
 
@@ -100,7 +108,7 @@ def test_a_warm_request_with_a_jwt_makes_no_sql_query(
         assert chat(token, stream).status_code == 200
 
 
-def test_a_warm_async_request_makes_no_hop_to_a_thread_and_a_cold_one_hands_back(
+def test_a_warm_async_request_makes_no_hop_to_a_thread_and_a_cold_one_hands_back_at_once(
     member, hops
 ):
     token = token_of(member)
@@ -109,7 +117,10 @@ def test_a_warm_async_request_makes_no_hop_to_a_thread_and_a_cold_one_hands_back
     config_cache.invalidate()  # as a save anywhere does
     hops.clear()
     assert async_chat(token).status_code == 200
-    assert "authenticate" in hops and "hand_back" in hops  # the ORM ran: connection back
+    # The ORM ran in the authentication's hop, and its connection went back to the pool
+    # in that same hop, not at the request's end in one more.
+    assert hops[:2] == ["authenticate", "(handed back in the same hop)"]
+    assert "hand_back" not in hops
     hops.clear()
     assert async_chat(token).status_code == 200
     assert hops == []
