@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint docs bench loadtest soak clean
+.PHONY: demo test test-fast lint docs bench bench-peers loadtest soak clean
 
 $(STAMP): requirements.txt setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,22 @@ test-fast: $(STAMP)
 # Benchmarks against REDIS_URL (else the embedded Redis); not part of `make test`.
 bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks $(BENCH_ARGS)
+
+# The gateway beside the LiteLLM proxy (docs/pages/benchmarks.md), in one run. LiteLLM
+# goes into its own virtualenv, never the app's; the stamp makes a second run install
+# nothing. `make bench-peers PEERS_ARGS=--quick` for a few minutes' run.
+PEERS_VENV := var/peers-venv
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS_REQUIREMENTS := tests/benchmarks/peers/requirements.txt
+
+$(PEERS_STAMP): $(PEERS_REQUIREMENTS)
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet -r $(PEERS_REQUIREMENTS)
+	touch $(PEERS_STAMP)
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python -m tests.benchmarks.peers $(PEERS_ARGS)
 
 # Bounded load (5,000 requests, 64 at once) through gunicorn; not part of `make test`.
 loadtest: $(STAMP)

@@ -9,7 +9,8 @@ import tempfile
 import time
 
 
-def main(argv: list[str]) -> int:
+def setup() -> None:
+    """Django set up as the benchmarks run it (also by ``tests.benchmarks.peers``)."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
     # Sections 4 and 7 need users and snapshots: a scratch database unless one is given.
     scratch = tempfile.mkdtemp(prefix="llmq-bench-")
@@ -19,6 +20,10 @@ def main(argv: list[str]) -> int:
     import django
 
     django.setup()
+
+
+def main(argv: list[str]) -> int:
+    setup()
     from django.conf import settings
     from django_redis import get_redis_connection
 

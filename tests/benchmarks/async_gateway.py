@@ -26,14 +26,15 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 import uuid
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from decimal import Decimal
+from typing import IO
 
 import httpx
 
-from tests.benchmarks.end_to_end import _bodies, _p, fire
+from tests.benchmarks.end_to_end import _bodies, _p, _post, fire
 from tests.benchmarks.measure import Table
 from tests.loadtest.harness import ROOT, _cleanup, wait_for_port
 from tests.support.ports import spare_port
@@ -98,10 +99,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def server(command: list[str], env: dict, port: int):
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+def server(command: list[str], env: dict, port: int, output: IO | None = None, timeout: float = 60):
+    """(pid, base url) of ``command`` listening on ``port`` within ``timeout`` s; its whole
+    process group is stopped on exit. ``output`` takes its stdout and stderr (a
+    banner-printing peer)."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=output, stderr=output)  # fmt: skip
     try:
-        wait_for_port(port, timeout=60)
+        wait_for_port(port, timeout=timeout)
         yield proc.pid, f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -125,18 +130,17 @@ def commands(port_sync: int, port_async: int, app: str = "project.asgi") -> dict
 
 
 def sequential(client: httpx.Client, tokens: list[str], bodies: list[dict], path: str) -> list:
-    times = []
-    for n, body in enumerate(bodies):
-        headers = {"Authorization": f"Bearer {tokens[n % len(tokens)]}"} if tokens else {}
-        start = time.perf_counter()
-        client.post(path, json=body, headers=headers).raise_for_status()
-        times.append(time.perf_counter() - start)
-    return times
+    """Seconds per call, one at a time on one connection (no tokens: the upstream)."""
+    return [
+        _post(client, path, tokens[n % len(tokens)] if tokens else None, body)
+        for n, body in enumerate(bodies)
+    ]
 
 
 @contextmanager
-def stack():
-    """(servers: name → (pid, url), tokens, upstream url), both servers up."""
+def environment(stack: ExitStack) -> Iterator[tuple[dict, list[str], str]]:
+    """(the servers' environment, tokens, upstream url): seeded users and a running fake
+    upstream, both gone (and the run's Redis keys) when ``stack`` closes."""
     from django.core.management import call_command
 
     import tests.support.fake_upstream as fake_upstream
@@ -148,9 +152,16 @@ def stack():
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", "DJANGO_DEBUG": "0",
            "LLM_QUOTA_KEY_PREFIX": prefix, "OPENAI_BASE_URL": upstream.url,
            "OPENAI_API_KEY": "bench"}  # fmt: skip
+    stack.callback(_cleanup, prefix)
+    stack.callback(upstream.stop)
+    yield env, tokens, upstream.url
+
+
+@contextmanager
+def stack():
+    """(servers: name → (pid, url), tokens, upstream url), both servers up."""
     with ExitStack() as stack:
-        stack.callback(_cleanup, prefix)
-        stack.callback(upstream.stop)
+        env, tokens, upstream_url = stack.enter_context(environment(stack))
         port_sync = spare_port()
         sync = stack.enter_context(server(commands(port_sync, 0)["sync"], env, port_sync))
         port_async = spare_port()
@@ -163,7 +174,7 @@ def stack():
         lean = stack.enter_context(server(commands(0, port_lean)["async"], lean_env, port_lean))
         servers = {"sync": sync, "async": aio, "async, Django's ASGIHandler": fresh,
                    "async, lean middleware": lean}  # fmt: skip
-        yield servers, tokens, upstream.url
+        yield servers, tokens, upstream_url
 
 
 def run(table: Table) -> None:

@@ -128,9 +128,16 @@ def _bodies(total: int, model: str = MODEL) -> list[dict]:
     ]  # fmt: skip
 
 
-def _post(client: httpx.Client, path: str, token: str, body: dict) -> float:
+def _post(client: httpx.Client, path: str, token: str | None, body: dict) -> float:
+    """Seconds for one call, to its last byte (a stream read to its end); raises unless
+    it answered 200. No token: the upstream itself, called directly."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     start = time.perf_counter()
-    response = client.post(path, json=body, headers={"Authorization": f"Bearer {token}"})
+    if body.get("stream"):
+        with client.stream("POST", path, json=body, headers=headers) as response:
+            response.read()
+    else:
+        response = client.post(path, json=body, headers=headers)
     elapsed = time.perf_counter() - start
     if response.status_code != 200:
         raise RuntimeError(f"{path}: HTTP {response.status_code} {response.text[:200]}")
@@ -140,7 +147,8 @@ def _post(client: httpx.Client, path: str, token: str, body: dict) -> float:
 def fire(
     base: str, path: str, tokens: list[str], bodies: list[dict], concurrency: int
 ) -> tuple[float, list[float]]:
-    """Send every body from ``concurrency`` threads; (requests/s, sorted latencies)."""
+    """Send every body from ``concurrency`` threads; (requests/s, sorted latencies).
+    No tokens: the upstream itself, called directly."""
     latencies: list[float] = []
     work = iter(enumerate(bodies))
     lock = threading.Lock()
@@ -150,7 +158,8 @@ def fire(
         with httpx.Client(base_url=base, timeout=60) as client:
             try:
                 for n, body in work:
-                    elapsed = _post(client, path, tokens[n % len(tokens)], body)
+                    token = tokens[n % len(tokens)] if tokens else None
+                    elapsed = _post(client, path, token, body)
                     with lock:
                         latencies.append(elapsed)
             except Exception as exc:  # re-raised below, from the main thread
