@@ -190,7 +190,6 @@ def after_team_settle(
     """Send ``team_soft_limit_crossed`` to the team's admins (signal and webhook) if
     this settle took the team's month over its soft limit."""
     try:
-        from llm_quota.models import TeamMembership
         from llm_quota.rules.teams import team_policy
 
         ledger = ledger or get_ledger()
@@ -199,12 +198,11 @@ def after_team_settle(
         if team is None or crossing is None:
             return
         budget, percent, threshold = crossing
-        admins = TeamMembership.objects.filter(team_id=team.id, role=TeamMembership.ADMIN)
         event = {
             "event": "team_soft_limit_crossed",
             "team": team.slug,
             "team_id": team.id,
-            "admins": [str(pk) for pk in admins.values_list("user_id", flat=True)],
+            "admins": _team_admins(team.id),
             "limit": "team.tokens_per_month",
             "percent": percent,
             "threshold": threshold,
@@ -219,6 +217,14 @@ def after_team_settle(
         )
     except Exception:
         logger.exception("team soft-limit alert failed for team %s", reservation.team)
+
+
+def _team_admins(team_id: int) -> list[str]:
+    """The user ids of a team's admins, whom its alerts name."""
+    from llm_quota.models import TeamMembership
+
+    admins = TeamMembership.objects.filter(team_id=team_id, role=TeamMembership.ADMIN)
+    return [str(pk) for pk in admins.values_list("user_id", flat=True)]
 
 
 def user_pk(uid: str) -> Any:
@@ -312,7 +318,6 @@ def _team_budget_exhausted(sender: Any, limit: str, retry_after: int, team_id: s
     if kind is None:
         return
     try:
-        from llm_quota.models import TeamMembership
         from llm_quota.rules.teams import team_policy
 
         ledger = get_ledger()
@@ -328,12 +333,11 @@ def _team_budget_exhausted(sender: Any, limit: str, retry_after: int, team_id: s
         team = team_policy(int(team_id))
         if team is None:
             return
-        admins = TeamMembership.objects.filter(team_id=team.id, role=TeamMembership.ADMIN)
         event = {
             "event": "team_budget_exhausted",
             "team": team.slug,
             "team_id": team.id,
-            "admins": [str(pk) for pk in admins.values_list("user_id", flat=True)],
+            "admins": _team_admins(team.id),
             "limit": limit,
             "percent": 100,
             "period": period,

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from decimal import Decimal
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
@@ -45,7 +45,12 @@ PATH = "/v1/chat/completions"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _seed() -> list[str]:
+def seed_users(
+    label: str, count: int, model: str = MODEL, tokens: int = 10**9, concurrent: int = 10**4
+) -> tuple[list[Any], list[str]]:
+    """``count`` users on a fresh tier that no bench call reaches a limit of (``tokens``
+    a minute, ten times that a day, a hundred times a month), ``model`` priced, and
+    their access tokens: a bench measures the path, not a refusal."""
     from django.contrib.auth import get_user_model
 
     from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
@@ -53,20 +58,25 @@ def _seed() -> list[str]:
 
     run = uuid.uuid4().hex[:6]
     tier = Tier.objects.create(
-        name=f"bench-async-{run}", allowed_models="", requests_per_minute=10**6,
-        tokens_per_minute=10**9, tokens_per_day=10**10, tokens_per_month=10**11,
-        max_concurrent_requests=10**4,
+        name=f"{label}-{run}", allowed_models="", requests_per_minute=10**6,
+        tokens_per_minute=tokens, tokens_per_day=tokens * 10, tokens_per_month=tokens * 100,
+        max_concurrent_requests=concurrent,
     )  # fmt: skip
     ModelPrice.objects.update_or_create(
-        model=MODEL, defaults=dict(input_multiplier=Decimal("1"), output_multiplier=Decimal("4"),
+        model=model, defaults=dict(input_multiplier=Decimal("1"), output_multiplier=Decimal("4"),
                                    default_max_output_tokens=64),
     )  # fmt: skip
-    tokens = []
-    for n in range(USERS):
-        user = get_user_model().objects.create_user(f"bench-async-{run}-{n}")
+    ids, access = [], []
+    for n in range(count):
+        user = get_user_model().objects.create_user(f"{label}-{run}-{n}")
         UserQuota.objects.create(user=user, tier=tier)
-        tokens.append(str(ScopedTokenObtainPairSerializer.get_token(user).access_token))
-    return tokens
+        ids.append(user.pk)
+        access.append(str(ScopedTokenObtainPairSerializer.get_token(user).access_token))
+    return ids, access
+
+
+def _seed() -> list[str]:
+    return seed_users("bench-async", USERS)[1]
 
 
 def _family(pid: int) -> list[int]:

@@ -45,11 +45,10 @@ import time
 import uuid
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from tests.benchmarks.async_gateway import _family, cpu_seconds, server
+from tests.benchmarks.async_gateway import _family, cpu_seconds, seed_users, server
 from tests.benchmarks.end_to_end import _p
 from tests.benchmarks.measure import Table
 from tests.benchmarks.stream_ends import MODEL, raise_fd_limit
@@ -95,28 +94,7 @@ class Phase:
 
 def _seed() -> tuple[list[Any], list[str]]:
     """Users on a tier no stream hits a limit of: the bench measures the stream path."""
-    from django.contrib.auth import get_user_model
-
-    from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
-    from llm_quota.models import ModelPrice, Tier, UserQuota
-
-    run = uuid.uuid4().hex[:6]
-    tier = Tier.objects.create(
-        name=f"bench-streams-{run}", allowed_models="", requests_per_minute=10**6,
-        tokens_per_minute=10**10, tokens_per_day=10**11, tokens_per_month=10**12,
-        max_concurrent_requests=10**5,
-    )  # fmt: skip
-    ModelPrice.objects.update_or_create(
-        model=MODEL, defaults=dict(input_multiplier=Decimal("1"), output_multiplier=Decimal("4"),
-                                   default_max_output_tokens=64),
-    )  # fmt: skip
-    ids, tokens = [], []
-    for n in range(USERS):
-        user = get_user_model().objects.create_user(f"bench-streams-{run}-{n}")
-        UserQuota.objects.create(user=user, tier=tier)
-        ids.append(user.pk)
-        tokens.append(str(ScopedTokenObtainPairSerializer.get_token(user).access_token))
-    return ids, tokens
+    return seed_users("bench-streams", USERS, MODEL, tokens=10**10, concurrent=10**5)
 
 
 def _commands(port: int) -> dict[str, list[str]]:
