@@ -173,6 +173,10 @@ class _Async:
 
     async def perform(self, step: Any) -> Any:
         if isinstance(step, _LEDGER_STEPS):
+            if not isinstance(step, ScriptCall):
+                # A restore reads the database in the request's thread (the ledger's own
+                # hop): the request's end must hand that connection back.
+                _ran_sync()
             return await (await self.use_ledger()).perform(step)
         if isinstance(step, Blocking):
             if step.inline is not None and step.inline():
