@@ -85,11 +85,13 @@ def global_burst(url, prefix, first_user, cap, prompt, output, threads, start, r
 
 def team_burst(url, prefix, users, per_user, user_cap, team_cap, prompt, output, start, results):
     """``per_user`` threads for each of ``users``, all members of team 77: each reserves
-    (clamping allowed), then settles a random usage up to what it was granted."""
+    (clamping allowed), then settles a random usage up to what it was granted. Puts what
+    each member was charged and how many reserves each limit refused."""
     ledger = Ledger(connect(url, len(users) * per_user), prefix=prefix)
     limits = Limits(tokens_per_month=user_cap, team="77", team_tokens_per_month=team_cap)
     price = Price("gpt-4o", 1_000_000, 1_000_000)
     charged: dict[int, int] = {uid: 0 for uid in users}
+    refused: dict[str, int] = {}
     lock = threading.Lock()
     rng = random.Random()
 
@@ -97,6 +99,8 @@ def team_burst(url, prefix, users, per_user, user_cap, team_cap, prompt, output,
         start.wait()
         decision = ledger.reserve(uid, limits, Estimate(price, prompt, output))
         if not decision.allowed:
+            with lock:
+                refused[decision.limit] = refused.get(decision.limit, 0) + 1
             return
         used = rng.randint(0, decision.reservation.max_tokens)
         ledger.settle(decision.reservation, ActualUsage(prompt, used))
@@ -108,4 +112,4 @@ def team_burst(url, prefix, users, per_user, user_cap, team_cap, prompt, output,
         t.start()
     for t in pool:
         t.join()
-    results.put(charged)
+    results.put((charged, refused))

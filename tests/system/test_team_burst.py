@@ -45,15 +45,19 @@ def run_team_burst(url, prefix):
         p.start()
     start.set()
     charged: dict[int, int] = {}
+    refused: dict[str, int] = {}
     for _ in procs:
-        charged.update(results.get(timeout=120))
+        theirs, their_refusals = results.get(timeout=120)
+        charged.update(theirs)
+        for limit, n in their_refusals.items():
+            refused[limit] = refused.get(limit, 0) + n
     for p in procs:
         p.join(timeout=30)
         assert p.exitcode == 0
-    return charged
+    return charged, refused
 
 
-def check(ledger, charged):
+def check(ledger, charged, refused):
     team = ledger.team_usage("77")
     assert team.reserved == 0 and team.in_flight == 0
     assert team.tokens_this_month == sum(charged.values()) <= TEAM_CAP
@@ -63,15 +67,17 @@ def check(ledger, charged):
         usage = ledger.usage(uid)
         assert usage.reserved == 0 and usage.tokens_this_month == spent <= USER_CAP
         assert by_member.get(uid, 0) == spent
-    # 64 requests of up to 240 tokens against 6,000: the budget was the binding limit.
-    assert team.tokens_this_month > TEAM_CAP // 2
+    # 64 requests of 40 to 240 tokens (140 on average, 8,960 in all) against 6,000: the
+    # team's budget refused some, whatever the order they ran in. (How much was settled
+    # depends on that order: reservations held at once refuse others, then settle lower.)
+    assert refused.get("team.tokens_per_month", 0) > 0
 
 
 def test_a_team_burst_never_overspends_on_one_redis(redis_client, quota_prefix):
-    charged = run_team_burst(settings.REDIS_URL, quota_prefix)
-    check(Ledger(redis_client, prefix=quota_prefix), charged)
+    charged, refused = run_team_burst(settings.REDIS_URL, quota_prefix)
+    check(Ledger(redis_client, prefix=quota_prefix), charged, refused)
 
 
 def test_a_team_burst_never_overspends_on_the_cluster(redis_cluster, cluster_client, quota_prefix):
-    charged = run_team_burst(redis_cluster.url, quota_prefix)
-    check(Ledger(cluster_client, prefix=quota_prefix), charged)
+    charged, refused = run_team_burst(redis_cluster.url, quota_prefix)
+    check(Ledger(cluster_client, prefix=quota_prefix), charged, refused)
