@@ -6,18 +6,23 @@ woke. Lateness is the time callbacks ready to run waited behind others: what eve
 stream on the worker waits too, for its next chunk or its first. Each worker appends
 ``<monotonic time> <lag ms>`` lines to ``$LLMQ_BENCH_LAG_DIR/<pid>`` about once a
 second (CLOCK_MONOTONIC is the machine's, so the bench cuts out each phase's window).
-A 500's traceback goes to the terminal.
+A 500's traceback goes to the terminal. ``LLMQ_BENCH_GC=unfrozen`` undoes ``warm_up``'s
+``gc.freeze()``: the before, for the long-stream section's ``--unfrozen``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
 from typing import Any
 
 from project.asgi import application as django_application
+
+if os.environ.get("LLMQ_BENCH_GC") == "unfrozen":
+    gc.unfreeze()
 
 INTERVAL = 0.05
 
