@@ -28,6 +28,12 @@ over N), the server's CPU per event relayed and in all (cores used over the run:
 processes held it), the event-loop lag (how late a 50 ms sleep woke, p99 and worst, over the
 run), and, once every client is done, what the ledger still holds: the base tokens
 reserved and the calls in flight over every user, which must both come back to 0.
+
+The peers bench (``tests.benchmarks.peers``) runs the same phases with LiteLLM as one
+more path, so the parts are its too: ``prepared`` (the run's users, fake model and
+environment), a path as a ``Serve`` (``direct``, ``ours(kind)``), ``measure`` (one
+phase), ``figures`` (its row) and ``markdown`` (the table, blank where a path has no
+figure).
 """
 
 from __future__ import annotations
@@ -264,7 +270,7 @@ def _measure(phase: Phase, served: Served, options: argparse.Namespace) -> None:
         if peak is not None:
             peak.stop.set()
             peak.join()
-    if pid is not None and peak is not None and phase.rss is not None:
+    if peak is not None and phase.rss is not None:
         phase.server_cpu = cpu_seconds(pid) - cpu
         phase.rss = (phase.rss[0], peak.peak)
         if served.lag_dir is not None:

@@ -367,10 +367,6 @@ def _load(load: tuple[float, float, float]) -> str:
     return " / ".join(f"{x:.2f}" for x in load)
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f}"
-
-
 def summary(report: Report) -> dict[str, dict[str, float]]:
     """Per target, the figures the table and the plot show (ms, req/s)."""
     direct = {kind: _p(sorted(report.short[DIRECT][kind].one), 0.5) for kind in KINDS}
