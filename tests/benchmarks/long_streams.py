@@ -303,8 +303,8 @@ def ours(kind: str) -> Serve:
 
     @contextmanager
     def serve(run: Run, count: int) -> Iterator[Served]:
-        lag_dir = run.scratch / f"lag-{kind}-{count}"
-        lag_dir.mkdir()
+        # A folder of its own: a run may serve the same kind at the same N twice.
+        lag_dir = Path(tempfile.mkdtemp(prefix=f"lag-{kind}-{count}-", dir=run.scratch))
         port = spare_port()
         env = {**run.env, "LLMQ_BENCH_LAG_DIR": str(lag_dir)}
         with server(_commands(port)[kind], env, port) as (pid, url):
