@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
 
 
+def _exit(signum: int, _frame: object) -> None:
+    sys.exit(128 + signum)
+
+
 def setup() -> None:
-    """Django set up as the benchmarks run it (also by ``tests.benchmarks.peers``)."""
+    """Django set up as the benchmarks run it (also by ``tests.benchmarks.peers``).
+
+    SIGTERM (``kill``, ``timeout``) then stops a bench as an exception does: every
+    server, client process and scratch file it started is stopped or removed on the way
+    out. Without this the process would die at once, leaving its servers running: they
+    run in sessions of their own, out of reach of a signal to its process group."""
+    signal.signal(signal.SIGTERM, _exit)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
     # Sections 4 and 7 need users and snapshots: a scratch database unless one is given.
     scratch = tempfile.mkdtemp(prefix="llmq-bench-")

@@ -102,7 +102,12 @@ class Upstream(asyncio.Protocol):
                 length = int(value)
         if len(rest) < length:
             return
-        self.buffer, body = rest[length:], json.loads(rest[:length])
+        self.buffer, raw = rest[length:], rest[:length]
+        if not raw:  # not a completion (a peer's probe): a 404, and the next request
+            print(f"upstream: no body: {head.split(b' HTTP/')[0][:80]!r}", file=sys.stderr)
+            self.transport.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            return
+        body = json.loads(raw)
         # A small cap makes a short stream (the bench's warm-up); else the full length.
         cap = body.get("max_completion_tokens") or body.get("max_tokens") or self.chunks
         self.limit = min(self.chunks, cap)

@@ -11,33 +11,36 @@ rotates every round so a load change on a shared machine hits every target alike
   the server's processes from ``/proc``, over the requests served). Direct has no
   gateway, so no CPU figure.
 
-Then the **long streams**: ``n`` streams at once, each ``seconds`` long with a chunk
-every 100 ms, per target in turn. ``run`` takes the function that measures them
-(``long_streams`` here), so a fuller streams section can be passed in its place.
+Then the **long streams**: section 11 (``long_streams``) with LiteLLM as one more path.
+Its fake model (``stream_ends upstream``) starts before LiteLLM, whose config routes
+``up-stream`` to it, so the LiteLLM measured is the one started once for the run; ours
+are started afresh for each phase as section 11 starts them. For each N (``Sizes``):
+direct first (the baseline), then ours sync (at the counts in ``sync_counts``), ours
+async and LiteLLM, their order rotated from one N to the next.
 """
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import json
 import os
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
-from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from tests.benchmarks import long_streams
 from tests.benchmarks.async_gateway import (
     CONCURRENCY,
     MODEL,
     PATH,
-    _family,
     commands,
     cpu_seconds,
     environment,
@@ -50,7 +53,6 @@ from tests.support.ports import spare_port
 
 HERE = Path(__file__).resolve().parent
 PEERS_VENV = ROOT / "var" / "peers-venv"
-LONG_MODEL, CHUNK_EVERY = "up-long", 0.1
 DIRECT, SYNC, ASYNC, LITELLM = (
     "direct", "ours, gunicorn 2x8 threads", "ours, uvicorn 2 workers (async)", "LiteLLM proxy",
 )  # fmt: skip
@@ -63,12 +65,23 @@ class Sizes:
     rounds: int
     sequential: int  # one-at-a-time calls per kind, target and round
     per_round: int  # calls at 16 at once per kind, target and round
-    streams: int  # long streams at once
-    stream_seconds: float
+    counts: tuple[int, ...]  # long streams at once: a phase per path for each
+    sync_counts: tuple[int, ...]  # the counts the sync path runs at too
+    length: float  # seconds per long stream
+    ramp: float  # seconds to open them all
+    interval: float = long_streams.INTERVAL  # seconds between chunks
+
+    def streams(self) -> argparse.Namespace:
+        """The long-stream section's options (``long_streams.parse``'s)."""
+        return argparse.Namespace(counts=list(self.counts), sync_counts=list(self.sync_counts),
+                                  length=self.length, interval=self.interval,
+                                  ramp=self.ramp)  # fmt: skip
 
 
-FULL = Sizes(rounds=3, sequential=150, per_round=600, streams=100, stream_seconds=10.0)
-QUICK = Sizes(rounds=2, sequential=40, per_round=160, streams=30, stream_seconds=4.0)
+FULL = Sizes(rounds=3, sequential=150, per_round=600, counts=(100, 500), sync_counts=(100,),
+             length=long_streams.LENGTH, ramp=long_streams.RAMP)  # fmt: skip
+QUICK = Sizes(rounds=2, sequential=40, per_round=160, counts=(50,), sync_counts=(50,),
+              length=5.0, ramp=2.0)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -98,22 +111,6 @@ class Figures:
     cpu: list[float] = field(default_factory=list)  # CPU seconds per request, per round
 
 
-@dataclass
-class StreamResult:
-    """Long streams through one target: what a caller saw, and what the server spent."""
-
-    n: int
-    seconds: float
-    errors: int = 0
-    ttft: list[float] = field(default_factory=list)  # seconds to the first byte of body
-    gaps: list[float] = field(default_factory=list)  # seconds between body chunks
-    cpu_per_stream: float | None = None  # seconds
-    memory_per_stream: float | None = None  # bytes: the servers' RSS growth at the peak
-
-
-LongStreams = Callable[[Target, int, float], StreamResult]
-
-
 # --- the servers ---------------------------------------------------------------------
 
 
@@ -137,13 +134,18 @@ def litellm_command(port: int) -> list[str]:
             "--timeout_worker_healthcheck", "300"]  # fmt: skip
 
 
-def litellm_env(upstream_url: str, redis_url: str | None = None) -> dict[str, str]:
+def litellm_env(
+    upstream_url: str, stream_url: str | None = None, redis_url: str | None = None
+) -> dict[str, str]:
     """A clean environment: LiteLLM reads ``DATABASE_URL`` and would start Prisma, and
-    fetches its model price map from the network unless told to use its own copy. With
-    ``REDIS_URL`` its rpm/tpm counters are shared by its workers through that Redis (its
-    "coordination Redis"), as ours always are; without, each worker counts alone."""
+    fetches its model price map from the network unless told to use its own copy.
+    ``stream_url`` is the long streams' fake model (``up-stream``; else the short
+    requests' upstream, never called). With ``REDIS_URL`` its rpm/tpm counters are
+    shared by its workers through that Redis (its "coordination Redis"), as ours always
+    are; without, each worker counts alone."""
     kept = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
-    env = {**kept, "PEER_UPSTREAM_URL": upstream_url, "LITELLM_LOG": "ERROR",
+    env = {**kept, "PEER_UPSTREAM_URL": upstream_url,
+           "PEER_STREAM_UPSTREAM_URL": stream_url or upstream_url, "LITELLM_LOG": "ERROR",
            "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # fmt: skip
     if redis_url:
         env["REDIS_URL"] = redis_url
@@ -167,24 +169,15 @@ def wait_until_answers(target: Target, timeout: float = 180) -> None:
             time.sleep(1)
 
 
-def _seed_long_model() -> None:
-    from llm_quota.models import ModelPrice
-
-    ModelPrice.objects.update_or_create(
-        model=LONG_MODEL,
-        defaults=dict(input_multiplier=Decimal("1"), output_multiplier=Decimal("4"),
-                      default_max_output_tokens=64),
-    )  # fmt: skip
-
-
 @contextmanager
-def targets(out: Path, litellm_redis: str | None = None) -> Iterator[list[Target]]:
+def targets(
+    out: Path, litellm_redis: str | None = None, stream_url: str | None = None
+) -> Iterator[list[Target]]:
     """The four targets (five with ``litellm_redis``, a Redis URL for a second LiteLLM),
     every server up and answering; all stopped on exit. LiteLLM's output goes to
-    ``out``/litellm*.log."""
+    ``out``/litellm*.log; ``stream_url`` is the long streams' fake model."""
     with ExitStack() as stack:
         env, tokens, upstream_url = stack.enter_context(environment(stack))
-        _seed_long_model()
         found = [Target(DIRECT, upstream_url, "chat/completions", [], None)]
         port = spare_port()
         pid, url = stack.enter_context(server(commands(port, 0)["sync"], env, port))
@@ -199,7 +192,8 @@ def targets(out: Path, litellm_redis: str | None = None) -> Iterator[list[Target
         for name, redis_url, log in peers:
             port = spare_port()
             output = stack.enter_context(open(out / log, "w"))
-            command, peer_env = litellm_command(port), litellm_env(upstream_url, redis_url)
+            command = litellm_command(port)
+            peer_env = litellm_env(upstream_url, stream_url, redis_url)
             # LiteLLM imports for 30-300 s on this shared VM before it binds its port, and
             # two starting at once on 2 cores take longer still: one at a time.
             pid, url = stack.enter_context(server(command, peer_env, port, output, timeout=600))
@@ -250,78 +244,35 @@ def short_requests(found: list[Target], sizes: Sizes) -> dict[str, dict[str, Fig
 # --- long streams --------------------------------------------------------------------
 
 
-def _rss(pid: int) -> int:
-    """Resident bytes of a server's processes."""
-    total = 0
-    for member in _family(pid):
-        try:
-            with open(f"/proc/{member}/statm") as statm:
-                total += int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            continue
-    return total
+def _peer(target: Target, keys: Path) -> long_streams.Serve:
+    """A LiteLLM already running (``targets``) as a long-stream path: nothing started
+    or stopped per phase; its keys instead of our users' tokens, no ledger, no lag."""
+
+    @contextmanager
+    def serve(run: long_streams.Run, count: int) -> Iterator[long_streams.Served]:
+        yield long_streams.Served(f"{target.url}/v1", target.pid, keys)
+
+    return serve
 
 
-async def _one_stream(client: httpx.AsyncClient, target: Target, n: int, body: dict,
-                      result: StreamResult) -> None:  # fmt: skip
-    start = last = time.perf_counter()
-    first = True
-    try:
-        async with client.stream("POST", target.path, json=body,
-                                 headers=target.headers(n)) as response:  # fmt: skip
-            if response.status_code != 200:
-                raise RuntimeError(f"HTTP {response.status_code}")
-            async for _chunk in response.aiter_raw():
-                now = time.perf_counter()
-                if first:
-                    result.ttft.append(now - start)
-                    first = False
-                else:
-                    result.gaps.append(now - last)
-                last = now
-    except Exception:  # counted: a long stream that fails is the figure, not a crash
-        result.errors += 1
-
-
-async def _streams(target: Target, n: int, seconds: float, result: StreamResult) -> int:
-    """Run the streams; the servers' peak RSS, sampled every 0.25 s while they run."""
-    chunks = round(seconds / CHUNK_EVERY)
-    body = {"model": LONG_MODEL, "max_tokens": chunks, "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": "a long answer, please"}]}  # fmt: skip
-    # A sync server holds a thread per stream: 16 at a time, the rest wait their turn.
-    timeout = seconds * (n / CONCURRENCY + 3) + 30
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    peak = 0
-    async with httpx.AsyncClient(base_url=target.url, timeout=timeout, limits=limits) as client:
-        tasks = [asyncio.create_task(_one_stream(client, target, k, body, result))
-                 for k in range(n)]  # fmt: skip
-        while not all(task.done() for task in tasks):
-            if target.pid:
-                peak = max(peak, _rss(target.pid))
-            await asyncio.sleep(0.25)
-        await asyncio.gather(*tasks)
-    return peak
-
-
-def long_streams(target: Target, n: int, seconds: float) -> StreamResult:
-    """``n`` streams at once through ``target``, each ``seconds`` long, a chunk every
-    100 ms (the fake upstream's ``up-long``, its answer lengthened for the run)."""
-    import tests.support.fake_upstream as fake_upstream
-
-    result = StreamResult(n, seconds)
-    saved = fake_upstream.WORDS, fake_upstream.LONG
-    fake_upstream.WORDS, fake_upstream.LONG = round(seconds / CHUNK_EVERY), seconds
-    try:
-        before_cpu = cpu_seconds(target.pid) if target.pid else 0.0
-        before_rss = _rss(target.pid) if target.pid else 0
-        peak = asyncio.run(_streams(target, n, seconds, result))
-        if target.pid:
-            result.cpu_per_stream = (cpu_seconds(target.pid) - before_cpu) / n
-            result.memory_per_stream = max(0, peak - before_rss) / n
-    finally:
-        fake_upstream.WORDS, fake_upstream.LONG = saved
-    return result
+def long_section(found: list[Target], streams: long_streams.Run) -> list[dict[str, Any]]:
+    """Section 11's phases through every target, for each N: direct first, then the
+    others in an order rotated from one N to the next; a row (``long_streams.figures``)
+    per phase."""
+    keys = streams.scratch / "litellm-keys"
+    keys.write_text("\n".join(f"sk-bench-{n}" for n in range(long_streams.USERS)))
+    ours = {SYNC: long_streams.ours("sync"), ASYNC: long_streams.ours("async")}
+    paths = [(t.name, ours.get(t.name) or _peer(t, keys)) for t in found if t.name != DIRECT]
+    options, rows = streams.options, []
+    for n, count in enumerate(options.counts):
+        base = long_streams.measure(streams, DIRECT, long_streams.direct, count)
+        rows.append(long_streams.figures(base, base))
+        for name, serve in paths[n % len(paths) :] + paths[: n % len(paths)]:
+            if name == SYNC and count not in options.sync_counts:
+                continue
+            phase = long_streams.measure(streams, name, serve, count)
+            rows.append(long_streams.figures(phase, base))
+    return rows
 
 
 # --- the run and its report ----------------------------------------------------------
@@ -335,7 +286,7 @@ class Report:
     load: list[tuple[float, float, float]]  # at the start, after the short part, at the end
     sizes: Sizes
     short: dict[str, dict[str, Figures]] = field(default_factory=dict)
-    long: dict[str, StreamResult] = field(default_factory=dict)
+    long: list[dict[str, Any]] = field(default_factory=list)  # long_streams.figures rows
 
 
 def machine() -> str:
@@ -363,44 +314,57 @@ def versions() -> dict[str, str]:
     return found
 
 
-def run(sizes: Sizes, *, long_stream: LongStreams | None = long_streams, out: Path,
-        plot: Path | None, litellm_redis: str | None = None) -> Report:  # fmt: skip
-    """Measure every target and write ``out``/results.{md,json} and the plot."""
+def run(sizes: Sizes, *, long: bool = True, out: Path, plot: Path | None,
+        litellm_redis: str | None = None) -> Report:  # fmt: skip
+    """Measure every target and write ``out``/results.{md,json} and the plots (``plot``
+    and, with the long streams, ``streams_plot(plot)``)."""
     report = Report(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine(), versions(),
                     [os.getloadavg()], sizes)  # fmt: skip
     print(f"peers bench, {report.started}; {report.machine}", flush=True)
     print("  " + ", ".join(f"{k} {v}" for k, v in report.versions.items()), flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    with targets(out, litellm_redis) as found:
+    with ExitStack() as stack:
+        # The long streams' fake model first: the LiteLLM started next routes to it.
+        streams = stack.enter_context(long_streams.prepared(sizes.streams())) if long else None
+        stream_url = streams.upstream_url if streams else None
+        found = stack.enter_context(targets(out, litellm_redis, stream_url))
         print(f"  all {len(found)} answer; load average {_load(os.getloadavg())}", flush=True)
         report.short = short_requests(found, sizes)
         report.load.append(os.getloadavg())
-        if long_stream is not None:
-            for target in found:
-                result = long_stream(target, sizes.streams, sizes.stream_seconds)
-                report.long[target.name] = result
-                print(f"  {sizes.streams} streams of {sizes.stream_seconds:.0f} s via "
-                      f"{target.name}: {result.errors} errors", flush=True)  # fmt: skip
+        if streams is not None:
+            report.long = long_section(found, streams)
     report.load.append(os.getloadavg())
     text = markdown(report)
     print("\n" + text, flush=True)
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(asdict(report), indent=1))
     if plot is not None:
-        from tests.benchmarks.peers.plot import svg
+        from tests.benchmarks.peers.plot import streams_svg, svg
 
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot.write_text(svg(summary(report), report.started, report.versions["litellm"]))
         print(f"plot: {plot}", flush=True)
+        if report.long:
+            caption = f"{_streams_caption(sizes)}, {report.started}"
+            streams_plot(plot).write_text(
+                streams_svg(report.long, caption, report.versions["litellm"])
+            )
+            print(f"plot: {streams_plot(plot)}", flush=True)
     return report
+
+
+def streams_plot(plot: Path) -> Path:
+    """The long streams' figure, beside the short requests' (``peers-streams.svg``)."""
+    return plot.with_name(f"{plot.stem}-streams{plot.suffix}")
+
+
+def _streams_caption(sizes: Sizes) -> str:
+    return (f"{sizes.length:g} s streams, a chunk every {sizes.interval * 1e3:.0f} ms, "
+            f"opened over {sizes.ramp:g} s")  # fmt: skip
 
 
 def _load(load: tuple[float, float, float]) -> str:
     return " / ".join(f"{x:.2f}" for x in load)
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f}"
 
 
 def summary(report: Report) -> dict[str, dict[str, float]]:
@@ -451,20 +415,10 @@ def markdown(report: Report) -> str:
     if report.long:
         lines += [
             "",
-            f"{sizes.streams} streams at once, each {sizes.stream_seconds:.0f} s with a chunk "
-            f"every {CHUNK_EVERY * 1e3:.0f} ms, one target after the other.",
+            f"Long streams (section 11's method): N at once, {_streams_caption(sizes)}; "
+            "for each N direct first, then the others in turn (ours started afresh per "
+            "phase, LiteLLM the one above). Added = over direct at the same N.",
             "",
-            "| path | errors | time to first byte p50 / p99 | chunk gap p99 / max "
-            "| gateway CPU per stream | RSS growth per stream |",
-            "|---|---|---|---|---|---|",
+            long_streams.markdown(report.long),
         ]
-        for name, result in report.long.items():
-            ttft, gaps = sorted(result.ttft), sorted(result.gaps)
-            first = f"{_ms(_p(ttft, 0.5))} / {_ms(_p(ttft, 0.99))} ms" if ttft else "-"
-            gap = f"{_ms(_p(gaps, 0.99))} / {_ms(gaps[-1])} ms" if gaps else "-"
-            cpu = f"{result.cpu_per_stream * 1e3:.1f} ms" if result.cpu_per_stream else "-"
-            memory = (f"{result.memory_per_stream / 1024:.0f} KiB"
-                      if result.memory_per_stream is not None else "-")  # fmt: skip
-            lines.append(f"| {name} | {result.errors} of {result.n} | {first} | {gap} "
-                         f"| {cpu} | {memory} |")  # fmt: skip
     return "\n".join(lines)
