@@ -297,16 +297,17 @@ def direct(run: Run, count: int) -> Iterator[Served]:
     yield Served(run.upstream_url, None, run.tokens)
 
 
-def ours(kind: str) -> Serve:
+def ours(kind: str, extra_env: dict[str, str] | None = None) -> Serve:
     """Our app on ``kind``'s server ("async": uvicorn, ``stream_asgi`` with its lag
-    sampler; "sync": gunicorn), started afresh for each phase and stopped after it."""
+    sampler; "sync": gunicorn), started afresh for each phase and stopped after it,
+    with ``extra_env`` in its environment."""
 
     @contextmanager
     def serve(run: Run, count: int) -> Iterator[Served]:
         # A folder of its own: a run may serve the same kind at the same N twice.
         lag_dir = Path(tempfile.mkdtemp(prefix=f"lag-{kind}-{count}-", dir=run.scratch))
         port = spare_port()
-        env = {**run.env, "LLMQ_BENCH_LAG_DIR": str(lag_dir)}
+        env = {**run.env, "LLMQ_BENCH_LAG_DIR": str(lag_dir), **(extra_env or {})}
         with server(_commands(port)[kind], env, port) as (pid, url):
             yield Served(f"{url}/v1", pid, run.tokens, lag_dir, ledger=True,
                          cutoff=CUTOFF if kind == "sync" else 60.0)  # fmt: skip
@@ -465,6 +466,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: ``--unfrozen``: the async path again, its workers' start-up objects left to the
+#: collector (``warm_up`` freezes them): the before of ``gc.freeze``, in the same run.
+UNFROZEN = "async, gc not frozen"
+
+
 def run(table: Table, options: argparse.Namespace | None = None) -> None:
     options = options or parse(shlex.split(os.environ.get(OPTIONS, "")))
     rows = []
@@ -478,6 +484,10 @@ def run(table: Table, options: argparse.Namespace | None = None) -> None:
                 phase = measure(streams, kind, ours(kind), count)
                 rows.append(figures(phase, base))
                 _report(table, rows[-1], goals=kind == "async" and count <= 1000)
+            if options.unfrozen:
+                serve = ours("async", {"LLMQ_BENCH_GC": "unfrozen"})
+                rows.append(figures(measure(streams, UNFROZEN, serve, count), base))
+                _report(table, rows[-1], False)
     print("\n" + markdown(rows), flush=True)
 
 
@@ -502,6 +512,8 @@ def add_options(parser: argparse._ActionsContainer, defaults: bool = True) -> No
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.long_streams")
     add_options(parser)
+    parser.add_argument("--unfrozen", action="store_true",
+                        help="also the async path without gc.freeze (the before)")  # fmt: skip
     return parser.parse_args(argv)
 
 
