@@ -63,6 +63,10 @@ def _delta(content: str | None, finish: str | None = None) -> dict[str, Any]:
 # -- the upstream ----------------------------------------------------------------------
 
 
+#: The streamed text, a chunk (and a token) each, in turn.
+WORDS = (" the", " answer", " is", " on", " its", " way", " now")
+
+
 class Upstream(asyncio.Protocol):
     """One connection: read a request, stream the answer on timers, then the next."""
 
@@ -77,7 +81,11 @@ class Upstream(asyncio.Protocol):
         self.sent = 0
         first = _event({**_delta(None), "choices": [{"index": 0, "delta": {
             "role": "assistant", "content": "tok"}, "finish_reason": None}]})  # fmt: skip
-        self.first, self.next = first, _event(_delta(" tok"))
+        self.first = first
+        # Words in turn, never the same chunk twice in a row: a real model's text. A
+        # proxy may guard against a stuck model (LiteLLM fails a stream after 100
+        # identical chunks in a row).
+        self.words = [_event(_delta(word)) for word in WORDS]
         self.limit = chunks
 
     def ending(self) -> bytes:
@@ -120,7 +128,7 @@ class Upstream(asyncio.Protocol):
             return
         if self.sent < self.limit:
             self.sent += 1
-            self.transport.write(self.next)
+            self.transport.write(self.words[self.sent % len(self.words)])
             self.timer = asyncio.get_running_loop().call_later(self.interval, self.tick)
         else:
             self.timer = None
