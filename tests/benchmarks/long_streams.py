@@ -466,9 +466,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-#: ``--unfrozen``: the async path again, its workers' start-up objects left to the
-#: collector (``warm_up`` freezes them): the before of ``gc.freeze``, in the same run.
-UNFROZEN = "async, gc not frozen"
+#: ``--variant NAME``: the async path again, in the same run, with one of ``warm_up``'s
+#: worker settings undone (``stream_asgi`` reads the variable: its before), or with only
+#: the middleware the gateway uses (section 10's ``lean_settings``).
+VARIANTS = {
+    "unfrozen": ("async, gc not frozen", {"LLMQ_BENCH_GC": "unfrozen"}),
+    "switch": ("async, 5 ms switch interval", {"LLMQ_BENCH_SWITCH": "0.005"}),
+    "lean": ("async, only LLMQuotaMiddleware",
+             {"DJANGO_SETTINGS_MODULE": "tests.benchmarks.lean_settings"}),
+}  # fmt: skip
 
 
 def run(table: Table, options: argparse.Namespace | None = None) -> None:
@@ -484,9 +490,9 @@ def run(table: Table, options: argparse.Namespace | None = None) -> None:
                 phase = measure(streams, kind, ours(kind), count)
                 rows.append(figures(phase, base))
                 _report(table, rows[-1], goals=kind == "async" and count <= 1000)
-            if options.unfrozen:
-                serve = ours("async", {"LLMQ_BENCH_GC": "unfrozen"})
-                rows.append(figures(measure(streams, UNFROZEN, serve, count), base))
+            for variant in options.variant:
+                name, extra_env = VARIANTS[variant]
+                rows.append(figures(measure(streams, name, ours("async", extra_env), count), base))
                 _report(table, rows[-1], False)
     print("\n" + markdown(rows), flush=True)
 
@@ -512,8 +518,8 @@ def add_options(parser: argparse._ActionsContainer, defaults: bool = True) -> No
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.long_streams")
     add_options(parser)
-    parser.add_argument("--unfrozen", action="store_true",
-                        help="also the async path without gc.freeze (the before)")  # fmt: skip
+    parser.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS),
+                        help="also the async path configured so (VARIANTS)")  # fmt: skip
     return parser.parse_args(argv)
 
 
