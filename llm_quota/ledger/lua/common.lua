@@ -257,9 +257,21 @@ local function housekeeping(B, now, ttl)
   forget(B, now)
 end
 
+-- Note that `name` changed to `value` in a state hash's copy `state` (its HSET is
+-- the caller's): the list of changes is made only when there is one, as most calls
+-- change nothing (every table costs a script thousands of instructions).
+local function mark_changed(state, name, value)
+  local changed = state.changed
+  if not changed then
+    changed = {}
+    state.changed = changed
+  end
+  changed[name] = value
+end
+
 -- Reserve's housekeeping of leases and tombstones runs only when the dates kept in
 -- the state hash (a user's B:s, a payer's P:s) say something is due; `state` holds
--- their values and collects what changed, `give_back` undoes an expired lease in P's
+-- their values and collects what changed (mark_changed), `give_back` undoes an expired lease in P's
 -- counters. An old hash without the dates simply runs it once. Returns true if
 -- expired leases were looked for (and perhaps given back).
 local function due_housekeeping(P, now, ttl, state, give_back)
@@ -270,7 +282,7 @@ local function due_housekeeping(P, now, ttl, state, give_back)
     local first = redis.call('ZRANGE', P .. ':p', 0, 0, 'WITHSCORES')
     state.pdue = -1
     if #first > 0 then state.pdue = tonumber(first[2]) end
-    state.changed.pdue = state.pdue
+    mark_changed(state, 'pdue', state.pdue)
     reclaimed = true
   end
   local zdue = tonumber(state.zdue)
@@ -283,7 +295,7 @@ local function due_housekeeping(P, now, ttl, state, give_back)
       local first = redis.call('ZRANGE', P .. ':z', 0, 0, 'WITHSCORES')
       if #first > 0 then next_due = math.max(tonumber(first[2]), now + FORGET_EVERY) end
     end
-    state.changed.zdue = next_due
+    mark_changed(state, 'zdue', next_due)
   end
   return reclaimed
 end
@@ -292,7 +304,7 @@ end
 -- date is later, or none is set (-1: no lease was pending at the last look).
 local function lease_due(state, now, ttl)
   local pdue = tonumber(state.pdue)
-  if pdue == nil or pdue < 0 or pdue > now + ttl then state.changed.pdue = now + ttl end
+  if pdue == nil or pdue < 0 or pdue > now + ttl then mark_changed(state, 'pdue', now + ttl) end
 end
 
 -- The estimates of the reservations still pending (their count is the concurrency).
@@ -397,8 +409,9 @@ local function share_housekeeping(P, now, ttl)
   forget(P, now)
 end
 
-local function share_touch(P, now)
-  local at = now + STRUCT_TTL
+-- `at`: now + STRUCT_TTL, where the caller has formatted it (taking()'s struct_s).
+local function share_touch(P, now, at)
+  at = at or now + STRUCT_TTL
   for _, suffix in ipairs({':p', ':rr', ':z'}) do
     redis.call('PEXPIREAT', P .. suffix, at)
   end
@@ -406,8 +419,10 @@ end
 
 -- What an admitted request takes: its id, estimate, periods and lease, with the
 -- numbers that the user's and every payer's commands send formatted once (Lua
--- formats a number anew each time it is passed to redis.call or joined to a string,
--- and that is a large share of a script's work).
+-- formats a number anew each time it is passed to redis.call or joined to a string:
+-- about 3,500 instructions for a time in ms, as much as a small command; counted in
+-- docs/pages/benchmarks.md). struct_s, the structures' expiry, is formatted by the
+-- first share that needs it (share_take).
 local function taking(rid, est, day, day_end, month, month_end, now, ttl)
   local t = {rid = rid, est = est, est_s = tostring(est), now_s = tostring(now),
              lease_s = tostring(now + ttl), day = day, day_expire = day_end + DAY_GRACE,
@@ -417,15 +432,23 @@ local function taking(rid, est, day, day_end, month, month_end, now, ttl)
   return t
 end
 
--- Take a share `t` (taking()) in P.
-local function share_take(P, t, now)
-  add_period(P .. ':d:' .. t.day, t.est, t.day_expire, t.est_s)
-  add_period(P .. ':m:' .. t.month, t.est, t.month_expire, t.est_s)
+-- Take a share `t` (taking()) in P. `fresh`: whether P:p was empty before this lease,
+-- where the caller counted it (nil: not known, so PTTL asks); `dkey`, `mkey`: P's day
+-- and month counters' names, where the caller has built them.
+local function share_take(P, t, now, fresh, dkey, mkey)
+  add_period(dkey or (P .. ':d:' .. t.day), t.est, t.day_expire, t.est_s)
+  add_period(mkey or (P .. ':m:' .. t.month), t.est, t.month_expire, t.est_s)
   redis.call('ZADD', P .. ':p', t.lease_s, t.rid)
   redis.call('HSET', P .. ':rr', t.rid, t.share_record)
   -- The structures' lives are refreshed when the leases' set is new (no TTL yet), and
-  -- by every settle (share_settle): one PTTL here rather than three PEXPIREATs.
-  if redis.call('PTTL', P .. ':p') < 0 then share_touch(P, now) end
+  -- by every settle (share_settle): one PTTL here rather than three PEXPIREATs. Only
+  -- share_take creates P:p, always with this refresh, so a set that was not empty has
+  -- its TTL, and a caller who counted it needs no PTTL.
+  if fresh == nil then fresh = redis.call('PTTL', P .. ':p') < 0 end
+  if fresh then
+    if not t.struct_s then t.struct_s = tostring(now + STRUCT_TTL) end
+    share_touch(P, now, t.struct_s)
+  end
 end
 
 -- Replace a share's estimate by the actual usage, once. Without a record (lost,
@@ -548,8 +571,9 @@ local function payer_state(p)
     end
   end
   local f = redis.call('HMGET', p.base .. ':s', unpack(names))
-  p.state = {changed = {}}
-  for i, name in ipairs(names) do p.state[name] = f[i] end
+  local state = {}
+  for i = 1, #names do state[names[i]] = f[i] end
+  p.state = state
 end
 
 -- A team's counters are trusted once team_restore.lua has run since the last loss:
@@ -604,16 +628,24 @@ local function payer_block_rates(p, r, now)
   end
 end
 
--- A payer's token limits, in fit_tokens()'s form.
+-- A payer's token limits, in fit_tokens()'s form; one it does not set (-1) is left out,
+-- as fit_tokens() would pass over it.
 local function payer_token_limits(p, limits, day_end, month_end)
-  limits[#limits + 1] = {p.label .. 'tokens_per_day', p.tpd, p.day, day_end}
-  limits[#limits + 1] = {p.label .. 'tokens_per_month', p.tpmo, p.month, month_end}
+  if p.tpd >= 0 then
+    limits[#limits + 1] = {p.label .. 'tokens_per_day', p.tpd, p.day, day_end}
+  end
+  if p.tpmo >= 0 then
+    limits[#limits + 1] = {p.label .. 'tokens_per_month', p.tpmo, p.month, month_end}
+  end
 end
 
 -- Take a payer's share `t` (taking()) of an admitted request, and count it in its
--- window, which lives a minute past it.
+-- window, which lives a minute past it. Its leases were counted (payer_read) when it
+-- has a concurrency limit; its counters' names were built where the caller read them.
 local function payer_take(p, t, now, ttl)
-  share_take(p.base, t, now)
+  local fresh = nil
+  if p.conc >= 0 then fresh = p.inflight == 0 end
+  share_take(p.base, t, now, fresh, p.dkey, p.mkey)
   redis.call('ZADD', p.win, t.now_s, t.rid)
   redis.call('PEXPIRE', p.win, WINDOW_LIFE)
   lease_due(p.state, now, ttl)
@@ -623,6 +655,7 @@ end
 -- a write is rare (housekeeping ran, or a lease brought the due date in), and the
 -- hash lives STRUCT_TTL past it.
 local function payer_save(p, now)
+  if not p.state.changed then return end
   local fields = {}
   for name, value in pairs(p.state.changed) do
     fields[#fields + 1] = name
