@@ -69,14 +69,15 @@ end
 -- Periods are calendar days/months in the caller's PERIOD_TIMEZONE, which Lua cannot
 -- compute (DST). The caller sends the previous, current and next period ids with their
 -- start instants (one more start for the last end); we pick by server time.
--- Returns the period's id, its end and its start.
+-- Returns the period's id, its end and its start, and its end as the caller sent it
+-- (a string, so that nothing formats it again: see taking()).
 local function pick_period(ids_csv, starts_csv, now)
   local ids, starts = split(ids_csv), split(starts_csv)
   local chosen = 1
   for i = 1, #ids do
     if tonumber(starts[i]) <= now then chosen = i end
   end
-  return ids[chosen], tonumber(starts[chosen + 1]), tonumber(starts[chosen])
+  return ids[chosen], tonumber(starts[chosen + 1]), tonumber(starts[chosen]), starts[chosen + 1]
 end
 
 -- Exact ceil(a / b) for non-negative integers held in doubles.
@@ -212,8 +213,8 @@ end
 -- Reservations whose lease ran out (a crashed worker, a forgotten settle) give their
 -- tokens and their concurrency slot back, so nobody is refused for phantom usage.
 -- Their record stays for one more TTL so a late settle still charges the real usage.
--- P is any base with :p, :rr and :z (a user's B or the global G); give_back undoes the
--- reservation in P's counters.
+-- P is any base with :p, :rr and :z (a user's B or the global G); give_back(rid, est,
+-- day, month, P, now) undoes the reservation in P's counters.
 local function reclaim(P, now, ttl, give_back)
   while true do
     local rids = redis.call('ZRANGEBYSCORE', P .. ':p', '-inf', now, 'LIMIT', 0, BATCH)
@@ -224,7 +225,7 @@ local function reclaim(P, now, ttl, give_back)
       if rec then
         local state, est, day, month, month_end, g, model = parse_record(rec)
         if state == 'p' then
-          give_back(rid, est, day, month)
+          give_back(rid, est, day, month, P, now)
           redis.call('HSET', P .. ':rr', rid, record('x', 0, day, month, month_end, g, model))
           redis.call('ZADD', P .. ':z', now + ttl, rid)
         end
@@ -276,6 +277,7 @@ end
 -- expired leases were looked for (and perhaps given back).
 local function due_housekeeping(P, now, ttl, state, give_back)
   local pdue = tonumber(state.pdue)
+  state.pdue = pdue  -- lease_due() reads it again: converted once
   local reclaimed = false
   if pdue == nil or (pdue >= 0 and now >= pdue) then
     reclaim(P, now, ttl, give_back)
@@ -404,8 +406,14 @@ local function share_give_back(P, est, day, month, now)
   adjust(P .. ':m:' .. month, -est, now)
 end
 
+-- reclaim()'s give_back for a share: a function of the file, not a closure made anew
+-- by every call (a payer's housekeeping runs on every reserve).
+local function share_reclaimed(_, est, day, month, P, now)
+  share_give_back(P, est, day, month, now)
+end
+
 local function share_housekeeping(P, now, ttl)
-  reclaim(P, now, ttl, function(_, est, day, month) share_give_back(P, est, day, month, now) end)
+  reclaim(P, now, ttl, share_reclaimed)
   forget(P, now)
 end
 
@@ -423,11 +431,12 @@ end
 -- about 3,500 instructions for a time in ms, as much as a small command; counted in
 -- docs/pages/benchmarks.md). struct_s, the structures' expiry, is formatted by the
 -- first share that needs it (share_take).
-local function taking(rid, est, day, day_end, month, month_end, now, ttl)
+-- `month_end_s`: month_end as the caller sent it, if it has it (pick_period()).
+local function taking(rid, est, day, day_end, month, month_end, now, ttl, month_end_s)
   local t = {rid = rid, est = est, est_s = tostring(est), now_s = tostring(now),
              lease_s = tostring(now + ttl), day = day, day_expire = day_end + DAY_GRACE,
              month = month, month_expire = month_end + MONTH_GRACE,
-             month_end_s = tostring(month_end)}
+             month_end_s = month_end_s or tostring(month_end)}
   t.share_record = record('p', t.est_s, day, month, t.month_end_s, '1', '')
   return t
 end
@@ -560,6 +569,16 @@ end
 -- (The lists are built here, not as file-level constants: every script call runs this
 -- file, and a reserve without payers should not pay for them.)
 local function payer_state(p)
+  if p.mult < 0 then  -- the usual case, without a list of names to build and walk
+    local f
+    if p.label == 'team.' then
+      f = redis.call('HMGET', p.base .. ':s', 'pdue', 'zdue', 'seen', 't')
+    else
+      f = redis.call('HMGET', p.base .. ':s', 'pdue', 'zdue')
+    end
+    p.state = {pdue = f[1], zdue = f[2], seen = f[3], t = f[4]}
+    return
+  end
   local names = {'pdue', 'zdue'}
   if p.label == 'team.' then
     names[#names + 1] = 'seen'
@@ -592,8 +611,7 @@ end
 -- Expired shares give their tokens back and old records go, when the payer's dates
 -- say some are due (due_housekeeping, as for a user).
 local function payer_housekeeping(p, now, ttl)
-  due_housekeeping(p.base, now, ttl, p.state,
-    function(_, est, day, month) share_give_back(p.base, est, day, month, now) end)
+  due_housekeeping(p.base, now, ttl, p.state, share_reclaimed)
 end
 
 -- Count a payer's request window (old entries leave first) and its calls in flight.

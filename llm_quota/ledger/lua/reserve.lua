@@ -50,7 +50,7 @@ local prompt_micro, out_micro = tonumber(ARGV[11]), tonumber(ARGV[12])
 local max_out, min_out, clamp = tonumber(ARGV[13]), tonumber(ARGV[14]), ARGV[15] == '1'
 local model = ARGV[16]
 local day, day_end, day_start = pick_period(ARGV[17], ARGV[18], now)
-local month, month_end, month_start = pick_period(ARGV[19], ARGV[20], now)
+local month, month_end, month_start, month_end_s = pick_period(ARGV[19], ARGV[20], now)
 if G == nil then gtpd, gtpmo = -1, -1 end
 local use_global = gtpd >= 0 or gtpmo >= 0
 
@@ -288,7 +288,9 @@ end
 -- The shares' figures are formatted once for all of them, and the user's commands
 -- send the same strings (a number passed to redis.call is formatted anew each time).
 local t = nil
-if use_global or #payers > 0 then t = taking(rid, est, day, day_end, month, month_end, now, ttl) end
+if use_global or #payers > 0 then
+  t = taking(rid, est, day, day_end, month, month_end, now, ttl, month_end_s)
+end
 if t then
   redis.call('ZADD', B .. ':w', t.now_s, rid)
   redis.call('ZADD', B .. ':p', t.lease_s, rid)
