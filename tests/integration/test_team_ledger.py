@@ -182,3 +182,21 @@ def test_a_teams_leases_and_records_expire_even_if_nobody_comes_back(ledger):
             ledger.settle(first, ActualUsage(10, 10))
             ledger.settle(second, ActualUsage(10, 10))
             assert ledger.client.exists(base + ":p") == 0
+
+
+def test_a_teams_tombstones_expire_even_if_nobody_comes_back(ledger, clock):
+    """Whoever writes a tombstone into a team's T:z gives it its expiry: a release (here
+    of a second call, so no reserve found the lease set new after it) and an expired
+    lease's give-back."""
+    limits = _team(team_tokens_per_day=10**6)
+    base = ledger.keyspace.team("9")
+    first = ledger.reserve(1, limits, estimate(10, 10)).reservation
+    second = ledger.reserve(2, limits, estimate(10, 10)).reservation
+    assert ledger.client.exists(base + ":z") == 0
+    assert ledger.release(second) is True
+    assert ledger.client.pttl(base + ":z") > 0
+    ledger.client.delete(base + ":z")
+    clock.advance(ledger.ops.ttl_ms / 1000 + 1)  # the first call's lease runs out
+    assert ledger.reserve(3, limits, estimate(10, 10)).allowed
+    assert ledger.client.zscore(base + ":z", first.id) is not None
+    assert ledger.client.pttl(base + ":z") > 0

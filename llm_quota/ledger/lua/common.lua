@@ -216,6 +216,7 @@ end
 -- P is any base with :p, :rr and :z (a user's B or the global G); give_back(rid, est,
 -- day, month, P, now) undoes the reservation in P's counters.
 local function reclaim(P, now, ttl, give_back)
+  local expired = false
   while true do
     local rids = redis.call('ZRANGEBYSCORE', P .. ':p', '-inf', now, 'LIMIT', 0, BATCH)
     if #rids == 0 then return end
@@ -228,10 +229,14 @@ local function reclaim(P, now, ttl, give_back)
           give_back(rid, est, day, month, P, now)
           redis.call('HSET', P .. ':rr', rid, record('x', 0, day, month, month_end, g, model))
           redis.call('ZADD', P .. ':z', now + ttl, rid)
+          expired = true
         end
       end
     end
     redis.call('ZREM', P .. ':p', unpack(rids))
+    -- Whoever writes a tombstone gives P:z its life, which may be new: nobody may
+    -- come back to reserve (share_take does not refresh P:z).
+    if expired then redis.call('PEXPIREAT', P .. ':z', now + STRUCT_TTL) end
     if #rids < BATCH then return end
   end
 end
@@ -417,9 +422,8 @@ local function share_housekeeping(P, now, ttl)
   forget(P, now)
 end
 
--- `at`: now + STRUCT_TTL, where the caller has formatted it (taking()'s struct_s).
-local function share_touch(P, now, at)
-  at = at or now + STRUCT_TTL
+local function share_touch(P, now)
+  local at = now + STRUCT_TTL
   for _, suffix in ipairs({':p', ':rr', ':z'}) do
     redis.call('PEXPIREAT', P .. suffix, at)
   end
@@ -449,14 +453,16 @@ local function share_take(P, t, now, fresh, dkey, mkey)
   add_period(mkey or (P .. ':m:' .. t.month), t.est, t.month_expire, t.est_s)
   redis.call('ZADD', P .. ':p', t.lease_s, t.rid)
   redis.call('HSET', P .. ':rr', t.rid, t.share_record)
-  -- The structures' lives are refreshed when the leases' set is new (no TTL yet), and
-  -- by every settle (share_settle): one PTTL here rather than three PEXPIREATs. Only
-  -- share_take creates P:p, always with this refresh, so a set that was not empty has
-  -- its TTL, and a caller who counted it needs no PTTL.
+  -- The lives of what this writes (the lease set and the records) are refreshed when
+  -- the lease set is new (no TTL yet), and by every settle (share_settle): one PTTL
+  -- here rather than two PEXPIREATs on every reserve. Only share_take creates P:p,
+  -- always with this refresh, so a set that was not empty has its TTL, and a caller
+  -- who counted it needs no PTTL. P:z is not written here: its writers give it its life.
   if fresh == nil then fresh = redis.call('PTTL', P .. ':p') < 0 end
   if fresh then
     if not t.struct_s then t.struct_s = tostring(now + STRUCT_TTL) end
-    share_touch(P, now, t.struct_s)
+    redis.call('PEXPIREAT', P .. ':p', t.struct_s)
+    redis.call('PEXPIREAT', P .. ':rr', t.struct_s)
   end
 end
 
@@ -500,6 +506,7 @@ local function share_release(P, rid, now, ttl)
   redis.call('ZREM', P .. ':p', rid)
   redis.call('HSET', P .. ':rr', rid, record('l', 0, day, month, month_end, '1', ''))
   redis.call('ZADD', P .. ':z', now + ttl, rid)
+  redis.call('PEXPIREAT', P .. ':z', now + STRUCT_TTL)  -- as reclaim() does
   return 1
 end
 
