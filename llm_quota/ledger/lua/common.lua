@@ -667,9 +667,16 @@ end
 -- Take a payer's share `t` (taking()) of an admitted request, and count it in its
 -- window, which lives a minute past it. Its leases were counted (payer_read) when it
 -- has a concurrency limit; its counters' names were built where the caller read them.
-local function payer_take(p, t, now, ttl)
+-- `user_idle`: the user holds no lease (reserve.lua counted B:p). A payer's lease is
+-- also its user's, so its lease set is then very likely new: refreshed without asking
+-- (a refresh too many costs nothing but itself; one too few is what PTTL guards).
+local function payer_take(p, t, now, ttl, user_idle)
   local fresh = nil
-  if p.conc >= 0 then fresh = p.inflight == 0 end
+  if p.conc >= 0 then
+    fresh = p.inflight == 0
+  elseif user_idle then
+    fresh = true
+  end
   share_take(p.base, t, now, fresh, p.dkey, p.mkey)
   redis.call('ZADD', p.win, t.now_s, t.rid)
   redis.call('PEXPIRE', p.win, WINDOW_LIFE)

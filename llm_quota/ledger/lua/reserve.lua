@@ -299,7 +299,7 @@ else
   redis.call('ZADD', B .. ':p', now + ttl, rid)
 end
 lease_due(state, now, ttl)
-for _, p in ipairs(payers) do payer_take(p, t, now, ttl) end
+for _, p in ipairs(payers) do payer_take(p, t, now, ttl, inflight == 0) end
 save_state(used_min + est)
 add_period(B .. ':d:' .. day, est, day_end + DAY_GRACE, t and t.est_s)
 add_period(B .. ':m:' .. month, est, month_end + MONTH_GRACE, t and t.est_s)
