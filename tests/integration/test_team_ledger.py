@@ -165,3 +165,38 @@ def test_a_teams_day_that_is_over_is_not_restored(ledger):
     assert ledger.reserve(2, limits, estimate(500, 500), clamp=False).allowed  # all of today
     team = ledger.team_usage("9")
     assert (team.tokens_today, team.tokens_this_month) == (1000, 1900)
+
+
+def test_a_teams_leases_and_records_expire_even_if_nobody_comes_back(ledger):
+    """A team's lease set and records get an expiry whenever the set is new: the reserve
+    knows it is new from the team's calls in flight where it counts them (a concurrency
+    limit), and asks Redis where it does not."""
+    for team, extra in (("8", {"team_max_concurrent_requests": 5}), ("9", {})):
+        limits = Limits(tokens_per_month=100_000, team=team, team_tokens_per_day=10**6, **extra)
+        base = ledger.keyspace.team(team)
+        for _ in range(2):  # a new set, and a set emptied by the settle before
+            first = ledger.reserve(1, limits, estimate(10, 10)).reservation
+            second = ledger.reserve(2, limits, estimate(10, 10)).reservation  # not new
+            assert ledger.client.pttl(base + ":p") > 0
+            assert ledger.client.pttl(base + ":rr") > 0
+            ledger.settle(first, ActualUsage(10, 10))
+            ledger.settle(second, ActualUsage(10, 10))
+            assert ledger.client.exists(base + ":p") == 0
+
+
+def test_a_teams_tombstones_expire_even_if_nobody_comes_back(ledger, clock):
+    """Whoever writes a tombstone into a team's T:z gives it its expiry: a release (here
+    of a second call, so no reserve found the lease set new after it) and an expired
+    lease's give-back."""
+    limits = _team(team_tokens_per_day=10**6)
+    base = ledger.keyspace.team("9")
+    first = ledger.reserve(1, limits, estimate(10, 10)).reservation
+    second = ledger.reserve(2, limits, estimate(10, 10)).reservation
+    assert ledger.client.exists(base + ":z") == 0
+    assert ledger.release(second) is True
+    assert ledger.client.pttl(base + ":z") > 0
+    ledger.client.delete(base + ":z")
+    clock.advance(ledger.ops.ttl_ms / 1000 + 1)  # the first call's lease runs out
+    assert ledger.reserve(3, limits, estimate(10, 10)).allowed
+    assert ledger.client.zscore(base + ":z", first.id) is not None
+    assert ledger.client.pttl(base + ":z") > 0

@@ -69,14 +69,15 @@ end
 -- Periods are calendar days/months in the caller's PERIOD_TIMEZONE, which Lua cannot
 -- compute (DST). The caller sends the previous, current and next period ids with their
 -- start instants (one more start for the last end); we pick by server time.
--- Returns the period's id, its end and its start.
+-- Returns the period's id, its end and its start, and its end as the caller sent it
+-- (a string, so that nothing formats it again: see taking()).
 local function pick_period(ids_csv, starts_csv, now)
   local ids, starts = split(ids_csv), split(starts_csv)
   local chosen = 1
   for i = 1, #ids do
     if tonumber(starts[i]) <= now then chosen = i end
   end
-  return ids[chosen], tonumber(starts[chosen + 1]), tonumber(starts[chosen])
+  return ids[chosen], tonumber(starts[chosen + 1]), tonumber(starts[chosen]), starts[chosen + 1]
 end
 
 -- Exact ceil(a / b) for non-negative integers held in doubles.
@@ -212,9 +213,10 @@ end
 -- Reservations whose lease ran out (a crashed worker, a forgotten settle) give their
 -- tokens and their concurrency slot back, so nobody is refused for phantom usage.
 -- Their record stays for one more TTL so a late settle still charges the real usage.
--- P is any base with :p, :rr and :z (a user's B or the global G); give_back undoes the
--- reservation in P's counters.
+-- P is any base with :p, :rr and :z (a user's B or the global G); give_back(rid, est,
+-- day, month, P, now) undoes the reservation in P's counters.
 local function reclaim(P, now, ttl, give_back)
+  local expired = false
   while true do
     local rids = redis.call('ZRANGEBYSCORE', P .. ':p', '-inf', now, 'LIMIT', 0, BATCH)
     if #rids == 0 then return end
@@ -224,13 +226,17 @@ local function reclaim(P, now, ttl, give_back)
       if rec then
         local state, est, day, month, month_end, g, model = parse_record(rec)
         if state == 'p' then
-          give_back(rid, est, day, month)
+          give_back(rid, est, day, month, P, now)
           redis.call('HSET', P .. ':rr', rid, record('x', 0, day, month, month_end, g, model))
           redis.call('ZADD', P .. ':z', now + ttl, rid)
+          expired = true
         end
       end
     end
     redis.call('ZREM', P .. ':p', unpack(rids))
+    -- Whoever writes a tombstone gives P:z its life, which may be new: nobody may
+    -- come back to reserve (share_take does not refresh P:z).
+    if expired then redis.call('PEXPIREAT', P .. ':z', now + STRUCT_TTL) end
     if #rids < BATCH then return end
   end
 end
@@ -257,20 +263,33 @@ local function housekeeping(B, now, ttl)
   forget(B, now)
 end
 
+-- Note that `name` changed to `value` in a state hash's copy `state` (its HSET is
+-- the caller's): the list of changes is made only when there is one, as most calls
+-- change nothing (every table costs a script thousands of instructions).
+local function mark_changed(state, name, value)
+  local changed = state.changed
+  if not changed then
+    changed = {}
+    state.changed = changed
+  end
+  changed[name] = value
+end
+
 -- Reserve's housekeeping of leases and tombstones runs only when the dates kept in
 -- the state hash (a user's B:s, a payer's P:s) say something is due; `state` holds
--- their values and collects what changed, `give_back` undoes an expired lease in P's
+-- their values and collects what changed (mark_changed), `give_back` undoes an expired lease in P's
 -- counters. An old hash without the dates simply runs it once. Returns true if
 -- expired leases were looked for (and perhaps given back).
 local function due_housekeeping(P, now, ttl, state, give_back)
   local pdue = tonumber(state.pdue)
+  state.pdue = pdue  -- lease_due() reads it again: converted once
   local reclaimed = false
   if pdue == nil or (pdue >= 0 and now >= pdue) then
     reclaim(P, now, ttl, give_back)
     local first = redis.call('ZRANGE', P .. ':p', 0, 0, 'WITHSCORES')
     state.pdue = -1
     if #first > 0 then state.pdue = tonumber(first[2]) end
-    state.changed.pdue = state.pdue
+    mark_changed(state, 'pdue', state.pdue)
     reclaimed = true
   end
   local zdue = tonumber(state.zdue)
@@ -283,7 +302,7 @@ local function due_housekeeping(P, now, ttl, state, give_back)
       local first = redis.call('ZRANGE', P .. ':z', 0, 0, 'WITHSCORES')
       if #first > 0 then next_due = math.max(tonumber(first[2]), now + FORGET_EVERY) end
     end
-    state.changed.zdue = next_due
+    mark_changed(state, 'zdue', next_due)
   end
   return reclaimed
 end
@@ -292,7 +311,7 @@ end
 -- date is later, or none is set (-1: no lease was pending at the last look).
 local function lease_due(state, now, ttl)
   local pdue = tonumber(state.pdue)
-  if pdue == nil or pdue < 0 or pdue > now + ttl then state.changed.pdue = now + ttl end
+  if pdue == nil or pdue < 0 or pdue > now + ttl then mark_changed(state, 'pdue', now + ttl) end
 end
 
 -- The estimates of the reservations still pending (their count is the concurrency).
@@ -392,8 +411,14 @@ local function share_give_back(P, est, day, month, now)
   adjust(P .. ':m:' .. month, -est, now)
 end
 
+-- reclaim()'s give_back for a share: a function of the file, not a closure made anew
+-- by every call (a payer's housekeeping runs on every reserve).
+local function share_reclaimed(_, est, day, month, P, now)
+  share_give_back(P, est, day, month, now)
+end
+
 local function share_housekeeping(P, now, ttl)
-  reclaim(P, now, ttl, function(_, est, day, month) share_give_back(P, est, day, month, now) end)
+  reclaim(P, now, ttl, share_reclaimed)
   forget(P, now)
 end
 
@@ -406,26 +431,39 @@ end
 
 -- What an admitted request takes: its id, estimate, periods and lease, with the
 -- numbers that the user's and every payer's commands send formatted once (Lua
--- formats a number anew each time it is passed to redis.call or joined to a string,
--- and that is a large share of a script's work).
-local function taking(rid, est, day, day_end, month, month_end, now, ttl)
+-- formats a number anew each time it is passed to redis.call or joined to a string:
+-- about 3,500 instructions for a time in ms, as much as a small command; counted in
+-- docs/pages/benchmarks.md). struct_s, the structures' expiry, is formatted by the
+-- first share that needs it (share_take).
+-- `month_end_s`: month_end as the caller sent it, if it has it (pick_period()).
+local function taking(rid, est, day, day_end, month, month_end, now, ttl, month_end_s)
   local t = {rid = rid, est = est, est_s = tostring(est), now_s = tostring(now),
              lease_s = tostring(now + ttl), day = day, day_expire = day_end + DAY_GRACE,
              month = month, month_expire = month_end + MONTH_GRACE,
-             month_end_s = tostring(month_end)}
+             month_end_s = month_end_s or tostring(month_end)}
   t.share_record = record('p', t.est_s, day, month, t.month_end_s, '1', '')
   return t
 end
 
--- Take a share `t` (taking()) in P.
-local function share_take(P, t, now)
-  add_period(P .. ':d:' .. t.day, t.est, t.day_expire, t.est_s)
-  add_period(P .. ':m:' .. t.month, t.est, t.month_expire, t.est_s)
+-- Take a share `t` (taking()) in P. `fresh`: whether P:p was empty before this lease,
+-- where the caller counted it (nil: not known, so PTTL asks); `dkey`, `mkey`: P's day
+-- and month counters' names, where the caller has built them.
+local function share_take(P, t, now, fresh, dkey, mkey)
+  add_period(dkey or (P .. ':d:' .. t.day), t.est, t.day_expire, t.est_s)
+  add_period(mkey or (P .. ':m:' .. t.month), t.est, t.month_expire, t.est_s)
   redis.call('ZADD', P .. ':p', t.lease_s, t.rid)
   redis.call('HSET', P .. ':rr', t.rid, t.share_record)
-  -- The structures' lives are refreshed when the leases' set is new (no TTL yet), and
-  -- by every settle (share_settle): one PTTL here rather than three PEXPIREATs.
-  if redis.call('PTTL', P .. ':p') < 0 then share_touch(P, now) end
+  -- The lives of what this writes (the lease set and the records) are refreshed when
+  -- the lease set is new (no TTL yet), and by every settle (share_settle): one PTTL
+  -- here rather than two PEXPIREATs on every reserve. Only share_take creates P:p,
+  -- always with this refresh, so a set that was not empty has its TTL, and a caller
+  -- who counted it needs no PTTL. P:z is not written here: its writers give it its life.
+  if fresh == nil then fresh = redis.call('PTTL', P .. ':p') < 0 end
+  if fresh then
+    if not t.struct_s then t.struct_s = tostring(now + STRUCT_TTL) end
+    redis.call('PEXPIREAT', P .. ':p', t.struct_s)
+    redis.call('PEXPIREAT', P .. ':rr', t.struct_s)
+  end
 end
 
 -- Replace a share's estimate by the actual usage, once. Without a record (lost,
@@ -468,6 +506,7 @@ local function share_release(P, rid, now, ttl)
   redis.call('ZREM', P .. ':p', rid)
   redis.call('HSET', P .. ':rr', rid, record('l', 0, day, month, month_end, '1', ''))
   redis.call('ZADD', P .. ':z', now + ttl, rid)
+  redis.call('PEXPIREAT', P .. ':z', now + STRUCT_TTL)  -- as reclaim() does
   return 1
 end
 
@@ -537,6 +576,16 @@ end
 -- (The lists are built here, not as file-level constants: every script call runs this
 -- file, and a reserve without payers should not pay for them.)
 local function payer_state(p)
+  if p.mult < 0 then  -- the usual case, without a list of names to build and walk
+    local f
+    if p.label == 'team.' then
+      f = redis.call('HMGET', p.base .. ':s', 'pdue', 'zdue', 'seen', 't')
+    else
+      f = redis.call('HMGET', p.base .. ':s', 'pdue', 'zdue')
+    end
+    p.state = {pdue = f[1], zdue = f[2], seen = f[3], t = f[4]}
+    return
+  end
   local names = {'pdue', 'zdue'}
   if p.label == 'team.' then
     names[#names + 1] = 'seen'
@@ -548,8 +597,9 @@ local function payer_state(p)
     end
   end
   local f = redis.call('HMGET', p.base .. ':s', unpack(names))
-  p.state = {changed = {}}
-  for i, name in ipairs(names) do p.state[name] = f[i] end
+  local state = {}
+  for i = 1, #names do state[names[i]] = f[i] end
+  p.state = state
 end
 
 -- A team's counters are trusted once team_restore.lua has run since the last loss:
@@ -568,8 +618,7 @@ end
 -- Expired shares give their tokens back and old records go, when the payer's dates
 -- say some are due (due_housekeeping, as for a user).
 local function payer_housekeeping(p, now, ttl)
-  due_housekeeping(p.base, now, ttl, p.state,
-    function(_, est, day, month) share_give_back(p.base, est, day, month, now) end)
+  due_housekeeping(p.base, now, ttl, p.state, share_reclaimed)
 end
 
 -- Count a payer's request window (old entries leave first) and its calls in flight.
@@ -604,16 +653,31 @@ local function payer_block_rates(p, r, now)
   end
 end
 
--- A payer's token limits, in fit_tokens()'s form.
+-- A payer's token limits, in fit_tokens()'s form; one it does not set (-1) is left out,
+-- as fit_tokens() would pass over it.
 local function payer_token_limits(p, limits, day_end, month_end)
-  limits[#limits + 1] = {p.label .. 'tokens_per_day', p.tpd, p.day, day_end}
-  limits[#limits + 1] = {p.label .. 'tokens_per_month', p.tpmo, p.month, month_end}
+  if p.tpd >= 0 then
+    limits[#limits + 1] = {p.label .. 'tokens_per_day', p.tpd, p.day, day_end}
+  end
+  if p.tpmo >= 0 then
+    limits[#limits + 1] = {p.label .. 'tokens_per_month', p.tpmo, p.month, month_end}
+  end
 end
 
 -- Take a payer's share `t` (taking()) of an admitted request, and count it in its
--- window, which lives a minute past it.
-local function payer_take(p, t, now, ttl)
-  share_take(p.base, t, now)
+-- window, which lives a minute past it. Its leases were counted (payer_read) when it
+-- has a concurrency limit; its counters' names were built where the caller read them.
+-- `user_idle`: the user holds no lease (reserve.lua counted B:p). A payer's lease is
+-- also its user's, so its lease set is then very likely new: refreshed without asking
+-- (a refresh too many costs nothing but itself; one too few is what PTTL guards).
+local function payer_take(p, t, now, ttl, user_idle)
+  local fresh = nil
+  if p.conc >= 0 then
+    fresh = p.inflight == 0
+  elseif user_idle then
+    fresh = true
+  end
+  share_take(p.base, t, now, fresh, p.dkey, p.mkey)
   redis.call('ZADD', p.win, t.now_s, t.rid)
   redis.call('PEXPIRE', p.win, WINDOW_LIFE)
   lease_due(p.state, now, ttl)
@@ -623,6 +687,7 @@ end
 -- a write is rare (housekeeping ran, or a lease brought the due date in), and the
 -- hash lives STRUCT_TTL past it.
 local function payer_save(p, now)
+  if not p.state.changed then return end
   local fields = {}
   for name, value in pairs(p.state.changed) do
     fields[#fields + 1] = name

@@ -50,7 +50,7 @@ local prompt_micro, out_micro = tonumber(ARGV[11]), tonumber(ARGV[12])
 local max_out, min_out, clamp = tonumber(ARGV[13]), tonumber(ARGV[14]), ARGV[15] == '1'
 local model = ARGV[16]
 local day, day_end, day_start = pick_period(ARGV[17], ARGV[18], now)
-local month, month_end, month_start = pick_period(ARGV[19], ARGV[20], now)
+local month, month_end, month_start, month_end_s = pick_period(ARGV[19], ARGV[20], now)
 if G == nil then gtpd, gtpmo = -1, -1 end
 local use_global = gtpd >= 0 or gtpmo >= 0
 
@@ -75,7 +75,7 @@ for _, p in ipairs(payers) do
     return {2, p.label, 0, 0, 0, now, day, month, 0, 0, 0, 0, 0, 0, month_end, day_end}
   end
 end
-local state = {wsum = num(s[3]), pdue = s[4], zdue = s[5], changed = {}}
+local state = {wsum = num(s[3]), pdue = s[4], zdue = s[5]}  -- changes: mark_changed()
 
 -- Step 1c (issue 17): the global caps' counters, likewise (global_restore.lua). A
 -- missing marker with this month's counter present means counters that were never
@@ -110,9 +110,10 @@ if #payers == 0 then
   periods = redis.call('MGET', B .. ':d:' .. day, B .. ':m:' .. month)
 else
   local period_keys = {B .. ':d:' .. day, B .. ':m:' .. month}
-  for _, p in ipairs(payers) do
-    period_keys[#period_keys + 1] = p.base .. ':d:' .. day
-    period_keys[#period_keys + 1] = p.base .. ':m:' .. month
+  for _, p in ipairs(payers) do  -- kept for step 6 (payer_take)
+    p.dkey, p.mkey = p.base .. ':d:' .. day, p.base .. ':m:' .. month
+    period_keys[#period_keys + 1] = p.dkey
+    period_keys[#period_keys + 1] = p.mkey
   end
   periods = redis.call('MGET', unpack(period_keys))
 end
@@ -136,7 +137,7 @@ local function save_state(wsum)
   for _, p in ipairs(payers) do payer_save(p, now) end
   local fields = {}
   if wsum ~= state.wsum then fields[#fields + 1] = 'wsum'; fields[#fields + 1] = wsum end
-  for name, value in pairs(state.changed) do
+  for name, value in pairs(state.changed or {}) do
     fields[#fields + 1] = name
     fields[#fields + 1] = value
   end
@@ -146,22 +147,24 @@ end
 -- The token limit the headers describe: the one with the least left once `taken` more
 -- is reserved (ties go to the shorter period). Returns limit, left, reset, window (ms);
 -- limit -1 when the tier sets no token limit.
+-- (Compared one by one, without a table per candidate: a table costs a script more
+-- than the comparison.)
 local function tokens_header(taken)
-  local best = {-1, -1, window_reset, WINDOW}
-  local candidates = {
-    {tpm, used_min, window_reset, WINDOW},
-    {tpd, used_day, day_end - now, day_end - day_start},
-    {tpmo, used_month, month_end - now, month_end - month_start},
-  }
+  local b_limit, b_left, b_reset, b_window = -1, -1, window_reset, WINDOW
+  local function consider(limit, used, reset, window)
+    local left = limit - used - taken
+    if limit >= 0 and (b_limit < 0 or left < b_left) then
+      b_limit, b_left, b_reset, b_window = limit, left, reset, window
+    end
+  end
+  consider(tpm, used_min, window_reset, WINDOW)
+  consider(tpd, used_day, day_end - now, day_end - day_start)
+  consider(tpmo, used_month, month_end - now, month_end - month_start)
   for _, p in ipairs(payers) do
-    candidates[#candidates + 1] = {p.tpd, p.day, day_end - now, day_end - day_start}
-    candidates[#candidates + 1] = {p.tpmo, p.month, month_end - now, month_end - month_start}
+    consider(p.tpd, p.day, day_end - now, day_end - day_start)
+    consider(p.tpmo, p.month, month_end - now, month_end - month_start)
   end
-  for _, c in ipairs(candidates) do
-    local left = c[1] - c[2] - taken
-    if c[1] >= 0 and (best[1] < 0 or left < best[2]) then best = {c[1], left, c[3], c[4]} end
-  end
-  return best[1], math.max(best[2], -1), best[3], best[4]
+  return b_limit, math.max(b_left, -1), b_reset, b_window
 end
 
 -- The request limit the headers describe: the user's or a payer's, whichever has less
@@ -282,15 +285,24 @@ end
 
 -- Step 6: reserve in every window and period at once, for every payer. The record remembers where
 -- the estimate went, so settle and expiry can take back exactly that.
-redis.call('ZADD', B .. ':w', now, rid)
-redis.call('ZADD', B .. ':p', now + ttl, rid)
+-- The shares' figures are formatted once for all of them, and the user's commands
+-- send the same strings (a number passed to redis.call is formatted anew each time).
+local t = nil
+if use_global or #payers > 0 then
+  t = taking(rid, est, day, day_end, month, month_end, now, ttl, month_end_s)
+end
+if t then
+  redis.call('ZADD', B .. ':w', t.now_s, rid)
+  redis.call('ZADD', B .. ':p', t.lease_s, rid)
+else
+  redis.call('ZADD', B .. ':w', now, rid)
+  redis.call('ZADD', B .. ':p', now + ttl, rid)
+end
 lease_due(state, now, ttl)
-local t = nil  -- the shares' figures, formatted once for all of them
-if use_global or #payers > 0 then t = taking(rid, est, day, day_end, month, month_end, now, ttl) end
-for _, p in ipairs(payers) do payer_take(p, t, now, ttl) end
+for _, p in ipairs(payers) do payer_take(p, t, now, ttl, inflight == 0) end
 save_state(used_min + est)
-add_period(B .. ':d:' .. day, est, day_end + DAY_GRACE)
-add_period(B .. ':m:' .. month, est, month_end + MONTH_GRACE)
+add_period(B .. ':d:' .. day, est, day_end + DAY_GRACE, t and t.est_s)
+add_period(B .. ':m:' .. month, est, month_end + MONTH_GRACE, t and t.est_s)
 local g = '0'
 if use_global then
   share_take(G, t, now)
