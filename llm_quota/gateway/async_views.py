@@ -24,7 +24,6 @@ first requests find the URLs imported and the tokenizers loaded.
 from __future__ import annotations
 
 import gc
-import sys
 from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase
@@ -54,16 +53,9 @@ from llm_quota.shapes.responses import ResponsesRequest
 #: The encodings OpenAI's current models use (``estimation.FALLBACK_ENCODING`` stands
 #: in for unknown models).
 WARM_ENCODINGS = ("o200k_base", estimation.FALLBACK_ENCODING)
-#: The GIL switch interval ``warm_up`` sets, in seconds (Python's default: 0.005).
-SWITCH_INTERVAL = 0.0005
 
 
-def warm_up(
-    encodings: tuple[str, ...] = WARM_ENCODINGS,
-    *,
-    freeze: bool = True,
-    switch_interval: float | None = SWITCH_INTERVAL,
-) -> None:
+def warm_up(encodings: tuple[str, ...] = WARM_ENCODINGS, *, freeze: bool = True) -> None:
     """Do a worker's one-time work before it serves, not on its event loop.
 
     Loading a tiktoken encoding takes a tenth of a second or more, in native code
@@ -75,14 +67,6 @@ def warm_up(
     long as the worker, yet every full collection walks all of it, a pause on the loop
     that grows with the machine's load (the long-stream benchmark). Frozen, a full
     collection walks only what requests created.
-
-    And ``sys.setswitchinterval(switch_interval)`` unless it is None: each request's
-    sync steps (Django's ``request_started`` receivers, every ``MiddlewareMixin``
-    middleware's two halves, ``response.close()``) hop to a thread, which needs the GIL
-    from a loop thread busy relaying streams; that thread lets go only when the
-    interpreter asks it to, once per switch interval (5 ms by default). Under load the
-    hops queue behind it, about one per interval, and new requests wait seconds for
-    their first byte (the long-stream benchmark); at 0.5 ms ten times as many get by.
     """
     from django.urls import get_resolver
 
@@ -104,8 +88,6 @@ def warm_up(
     if freeze:
         gc.collect()  # what start-up left as garbage goes now, not frozen for good
         gc.freeze()
-    if switch_interval is not None:
-        sys.setswitchinterval(switch_interval)
 
 
 class AsyncGatedView(View):

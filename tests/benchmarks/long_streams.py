@@ -471,7 +471,6 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 #: the middleware the gateway uses (section 10's ``lean_settings``).
 VARIANTS = {
     "unfrozen": ("async, gc not frozen", {"LLMQ_BENCH_GC": "unfrozen"}),
-    "switch": ("async, 5 ms switch interval", {"LLMQ_BENCH_SWITCH": "0.005"}),
     "lean": ("async, only LLMQuotaMiddleware",
              {"DJANGO_SETTINGS_MODULE": "tests.benchmarks.lean_settings"}),
 }  # fmt: skip

@@ -7,8 +7,7 @@ stream on the worker waits too, for its next chunk or its first. Each worker app
 ``<monotonic time> <lag ms>`` lines to ``$LLMQ_BENCH_LAG_DIR/<pid>`` about once a
 second (CLOCK_MONOTONIC is the machine's, so the bench cuts out each phase's window).
 A 500's traceback goes to the terminal. ``LLMQ_BENCH_GC=unfrozen`` undoes ``warm_up``'s
-``gc.freeze()`` and ``LLMQ_BENCH_SWITCH`` sets another switch interval: the befores,
-for the long-stream section's ``--variant``.
+``gc.freeze()``: the before, for the long-stream section's ``--variant unfrozen``.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import asyncio
 import gc
 import logging
 import os
-import sys
 import time
 from typing import Any
 
@@ -25,8 +23,6 @@ from project.asgi import application as django_application
 
 if os.environ.get("LLMQ_BENCH_GC") == "unfrozen":
     gc.unfreeze()
-if os.environ.get("LLMQ_BENCH_SWITCH"):
-    sys.setswitchinterval(float(os.environ["LLMQ_BENCH_SWITCH"]))
 
 INTERVAL = 0.05
 
