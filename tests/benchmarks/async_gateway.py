@@ -15,7 +15,7 @@ shared machine hits both alike. Per path it reports:
 
 A third server is the async one on Django's own ``ASGIHandler`` (``django_asgi``): a
 fresh thread per request, where ``project.asgi`` keeps one (``llm_quota.gateway.asgi``).
-A fourth has only ``LLMQuotaMiddleware`` (``lean_settings``): the price of the demo's
+A fourth has only ``LLMQuotaMiddleware`` (``project.gateway_settings``): the price of the demo's
 seven ``MiddlewareMixin`` middleware, two thread hops each under ASGI.
 """
 
@@ -180,7 +180,7 @@ def stack():
         fresh_command = commands(0, port_fresh, "tests.benchmarks.django_asgi")["async"]
         fresh = stack.enter_context(server(fresh_command, env, port_fresh))
         port_lean = spare_port()
-        lean_env = {**env, "DJANGO_SETTINGS_MODULE": "tests.benchmarks.lean_settings"}
+        lean_env = {**env, "DJANGO_SETTINGS_MODULE": "project.gateway_settings"}
         lean = stack.enter_context(server(commands(0, port_lean)["async"], lean_env, port_lean))
         servers = {"sync": sync, "async": aio, "async, Django's ASGIHandler": fresh,
                    "async, lean middleware": lean}  # fmt: skip

@@ -468,11 +468,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 #: ``--variant NAME``: the async path again, in the same run, with one of ``warm_up``'s
 #: worker settings undone (``stream_asgi`` reads the variable: its before), or with only
-#: the middleware the gateway uses (section 10's ``lean_settings``).
+#: the middleware the gateway uses (``project.gateway_settings``).
 VARIANTS = {
     "unfrozen": ("async, gc not frozen", {"LLMQ_BENCH_GC": "unfrozen"}),
     "lean": ("async, only LLMQuotaMiddleware",
-             {"DJANGO_SETTINGS_MODULE": "tests.benchmarks.lean_settings"}),
+             {"DJANGO_SETTINGS_MODULE": "project.gateway_settings"}),
 }  # fmt: skip
 
 
