@@ -469,11 +469,13 @@ class _BlockedFilter(admin.SimpleListFilter):
 
 
 class _PausedFilter(admin.SimpleListFilter):
-    """Users the burn-rate breaker paused (contract §11), read from Redis' list of
-    them (``quota/runaway.py``): one round trip, whatever the user table's size."""
+    """Users (keys, teams: ``kind``) the burn-rate breaker paused (contract §11), read
+    from Redis' list of them (``quota/runaway.py``): one round trip, whatever the
+    table's size."""
 
     title = "burn-rate pause"
     parameter_name = "paused"
+    kind = "user"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         return [("yes", "Paused now")]
@@ -482,11 +484,33 @@ class _PausedFilter(admin.SimpleListFilter):
         if self.value() != "yes":
             return queryset
         try:
-            uids = runaway.paused_user_ids(get_ledger())
+            ids = runaway.paused_ids(get_ledger(), self.kind)
         except RedisError as exc:
             raise IncorrectLookupParameters(f"Redis is unavailable: {exc}") from exc
-        to_pk = QuotaUser._meta.pk.to_python
-        return queryset.filter(pk__in=[to_pk(uid) for uid in uids])
+        to_pk = queryset.model._meta.pk.to_python
+        return queryset.filter(pk__in=[to_pk(pk) for pk in ids])
+
+
+class _PausedKeyFilter(_PausedFilter):
+    kind = "key"
+
+
+class _PausedTeamFilter(_PausedFilter):
+    kind = "team"
+
+
+def _resume_payers(
+    model_admin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet, resume: Any
+) -> None:
+    """The admins' "Resume" action: ``resume(ledger, obj)`` for each selected row."""
+    ledger = get_ledger()
+    try:
+        resumed = sum(resume(ledger, obj) for obj in queryset)
+    except RedisError as exc:
+        model_admin.message_user(request, f"Resume failed: {exc}", messages.ERROR)
+        return
+    name = queryset.model._meta.verbose_name
+    model_admin.message_user(request, f"Resumed {resumed} paused {name}(s) of {len(queryset)}.")
 
 
 def _big(value: int | None) -> Value:
@@ -599,13 +623,7 @@ class QuotaUserAdmin(_LiveUsageColumns, admin.ModelAdmin):
 
     @admin.action(description="Resume: end the burn-rate pause", permissions=["resume"])
     def resume_paused(self, request: HttpRequest, queryset: QuerySet) -> None:
-        ledger = get_ledger()
-        try:
-            resumed = sum(runaway.resume(ledger, user.pk) for user in queryset)
-        except RedisError as exc:
-            self.message_user(request, f"Resume failed: {exc}", messages.ERROR)
-            return
-        self.message_user(request, f"Resumed {resumed} paused user(s) of {len(queryset)}.")
+        _resume_payers(self, request, queryset, lambda ledger, u: runaway.resume(ledger, u.pk))
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
         response = super().changelist_view(request, extra_context)
@@ -1112,11 +1130,11 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "name", "user", "prefix", "created_at", "last_use", "expires_at", "status",
         "tokens_this_month", "requests_this_month",
     )  # fmt: skip
-    list_filter = (("revoked_at", admin.EmptyFieldListFilter),)
+    list_filter = (("revoked_at", admin.EmptyFieldListFilter), _PausedKeyFilter)
     search_fields = ("name", "prefix", "user__username")
     raw_id_fields = ("user",)
     list_per_page = 50
-    actions = ["revoke_keys"]
+    actions = ["revoke_keys", "resume_paused"]
     inlines = [ApiKeyUsageInline]
     readonly_fields = ("prefix", "created_at", "last_use", "revoked_at", "live_usage")
     fieldsets = (
@@ -1204,6 +1222,12 @@ class ApiKeyAdmin(admin.ModelAdmin):
             revoked += 1
         self.message_user(request, f"{revoked} API key(s) revoked.", messages.SUCCESS)
 
+    @admin.action(description="Resume: end the burn-rate pause", permissions=["change"])
+    def resume_paused(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        _resume_payers(
+            self, request, queryset, lambda ledger, k: runaway.resume_key(ledger, k.user_id, k.pk)
+        )
+
 
 # -- teams (contract section 10) ---------------------------------------------------------
 # Members inline; the change list and page show the team's live usage from Redis.
@@ -1224,7 +1248,7 @@ class TeamMembershipInline(admin.TabularInline):
 @admin.register(Team)
 class TeamAdmin(admin.ModelAdmin):
     list_display = ("slug", "name", "tier", "member_count", "tokens_this_month", "blocked")
-    list_filter = ("tier", "blocked")
+    list_filter = ("tier", "blocked", _PausedTeamFilter)
     search_fields = ("slug", "name")
     prepopulated_fields = {"slug": ("name",)}
     inlines = [TeamMembershipInline]
@@ -1263,7 +1287,7 @@ class TeamAdmin(admin.ModelAdmin):
                 cache["_live"] = None
         return cache["_live"]
 
-    actions = ("reset_team_usage",)
+    actions = ("reset_team_usage", "resume_paused")
 
     @admin.action(description="Reset this period's usage (day and month)", permissions=["change"])
     def reset_team_usage(
@@ -1331,6 +1355,10 @@ class TeamAdmin(admin.ModelAdmin):
         }
         request.current_app = self.admin_site.name
         return TemplateResponse(request, "admin/llm_quota/team/reset_confirmation.html", context)
+
+    @admin.action(description="Resume: end the burn-rate pause", permissions=["change"])
+    def resume_paused(self, request: HttpRequest, queryset: QuerySet[Team]) -> None:
+        _resume_payers(self, request, queryset, lambda ledger, t: runaway.resume_team(ledger, t.pk))
 
     @admin.display(description="members")
     def member_count(self, team: Team) -> int:

@@ -213,6 +213,14 @@ class KeySpace:
         admin's "paused" filter. The pause itself is the user's own (``burn.lua``)."""
         return f"{self.index()}:paused"
 
+    def paused_keys(self) -> str:
+        """ZSET API key id -> when its own burn-rate pause ends (ms), as ``paused``."""
+        return f"{self.index()}:paused:k"
+
+    def paused_teams(self) -> str:
+        """ZSET team id -> when its burn-rate pause ends (ms), as ``paused``."""
+        return f"{self.index()}:paused:t"
+
     def user_state(self, uid: Any) -> str:
         """HASH with ``reserved`` and the ``seen`` marker (counters are trusted)."""
         return f"{self.user(uid)}:s"

@@ -357,15 +357,19 @@ def on_burn_rate_tripped(
     limit: str = "burn_rate_exceeded",
     **kwargs: Any,
 ) -> None:
-    """Receiver of ``burn_rate_tripped``: lists the user as paused (the admin's
-    filter) when the breaker was the user's own, and posts the alert webhook, naming
+    """Receiver of ``burn_rate_tripped``: lists the user, the key or the team whose
+    breaker it was as paused (the admin's filters), and posts the alert webhook, naming
     the key or the team when it was theirs. Every trip posts: a trip pauses the
     caller, so trips come a pause apart at the least."""
     try:
         ledger = get_ledger()
-        if limit == "burn_rate_exceeded":
-            runaway.list_paused(ledger, user_id, paused_seconds)
         payer = {name: kwargs[name] for name in ("api_key_id", "team") if name in kwargs}
+        if limit == "key.burn_rate_exceeded" and "api_key_id" in payer:
+            runaway.list_paused(ledger, payer["api_key_id"], paused_seconds, "key")
+        elif limit == "team.burn_rate_exceeded" and "team" in payer:
+            runaway.list_paused(ledger, payer["team"], paused_seconds, "team")
+        elif limit == "burn_rate_exceeded":
+            runaway.list_paused(ledger, user_id, paused_seconds)
         deliver_webhook(
             {
                 "event": "burn_rate_tripped",

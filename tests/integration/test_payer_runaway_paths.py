@@ -103,3 +103,58 @@ def test_members_together_pause_their_team_and_staff_resume_it(ledger, trips, mo
     assert response.json() == {"team": "acme", "was_paused": True}
     assert gateway(access_token(one)).status_code == 200
     assert staff.post("/api/llm-quota/teams/nobody/resume/").status_code == 404
+
+
+def admin_client():
+    client = Client()
+    client.force_login(paths._staff(superuser=True))
+    return client
+
+
+def resume_in_the_admin(client, changelist, selected, expected_note):
+    """The "paused" filter's rows, then the "Resume" action on ``selected``."""
+    shown = [row.pk for row in client.get(f"{changelist}?paused=yes").context["cl"].result_list]
+    response = client.post(
+        changelist, {"action": "resume_paused", "_selected_action": selected}, follow=True
+    )
+    assert [str(m) for m in response.context["messages"]] == [expected_note]
+    after = client.get(f"{changelist}?paused=yes").context["cl"].result_list
+    return shown, list(after)
+
+
+def test_the_admin_filters_paused_keys_and_resumes_them(hair_trigger, ledger, clock):
+    user = factories.user()
+    busy_history(ledger, clock, user)
+    key, plaintext = api_key(user)
+    calm, _ = api_key(user)
+    gateway(plaintext)
+    assert gateway(plaintext).status_code == 429
+    assert runaway.paused_ids(ledger, "key") == [str(key.pk)]
+    shown, after = resume_in_the_admin(
+        admin_client(), "/admin/llm_quota/apikey/", [key.pk, calm.pk],
+        "Resumed 1 paused API key(s) of 2.",
+    )  # fmt: skip
+    assert (shown, after) == ([key.pk], [])
+    assert not ledger.key_burn_state(user.pk, key.pk).paused
+    assert gateway(plaintext).status_code == 200
+
+
+def test_the_admin_filters_paused_teams_and_resumes_them(ledger, trips):
+    factories.price("gpt-4o", "1", "4")
+    factories.tier("plain", is_default=True, burn_multiplier=None)
+    team_tier = factories.tier("team", burn_multiplier=10, burn_floor=10, burn_pause_seconds=900)
+    team = Team.objects.create(slug="acme", name="Acme", tier=team_tier)
+    calm = Team.objects.create(slug="calm", name="Calm", tier=team_tier)
+    one, two = factories.user(), factories.user()
+    for user in (one, two):
+        TeamMembership.objects.create(team=team, user=user, role="member")
+    gateway(access_token(one))
+    assert gateway(access_token(two)).status_code == 429
+    assert runaway.paused_ids(ledger, "team") == [str(team.pk)]
+    shown, after = resume_in_the_admin(
+        admin_client(), "/admin/llm_quota/team/", [team.pk, calm.pk],
+        "Resumed 1 paused team(s) of 2.",
+    )  # fmt: skip
+    assert (shown, after) == ([team.pk], [])
+    assert runaway.paused_ids(ledger, "team") == []
+    assert gateway(access_token(one)).status_code == 200
