@@ -5,12 +5,17 @@ time would double the cost of the gate. A save drops the memo at once in the sav
 process (signals in ``apps.py``) and, through ``config_broadcast``, in every other
 process; ``CONFIG_CACHE_SECONDS`` bounds how long a row lives regardless, a backstop
 for an announcement missed while a process was cut off from Redis.
+
+Users and API keys are cached here too, one entry each, so the memo is bounded: past
+``MAX_ENTRIES`` the least recently read entry goes, and rows every request reads
+(prices, the default tier) stay however many users a process serves.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -19,6 +24,9 @@ from typing import Any, TypeVar
 from llm_quota.conf import quota_settings, reset_on_change
 
 T = TypeVar("T")
+
+#: Entries a process keeps; past it, the least recently read one is dropped.
+MAX_ENTRIES = 10_000
 
 #: What ``peek`` returns for a key that must be loaded.
 MISSING: Any = object()
@@ -51,7 +59,7 @@ def ensure_may_load() -> None:
 
 class ConfigCache:
     def __init__(self) -> None:
-        self._entries: dict[Hashable, tuple[float, int, Any]] = {}
+        self._entries: OrderedDict[Hashable, tuple[float, int, Any]] = OrderedDict()
         self._generation = 0
         self._lock = threading.Lock()
         #: Called before each read; ``apps.py`` makes it start this process' listener.
@@ -67,6 +75,10 @@ class ConfigCache:
             and entry[1] == self._generation
             and time.monotonic() - entry[0] < float(quota_settings.CONFIG_CACHE_SECONDS)
         ):
+            try:
+                self._entries.move_to_end(key)
+            except KeyError:  # dropped by another thread meanwhile: still a good value
+                pass
             return entry[2]
         return MISSING
 
@@ -81,9 +93,10 @@ class ConfigCache:
         with self._lock:
             # A save that raced this load wins: don't store what it invalidated.
             if generation == self._generation:
-                if len(self._entries) > 10_000:
-                    self._entries.clear()
                 self._entries[key] = (now, generation, value)
+                self._entries.move_to_end(key)
+                while len(self._entries) > MAX_ENTRIES:
+                    self._entries.popitem(last=False)
         return value
 
     @property
