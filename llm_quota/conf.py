@@ -150,6 +150,18 @@ SETTINGS: tuple[Setting, ...] = (
         "llm_quota.E006",
     ),
     Setting(
+        "LEASE_MAX_SECONDS",
+        3600,
+        "longest a call's reservation is renewed: past it a call still unfinished lets its "
+        "lease expire, giving back its slot and estimate (its settle, if it comes, charges "
+        "in full); None renews for as long as the call lives",
+        Rule(
+            lambda v: v is None or (_is_number(v) and v > 0),
+            "must be a positive number of seconds or None.",
+        ),
+        "llm_quota.E062",
+    ),
+    Setting(
         "SNAPSHOT_INTERVAL",
         60,
         "seconds between usage snapshots to the database",

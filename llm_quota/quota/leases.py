@@ -14,6 +14,11 @@ shorter than that (most of them) costs no round trip, and two renewals may fail 
 a lease ends. A process that dies stops renewing, so its leases still expire; so does
 a guard dropped without being finished (it is held weakly). While Redis is away a
 renewal is skipped and tried again sooner.
+
+A guard that stays referenced but is never finished (a stream nobody reads or closes)
+would hold its slot for ever: past ``LEASE_MAX_SECONDS`` the keeper stops renewing it,
+says so once, and the lease expires a TTL later. Nothing is lost: an expired lease's
+settle charges the call's usage in full.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class _Lease:
     loop: asyncio.AbstractEventLoop | None
     every: float
     due: float
+    #: When the keeper stops renewing (monotonic), or INF.
+    until: float
 
     def renew(self) -> bool | None:
         """True renewed, False no longer pending, None Redis could not be asked."""
@@ -105,8 +112,11 @@ class LeaseKeeper:
         held_on = ledger or aledger
         ttl = quota_settings.RESERVATION_TTL if held_on is None else held_on.ttl_ms / 1000
         every = ttl / RENEWALS_PER_TTL
-        due = time.monotonic() + every
-        lease = _Lease(reservation, ledger, aledger if loop else None, loop, every, due)
+        now = time.monotonic()
+        due = now + every
+        longest = quota_settings.LEASE_MAX_SECONDS
+        until = INF if longest is None else now + float(longest)
+        lease = _Lease(reservation, ledger, aledger if loop else None, loop, every, due, until)
         with self._wake:
             self._leases[owner] = lease
             if due < self._wake_at:
@@ -150,6 +160,14 @@ class LeaseKeeper:
                 self._wake.wait(None if self._wake_at == INF else self._wake_at - now)
 
     def _renew(self, owner: Any, lease: _Lease) -> None:
+        if lease.due >= lease.until:
+            logger.warning(
+                "reservation %s unfinished after LEASE_MAX_SECONDS (%s s): no longer "
+                "renewed, its lease expires within RESERVATION_TTL",
+                lease.reservation.id, quota_settings.LEASE_MAX_SECONDS,
+            )  # fmt: skip
+            self.drop(owner)
+            return
         try:
             renewed = lease.renew()
         except Exception:  # a renewal may never take the keeper down

@@ -109,6 +109,33 @@ def test_a_guard_forgotten_without_settling_is_not_kept_alive(short_ledger, mode
     assert short_ledger.renew(held) is False
 
 
+@pytest.mark.django_db
+def test_a_guard_held_but_never_finished_is_renewed_only_until_lease_max_seconds(
+    short_ledger, model, renewals, settings, caplog
+):
+    """A stream nobody reads or closes, still referenced: past LEASE_MAX_SECONDS its
+    lease is left to expire, so a concurrency-1 user is not held out for ever; if it
+    settles after all, its usage is charged in full."""
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "LEASE_MAX_SECONDS": 2 * TTL}
+    user = factories.user()
+    guard = quota_guard(user, model=model, prompt_tokens=10, ledger=short_ledger).admit()
+    time.sleep(1.5 * TTL)
+    assert short_ledger.usage(user.pk).in_flight == 1, "renewed before its limit"
+    time.sleep(2 * TTL)  # past the limit, and past the last renewal's lease
+    assert len(leases.keeper()) == 0
+    count = len(renewals)
+    assert 2 <= count <= 6
+    usage = short_ledger.usage(user.pk)
+    assert (usage.in_flight, usage.reserved) == (0, 0)
+    assert [r.getMessage() for r in caplog.records if "LEASE_MAX_SECONDS" in r.getMessage()]
+    with quota_guard(user, model=model, prompt_tokens=10, ledger=short_ledger) as second:
+        second.settle({"prompt_tokens": 10, "completion_tokens": 5})  # the slot is free
+    guard.settle({"prompt_tokens": 10, "completion_tokens": 5})
+    usage = short_ledger.usage(user.pk)
+    assert (usage.in_flight, usage.reserved, usage.tokens_this_month) == (0, 0, 60)
+    assert len(renewals) == count
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_call_on_an_async_ledger_of_its_own_is_renewed_on_its_loop(
     redis_client, quota_prefix, model
