@@ -462,3 +462,27 @@ def test_a_team_and_the_global_caps_are_raised_on_the_cluster(
         ask(newcomer, prompt=250)  # at least 314 more: over everyone's 2000
     assert refused.value.limit == "global_tokens_per_day"
     assert ledger.usage(newcomer.pk).reserved == 0  # the first step was withdrawn
+
+
+def test_an_abandoned_reservation_in_a_users_day_does_not_raise_the_global_day(
+    payers, clock, settings
+):
+    """A user's day counter keeps a crashed call's estimate until the user's own next
+    script gives it back; the global share has given it back already. The global day
+    is raised by no more than the month was (here: nothing was lost), so that estimate
+    is never charged to everyone."""
+    settings.LLM_QUOTA = {**settings.LLM_QUOTA, "GLOBAL_TOKENS_PER_DAY": 10**6}
+    ledger = payers
+    capped = Limits(global_tokens_per_day=10**6)
+    user = factories.user()
+    held = ledger.reserve(user.pk, capped, factories.estimate(100, 0))
+    ledger.settle(held.reservation, ActualUsage(100, 0))
+    ledger.reserve(user.pk, capped, factories.estimate(500, 0))  # its worker dies
+    clock.advance(700)  # past RESERVATION_TTL: the lease has run out
+    assert ledger.global_usage().tokens_today == 100  # the global share is given back
+
+    run = snapshot_usage(ledger=ledger)
+
+    assert DaySnapshot.objects.get(user=user).base_tokens == 600  # still held there
+    assert run.raised_global == 0
+    assert ledger.global_usage().tokens_today == 100
