@@ -495,6 +495,12 @@ DAY_TOKENS_HELP = _(
     "That day's counter: settled usage plus the estimates of calls in flight. It comes "
     "back into Redis after a loss if the day is still today."
 )
+#: The payers' generation column (as ``UsageSnapshot.generation``). Its database default
+#: lets a process still on the previous version insert rows during a rolling deploy.
+PAYER_GENERATION_HELP = _(
+    "The counters' generation when copied: a reset starts a new one, so Redis below "
+    "this row in the same one has lost writes."
+)
 
 
 class ApiKeyUsageSnapshot(models.Model):
@@ -512,6 +518,9 @@ class ApiKeyUsageSnapshot(models.Model):
     day = models.DateField(_("day"), null=True, blank=True, help_text=DAY_HELP)
     day_base_tokens = models.PositiveBigIntegerField(
         _("base tokens of the day"), default=0, help_text=DAY_TOKENS_HELP
+    )
+    generation = models.BigIntegerField(
+        _("generation"), default=0, db_default=0, help_text=PAYER_GENERATION_HELP
     )
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -574,6 +583,9 @@ class TeamUsageSnapshot(models.Model):
     day = models.DateField(_("day"), null=True, blank=True, help_text=DAY_HELP)
     day_base_tokens = models.PositiveBigIntegerField(
         _("base tokens of the day"), default=0, help_text=DAY_TOKENS_HELP
+    )
+    generation = models.BigIntegerField(
+        _("generation"), default=0, db_default=0, help_text=PAYER_GENERATION_HELP
     )
     updated_at = models.DateTimeField(auto_now=True)
 

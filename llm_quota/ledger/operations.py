@@ -124,6 +124,23 @@ class LedgerOperations:
         behind them in the same generation (see ``LedgerOps.raise_to_snapshot``)."""
         return self._run(self.ops.raise_to_snapshot(user_id, generation, month, fields))
 
+    def raise_key(
+        self, user_id: Any, key_id: Any, generation: int, month: str, fields: dict[str, int]
+    ) -> Any:
+        """Raise an API key's settled ``month`` to a snapshot's figures where Redis is
+        behind them in the same generation (see ``LedgerOps.raise_key``)."""
+        return self._run(self.ops.raise_key(user_id, key_id, generation, month, fields))
+
+    def raise_team(self, team: Any, generation: int, month: str, fields: dict[str, int]) -> Any:
+        """Raise a team's settled ``month`` to a snapshot's figures where Redis is
+        behind them in the same generation (see ``LedgerOps.raise_team``)."""
+        return self._run(self.ops.raise_team(team, generation, month, fields))
+
+    def raise_global(self, day: str, day_total: int, month: str, month_total: int) -> Any:
+        """Raise the global caps' day and month to everyone's snapshot figures where
+        Redis is behind them (see ``LedgerOps.raise_global``)."""
+        return self._run(self.ops.raise_global(day, day_total, month, month_total))
+
     def reset_period(self, user_id: Any) -> Any:
         """Forgive the user's usage of the current day and month (see ``LedgerOps``)."""
         return self._run(self.ops.reset_period(user_id))

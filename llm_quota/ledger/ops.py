@@ -75,6 +75,8 @@ SCRIPTS = (
     "global_restore",
     "team_restore",
     "raise",
+    "payer_raise",
+    "global_raise",
     "reset",
     "share_reset",
     "burn_resume",
@@ -752,6 +754,58 @@ class LedgerOps:
             ),
         )  # fmt: skip
         return int(reply)
+
+    def raise_key(
+        self, user_id: Any, key_id: Any, generation: int, month: str, fields: dict[str, int]
+    ) -> Plan[int]:
+        """Raise an API key's settled ``month`` to the snapshot's ``fields`` (``"req"``,
+        ``"in"``, ``"out"``, ``"base"`` -> count) where Redis is behind them in the same
+        ``generation`` (``payer_raise.lua``); the key's counters are trusted with its
+        user's. Returns the base tokens added, also to the key's month and day."""
+        uid = keys.user_id(user_id)
+        base, user = self.keyspace.api_key(uid, key_id), self.keyspace.user(uid)
+        return (yield from self._raise_payer(base, user, generation, month, fields))
+
+    def raise_team(
+        self, team: Any, generation: int, month: str, fields: dict[str, int]
+    ) -> Plan[int]:
+        """Raise a team's settled ``month`` (totals, ``|u:<uid>``, ``|m:<model>``) to the
+        snapshot's ``fields``, as ``raise_key`` a key's, in the team's own slot."""
+        base = self.keyspace.team(team)
+        return (yield from self._raise_payer(base, base, generation, month, fields))
+
+    def _raise_payer(
+        self, base: str, trusted_by: str, generation: int, month: str, fields: dict[str, int]
+    ) -> Plan[int]:
+        now_arg, local_now = self.now_arg()
+        today, current = day_and_month(local_now, self.timezone)
+        day = today if month == current else ""
+        pairs = [value for field, n in fields.items() for value in (field, int(n))]
+        reply = yield ScriptCall(
+            "payer_raise",
+            (base, trusted_by),
+            (
+                now_arg, int(generation), month, month_end_ms(month, self.timezone),
+                day, day_end_ms(today, self.timezone), *pairs,
+            ),
+        )  # fmt: skip
+        return int(reply)
+
+    def raise_global(
+        self, day: str, day_total: int, month: str, month_total: int
+    ) -> Plan[tuple[int, int]]:
+        """Raise the global caps' counters of ``day`` and ``month`` to everyone's
+        figures in the snapshots where Redis is behind them (``global_raise.lua``).
+        Returns the base tokens added to the day and to the month."""
+        r = yield ScriptCall(
+            "global_raise",
+            (self.keyspace.global_(),),
+            (
+                self.now_arg()[0], day, day_end_ms(day, self.timezone), int(day_total),
+                month, month_end_ms(month, self.timezone), int(month_total),
+            ),
+        )  # fmt: skip
+        return int(r[0]), int(r[1])
 
     # -- admin -------------------------------------------------------------------------
 

@@ -27,9 +27,10 @@ counters are back and copied.
 A user whose counters are *behind* the database in the same generation (a promoted
 replica missed the last writes; a reset starts a new generation, ``reset.lua``) is
 raised back to it (``raise.lua``), and the database keeps the higher figures. Every
-run does this for the users it reads; a run that finds Redis' replication id changed
-since the last one (a failover, a restart) reads every user too, the database's as
-well as the index's, since a stale replica's index misses the same writes.
+run does this for the users it reads, and for API keys, teams and the global caps
+(``payer_catch_up``); a run that finds Redis' replication id changed since the last
+one (a failover, a restart) reads every user and key too, the database's as well as
+the index's, since a stale replica's index misses the same writes.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from llm_quota.ledger.replies import ModelUsage, parse_model_fields, text
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.models import UsageSnapshot
 from llm_quota.reporting.key_snapshot import snapshot_keys
+from llm_quota.reporting.payer_catch_up import Raised, catch_up_global
 from llm_quota.reporting.snapshot_days import day_date, upsert_days
 from llm_quota.reporting.snapshot_sql import Row, database, read_stored, upsert_rows
 from llm_quota.reporting.team_snapshot import snapshot_teams
@@ -104,6 +106,9 @@ class SnapshotRun:
     teams: int = 0  # team rows written (``team_snapshot``)
     raised_users: int = 0  # users whose counters were behind the database and raised
     raised_tokens: int = 0  # base tokens those raises added back (writes Redis lost)
+    raised_keys: int = 0  # API keys behind the database and raised (``payer_catch_up``)
+    raised_teams: int = 0  # teams behind the database and raised
+    raised_global: int = 0  # global caps' counters (day, month) behind it and raised
     replication_changed: bool = False  # Redis' replication id changed: every user read
     per_month: dict[str, int] = field(default_factory=dict)
     full: bool = True  # walked the whole index (else: users active since ``since_ms``)
@@ -200,6 +205,7 @@ def snapshot_usage(
         )  # fmt: skip
         report = _ProgressLog(run)
         lost: dict[str, tuple[set[str], set[str]]] = {}
+        raised_keys, raised_teams = Raised(), Raised()
         today, _ = ledger.periods(now_ms)
         for month in run.months:
             before = run.rows_written
@@ -218,9 +224,15 @@ def snapshot_usage(
                 report.tick()
             run.per_month[month] = run.rows_written - before
             lost[month] = (pending, skipped)
-            run.keys += snapshot_keys(ledger, month, since_ms=plan.since_ms, day=day)
-            run.teams += snapshot_teams(ledger, month, day=day)
+            run.keys += snapshot_keys(
+                ledger, month, since_ms=plan.since_ms, day=day,
+                stored_too=plan.replication_changed, raised=raised_keys,
+            )  # fmt: skip
+            run.teams += snapshot_teams(ledger, month, day=day, raised=raised_teams)
             lock.reacquire()
+        global_added = catch_up_global(ledger, today, run.months[0])
+        run.raised_keys, run.raised_teams = raised_keys.payers, raised_teams.payers
+        run.raised_global = sum(1 for added in global_added if added)
         run.finished_ms = ledger.now_ms()
         _remember_lost(ledger, lost)
         _record(ledger, run, plan)
@@ -239,6 +251,14 @@ def snapshot_usage(
             "usage snapshot: %d users' counters were behind the database (writes Redis "
             "lost: a failover or a restart); raised by %d base tokens",
             run.raised_users, run.raised_tokens,
+        )  # fmt: skip
+    if run.raised_keys or run.raised_teams or run.raised_global:
+        logger.warning(
+            "usage snapshot: payers' counters were behind the database (writes Redis "
+            "lost), raised: %d API keys by %d base tokens, %d teams by %d, the global "
+            "day by %d and month by %d",
+            run.raised_keys, raised_keys.tokens, run.raised_teams, raised_teams.tokens,
+            *global_added,
         )  # fmt: skip
     return run
 
@@ -291,7 +311,7 @@ def last_run(ledger: Ledger | None = None) -> dict[str, Any] | None:
     data = {text(k): text(v) for k, v in raw.items()}
     numbers = (
         "started_ms", "finished_ms", "users", "rows_written", "lost", "unknown", "recorded_at",
-        "full",
+        "full", "raised_users", "raised_keys", "raised_teams", "raised_global",
     )  # fmt: skip
     return {**data, **{k: int(data[k]) for k in numbers if k in data}}
 
@@ -535,6 +555,10 @@ def _record(ledger: Ledger, run: SnapshotRun, plan: RunPlan) -> None:
             "rows_written": run.rows_written,
             "lost": run.lost,
             "unknown": run.unknown,
+            "raised_users": run.raised_users,
+            "raised_keys": run.raised_keys,
+            "raised_teams": run.raised_teams,
+            "raised_global": run.raised_global,
             "months": ",".join(run.months),
             "full": int(run.full),
             "recorded_at": int(time.time()),

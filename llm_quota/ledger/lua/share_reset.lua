@@ -4,7 +4,9 @@
 -- ARGV: 1 now (0 = Redis' clock), 2 ttl, 3 day ids, 4 day starts, 5 month ids,
 --       6 month starts, 7 mark the counters trusted (1 for a team: see payer_trusted).
 -- Returns {day, month, then each payer's month counter before}.
--- As reset.lua: calls in flight keep their shares; the settled month's usage goes.
+-- As reset.lua: calls in flight keep their shares; the settled month's usage goes, and
+-- each payer starts a new generation (P:s "gen"), so the snapshot tells this reset
+-- (Redis' lower figure stands) from writes a promoted replica missed (payer_raise.lua).
 
 local now = now_ms(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -48,7 +50,11 @@ for _, P in ipairs(KEYS) do
   -- database's old figures back.
   if ARGV[7] == '1' then
     redis.call('HSET', P .. ':s', 'seen', '1', 't', math.floor(now / 86400000))
-    redis.call('PEXPIREAT', P .. ':s', now + STRUCT_TTL)
   end
+  -- Step 5: the new generation is the reset's time (at least the old one plus one),
+  -- as reset.lua's: two resets never share a number.
+  local gen = math.max(num(redis.call('HGET', P .. ':s', 'gen')) + 1, now)
+  redis.call('HSET', P .. ':s', 'gen', gen)
+  redis.call('PEXPIREAT', P .. ':s', now + STRUCT_TTL)
 end
 return reply

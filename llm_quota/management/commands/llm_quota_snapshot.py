@@ -60,3 +60,15 @@ class Command(BaseCommand):
                 f"{run.unknown} unknown ids."
             )
         )
+        raised = {
+            "users": run.raised_users, "API keys": run.raised_keys, "teams": run.raised_teams,
+            "global counters": run.raised_global,
+        }  # fmt: skip
+        if any(raised.values()):
+            self.stdout.write(
+                self.style.WARNING(
+                    "Behind the database (writes Redis lost) and raised: "
+                    + ", ".join(f"{n} {what}" for what, n in raised.items() if n)
+                    + "."
+                )
+            )
