@@ -118,16 +118,16 @@ def main(argv: list[str]) -> int:
                 rate[name, kind].append(per_second)
             print(f"  round {n + 1}/{args.rounds * 2} ({name}): " + "; ".join(
                 f"{kind} {cpu[name, kind][-1] * 1e3:.2f} ms CPU, "
-                f"+{one[name, kind][-1] * 1e3:.2f} ms p50, {rate[name, kind][-1]:.0f}/s"
+                f"{one[name, kind][-1] * 1e3:+.2f} ms p50, {rate[name, kind][-1]:.0f}/s"
                 for kind in KINDS), flush=True)  # fmt: skip
     print(report(args.before, cpu, one, rate))
     return 0
 
 
-def _ms(values: list[float]) -> str:
-    """The median and range of per-round figures, in milliseconds."""
-    return (f"{statistics.median(values) * 1e3:.2f} ms "
-            f"({min(values) * 1e3:.2f}-{max(values) * 1e3:.2f})")  # fmt: skip
+def _ms(values: list[float], sign: str = "") -> str:
+    """The median and range of per-round figures, in milliseconds (``sign="+"``: signed)."""
+    return (f"{statistics.median(values) * 1e3:{sign}.2f} ms "
+            f"({min(values) * 1e3:{sign}.2f} to {max(values) * 1e3:{sign}.2f})")  # fmt: skip
 
 
 def report(rev: str, cpu: dict, one: dict, rate: dict) -> str:
@@ -138,7 +138,7 @@ def report(rev: str, cpu: dict, one: dict, rate: dict) -> str:
         for name in ("before", "after"):
             per_second = statistics.median(rate[name, kind])
             lines.append(f"| {name} | {kind} | {_ms(cpu[name, kind])} | "
-                         f"+{_ms(one[name, kind])} | {per_second:.0f} |")  # fmt: skip
+                         f"{_ms(one[name, kind], '+')} | {per_second:.0f} |")  # fmt: skip
         cpu_ratio = statistics.median(cpu["after", kind]) / statistics.median(cpu["before", kind])
         added = statistics.median(one["after", kind]) - statistics.median(one["before", kind])
         lines.append(f"| after / before | {kind} | {cpu_ratio - 1:+.1%} | "
