@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,8 +43,9 @@ class Upstream:
     """A loopback server that answers each request with ``answer``, and counts the
     connections it accepted and the requests it read."""
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Answer, tls: ssl.SSLContext | None = None) -> None:
         self.answer = answer
+        self.tls = tls
         self.connections = 0
         self.requests: list[bytes] = []
         self.closed_by_client = threading.Event()
@@ -59,6 +63,12 @@ class Upstream:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:  # the client refused the certificate
+                conn.close()
+                return
         with conn:
             buffer = b""
             while True:
@@ -237,3 +247,54 @@ def test_a_proxy_in_the_environment_keeps_httpx(monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     upstream = HttpUpstream("https://api.example/v1", None, connect_timeout=1, read_timeout=1)
     assert upstream.sender is None
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for 127.0.0.1, and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a certificate with")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def tls_server(certificate) -> Upstream:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    return Upstream(answering(ok()), tls=context)
+
+
+def test_an_https_upstream_is_verified_as_httpx_verifies_it(certificate, monkeypatch):
+    """httpx's TLS settings: ``SSL_CERT_FILE`` names the CA bundle, the host is checked;
+    the connection is kept alive as over plain HTTP."""
+    server = tls_server(certificate)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+    upstream = HttpUpstream(f"https://127.0.0.1:{server.port}/v1", "k",
+                            connect_timeout=5, read_timeout=5)  # fmt: skip
+    try:
+        for _ in range(2):
+            assert upstream.complete(BODY)["id"] == "c"
+        assert server.connections == 1
+    finally:
+        server.close()
+        upstream.sender.pool.close()
+
+
+def test_an_untrusted_certificate_is_502_and_billed_nothing(certificate):
+    server = tls_server(certificate)
+    upstream = HttpUpstream(f"https://127.0.0.1:{server.port}/v1", "k",
+                            connect_timeout=5, read_timeout=5)  # fmt: skip
+    try:
+        with pytest.raises(UpstreamError) as raised:
+            upstream.complete(BODY)
+    finally:
+        server.close()
+    assert raised.value.status == 502
+    assert isinstance(raised.value.__cause__, httpx.ConnectError)
+    assert billed_nothing(raised.value)
