@@ -6,8 +6,8 @@ headers merged and validated), then walks its auth, redirect and cookie layers a
 httpcore's pool for every call: in a profile of the sync view that was about 30% of a
 worker's CPU per request. Here what does not change between calls is made once per
 upstream and path: the request line and every header but the length; a call encodes
-its JSON once (as httpx does: compact, UTF-8, no NaN) and writes head and body in one
-``sendall`` on a kept-alive connection (``stdlib_transport``). The answer is parsed by
+its JSON once (as httpx does: compact, UTF-8, no NaN) and writes head and body
+together on a kept-alive connection (``stdlib_transport``). The answer is parsed by
 ``http.client``.
 
 What it does not do that ``httpx.Client`` did: keep cookies an upstream sets (they
@@ -54,6 +54,14 @@ def _checked(value: str) -> str:
     if "\r" in value or "\n" in value:
         raise ValueError("an upstream header value has a line break")
     return value
+
+
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """``sendall``, with the timeout applying to each write as httpx applies it, not to
+    the whole body (``sendall``'s): a large body to a slow upstream is not cut off."""
+    view = memoryview(data)
+    while view:
+        view = view[sock.send(view) :]
 
 
 class SyncSender:
@@ -106,7 +114,7 @@ class SyncSender:
         sock = self.pool.acquire()
         try:
             with writing():
-                sock.sendall(request + content)
+                send_all(sock, request + content)
             raw = http.client.HTTPResponse(sock, method="POST")
             with reading():
                 raw.begin()

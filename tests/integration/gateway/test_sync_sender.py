@@ -43,13 +43,16 @@ class Upstream:
     """A loopback server that answers each request with ``answer``, and counts the
     connections it accepted and the requests it read."""
 
-    def __init__(self, answer: Answer, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, answer: Answer, tls: ssl.SSLContext | None = None, pace: float = 0) -> None:
         self.answer = answer
         self.tls = tls
+        self.pace = pace  # seconds to wait after each read of a body: a slow reader
         self.connections = 0
         self.requests: list[bytes] = []
         self.closed_by_client = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
+        if pace:
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -81,7 +84,8 @@ class Upstream:
                 head, _, buffer = buffer.partition(b"\r\n\r\n")
                 length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
                 while len(buffer) < length:
-                    buffer += conn.recv(65536)
+                    buffer += conn.recv(262144)
+                    time.sleep(self.pace)
                 self.requests.append(head + b"\r\n\r\n" + buffer[:length])
                 buffer = buffer[length:]
                 if not self.answer(conn, self.requests[-1]):
@@ -298,3 +302,18 @@ def test_an_untrusted_certificate_is_502_and_billed_nothing(certificate):
     assert raised.value.status == 502
     assert isinstance(raised.value.__cause__, httpx.ConnectError)
     assert billed_nothing(raised.value)
+
+
+def test_a_large_body_to_a_slow_reader_is_timed_per_write_as_httpx_times_it():
+    """The read timeout bounds each write, not the whole body (``sendall``'s)."""
+    server = Upstream(answering(ok()), pace=0.005)
+    upstream = HttpUpstream(f"http://127.0.0.1:{server.port}/v1", None,
+                            connect_timeout=2, read_timeout=0.5)  # fmt: skip
+    big = {**BODY, "messages": [{"role": "user", "content": "x" * 12_000_000}]}
+    try:
+        began = time.monotonic()
+        assert upstream.complete(big)["id"] == "c"
+        assert time.monotonic() - began > 0.5  # longer than the timeout, all told
+    finally:
+        server.close()
+        upstream.sender.pool.close()
