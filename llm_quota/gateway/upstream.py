@@ -271,7 +271,7 @@ class HttpStream:
 class HttpUpstream:
     """An OpenAI-compatible server at ``base_url`` (".../v1").
 
-    One pooled ``httpx.Client`` per process for sync calls and, since an
+    One pooled sender per process for sync calls (``sender``) and, since an
     ``httpx.AsyncClient`` belongs to the event loop it first ran on, one per loop for
     async calls, so no thread waits on the upstream there.
     """
@@ -287,6 +287,7 @@ class HttpUpstream:
     ) -> None:
         self.options = (base_url, api_key, connect_timeout, read_timeout, scheme)
         self._client: Any = None
+        self._sender: Any = None  # a ``SyncSender``, False for none, None until known
         self._lock = threading.Lock()
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
@@ -304,6 +305,28 @@ class HttpUpstream:
                 if self._client is None:
                     self._client = httpx.Client(**_client_options(*self.options))
         return self._client
+
+    @property
+    def sender(self) -> Any:
+        """The sync calls' sender (``sync_sender``), or None where a proxy in the
+        environment keeps them on ``client``."""
+        if self._sender is None:
+            from llm_quota.gateway import sync_sender
+
+            base_url, api_key, connect_timeout, read_timeout, scheme = self.options
+            with self._lock:
+                if self._sender is None:
+                    self._sender = (
+                        sync_sender.SyncSender(
+                            base_url,
+                            _auth_headers(api_key, scheme),
+                            connect_timeout=connect_timeout,
+                            read_timeout=read_timeout,
+                        )  # fmt: skip
+                        if sync_sender.usable(base_url)
+                        else False
+                    )
+        return self._sender or None
 
     async def aclient(self) -> Any:
         """This loop's client. The first call on a loop builds it in a thread: importing
@@ -323,9 +346,13 @@ class HttpUpstream:
     def _send(self, body: dict[str, Any], path: str, *, stream: bool) -> Any:
         import httpx
 
-        client = self.client
+        sender = self.sender
         try:
-            response = client.send(_request(client, body, path), stream=stream)
+            if sender is not None:
+                response = sender.send(body, path, stream=stream)
+            else:
+                client = self.client
+                response = client.send(_request(client, body, path), stream=stream)
         except httpx.HTTPError as exc:
             raise _unreachable(exc) from exc
         if response.status_code >= 400:

@@ -11,6 +11,7 @@ from asgiref.sync import async_to_sync
 from django.test import AsyncClient, Client, override_settings
 
 from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
+from llm_quota.drf.jwt import validated_tokens
 from llm_quota.gateway import database
 from llm_quota.ledger.config_broadcast import listener
 from llm_quota.quota import drivers, pooled_connections
@@ -168,3 +169,92 @@ def test_a_bad_token_is_refused_without_a_query(member, view, django_assert_num_
         refused = CHATS[view]("not-a-jwt")
     assert refused.status_code == 401
     assert refused["WWW-Authenticate"]
+
+
+# -- the signature checked once per process (``drf.jwt.ValidatedTokens``) ---------------
+
+
+def short_lived_token(user, seconds: float) -> str:
+    from datetime import timedelta
+
+    token = ScopedTokenObtainPairSerializer.get_token(user).access_token
+    token.set_exp(lifetime=timedelta(seconds=seconds))
+    return str(token)
+
+
+@pytest.mark.parametrize("view", ["sync", "async"])
+def test_a_cached_token_is_not_decoded_again(member, view, monkeypatch):
+    from rest_framework_simplejwt.backends import TokenBackend
+
+    decoded: list[object] = []
+    original = TokenBackend.decode
+
+    def counting(self, token, verify=True):
+        decoded.append(token)
+        return original(self, token, verify=verify)
+
+    monkeypatch.setattr(TokenBackend, "decode", counting)
+    token = token_of(member)
+    for _ in range(3):
+        assert CHATS[view](token).status_code == 200
+    assert len(decoded) == 1
+
+
+@pytest.mark.parametrize("view", ["sync", "async"])
+def test_a_cached_token_is_refused_once_it_expires(member, view):
+    import time
+
+    token = short_lived_token(member, 1.5)
+    assert CHATS[view](token).status_code == 200  # validated, kept
+    assert CHATS[view](token).status_code == 200  # a hit
+    time.sleep(1.6)
+    refused = CHATS[view](token)
+    assert refused.status_code == 401
+    validated_tokens.clear()
+    assert CHATS[view](token).json() == refused.json()  # as simplejwt refuses it uncached
+
+
+@pytest.mark.parametrize("view", ["sync", "async"])
+def test_a_tampered_copy_of_a_cached_token_is_refused(member, view):
+    import base64
+
+    token = token_of(member)
+    assert CHATS[view](token).status_code == 200  # the genuine one is cached
+    head, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["user_id"] = str(int(claims["user_id"]) + 1)
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    flipped = signature[:-2] + ("A" if signature[-2] != "A" else "B") + signature[-1]
+    for tampered in (f"{head}.{forged}.{signature}", f"{head}.{payload}.{flipped}"):
+        assert CHATS[view](tampered).status_code == 401
+
+
+def test_the_validated_tokens_are_bounded_least_recently_used_first():
+    from rest_framework_simplejwt.tokens import AccessToken
+
+    from llm_quota.drf.jwt import ValidatedTokens
+
+    kept = ValidatedTokens(size=2)
+    tokens = {raw: AccessToken() for raw in (b"a", b"b", b"c")}
+    kept.put(b"a", tokens[b"a"])
+    kept.put(b"b", tokens[b"b"])
+    assert kept.get(b"a") is not None  # now the most recently used
+    kept.put(b"c", tokens[b"c"])
+    assert len(kept) == 2
+    assert kept.get(b"b") is None
+    assert kept.get(b"a") is not None and kept.get(b"c") is not None
+
+
+def test_a_view_changing_its_token_does_not_change_the_cached_one():
+    from rest_framework_simplejwt.tokens import AccessToken
+
+    from llm_quota.drf.jwt import ValidatedTokens
+
+    kept = ValidatedTokens()
+    token = AccessToken()
+    kept.put(b"t", token)
+    token["scope"] = "changed by the first request's view"
+    served = kept.get(b"t")
+    assert served is not None and "scope" not in served
+    served["scope"] = "changed by the second's"
+    assert "scope" not in kept.get(b"t")
