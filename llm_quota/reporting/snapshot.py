@@ -59,7 +59,7 @@ from llm_quota.reporting.payer_catch_up import Raised, catch_up_global
 from llm_quota.reporting.snapshot_days import day_date, upsert_days
 from llm_quota.reporting.snapshot_sql import Row, database, read_stored, upsert_rows
 from llm_quota.reporting.team_snapshot import snapshot_teams
-from llm_quota.rules.periods import first_day, previous_month
+from llm_quota.rules.periods import MONTH_GRACE_MS, first_day, month_end_ms, previous_month
 
 logger = logging.getLogger("llm_quota")
 
@@ -130,9 +130,15 @@ class RunPlan:
 
 
 def months_to_copy(ledger: Ledger, now_ms: int) -> list[str]:
-    """The current month and the one just closed (late settles still land there)."""
+    """The current month, and the one just closed while Redis keeps its counters (late
+    settles still land there). Past that grace the database is the closed month's only
+    record: a copy would write Redis' empty figures over it (a key or a team reset since
+    has a new generation, so nothing would stop it), and find every team behind."""
     _, month = ledger.periods(now_ms)
-    return [month, previous_month(month)]
+    closed = previous_month(month)
+    if now_ms < month_end_ms(closed, ledger.timezone) + MONTH_GRACE_MS:
+        return [month, closed]
+    return [month]
 
 
 def plan_run(ledger: Ledger, now_ms: int, *, full: bool = False) -> RunPlan:

@@ -54,6 +54,11 @@ def current_month(now: float | None = None, tz_name: str = "UTC") -> str:
     return datetime.fromtimestamp(moment, ZoneInfo(tz_name)).strftime("%Y%m")
 
 
+#: How long the ledger keeps a closed month's counters after its end (``MONTH_GRACE`` in
+#: ``ledger/lua/common.lua``): late settles land there, and the snapshot copies them.
+MONTH_GRACE_MS = 8 * 86_400_000
+
+
 def month_end_ms(month: str, tz_name: str) -> int:
     """The instant (ms) the month ``YYYYMM`` ends in ``tz_name``."""
     nxt = add_months(first_day(month), 1)

@@ -9,6 +9,8 @@ Each test runs its own redis-server(s), so it may rewrite or promote them at wil
 
 from __future__ import annotations
 
+from datetime import UTC, date, datetime
+
 import pytest
 
 from llm_quota import quota_guard
@@ -486,3 +488,32 @@ def test_an_abandoned_reservation_in_a_users_day_does_not_raise_the_global_day(
     assert DaySnapshot.objects.get(user=user).base_tokens == 600  # still held there
     assert run.raised_global == 0
     assert ledger.global_usage().tokens_today == 100
+
+
+def test_a_closed_month_past_its_grace_is_left_to_the_database(payers, clock, monkeypatch):
+    # Redis drops a closed month's counters 8 days after its end; from then on its rows
+    # are the only record. A team reset this month (a new generation) used to let the
+    # next run copy November's empty counters over its row, and every run found each
+    # team behind and ran its raise script for nothing.
+    ledger = payers
+    user = factories.user()
+    team = team_of(user, tokens_per_day=10**6)
+    held = ledger.reserve(user.pk, Limits(team=str(team.pk)), factories.estimate(600, 0))
+    ledger.settle(held.reservation, ActualUsage(600, 0))
+    snapshot_usage(ledger=ledger)
+    clock.set(datetime(2099, 12, 10, 12, 0, tzinfo=UTC))
+    ledger.client.delete(ledger.keyspace.team_usage(team.pk, "209911"))  # expired
+    ledger.reset_team(team.pk)
+    scripts = []
+    raise_team = type(ledger).raise_team
+    monkeypatch.setattr(
+        type(ledger), "raise_team", lambda self, *a: scripts.append(a) or raise_team(self, *a)
+    )
+
+    run = snapshot_usage(ledger=ledger, full=True)
+
+    november = TeamUsageSnapshot.objects.get(team=team, period=date(2099, 11, 1))
+    assert november.base_tokens == 600
+    assert november.by_member[str(user.pk)]["base_tokens"] == 600
+    assert scripts == []
+    assert run.months == ["209912"]

@@ -196,3 +196,14 @@ def _reservation(rid):
         id=rid * 16, user_id="1", model="m", reserved=0, max_tokens=1,
         estimate=None, day="20991127", month="209911", month_end_ms=0, uses_global=False,
     )  # fmt: skip
+
+
+def test_the_month_grace_python_knows_is_the_one_the_scripts_keep():
+    # The snapshot stops copying a closed month when Redis drops its counters; the two
+    # figures must move together.
+    from pathlib import Path
+
+    from llm_quota.rules.periods import MONTH_GRACE_MS
+
+    common = (Path(__file__).parents[2] / "llm_quota/ledger/lua/common.lua").read_text()
+    assert f"local MONTH_GRACE = {MONTH_GRACE_MS // 86_400_000} * 86400000" in common
