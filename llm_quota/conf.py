@@ -151,10 +151,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "LEASE_MAX_SECONDS",
-        3600,
+        None,
         "longest a call's reservation is renewed: past it a call still unfinished lets its "
         "lease expire, giving back its slot and estimate (its settle, if it comes, charges "
-        "in full); None renews for as long as the call lives",
+        "in full); None (the contract's default) renews for as long as the call lives",
         Rule(
             lambda v: v is None or (_is_number(v) and v > 0),
             "must be a positive number of seconds or None.",

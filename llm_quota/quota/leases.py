@@ -16,7 +16,8 @@ a guard dropped without being finished (it is held weakly). While Redis is away 
 renewal is skipped and tried again sooner.
 
 A guard that stays referenced but is never finished (a stream nobody reads or closes)
-would hold its slot for ever: past ``LEASE_MAX_SECONDS`` the keeper stops renewing it,
+would hold its slot for ever: where ``LEASE_MAX_SECONDS`` is set (by default it is not: the
+contract keeps a living call's reservation), past it the keeper stops renewing it,
 says so once, and the lease expires a TTL later. Nothing is lost: an expired lease's
 settle charges the call's usage in full.
 """
