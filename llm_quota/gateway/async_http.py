@@ -1,7 +1,7 @@
 """The async gateway's upstream calls, on aiohttp rather than ``httpx.AsyncClient``.
 
 ``HttpUpstream`` sends an async call here where aiohttp is installed (the
-``[gateway]`` extra) and no proxy is set in the environment (``upstream.direct``),
+``[gateway]`` extra) and no proxy is set in the environment (``proxies.direct``),
 else on httpx as before. httpx's async client runs httpcore on anyio: cancel scopes,
 stream writes and its pool's bookkeeping were about a quarter of a uvicorn worker's
 CPU per request (benchmarks, "The async upstream client"). aiohttp's client is

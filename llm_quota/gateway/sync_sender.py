@@ -33,15 +33,15 @@ from typing import Any
 
 import httpx
 
+from llm_quota.gateway.proxies import PROXY_VARIABLES, direct  # noqa: F401 - re-exported
 from llm_quota.gateway.stdlib_transport import ConnectionPool, reading, writing
-from llm_quota.gateway.upstream import PROXY_VARIABLES, direct  # noqa: F401 - re-exported
 
 #: Bytes read from a streamed answer at a time (less when less has arrived).
 READ_SIZE = 65_536
 
 
 def usable(base_url: str) -> bool:
-    """Whether calls to ``base_url`` may go through the sender (``upstream.direct``)."""
+    """Whether calls to ``base_url`` may go through the sender (``proxies.direct``)."""
     return direct(base_url)
 
 

@@ -24,9 +24,7 @@ the raw status and error body to hand back. httpx is imported only when
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
-import urllib.parse
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol, cast
@@ -36,6 +34,7 @@ from django.utils.module_loading import import_string
 
 from llm_quota.conf import quota_settings
 from llm_quota.gateway import sse
+from llm_quota.gateway.proxies import direct
 from llm_quota.gateway.upstream_errors import (  # noqa: F401 - re-exported: their old home
     GATEWAY_FAULTS,
     PASSED_HEADERS,
@@ -101,18 +100,6 @@ class NotConfigured:
 MESSAGES_PATH = "messages"
 #: The Messages API version the gateway speaks (the ``anthropic`` SDK's default).
 ANTHROPIC_VERSION = "2023-06-01"
-
-
-#: Environment variables through which httpx sends its calls via a proxy.
-PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
-
-
-def direct(base_url: str) -> bool:
-    """Whether calls to ``base_url`` may skip httpx (``sync_sender``, ``async_http``):
-    plain HTTP or HTTPS, and no proxy in the environment (httpx honours one)."""
-    scheme = urllib.parse.urlsplit(base_url).scheme
-    proxied = any(os.environ.get(name) or os.environ.get(name.upper()) for name in PROXY_VARIABLES)
-    return scheme in ("http", "https") and not proxied
 
 
 def _auth_headers(api_key: str | None, scheme: str) -> dict[str, str]:

@@ -109,11 +109,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def server(command: list[str], env: dict, port: int, output: IO | None = None, timeout: float = 60):
+def server(
+    command: list[str],
+    env: dict,
+    port: int,
+    output: IO | None = None,
+    timeout: float = 60,
+    cwd: Any = ROOT,
+):
     """(pid, base url) of ``command`` listening on ``port`` within ``timeout`` s; its whole
     process group is stopped on exit. ``output`` takes its stdout and stderr (a
-    banner-printing peer)."""
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
+    banner-printing peer); ``cwd``, the tree it runs in."""
+    proc = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True,
                             stdout=output, stderr=output)  # fmt: skip
     try:
         wait_for_port(port, timeout=timeout)

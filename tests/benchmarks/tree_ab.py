@@ -1,12 +1,15 @@
-"""Section 10's sync row for two trees in one run: ``python -m tests.benchmarks.tree_ab REV``.
+"""Section 10's sync row (or, with ``--row async``, its lean async row) for two trees in
+one run: ``python -m tests.benchmarks.tree_ab REV [--row async]``.
 
 A change to the gateway is measured against the tree before it, side by side, so a load
 change on a shared machine hits both alike. ``REV`` (a commit) is copied out with
 ``git archive``; the other tree is this working tree. Both are served at once by
-gunicorn 2 workers x 8 threads (section 10's command, each from its own tree) on one
-Redis, one database (seeded once) and one stdlib fake upstream. Rounds go in ABBA
-order (before, after, after, before, ...). Per round and tree, non-streamed then
-streamed (``stream_options.include_usage``):
+gunicorn 2 workers x 8 threads (section 10's command, each from its own tree), or with
+``--row async`` by uvicorn 2 workers on uvloop with ``project.gateway_settings``
+(section 10's "async, lean middleware" row, each run in its own tree), on one Redis,
+one database (seeded once) and one stdlib fake upstream. Rounds go in ABBA order
+(before, after, after, before, ...). Per round and tree, non-streamed then streamed
+(``stream_options.include_usage``):
 
 - **one at a time**: sequential calls on one keep-alive connection, the added p50 over
   the upstream called directly in the same round;
@@ -77,6 +80,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="rounds per tree (ABBA)")
     parser.add_argument("--sequential", type=int, default=150, help="calls one at a time")
     parser.add_argument("--per-round", type=int, default=600, help="calls at 16 at once")
+    parser.add_argument(
+        "--row", choices=("sync", "async"), default="sync",
+        help="gunicorn's sync view, or uvicorn's async one (lean settings)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from tests.benchmarks.__main__ import setup
 
@@ -91,9 +98,14 @@ def main(argv: list[str]) -> int:
         servers = {}
         for name, tree in trees.items():
             port = spare_port()
-            # gunicorn's --chdir puts the tree first on the workers' sys.path.
-            command = [*commands(port, 0)["sync"], "--chdir", str(tree)]
-            servers[name] = stack.enter_context(server(command, env, port))
+            if args.row == "sync":
+                # gunicorn's --chdir puts the tree first on the workers' sys.path.
+                command = [*commands(port, 0)["sync"], "--chdir", str(tree)]
+                servers[name] = stack.enter_context(server(command, env, port))
+            else:  # ``python -m uvicorn`` puts its working directory first
+                lean = {**env, "DJANGO_SETTINGS_MODULE": "project.gateway_settings"}
+                command = commands(0, port)["async"]
+                servers[name] = stack.enter_context(server(command, lean, port, cwd=tree))
         for _pid, url in servers.values():  # warm both workers and their pools
             for kind in KINDS:
                 fire(url, PATH, tokens, bodies[kind][:200], CONCURRENCY)
@@ -120,7 +132,7 @@ def main(argv: list[str]) -> int:
                 f"{kind} {cpu[name, kind][-1] * 1e3:.2f} ms CPU, "
                 f"{one[name, kind][-1] * 1e3:+.2f} ms p50, {rate[name, kind][-1]:.0f}/s"
                 for kind in KINDS), flush=True)  # fmt: skip
-    print(report(args.before, cpu, one, rate))
+    print(report(f"{args.before}, {args.row}", cpu, one, rate))
     return 0
 
 
