@@ -86,9 +86,9 @@ def warm_up(encodings: tuple[str, ...] = WARM_ENCODINGS, *, freeze: bool = True)
         token_backend.decode("warm.up.token")  # type: ignore[arg-type]  # the stub says Token; simplejwt passes the raw str
     except Exception:  # noqa: BLE001 - an invalid token is the point: only the import path runs
         pass
-    try:  # the upstream's async client: its import would stall the first call's loop
-        import aiohttp  # noqa: F401
-    except ImportError:  # httpx serves the async calls (``upstream.HttpUpstream``)
+    try:  # the upstream's async client (aiohttp): its import would stall the first call
+        from llm_quota.gateway import async_http  # noqa: F401
+    except ImportError:  # no aiohttp: httpx serves the async calls (``HttpUpstream``)
         pass
     if freeze:
         gc.collect()  # what start-up left as garbage goes now, not frozen for good
