@@ -18,7 +18,9 @@ The real upstream is reached with httpx rather than the ``openai`` SDK: a gatewa
 forward bodies it does not model (new parameters, vendor extensions) byte for byte,
 must not retry on its own (a retried call can be billed twice upstream), and needs
 the raw status and error body to hand back. httpx is imported only when
-``OPENAI_BASE_URL`` is used.
+``OPENAI_BASE_URL`` is used; sync calls go out through ``sync_sender`` and async ones
+through aiohttp (``async_http``) where they can (no proxy in the environment, aiohttp
+installed), with the same bytes, answers and errors (``upstream_errors``).
 """
 
 from __future__ import annotations
