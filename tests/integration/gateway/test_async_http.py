@@ -275,7 +275,9 @@ def test_the_loops_session_is_closed_with_the_loop_without_a_warning():
             gc.collect()
         assert upstream.async_sender._sessions == {}
         assert server.connections == 2
-        assert not [str(w.message) for w in caught if "nclosed" in str(w.message)]
+        # aiohttp's own (a Redis connection an earlier test left may be collected here)
+        unclosed = [str(w.message) for w in caught if "nclosed c" in str(w.message)]
+        assert not unclosed  # "Unclosed client session", "Unclosed connector"
     finally:
         server.close()
 
