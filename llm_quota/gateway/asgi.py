@@ -219,6 +219,7 @@ class ThreadedASGIHandler(ASGIHandler):
             else:
                 await self.handle(*args)
         finally:
+            executor.take_back()  # a request that raised leaves no ``first`` to the next
             if lent and SyncToAsync.context_to_thread_executor.get(context) is executor:
                 del SyncToAsync.context_to_thread_executor[context]
 
