@@ -50,7 +50,8 @@ def seed_users(
 ) -> tuple[list[Any], list[str]]:
     """``count`` users on a fresh tier that no bench call reaches a limit of (``tokens``
     a minute, ten times that a day, a hundred times a month), ``model`` priced, and
-    their access tokens: a bench measures the path, not a refusal."""
+    their access tokens: a bench measures the path, not a refusal. The burn-rate breaker
+    is off: a bench's thousands of calls a minute are a runaway loop by its measure."""
     from django.contrib.auth import get_user_model
 
     from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
@@ -61,6 +62,7 @@ def seed_users(
         name=f"{label}-{run}", allowed_models="", requests_per_minute=10**6,
         tokens_per_minute=tokens, tokens_per_day=tokens * 10, tokens_per_month=tokens * 100,
         max_concurrent_requests=concurrent,
+        burn_multiplier=None, burn_floor=None, burn_pause_seconds=None,
     )  # fmt: skip
     ModelPrice.objects.update_or_create(
         model=model, defaults=dict(input_multiplier=Decimal("1"), output_multiplier=Decimal("4"),

@@ -72,16 +72,6 @@ def archive(rev: str, into: Path) -> Path:
     return tree
 
 
-def _without_breaker() -> None:
-    """Section 10's users on a tier without the burn-rate breaker: a run's thousands of
-    calls a minute are a runaway loop by its measure, and it paused them mid-run."""
-    from llm_quota.models import Tier
-
-    Tier.objects.filter(name__startswith="bench-async-").update(
-        burn_multiplier=None, burn_floor=None, burn_pause_seconds=None
-    )
-
-
 def _streamed(bodies: list[dict]) -> list[dict]:
     return [{**body, "stream": True, "stream_options": {"include_usage": True}} for body in bodies]
 
@@ -105,7 +95,6 @@ def main(argv: list[str]) -> int:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmq-ab-")))
         trees = {"before": archive(args.before, scratch), "after": ROOT}
         env, tokens, upstream_url = stack.enter_context(environment(stack))
-        _without_breaker()
         servers = {}
         for name, tree in trees.items():
             for kind in kinds:
