@@ -50,7 +50,8 @@ def seed_users(
 ) -> tuple[list[Any], list[str]]:
     """``count`` users on a fresh tier that no bench call reaches a limit of (``tokens``
     a minute, ten times that a day, a hundred times a month), ``model`` priced, and
-    their access tokens: a bench measures the path, not a refusal."""
+    their access tokens: a bench measures the path, not a refusal. The burn-rate breaker
+    is off: a bench's thousands of calls a minute are a runaway loop by its measure."""
     from django.contrib.auth import get_user_model
 
     from llm_quota.contrib.jwt.tokens import ScopedTokenObtainPairSerializer
@@ -61,6 +62,7 @@ def seed_users(
         name=f"{label}-{run}", allowed_models="", requests_per_minute=10**6,
         tokens_per_minute=tokens, tokens_per_day=tokens * 10, tokens_per_month=tokens * 100,
         max_concurrent_requests=concurrent,
+        burn_multiplier=None, burn_floor=None, burn_pause_seconds=None,
     )  # fmt: skip
     ModelPrice.objects.update_or_create(
         model=model, defaults=dict(input_multiplier=Decimal("1"), output_multiplier=Decimal("4"),
@@ -76,19 +78,7 @@ def seed_users(
 
 
 def _seed() -> list[str]:
-    tokens = seed_users("bench-async", USERS)[1]
-    _without_breaker()
-    return tokens
-
-
-def _without_breaker() -> None:
-    """The bench's users on a tier without the burn-rate breaker: a run's thousands of
-    calls a minute are a runaway loop by its measure, and it paused them mid-run."""
-    from llm_quota.models import Tier
-
-    Tier.objects.filter(name__startswith="bench-async-").update(
-        burn_multiplier=None, burn_floor=None, burn_pause_seconds=None
-    )
+    return seed_users("bench-async", USERS)[1]
 
 
 def _family(pid: int) -> list[int]:
@@ -121,18 +111,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def server(
-    command: list[str],
-    env: dict,
-    port: int,
-    output: IO | None = None,
-    timeout: float = 60,
-    cwd: Any = ROOT,
-):
+def server(command: list[str], env: dict, port: int, output: IO | None = None, timeout: float = 60):
     """(pid, base url) of ``command`` listening on ``port`` within ``timeout`` s; its whole
     process group is stopped on exit. ``output`` takes its stdout and stderr (a
-    banner-printing peer); ``cwd``, the tree it runs in."""
-    proc = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True,
+    banner-printing peer)."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
                             stdout=output, stderr=output)  # fmt: skip
     try:
         wait_for_port(port, timeout=timeout)

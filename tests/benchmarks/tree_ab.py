@@ -1,15 +1,15 @@
-"""Section 10's sync row (or, with ``--row async``, its lean async row) for two trees in
-one run: ``python -m tests.benchmarks.tree_ab REV [--row async]``.
+"""Section 10's rows for two trees in one run: ``python -m tests.benchmarks.tree_ab REV``.
 
 A change to the gateway is measured against the tree before it, side by side, so a load
 change on a shared machine hits both alike. ``REV`` (a commit) is copied out with
 ``git archive``; the other tree is this working tree. Both are served at once by
-gunicorn 2 workers x 8 threads (section 10's command, each from its own tree), or with
-``--row async`` by uvicorn 2 workers on uvloop with ``project.gateway_settings``
-(section 10's "async, lean middleware" row, each run in its own tree), on one Redis,
-one database (seeded once) and one stdlib fake upstream. Rounds go in ABBA order
-(before, after, after, before, ...). Per round and tree, non-streamed then streamed
-(``stream_options.include_usage``):
+gunicorn 2 workers x 8 threads (section 10's command, each from its own tree) on one
+Redis, one database (seeded once) and one stdlib fake upstream. Rounds go in ABBA
+order (before, after, after, before, ...). ``--servers sync,async,async-gateway``
+serves the async rows too, each tree's: uvicorn 2 workers (section 10's command, the
+tree first on ``sys.path`` by ``--app-dir``) on the demo's settings, and on
+``project.gateway_settings``; every server of a tree is measured in its round. Per round,
+server and tree, non-streamed then streamed (``stream_options.include_usage``):
 
 - **one at a time**: sequential calls on one keep-alive connection, the added p50 over
   the upstream called directly in the same round;
@@ -47,6 +47,18 @@ from tests.support.ports import spare_port
 
 KINDS = ("plain", "stream")
 UPSTREAM = "chat/completions"
+SERVERS = ("sync", "async", "async-gateway")
+
+
+def command(kind: str, tree: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    """Section 10's command for server ``kind`` from ``tree``, and its settings."""
+    if kind == "sync":
+        # gunicorn's --chdir puts the tree first on the workers' sys.path.
+        return [*commands(port, 0)["sync"], "--chdir", str(tree)], {}
+    settings = "project.gateway_settings" if kind == "async-gateway" else "project.settings"
+    return [*commands(0, port)["async"], "--app-dir", str(tree)], {
+        "DJANGO_SETTINGS_MODULE": settings
+    }
 
 
 def archive(rev: str, into: Path) -> Path:
@@ -70,11 +82,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="rounds per tree (ABBA)")
     parser.add_argument("--sequential", type=int, default=150, help="calls one at a time")
     parser.add_argument("--per-round", type=int, default=600, help="calls at 16 at once")
-    parser.add_argument(
-        "--row", choices=("sync", "async"), default="sync",
-        help="gunicorn's sync view, or uvicorn's async one (lean settings)",
-    )  # fmt: skip
+    parser.add_argument("--servers", default="sync", help=f"of {','.join(SERVERS)}")
     args = parser.parse_args(argv)
+    kinds = args.servers.split(",")
+    assert set(kinds) <= set(SERVERS), args.servers
     from tests.benchmarks.__main__ import setup
 
     setup()
@@ -86,42 +97,38 @@ def main(argv: list[str]) -> int:
         env, tokens, upstream_url = stack.enter_context(environment(stack))
         servers = {}
         for name, tree in trees.items():
-            port = spare_port()
-            if args.row == "sync":
-                # gunicorn's --chdir puts the tree first on the workers' sys.path.
-                command = [*commands(port, 0)["sync"], "--chdir", str(tree)]
-                servers[name] = stack.enter_context(server(command, env, port))
-            else:  # ``python -m uvicorn`` puts its working directory first
-                lean = {**env, "DJANGO_SETTINGS_MODULE": "project.gateway_settings"}
-                command = commands(0, port)["async"]
-                servers[name] = stack.enter_context(server(command, lean, port, cwd=tree))
+            for kind in kinds:
+                port = spare_port()
+                argv_, extra = command(kind, tree, port)
+                servers[kind, name] = stack.enter_context(server(argv_, {**env, **extra}, port))
         for _pid, url in servers.values():  # warm both workers and their pools
             for kind in KINDS:
                 fire(url, PATH, tokens, bodies[kind][:200], CONCURRENCY)
-        one = {(name, kind): [] for name in trees for kind in KINDS}
-        cpu = {(name, kind): [] for name in trees for kind in KINDS}
-        rate = {(name, kind): [] for name in trees for kind in KINDS}
-        direct: dict[str, list[float]] = {kind: [] for kind in KINDS}
+        rows = [(row, name, kind) for row in kinds for name in trees for kind in KINDS]
+        one: dict[tuple, list[float]] = {row: [] for row in rows}
+        cpu: dict[tuple, list[float]] = {row: [] for row in rows}
+        rate: dict[tuple, list[float]] = {row: [] for row in rows}
         order = ["before", "after"]
         for n in range(args.rounds * 2):
             name = order[(n + n // 2) % 2]  # ABBA: before, after, after, before
-            pid, url = servers[name]
-            for kind in KINDS:
-                with httpx.Client(base_url=upstream_url, timeout=60) as client:
-                    here = sequential(client, [], bodies[kind][: args.sequential], UPSTREAM)
-                with httpx.Client(base_url=url, timeout=60) as client:
-                    seq = sequential(client, tokens, bodies[kind][: args.sequential], PATH)
-                direct[kind] += here
-                one[name, kind].append(_p(sorted(seq), 0.5) - _p(sorted(here), 0.5))
-                before = cpu_seconds(pid)
-                per_second, _latencies = fire(url, PATH, tokens, bodies[kind], CONCURRENCY)
-                cpu[name, kind].append((cpu_seconds(pid) - before) / len(bodies[kind]))
-                rate[name, kind].append(per_second)
-            print(f"  round {n + 1}/{args.rounds * 2} ({name}): " + "; ".join(
-                f"{kind} {cpu[name, kind][-1] * 1e3:.2f} ms CPU, "
-                f"{one[name, kind][-1] * 1e3:+.2f} ms p50, {rate[name, kind][-1]:.0f}/s"
-                for kind in KINDS), flush=True)  # fmt: skip
-    print(report(f"{args.before}, {args.row}", cpu, one, rate))
+            for row in kinds:
+                pid, url = servers[row, name]
+                for kind in KINDS:
+                    with httpx.Client(base_url=upstream_url, timeout=60) as client:
+                        here = sequential(client, [], bodies[kind][: args.sequential], UPSTREAM)
+                    with httpx.Client(base_url=url, timeout=60) as client:
+                        seq = sequential(client, tokens, bodies[kind][: args.sequential], PATH)
+                    one[row, name, kind].append(_p(sorted(seq), 0.5) - _p(sorted(here), 0.5))
+                    before = cpu_seconds(pid)
+                    per_second, _latencies = fire(url, PATH, tokens, bodies[kind], CONCURRENCY)
+                    cpu[row, name, kind].append((cpu_seconds(pid) - before) / len(bodies[kind]))
+                    rate[row, name, kind].append(per_second)
+                print(f"  round {n + 1}/{args.rounds * 2} ({row}, {name}): " + "; ".join(
+                    f"{kind} {cpu[row, name, kind][-1] * 1e3:.2f} ms CPU, "
+                    f"{one[row, name, kind][-1] * 1e3:+.2f} ms p50, "
+                    f"{rate[row, name, kind][-1]:.0f}/s"
+                    for kind in KINDS), flush=True)  # fmt: skip
+    print(report(args.before, cpu, one, rate))
     return 0
 
 
@@ -132,18 +139,23 @@ def _ms(values: list[float], sign: str = "") -> str:
 
 
 def report(rev: str, cpu: dict, one: dict, rate: dict) -> str:
-    """A markdown table: per kind, each tree's medians, then after against before."""
-    lines = [f"\n| tree ({rev} → working tree) | kind | CPU per request (rounds) | "
-             "added p50 (rounds) | req/s at 16 |", "|---|---|---|---|---|"]  # fmt: skip
-    for kind in KINDS:
-        for name in ("before", "after"):
-            per_second = statistics.median(rate[name, kind])
-            lines.append(f"| {name} | {kind} | {_ms(cpu[name, kind])} | "
-                         f"{_ms(one[name, kind], '+')} | {per_second:.0f} |")  # fmt: skip
-        cpu_ratio = statistics.median(cpu["after", kind]) / statistics.median(cpu["before", kind])
-        added = statistics.median(one["after", kind]) - statistics.median(one["before", kind])
-        lines.append(f"| after / before | {kind} | {cpu_ratio - 1:+.1%} | "
-                     f"{added * 1e3:+.2f} ms | |")  # fmt: skip
+    """A markdown table: per server and kind, each tree's medians, then after against
+    before."""
+    lines = [f"\n| server | tree ({rev} → working tree) | kind | CPU per request (rounds) | "
+             "added p50 (rounds) | req/s at 16 |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in dict.fromkeys(key[0] for key in cpu):
+        for kind in KINDS:
+            for name in ("before", "after"):
+                per_second = statistics.median(rate[row, name, kind])
+                lines.append(f"| {row} | {name} | {kind} | {_ms(cpu[row, name, kind])} | "
+                             f"{_ms(one[row, name, kind], '+')} | {per_second:.0f} |")  # fmt: skip
+            after, before = cpu[row, "after", kind], cpu[row, "before", kind]
+            ratio = statistics.median(after) / statistics.median(before)
+            added = statistics.median(one[row, "after", kind]) - statistics.median(
+                one[row, "before", kind]
+            )
+            lines.append(f"| {row} | after / before | {kind} | {ratio - 1:+.1%} | "
+                         f"{added * 1e3:+.2f} ms | |")  # fmt: skip
     return "\n".join(lines)
 
 

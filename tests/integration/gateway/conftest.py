@@ -7,9 +7,9 @@ import time
 
 import pytest
 import uvicorn
-from django.core.handlers.asgi import ASGIHandler
 from django.db import connections
 
+from llm_quota.gateway.asgi import ThreadedASGIHandler
 from tests.support import factories
 from tests.support.fake_upstream import UpstreamServer
 from tests.support.gateway import Gateway
@@ -36,14 +36,15 @@ def gateway(live_server, quota_prefix):
 @pytest.fixture
 def async_gateway(transactional_db, quota_prefix, settings, monkeypatch):
     """``gateway`` for the async view: served by uvicorn in a thread of this process, a
-    real ASGI server, so a stream goes out event by event as it does in production."""
+    real ASGI server, so a stream goes out event by event as it does in production, on
+    the demo's handler (``ThreadedASGIHandler``, its lean path)."""
     _prices()
     settings.ROOT_URLCONF = ASYNC_URLS
     # Each request's ORM work runs in a thread of its own: close its connection at the
     # request's end, or it would outlive the test (and the test database).
     monkeypatch.setitem(connections["default"].settings_dict, "CONN_MAX_AGE", 0)
     config = uvicorn.Config(
-        ASGIHandler(), host="127.0.0.1", port=0, lifespan="off", log_level="warning"
+        ThreadedASGIHandler(), host="127.0.0.1", port=0, lifespan="off", log_level="warning"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -162,10 +162,11 @@ def test_requests_in_flight_at_once_never_share_a_thread():
 
 
 def test_llm_quota_middleware_adds_no_switch_to_a_thread_under_asgi(settings, monkeypatch):
-    """Only Django's own two are left with ``LLMQuotaMiddleware`` alone
-    (``request_started``'s receivers, ``response.close()``); each of Django's seven
-    ``MiddlewareMixin`` middleware hops for each of its hooks (15 switches on 5.2)."""
-    assert _hops(settings, monkeypatch, []) == 2
+    """None with ``LLMQuotaMiddleware`` alone (Django's own two, ``request_started``'s
+    receivers and ``response.close()``, are the lean path's: ``test_asgi_lean.py``);
+    each of Django's seven ``MiddlewareMixin`` middleware hops for each of its hooks
+    (15 switches on 5.2)."""
+    assert _hops(settings, monkeypatch, []) == 0
     assert _hops(settings, monkeypatch, DJANGOS_SEVEN) >= 14
 
 
