@@ -5,9 +5,10 @@ once by its API's shape, admission, then ``GatedCall``: the upstream call, settl
 same answers: statuses, OpenAI-shaped errors, rate-limit headers, ``Retry-After``,
 ``x-should-retry``. What differs is that no thread waits: admission and settle go
 through the guard's async methods (``AsyncLedger``), the upstream through its async
-calls (``httpx.AsyncClient``), and a stream through ``AsyncRelay``. A warm request
-makes no hop to a thread at all: the token's user, the tier and the price come from
-the config cache; only a miss reads the database, in a thread.
+calls (aiohttp, ``async_http``; httpx's ``AsyncClient`` without it), and a stream
+through ``AsyncRelay``. A warm request makes no hop to a thread at all: the token's
+user, the tier and the price come from the config cache; only a miss reads the
+database, in a thread.
 
 DRF's ``APIView`` is sync-only, so this is a plain Django ``View`` built from DRF's
 pieces rather than a copy of them: its ``Request`` parses the body and authenticates
@@ -84,6 +85,10 @@ def warm_up(encodings: tuple[str, ...] = WARM_ENCODINGS, *, freeze: bool = True)
     try:
         token_backend.decode("warm.up.token")  # type: ignore[arg-type]  # the stub says Token; simplejwt passes the raw str
     except Exception:  # noqa: BLE001 - an invalid token is the point: only the import path runs
+        pass
+    try:  # the upstream's async client (aiohttp): its import would stall the first call
+        from llm_quota.gateway import async_http  # noqa: F401
+    except ImportError:  # no aiohttp: httpx serves the async calls (``HttpUpstream``)
         pass
     if freeze:
         gc.collect()  # what start-up left as garbage goes now, not frozen for good

@@ -9,6 +9,7 @@ the name).
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any
@@ -38,6 +39,35 @@ class DataReader:
             return ()
         data, self._buffer = "\n".join(self._buffer), []
         return (data,)
+
+
+class LineSplitter:
+    """Turns the bytes of a body, as they arrive, into its lines: UTF-8 decoded, ends
+    (``\\n`` or ``\\r\\n``) removed, as ``sync_sender``'s ``iter_lines`` splits them.
+    No bound on a line's length: the Responses API sends the whole answer in its last
+    event (aiohttp's own ``readline`` refuses lines past 128 KiB)."""
+
+    def __init__(self) -> None:
+        self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending: list[str] = []
+
+    def feed(self, data: bytes) -> list[str]:
+        """The lines ``data`` ends (none while a line is still arriving)."""
+        text = self._text.decode(data)
+        if "\n" not in text:
+            self._pending.append(text)
+            return []
+        *lines, rest = text.split("\n")
+        if self._pending:
+            lines[0] = "".join(self._pending) + lines[0]
+        self._pending = [rest] if rest else []
+        return [line.removesuffix("\r") for line in lines]
+
+    def end(self) -> list[str]:
+        """The last line, where the body did not end with a line end."""
+        last = "".join(self._pending) + self._text.decode(b"", final=True)
+        self._pending = []
+        return [last.removesuffix("\r")] if last else []
 
 
 def iter_data(lines: Iterable[str]) -> Iterator[str]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import codecs
 import http.client
 import json
-import os
 import socket
 import urllib.parse
 import zlib
@@ -34,20 +33,16 @@ from typing import Any
 
 import httpx
 
+from llm_quota.gateway.proxies import PROXY_VARIABLES, direct  # noqa: F401 - re-exported
 from llm_quota.gateway.stdlib_transport import ConnectionPool, reading, writing
 
-#: Environment variables through which httpx would have sent the call via a proxy.
-PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
 #: Bytes read from a streamed answer at a time (less when less has arrived).
 READ_SIZE = 65_536
 
 
 def usable(base_url: str) -> bool:
-    """Whether calls to ``base_url`` may go through the sender: plain HTTP or HTTPS, and
-    no proxy in the environment (httpx honours one; the sender does not)."""
-    scheme = urllib.parse.urlsplit(base_url).scheme
-    proxied = any(os.environ.get(name) or os.environ.get(name.upper()) for name in PROXY_VARIABLES)
-    return scheme in ("http", "https") and not proxied
+    """Whether calls to ``base_url`` may go through the sender (``proxies.direct``)."""
+    return direct(base_url)
 
 
 def _checked(value: str) -> str:

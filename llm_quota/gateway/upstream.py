@@ -18,74 +18,36 @@ The real upstream is reached with httpx rather than the ``openai`` SDK: a gatewa
 forward bodies it does not model (new parameters, vendor extensions) byte for byte,
 must not retry on its own (a retried call can be billed twice upstream), and needs
 the raw status and error body to hand back. httpx is imported only when
-``OPENAI_BASE_URL`` is used.
+``OPENAI_BASE_URL`` is used; sync calls go out through ``sync_sender`` and async ones
+through aiohttp (``async_http``) where they can (no proxy in the environment, aiohttp
+installed), with the same bytes, answers and errors (``upstream_errors``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from asgiref.sync import sync_to_async
 from django.utils.module_loading import import_string
 
 from llm_quota.conf import quota_settings
 from llm_quota.gateway import sse
+from llm_quota.gateway.proxies import direct
+from llm_quota.gateway.upstream_errors import (  # noqa: F401 - re-exported: their old home
+    GATEWAY_FAULTS,
+    PASSED_HEADERS,
+    UpstreamError,
+    dropped,
+    invalid,
+    unreachable,
+)
 
-#: Upstream statuses that are about the gateway's own credentials: the caller cannot fix
-#: them, and passing a 401 on would make the SDK blame the caller's token.
-GATEWAY_FAULTS = frozenset({401, 403})
 #: The path of the Chat Completions API, the one every upstream serves.
 CHAT_PATH = "chat/completions"
-#: Upstream headers worth passing on with an error (when and whether to retry).
-PASSED_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
-
-
-class UpstreamError(Exception):
-    """The upstream refused, failed or could not be reached."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        code: str | None = None,
-        error: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        #: The upstream's own ``error`` object, when it sent one in OpenAI's shape.
-        self.error = error
-        self.headers = headers or {}
-
-    @classmethod
-    def from_response(cls, status: int, content: bytes, headers: Any) -> UpstreamError:
-        error = None
-        try:
-            data = json.loads(content)
-            if isinstance(data, dict) and isinstance(data.get("error"), dict):
-                error = data["error"]
-        except ValueError:
-            pass
-        passed = {name: headers[name] for name in PASSED_HEADERS if name in headers}
-        if status in (429, 503) and "retry-after" not in passed:
-            passed["retry-after"] = "1"  # every 429 and 503 says when to come back
-        if status in GATEWAY_FAULTS:
-            return cls(
-                502,
-                f"The upstream refused the gateway's credentials (HTTP {status}).",
-                code="upstream_auth_failed",
-            )
-        snippet = content[:200].decode("utf-8", "replace")
-        message = (error or {}).get("message") or f"The upstream answered HTTP {status}: {snippet}"
-        return cls(status, str(message), code="upstream_error", error=error, headers=passed)
 
 
 class UpstreamStream(Protocol):
@@ -176,23 +138,17 @@ def _request(client: Any, body: dict[str, Any], path: str) -> Any:
 
 
 def _unreachable(exc: Exception) -> UpstreamError:
-    """A failure before the upstream answered: the status the gateway reports it with."""
+    """A failure of httpx's before the upstream answered (``upstream_errors``)."""
     import httpx
 
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamError(504, "The upstream timed out.", code="upstream_timeout")
-    return UpstreamError(502, f"The upstream is unreachable ({exc}).", code="upstream_unreachable")
+    return unreachable(exc, timed_out=isinstance(exc, httpx.TimeoutException))
 
 
 def _dropped(exc: Exception) -> UpstreamError:
-    """A failure after the stream began."""
+    """A failure of httpx's after the stream began."""
     import httpx
 
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamError(504, "The upstream stopped sending.", code="upstream_timeout")
-    return UpstreamError(
-        502, f"The upstream connection failed mid-stream ({exc}).", code="upstream_dropped"
-    )
+    return dropped(exc, timed_out=isinstance(exc, httpx.TimeoutException))
 
 
 def _completion(response: Any) -> dict[str, Any]:
@@ -202,11 +158,9 @@ def _completion(response: Any) -> dict[str, Any]:
     try:
         data = response.json()
     except (ValueError, httpx.HTTPError) as exc:
-        raise UpstreamError(
-            502, "The upstream sent invalid JSON.", code="upstream_invalid"
-        ) from exc
+        raise invalid() from exc
     if not isinstance(data, dict):
-        raise UpstreamError(502, "The upstream sent invalid JSON.", code="upstream_invalid")
+        raise invalid()
     return data
 
 
@@ -288,6 +242,7 @@ class HttpUpstream:
         self.options = (base_url, api_key, connect_timeout, read_timeout, scheme)
         self._client: Any = None
         self._sender: Any = None  # a ``SyncSender``, False for none, None until known
+        self._async_sender: Any = None  # an ``AsyncSender``, the same
         self._lock = threading.Lock()
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
@@ -327,6 +282,31 @@ class HttpUpstream:
                         else False
                     )
         return self._sender or None
+
+    @property
+    def async_sender(self) -> Any:
+        """The async calls' sender (``async_http``, on aiohttp), or None where aiohttp is
+        not installed or a proxy in the environment keeps them on ``aclient``."""
+        if self._async_sender is None:
+            try:
+                from llm_quota.gateway import async_http
+            except ImportError:  # no aiohttp: httpx's AsyncClient, as before
+                self._async_sender = False
+                return None
+            base_url, api_key, connect_timeout, read_timeout, scheme = self.options
+            with self._lock:
+                if self._async_sender is None:
+                    self._async_sender = (
+                        async_http.AsyncSender(
+                            base_url,
+                            _auth_headers(api_key, scheme),
+                            connect_timeout=connect_timeout,
+                            read_timeout=read_timeout,
+                        )  # fmt: skip
+                        if direct(base_url)
+                        else False
+                    )
+        return self._async_sender or None
 
     async def aclient(self) -> Any:
         """This loop's client. The first call on a loop builds it in a thread: importing
@@ -378,9 +358,15 @@ class HttpUpstream:
         return HttpStream(self._send(body, path, stream=True))
 
     async def acomplete(self, body: dict[str, Any], path: str = CHAT_PATH) -> dict[str, Any]:
+        sender = self.async_sender
+        if sender is not None:
+            return cast(dict[str, Any], await sender.complete(body, path))
         return _completion(await self._asend(body, path, stream=False))
 
-    async def astream(self, body: dict[str, Any], path: str = CHAT_PATH) -> HttpStream:
+    async def astream(self, body: dict[str, Any], path: str = CHAT_PATH) -> AsyncUpstreamStream:
+        sender = self.async_sender
+        if sender is not None:
+            return cast(AsyncUpstreamStream, await sender.stream(body, path))
         return HttpStream(await self._asend(body, path, stream=True))
 
 

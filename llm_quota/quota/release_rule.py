@@ -10,7 +10,8 @@ an explicit ``release()`` is always the caller's word. Released:
   (``openai.APIStatusError``, ``anthropic.APIStatusError``, ``httpx.HTTPStatusError``,
   ``requests.HTTPError``);
 - a connection that was never made (``httpx.ConnectError``/``ConnectTimeout``, or
-  httpx2's,
+  httpx2's, aiohttp's ``ClientConnectorError`` (refused, DNS, a certificate refused,
+  the proxy unreachable: its subclasses) and ``ConnectionTimeoutError``,
   ``requests.ConnectTimeout``, ``ConnectionRefusedError``, a DNS failure, or an SDK's
   ``APIConnectionError`` caused by one of these). A read timeout is not one: the call
   may have run;
@@ -48,6 +49,9 @@ NOT_CONNECTED = frozenset(
         ("builtins", "ConnectionRefusedError"),
         ("socket", "gaierror"),
         *((package, name) for package in HTTPX for name in ("ConnectError", "ConnectTimeout")),
+        # aiohttp's: raised before the request was written (``gateway.async_http``).
+        ("aiohttp", "ClientConnectorError"),
+        ("aiohttp", "ConnectionTimeoutError"),
     }
 )
 #: SDK errors that wrap the transport's failure: judged by their ``__cause__``.

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from llm_quota.gateway.upstream import HttpUpstream
 
 #: More than the 200 connections the async client's pool was once capped at.
@@ -27,11 +29,13 @@ async def _hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
-async def _open_all() -> int:
+async def _open_all(client: str) -> int:
     server = await asyncio.start_server(_hold, "127.0.0.1", 0, backlog=STREAMS)
     port = server.sockets[0].getsockname()[1]
     upstream = HttpUpstream(f"http://127.0.0.1:{port}/v1", "sk-test",
                             connect_timeout=5, read_timeout=60)  # fmt: skip
+    if client == "httpx":
+        upstream._async_sender = False  # as where aiohttp is not installed
     body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     streams, readers = [], []
 
@@ -51,12 +55,14 @@ async def _open_all() -> int:
             await reader.aclose()
         for stream in streams:
             await stream.aclose()
-        await (await upstream.aclient()).aclose()
+        if client == "httpx":
+            await (await upstream.aclient()).aclose()
 
 
-def test_the_async_upstream_client_holds_every_admitted_stream_open_at_once():
+@pytest.mark.parametrize("client", ["aiohttp", "httpx"])
+def test_the_async_upstream_client_holds_every_admitted_stream_open_at_once(client):
     """Every stream's first chunk arrives while all the others are still open."""
-    assert asyncio.run(_open_all()) == STREAMS
+    assert asyncio.run(_open_all(client)) == STREAMS
 
 
 def test_a_burst_on_a_fresh_loop_builds_one_client(monkeypatch):

@@ -4,7 +4,10 @@ is ``tests/integration/test_release_rule.py``)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
+from types import SimpleNamespace
 
+import aiohttp
 import httpx
 import openai
 import pytest
@@ -15,6 +18,8 @@ from rest_framework import exceptions as drf
 from llm_quota.exceptions import BudgetExceeded, QuotaUnavailable, RateLimited
 from llm_quota.quota.release_rule import unbilled_error, unbilled_status
 
+#: The connection an aiohttp connect error names (only its host and port are read).
+KEY = SimpleNamespace(host="api.example.com", port=443, ssl=True)
 REQUEST = httpx.Request("POST", "https://api.example.com/v1/chat/completions")
 
 
@@ -52,6 +57,11 @@ class Anthropic:
         caused(openai.APIConnectionError(request=REQUEST), httpx.ConnectError("refused")),
         caused(openai.APITimeoutError(request=REQUEST), httpx.ConnectTimeout("connect")),
         ConnectionRefusedError(),
+        # aiohttp's, which the async gateway's upstream calls raise (gateway.async_http)
+        aiohttp.ClientConnectorError(KEY, ConnectionRefusedError(111, "refused")),
+        aiohttp.ClientConnectorDNSError(KEY, OSError(-2, "Name or service not known")),
+        aiohttp.ClientConnectorCertificateError(KEY, ssl.SSLCertVerificationError(1, "self")),
+        aiohttp.ConnectionTimeoutError("connect"),
         RateLimited("requests_per_minute", 5),
         BudgetExceeded("tokens_per_month", 60),
         QuotaUnavailable(),
@@ -78,6 +88,10 @@ def test_what_shows_nothing_was_billed_releases(exc):
         caused(openai.APITimeoutError(request=REQUEST), httpx.ReadTimeout("read")),
         caused(openai.APIConnectionError(request=REQUEST), httpx.ReadError("reset")),
         openai.APIConnectionError(request=REQUEST),  # no cause: nothing proven
+        aiohttp.SocketTimeoutError("read"),
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientPayloadError("cut mid-answer"),
+        aiohttp.ClientOSError(104, "reset"),
         asyncio.CancelledError(),
         KeyboardInterrupt(),
         drf.APIException("broke"),  # 500

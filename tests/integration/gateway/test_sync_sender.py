@@ -256,6 +256,10 @@ def test_a_proxy_in_the_environment_keeps_httpx(monkeypatch):
 @pytest.fixture
 def certificate(tmp_path):
     """A self-signed certificate for 127.0.0.1, and its key."""
+    return make_certificate(tmp_path)
+
+
+def make_certificate(tmp_path):
     if shutil.which("openssl") is None:
         pytest.skip("no openssl command to make a certificate with")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"

@@ -44,3 +44,23 @@ def test_warm_up_freezes_what_the_worker_loaded():
 def test_warm_up_can_leave_the_collector_alone():
     frozen, left = _worker("keep")
     assert frozen == 0 and left > 20_000
+
+
+LOADED = """
+import sys
+from llm_quota.gateway.asgi import get_asgi_application
+application = get_asgi_application()
+from llm_quota.gateway.async_views import warm_up
+warm_up(freeze=False)
+print("aiohttp" in sys.modules, "llm_quota.gateway.async_http" in sys.modules)
+"""
+
+
+def test_warm_up_imports_the_async_upstream_client():
+    """aiohttp's import (tens of milliseconds) is not left to a worker's first call."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings"}
+    out = subprocess.run(
+        [sys.executable, "-c", LOADED], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120, check=True,
+    ).stdout.split()  # fmt: skip
+    assert out[-2:] == ["True", "True"]
