@@ -19,6 +19,16 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from tests.soak.plan import (
+    KEY_TOKENS_PER_DAY,
+    MAX_TOKENS,
+    MODEL,
+    TEAM_TOKENS_PER_DAY,
+    THREADS,
+    TIER,
+    WORKERS,
+)  # fmt: skip
+
 #: Seconds either side of a failover whose bills count in its bound: a call's settle
 #: follows its bill by milliseconds, more on a loaded machine.
 MARGIN = 1.0
@@ -45,15 +55,6 @@ def check(credentials, oracle, load, chaos, snapshots, scratch: Path) -> bool:
     from llm_quota.reporting.snapshot import snapshot_usage
     from llm_quota.rules.accounting import Limits
     from llm_quota.rules.pricing import price_for
-    from tests.soak.plan import (
-        KEY_TOKENS_PER_DAY,
-        MAX_TOKENS,
-        MODEL,
-        TEAM_TOKENS_PER_DAY,
-        THREADS,
-        TIER,
-        WORKERS,
-    )  # fmt: skip
 
     def nothing(_ledger):
         return None
@@ -152,14 +153,12 @@ def check(credentials, oracle, load, chaos, snapshots, scratch: Path) -> bool:
     print("\n| fault | injected |\n|---|---|")
     for fault, n in sorted(chaos.faults.items()):
         print(f"| {fault} | {n} |")
-    print(
-        "\nfailovers (s): "
-        + ", ".join(
-            f"{b - chaos.failovers[0][0]:.1f}+{e - b:.1f}" for b, e in chaos.failovers
-        )  # fmt: skip
-        + f"; snapshot runs {len(snapshots.began)} (failed {snapshots.failed}), "
-        f"raised {snapshots.raised_tokens} tokens"
-    )
+    began = chaos.failovers[0][0] if chaos.failovers else 0
+    spans = ", ".join(f"{b - began:.0f} s in for {e - b:.1f} s" for b, e in chaos.failovers)
+    during = sum(tokens for (kind, _), tokens in in_failover.items() if kind == "user")
+    runs, raised = len(snapshots.began), snapshots.raised_tokens
+    print(f"\nfailovers: {spans or 'none'}; billed during them {during}; snapshot runs "
+          f"{runs} (failed {snapshots.failed}), raised {raised}")  # fmt: skip
     print("\n| outcome | requests |\n|---|---|")
     for status, n in sorted(load.statuses.items()):
         print(f"| {status} | {n} |")
