@@ -156,9 +156,9 @@ def check(credentials, oracle, load, chaos, snapshots, scratch: Path) -> bool:
     began = chaos.failovers[0][0] if chaos.failovers else 0
     spans = ", ".join(f"{b - began:.0f} s in for {e - b:.1f} s" for b, e in chaos.failovers)
     during = sum(tokens for (kind, _), tokens in in_failover.items() if kind == "user")
-    runs, raised = len(snapshots.began), snapshots.raised_tokens
+    runs, raised = snapshots.finished, snapshots.raised_tokens
     print(f"\nfailovers: {spans or 'none'}; billed during them {during}; snapshot runs "
-          f"{runs} (failed {snapshots.failed}), raised {raised}")  # fmt: skip
+          f"{runs} (failed: {dict(snapshots.failed) or 0}), raised {raised}")  # fmt: skip
     print("\n| outcome | requests |\n|---|---|")
     for status, n in sorted(load.statuses.items()):
         print(f"| {status} | {n} |")
