@@ -73,8 +73,9 @@ bench-peers: $(STAMP) $(PEERS_STAMP)
 loadtest: $(STAMP)
 	$(BIN)/python -m tests.loadtest $(LOADTEST_ARGS)
 
-# The chaos soak: load through gunicorn while Redis and the workers are killed and
-# frozen at random, then every invariant checked and a table printed
+# The chaos soak: load through gunicorn while the Redis primary (under Sentinel) and
+# the workers are killed, frozen and failed over at random, then every invariant
+# checked per user, API key and team and a table printed
 # (docs/pages/reliability.md). 10 minutes; `make soak SOAK_ARGS="--seconds 60"`.
 soak: $(STAMP)
 	$(BIN)/python -m tests.soak $(SOAK_ARGS)

@@ -83,7 +83,21 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         "timeout": float(os.environ.get("DATABASE_POOL_TIMEOUT", "10")),
     }
 
-REDIS_URL = os.environ.get("REDIS_URL") or embedded_redis_url(VAR_DIR / "redis")
+# Redis under Sentinel: REDIS_SENTINELS="host:port,host:port,host:port" and the service
+# Sentinel monitors, REDIS_SENTINEL_SERVICE ("mymaster"): django-redis' Sentinel client
+# talks to whichever server the Sentinels name primary (docs: operations, Sentinel).
+REDIS_SENTINELS = [
+    (host, int(port))
+    for host, _, port in (
+        a.rpartition(":") for a in os.environ.get("REDIS_SENTINELS", "").split(",")
+    )
+    if port
+]
+REDIS_SENTINEL_SERVICE = os.environ.get("REDIS_SENTINEL_SERVICE", "mymaster")
+if REDIS_SENTINELS:
+    REDIS_URL = f"redis://{REDIS_SENTINEL_SERVICE}/0"
+else:
+    REDIS_URL = os.environ.get("REDIS_URL") or embedded_redis_url(VAR_DIR / "redis")
 CACHES = {
     "default": {
         "BACKEND": "django_redis.cache.RedisCache",
@@ -95,6 +109,11 @@ CACHES = {
         },
     }
 }
+if REDIS_SENTINELS:
+    DJANGO_REDIS_CONNECTION_FACTORY = "django_redis.pool.SentinelConnectionFactory"
+    CACHES["default"]["OPTIONS"].update(
+        CLIENT_CLASS="django_redis.client.SentinelClient", SENTINELS=REDIS_SENTINELS
+    )
 
 LLM_QUOTA = {
     "KEY_PREFIX": os.environ.get("LLM_QUOTA_KEY_PREFIX", "llmq"),
@@ -157,6 +176,10 @@ _CELERY_REDIS = (
     if REDIS_URL.startswith("unix://")
     else REDIS_URL
 )
+if REDIS_SENTINELS:  # kombu's spelling: one sentinel:// URL per Sentinel
+    _CELERY_REDIS = ";".join(f"sentinel://{host}:{port}/0" for host, port in REDIS_SENTINELS)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"master_name": REDIS_SENTINEL_SERVICE}
+    CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = {"master_name": REDIS_SENTINEL_SERVICE}
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or _CELERY_REDIS
 CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND") or _CELERY_REDIS
 CELERY_RESULT_EXPIRES = 3600

@@ -11,13 +11,15 @@ final chunk of a stream. What OpenAI refuses (``max_tokens`` to a reasoning mode
 prompt over the context window, an image it cannot read) gets OpenAI's 400.
 
 ``media`` holds what a body only points at (remote images' sizes, uploaded files);
-``bills`` records each call's body and usage, ``refusals`` each refused body.
+``bills`` records each call's body and usage, ``billed_at`` when (``time.time()``, the
+same index), ``refusals`` each refused body.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -171,6 +173,7 @@ class OracleServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.media = media or billing.Media()
         self.bills: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.billed_at: list[float] = []
         self.refusals: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -188,6 +191,7 @@ class OracleServer(ThreadingHTTPServer):
                 self.refusals.append(body)
             else:
                 self.bills.append((body, usage))
+                self.billed_at.append(time.time())
 
     def start(self) -> OracleServer:
         self._thread.start()

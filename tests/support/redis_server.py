@@ -216,6 +216,7 @@ class RedisServer:
 
     def stop(self, remove: bool = True) -> None:
         if self.process is not None and self.process.poll() is None:
+            self.thaw()  # a frozen server would take SIGTERM only once thawed
             self.process.terminate()
             try:
                 self.process.wait(timeout=10)

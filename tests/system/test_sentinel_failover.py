@@ -26,7 +26,7 @@ from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.models import UsageSnapshot
 from llm_quota.reporting.snapshot import snapshot_usage
 from tests.support import factories
-from tests.support.redis_server import RedisServer, free_port, wait_for
+from tests.support.sentinel_group import SentinelGroup
 
 pytestmark = pytest.mark.slow
 
@@ -40,32 +40,12 @@ TOKENS_PER_MONTH = 150_000
 @pytest.fixture
 def sentinel_group(tmp_path):
     """Primary, replica, three Sentinels; whatever started is stopped at the end."""
-    started: list[RedisServer] = []
-
-    def start(name: str, **options) -> RedisServer:
-        server = RedisServer(tmp_path / name, port=free_port(), **options).start()
-        started.append(server)
-        return server
-
+    group = SentinelGroup(tmp_path, SERVICE).start()
     try:
-        primary = start("primary")
-        replica = start("replica", replica_of=primary)
-        wait_for(
-            lambda: replica.client().info("replication")["master_link_status"] == "up",
-            "the replica's sync",
-        )
-        sentinels = [
-            start(f"sentinel{n}", watch=primary, service=SERVICE, quorum=2, down_after_ms=1000)
-            for n in range(3)
-        ]
-        for sentinel in sentinels:  # each knows the replica and the other two
-            client = sentinel.client()
-            wait_for(lambda c=client: c.sentinel_slaves(SERVICE), "the Sentinels' replica")
-            wait_for(lambda c=client: len(c.sentinel_sentinels(SERVICE)) == 2, "the Sentinels")
-        yield primary, replica, sentinels
+        primary, replica = group.servers
+        yield primary, replica, group.sentinels
     finally:
-        for server in reversed(started):
-            server.stop()
+        group.stop()
 
 
 def start_worker(config: dict, scratch: Path) -> subprocess.Popen:
