@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from decimal import Decimal
+from pathlib import Path
 from typing import IO, Any
 
 import httpx
@@ -111,11 +112,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def server(command: list[str], env: dict, port: int, output: IO | None = None, timeout: float = 60):
-    """(pid, base url) of ``command`` listening on ``port`` within ``timeout`` s; its whole
-    process group is stopped on exit. ``output`` takes its stdout and stderr (a
-    banner-printing peer)."""
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
+def server(
+    command: list[str], env: dict, port: int, output: IO | None = None, timeout: float = 60,
+    cwd: Path = ROOT,
+):  # fmt: skip
+    """(pid, base url) of ``command``, run in ``cwd``, listening on ``port`` within
+    ``timeout`` s; its whole process group is stopped on exit. ``output`` takes its
+    stdout and stderr (a banner-printing peer)."""
+    proc = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True,
                             stdout=output, stderr=output)  # fmt: skip
     try:
         wait_for_port(port, timeout=timeout)

@@ -100,7 +100,12 @@ def main(argv: list[str]) -> int:
             for kind in kinds:
                 port = spare_port()
                 argv_, extra = command(kind, tree, port)
-                servers[kind, name] = stack.enter_context(server(argv_, {**env, **extra}, port))
+                # Run in the tree: uvicorn's spawned workers put their working directory
+                # ahead of --app-dir on sys.path, so from ROOT they imported this tree's
+                # llm_quota whatever --app-dir said.
+                servers[kind, name] = stack.enter_context(
+                    server(argv_, {**env, **extra}, port, cwd=tree)
+                )
         for _pid, url in servers.values():  # warm both workers and their pools
             for kind in KINDS:
                 fire(url, PATH, tokens, bodies[kind][:200], CONCURRENCY)
