@@ -90,10 +90,12 @@ def ledger_client() -> Any:
 
 @reset_on_change
 def reset() -> None:
-    """Forget the cluster client (settings changed)."""
+    """Forget the cluster client and the watched Sentinel pools (settings changed: the
+    next ledger client is watched again if it is Sentinel's)."""
     global _cluster
     with _cluster_lock:
         _cluster = None
+    watcher.forget()
 
 
 # -- the async twin ------------------------------------------------------------------

@@ -189,6 +189,13 @@ class SwitchWatcher(ProcessThread):
         if self._pools:
             super().ensure_running(key)
 
+    def forget(self) -> None:
+        """Watch nothing, and end the thread (it starts again with the next ``watch``)."""
+        with self._pools_lock:
+            self._pools.clear()
+            self._async.clear()
+        self.stop()
+
     def _watched(self) -> tuple[list[Any], list[tuple[Any, asyncio.AbstractEventLoop]]]:
         with self._pools_lock:
             return list(self._pools), list(self._async.items())
