@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from django.db import transaction
@@ -33,13 +32,10 @@ from django.db import transaction
 from llm_quota.conf import quota_settings
 from llm_quota.ledger.connections import REDIS_ERRORS
 from llm_quota.ledger.keys import KeySpace
+from llm_quota.ledger.process_thread import PING_EVERY, ProcessThread, backoff
 from llm_quota.rules.config_cache import ConfigCache, config_cache
 
 logger = logging.getLogger("llm_quota")
-
-#: Seconds between PINGs on the subscription, so a silently dead socket is noticed.
-PING_EVERY = 15.0
-RECONNECT_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -86,57 +82,31 @@ def config_changed(*args: Any, using: str | None = None, **kwargs: Any) -> None:
     transaction.on_commit(announce, using=using)
 
 
-class ConfigListener:
+class ConfigListener(ProcessThread):
     """This process' subscription; ``ensure_running`` is cheap enough for every read.
 
     ``connect`` returns the redis-py client to subscribe with (default: the ledger's);
     ``cache`` is what an announcement drops (default: the process' ``config_cache``).
     """
 
+    name = "llm-quota-config-listener"
+
     def __init__(
         self, connect: Callable[[], Any] | None = None, cache: ConfigCache | None = None
     ) -> None:
+        super().__init__()
         self._connect = connect or _client
         self._cache = cache or config_cache
-        self._lock = threading.Lock()
-        self._pid: int | None = None
-        self._channel: str | None = None
-        self._stop: threading.Event | None = None
-        self._thread: threading.Thread | None = None
         #: Set while subscribed (tests wait for it).
         self.subscribed = threading.Event()
 
-    def ensure_running(self) -> None:
+    def ensure_running(self, key: Hashable = None) -> None:
         """Start the listener in this process (again after a fork, or a new prefix)."""
-        pid, channel, thread = os.getpid(), _channel(), self._thread
-        if pid == self._pid and channel == self._channel and thread and thread.is_alive():
-            return
-        with self._lock:
-            if (
-                pid == self._pid
-                and channel == self._channel
-                and self._thread is not None
-                and self._thread.is_alive()
-            ):
-                return
-            if self._stop is not None and pid == self._pid:
-                self._stop.set()  # the old channel's thread ends within a second
-            self._pid, self._channel = pid, channel
-            self._stop = threading.Event()
-            self.subscribed = threading.Event()
-            self._thread = threading.Thread(
-                target=self._listen,
-                args=(channel, self._stop, self.subscribed),
-                name="llm-quota-config-listener",
-                daemon=True,
-            )
-            self._thread.start()
+        super().ensure_running(_channel() if key is None else key)
 
-    def stop(self) -> None:
-        with self._lock:
-            if self._stop is not None:
-                self._stop.set()
-            self._pid = self._channel = self._thread = self._stop = None
+    def prepare(self, key: Hashable, stop: threading.Event) -> Callable[[], None]:
+        self.subscribed = subscribed = threading.Event()
+        return functools.partial(self._listen, str(key), stop, subscribed)
 
     def _listen(self, channel: str, stop: threading.Event, subscribed: threading.Event) -> None:
         failures = 0
@@ -151,7 +121,7 @@ class ConfigListener:
                 subscribed.clear()
                 if failures == 0:
                     logger.warning("quota config listener lost Redis (%s); reconnecting", exc)
-                stop.wait(RECONNECT_BACKOFF[min(failures, len(RECONNECT_BACKOFF) - 1)])
+                stop.wait(backoff(failures))
                 failures += 1
             finally:
                 if pubsub is not None:

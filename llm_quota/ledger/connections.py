@@ -7,7 +7,8 @@ builds redis-py's ``RedisCluster`` here.
 
 The async client is derived from the sync one (same server, database, credentials,
 timeouts, Sentinel service or cluster nodes), so the two ledgers can never point at
-different Redis servers.
+different Redis servers. A Sentinel-managed client of either kind is watched
+(``sentinel_watch``): it follows a failover as soon as a Sentinel announces it.
 """
 
 from __future__ import annotations
@@ -19,24 +20,14 @@ from urllib.parse import urlsplit, urlunsplit
 from redis.exceptions import RedisClusterException, RedisError
 
 from llm_quota.conf import quota_settings, reset_on_change
+from llm_quota.ledger.connection_kwargs import portable
+from llm_quota.ledger.sentinel_watch import watcher
 
 #: What "Redis is unavailable" looks like: a cluster missing a slot's node raises
 #: RedisClusterException, which is not a RedisError.
 REDIS_ERRORS = (RedisError, RedisClusterException)
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-
-#: Connection settings that mean the same to redis-py's sync and asyncio connections.
-_PORTABLE = frozenset(
-    {
-        "host", "port", "path", "db", "username", "password", "client_name",
-        "socket_timeout", "socket_connect_timeout", "socket_keepalive",
-        "socket_keepalive_options", "retry_on_timeout", "health_check_interval",
-        "encoding", "encoding_errors", "decode_responses", "protocol",
-        "ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_data",
-        "ssl_ca_path", "ssl_check_hostname", "ssl_password",
-    }
-)  # fmt: skip
 
 #: Connections per event loop to one Redis. Callers beyond it wait for a free one
 #: (a blocking pool): refusing them would count as an outage and admit unmetered.
@@ -92,22 +83,22 @@ def ledger_client() -> Any:
             return _cluster
     from django_redis import get_redis_connection
 
-    return get_redis_connection(quota_settings.REDIS_CACHE_ALIAS)
+    client = get_redis_connection(quota_settings.REDIS_CACHE_ALIAS)
+    watcher.watch(client)  # a Sentinel pool follows failovers at once (sentinel_watch)
+    return client
 
 
 @reset_on_change
 def reset() -> None:
-    """Forget the cluster client (settings changed)."""
+    """Forget the cluster client and the watched Sentinel pools (settings changed: the
+    next ledger client is watched again if it is Sentinel's)."""
     global _cluster
     with _cluster_lock:
         _cluster = None
+    watcher.forget()
 
 
 # -- the async twin ------------------------------------------------------------------
-
-
-def _portable(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if k in _PORTABLE and v is not None}
 
 
 def async_client_like(client: Any) -> Any:
@@ -122,9 +113,11 @@ def async_client_like(client: Any) -> Any:
     if isinstance(client, RedisCluster):
         return _async_cluster_like(client)
     pool = client.connection_pool
-    kwargs = _portable(pool.connection_kwargs)
+    kwargs = portable(pool.connection_kwargs)
     if isinstance(pool, SentinelConnectionPool):
-        return _async_sentinel_like(pool, kwargs)
+        twin = _async_sentinel_like(pool, kwargs)
+        watcher.watch_async(twin, like=client)
+        return twin
     import redis.asyncio as aioredis
     from redis.asyncio import connection as aio
     from redis.connection import SSLConnection, UnixDomainSocketConnection
@@ -144,7 +137,7 @@ def async_client_like(client: Any) -> Any:
 def _async_cluster_like(client: Any) -> Any:
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-    kwargs = _portable(client.nodes_manager.connection_kwargs)
+    kwargs = portable(client.nodes_manager.connection_kwargs)
     kwargs.pop("host", None), kwargs.pop("port", None), kwargs.pop("db", None)
     ssl = any(k.startswith("ssl_") for k in kwargs)
     nodes = [ClusterNode(node.host, node.port) for node in client.get_primaries()]
@@ -158,7 +151,7 @@ def _async_sentinel_like(pool: Any, kwargs: dict[str, Any]) -> Any:
     for sentinel in pool.sentinel_manager.sentinels:
         node = sentinel.connection_pool.connection_kwargs
         sentinels.append((node["host"], node["port"]))
-        sentinel_kwargs = _portable(node)
+        sentinel_kwargs = portable(node)
     sentinel_kwargs.pop("host", None), sentinel_kwargs.pop("port", None)
     kwargs.pop("host", None), kwargs.pop("port", None)
     manager = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs, **kwargs)

@@ -16,6 +16,7 @@ from llm_quota.ledger import resilience
 from llm_quota.ledger.async_driver import AsyncLedger, twin_of
 from llm_quota.ledger.connections import ledger_client
 from llm_quota.ledger.restore import key_months_from_snapshots, month_from_snapshots
+from llm_quota.ledger.sentinel_watch import watcher
 from llm_quota.ledger.sync_driver import Ledger
 from llm_quota.ledger.team_restore import team_month_from_snapshots
 
@@ -39,6 +40,7 @@ def get_ledger() -> Ledger:
                     restore_keys=key_months_from_snapshots,
                     restore_teams=team_month_from_snapshots,
                 )
+    watcher.ensure_running()  # again in a forked worker (nothing for plain Redis)
     return _default
 
 
@@ -70,4 +72,6 @@ async def get_async_ledger() -> AsyncLedger:
     sync = _default
     if sync is None:
         sync = await sync_to_async(get_ledger, thread_sensitive=False)()
+    else:
+        watcher.ensure_running()
     return twin_of(sync)
