@@ -1,7 +1,7 @@
 """The sync gateway's upstream calls, sent without httpx's per-request machinery.
 
 ``HttpUpstream`` sends a sync call here unless a proxy is configured in the
-environment (``usable``). httpx builds a ``Request`` (URL merged with the base URL,
+environment (``proxies.direct``). httpx builds a ``Request`` (URL merged with the base URL,
 headers merged and validated), then walks its auth, redirect and cookie layers and
 httpcore's pool for every call: in a profile of the sync view that was about 30% of a
 worker's CPU per request. Here what does not change between calls is made once per
@@ -33,16 +33,10 @@ from typing import Any
 
 import httpx
 
-from llm_quota.gateway.proxies import PROXY_VARIABLES, direct  # noqa: F401 - re-exported
 from llm_quota.gateway.stdlib_transport import ConnectionPool, reading, writing
 
 #: Bytes read from a streamed answer at a time (less when less has arrived).
 READ_SIZE = 65_536
-
-
-def usable(base_url: str) -> bool:
-    """Whether calls to ``base_url`` may go through the sender (``proxies.direct``)."""
-    return direct(base_url)
 
 
 def _checked(value: str) -> str:

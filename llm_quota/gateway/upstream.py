@@ -278,7 +278,7 @@ class HttpUpstream:
                             connect_timeout=connect_timeout,
                             read_timeout=read_timeout,
                         )  # fmt: skip
-                        if sync_sender.usable(base_url)
+                        if direct(base_url)
                         else False
                     )
         return self._sender or None
